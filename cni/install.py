@@ -1,0 +1,105 @@
+"""Install the CNI plugin binary and its network config list where a container runtime finds them.
+
+Both files are written to a temporary name in their target directory and renamed into place, so a runtime
+scanning ``/etc/cni/net.d`` or executing ``/opt/cni/bin/netplugin`` never sees half a file. Running it again
+rewrites identical content: installing is idempotent.
+"""
+import json
+import os
+import sys
+import tempfile
+
+import netaddr
+
+from netplugin.errors import InvalidInput, NetpluginError
+
+PLUGIN_TYPE = "netplugin"
+PLUGIN_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugin.py")
+CNI_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+def install_cni(bin_dir, conf_dir, network="netplugin", agent_socket="/run/netplugin/agent.sock", mtu=1500,
+                python=None, pools=None, cni_version="1.1.0"):
+    """Write ``bin_dir/netplugin`` and ``conf_dir/10-<network>.conflist``; return their paths.
+
+    ``python`` is the interpreter named in the plugin's shebang (default: the one running this). ``pools`` are
+    CIDRs put in the plugin's ``ipam`` section. ``cni_version`` is the conflist's cniVersion; runtimes built on
+    libcni older than 1.2 (e.g. podman 4's CNI backend) only speak up to 1.0.0.
+    """
+    conflist = render_conflist(network, agent_socket, mtu, pools, cni_version)
+    script = render_plugin(python or sys.executable)
+    bin_path = os.path.join(bin_dir, PLUGIN_TYPE)
+    conf_path = os.path.join(conf_dir, f"10-{network}.conflist")
+    _write_atomic(bin_path, script, 0o755)
+    _write_atomic(conf_path, (json.dumps(conflist, indent=2) + "\n").encode(), 0o644)
+    return bin_path, conf_path
+
+
+def render_conflist(network, agent_socket, mtu, pools=None, cni_version="1.1.0"):
+    """The network config list as a dict, after checking every input."""
+    if not isinstance(network, str) or not network or not network[0].isalnum() or not network.isascii() \
+            or not set(network) <= _NAME_CHARS:
+        raise InvalidInput(f"invalid CNI network name {network!r}: use letters, digits, '_', '.', '-'")
+    if not isinstance(agent_socket, str) or not os.path.isabs(agent_socket):
+        raise InvalidInput(f"agent socket {agent_socket!r} must be an absolute path")
+    if isinstance(mtu, bool) or not isinstance(mtu, int) or not 68 <= mtu <= 65535:
+        raise InvalidInput(f"MTU {mtu!r} must be a whole number from 68 to 65535")
+    if cni_version not in CNI_VERSIONS:
+        raise InvalidInput(f"CNI version {cni_version!r} is not one of {', '.join(CNI_VERSIONS)}")
+    plugin = {"type": PLUGIN_TYPE, "agent_socket": agent_socket, "mtu": mtu}
+    if pools:
+        plugin["ipam"] = {"pools": [_cidr(p) for p in pools]}
+    plugin["capabilities"] = {"ips": True}
+    return {"cniVersion": cni_version, "name": network, "plugins": [plugin]}
+
+
+def render_plugin(python):
+    """plugin.py with its first line replaced by a shebang for ``python``.
+
+    The flags go in one word (``-IS``): Linux hands everything after the interpreter path to it as a single
+    argument, and python rejects ``"-I -S"``.
+    """
+    if not isinstance(python, str) or not os.path.isabs(python) or any(c.isspace() for c in python):
+        raise InvalidInput(f"plugin interpreter {python!r} must be an absolute path without spaces")
+    if not os.access(python, os.X_OK):
+        raise InvalidInput(f"plugin interpreter {python} is not an executable file")
+    with open(PLUGIN_SOURCE, "rb") as f:
+        source = f.read()
+    if source.startswith(b"#!"):
+        source = source.split(b"\n", 1)[1]
+    return f"#!{python} -IS\n".encode() + source
+
+
+def _cidr(value):
+    try:
+        net = netaddr.IPNetwork(value)
+    except (netaddr.AddrFormatError, ValueError, TypeError):
+        raise InvalidInput(f"pool {value!r} is not a CIDR")
+    if net.ip != net.network:
+        raise InvalidInput(f"pool {value} has host bits set; did you mean {net.cidr}?")
+    return str(net.cidr)
+
+
+def _write_atomic(path, data, mode):
+    directory = os.path.dirname(path)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
+    except OSError as err:
+        raise NetpluginError(f"failed to create {path}: {err.strerror or err}") from err
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(err, OSError):
+            raise NetpluginError(f"failed to write {path}: {err.strerror or err}") from err
+        raise

@@ -1,0 +1,592 @@
+#!/usr/bin/python3 -IS
+"""netplugin's CNI plugin: the runtime-facing binary, a thin client of the local netplugin agent.
+
+It speaks CNI spec 1.1.0 (ADD, DEL, CHECK, STATUS, GC, VERSION) and accepts configs of 0.3.0 to 1.1.0. It checks
+the environment and the network config itself, forwards the request to the agent over HTTP/1.1 on a unix socket,
+and shapes the agent's answer for the config's cniVersion. All the real work (IPAM, veths, routes, etcd) happens
+in the agent.
+
+Why one self-contained stdlib-only file: it is copied to ``/opt/cni/bin/netplugin`` and run by the runtime with
+``python3 -IS`` for every container, so it must start fast (no site, no third-party imports) and must not depend
+on our packages being importable. Heavier modules (http.client, ipaddress) are imported only on the paths that
+need them, so VERSION stays near bare interpreter start-up.
+
+Agent unreachable (socket missing, refused, or no sign of life within CONNECT_TIMEOUT) is answered with code 11
+("try again later"; code 50 for STATUS) in well under two seconds. The request is sent with
+``Expect: 100-continue`` and the body only follows the agent's ``100 Continue``: that is how we tell a live agent
+from a socket nobody accepts on (a unix ``connect()`` succeeds as soon as the listener's backlog has room). Once
+the agent has answered, the real call may take up to ``agent_timeout`` seconds (default 120).
+"""
+import json
+import os
+import sys
+
+SPEC_VERSION = "1.1.0"
+SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+DEFAULT_AGENT_SOCKET = "/run/netplugin/agent.sock"
+AGENT_SOCKET_ENV = "NETPLUGIN_AGENT_SOCKET"  # overrides the config's agent_socket (tests, odd layouts)
+AGENT_PATH = "/v1/cni"
+CONNECT_TIMEOUT = 1.5  # seconds for connect + the agent's 100 Continue, all together
+DEFAULT_AGENT_TIMEOUT = 120.0
+
+# Well-known CNI error codes (spec section "Error"), plus 999 for our own bugs, as libcni does.
+E_INCOMPATIBLE_VERSION = 1
+E_UNSUPPORTED_FIELD = 2
+E_UNKNOWN_CONTAINER = 3
+E_INVALID_ENV = 4
+E_IO = 5
+E_DECODE = 6
+E_INVALID_CONFIG = 7
+E_TRY_AGAIN = 11
+E_PLUGIN_UNAVAILABLE = 50
+E_INTERNAL = 999
+
+# Environment each command needs (spec section 2). CNI_PATH is optional for us everywhere: we never exec
+# delegate plugins.
+REQUIRED_ENV = {
+    "ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"),
+    "DEL": ("CNI_CONTAINERID", "CNI_IFNAME"),
+    "CHECK": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"),
+    "STATUS": (),
+    "GC": (),
+}
+# Oldest config version in which each command exists.
+MIN_VERSION = {"CHECK": (0, 4, 0), "STATUS": (1, 1, 0), "GC": (1, 1, 0)}
+
+# Result fields each version knows; anything else is dropped when shaping a result for that version.
+_IFACE_KEYS_1_1 = ("name", "mac", "mtu", "sandbox", "socketPath", "pciID")
+_IFACE_KEYS_OLD = ("name", "mac", "sandbox")
+_ROUTE_KEYS_1_1 = ("dst", "gw", "mtu", "advmss", "priority", "table", "scope")
+_ROUTE_KEYS_OLD = ("dst", "gw")
+_DNS_KEYS = ("nameservers", "domain", "search", "options")
+
+# Labels we derive from Kubernetes' CNI_ARGS, so policy can select pods by namespace and name.
+LABEL_NAMESPACE = "netplugin.io/namespace"
+LABEL_POD = "netplugin.io/pod"
+
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+class CniError(Exception):
+    """An answer for the runtime: printed as the spec's error object, exit status 1."""
+
+    def __init__(self, code, msg, details=""):
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+        self.details = details
+
+
+# ---------------------------------------------------------------------------------------------- input checks
+
+
+def parse_version(text):
+    """'1.0.0' -> (1, 0, 0); None when it is not a plain x.y.z version."""
+    parts = text.split(".") if isinstance(text, str) else []
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        return None
+    return tuple(int(p) for p in parts)
+
+
+def valid_name(text):
+    """The spec's rule for container ids and network names: alphanumeric first, then [alnum _ . -]."""
+    return (isinstance(text, str) and text != "" and text.isascii() and text[0].isalnum()
+            and all(c in _NAME_CHARS for c in text))
+
+
+def ifname_problem(name):
+    """Why ``name`` cannot be a Linux interface name (the spec's rules), or None."""
+    if name in (".", ".."):
+        return "must not be '.' or '..'"
+    if len(name) > 15:
+        return "must be shorter than 16 characters"
+    if any(c in "/:" or c.isspace() for c in name):
+        return "must not contain '/', ':' or whitespace"
+    return None
+
+
+def parse_cni_args(text):
+    """``CNI_ARGS`` 'K=V;K2=V2' -> dict. Empty pairs (a trailing ';') are ignored."""
+    args = {}
+    for pair in text.split(";"):
+        if not pair.strip():
+            continue
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise CniError(E_INVALID_ENV, f"invalid CNI_ARGS: {pair!r} is not KEY=VALUE",
+                           "CNI_ARGS must be KEY=VALUE pairs separated by ';'")
+        args[key] = value.strip()
+    return args
+
+
+def read_params(command, environ):
+    """The per-invocation environment of ``command``, checked as the spec requires (code 4)."""
+    missing = [name for name in REQUIRED_ENV[command] if not environ.get(name)]
+    if missing:
+        raise CniError(E_INVALID_ENV, f"required env variables [{','.join(missing)}] missing")
+    container_id = environ.get("CNI_CONTAINERID", "")
+    ifname = environ.get("CNI_IFNAME", "")
+    if container_id and not valid_name(container_id):
+        raise CniError(E_INVALID_ENV, f"invalid CNI_CONTAINERID {container_id!r}",
+                       "it must start with a letter or digit, followed by letters, digits, '_', '.' or '-'")
+    if ifname:
+        problem = ifname_problem(ifname)
+        if problem:
+            raise CniError(E_INVALID_ENV, f"invalid CNI_IFNAME {ifname!r}: {problem}")
+    return {
+        "container_id": container_id,
+        "netns": environ.get("CNI_NETNS", ""),
+        "ifname": ifname,
+        "args": parse_cni_args(environ.get("CNI_ARGS", "")),
+    }
+
+
+def read_config(stdin):
+    """The network config from stdin, as a dict (code 5 when unreadable, 6 when not a JSON object)."""
+    try:
+        raw = stdin.read()
+    except OSError as err:
+        raise CniError(E_IO, f"failed to read the network config from stdin: {err}")
+    if not raw.strip():
+        raise CniError(E_DECODE, "failed to decode the network config: stdin is empty")
+    try:
+        conf = json.loads(raw)
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        raise CniError(E_DECODE, f"failed to decode the network config: {err}")
+    if not isinstance(conf, dict):
+        raise CniError(E_DECODE, "failed to decode the network config: it is not a JSON object")
+    return conf
+
+
+def config_version(conf):
+    """The config's cniVersion, if we speak it (code 1 otherwise)."""
+    if "cniVersion" not in conf:
+        # libcni reads an absent cniVersion as 0.1.0, which we do not speak.
+        raise CniError(E_INCOMPATIBLE_VERSION, "incompatible CNI version: the config has no cniVersion (so 0.1.0)",
+                       "supported versions: " + ", ".join(SUPPORTED_VERSIONS))
+    version = conf["cniVersion"]
+    if not isinstance(version, str):
+        raise CniError(E_INVALID_CONFIG, f"invalid network config: cniVersion must be a string, not {version!r}")
+    if version not in SUPPORTED_VERSIONS:
+        raise CniError(E_INCOMPATIBLE_VERSION, f"incompatible CNI version {version!r}",
+                       "supported versions: " + ", ".join(SUPPORTED_VERSIONS))
+    return version
+
+
+def check_config(conf, command, version):
+    """Check that ``command`` exists in ``version`` and the fields every command relies on."""
+    minimum = MIN_VERSION.get(command)
+    if minimum and parse_version(version) < minimum:
+        raise CniError(E_INCOMPATIBLE_VERSION, f"config version {version} does not allow {command}",
+                       f"{command} needs cniVersion {'.'.join(map(str, minimum))} or later")
+    name = conf.get("name")
+    if not name:
+        raise CniError(E_INVALID_CONFIG, "invalid network config: missing network name")
+    if not valid_name(name):
+        raise CniError(E_INVALID_CONFIG, f"invalid network config: invalid network name {name!r}",
+                       "it must start with a letter or digit, followed by letters, digits, '_', '.' or '-'")
+    plugin_type = conf.get("type")
+    if not plugin_type or not isinstance(plugin_type, str):
+        raise CniError(E_INVALID_CONFIG, "invalid network config: missing plugin type")
+    ipam = conf.get("ipam")
+    if ipam is not None:
+        if not isinstance(ipam, dict):
+            raise CniError(E_INVALID_CONFIG, "invalid network config: ipam must be an object")
+        if ipam.get("type") not in (None, "", "netplugin"):
+            raise CniError(E_UNSUPPORTED_FIELD, f"unsupported field ipam.type={ipam['type']!r}",
+                           "netplugin allocates addresses itself; leave ipam.type out")
+    for field in ("args", "runtimeConfig"):
+        if field in conf and not isinstance(conf[field], dict):
+            raise CniError(E_INVALID_CONFIG, f"invalid network config: {field} must be an object")
+
+
+def agent_settings(conf, environ):
+    """(socket path, read timeout) from the config, the environment overriding the socket."""
+    path = environ.get(AGENT_SOCKET_ENV) or conf.get("agent_socket") or DEFAULT_AGENT_SOCKET
+    if not isinstance(path, str):
+        raise CniError(E_INVALID_CONFIG, f"invalid network config: agent_socket must be a path, not {path!r}")
+    timeout = conf.get("agent_timeout", DEFAULT_AGENT_TIMEOUT)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise CniError(E_INVALID_CONFIG,
+                       f"invalid network config: agent_timeout must be a positive number of seconds, not {timeout!r}")
+    return path, float(timeout)
+
+
+# ------------------------------------------------------------------------------------- what we ask the agent
+
+
+def _check_addresses(values, source, code):
+    import ipaddress  # only when addresses were asked for
+
+    for value in values:
+        try:
+            ipaddress.ip_interface(value)
+        except ValueError:
+            raise CniError(code, f"invalid address {value!r} in {source}", "give an IP address or an address/prefix")
+
+
+def requested_ips(conf, args):
+    """Static addresses asked for, first found of: runtimeConfig.ips, args.cni.ips, CNI_ARGS IP=."""
+    runtime_ips = conf.get("runtimeConfig", {}).get("ips")
+    args_cni = conf.get("args", {}).get("cni")
+    cni_ips = args_cni.get("ips") if isinstance(args_cni, dict) else None
+    for source, values in (("runtimeConfig.ips", runtime_ips), ("args.cni.ips", cni_ips)):
+        if values is None:
+            continue
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise CniError(E_INVALID_CONFIG, f"invalid network config: {source} must be a list of strings")
+        values = [v.strip() for v in values]
+        _check_addresses(values, source, E_INVALID_CONFIG)
+        return values
+    if args.get("IP"):
+        values = [v.strip() for v in args["IP"].split(",") if v.strip()]
+        _check_addresses(values, "CNI_ARGS IP", E_INVALID_ENV)
+        return values
+    return []
+
+
+def _labels_from(value, source):
+    """A label set given either as {key: value} or as the convention's [{"key": k, "value": v}, ...]."""
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, list) and all(isinstance(e, dict) and set(e) <= {"key", "value"} for e in value):
+        items = [(e.get("key"), e.get("value")) for e in value]
+    else:
+        raise CniError(E_INVALID_CONFIG, f"invalid network config: {source} must be an object or a list of"
+                                         " {\"key\": ..., \"value\": ...}")
+    for key, val in items:
+        if not isinstance(key, str) or not key or not isinstance(val, str):
+            raise CniError(E_INVALID_CONFIG, f"invalid network config: label {key!r}={val!r} in {source}",
+                           "label keys must be non-empty strings and values strings")
+    return dict(items)
+
+
+def endpoint_labels(conf, args):
+    """Labels for the endpoint: args.labels, args.cni.labels, then the pod's namespace and name."""
+    labels = {}
+    conf_args = conf.get("args", {})
+    if conf_args.get("labels") is not None:
+        labels.update(_labels_from(conf_args["labels"], "args.labels"))
+    if isinstance(conf_args.get("cni"), dict) and conf_args["cni"].get("labels") is not None:
+        labels.update(_labels_from(conf_args["cni"]["labels"], "args.cni.labels"))
+    if args.get("K8S_POD_NAMESPACE"):
+        labels[LABEL_NAMESPACE] = args["K8S_POD_NAMESPACE"]
+    if args.get("K8S_POD_NAME"):
+        labels[LABEL_POD] = args["K8S_POD_NAME"]
+    return labels
+
+
+def valid_attachments(conf):
+    """GC's list of attachments still in use; missing means refuse, never 'everything is stale'."""
+    for key in ("cni.dev/valid-attachments", "cni.dev/attachments"):  # libcni sends both names
+        if key in conf:
+            value = conf[key]
+            break
+    else:
+        raise CniError(E_INVALID_CONFIG, "invalid network config: GC needs cni.dev/valid-attachments")
+    if not isinstance(value, list):
+        raise CniError(E_INVALID_CONFIG, f"invalid network config: {key} must be a list")
+    out = []
+    for entry in value:
+        if (not isinstance(entry, dict) or not isinstance(entry.get("containerID"), str)
+                or not isinstance(entry.get("ifname", ""), str)):
+            raise CniError(E_INVALID_CONFIG, f"invalid network config: bad entry {entry!r} in {key}",
+                           "each entry needs a containerID and an ifname")
+        out.append({"containerID": entry["containerID"], "ifname": entry.get("ifname", "")})
+    return out
+
+
+# --------------------------------------------------------------------------------------------- result shapes
+
+
+def normalize_result(result, what, code):
+    """Any version's result -> our internal shape (1.1.0 without cniVersion). Bad shapes raise ``code``."""
+    def bad(why):
+        return CniError(code, f"malformed {what}: {why}")
+
+    if not isinstance(result, dict):
+        raise bad("not an object")
+    out = {}
+    for key in ("interfaces", "ips", "routes"):
+        items = result.get(key) or []
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise bad(f"{key} must be a list of objects")
+        out[key] = [dict(i) for i in items]
+    for iface in out["interfaces"]:
+        if not isinstance(iface.get("name"), str):
+            raise bad("an interface has no name")
+    for ip in out["ips"]:
+        ip.pop("version", None)  # 0.x only; 1.x derives the family from the address
+        if not isinstance(ip.get("address"), str):
+            raise bad("an ips entry has no address")
+        index = ip.get("interface")
+        if index is not None and (isinstance(index, bool) or not isinstance(index, int)
+                                  or not 0 <= index < len(out["interfaces"])):
+            raise bad(f"ips entry {ip['address']} points at interface {index!r}, which does not exist")
+    for route in out["routes"]:
+        if not isinstance(route.get("dst"), str):
+            raise bad("a route has no dst")
+    dns = result.get("dns") or {}
+    if not isinstance(dns, dict):
+        raise bad("dns must be an object")
+    out["dns"] = dns
+    return out
+
+
+def shape_result(result, version):
+    """Internal result -> the JSON the spec defines for ``version``."""
+    new = version == "1.1.0"
+    iface_keys = _IFACE_KEYS_1_1 if new else _IFACE_KEYS_OLD
+    route_keys = _ROUTE_KEYS_1_1 if new else _ROUTE_KEYS_OLD
+    with_family = parse_version(version) < (1, 0, 0)
+
+    def pick(entry, keys):
+        return {k: entry[k] for k in keys if entry.get(k) not in (None, "")}
+
+    out = {"cniVersion": version}
+    interfaces = [pick(i, iface_keys) for i in result["interfaces"]]
+    ips = []
+    for ip in result["ips"]:
+        shaped = {"version": "6" if ":" in ip["address"] else "4"} if with_family else {}
+        shaped.update(pick(ip, ("address", "gateway")))
+        if ip.get("interface") is not None:
+            shaped["interface"] = ip["interface"]
+        ips.append(shaped)
+    routes = [pick(r, route_keys) for r in result["routes"]]
+    if interfaces:
+        out["interfaces"] = interfaces
+    if ips:
+        out["ips"] = ips
+    if routes:
+        out["routes"] = routes
+    out["dns"] = {k: result["dns"][k] for k in _DNS_KEYS if result["dns"].get(k)}
+    return out
+
+
+def chain_results(prev, ours):
+    """Append our interfaces, addresses and routes to an earlier plugin's result, re-pointing our indexes."""
+    offset = len(prev["interfaces"])
+    ips = [dict(ip, interface=ip["interface"] + offset) if ip.get("interface") is not None else dict(ip)
+           for ip in ours["ips"]]
+    return {
+        "interfaces": prev["interfaces"] + ours["interfaces"],
+        "ips": prev["ips"] + ips,
+        "routes": prev["routes"] + ours["routes"],
+        "dns": prev["dns"] or ours["dns"],
+    }
+
+
+# ------------------------------------------------------------------------------------------- agent transport
+
+
+def call_agent(path, body, read_timeout, connect_timeout=CONNECT_TIMEOUT):
+    """POST ``body`` to the agent and return its ``result``; the agent's ``error`` is raised as a CniError."""
+    import http.client
+    import socket
+    import time
+
+    class UnixHTTPConnection(http.client.HTTPConnection):
+        def __init__(self, sock_path, timeout):
+            super().__init__("localhost", timeout=timeout)
+            self.sock_path = sock_path
+
+        def connect(self):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(self.timeout)
+                sock.connect(self.sock_path)
+            except BaseException:
+                sock.close()
+                raise
+            self.sock = sock
+
+    def unreachable(why):
+        return CniError(E_TRY_AGAIN, f"netplugin agent at {path} is not reachable: {why}",
+                        "is the netplugin agent running? try again later")
+
+    deadline = time.monotonic() + connect_timeout
+    payload = json.dumps(body).encode()
+    conn = UnixHTTPConnection(path, connect_timeout)
+    try:
+        try:
+            conn.connect()
+            conn.putrequest("POST", AGENT_PATH, skip_accept_encoding=True)
+            conn.putheader("Content-Type", "application/json")
+            conn.putheader("Content-Length", str(len(payload)))
+            conn.putheader("Expect", "100-continue")
+            conn.endheaders()
+            first = _first_reply_bytes(conn.sock, deadline, socket.MSG_PEEK)
+        except TimeoutError:
+            raise unreachable(f"no answer within {connect_timeout:g} s")
+        except OSError as err:
+            raise unreachable(err.strerror or str(err))
+        try:
+            if first.split(None, 2)[1:2] == [b"100"]:
+                conn.send(payload)
+            conn.sock.settimeout(read_timeout)
+            response = conn.getresponse()
+            status, raw = response.status, response.read()
+        except TimeoutError:
+            raise CniError(E_TRY_AGAIN, f"netplugin agent at {path} gave no answer within {read_timeout:g} s",
+                           "raise agent_timeout in the network config if the agent is just slow")
+        except (OSError, http.client.HTTPException) as err:
+            raise CniError(E_TRY_AGAIN, f"lost the connection to the netplugin agent at {path}: {err}")
+    finally:
+        conn.close()
+    return _agent_reply(status, raw)
+
+
+def _first_reply_bytes(sock, deadline, peek_flag):
+    """Wait until the agent starts answering (100 Continue or a final status line), without consuming it."""
+    import time
+
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        sock.settimeout(remaining)
+        data = sock.recv(32, peek_flag)
+        if not data:
+            raise ConnectionResetError(0, "the agent closed the connection")
+        if b"\n" in data or len(data) >= 32:
+            return data
+        time.sleep(0.005)  # a partial status line: let the rest arrive
+
+
+def _agent_reply(status, raw):
+    try:
+        reply = json.loads(raw)
+    except ValueError:
+        reply = None
+    if not isinstance(reply, dict) or not ("result" in reply or "error" in reply):
+        raise CniError(E_INTERNAL, f"netplugin agent answered HTTP {status} without a CNI reply",
+                       raw[:200].decode("utf-8", "replace"))
+    if "error" in reply:
+        err = reply["error"]
+        if not isinstance(err, dict):
+            raise CniError(E_INTERNAL, "netplugin agent sent a malformed error", repr(err)[:200])
+        code = err.get("code")
+        if isinstance(code, bool) or not isinstance(code, int) or code <= 0:
+            code = E_INTERNAL
+        raise CniError(code, str(err.get("msg") or "netplugin agent failed"), str(err.get("details") or ""))
+    return reply["result"]
+
+
+# ------------------------------------------------------------------------------------------------- commands
+
+
+def agent_request(command, params, conf, extra=None):
+    body = {
+        "command": command,
+        "container_id": params["container_id"],
+        "netns": params["netns"],
+        "ifname": params["ifname"],
+        "args": params["args"],
+        "config": conf,
+    }
+    body.update(extra or {})
+    return body
+
+
+def prev_result(conf, required=False, command=""):
+    if "prevResult" not in conf or conf["prevResult"] is None:
+        if required:
+            raise CniError(E_INVALID_CONFIG, f"invalid network config: {command} needs prevResult")
+        return None
+    return normalize_result(conf["prevResult"], "prevResult in the network config", E_INVALID_CONFIG)
+
+
+def cmd_add(params, conf, version, agent):
+    prev = prev_result(conf)
+    extra = {
+        "ips": requested_ips(conf, params["args"]),
+        "labels": endpoint_labels(conf, params["args"]),
+        "prev_result": prev,
+    }
+    ours = normalize_result(agent(agent_request("ADD", params, conf, extra)), "result from the netplugin agent",
+                            E_INTERNAL)
+    if not ours["interfaces"] or not ours["ips"]:
+        raise CniError(E_INTERNAL, "malformed result from the netplugin agent: no interface or no address")
+    return shape_result(chain_results(prev, ours) if prev else ours, version)
+
+
+def cmd_del(params, conf, version, agent):
+    extra = {"prev_result": prev_result(conf), "labels": endpoint_labels(conf, params["args"])}
+    try:
+        agent(agent_request("DEL", params, conf, extra))
+    except CniError as err:
+        if err.code != E_UNKNOWN_CONTAINER:  # already gone: DEL is idempotent
+            raise
+    return None
+
+
+def cmd_check(params, conf, version, agent):
+    extra = {"prev_result": prev_result(conf, required=True, command="CHECK")}
+    agent(agent_request("CHECK", params, conf, extra))
+    return None
+
+
+def cmd_status(params, conf, version, agent):
+    try:
+        agent(agent_request("STATUS", params, conf))
+    except CniError as err:
+        if err.code == E_TRY_AGAIN:  # for STATUS, an absent agent means "cannot serve ADD" (spec code 50)
+            raise CniError(E_PLUGIN_UNAVAILABLE, err.msg, err.details)
+        raise
+    return None
+
+
+def cmd_gc(params, conf, version, agent):
+    agent(agent_request("GC", params, conf, {"valid_attachments": valid_attachments(conf)}))
+    return None
+
+
+COMMANDS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "STATUS": cmd_status, "GC": cmd_gc}
+
+
+def version_info():
+    return {"cniVersion": SPEC_VERSION, "supportedVersions": list(SUPPORTED_VERSIONS)}
+
+
+def run(environ, stdin):
+    """Do what CNI_COMMAND asks; return (exit status, JSON object to print or None)."""
+    error_version = SPEC_VERSION
+    try:
+        command = environ.get("CNI_COMMAND", "")
+        if not command:
+            raise CniError(E_INVALID_ENV, "required env variables [CNI_COMMAND] missing")
+        if command == "VERSION":
+            return 0, version_info()  # stdin is not read: the spec passes nothing we need
+        if command not in COMMANDS:
+            raise CniError(E_INVALID_ENV, f"unknown CNI_COMMAND {command!r}",
+                           "expected one of ADD, DEL, CHECK, STATUS, GC, VERSION")
+        params = read_params(command, environ)
+        conf = read_config(stdin)
+        version = error_version = config_version(conf)
+        check_config(conf, command, version)
+        path, read_timeout = agent_settings(conf, environ)
+        result = COMMANDS[command](params, conf, version, lambda body: call_agent(path, body, read_timeout))
+        return 0, result
+    except CniError as err:
+        out = {"cniVersion": error_version, "code": err.code, "msg": err.msg}
+        if err.details:
+            out["details"] = err.details
+        return 1, out
+    except Exception as err:  # a bug: still answer in the spec's format, with the traceback on stderr
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        return 1, {"cniVersion": error_version, "code": E_INTERNAL, "msg": f"internal error: {err!r}"}
+
+
+def main():
+    status, out = run(os.environ, sys.stdin.buffer)
+    if out is not None:
+        sys.stdout.write(json.dumps(out) + "\n")
+        sys.stdout.flush()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

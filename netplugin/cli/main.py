@@ -1,0 +1,64 @@
+"""``netctl``: the operator's CLI. Every expected failure is one line on stderr and a non-zero exit."""
+import logging
+import sys
+
+import click
+
+from netplugin.config import EtcdConfig
+from netplugin.errors import NetpluginError
+
+
+class Context:
+    """Built lazily so ``netctl --help`` and local-only commands never need etcd."""
+
+    def __init__(self, etcd_config):
+        self.etcd_config = etcd_config
+        self._ds = None
+
+    @property
+    def ds(self):
+        if self._ds is None:
+            from netplugin.datastore.client import Datastore
+            self._ds = Datastore(self.etcd_config)
+        return self._ds
+
+
+class Cli(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except NetpluginError as e:
+            click.echo(f"netctl: error: {e.msg}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=Cli)
+@click.option("--etcd-endpoints", envvar="NETPLUGIN_ETCD_ENDPOINTS", default="http://127.0.0.1:2379",
+              show_default=True, help="Comma-separated etcd URLs (env NETPLUGIN_ETCD_ENDPOINTS).")
+@click.option("--etcd-ca", envvar="NETPLUGIN_ETCD_CA_CERT", default=None, help="CA certificate for etcd TLS.")
+@click.option("--etcd-cert", envvar="NETPLUGIN_ETCD_CERT", default=None, help="Client certificate for etcd.")
+@click.option("--etcd-key", envvar="NETPLUGIN_ETCD_KEY", default=None, help="Client key for etcd.")
+@click.option("--etcd-user", envvar="NETPLUGIN_ETCD_USERNAME", default=None, help="etcd user name.")
+@click.option("--etcd-password", envvar="NETPLUGIN_ETCD_PASSWORD", default=None, help="etcd password.")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug output to stderr.")
+@click.pass_context
+def cli(ctx, etcd_endpoints, etcd_ca, etcd_cert, etcd_key, etcd_user, etcd_password, verbose):
+    """Operate a netplugin cluster: pools, IPAM, nodes, BGP peers, policy."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = EtcdConfig(endpoints=etcd_endpoints, ca_cert=etcd_ca, cert=etcd_cert, key=etcd_key,
+                         username=etcd_user, password=etcd_password)
+    except NetpluginError as e:
+        raise click.UsageError(e.msg)
+    ctx.obj = Context(cfg)
+
+
+def _register():
+    from netplugin.cli import ipam_cmds, node_cmds, cni_cmds
+    for mod in (ipam_cmds, node_cmds, cni_cmds):
+        for command in mod.COMMANDS:
+            cli.add_command(command)
+
+
+_register()

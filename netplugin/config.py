@@ -1,0 +1,66 @@
+"""Configuration objects, built once in the composition root (the agent's main or netctl) and passed down.
+
+Nothing here reads the environment at import time; ``from_env`` is called explicitly by the entry points.
+"""
+import os
+from dataclasses import dataclass, field
+
+from netplugin.errors import InvalidInput
+
+ENV_ENDPOINTS = "NETPLUGIN_ETCD_ENDPOINTS"
+
+
+@dataclass(frozen=True)
+class EtcdConfig:
+    """How to reach etcd. ``endpoints`` are tried in order; the first that answers is used."""
+
+    endpoints: tuple = ("http://127.0.0.1:2379",)
+    ca_cert: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    username: str | None = None
+    password: str | None = None
+    timeout: float = 5.0
+
+    def __post_init__(self):
+        eps = self.endpoints
+        if isinstance(eps, str):
+            eps = [e for e in eps.split(",") if e.strip()]
+        eps = tuple(e.strip() for e in eps)
+        if not eps:
+            raise InvalidInput("no etcd endpoint given")
+        for e in eps:
+            if not (e.startswith("http://") or e.startswith("https://")):
+                raise InvalidInput(f"etcd endpoint {e!r} must start with http:// or https://")
+        object.__setattr__(self, "endpoints", eps)
+        if bool(self.cert) != bool(self.key):
+            raise InvalidInput("etcd client certificate and key must be given together")
+
+    @classmethod
+    def from_env(cls, endpoints=None, **kw):
+        eps = endpoints or os.environ.get(ENV_ENDPOINTS) or "http://127.0.0.1:2379"
+        kw = {k: v for k, v in kw.items() if v is not None}
+        for name in ("ca_cert", "cert", "key", "username", "password"):
+            env = os.environ.get("NETPLUGIN_ETCD_" + name.upper())
+            if env and name not in kw:
+                kw[name] = env
+        return cls(endpoints=eps, **kw)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    hostname: str
+    etcd: EtcdConfig = field(default_factory=EtcdConfig)
+    run_dir: str = "/run/netplugin"
+    node_address: str | None = None
+    node_address6: str | None = None
+    as_number: int | None = None
+    labels: dict = field(default_factory=dict)
+    mtu: int = 1500
+    liveness_ttl: int = 10
+    reclaim_grace: float = 600.0
+    reclaim_interval: float = 30.0
+    resync_interval: float = 60.0
+    routing: str = "bgp"  # bgp | direct | none
+    docker_socket: str | None = None  # where the libnetwork plugin listens; None = do not serve Docker
+    docker_api: str | None = None  # dockerd's API socket, to read container labels on Join

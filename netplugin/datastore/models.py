@@ -1,0 +1,164 @@
+"""Typed records stored in etcd, one dataclass per resource, each with ``to_dict``/``from_dict``.
+
+Unknown fields in stored documents are ignored on read so an older agent can read a newer record.
+"""
+from dataclasses import asdict, dataclass, field, fields
+
+import netaddr
+
+from netplugin.errors import InvalidInput
+
+
+class Record:
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (d or {}).items() if k in names})
+
+
+@dataclass
+class ClusterConfig(Record):
+    as_number: int = 64512
+    mesh: bool = True
+    reclaim_grace: float = 600.0
+
+
+@dataclass
+class Node(Record):
+    name: str
+    address: str | None = None  # the node's IPv4 address for BGP and direct routes
+    address6: str | None = None
+    as_number: int | None = None  # None: the cluster's AS
+    labels: dict = field(default_factory=dict)
+    route_reflector: bool = False
+    address_autodetected: bool = False
+
+
+@dataclass
+class BgpPeer(Record):
+    name: str
+    address: str
+    as_number: int
+    node: str | None = None  # None: every node peers with it
+    password: str | None = None
+
+
+@dataclass
+class Pool(Record):
+    cidr: str
+    block_size: int  # prefix length of the blocks cut from the pool
+    nat_outgoing: bool = False
+    disabled: bool = False
+
+    @property
+    def network(self):
+        return netaddr.IPNetwork(self.cidr)
+
+    @property
+    def version(self):
+        return self.network.version
+
+    def validate(self):
+        try:
+            net = netaddr.IPNetwork(self.cidr)
+        except (netaddr.AddrFormatError, ValueError, TypeError):
+            raise InvalidInput(f"pool {self.cidr!r} is not a CIDR") from None
+        if str(net.cidr) != str(net):
+            raise InvalidInput(f"pool {self.cidr} has host bits set; did you mean {net.cidr}?")
+        maxlen = 32 if net.version == 4 else 128
+        if not (net.prefixlen <= self.block_size <= maxlen):
+            raise InvalidInput(
+                f"block size /{self.block_size} does not fit pool {self.cidr} (must be /{net.prefixlen}../{maxlen})")
+        if self.block_size < maxlen - 12:
+            raise InvalidInput(f"block size /{self.block_size} is too large (at most 4096 addresses per block)")
+        return self
+
+
+@dataclass(frozen=True)
+class Allocation(Record):
+    handle: str
+    host: str
+    seq: int  # ABA guard: a stale release naming an older seq never frees a reused address
+
+
+@dataclass
+class Block(Record):
+    """One block of a pool. ``allocations`` maps the address's ordinal in the block (as a string key) to who
+    holds it. ``affinity`` is the host that claimed it (None once its host was reclaimed but borrowers remain)."""
+
+    cidr: str
+    pool: str
+    affinity: str | None = None
+    allocations: dict = field(default_factory=dict)
+    next_seq: int = 1
+
+    def __post_init__(self):
+        self.allocations = {str(k): (v if isinstance(v, Allocation) else Allocation.from_dict(v))
+                            for k, v in self.allocations.items()}
+
+    def to_dict(self):
+        # Hand-written: blocks are (de)serialised on every allocation and dataclasses.asdict deep-copies.
+        allocs = {k: {"handle": a.handle, "host": a.host, "seq": a.seq}
+                  for k, a in sorted(self.allocations.items(), key=lambda kv: int(kv[0]))}
+        return {"cidr": self.cidr, "pool": self.pool, "affinity": self.affinity, "allocations": allocs,
+                "next_seq": self.next_seq}
+
+    def copy(self):
+        return Block(cidr=self.cidr, pool=self.pool, affinity=self.affinity, allocations=dict(self.allocations),
+                     next_seq=self.next_seq)
+
+    @property
+    def network(self):
+        return netaddr.IPNetwork(self.cidr)
+
+    @property
+    def size(self):
+        return self.network.size
+
+    def ordinal(self, address):
+        return int(netaddr.IPAddress(address)) - self.network.first
+
+    def address(self, ordinal):
+        return str(netaddr.IPAddress(self.network.first + int(ordinal), self.network.version))
+
+    def free_count(self):
+        return self.size - len(self.allocations)
+
+
+@dataclass
+class Handle(Record):
+    """Everything one owner (container + interface) holds: released all at once, idempotently."""
+
+    handle: str
+    host: str
+    addresses: dict = field(default_factory=dict)  # address -> {"block": cidr, "seq": n}
+    attrs: dict = field(default_factory=dict)
+
+
+@dataclass
+class Network(Record):
+    name: str
+    pools: list = field(default_factory=list)  # pool CIDRs the network allocates from (empty: any pool)
+    ip_range: str | None = None
+    labels: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+    docker_id: str | None = None
+
+
+@dataclass
+class Endpoint(Record):
+    id: str
+    host: str
+    network: str
+    container_id: str
+    netns: str
+    ifname: str
+    host_ifname: str
+    addresses: list = field(default_factory=list)  # CIDRs (/32, /128)
+    mac: str | None = None
+    labels: dict = field(default_factory=dict)
+    handle: str | None = None
+    orchestrator: str = "cni"  # cni | docker

@@ -1,0 +1,458 @@
+"""Block-affinity IPAM over etcd with compare-and-swap.
+
+An assignment plans every address it needs (possibly IPv4 and IPv6 together) against cached block records, then
+commits them and the owner's handle in **one** etcd transaction guarded by the mod-revision of each block and of
+the handle. A lost race answers with the current records (the transaction's failure branch reads them), so a
+retry costs no extra round trip. Nothing here holds a lock across etcd calls; concurrent allocators on many
+hosts simply lose and retry a CAS, and can never hand out one address twice.
+
+Order of preference for automatic assignment: a free address in a block affine to this host; a newly claimed
+block (the claim creates the block record and the affinity key in one transaction); finally an address borrowed
+from another host's block, so a pool is never reported exhausted while it has free addresses.
+"""
+import logging
+from dataclasses import dataclass
+
+import netaddr
+
+from netplugin.datastore import keys
+from netplugin.datastore.client import absent, delete_op, get_op, mod_is, prefix_unchanged_since, put_op
+from netplugin.datastore.models import Allocation, Block, Handle, Pool
+from netplugin.errors import (AddressInUse, AddressNotInPool, AlreadyExists, Conflict, InUse, InvalidInput,
+                              NotFound, PoolExhausted)
+from netplugin.ipam import blocks as blockmath
+
+LOG = logging.getLogger(__name__)
+MAX_ATTEMPTS = 200
+MAX_TXN_OPS = 100  # etcd's default --max-txn-ops is 128
+
+
+@dataclass(frozen=True)
+class AssignRequest:
+    """One address wanted by a handle: automatic (by family, optionally restricted) or a given address."""
+
+    version: int = 4
+    address: str | None = None
+    pools: tuple = ()  # restrict to these pool CIDRs (empty: every enabled pool of the family)
+    within: str | None = None  # restrict to this range (Docker's --ip-range)
+
+    @classmethod
+    def static(cls, address, pools=()):
+        try:
+            ip = netaddr.IPAddress(str(address).split("/")[0])
+        except (netaddr.AddrFormatError, ValueError):
+            raise InvalidInput(f"{address!r} is not an IP address") from None
+        return cls(version=ip.version, address=str(ip), pools=tuple(pools))
+
+
+class IPAM:
+    def __init__(self, datastore):
+        self.ds = datastore
+        self._blocks = {}  # cidr -> (Block, mod_revision); a cache, validated by every CAS
+        self._affine = {}  # host -> set of block cidrs
+        self._pools = None  # list[Pool]
+        self._handles = {}  # handle id -> (Handle, mod_revision) written by this process; validated by CAS
+        self.stats = {"cas_conflicts": 0, "claims": 0}
+
+    # --- pools ----------------------------------------------------------------------------------------------------
+
+    def list_pools(self):
+        kvs = self.ds.list(keys.POOLS)
+        self._pools = [Pool.from_dict(kv.value) for kv in kvs]
+        return list(self._pools)
+
+    def get_pool(self, cidr):
+        kv = self.ds.get(keys.pool(cidr))
+        return Pool.from_dict(kv.value) if kv else None
+
+    def add_pool(self, cidr, block_size=None, nat_outgoing=False):
+        try:
+            net = netaddr.IPNetwork(cidr)
+        except (netaddr.AddrFormatError, ValueError, TypeError):
+            raise InvalidInput(f"pool {cidr!r} is not a CIDR") from None
+        size = blockmath.DEFAULT_BLOCK_SIZE[net.version] if block_size is None else int(block_size)
+        size = max(size, net.prefixlen) if block_size is None else size
+        pool = Pool(cidr=str(net), block_size=size, nat_outgoing=nat_outgoing).validate()
+        for _ in range(10):
+            kvs, rev = self.ds.get_prefix(keys.POOLS)
+            for kv in kvs:
+                other = Pool.from_dict(kv.value)
+                if other.cidr == pool.cidr:
+                    raise AlreadyExists(f"pool {pool.cidr} already exists")
+                if blockmath.overlaps(other.cidr, pool.cidr):
+                    raise InvalidInput(f"pool {pool.cidr} overlaps existing pool {other.cidr}")
+            res = self.ds.txn([prefix_unchanged_since(keys.POOLS, rev)], [put_op(keys.pool(pool.cidr), pool.to_dict())])
+            if res.succeeded:
+                self._pools = None
+                return pool
+        raise Conflict(f"could not add pool {pool.cidr}: pools kept changing")
+
+    def remove_pool(self, cidr):
+        """Remove an empty pool and its (empty) blocks; refused while any address is allocated."""
+        pool_kv = self.ds.get(keys.pool(cidr)) if self._valid_cidr(cidr) else None
+        if pool_kv is None:
+            raise NotFound(f"pool {cidr} does not exist")
+        pool = Pool.from_dict(pool_kv.value)
+        used = self._pool_blocks(pool)
+        in_use = sum(len(b.allocations) for b, _ in used.values())
+        if in_use:
+            raise InUse(f"pool {pool.cidr} still has {in_use} allocated address(es); release them first")
+        # Disable first so no allocator claims a new block while we delete the empty ones in batches.
+        disabled = Pool.from_dict({**pool.to_dict(), "disabled": True})
+        if not self.ds.txn([mod_is(keys.pool(pool.cidr), pool_kv.mod_revision)],
+                           [put_op(keys.pool(pool.cidr), disabled.to_dict())]).succeeded:
+            raise Conflict(f"pool {pool.cidr} changed while removing it; try again")
+        items = sorted(self._pool_blocks(pool).items())
+        for i in range(0, len(items), MAX_TXN_OPS // 3):
+            compare, ops = [], []
+            for cidr_, (block, rev) in items[i:i + MAX_TXN_OPS // 3]:
+                if block.allocations:
+                    self.ds.put(keys.pool(pool.cidr), pool.to_dict())  # re-enable: someone got in first
+                    raise InUse(f"pool {pool.cidr} got an allocation in {cidr_} while being removed")
+                compare.append(mod_is(keys.block(cidr_), rev))
+                ops.append(delete_op(keys.block(cidr_)))
+                if block.affinity:
+                    ops.append(delete_op(keys.affinity(block.affinity, cidr_)))
+            if not self.ds.txn(compare, ops).succeeded:
+                self.ds.put(keys.pool(pool.cidr), pool.to_dict())
+                raise Conflict(f"pool {pool.cidr} changed while removing it; try again")
+        self.ds.delete(keys.pool(pool.cidr))
+        for cidr_ in dict(items):
+            self._blocks.pop(cidr_, None)
+        for cached in self._affine.values():
+            cached.difference_update(dict(items))
+        self._pools = None
+
+    @staticmethod
+    def _valid_cidr(cidr):
+        try:
+            netaddr.IPNetwork(cidr)
+            return True
+        except (netaddr.AddrFormatError, ValueError, TypeError):
+            raise InvalidInput(f"{cidr!r} is not a CIDR") from None
+
+    def _pools_cached(self, refresh=False):
+        if self._pools is None or refresh:
+            self.list_pools()
+        return self._pools
+
+    def _pool_blocks(self, pool):
+        out = {}
+        for block, rev in self.list_blocks():
+            if block.pool == pool.cidr:
+                out[block.cidr] = (block, rev)
+        return out
+
+    # --- blocks ---------------------------------------------------------------------------------------------------
+
+    def list_blocks(self):
+        """Every block record with its mod-revision (refreshes the cache)."""
+        out = []
+        for kv in self.ds.list(keys.BLOCKS):
+            block = Block.from_dict(kv.value)
+            self._blocks[block.cidr] = (block, kv.mod_revision)
+            out.append((block, kv.mod_revision))
+        return out
+
+    def _load_block(self, cidr, refresh=False):
+        """A private copy of a block record (from the cache unless ``refresh``), with its mod-revision."""
+        block, rev = self._peek_block(cidr, refresh)
+        return (block.copy() if block else None), rev
+
+    def _peek_block(self, cidr, refresh=False):
+        """The cached record itself: read it, never change it."""
+        if not refresh and cidr in self._blocks:
+            return self._blocks[cidr]
+        kv = self.ds.get(keys.block(cidr))
+        if kv is None:
+            self._blocks.pop(cidr, None)
+            return None, 0
+        self._blocks[cidr] = (Block.from_dict(kv.value), kv.mod_revision)
+        return self._blocks[cidr]
+
+    def _affine_blocks(self, host):
+        if host not in self._affine:
+            kvs = self.ds.list(keys.affinity_prefix(host))
+            self._affine[host] = {keys.segment_cidr(keys.last_segment(kv.key)) for kv in kvs}
+        return sorted(self._affine[host], key=lambda c: (netaddr.IPNetwork(c).version, netaddr.IPNetwork(c).first))
+
+    # --- assignment -----------------------------------------------------------------------------------------------
+
+    def auto_assign(self, handle_id, host, version=4, pools=(), within=None, attrs=None):
+        return self.assign(handle_id, host, [AssignRequest(version, None, tuple(pools), within)], attrs)[0]
+
+    def assign_ip(self, handle_id, host, address, attrs=None, pools=()):
+        return self.assign(handle_id, host, [AssignRequest.static(address, pools)], attrs)[0]
+
+    def assign(self, handle_id, host, requests, attrs=None):
+        """Give ``handle_id`` one address per request; returns the addresses, in request order.
+
+        Idempotent: a handle that already holds an address satisfying a request keeps it (a retried CNI ADD gets
+        the same addresses back). All-or-nothing: either every request is satisfied or nothing changes.
+        """
+        hkey = keys.handle(handle_id)
+        handle, handle_rev = None, 0
+        for attempt in range(MAX_ATTEMPTS):
+            plan = _Plan(self, handle_id, host, handle)
+            addresses = [plan.satisfy(req) for req in requests]
+            if not plan.changed:
+                return addresses
+            rec = handle or Handle(handle=handle_id, host=host, attrs=dict(attrs or {}))
+            for addr, (cidr, seq) in plan.new_addresses.items():
+                rec.addresses[addr] = {"block": cidr, "seq": seq}
+            compare = [mod_is(hkey, handle_rev)]
+            success = [put_op(hkey, rec.to_dict())]
+            failure = [get_op(hkey)]
+            for cidr, (block, rev) in sorted(plan.blocks.items()):
+                bkey = keys.block(cidr)
+                compare.append(mod_is(bkey, rev))
+                success.append(put_op(bkey, block.to_dict()))
+                failure.append(get_op(bkey))
+                if cidr in plan.claims:
+                    success.append(put_op(keys.affinity(host, cidr), {"host": host, "cidr": cidr}))
+            res = self.ds.txn(compare, success, failure)
+            if res.succeeded:
+                self._remember_handle(rec, res.revision)
+                for cidr, (block, _) in plan.blocks.items():
+                    self._blocks[cidr] = (block, res.revision)
+                if plan.claims:
+                    self._affine.setdefault(host, set()).update(plan.claims)
+                    self.stats["claims"] += len(plan.claims)
+                return addresses
+            # Lost the race: take the current records from the failure branch and plan again.
+            self.stats["cas_conflicts"] += 1
+            current = res.kvs(0)
+            handle = Handle.from_dict(current[0].value) if current else None
+            handle_rev = current[0].mod_revision if current else 0
+            for i, cidr in enumerate(sorted(plan.blocks), start=1):
+                kvs = res.kvs(i)
+                if kvs:
+                    self._blocks[cidr] = (Block.from_dict(kvs[0].value), kvs[0].mod_revision)
+                else:
+                    self._blocks.pop(cidr, None)
+            if plan.claims:
+                self._affine.pop(host, None)  # someone else claimed: re-read what is ours
+        raise Conflict(f"could not allocate for {handle_id} after {MAX_ATTEMPTS} attempts (heavy contention)")
+
+    # --- release --------------------------------------------------------------------------------------------------
+
+    def get_handle(self, handle_id, cached=False):
+        if cached and handle_id in self._handles:
+            return self._handles[handle_id]
+        kv = self.ds.get(keys.handle(handle_id))
+        return (Handle.from_dict(kv.value), kv.mod_revision) if kv else (None, 0)
+
+    def _remember_handle(self, handle, revision):
+        if len(self._handles) > 10000:
+            self._handles.clear()
+        self._handles[handle.handle] = (handle, revision)
+
+    def release_handle(self, handle_id, guard=()):
+        """Release every address of a handle in one transaction. Unknown handle: nothing to do, returns [].
+
+        ``guard`` adds compares to the transaction (the reclaimer passes "the owner's liveness key is absent"):
+        if a guard fails the release is abandoned and Conflict raised, never half-done.
+        """
+        hkey = keys.handle(handle_id)
+        for attempt in range(MAX_ATTEMPTS):
+            handle, hrev = self.get_handle(handle_id, cached=attempt == 0)
+            self._handles.pop(handle_id, None)
+            if handle is None:
+                return []
+            compare, success = [mod_is(hkey, hrev)] + list(guard), [delete_op(hkey)]
+            touched = {}
+            for addr, info in sorted(handle.addresses.items()):
+                cidr = info["block"]
+                if cidr not in touched:
+                    touched[cidr] = self._load_block(cidr)
+                block, _ = touched[cidr]
+                if block is None:
+                    continue
+                ordinal = str(block.ordinal(addr))
+                alloc = block.allocations.get(ordinal)
+                if alloc and alloc.handle == handle_id and alloc.seq == info.get("seq", alloc.seq):
+                    del block.allocations[ordinal]
+            for cidr, (block, rev) in sorted(touched.items()):
+                compare.append(mod_is(keys.block(cidr), rev))
+                if block is not None:
+                    success.append(put_op(keys.block(cidr), block.to_dict()))
+            res = self.ds.txn(compare, success)
+            if res.succeeded:
+                for cidr, (block, _) in touched.items():
+                    if block is not None:
+                        self._blocks[cidr] = (block, res.revision)
+                return sorted(handle.addresses)
+            self.stats["cas_conflicts"] += 1
+            for cidr in touched:
+                self._blocks.pop(cidr, None)
+            if guard and not self.ds.txn(list(guard), []).succeeded:
+                raise Conflict(f"release of {handle_id} abandoned: its guard no longer holds")
+        raise Conflict(f"could not release {handle_id} (heavy contention)")
+
+    def release_address(self, address, seq=None):
+        """Release one address, whoever holds it (ops clean-up). Returns the handle it belonged to."""
+        try:
+            ip = str(netaddr.IPAddress(address))
+        except (netaddr.AddrFormatError, ValueError):
+            raise InvalidInput(f"{address!r} is not an IP address") from None
+        for _ in range(MAX_ATTEMPTS):
+            pool = self._pool_of(ip)
+            cidr = blockmath.block_for(pool.cidr, pool.block_size, ip)
+            block, brev = self._load_block(cidr, refresh=True)
+            alloc = block.allocations.get(str(block.ordinal(ip))) if block else None
+            if alloc is None:
+                raise NotFound(f"address {ip} is not allocated")
+            if seq is not None and alloc.seq != seq:
+                raise Conflict(f"address {ip} was re-allocated since (seq {alloc.seq}, not {seq}); not released")
+            del block.allocations[str(block.ordinal(ip))]
+            hkey = keys.handle(alloc.handle)
+            handle, hrev = self.get_handle(alloc.handle)
+            compare = [mod_is(keys.block(cidr), brev), mod_is(hkey, hrev)]
+            success = [put_op(keys.block(cidr), block.to_dict())]
+            if handle is not None:
+                handle.addresses.pop(ip, None)
+                success.append(put_op(hkey, handle.to_dict()) if handle.addresses else delete_op(hkey))
+            if self.ds.txn(compare, success).succeeded:
+                self._blocks.pop(cidr, None)
+                return alloc.handle
+        raise Conflict(f"could not release {ip} (heavy contention)")
+
+    def _pool_of(self, ip, pools=()):
+        for refresh in (False, True):
+            for pool in self._pools_cached(refresh):
+                if (not pools or pool.cidr in pools) and ip in pool.network:
+                    return pool
+        wanted = f" among {', '.join(pools)}" if pools else ""
+        raise AddressNotInPool(f"address {ip} is not in any pool{wanted}")
+
+    # --- reporting ------------------------------------------------------------------------------------------------
+
+    def usage(self):
+        rows = []
+        for block, _ in sorted(self.list_blocks(), key=lambda b: (b[0].network.version, b[0].network.first)):
+            rows.append({"block": block.cidr, "pool": block.pool, "host": block.affinity or "",
+                         "used": len(block.allocations), "free": block.free_count()})
+        return rows
+
+
+class _Plan:
+    """The blocks one assignment attempt will write, built against cached records (validated by the CAS)."""
+
+    def __init__(self, ipam, handle_id, host, handle):
+        self.ipam = ipam
+        self.handle_id = handle_id
+        self.host = host
+        self.handle = handle
+        self.blocks = {}  # cidr -> (Block copy with our changes, revision read)
+        self.claims = set()
+        self.new_addresses = {}  # address -> (block cidr, seq)
+        self.used = set()  # addresses already given to an earlier request of this assignment
+        self.changed = False
+
+    def _block(self, cidr):
+        if cidr not in self.blocks:
+            block, rev = self.ipam._load_block(cidr)
+            if block is None:
+                return None, 0
+            self.blocks[cidr] = (block, rev)
+        return self.blocks[cidr]
+
+    def _take(self, block, ordinal):
+        seq = block.next_seq
+        block.next_seq += 1
+        block.allocations[str(ordinal)] = Allocation(handle=self.handle_id, host=self.host, seq=seq)
+        addr = block.address(ordinal)
+        self.new_addresses[addr] = (block.cidr, seq)
+        self.changed = True
+        return addr
+
+    def _held(self, req):
+        """An address the handle already holds that satisfies ``req`` (idempotent retries)."""
+        held = list(self.handle.addresses) if self.handle else []
+        held += list(self.new_addresses)
+        for addr in held:
+            ip = netaddr.IPAddress(addr)
+            if req.address:
+                if ip == netaddr.IPAddress(req.address):
+                    return addr
+                continue
+            if ip.version != req.version or addr in self.used:
+                continue
+            if req.within and ip not in netaddr.IPNetwork(req.within):
+                continue
+            if not req.pools or any(ip in netaddr.IPNetwork(p) for p in req.pools):
+                return addr
+        return None
+
+    def satisfy(self, req):
+        addr = self._held(req) or (self._static(req) if req.address else self._auto(req))
+        self.used.add(addr)
+        return addr
+
+    def _static(self, req):
+        pool = self.ipam._pool_of(req.address, req.pools)
+        if pool.disabled:
+            raise AddressNotInPool(f"pool {pool.cidr} is disabled")
+        cidr = blockmath.block_for(pool.cidr, pool.block_size, req.address)
+        block, _ = self._block(cidr)
+        if block is None:
+            block = Block(cidr=cidr, pool=pool.cidr, affinity=self.host)
+            self.blocks[cidr] = (block, 0)
+            self.claims.add(cidr)
+        ordinal = block.ordinal(req.address)
+        alloc = block.allocations.get(str(ordinal))
+        if alloc is not None:
+            raise AddressInUse(f"address {req.address} is already in use (by {alloc.handle} on {alloc.host})")
+        return self._take(block, ordinal)
+
+    def _candidate_pools(self, req):
+        pools = [p for p in self.ipam._pools_cached() if p.version == req.version and not p.disabled]
+        if req.pools:
+            pools = [p for p in pools if p.cidr in req.pools]
+        if req.within:
+            pools = [p for p in pools if blockmath.overlaps(p.cidr, req.within)]
+        return pools
+
+    def _auto(self, req):
+        pools = self._candidate_pools(req)
+        if not pools:
+            self.ipam._pools_cached(refresh=True)
+            pools = self._candidate_pools(req)
+        if not pools:
+            what = f" matching {', '.join(req.pools)}" if req.pools else ""
+            raise PoolExhausted(f"no enabled IPv{req.version} pool{what} to allocate from")
+        pool_cidrs = {p.cidr for p in pools}
+        # 1. blocks this host already owns
+        for cidr in self.ipam._affine_blocks(self.host):
+            block, _ = self.blocks.get(cidr) or self.ipam._peek_block(cidr)
+            if block is None or block.pool not in pool_cidrs or block.affinity != self.host:
+                continue
+            if blockmath.first_free(block, req.within) is not None:
+                block, _ = self._block(cidr)
+                return self._take(block, blockmath.first_free(block, req.within))
+        # 2. claim a new block (one per attempt: the CAS decides who gets it)
+        existing = {keys.segment_cidr(keys.last_segment(kv.key)) for kv in self.ipam.ds.get_prefix(
+            keys.BLOCKS, keys_only=True)[0]}
+        for pool in pools:
+            for cidr in blockmath.iter_blocks(pool.cidr, pool.block_size, req.within):
+                if cidr in existing or cidr in self.blocks:
+                    continue
+                block = Block(cidr=cidr, pool=pool.cidr, affinity=self.host)
+                ordinal = blockmath.first_free(block, req.within)
+                if ordinal is None:
+                    continue
+                self.blocks[cidr] = (block, 0)
+                self.claims.add(cidr)
+                return self._take(block, ordinal)
+        # 3. borrow from any block with room
+        for block, rev in self.ipam.list_blocks():
+            if block.pool not in pool_cidrs:
+                continue
+            if block.cidr in self.blocks:
+                block, rev = self.blocks[block.cidr]
+            ordinal = blockmath.first_free(block, req.within)
+            if ordinal is not None:
+                self.blocks[block.cidr] = (block, rev)
+                return self._take(block, ordinal)
+        raise PoolExhausted(f"no free IPv{req.version} address in pool(s) {', '.join(sorted(pool_cidrs))}"
+                            + (f" within {req.within}" if req.within else ""))

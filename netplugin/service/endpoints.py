@@ -1,0 +1,170 @@
+"""The workload service both front doors call: give a container its addresses, wire it, record it; undo it.
+
+ADD's critical path is one IPAM transaction, local netlink work and one endpoint put; nothing holds a host-wide
+lock across etcd round trips. Every step registers its undo first (STYLE.md #6), so a failure half-way leaves
+neither an allocation nor a veth nor a record behind. DEL releases IPAM first and tolerates a missing link or
+namespace, so it is idempotent.
+"""
+import contextlib
+import logging
+import re
+from dataclasses import dataclass, field
+
+import netaddr
+
+from netplugin.datastore import keys
+from netplugin.datastore.models import Endpoint, Network
+from netplugin.dataplane import EndpointSpec, GATEWAY_V4, GATEWAY_V6, host_ifname
+from netplugin.errors import InvalidInput, NetpluginError, NotFound
+from netplugin.ipam.allocator import AssignRequest
+from netplugin.ipam.blocks import host_prefix
+
+LOG = logging.getLogger(__name__)
+NETWORK_LABEL = "netplugin.io/network"
+_SAFE = re.compile(r"[^A-Za-z0-9_.:-]")
+
+
+def endpoint_id(network, container_id, ifname):
+    """Stable id of one container interface; also its IPAM handle. Key-safe (no '/')."""
+    return _SAFE.sub("_", f"{network}.{container_id}.{ifname}")
+
+
+@dataclass
+class WorkloadRequest:
+    network: str
+    container_id: str
+    netns: str
+    ifname: str = "eth0"
+    addresses: list = field(default_factory=list)  # static requests (addresses, no prefix needed)
+    labels: dict = field(default_factory=dict)
+    pools: list = field(default_factory=list)  # restrict to these pools
+    within: str | None = None
+    ipv4: bool = True
+    ipv6: bool = False
+    mtu: int | None = None
+    orchestrator: str = "cni"
+    endpoint_id: str | None = None  # Docker supplies its own endpoint id
+
+    def id(self):
+        return self.endpoint_id or endpoint_id(self.network, self.container_id, self.ifname)
+
+
+class EndpointService:
+    def __init__(self, datastore, ipam, dataplane, host, mtu=1500):
+        self.ds = datastore
+        self.ipam = ipam
+        self.dataplane = dataplane
+        self.host = host
+        self.mtu = mtu
+
+    # --- addresses ------------------------------------------------------------------------------------------------
+
+    def network(self, name):
+        kv = self.ds.get(keys.network(name))
+        return Network.from_dict(kv.value) if kv else None
+
+    def _requests(self, req):
+        pools = tuple(req.pools)
+        if req.addresses:
+            return [AssignRequest.static(a, pools) for a in req.addresses]
+        out = []
+        if req.ipv4:
+            out.append(AssignRequest(4, None, tuple(p for p in pools if netaddr.IPNetwork(p).version == 4),
+                                     req.within if req.within and netaddr.IPNetwork(req.within).version == 4
+                                     else None))
+        if req.ipv6:
+            out.append(AssignRequest(6, None, tuple(p for p in pools if netaddr.IPNetwork(p).version == 6),
+                                     req.within if req.within and netaddr.IPNetwork(req.within).version == 6
+                                     else None))
+        if not out:
+            raise InvalidInput("neither IPv4 nor IPv6 requested")
+        return out
+
+    def allocate(self, req, attrs=None):
+        """IPAM only (Docker's RequestAddress, CNI's first step): the host routes of the new endpoint."""
+        ep_id = req.id()
+        attrs = {"container_id": req.container_id, "network": req.network, "ifname": req.ifname, **(attrs or {})}
+        addrs = self.ipam.assign(ep_id, self.host, self._requests(req), attrs=attrs)
+        return [host_prefix(a) for a in addrs]
+
+    # --- whole workload -------------------------------------------------------------------------------------------
+
+    def add(self, req):
+        """Allocate, wire and record one container interface. Returns the Endpoint."""
+        if not req.netns:
+            raise InvalidInput("no network namespace given for the container")
+        ep_id = req.id()
+        with contextlib.ExitStack() as undo:
+            addresses = self.allocate(req)
+            undo.callback(self._quietly, "release addresses of", ep_id, self.ipam.release_handle, ep_id)
+            spec = EndpointSpec(endpoint_id=ep_id, netns=req.netns, ifname=req.ifname, addresses=tuple(addresses),
+                                mtu=req.mtu or self.mtu)
+            state = self.dataplane.add_endpoint(spec)
+            undo.callback(self._quietly, "remove interface of", ep_id, self.dataplane.remove_endpoint, ep_id,
+                          req.netns, req.ifname)
+            ep = Endpoint(id=ep_id, host=self.host, network=req.network, container_id=req.container_id,
+                          netns=req.netns, ifname=req.ifname, host_ifname=state.host_ifname, addresses=addresses,
+                          mac=state.mac, labels={**req.labels, NETWORK_LABEL: req.network}, handle=ep_id,
+                          orchestrator=req.orchestrator)
+            self.ds.put(keys.endpoint(self.host, ep_id), ep.to_dict())
+            undo.pop_all()
+        LOG.info("endpoint added id=%s netns=%s addresses=%s host_if=%s", ep_id, req.netns, ",".join(addresses),
+                 state.host_ifname)
+        return ep
+
+    def delete(self, ep_id, netns=None, ifname="eth0"):
+        """Release, unwire, forget. Unknown endpoints are fine (DEL twice, or for a container never seen)."""
+        released = self.ipam.release_handle(ep_id)
+        kv = self.ds.get(keys.endpoint(self.host, ep_id))
+        if kv:
+            ep = Endpoint.from_dict(kv.value)
+            netns, ifname = netns or ep.netns, ep.ifname or ifname
+        self.dataplane.remove_endpoint(ep_id, netns, ifname)
+        if kv:
+            self.ds.delete(keys.endpoint(self.host, ep_id))
+        LOG.info("endpoint deleted id=%s released=%s", ep_id, ",".join(released) or "-")
+        return released
+
+    def get(self, ep_id):
+        kv = self.ds.get(keys.endpoint(self.host, ep_id))
+        return Endpoint.from_dict(kv.value) if kv else None
+
+    def list(self, host=None):
+        prefix = keys.endpoint_prefix(host) if host else keys.ENDPOINTS
+        return [Endpoint.from_dict(kv.value) for kv in self.ds.list(prefix)]
+
+    def check(self, ep_id, netns=None, expected=None):
+        """Problems between the record, IPAM and the kernel ([] when all agree)."""
+        ep = self.get(ep_id)
+        if ep is None:
+            raise NotFound(f"endpoint {ep_id} is not known on host {self.host}")
+        problems = []
+        handle, _ = self.ipam.get_handle(ep_id)
+        held = sorted(host_prefix(a) for a in (handle.addresses if handle else {}))
+        if held != sorted(ep.addresses):
+            problems.append(f"IPAM holds {held or 'nothing'} for {ep_id}, the endpoint records {ep.addresses}")
+        if expected is not None and sorted(expected) != sorted(ep.addresses):
+            problems.append(f"the runtime expects {sorted(expected)}, the endpoint has {ep.addresses}")
+        spec = EndpointSpec(endpoint_id=ep_id, netns=netns or ep.netns, ifname=ep.ifname,
+                            addresses=tuple(ep.addresses), mtu=self.mtu)
+        problems += self.dataplane.check_endpoint(spec)
+        return problems
+
+    def spec_of(self, ep):
+        return EndpointSpec(endpoint_id=ep.id, netns=ep.netns, ifname=ep.ifname, addresses=tuple(ep.addresses),
+                            mtu=self.mtu)
+
+    @staticmethod
+    def _quietly(what, ep_id, fn, *args):
+        try:
+            fn(*args)
+        except NetpluginError as e:
+            LOG.error("rollback: failed to %s %s: %s", what, ep_id, e)
+
+
+def gateways(addresses):
+    """The gateway each address is given in results: 169.254.1.1 or the fixed IPv6 link-local."""
+    return [GATEWAY_V4 if netaddr.IPNetwork(a).version == 4 else GATEWAY_V6 for a in addresses]
+
+
+__all__ = ["EndpointService", "WorkloadRequest", "endpoint_id", "gateways", "host_ifname", "NETWORK_LABEL"]

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Run the whole test suite (unit + functional with real etcd, BIRD, iptables, dockerd, podman) as root.
+# Extra arguments go to pytest, e.g. scripts/test.sh tests/unit -x
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+exec .venv/bin/python -m pytest -p no:cacheprovider -q -ra "$@"

@@ -1,0 +1,100 @@
+"""Real agents in throwaway host namespaces, and the CNI binary called exactly as a runtime calls it."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VENV_BIN = os.path.dirname(sys.executable)
+
+
+class AgentProcess:
+    """``netplugin agent`` inside ``netns`` (the host), logging to run_dir/agent.log."""
+
+    def __init__(self, netns, hostname, etcd_endpoint, run_dir, extra_args=()):
+        self.netns = netns
+        self.hostname = hostname
+        self.etcd_endpoint = etcd_endpoint
+        self.run_dir = run_dir
+        self.extra_args = list(extra_args)
+        self.proc = None
+
+    @property
+    def socket(self):
+        return os.path.join(self.run_dir, "agent.sock")
+
+    @property
+    def log_path(self):
+        return os.path.join(self.run_dir, "agent.log")
+
+    def start(self, timeout=20):
+        os.makedirs(self.run_dir, exist_ok=True)
+        if os.path.exists(self.socket):
+            os.unlink(self.socket)
+        cmd = ["ip", "netns", "exec", self.netns, os.path.join(VENV_BIN, "netplugin"), "agent",
+               "--hostname", self.hostname, "--etcd-endpoints", self.etcd_endpoint, "--run-dir", self.run_dir,
+               "--routing", "none"] + self.extra_args
+        log = open(self.log_path, "a")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited {self.proc.returncode}:\n{self.log()}")
+            if os.path.exists(self.socket):
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"agent did not start:\n{self.log()}")
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def log(self):
+        try:
+            with open(self.log_path) as f:
+                return f.read()[-6000:]
+        except OSError:
+            return ""
+
+
+class CniBinary:
+    """The installed plugin binary plus a conflist; ``call`` runs it with env + stdin like a runtime."""
+
+    def __init__(self, workdir, agent_socket, network="netplugin", pools=None, cni_version="1.1.0"):
+        from cni.install import install_cni
+        self.bin_dir = os.path.join(workdir, "bin")
+        self.conf_dir = os.path.join(workdir, "net.d")
+        self.bin_path, conf_path = install_cni(self.bin_dir, self.conf_dir, network=network,
+                                               agent_socket=agent_socket, pools=pools, cni_version=cni_version,
+                                               python=sys.executable)
+        with open(conf_path) as f:
+            conflist = json.load(f)
+        self.config = dict(conflist["plugins"][0], cniVersion=conflist["cniVersion"], name=conflist["name"])
+
+    def call(self, command, container_id="", netns="", ifname="eth0", args="", config=None, timeout=60):
+        env = {"CNI_COMMAND": command, "CNI_CONTAINERID": container_id, "CNI_NETNS": netns,
+               "CNI_IFNAME": ifname, "CNI_PATH": self.bin_dir, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+        if args:
+            env["CNI_ARGS"] = args
+        p = subprocess.run([self.bin_path], input=json.dumps(config or self.config), env=env,
+                           capture_output=True, text=True, timeout=timeout)
+        out = json.loads(p.stdout) if p.stdout.strip() else {}
+        return p.returncode, out, p.stderr
+
+
+def tempdir(prefix="npt-"):
+    return tempfile.mkdtemp(prefix=prefix)
+
+
+def rmtree(path):
+    shutil.rmtree(path, ignore_errors=True)

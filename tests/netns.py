@@ -1,0 +1,64 @@
+"""Throwaway network namespaces for tests: never the root namespace.
+
+Every name starts with ``npt-`` plus a random suffix so parallel runs and helpers never collide, and every
+namespace is registered for deletion before it is created.
+"""
+import os
+import shlex
+import subprocess
+import uuid
+
+
+def run(cmd, check=True, **kw):
+    """Run a command (list or string), returning CompletedProcess; failures say what ran."""
+    args = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
+    p = subprocess.run(args, capture_output=True, text=True, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} -> rc={p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def nsexec(ns, cmd, check=True, **kw):
+    """Run a command inside a namespace made by a test."""
+    args = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
+    return run(["ip", "netns", "exec", ns] + args, check=check, **kw)
+
+
+def unique(prefix="npt"):
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+class NamespaceSet:
+    """Creates namespaces and veth links between them; ``close`` removes everything it made."""
+
+    def __init__(self):
+        self.names = []
+
+    def add(self, name=None):
+        name = name or unique()
+        self.names.append(name)
+        run(["ip", "netns", "add", name])
+        nsexec(name, "ip link set lo up")
+        return name
+
+    def link(self, ns_a, ns_b, addr_a=None, addr_b=None, name_a="eth0", name_b="eth0"):
+        """A veth between two namespaces, optionally addressed (e.g. '10.9.0.1/24')."""
+        tmp_a, tmp_b = "v" + uuid.uuid4().hex[:10], "v" + uuid.uuid4().hex[:10]
+        run(["ip", "link", "add", tmp_a, "netns", ns_a, "type", "veth", "peer", "name", tmp_b, "netns", ns_b])
+        for ns, tmp, name, addr in ((ns_a, tmp_a, name_a, addr_a), (ns_b, tmp_b, name_b, addr_b)):
+            nsexec(ns, f"ip link set {tmp} name {name}")
+            if addr:
+                nsexec(ns, f"ip addr add {addr} dev {name}")
+            nsexec(ns, f"ip link set {name} up")
+
+    def close(self):
+        for name in reversed(self.names):
+            # Kill anything still running inside before deleting, so no process outlives the test.
+            pids = run(["ip", "netns", "pids", name], check=False).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), 9)
+                except (ProcessLookupError, ValueError):
+                    pass
+            run(["ip", "netns", "del", name], check=False)
+        self.names.clear()
