@@ -29,5 +29,8 @@ class DataplaneReconciler:
 
 
 def build_reconcilers(agent):
+    from netplugin.agent.routing import RoutingReconciler
     parts = [DataplaneReconciler(agent)]
+    if agent.config.routing in ("bgp", "direct"):
+        parts.append(RoutingReconciler(agent))
     return parts
