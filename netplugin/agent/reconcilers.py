@@ -29,8 +29,10 @@ class DataplaneReconciler:
 
 
 def build_reconcilers(agent):
+    from netplugin.agent.policy import PolicyReconciler
     from netplugin.agent.routing import RoutingReconciler
     parts = [DataplaneReconciler(agent)]
     if agent.config.routing in ("bgp", "direct"):
         parts.append(RoutingReconciler(agent))
+    parts.append(PolicyReconciler(agent))
     return parts

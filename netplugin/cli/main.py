@@ -56,7 +56,8 @@ def cli(ctx, etcd_endpoints, etcd_ca, etcd_cert, etcd_key, etcd_user, etcd_passw
 
 def _register():
     from netplugin.cli import bgp_cmds, cni_cmds, ipam_cmds, node_cmds
-    for mod in (ipam_cmds, node_cmds, cni_cmds, bgp_cmds):
+    from policy import cli as policy_cmds
+    for mod in (ipam_cmds, node_cmds, cni_cmds, bgp_cmds, policy_cmds):
         for command in mod.COMMANDS:
             cli.add_command(command)
     for command in bgp_cmds.NODE_COMMANDS:
