@@ -1,0 +1,385 @@
+"""Compile endpoints and policies into ipsets and iptables filter chains: a pure, deterministic function.
+
+Semantics
+---------
+* No policy: endpoints on one network talk freely; different networks cannot. Isolation is enforced on the
+  receiving side: an endpoint's default *ingress* accepts sources in its own network and any non-endpoint address
+  (the host, the outside) and drops other endpoints; its default *egress* accepts everything. So one ingress
+  policy on the receiver is enough to open a cross-network flow.
+* A policy that selects an endpoint replaces that default for each direction in its ``types``: there, traffic
+  matched by no rule of any selecting policy is dropped.
+* Policies run in ``order`` (lower first, then by name). Within one order, ``log`` rules of all its policies come
+  first (they log and go on), then ``deny`` (deny wins at equal order), then ``allow``.
+* Established and related connections always flow (conntrack), so new rules affect only new connections.
+* Covered traffic: forwarded traffic to or from a local endpoint (FORWARD) and an endpoint's traffic to the host
+  itself (INPUT, egress policy only; IPv6 neighbour discovery always passes). Traffic from the host to its local
+  endpoints (OUTPUT) is not policed, so health probes keep working.
+
+Chains (one set per IP family; the iptables ``filter`` table; everything is prefixed ``np-``)::
+
+    FORWARD -> np-FORWARD:   -i np+ / -o np+  -g np-fw-ep
+    np-fw-ep:   ESTABLISHED,RELATED accept; INVALID drop; -i np+ -j np-from-disp; -o np+ -j np-to-disp;
+                clear our mark bits; ACCEPT
+    INPUT -> np-INPUT:       -i np+ -g np-in-ep
+    np-in-ep:   ESTABLISHED,RELATED return; (v6: ND return); -j np-from-disp; clear mark bits; (return)
+    np-from-disp / np-to-disp:  -i/-o <veth> -g np-from-<h> / np-to-<h> per local endpoint, then DROP
+                                (an np* interface we do not know is not let through)
+    np-to-<h>   (ingress of one endpoint) / np-from-<h> (its egress): either the default, or
+                clear mark; per order group: -j np-pi-<p>... ; deny-mark -> DROP; allow-mark -> RETURN; ...; DROP
+    np-pi-<p> / np-po-<p>  (a policy's ingress / egress rules): each rule sets the deny or allow mark bit,
+                or LOGs with prefix "np-log <policy> "
+
+A verdict crosses chains in two mark bits (``CompileOptions``) rather than by ACCEPT, because a packet between
+two local endpoints must pass the sender's egress *and* the receiver's ingress.
+
+Sets are ``hash:net`` per family: ``np-all-<h>`` (every endpoint address), ``np-net-<h>`` (a network's
+endpoints), ``np-sel-<h>`` (a selector's endpoints, named from its canonical form, so shared across policies),
+``np-cidr-<h>`` (the union of one rule's CIDR peers minus their notCIDRs, computed exactly; named from its
+content). A rule costs a packet one set lookup per peer kind however many addresses it covers.
+"""
+import hashlib
+import ipaddress
+import itertools
+import re
+from dataclasses import dataclass, field
+
+import netaddr
+
+from netplugin.errors import InvalidInput
+
+FAMILIES = (4, 6)
+SET_FAMILY = {4: "inet", 6: "inet6"}
+SET_TYPE = "hash:net"
+PREFIX = "np-"
+IFACE_WILDCARD = "np+"
+MAX_CHAIN_NAME = 28
+MAX_SET_NAME = 31
+HOST_IFNAME = re.compile(r"^np[0-9a-f]{11}$")
+
+FORWARD_CHAIN = "np-FORWARD"
+INPUT_CHAIN = "np-INPUT"
+FORWARD_EP_CHAIN = "np-fw-ep"
+INPUT_EP_CHAIN = "np-in-ep"
+FROM_DISPATCH = "np-from-disp"
+TO_DISPATCH = "np-to-disp"
+HOOKS = {"FORWARD": FORWARD_CHAIN, "INPUT": INPUT_CHAIN}
+
+_ACTION_RANK = {"log": 0, "deny": 1, "allow": 2}
+_MULTIPORT_MAX = 15
+_ND_TYPES = (133, 135, 136)  # router solicitation, neighbour solicitation/advertisement
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Two fwmark bits carry verdicts between chains; pick bits nothing else on the host uses."""
+
+    allow_mark: int = 0x10000
+    deny_mark: int = 0x20000
+
+    def __post_init__(self):
+        for mark in (self.allow_mark, self.deny_mark):
+            if not isinstance(mark, int) or mark <= 0 or mark > 0xffffffff or mark & (mark - 1):
+                raise InvalidInput(f"policy mark {mark!r} is not a single bit of a 32-bit fwmark")
+        if self.allow_mark == self.deny_mark:
+            raise InvalidInput("policy allow and deny marks must be different bits")
+
+    @property
+    def mask(self):
+        return self.allow_mark | self.deny_mark
+
+
+@dataclass(frozen=True)
+class IpSet:
+    name: str
+    family: int
+    members: tuple  # canonical network texts ("10.0.0.5/32"), sorted
+
+    @property
+    def set_family(self):
+        return SET_FAMILY[self.family]
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    """What one host's kernel should hold.
+
+    ``chains[family][name]`` is the tuple of rule specs (iptables-restore syntax after ``-A <chain>``);
+    ``hooks[family]`` maps each built-in chain we jump from to our chain; ``ipsets`` is sorted by name.
+    """
+
+    ipsets: tuple = ()
+    chains: dict = field(default_factory=dict)
+    hooks: dict = field(default_factory=dict)
+
+    def ipset_map(self):
+        return {s.name: s for s in self.ipsets}
+
+
+def digest(*parts):
+    return hashlib.sha256("\x00".join(str(p) for p in parts).encode()).hexdigest()[:16]
+
+
+def endpoint_chains(endpoint_id):
+    """(ingress chain, egress chain) of an endpoint: np-to-<h>, np-from-<h>."""
+    h = digest("endpoint", endpoint_id)
+    return f"np-to-{h}", f"np-from-{h}"
+
+
+def policy_chain(policy_name, direction):
+    return ("np-pi-" if direction == "Ingress" else "np-po-") + digest("policy", policy_name)
+
+
+def set_name(kind, family, key):
+    return f"np-{kind}-{digest(kind, family, key)}"
+
+
+def compile_ruleset(local_endpoints, all_endpoints, policies, options=None):
+    """-> Ruleset for one host. ``local_endpoints`` have a host veth here; ``all_endpoints`` are cluster-wide
+    (local ones are added if missing). Same input, same output, byte for byte."""
+    return _Compiler(local_endpoints, all_endpoints, policies, options or CompileOptions()).run()
+
+
+class _Compiler:
+    def __init__(self, local_endpoints, all_endpoints, policies, options):
+        self.options = options
+        self.local = sorted(local_endpoints, key=lambda e: e.id)
+        self.endpoints = _merge_endpoints(all_endpoints, self.local)
+        self.addresses = {ep.id: _endpoint_networks(ep) for ep in self.endpoints.values()}
+        self.policies = _check_policies(policies)
+        self.sets = {}      # name -> IpSet
+        self.owners = {}    # generated name -> what it stands for, to catch hash collisions
+
+    def run(self):
+        _check_local(self.local)
+        chains, hooks = {}, {}
+        for family in FAMILIES:
+            chains[family] = self._family_chains(family)
+            hooks[family] = dict(sorted(HOOKS.items()))
+        ipsets = tuple(self.sets[name] for name in sorted(self.sets))
+        return Ruleset(ipsets=ipsets, chains=chains, hooks=hooks)
+
+    # -- chains -------------------------------------------------------------------------------------------
+
+    def _family_chains(self, family):
+        o = self.options
+        clear = f"-j MARK --set-xmark 0x0/{o.mask:#x}"
+        chains = {
+            FORWARD_CHAIN: (f"-i {IFACE_WILDCARD} -g {FORWARD_EP_CHAIN}",
+                            f"-o {IFACE_WILDCARD} -g {FORWARD_EP_CHAIN}"),
+            FORWARD_EP_CHAIN: (
+                "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+                "-m conntrack --ctstate INVALID -j DROP",
+                f"-i {IFACE_WILDCARD} -j {FROM_DISPATCH}",
+                f"-o {IFACE_WILDCARD} -j {TO_DISPATCH}",
+                clear,
+                "-j ACCEPT",
+            ),
+            INPUT_CHAIN: (f"-i {IFACE_WILDCARD} -g {INPUT_EP_CHAIN}",),
+            INPUT_EP_CHAIN: (
+                ("-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",)
+                + tuple(f"-p ipv6-icmp -m icmp6 --icmpv6-type {t} -j RETURN" for t in _ND_TYPES if family == 6)
+                + (f"-j {FROM_DISPATCH}", clear)
+            ),
+        }
+        from_disp, to_disp = [], []
+        policy_chains = {}
+        for ep in self.local:
+            to_chain, from_chain = endpoint_chains(ep.id)
+            self._claim(to_chain, ("endpoint", ep.id))
+            self._claim(from_chain, ("endpoint", ep.id))
+            from_disp.append(f"-i {ep.host_ifname} -g {from_chain}")
+            to_disp.append(f"-o {ep.host_ifname} -g {to_chain}")
+            selecting = [p for p in self.policies if p.selector.matches(ep.labels)]
+            for direction, chain in (("Ingress", to_chain), ("Egress", from_chain)):
+                declared = [p for p in selecting if direction in p.types]
+                if declared:
+                    chains[chain] = self._policy_dispatch(declared, direction)
+                    for p in declared:
+                        name = policy_chain(p.name, direction)
+                        if name not in policy_chains:
+                            self._claim(name, ("policy", p.name, direction))
+                            policy_chains[name] = self._policy_rules(p, direction, family)
+                elif direction == "Ingress":
+                    chains[chain] = self._default_ingress(ep, family)
+                else:
+                    chains[chain] = ()
+        chains[FROM_DISPATCH] = tuple(from_disp) + ("-j DROP",)
+        chains[TO_DISPATCH] = tuple(to_disp) + ("-j DROP",)
+        chains.update(policy_chains)
+        for name in chains:
+            assert name.startswith(PREFIX) and len(name) <= MAX_CHAIN_NAME, name
+        return dict(sorted(chains.items()))
+
+    def _default_ingress(self, ep, family):
+        same = self._network_set(ep.network, family)
+        everyone = self._set("all", family, "",
+                             lambda: [n for nets in self.addresses.values() for n in nets[family]])
+        return (f"-m set --match-set {same} src -j RETURN", f"-m set --match-set {everyone} src -j DROP")
+
+    def _policy_dispatch(self, declared, direction):
+        o = self.options
+        rules = [f"-j MARK --set-xmark 0x0/{o.mask:#x}"]
+        for _, group in itertools.groupby(declared, key=lambda p: p.order):
+            rules.extend(f"-j {policy_chain(p.name, direction)}" for p in group)
+            rules.append(f"-m mark --mark {o.deny_mark:#x}/{o.deny_mark:#x} -j DROP")
+            rules.append(f"-m mark --mark {o.allow_mark:#x}/{o.allow_mark:#x} -j RETURN")
+        rules.append("-j DROP")
+        return tuple(rules)
+
+    def _policy_rules(self, policy, direction, family):
+        """log rules, then deny rules (then return if denied), then allow rules; file order within each."""
+        o = self.options
+        side = "src" if direction == "Ingress" else "dst"
+        ordered = sorted(policy.rules(direction), key=lambda r: _ACTION_RANK[r.action])
+        out = []
+        denies = allows = 0
+        for rule in ordered:
+            proto = _protocol_match(rule.protocol, family)
+            peers = self._peer_matches(rule, family, side)
+            if proto is None or peers is None:
+                continue  # nothing this rule names exists in this family
+            if rule.action == "log":
+                target = f'-j LOG --log-prefix "{log_prefix(policy.name)}"'
+            elif rule.action == "deny":
+                target = f"-j MARK --set-xmark {o.deny_mark:#x}/{o.deny_mark:#x}"
+            else:
+                if denies and not allows:
+                    out.append(f"-m mark --mark {o.deny_mark:#x}/{o.deny_mark:#x} -j RETURN")
+                target = f"-j MARK --set-xmark {o.allow_mark:#x}/{o.allow_mark:#x}"
+            for ports in _port_matches(rule.ports):
+                for peer in peers:
+                    out.append(" ".join(part for part in (proto, ports, peer, target) if part))
+            denies += rule.action == "deny"
+            allows += rule.action == "allow"
+        return tuple(out)
+
+    def _peer_matches(self, rule, family, side):
+        """[""] for any peer; a list of set matches (any one must match); None if no peer exists in family."""
+        if rule.peers is None:
+            return [""]
+        matches = []
+        for peer in rule.peers:
+            if peer.selector is not None:
+                name = self._set("sel", family, peer.selector.key(),
+                                 lambda sel=peer.selector: self._selected(sel, family))
+            elif peer.network is not None:
+                name = self._network_set(peer.network, family)
+            else:
+                continue
+            match = f"-m set --match-set {name} {side}"
+            if match not in matches:
+                matches.append(match)
+        cidr_peers = [p for p in rule.peers if p.cidr is not None]
+        if cidr_peers:
+            # One IPSet built from the plain CIDRs at once (unions in a loop are quadratic), then the few
+            # peers with exceptions added one by one.
+            space = netaddr.IPSet([p.cidr for p in cidr_peers if not p.not_cidr])
+            for p in cidr_peers:
+                if p.not_cidr:
+                    space |= netaddr.IPSet([p.cidr]) - netaddr.IPSet(p.not_cidr)
+            nets = [str(c) for c in space.iter_cidrs() if c.version == family]
+            if nets == ["0.0.0.0/0"] or nets == ["::/0"]:
+                return [""]  # hash:net cannot hold /0, and "everything" needs no lookup
+            if nets:
+                name = self._set("cidr", family, ",".join(nets), lambda: nets)
+                matches.append(f"-m set --match-set {name} {side}")
+        return matches or None
+
+    # -- sets -----------------------------------------------------------------------------------------------
+
+    def _selected(self, selector, family):
+        return [n for ep in self.endpoints.values() if selector.matches(ep.labels)
+                for n in self.addresses[ep.id][family]]
+
+    def _network_set(self, network, family):
+        return self._set("net", family, network, lambda: [
+            n for ep in self.endpoints.values() if ep.network == network for n in self.addresses[ep.id][family]])
+
+    def _set(self, kind, family, key, members):
+        """The set's name; ``members`` (a callable) runs only the first time a set is named."""
+        name = set_name(kind, family, key)
+        if name not in self.sets:
+            self._claim(name, (kind, family, key))
+            nets = sorted({ipaddress.ip_network(m) for m in members()})
+            self.sets[name] = IpSet(name=name, family=family, members=tuple(str(n) for n in nets))
+        return name
+
+    def _claim(self, name, owner):
+        if self.owners.setdefault(name, owner) != owner:
+            raise InvalidInput(f"compiling policy: name {name} stands for both {self.owners[name]} and {owner}"
+                               " (hash collision)")
+
+
+def log_prefix(policy_name):
+    """Kernel log prefixes hold 29 characters: 'np-log ' + as much of the name as fits + ' '."""
+    return f"np-log {policy_name}"[:28] + " "
+
+
+def _protocol_match(protocol, family):
+    """'' for any protocol, the -p option, or None when the protocol does not exist in this family."""
+    if protocol is None:
+        return ""
+    if protocol == "icmp":
+        return "-p icmp" if family == 4 else None
+    if protocol == "icmpv6":
+        return "-p ipv6-icmp" if family == 6 else None
+    return f"-p {protocol}"
+
+
+def _port_matches(ports):
+    """Destination ports in multiport matches of at most 15 slots (a range takes two)."""
+    if not ports:
+        return [""]
+    chunks, current, used = [], [], 0
+    for lo, hi in ports:
+        cost = 1 if lo == hi else 2
+        if used + cost > _MULTIPORT_MAX:
+            chunks.append(current)
+            current, used = [], 0
+        current.append(str(lo) if lo == hi else f"{lo}:{hi}")
+        used += cost
+    chunks.append(current)
+    return [f"-m multiport --dports {','.join(c)}" for c in chunks]
+
+
+def _endpoint_networks(ep):
+    out = {4: [], 6: []}
+    for addr in ep.addresses:
+        try:
+            ip = ipaddress.ip_interface(addr).ip
+        except ValueError:
+            raise InvalidInput(f"compiling policy: endpoint {ep.id} has a bad address {addr!r}") from None
+        out[ip.version].append(str(ipaddress.ip_network(ip)))
+    return out
+
+
+def _merge_endpoints(all_endpoints, local):
+    merged = {}
+    for ep in list(all_endpoints) + list(local):
+        known = merged.get(ep.id)
+        if known is not None and (known.network, sorted(known.addresses), known.labels) != (
+                ep.network, sorted(ep.addresses), ep.labels):
+            raise InvalidInput(f"compiling policy: endpoint {ep.id} is given twice with different contents")
+        merged.setdefault(ep.id, ep)
+    return dict(sorted(merged.items()))
+
+
+def _check_local(local):
+    seen = {}
+    for ep in local:
+        if not isinstance(ep.host_ifname, str) or not HOST_IFNAME.match(ep.host_ifname):
+            raise InvalidInput(f"compiling policy: local endpoint {ep.id} has host interface {ep.host_ifname!r},"
+                               " expected 'np' and 11 hex digits")
+        if ep.host_ifname in seen:
+            raise InvalidInput(f"compiling policy: endpoints {seen[ep.host_ifname]} and {ep.id} share host"
+                               f" interface {ep.host_ifname}")
+        seen[ep.host_ifname] = ep.id
+
+
+def _check_policies(policies):
+    names = set()
+    for p in policies:
+        if p.name in names:
+            raise InvalidInput(f"compiling policy: two policies are named {p.name}")
+        names.add(p.name)
+    return sorted(policies, key=lambda p: (p.order, p.name))

@@ -1,0 +1,197 @@
+"""Our chains in one namespace's iptables ``filter`` table: read back, plan, one atomic restore batch.
+
+Ownership is by name: chains starting ``np-`` are ours, and in a built-in chain we own only rules that jump or
+go to one of ours (the "hooks", one per built-in we use). Each rule we write carries ``-m comment --comment
+"np:<hash of its spec>"``, so reading back compares hashes, immune to how iptables-save re-spells a rule; a
+rule without our comment in our chain (or a missing one) is drift.
+
+A batch declares every chain it rewrites (``:np-x - [0:0]``, which with ``--noflush`` empties it), writes its
+rules, removes hooks that should not be there, inserts missing hooks at the top, and deletes stale chains. It
+touches nothing else. ``iptables-restore`` applies a table atomically: a failing batch leaves the rules that
+were in force; the error log shows the numbered batch lines around the failing one. IPv4 and IPv6 are separate
+batches (each atomic, not both together).
+"""
+import hashlib
+import logging
+import re
+import shutil
+from dataclasses import dataclass, field
+
+from netplugin.errors import DataplaneError, InvalidInput
+from policy.compiler import PREFIX
+from policy.nsexec import first_line, numbered_context
+
+LOG = logging.getLogger(__name__)
+BUILTINS = ("INPUT", "FORWARD", "OUTPUT")
+FAMILY_NAME = {4: "IPv4", 6: "IPv6"}
+_BASE = {4: "iptables", 6: "ip6tables"}
+_COMMENT = re.compile(r'--comment\s+"?np:([0-9a-f]{16})"?')
+_TARGET = re.compile(r"(?:^|\s)-[jg]\s+(\S+)")
+_FAILED_LINE = re.compile(r"(?:Error occurred at line: |line )(\d+)")
+
+
+def rule_hash(spec):
+    return hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+
+def hook_spec(chain):
+    return f"-j {chain}"
+
+
+def tagged(spec):
+    """The rule as written: our ownership comment first, then the spec."""
+    return f'-m comment --comment "np:{rule_hash(spec)}" {spec}'
+
+
+@dataclass
+class TableState:
+    chains: dict = field(default_factory=dict)  # our chain -> tuple of rule hashes (None: not written by us)
+    hooks: dict = field(default_factory=dict)   # built-in -> [(saved spec, target, hash or None)]
+
+
+@dataclass
+class TablePlan:
+    family: int
+    rewrite: list = field(default_factory=list)
+    stale: list = field(default_factory=list)
+    hook_add: list = field(default_factory=list)   # (built-in, our chain)
+    hook_del: list = field(default_factory=list)   # (built-in, saved spec)
+    notes: list = field(default_factory=list)
+
+    def empty(self):
+        return not (self.rewrite or self.stale or self.hook_add or self.hook_del)
+
+
+class IptablesTable:
+    """The filter table of one family in one namespace."""
+
+    def __init__(self, ns, family, wait=5, backend=None):
+        """``backend`` 'nf_tables' or 'legacy' overrides detection (tests; hosts known to differ)."""
+        if backend not in (None, "nf_tables", "legacy"):
+            raise InvalidInput(f"iptables backend {backend!r} is not nf_tables or legacy")
+        self.ns = ns
+        self.family = family
+        self.wait = wait
+        self._backend = backend
+        self._binaries = None
+
+    @property
+    def label(self):
+        return FAMILY_NAME[self.family]
+
+    def backend(self):
+        """'nf_tables' or 'legacy', as ``iptables -V`` reports it."""
+        return self.binaries()[0]
+
+    def binaries(self):
+        """(backend, save binary, restore binary) matching the backend the host's iptables uses."""
+        if self._binaries is None:
+            base = _BASE[self.family]
+            backend = self._backend
+            if backend is None:
+                version = self.ns.run([base, "-V"], what=f"{base} -V").stdout
+                backend = "nf_tables" if "nf_tables" in version else "legacy"
+            variant = "nft" if backend == "nf_tables" else "legacy"
+            save, restore = f"{base}-{variant}-save", f"{base}-{variant}-restore"
+            if not (shutil.which(save) and shutil.which(restore)):
+                save, restore = f"{base}-save", f"{base}-restore"
+            self._binaries = (backend, save, restore)
+        return self._binaries
+
+    def read(self):
+        _, save, _ = self.binaries()
+        out = self.ns.run([save, "-t", "filter"], what=f"{save} ({self.label})").stdout
+        return parse_save(out)
+
+    def plan(self, chains, hooks, current, force=False):
+        """What to change so the table holds ``chains`` ({name: specs}) and ``hooks`` ({built-in: chain})."""
+        plan = TablePlan(self.family)
+        for name in sorted(chains):
+            want = tuple(rule_hash(s) for s in chains[name])
+            have = current.chains.get(name)
+            if have is None:
+                plan.notes.append(f"{self.label} chain {name}: missing")
+            elif have != want:
+                plan.notes.append(f"{self.label} chain {name}: differs ({len(have)} rules in the kernel,"
+                                  f" {len(want)} wanted)")
+            if force or have != want:
+                plan.rewrite.append(name)
+        for name in sorted(current.chains):
+            if name not in chains:
+                plan.stale.append(name)
+                plan.notes.append(f"{self.label} chain {name}: stale")
+        for builtin in sorted(set(current.hooks) | set(hooks)):
+            want = hooks.get(builtin)
+            want_hash = rule_hash(hook_spec(want)) if want else None
+            kept = False
+            for spec, target, h in current.hooks.get(builtin, []):
+                if want and target == want and h == want_hash and not kept:
+                    kept = True
+                    continue
+                plan.hook_del.append((builtin, spec))
+                plan.notes.append(f"{self.label} {builtin}: unwanted rule to our chain: {spec}")
+            if want and not kept:
+                plan.hook_add.append((builtin, want))
+                plan.notes.append(f"{self.label} {builtin}: jump to {want} missing")
+        return plan
+
+    def render(self, plan, chains):
+        """The iptables-restore batch for ``plan`` (empty list: nothing to do)."""
+        if plan.empty():
+            return []
+        lines = ["*filter"]
+        lines += [f":{name} - [0:0]" for name in plan.rewrite + plan.stale]
+        lines += [f"-D {builtin} {spec}" for builtin, spec in plan.hook_del]
+        for name in plan.rewrite:
+            lines += [f"-A {name} {tagged(spec)}" for spec in chains[name]]
+        lines += [f"-I {builtin} 1 {tagged(hook_spec(chain))}" for builtin, chain in plan.hook_add]
+        lines += [f"-X {name}" for name in plan.stale]
+        lines.append("COMMIT")
+        return lines
+
+    def restore(self, lines):
+        if not lines:
+            return
+        _, _, restore = self.binaries()
+        what = f"{restore} ({self.label})"
+        proc = self.ns.run([restore, "--noflush", "-w", str(self.wait)], input_text="\n".join(lines) + "\n",
+                           check=False, what=what)
+        if proc.returncode == 0:
+            return
+        m = _FAILED_LINE.search(proc.stderr or "")
+        failed = int(m.group(1)) if m else 0
+        context = numbered_context(lines, failed)
+        reason = " ".join(line.strip() for line in (proc.stderr or "").splitlines()
+                          if line.strip() and not line.startswith("Try `"))
+        LOG.error("%s in netns %s failed: %s\n%s", what, self.ns.netns, reason, context)
+        at = f" at line {failed}: {lines[failed - 1]}" if 0 < failed <= len(lines) else ""
+        raise DataplaneError(f"{what} in netns {self.ns.netns} failed{at} ({first_line(proc.stderr)});"
+                             " the previous rules stay in force", details=f"{reason}\n{context}")
+
+
+def parse_save(text):
+    """``iptables-save -t filter`` output -> TableState (our chains and the hooks into them)."""
+    state = TableState()
+    in_filter = False
+    for line in text.splitlines():
+        if line.startswith("*"):
+            in_filter = line.strip() == "*filter"
+            continue
+        if not in_filter:
+            continue
+        if line.startswith(":"):
+            name = line[1:].split()[0]
+            if name.startswith(PREFIX):
+                state.chains.setdefault(name, ())
+        elif line.startswith("-A "):
+            _, chain, *rest = line.split(" ", 2)
+            spec = rest[0] if rest else ""
+            m = _COMMENT.search(spec)
+            h = m.group(1) if m else None
+            if chain.startswith(PREFIX):
+                state.chains[chain] = state.chains.get(chain, ()) + (h,)
+            elif chain in BUILTINS:
+                t = _TARGET.search(spec)
+                if t and t.group(1).startswith(PREFIX):
+                    state.hooks.setdefault(chain, []).append((spec, t.group(1), h))
+    return state

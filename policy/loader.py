@@ -1,0 +1,152 @@
+"""Read policy YAML (one or many documents per file) into validated Policy objects, with line numbers.
+
+Documents may be ``netplugin/v1 Policy``, Kubernetes ``networking.k8s.io/v1 NetworkPolicy`` (translated by
+``policy.k8s``) or a ``v1 List`` of those (what ``kubectl get -o yaml`` prints). Nothing is returned unless every
+document is valid: the error lists every problem as ``file:line: field.path: message``.
+
+YAML is composed to nodes (not loaded) so each value keeps its line. Two YAML 1.1 traps are closed on the way:
+an unquoted ``22:25`` is a port range here, not the sexagesimal integer 1345, and duplicate keys are errors
+instead of the last one silently winning.
+"""
+import datetime
+
+import yaml
+
+from netplugin.errors import InvalidInput
+from policy import k8s
+from policy.model import API_VERSION, KIND, parse_policy
+from policy.validation import FieldError, PolicyValidationError, Problem, Problems, show, to_problems
+
+_MAX_DEPTH = 64
+
+
+def load_file(path):
+    """All policies in a YAML file; raises InvalidInput (PolicyValidationError for content problems)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as err:
+        raise InvalidInput(f"cannot read policy file {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise InvalidInput(f"cannot read policy file {path}: not UTF-8 text ({err.reason})") from None
+    return load_text(text, source=str(path))
+
+
+def load_text(text, source="<input>"):
+    """All policies in YAML text; ``source`` names the input in error messages."""
+    problems = Problems()
+    policies = []
+    marks = {}
+    seen = {}
+    for index, (doc, doc_marks) in enumerate(compose_documents(text, source)):
+        marks.update(doc_marks)
+        if doc is None:
+            continue
+        base = (index,)
+        for path, item in _items(doc, base, problems):
+            policy = _parse_any(item, path, problems)
+            if policy is None:
+                continue
+            if policy.name in seen:
+                problems.add(path + ("metadata", "name"),
+                             f"{show(policy.name)} is defined twice (first at line {seen[policy.name]})")
+                continue
+            seen[policy.name] = marks.get(path + ("metadata", "name"), 0)
+            policies.append(policy)
+    if problems.items:
+        raise _error(problems, marks, source)
+    return policies
+
+
+def _error(problems, marks, source):
+    """Paths start with the document index, which is internal: the line says where, the path says what."""
+    found = sorted(to_problems(problems.items, marks, source), key=lambda p: p.line)
+    return PolicyValidationError([Problem(p.path[1:], p.msg, p.source, p.line) for p in found])
+
+
+def _items(doc, base, problems):
+    """A document, or each item of a ``kind: List``."""
+    if isinstance(doc, dict) and doc.get("kind") in ("List", "PolicyList", "NetworkPolicyList"):
+        items = doc.get("items")
+        if not isinstance(items, list):
+            problems.add(base + ("items",), "must be a list of policies")
+            return
+        for i, item in enumerate(items):
+            yield base + ("items", i), item
+    else:
+        yield base, doc
+
+
+def _parse_any(doc, path, problems):
+    if not isinstance(doc, dict):
+        problems.add(path, f"must be a mapping with apiVersion, kind, metadata and spec, not {show(doc)}")
+        return None
+    api, kind = doc.get("apiVersion"), doc.get("kind")
+    if kind == KIND:
+        return parse_policy(doc, path, problems)
+    if kind == k8s.KIND:
+        return k8s.translate(doc, path, problems)
+    if kind is None:
+        problems.add(path + ("kind",), f"required ({KIND} with apiVersion {API_VERSION}, or {k8s.KIND}"
+                                       f" with apiVersion {k8s.API_VERSION})")
+    else:
+        problems.add(path + ("kind",), f"{show(kind)} is not {KIND} or {k8s.KIND} (apiVersion {show(api)})")
+    return None
+
+
+def compose_documents(text, source):
+    """Yield (plain value, {path: line}) per YAML document; paths start with the document index."""
+    try:
+        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        line = f"{mark.line + 1}:" if mark else ""
+        raise InvalidInput(f"{source}:{line} invalid YAML: {err.problem or err.context}") from None
+    except yaml.YAMLError as err:
+        raise InvalidInput(f"{source}: invalid YAML: {err}") from None
+    for index, node in enumerate(nodes):
+        marks = {}
+        problems = Problems()
+        value = None if node is None else _to_python(node, (index,), marks, problems, 0)
+        if problems.items:
+            raise _error(problems, marks, source)
+        yield value, marks
+
+
+_constructor = yaml.SafeLoader("")
+
+
+def _to_python(node, path, marks, problems, depth):
+    marks.setdefault(path, node.start_mark.line + 1)
+    if depth > _MAX_DEPTH:
+        problems.add(path, "nested too deeply (a recursive YAML alias?)")
+        return None
+    if isinstance(node, yaml.ScalarNode):
+        value = _constructor.construct_object(node, deep=True)
+        if node.style is None and isinstance(value, (int, float)) and ":" in node.value:
+            return node.value  # YAML 1.1 sexagesimal: "22:25" is a port range to us
+        if isinstance(value, (datetime.date, datetime.datetime, bytes)):
+            return node.value
+        return value
+    if isinstance(node, yaml.SequenceNode):
+        return [_to_python(child, path + (i,), marks, problems, depth + 1) for i, child in enumerate(node.value)]
+    out = {}
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            problems.add(path, f"line {key_node.start_mark.line + 1}: mapping keys must be plain text")
+            continue
+        key = key_node.value if key_node.tag == "tag:yaml.org,2002:merge" else _constructor.construct_object(
+            key_node)
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            problems.add(path + (key,), "YAML merge keys ('<<') are not supported")
+            continue
+        if not isinstance(key, str):
+            key = key_node.value  # e.g. "80: x" or "on:" read as text; validation then judges the name
+        kpath = path + (key,)
+        if key in out:
+            problems.items.append(FieldError(kpath, f"duplicate key (first at line {marks[kpath]})",
+                                             line=key_node.start_mark.line + 1))
+            continue
+        marks[kpath] = key_node.start_mark.line + 1
+        out[key] = _to_python(value_node, kpath, marks, problems, depth + 1)
+    return out
