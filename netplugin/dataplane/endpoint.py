@@ -1,0 +1,246 @@
+"""Add, remove and check one endpoint: a veth pair between the host namespace and a container namespace.
+
+ADD is all-or-nothing: every step that creates something pushes its undo onto an ExitStack, which runs only
+if a later step fails (creating the veth pushes "delete the veth", which takes the peer, its addresses and
+our host routes with it). ADD is also idempotent: an existing pair is converged in place, never recreated,
+so a repeated ADD does not interrupt a running container.
+
+A fresh ADD is four kernel round trips: create the pair (the kernel echoes the new link, so we learn both
+indexes and the current settings without asking), read the container side (IPv6 only), configure the host
+side in one batch (devconf and rp_filter before "up", so no packet is ever accepted unchecked; then the
+routes), configure the container side in one batch. Plus one sysctl child for IPv6 settings when the host
+namespace is given by path (none when the agent runs in the host namespace, none for IPv4-only endpoints).
+"""
+import errno
+import logging
+import os
+import time
+from contextlib import ExitStack
+
+from netplugin.errors import AlreadyExists, DataplaneError, NotFound
+from netplugin.dataplane import container, host, sysctl
+from netplugin.dataplane.model import HOST_VETH_MAC, EndpointState, host_ifname
+from netplugin.dataplane.netlink import netlink, netlink_fd, open_netns, quietly
+from netplugin.dataplane.rtnl import Batch
+
+log = logging.getLogger(__name__)
+
+
+def paired(hnl, host_msg, cont_msg, cont_fd) -> bool:
+    """True when the host veth and the container interface are the two ends of one veth pair."""
+    if host_msg.get(("linkinfo", "kind")) != "veth" or cont_msg.get(("linkinfo", "kind")) != "veth":
+        return False
+    if host_msg.get("link") != cont_msg["index"] or cont_msg.get("link") != host_msg["index"]:
+        return False
+    # Interface indexes repeat across namespaces; the peer's namespace id settles it.
+    nsid = hnl.nsid_of(cont_fd)
+    return nsid >= 0 and host_msg.get("link_netnsid") == nsid
+
+
+def _create(hnl, name, spec, cont_fd, what):
+    """Create the pair; returns the host link as the kernel echoed it, or None if a name is taken."""
+    batch = Batch()
+    req = batch.veth(
+        name, HOST_VETH_MAC, spec.mtu, spec.ifname, cont_fd, spec.mtu, spec.mac and spec.mac.lower(),
+        f"create veth {name} for {what}",
+    )
+    failures, echoes = hnl.commit(batch)
+    if failures:
+        if failures[0].errno == errno.EEXIST:  # our host name or the container's ifname is taken
+            return None
+        raise failures[0].error()
+    msg = echoes.get(id(req))
+    if msg is None:
+        msg = hnl.link(name=name)
+    if msg is None:
+        raise NotFound(f"failed to create veth {name} for {what}: it vanished right after creation")
+    return msg
+
+
+def _delete_host_link(hnl, name):
+    batch = Batch()
+    batch.link_del(f"delete veth {name}", name=name)
+    hnl.run(batch)
+
+
+def _find_or_create(hnl, cnl, name, spec, cont_fd, what, undo):
+    """(host link, container link or None, fresh). Registers the undo of anything it creates."""
+    msg = _create(hnl, name, spec, cont_fd, what)
+    if msg is not None:
+        undo.callback(quietly, _delete_host_link, hnl, name)
+        return msg, None, True
+    where = f"netns '{spec.netns}'"
+    host_msg = hnl.link(name=name)
+    cont_msg = cnl.link(name=spec.ifname)
+    if cont_msg is not None:
+        if host_msg is not None and paired(hnl, host_msg, cont_msg, cont_fd):
+            return host_msg, cont_msg, False
+        raise AlreadyExists(f"failed to create veth {name} for {what}: {spec.ifname} already exists in {where}")
+    if host_msg is None:
+        raise DataplaneError(f"failed to create veth {name} for {what}: the kernel says it exists, but it does not")
+    # Our name, but its peer is not this container's interface: a leftover of an earlier incarnation of this
+    # endpoint, serving no one. Replace it (this deletion is not undone: the link was of no use).
+    log.info("replacing stale veth %s of %s", name, what)
+    _delete_host_link(hnl, name)
+    msg = _create(hnl, name, spec, cont_fd, what)
+    if msg is None:
+        raise AlreadyExists(f"failed to create veth {name} for {what}: a link by that name keeps reappearing")
+    undo.callback(quietly, _delete_host_link, hnl, name)
+    return msg, None, True
+
+
+def _raise_failures(hnl, failures):
+    for failure in failures:
+        tag = failure.request.tag
+        err = host.route_conflict(hnl, failure) if tag and tag[0] == "route" else failure.error()
+        if err is not None:
+            raise err
+
+
+def add(host_netns, spec, addrs) -> EndpointState:
+    """Create or converge the endpoint; on any failure leave the kernel as it was."""
+    started = time.monotonic()
+    name = host_ifname(spec.endpoint_id)
+    what = f"endpoint {spec.endpoint_id}"
+    ipv6 = any(a.version == 6 for a in addrs)
+    cont_fd = open_netns(spec.netns)
+    try:
+        with netlink(host_netns) as hnl, netlink_fd(cont_fd, spec.netns) as cnl, ExitStack() as undo:
+            host_msg, cont_msg, fresh = _find_or_create(hnl, cnl, name, spec, cont_fd, what, undo)
+            idx, peer = host_msg["index"], host_msg.get("link")
+            if cont_msg is None and ipv6:
+                cont_msg = cnl.link(index=peer)
+            if cont_msg is not None:
+                container.enable_ipv6_if_needed(cont_msg, spec, addrs)
+
+            # Host side: settings, then up, then routes, in one batch.
+            hb = Batch()
+            v6_have = set() if fresh or not ipv6 else host.read_addresses_v6(hnl, idx).get(idx, set())
+            _, v6_sysctls = host.plan_link(
+                hb, host_msg, spec.mtu, ipv6, f"{name} for {what}",
+                proxy_delay=(host.PROXY_DELAY_FRESH if fresh else None), addresses_v6=v6_have,
+            )
+            sysctl.write(host_netns, v6_sysctls, f"configure IPv6 settings of {name} for {what}")
+            have_routes = set() if fresh else host.read_routes(hnl, oif=idx)[0].get(idx, set())
+            host.plan_routes(hb, idx, name, addrs, have_routes, what)
+            if not fresh:
+                for addr in set(addrs) - have_routes:
+                    undo.callback(quietly, _undo_route, hnl, addr, idx, name)
+            failures, _ = hnl.commit(hb)
+            _raise_failures(hnl, failures)
+
+            # Container side in one batch.
+            cb = Batch()
+            have_addrs = set() if fresh else container.global_addresses(cnl, cont_msg["index"])
+            cidx = peer if fresh else cont_msg["index"]
+            new_addrs = container.plan(cb, cidx, spec, addrs, msg=None if fresh else cont_msg, have=have_addrs)
+            if not fresh:
+                for addr in new_addrs:
+                    undo.callback(quietly, _undo_address, cnl, cidx, addr)
+            cnl.run(cb)
+
+            state = EndpointState(
+                endpoint_id=spec.endpoint_id,
+                host_ifname=name,
+                mac=spec.mac.lower() if spec.mac else _container_mac(cnl, cidx, cont_msg),
+                ifindex_in_container=cidx,
+                addresses=[str(a) for a in addrs],
+            )
+            undo.pop_all()
+    finally:
+        os.close(cont_fd)
+    log.info(
+        "endpoint %s %s as %s (%s) in %.1f ms",
+        spec.endpoint_id,
+        "added" if fresh else "converged",
+        name,
+        ", ".join(state.addresses) or "no addresses",
+        (time.monotonic() - started) * 1000,
+    )
+    return state
+
+
+def _container_mac(cnl, cidx, cont_msg):
+    msg = cont_msg if cont_msg is not None else cnl.link(index=cidx)
+    return (msg.get("address") if msg is not None else "") or ""
+
+
+def _undo_route(hnl, addr, idx, name):
+    batch = Batch()
+    host.plan_routes(batch, idx, name, [], [addr], "undo")
+    hnl.run(batch)
+
+
+def _undo_address(cnl, idx, addr):
+    batch = Batch()
+    batch.address("del", idx, addr, f"delete address {addr}", ok=(errno.EADDRNOTAVAIL, errno.ENODEV))
+    cnl.run(batch)
+
+
+def remove(host_netns, endpoint_id, netns=None, ifname="eth0") -> bool:
+    """Delete the pair; a missing link or namespace is success. Returns True if something was deleted."""
+    name = host_ifname(endpoint_id)
+    with netlink(host_netns) as hnl:
+        batch = Batch()
+        batch.link_del(f"delete veth {name} of endpoint {endpoint_id}", name=name, ok=())
+        failures, _ = hnl.commit(batch)
+        if not failures:
+            log.info("endpoint %s removed (%s)", endpoint_id, name)
+            return True
+        if failures[0].errno != errno.ENODEV:  # already gone is fine
+            raise failures[0].error()
+    if netns is None:
+        return False
+    # The host end is gone but the container may still hold an interface of ours (the host end was moved
+    # or renamed by hand): by the CNI contract ``ifname`` in ``netns`` is ours to delete, if it is a veth.
+    try:
+        fd = open_netns(netns)
+    except NotFound:
+        return False
+    try:
+        with netlink_fd(fd, netns) as cnl:
+            msg = cnl.link(name=ifname)
+            if msg is None or msg.get(("linkinfo", "kind")) != "veth":
+                return False
+            batch = Batch()
+            batch.link_del(f"delete {ifname} in netns '{netns}' of endpoint {endpoint_id}", index=msg["index"])
+            cnl.run(batch)
+            log.info("endpoint %s: removed orphan %s in %s", endpoint_id, ifname, netns)
+            return True
+    finally:
+        os.close(fd)
+
+
+def check(host_netns, spec, addrs) -> list:
+    """Human-readable differences between the kernel and ``spec``, both sides; [] when all is well."""
+    name = host_ifname(spec.endpoint_id)
+    ipv6 = any(a.version == 6 for a in addrs)
+    out = []
+    with netlink(host_netns) as hnl:
+        host_msg = hnl.link(name=name)
+        if host_msg is None:
+            out.append(f"host veth {name} of endpoint {spec.endpoint_id} is missing")
+        else:
+            idx = host_msg["index"]
+            delay = host.read_proxy_delay(hnl).get(idx)
+            v6 = host.read_addresses_v6(hnl, idx).get(idx, set()) if ipv6 else None
+            out += host.link_problems(host_msg, spec.mtu, ipv6, delay, v6)
+            have = host.read_routes(hnl, oif=idx)[0].get(idx, set())
+            out += [f"host route {a} dev {name} is missing" for a in addrs if a not in have]
+            out += [f"host has unexpected route {a} dev {name}" for a in sorted(have - set(addrs), key=str)]
+        try:
+            cont_fd = open_netns(spec.netns)
+        except NotFound:
+            return out + [f"netns '{spec.netns}' of endpoint {spec.endpoint_id} does not exist"]
+        try:
+            with netlink_fd(cont_fd, spec.netns) as cnl:
+                cont_msg = cnl.link(name=spec.ifname)
+                if cont_msg is None:
+                    out.append(f"{spec.ifname} is missing in netns '{spec.netns}'")
+                else:
+                    if host_msg is not None and not paired(hnl, host_msg, cont_msg, cont_fd):
+                        out.append(f"{spec.ifname} in netns '{spec.netns}' is not the peer of host veth {name}")
+                    out += container.problems(cnl, cont_msg, spec, addrs)
+        finally:
+            os.close(cont_fd)
+    return out
