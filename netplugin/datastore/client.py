@@ -37,6 +37,17 @@ def _prefix_end(prefix):
     return base64.b64encode(bytes(raw)).decode()
 
 
+def _reason(err):
+    """A few words on why a connection failed (etcd3gw keeps requests' long message in ``detail_text``)."""
+    text = str(getattr(err, "detail_text", "") or err)
+    for marker, reason in (("CERTIFICATE_VERIFY_FAILED", "TLS certificate verification failed"),
+                           ("SSL", "TLS handshake failed"), ("Connection refused", "connection refused"),
+                           ("timed out", "timed out")):
+        if marker in text:
+            return reason
+    return type(err).__name__
+
+
 @dataclass(frozen=True)
 class KV:
     key: str
@@ -129,6 +140,9 @@ class Datastore:
             ca_cert=self.config.ca_cert, cert_cert=self.config.cert, cert_key=self.config.key,
             timeout=self.config.timeout,
         )
+        if self.config.ca_cert:
+            # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override session.verify: keep our CA.
+            client.session.trust_env = False
         return client
 
     def _authenticate(self, client):
@@ -136,6 +150,24 @@ class Datastore:
         client.session.headers.pop("Authorization", None)  # etcd refuses to authenticate with a stale token
         resp = client.post(client.get_url("/auth/authenticate"), json=body)
         client.session.headers["Authorization"] = resp["token"]
+
+    def authenticate(self, fresh=False):
+        """Hold a token for the current endpoint (``fresh``: ours was refused). Calls do this by themselves; watch
+        streams cannot, as etcd answers a stale token by cancelling the watch."""
+        if not self.config.username:
+            return
+        with self._lock:
+            idx = self._index
+        client = self._clients[idx]
+        if fresh or "Authorization" not in client.session.headers:
+            try:
+                self._authenticate(client)
+            except (etcd_exc.ConnectionFailedError, etcd_exc.ConnectionTimeoutError) as e:
+                raise DatastoreUnavailable(f"etcd unreachable at {self.config.endpoints[idx]} ({_reason(e)})") from None
+            except etcd_exc.Etcd3Exception as e:
+                detail = getattr(e, "detail_text", "") or str(e) or type(e).__name__
+                raise DatastoreUnavailable(f"etcd at {self.config.endpoints[idx]} refused authentication: "
+                                           f"{str(detail).strip()[:200]}") from None
 
     def describe(self):
         return ",".join(self.config.endpoints)
@@ -166,9 +198,9 @@ class Datastore:
                     self._index = idx
                 return resp
             except (etcd_exc.ConnectionFailedError, etcd_exc.ConnectionTimeoutError) as e:
-                errors.append(f"{self.config.endpoints[idx]}: {type(e).__name__}")
+                errors.append(f"{self.config.endpoints[idx]}: {_reason(e)}")
             except etcd_exc.Etcd3Exception as e:
-                detail = e.detail_text if hasattr(e, "detail_text") else str(e)
+                detail = getattr(e, "detail_text", "") or str(e) or type(e).__name__  # never an empty reason
                 raise DatastoreUnavailable(
                     f"etcd at {self.config.endpoints[idx]} refused {path}: {str(detail).strip()[:200]}") from None
         raise DatastoreUnavailable(f"etcd unreachable at {self.describe()} ({'; '.join(errors)})")
@@ -249,6 +281,7 @@ class Datastore:
 
     def open_watch_stream(self, prefix, start_revision):
         """An HTTP stream of watch responses from the current endpoint (see datastore.watch for the loop)."""
+        self.authenticate()
         with self._lock:
             client = self._clients[self._index]
         body = {"create_request": {"key": _b64(prefix), "range_end": _prefix_end(prefix),

@@ -41,6 +41,7 @@ class PrefixWatch:
         self._response = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.reconnects = 0
+        self._reauth = False  # etcd cancelled the watch for a stale token (it forgets tokens when restarted)
 
     def start(self):
         self._thread.start()
@@ -78,6 +79,9 @@ class PrefixWatch:
             backoff = min(backoff * 2, 2.0)
 
     def _stream_once(self):
+        if self._reauth:
+            self.ds.authenticate(fresh=True)
+            self._reauth = False
         self._response = self.ds.open_watch_stream(self.prefix, self.next_revision)
         try:
             for line in self._response.iter_lines(chunk_size=None):
@@ -100,7 +104,9 @@ class PrefixWatch:
             self.next_revision = self.on_resync() + 1
             return True
         if result.get("canceled"):
-            LOG.info("watch %s canceled by etcd: %s", self.prefix, result.get("cancel_reason", ""))
+            reason = result.get("cancel_reason", "")
+            LOG.info("watch %s canceled by etcd: %s", self.prefix, reason)
+            self._reauth = "auth" in reason.lower()
             return True
         events = []
         for ev in result.get("events", []):

@@ -51,6 +51,7 @@ class IPAM:
         self._blocks = {}  # cidr -> (Block, mod_revision); a cache, validated by every CAS
         self._affine = {}  # host -> set of block cidrs
         self._pools = None  # list[Pool]
+        self._pool_revs = {}  # pool cidr -> mod-revision read; a block claim is guarded by its pool's
         self._handles = {}  # handle id -> (Handle, mod_revision) written by this process; validated by CAS
         self.stats = {"cas_conflicts": 0, "claims": 0}
 
@@ -59,6 +60,7 @@ class IPAM:
     def list_pools(self):
         kvs = self.ds.list(keys.POOLS)
         self._pools = [Pool.from_dict(kv.value) for kv in kvs]
+        self._pool_revs = {p.cidr: kv.mod_revision for p, kv in zip(self._pools, kvs)}
         return list(self._pools)
 
     def get_pool(self, cidr):
@@ -192,9 +194,21 @@ class IPAM:
         """
         hkey = keys.handle(handle_id)
         handle, handle_rev = None, 0
+        rechecked = False
         for attempt in range(MAX_ATTEMPTS):
             plan = _Plan(self, handle_id, host, handle)
-            addresses = [plan.satisfy(req) for req in requests]
+            try:
+                addresses = [plan.satisfy(req) for req in requests]
+            except AddressInUse:
+                if rechecked:
+                    raise
+                # "In use" was judged from the cache and without the handle (a retried static request holds the
+                # address itself): re-read both once before refusing.
+                rechecked = True
+                for cidr in plan.blocks:
+                    self._blocks.pop(cidr, None)
+                handle, handle_rev = self.get_handle(handle_id)
+                continue
             if not plan.changed:
                 return addresses
             rec = handle or Handle(handle=handle_id, host=host, attrs=dict(attrs or {}))
@@ -210,6 +224,8 @@ class IPAM:
                 failure.append(get_op(bkey))
                 if cidr in plan.claims:
                     success.append(put_op(keys.affinity(host, cidr), {"host": host, "cidr": cidr}))
+                    # ... only from a pool that was not removed or disabled since we listed it
+                    compare.append(mod_is(keys.pool(block.pool), self._pool_revs.get(block.pool, 0)))
             res = self.ds.txn(compare, success, failure)
             if res.succeeded:
                 self._remember_handle(rec, res.revision)
@@ -232,6 +248,7 @@ class IPAM:
                     self._blocks.pop(cidr, None)
             if plan.claims:
                 self._affine.pop(host, None)  # someone else claimed: re-read what is ours
+                self._pools = None  # ... or the pool changed
         raise Conflict(f"could not allocate for {handle_id} after {MAX_ATTEMPTS} attempts (heavy contention)")
 
     # --- release --------------------------------------------------------------------------------------------------
@@ -422,8 +439,8 @@ class _Plan:
             what = f" matching {', '.join(req.pools)}" if req.pools else ""
             raise PoolExhausted(f"no enabled IPv{req.version} pool{what} to allocate from")
         pool_cidrs = {p.cidr for p in pools}
-        # 1. blocks this host already owns
-        for cidr in self.ipam._affine_blocks(self.host):
+        # 1. blocks this host already owns (or claims in this very assignment)
+        for cidr in self.ipam._affine_blocks(self.host) + sorted(self.claims):
             block, _ = self.blocks.get(cidr) or self.ipam._peek_block(cidr)
             if block is None or block.pool not in pool_cidrs or block.affinity != self.host:
                 continue
@@ -452,6 +469,8 @@ class _Plan:
                 block, rev = self.blocks[block.cidr]
             ordinal = blockmath.first_free(block, req.within)
             if ordinal is not None:
+                if block.cidr not in self.blocks:
+                    block = block.copy()  # list_blocks returned the cached record: never change it in place
                 self.blocks[block.cidr] = (block, rev)
                 return self._take(block, ordinal)
         raise PoolExhausted(f"no free IPv{req.version} address in pool(s) {', '.join(sorted(pool_cidrs))}"

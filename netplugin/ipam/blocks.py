@@ -17,6 +17,8 @@ def iter_blocks(pool_cidr, block_size, within=None):
     """Every block of the pool, in address order; with ``within``, only blocks overlapping that range."""
     pool = netaddr.IPNetwork(pool_cidr)
     scope = netaddr.IPNetwork(within) if within else pool
+    if not overlaps(str(pool), str(scope)):
+        return
     if scope.prefixlen > block_size:
         # a range smaller than a block: the one block that holds it
         yield block_for(pool_cidr, block_size, netaddr.IPAddress(scope.first, pool.version))
