@@ -8,8 +8,8 @@ in the agent.
 
 Why one self-contained stdlib-only file: it is copied to ``/opt/cni/bin/netplugin`` and run by the runtime with
 ``python3 -IS`` for every container, so it must start fast (no site, no third-party imports) and must not depend
-on our packages being importable. Heavier modules (http.client, ipaddress) are imported only on the paths that
-need them, so VERSION stays near bare interpreter start-up.
+on our packages being importable. HTTP is spoken by hand (http.client's imports alone cost about 25 ms); heavier
+modules (ipaddress) are imported only on the paths that need them, so VERSION stays near bare interpreter start-up.
 
 Agent unreachable (socket missing, refused, or no sign of life within CONNECT_TIMEOUT) is answered with code 11
 ("try again later"; code 50 for STATUS) in well under two seconds. The request is sent with
@@ -381,25 +381,13 @@ def chain_results(prev, ours):
 
 
 def call_agent(path, body, read_timeout, connect_timeout=CONNECT_TIMEOUT):
-    """POST ``body`` to the agent and return its ``result``; the agent's ``error`` is raised as a CniError."""
-    import http.client
+    """POST ``body`` to the agent and return its ``result``; the agent's ``error`` is raised as a CniError.
+
+    HTTP/1.1 is spoken by hand (one request, ``Connection: close``): http.client would cost about 25 ms of
+    imports (email, ssl) on every call, more than everything else the plugin does.
+    """
     import socket
     import time
-
-    class UnixHTTPConnection(http.client.HTTPConnection):
-        def __init__(self, sock_path, timeout):
-            super().__init__("localhost", timeout=timeout)
-            self.sock_path = sock_path
-
-        def connect(self):
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.settimeout(self.timeout)
-                sock.connect(self.sock_path)
-            except BaseException:
-                sock.close()
-                raise
-            self.sock = sock
 
     def unreachable(why):
         return CniError(E_TRY_AGAIN, f"netplugin agent at {path} is not reachable: {why}",
@@ -407,51 +395,106 @@ def call_agent(path, body, read_timeout, connect_timeout=CONNECT_TIMEOUT):
 
     deadline = time.monotonic() + connect_timeout
     payload = json.dumps(body).encode()
-    conn = UnixHTTPConnection(path, connect_timeout)
+    head = (f"POST {AGENT_PATH} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n").encode()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        reader = _HttpReader(sock)
         try:
-            conn.connect()
-            conn.putrequest("POST", AGENT_PATH, skip_accept_encoding=True)
-            conn.putheader("Content-Type", "application/json")
-            conn.putheader("Content-Length", str(len(payload)))
-            conn.putheader("Expect", "100-continue")
-            conn.endheaders()
-            first = _first_reply_bytes(conn.sock, deadline, socket.MSG_PEEK)
+            sock.settimeout(connect_timeout)
+            sock.connect(path)
+            sock.sendall(head)
+            status, headers = reader.head(deadline)  # 100 Continue, or a final answer straight away
         except TimeoutError:
             raise unreachable(f"no answer within {connect_timeout:g} s")
-        except OSError as err:
-            raise unreachable(err.strerror or str(err))
+        except (OSError, ValueError) as err:
+            raise unreachable(getattr(err, "strerror", None) or str(err))
         try:
-            if first.split(None, 2)[1:2] == [b"100"]:
-                conn.send(payload)
-            conn.sock.settimeout(read_timeout)
-            response = conn.getresponse()
-            status, raw = response.status, response.read()
+            sock.settimeout(read_timeout)
+            if status == 100:
+                sock.sendall(payload)
+                status, headers = reader.head(None)
+                while 100 <= status < 200:  # any further interim answer
+                    status, headers = reader.head(None)
+            raw = reader.body(headers)
         except TimeoutError:
             raise CniError(E_TRY_AGAIN, f"netplugin agent at {path} gave no answer within {read_timeout:g} s",
                            "raise agent_timeout in the network config if the agent is just slow")
-        except (OSError, http.client.HTTPException) as err:
+        except (OSError, ValueError) as err:
             raise CniError(E_TRY_AGAIN, f"lost the connection to the netplugin agent at {path}: {err}")
     finally:
-        conn.close()
+        sock.close()
     return _agent_reply(status, raw)
 
 
-def _first_reply_bytes(sock, deadline, peek_flag):
-    """Wait until the agent starts answering (100 Continue or a final status line), without consuming it."""
-    import time
+class _HttpReader:
+    """Just enough of an HTTP/1.1 response parser for the agent's answers: a status line and headers, then a
+    body framed by Content-Length, chunked, or the end of the connection. Malformed input raises ValueError."""
 
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError
-        sock.settimeout(remaining)
-        data = sock.recv(32, peek_flag)
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = b""
+
+    def _fill(self, deadline):
+        if deadline is not None:
+            import time
+
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            self.sock.settimeout(remaining)
+        data = self.sock.recv(65536)
         if not data:
             raise ConnectionResetError(0, "the agent closed the connection")
-        if b"\n" in data or len(data) >= 32:
-            return data
-        time.sleep(0.005)  # a partial status line: let the rest arrive
+        self.buf += data
+
+    def head(self, deadline):
+        """(status, {lower-case header: value}) of the next response head."""
+        while b"\r\n\r\n" not in self.buf:
+            if len(self.buf) > 65536:
+                raise ValueError("response head too long")
+            self._fill(deadline)
+        raw, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        lines = raw.decode("latin-1").split("\r\n")
+        parts = lines[0].split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+            raise ValueError(f"malformed status line {lines[0][:80]!r}")
+        headers = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        return int(parts[1]), headers
+
+    def _exactly(self, n):
+        while len(self.buf) < n:
+            self._fill(None)
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+    def _line(self):
+        while b"\r\n" not in self.buf:
+            self._fill(None)
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def body(self, headers):
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            out = b""
+            while True:
+                size = int(self._line().split(b";")[0].strip() or b"x", 16)
+                if size == 0:
+                    return out
+                out += self._exactly(size)
+                self._line()
+        if "content-length" in headers:
+            return self._exactly(int(headers["content-length"]))
+        while True:  # no framing: the body runs to the end of the connection
+            try:
+                self._fill(None)
+            except ConnectionResetError:
+                data, self.buf = self.buf, b""
+                return data
 
 
 def _agent_reply(status, raw):

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(etcd-server bird2 ipset iptables iproute2 socat iputils-ping netcat-openbsd tcpdump
-              docker.io podman containernetworking-plugins iperf3 sockperf python3-venv python3-pip)
+              docker.io podman containernetworking-plugins busybox-static iperf3 sockperf python3-venv python3-pip)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

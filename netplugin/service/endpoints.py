@@ -8,6 +8,7 @@ namespace, so it is idempotent.
 import contextlib
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 
 import netaddr
@@ -94,12 +95,15 @@ class EndpointService:
         if not req.netns:
             raise InvalidInput("no network namespace given for the container")
         ep_id = req.id()
+        clock = _PhaseClock()
         with contextlib.ExitStack() as undo:
             addresses = self.allocate(req)
+            clock.mark("ipam")
             undo.callback(self._quietly, "release addresses of", ep_id, self.ipam.release_handle, ep_id)
             spec = EndpointSpec(endpoint_id=ep_id, netns=req.netns, ifname=req.ifname, addresses=tuple(addresses),
                                 mtu=req.mtu or self.mtu)
             state = self.dataplane.add_endpoint(spec)
+            clock.mark("dataplane")
             undo.callback(self._quietly, "remove interface of", ep_id, self.dataplane.remove_endpoint, ep_id,
                           req.netns, req.ifname)
             ep = Endpoint(id=ep_id, host=self.host, network=req.network, container_id=req.container_id,
@@ -107,22 +111,28 @@ class EndpointService:
                           mac=state.mac, labels={**req.labels, NETWORK_LABEL: req.network}, handle=ep_id,
                           orchestrator=req.orchestrator)
             self.ds.put(keys.endpoint(self.host, ep_id), ep.to_dict())
+            clock.mark("record")
             undo.pop_all()
-        LOG.info("endpoint added id=%s netns=%s addresses=%s host_if=%s", ep_id, req.netns, ",".join(addresses),
-                 state.host_ifname)
+        LOG.info("endpoint added id=%s netns=%s addresses=%s host_if=%s %s", ep_id, req.netns, ",".join(addresses),
+                 state.host_ifname, clock)
         return ep
 
     def delete(self, ep_id, netns=None, ifname="eth0"):
         """Release, unwire, forget. Unknown endpoints are fine (DEL twice, or for a container never seen)."""
+        clock = _PhaseClock()
         released = self.ipam.release_handle(ep_id)
+        clock.mark("ipam")
         kv = self.ds.get(keys.endpoint(self.host, ep_id))
         if kv:
             ep = Endpoint.from_dict(kv.value)
             netns, ifname = netns or ep.netns, ep.ifname or ifname
+        clock.mark("lookup")
         self.dataplane.remove_endpoint(ep_id, netns, ifname)
+        clock.mark("dataplane")
         if kv:
             self.ds.delete(keys.endpoint(self.host, ep_id))
-        LOG.info("endpoint deleted id=%s released=%s", ep_id, ",".join(released) or "-")
+        clock.mark("record")
+        LOG.info("endpoint deleted id=%s released=%s %s", ep_id, ",".join(released) or "-", clock)
         return released
 
     def get(self, ep_id):
@@ -160,6 +170,23 @@ class EndpointService:
             fn(*args)
         except NetpluginError as e:
             LOG.error("rollback: failed to %s %s: %s", what, ep_id, e)
+
+
+class _PhaseClock:
+    """Milliseconds spent in each phase of one ADD or DEL, logged as ``<phase>_ms=...`` (scripts/bench_cni.py
+    reads them to say where the time goes)."""
+
+    def __init__(self):
+        self._last = time.monotonic()
+        self.phases = []
+
+    def mark(self, phase):
+        now = time.monotonic()
+        self.phases.append((phase, (now - self._last) * 1000))
+        self._last = now
+
+    def __str__(self):
+        return " ".join(f"{phase}_ms={ms:.1f}" for phase, ms in self.phases)
 
 
 def gateways(addresses):
