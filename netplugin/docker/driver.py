@@ -1,0 +1,240 @@
+"""The service layer behind the Docker front door: libnetwork's NetworkDriver and IpamDriver calls.
+
+Life of a container on a netplugin network (``docker run --net N``)::
+
+    IpamDriver.RequestAddress   one IPAM transaction: a /32 (and /128) from the network's pool
+    NetworkDriver.CreateEndpoint  remember the endpoint's addresses and MAC (no kernel or etcd work)
+    NetworkDriver.Join          veth pair in the host netns, host side wired as for CNI; endpoint record put;
+                                answer: move ``tmp…`` in as ``eth*``, routes via 169.254.1.1, no gateway service
+    (background)                the container's Docker labels copied onto the endpoint record
+    (background, every minute)  endpoints Docker no longer lists collected (their DeleteEndpoint was lost)
+    NetworkDriver.Leave         nothing: libnetwork moves the interface back out
+    NetworkDriver.DeleteEndpoint  record deleted, then the veth (idempotent)
+    IpamDriver.ReleaseAddress   the address freed, if a Docker handle of this host holds it (idempotent)
+
+Scope is "local": each dockerd keeps its own network objects, so plain Docker works without Swarm or a
+cluster store (what Calico's old driver required). What spans hosts lives in etcd: pools, blocks, endpoint
+records and the Network record shared by name; ConnectivityScope "global" says containers of one network on
+different hosts reach each other.
+
+Join holds the shared side of the agent's host lock (when it has one) across "make the veth" and "put the
+record": the dataplane reconciler, which holds the exclusive side, would otherwise see a veth no record
+names and delete it as a stray.
+"""
+import contextlib
+import logging
+
+import netaddr
+
+from netplugin.datastore import keys
+from netplugin.datastore.models import Endpoint
+from netplugin.dataplane import GATEWAY_V4, GATEWAY_V6, EndpointSpec
+from netplugin.dataplane import docker_link
+from netplugin.docker.dockerapi import DockerApi
+from netplugin.docker.gc import StaleEndpointCollector
+from netplugin.docker.ipam_driver import DockerIpam
+from netplugin.docker.labels import EndpointLabeler
+from netplugin.docker.local import Created, LocalEndpoints
+from netplugin.docker.networks import NetworkRegistry, parse_create
+from netplugin.docker.pools import host_prefix_of
+from netplugin.errors import InvalidInput, NetpluginError, NotFound
+from netplugin.service.endpoints import NETWORK_LABEL
+
+LOG = logging.getLogger(__name__)
+DST_PREFIX = "eth"
+ROUTE_NEXTHOP, ROUTE_CONNECTED = 0, 1
+NETWORK_CAPABILITIES = {"Scope": "local", "ConnectivityScope": "global"}
+IPAM_CAPABILITIES = {"RequiresMACAddress": True, "RequiresRequestReplay": False}
+
+
+def static_routes(addresses, primary=True, subnets=()):
+    """The routes Join asks libnetwork to add in the sandbox.
+
+    The sandbox's first netplugin interface (``primary``) gets, per family, the gateway as a connected route
+    and the default route via it, as CNI containers do. A second netplugin interface in the same sandbox
+    cannot add those again (the kernel answers "file exists" for 169.254.1.1/32), so it gets its network's
+    IPv4 subnets as connected routes instead: traffic to that network leaves through it with its address,
+    and the host veth answers ARP for every peer by proxy-ARP. Everything else keeps using the primary's
+    default route (so if the primary's network is disconnected first, the others keep only their subnet
+    routes: libnetwork offers no way to add routes after Join).
+    """
+    routes = []
+    if not primary:
+        for subnet in subnets:
+            if netaddr.IPNetwork(subnet).version == 4:
+                routes.append({"Destination": str(netaddr.IPNetwork(subnet).cidr), "RouteType": ROUTE_CONNECTED})
+        return routes
+    for version in sorted({netaddr.IPNetwork(a).version for a in addresses}):
+        gw, plen, default = (GATEWAY_V4, 32, "0.0.0.0/0") if version == 4 else (GATEWAY_V6, 128, "::/0")
+        routes.append({"Destination": f"{gw}/{plen}", "RouteType": ROUTE_CONNECTED})
+        routes.append({"Destination": default, "RouteType": ROUTE_NEXTHOP, "NextHop": gw})
+    return routes
+
+
+def free_subnets(subnets, taken):
+    """``subnets`` that overlap none of ``taken`` (a connected route for an overlapping one would collide)."""
+    taken = [netaddr.IPNetwork(t) for t in taken]
+    return [s for s in subnets
+            if not any(t.version == netaddr.IPNetwork(s).version and t.first <= netaddr.IPNetwork(s).last
+                       and netaddr.IPNetwork(s).first <= t.last for t in taken)]
+
+
+class DockerDriver:
+    def __init__(self, ds, ipam, service, dataplane, host, config):
+        self.ds = ds
+        self.service = service
+        self.dataplane = dataplane
+        self.host = host
+        self.mtu = getattr(config, "mtu", 1500)
+        api_socket = getattr(config, "docker_api", None)
+        self.api = DockerApi(api_socket) if api_socket else None
+        self.ipam = DockerIpam(ipam, host)
+        self.networks = NetworkRegistry(ds, ipam, self.api)
+        self.labeler = EndpointLabeler(ds, self.api, host)
+        self.local = LocalEndpoints(lambda: self.service.list(self.host))
+        self.collector = None
+        gc_interval = getattr(config, "docker_gc_interval", 60.0)  # 0: no background collection (tests)
+        if self.api is not None:
+            self.collector = StaleEndpointCollector(self.api, lambda: self.service.list(self.host), self.collect,
+                                                    interval=gc_interval or 60.0)
+            if gc_interval:
+                self.collector.start()
+        if self.api is None:
+            LOG.warning("event=docker.no_api: networks are named by their Docker id and container labels are not "
+                        "copied to endpoints (give the agent --docker-api)")
+
+    # --- capabilities ---------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def capabilities():
+        return dict(NETWORK_CAPABILITIES)
+
+    @staticmethod
+    def ipam_capabilities():
+        return dict(IPAM_CAPABILITIES)
+
+    # --- IPAM (delegated) -----------------------------------------------------------------------------------------
+
+    def address_spaces(self):
+        return self.ipam.address_spaces()
+
+    def request_pool(self, address_space, pool, sub_pool, options, v6):
+        return self.ipam.request_pool(address_space, pool, sub_pool, options, v6)
+
+    def release_pool(self, pool_id):
+        self.ipam.release_pool(pool_id)
+
+    def request_address(self, pool_id, address, options):
+        return self.ipam.request_address(pool_id, address, options)
+
+    def release_address(self, pool_id, address):
+        self.ipam.release_address(pool_id, address)
+
+    # --- networks -------------------------------------------------------------------------------------------------
+
+    def create_network(self, network_id, options, ipv4_data, ipv6_data):
+        net = parse_create(network_id, options, ipv4_data, ipv6_data)
+        self.networks.add(net)
+        LOG.info("event=docker.network.created id=%s subnets=%s", network_id[:12], ",".join(net.subnets))
+
+    def delete_network(self, network_id):
+        net = self.networks.forget(network_id)
+        try:
+            self.networks.delete_record(net)
+        except NetpluginError as e:  # the record is metadata: never keep Docker from removing its network
+            LOG.warning("event=docker.network.record_kept id=%s error=%s", network_id[:12], e.msg)
+        LOG.info("event=docker.network.deleted id=%s", network_id[:12])
+
+    # --- endpoints ------------------------------------------------------------------------------------------------
+
+    def create_endpoint(self, network_id, endpoint_id, interface, options):
+        """Remember addresses and MAC for Join; answer an empty Interface (libnetwork gave us one)."""
+        interface = interface or {}
+        addresses = [host_prefix_of(interface[k], "endpoint address") for k in ("Address", "AddressIPv6")
+                     if interface.get(k)]
+        if not addresses:
+            raise InvalidInput(f"endpoint {endpoint_id[:12]} has no address: netplugin networks need netplugin IPAM "
+                               "(docker network create -d netplugin --ipam-driver netplugin ...)")
+        net = self.networks.get(network_id)  # name and record now, so Join does not wait on dockerd
+        self.local.created(endpoint_id, network_id, addresses, interface.get("MacAddress") or None)
+        LOG.info("event=docker.endpoint.created id=%s network=%s addresses=%s", endpoint_id[:12], net.name,
+                 ",".join(addresses))
+        return {}
+
+    def _pending(self, endpoint_id):
+        pending = self.local.pending(endpoint_id)
+        if pending is not None:
+            return pending
+        ep = self.service.get(endpoint_id)
+        if ep is not None:  # joined before (a repeated Join): the record has it all
+            return Created(None, list(ep.addresses), ep.mac)
+        raise NotFound(f"endpoint {endpoint_id[:12]} is unknown to this agent (was it created before the agent "
+                       "restarted?); start the container again")
+
+    def join(self, network_id, endpoint_id, sandbox_key, options):
+        pending = self._pending(endpoint_id)
+        net = self.networks.get(network_id)
+        if not sandbox_key or not sandbox_key.startswith("/"):
+            raise InvalidInput(f"sandbox key {sandbox_key!r} of endpoint {endpoint_id[:12]} is not a path")
+        # libnetwork names the interface in the sandbox (eth0, eth1, ...); the record says eth0, which only the
+        # reconciler's "recreate a lost veth" path would use.
+        spec = EndpointSpec(endpoint_id=endpoint_id, netns=sandbox_key, ifname="eth0",
+                            addresses=tuple(pending.addresses), mtu=self.mtu, mac=pending.mac)
+        base_labels = {**net.labels, NETWORK_LABEL: net.name}
+        others = self.local.peers(sandbox_key, endpoint_id)
+        routes = static_routes(pending.addresses, primary=not others, subnets=free_subnets(
+            net.subnets, [s for name in others for s in self.networks.subnets_of(name)]))
+        with _shared_host_lock(self.service), contextlib.ExitStack() as undo:
+            link = docker_link.create(self.dataplane.host_netns, spec)
+            undo.callback(_quietly, "unwire", endpoint_id, docker_link.remove, self.dataplane.host_netns,
+                          endpoint_id)
+            ep = Endpoint(id=endpoint_id, host=self.host, network=net.name, container_id="", netns=sandbox_key,
+                          ifname=spec.ifname, host_ifname=link.host_ifname, addresses=list(pending.addresses),
+                          mac=link.mac, labels=base_labels, handle=None, orchestrator="docker")
+            self.ds.put(keys.endpoint(self.host, endpoint_id), ep.to_dict())
+            undo.pop_all()
+        self.local.joined(endpoint_id, sandbox_key, net.name, link.host_ifname, pending.addresses)
+        self.labeler.submit(network_id, endpoint_id, base_labels)
+        LOG.info("event=docker.endpoint.joined id=%s network=%s host_if=%s primary=%s", endpoint_id[:12], net.name,
+                 link.host_ifname, not others)
+        return {"InterfaceName": {"SrcName": link.container_ifname, "DstPrefix": DST_PREFIX},
+                "StaticRoutes": routes, "DisableGatewayService": True}
+
+    def leave(self, network_id, endpoint_id):
+        """libnetwork moves the interface back to the host netns itself; DeleteEndpoint removes it."""
+        LOG.info("event=docker.endpoint.left id=%s", endpoint_id[:12])
+
+    def delete_endpoint(self, network_id, endpoint_id):
+        """Record first, then the veth: a reconcile in between deletes a veth no record names, never the reverse."""
+        self.labeler.cancel(endpoint_id)
+        self.local.forget(endpoint_id)
+        self.ds.delete(keys.endpoint(self.host, endpoint_id))
+        docker_link.remove(self.dataplane.host_netns, endpoint_id)
+        LOG.info("event=docker.endpoint.deleted id=%s", endpoint_id[:12])
+
+    def collect(self, ep):
+        """Forget an endpoint Docker no longer has: record, veth and its addresses (Docker handles of ours)."""
+        self.delete_endpoint(None, ep.id)
+        for address in ep.addresses:
+            self.ipam.release_host_address(address)
+
+    def endpoint_info(self, network_id, endpoint_id):
+        """Informational (``docker network inspect`` does not show it); from memory, else the record."""
+        info = self.local.info(endpoint_id)
+        if info is None:
+            ep = self.service.get(endpoint_id)
+            info = {"host_ifname": ep.host_ifname, "addresses": ",".join(ep.addresses)} if ep else {}
+        return info
+
+
+def _shared_host_lock(service):
+    """The agent's host lock, shared side (LockedService keeps it as ``_lock``); none outside the agent."""
+    lock = getattr(service, "_lock", None)
+    return lock.shared() if lock is not None and hasattr(lock, "shared") else contextlib.nullcontext()
+
+
+def _quietly(what, endpoint_id, fn, *args):
+    try:
+        fn(*args)
+    except NetpluginError as e:
+        LOG.error("rollback: failed to %s %s: %s", what, endpoint_id[:12], e.msg)
