@@ -62,5 +62,6 @@ class AgentConfig:
     reclaim_interval: float = 30.0
     resync_interval: float = 60.0
     routing: str = "bgp"  # bgp | direct | none
+    policy_setup_timeout: float = 2.0  # ADD waits this long for policy to cover the new endpoint (0: no wait)
     docker_socket: str | None = None  # where the libnetwork plugin listens; None = do not serve Docker
     docker_api: str | None = None  # dockerd's API socket, to read container labels on Join

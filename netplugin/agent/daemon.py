@@ -30,18 +30,38 @@ LOG = logging.getLogger(__name__)
 
 
 class LockedService:
-    """The EndpointService with ADD/DEL holding the shared side of the host lock (see rwlock.py)."""
+    """The EndpointService as the front doors see it inside the agent.
 
-    def __init__(self, service, lock):
+    ADD/DEL hold the shared side of the host lock (see rwlock.py). After ADD, the new interface is only useful
+    once this host's policy knows it (our chains drop traffic of unknown ``np*`` interfaces), so ADD waits, up to
+    ``policy_wait`` seconds, for a sync pass that started after the endpoint was recorded. Concurrent ADDs share
+    one pass. 0 turns the wait off (Calico's default, where a new pod can lose its first packets).
+    """
+
+    def __init__(self, service, lock, wait_for_sync=None, policy_wait=0.0):
         self._service = service
         self._lock = lock
+        self._wait_for_sync = wait_for_sync
+        self._policy_wait = policy_wait
 
     def __getattr__(self, name):
         return getattr(self._service, name)
 
+    def shared(self):
+        """The shared side of the host lock, for front doors that wire endpoints themselves (Docker Join)."""
+        return self._lock.shared()
+
+    def policy_ready(self, what):
+        """Wait (bounded) until policy covers an endpoint just recorded; never fails the request."""
+        if self._wait_for_sync and self._policy_wait > 0:
+            if not self._wait_for_sync(self._policy_wait):
+                LOG.warning("event=policy.wait_timeout endpoint=%s after_s=%s", what, self._policy_wait)
+
     def add(self, req):
         with self._lock.shared():
-            return self._service.add(req)
+            ep = self._service.add(req)
+        self.policy_ready(ep.id)
+        return ep
 
     def delete(self, *args, **kw):
         with self._lock.shared():
@@ -58,13 +78,16 @@ class Agent:
         self.dataplane = dataplane or Dataplane(mtu=config.mtu)
         self.host_lock = RWLock()
         self.service = LockedService(EndpointService(self.ds, self.ipam, self.dataplane, self.host, config.mtu),
-                                     self.host_lock)
+                                     self.host_lock, self.wait_for_sync, config.policy_setup_timeout)
         self.nodes = NodeRegistry(self.ds)
         self.liveness = Liveness(self.ds, self.host, config.liveness_ttl)
         self.election = Election(self.ds, "reclaimer", self.host, config.liveness_ttl)
         self.reclaimer = Reclaimer(self.ds, self.ipam, config.reclaim_grace)
         self.reconcilers = []  # objects with .sync(view); the dataplane's is built in start()
         self._dirty = threading.Event()
+        self._sync_cond = threading.Condition()
+        self._sync_started = 0  # generation of the last pass that began
+        self._sync_done = 0  # generation of the last pass that finished
         self._stop = threading.Event()
         self._threads = []
         self._servers = []
@@ -171,6 +194,24 @@ class Agent:
     def sync(self, full=False):
         """One pass: read the view, run every reconciler. Returns the revision read."""
         started = time.monotonic()
+        with self._sync_cond:
+            self._sync_started += 1
+            generation = self._sync_started
+        try:
+            return self._sync_pass(started, full)
+        finally:
+            with self._sync_cond:
+                self._sync_done = generation
+                self._sync_cond.notify_all()
+
+    def wait_for_sync(self, timeout):
+        """Ask for a sync and wait until one that began after this call has finished; False on timeout."""
+        with self._sync_cond:
+            target = self._sync_started + 1
+            self._dirty.set()
+            return self._sync_cond.wait_for(lambda: self._sync_done >= target or self._stop.is_set(), timeout)
+
+    def _sync_pass(self, started, full):
         view = read_view(self.ds)
         for r in self.reconcilers:
             try:

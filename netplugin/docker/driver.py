@@ -195,6 +195,9 @@ class DockerDriver:
             undo.pop_all()
         self.local.joined(endpoint_id, sandbox_key, net.name, link.host_ifname, pending.addresses)
         self.labeler.submit(network_id, endpoint_id, base_labels)
+        ready = getattr(self.service, "policy_ready", None)
+        if ready:
+            ready(endpoint_id)
         LOG.info("event=docker.endpoint.joined id=%s network=%s host_if=%s primary=%s", endpoint_id[:12], net.name,
                  link.host_ifname, not others)
         return {"InterfaceName": {"SrcName": link.container_ifname, "DstPrefix": DST_PREFIX},
@@ -228,9 +231,9 @@ class DockerDriver:
 
 
 def _shared_host_lock(service):
-    """The agent's host lock, shared side (LockedService keeps it as ``_lock``); none outside the agent."""
-    lock = getattr(service, "_lock", None)
-    return lock.shared() if lock is not None and hasattr(lock, "shared") else contextlib.nullcontext()
+    """The agent's host lock, shared side (LockedService.shared); none outside the agent."""
+    shared = getattr(service, "shared", None)
+    return shared() if shared is not None else contextlib.nullcontext()
 
 
 def _quietly(what, endpoint_id, fn, *args):

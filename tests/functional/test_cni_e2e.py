@@ -497,3 +497,14 @@ def test_200_adds_20_at_a_time_then_200_dels_leave_nothing(host, containers):
     del_ms = sorted(t * 1000 for *_, t in deleted)
     print(f"\n200 ADDs x{parallel}: p50 {add_ms[n // 2]:.0f} ms, max {add_ms[-1]:.0f} ms; "
           f"DELs: p50 {del_ms[n // 2]:.0f} ms, max {del_ms[-1]:.0f} ms")
+
+
+def test_policy_covers_a_container_when_add_returns(host, containers):
+    """ADD waits for a policy sync that knows the new veth (--policy-setup-timeout), so the very first packet
+    passes: right after ADD, the host veth is already in our dispatch chains and one ping answers at once."""
+    a, ra = containers.add()
+    b, rb = containers.add()
+    veth = host.endpoint(f"{host.cni.config['name']}.{b}.eth0")["host_ifname"]
+    rules = nsexec(host.ns, "iptables-save -t filter").stdout
+    assert veth in rules, f"{veth} not in our chains right after ADD"
+    assert pings(a, address(rb), count=1), "the first ping after ADD was lost"
