@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The demo: a multi-host cluster in network namespaces (etcd, BIRD, one agent per host), containers started
 # through the CNI plugin, routes spread by BGP, and a policy applied and enforced. Run as root; safe to run twice.
-# Everything it makes is removed at the end (pass --keep to leave the lab up; `scripts/lab.py down` removes it).
+# The lab stays up afterwards so you can explore it (`.venv/bin/python scripts/lab.py status|exec|run`);
+# `.venv/bin/python scripts/lab.py down` removes everything (or pass --down-after).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh

@@ -1,7 +1,10 @@
-"""The README's demo: a 3-host BGP lab, two containers per host started through CNI, and the ping matrix.
+"""The README's demo: a 3-host BGP lab, two containers per host started through CNI, the ping matrix, then a
+policy applied with netctl and the matrix again.
 
 Each step is a function of the Lab, so later features (policy) add a step here rather than a new script.
 """
+import os
+import tempfile
 import time
 
 from netplugin.lab.lab import Lab, format_matrix
@@ -30,6 +33,51 @@ def show_reachability(lab, timeout=30):
     return ok == len(matrix)
 
 
+DEMO_POLICY = """\
+apiVersion: netplugin/v1
+kind: Policy
+metadata: {name: db-from-web-only}
+spec:
+  order: 100
+  selector: {matchLabels: {role: db}}
+  types: [Ingress]
+  ingress:
+    - action: allow
+      from: [{selector: {matchLabels: {role: web}}}]
+"""
+
+
+def apply_policy(lab, timeout=10):
+    """Databases accept traffic only from web containers: db->db pairs go dark, everything else stays."""
+    lab.out("")
+    lab.out("policy: only role=web may reach role=db")
+    for line in DEMO_POLICY.splitlines():
+        lab.out(f"    {line}")
+    fd, path = tempfile.mkstemp(prefix="np-demo-", suffix=".yaml")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(DEMO_POLICY)
+        lab.netctl("policy", "apply", "-f", path)
+    finally:
+        os.unlink(path)
+    names = list(lab.containers())
+    labels = {n: lab.container(n).get("labels", {}).get("role") for n in names}
+
+    def expected(src, dst):
+        return not (labels[dst] == "db" and labels[src] != "web")
+
+    deadline = time.monotonic() + timeout
+    while True:
+        matrix = lab.ping_matrix()
+        good = all(ok == expected(src, dst) for (src, dst), ok in matrix.items())
+        if good or time.monotonic() > deadline:
+            break
+    lab.out(f"ping matrix with the policy ({sum(matrix.values())}/{len(matrix)} pairs reachable; "
+            f"{'as the policy says' if good else 'NOT as the policy says'}):")
+    lab.out(format_matrix(matrix, names))
+    return good
+
+
 def run_demo(name="demo", hosts=3, per_host=2, down_after=False, out=print):
     """Build (replacing a previous demo lab of the same name), start containers, print the ping matrix.
     Returns True when every pair is reachable."""
@@ -42,7 +90,7 @@ def run_demo(name="demo", hosts=3, per_host=2, down_after=False, out=print):
         out("")
         out("containers (CNI ADD through the real plugin binary):")
         start_containers(lab, per_host)
-        ok = show_reachability(lab)
+        ok = show_reachability(lab) and apply_policy(lab)
     finally:
         if down_after or not ok:
             lab.down()
