@@ -5,14 +5,21 @@ back, then writes only what differs: ipsets first (so rules never name a missing
 ``iptables-restore`` batch per family, then destroys sets no rule references any more. Calling it again with the
 same Ruleset finds nothing to do, so a periodic resync is just ``apply`` (``diff`` alone reports drift without
 repairing it). Counters of unchanged chains survive, since those chains are not rewritten.
+
+Reading back costs three process spawns (``ipset save``, ``iptables-save``, ``ip6tables-save``), most of a small
+change's time. So the applier remembers what its last successful apply left in the kernel, and
+``apply(..., trust_cache=True)`` plans against that instead (Felix's incremental updates): the agent does this on
+event-driven syncs, which must be fast, and reads back on its periodic full resync, which repairs drift. If an
+incremental batch fails (the kernel was changed behind our back), the applier reads back and tries once more.
 """
 import logging
 import time
 from dataclasses import dataclass, field
 
-from policy.compiler import FAMILIES
-from policy.ipsets import Ipsets
-from policy.iptables import IptablesTable
+from netplugin.errors import DataplaneError
+from policy.compiler import FAMILIES, SET_TYPE
+from policy.ipsets import Ipsets, KernelSet
+from policy.iptables import IptablesTable, TableState, hook_spec, rule_hash, tagged
 from policy.nsexec import NamespaceCommand
 
 LOG = logging.getLogger(__name__)
@@ -32,6 +39,7 @@ class PolicyDataplane:
         self.ipsets = Ipsets(self.ns)
         self.tables = {family: IptablesTable(self.ns, family, wait=wait, backend=backend) for family in FAMILIES}
         self.last_timings = {}  # seconds per phase of the last apply (read, ipset, IPv4, IPv6, ipset-destroy)
+        self._written = None    # KernelState our last successful apply left (None: unknown, read back)
 
     def backend(self):
         return self.tables[4].backend()
@@ -47,14 +55,26 @@ class PolicyDataplane:
             notes += table.plan(ruleset.chains[family], ruleset.hooks[family], state.tables[family]).notes
         return notes
 
-    def apply(self, ruleset, force=False):
+    def apply(self, ruleset, force=False, trust_cache=False):
         """Make the kernel hold ``ruleset``; returns the differences found (empty: it already did).
 
-        ``force`` rewrites every chain of ours even when it looks right. Raises DataplaneError if a batch
-        fails; an iptables failure leaves that family's previous rules in force.
+        ``force`` rewrites every chain of ours even when it looks right. ``trust_cache`` plans against what the
+        last successful apply wrote instead of reading the kernel back (see the module docstring). Raises
+        DataplaneError if a batch fails; an iptables failure leaves that family's previous rules in force.
         """
+        if trust_cache and self._written is not None:
+            try:
+                return self._apply(ruleset, self._written, force)
+            except DataplaneError as err:
+                LOG.warning("policy sync netns=%s: incremental batch failed (%s); reading the kernel back",
+                            self.ns.netns, err.msg)
+        return self._apply(ruleset, None, force)
+
+    def _apply(self, ruleset, state, force):
         started = time.monotonic()
-        state = self.read_back()
+        self._written = None  # until this apply has gone through completely
+        source = "cache" if state is not None else "kernel"
+        state = state or self.read_back()
         set_plan = self.ipsets.plan(ruleset.ipset_map(), state.ipsets)
         plans = {f: t.plan(ruleset.chains[f], ruleset.hooks[f], state.tables[f], force=force)
                  for f, t in self.tables.items()}
@@ -70,12 +90,25 @@ class PolicyDataplane:
         self.ipsets.restore(self.ipsets.destroy_lines(set_plan), "ipset restore (destroy stale)")
         timings["ipset-destroy"] = time.monotonic() - t0
         self.last_timings = timings
+        self._written = written_state(ruleset)
         notes = set_plan.notes + [n for f in FAMILIES for n in plans[f].notes]
-        LOG.info("policy sync netns=%s: %d difference(s); sets +%d ~%d -%d; chains v4 %d/%d v6 %d/%d rewritten;"
-                 " %.3f s (%s)", self.ns.netns, len(notes), len(set_plan.create), len(set_plan.refill),
-                 len(set_plan.stale), len(plans[4].rewrite), len(ruleset.chains[4]), len(plans[6].rewrite),
-                 len(ruleset.chains[6]), time.monotonic() - started,
+        LOG.info("policy sync netns=%s: %d difference(s) from the %s; sets +%d ~%d -%d; chains v4 %d/%d v6 %d/%d"
+                 " rewritten; %.3f s (%s)", self.ns.netns, len(notes), source, len(set_plan.create),
+                 len(set_plan.refill), len(set_plan.stale), len(plans[4].rewrite), len(ruleset.chains[4]),
+                 len(plans[6].rewrite), len(ruleset.chains[6]), time.monotonic() - started,
                  ", ".join(f"{k} {v:.3f}" for k, v in timings.items()))
         for note in notes:
             LOG.debug("policy sync netns=%s: %s", self.ns.netns, note)
         return notes
+
+
+def written_state(ruleset):
+    """The KernelState a successful apply of ``ruleset`` leaves: what ``read_back`` would then return."""
+    ipsets = {s.name: KernelSet(s.name, SET_TYPE, s.family, s.members) for s in ruleset.ipsets}
+    tables = {}
+    for family in FAMILIES:
+        chains = {name: tuple(rule_hash(spec) for spec in specs) for name, specs in ruleset.chains[family].items()}
+        hooks = {builtin: [(tagged(hook_spec(chain)), chain, rule_hash(hook_spec(chain)))]
+                 for builtin, chain in ruleset.hooks[family].items()}
+        tables[family] = TableState(chains=chains, hooks=hooks)
+    return KernelState(ipsets=ipsets, tables=tables)

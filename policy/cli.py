@@ -1,10 +1,14 @@
 """``netctl policy ...`` and ``netctl endpoint list``."""
+import sys
+
 import click
 
 from netplugin.cli.output import emit, output_option
 from netplugin.datastore import keys
 from netplugin.datastore.models import Endpoint as EndpointRecord
+from netplugin.errors import InvalidInput
 from policy import store
+from policy.k8s import policy_labels
 from policy.loader import load_file, load_text
 
 
@@ -19,7 +23,14 @@ def policy():
 @click.pass_obj
 def policy_apply(obj, path):
     """Validate every document, then store them all in one transaction."""
-    policies = load_text(click.get_text_stream("stdin").read(), "<stdin>") if path == "-" else load_file(path)
+    if path == "-":
+        try:
+            text = sys.stdin.read()
+        except UnicodeDecodeError as err:
+            raise InvalidInput(f"cannot read policy from stdin: not UTF-8 text ({err.reason})") from None
+        policies = load_text(text, "<stdin>")
+    else:
+        policies = load_file(path)
     names = store.apply_policies(obj.ds, policies)
     for name in names:
         click.echo(f"policy {name} applied")
@@ -68,7 +79,8 @@ def endpoint_list(obj, host, fmt):
     rows = []
     for kv in obj.ds.list(prefix):
         ep = EndpointRecord.from_dict(kv.value)
-        selected = [p.name for p in sorted(policies, key=lambda p: (p.order, p.name)) if p.selector.matches(ep.labels)]
+        labels = policy_labels(ep.labels)
+        selected = [p.name for p in sorted(policies, key=lambda p: (p.order, p.name)) if p.selector.matches(labels)]
         rows.append({"host": ep.host, "network": ep.network, "id": ep.id, "addresses": ep.addresses,
                      "labels": ep.labels, "policies": selected, "host_ifname": ep.host_ifname})
     emit(rows, fmt, ["host", "network", "addresses", "labels", "policies", "id"], empty="no endpoints")

@@ -148,6 +148,7 @@ class _Compiler:
         self.policies = _check_policies(policies)
         self.sets = {}      # name -> IpSet
         self.owners = {}    # generated name -> what it stands for, to catch hash collisions
+        self.cidr_spaces = {}  # id(rule) -> its CIDR peers merged (the rules live as long as this compiler)
 
     def run(self):
         _check_local(self.local)
@@ -271,19 +272,26 @@ class _Compiler:
                 matches.append(match)
         cidr_peers = [p for p in rule.peers if p.cidr is not None]
         if cidr_peers:
-            # One IPSet built from the plain CIDRs at once (unions in a loop are quadratic), then the few
-            # peers with exceptions added one by one.
-            space = netaddr.IPSet([p.cidr for p in cidr_peers if not p.not_cidr])
-            for p in cidr_peers:
-                if p.not_cidr:
-                    space |= netaddr.IPSet([p.cidr]) - netaddr.IPSet(p.not_cidr)
-            nets = [str(c) for c in space.iter_cidrs() if c.version == family]
+            nets = [str(c) for c in self._cidr_space(rule, cidr_peers) if c.version == family]
             if nets == ["0.0.0.0/0"] or nets == ["::/0"]:
                 return [""]  # hash:net cannot hold /0, and "everything" needs no lookup
             if nets:
                 name = self._set("cidr", family, ",".join(nets), lambda: nets)
                 matches.append(f"-m set --match-set {name} {side}")
         return matches or None
+
+    def _cidr_space(self, rule, cidr_peers):
+        """The exact union of a rule's CIDR peers as CIDRs, computed once for both families (the merge is most
+        of the cost of compiling thousands of CIDRs). One IPSet from the plain CIDRs at once (unions in a loop are
+        quadratic), then the few peers with exceptions added one by one."""
+        key = id(rule)
+        if key not in self.cidr_spaces:
+            space = netaddr.IPSet([p.cidr for p in cidr_peers if not p.not_cidr])
+            for p in cidr_peers:
+                if p.not_cidr:
+                    space |= netaddr.IPSet([p.cidr]) - netaddr.IPSet(p.not_cidr)
+            self.cidr_spaces[key] = list(space.iter_cidrs())
+        return self.cidr_spaces[key]
 
     # -- sets -----------------------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ batch is written to be correct when replayed after a partial run (the next sync 
 import ipaddress
 import logging
 import re
+import socket
 from dataclasses import dataclass, field
 
 from netplugin.errors import DataplaneError
@@ -18,6 +19,7 @@ from policy.nsexec import first_line, numbered_context
 LOG = logging.getLogger(__name__)
 TEMP_SETS = {4: "np-tmp-4", 6: "np-tmp-6"}
 _FAMILY_OF = {v: k for k, v in SET_FAMILY.items()}
+_V4_NET = re.compile(r"^(25[0-5]|2[0-4]\d|1?\d?\d)(\.(25[0-5]|2[0-4]\d|1?\d?\d)){3}(/(3[0-2]|[12]?\d))?$")
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,9 @@ def parse_save(text):
 
 def _canonical(tokens):
     """'10.0.0.1' -> '10.0.0.1/32'; anything with options (nomatch, timeouts) stays visibly different."""
+    if len(tokens) == 1 and _V4_NET.match(tokens[0]):
+        # ipset prints IPv4 networks canonically already; this path keeps reading 10,000 members cheap.
+        return tokens[0] if "/" in tokens[0] else tokens[0] + "/32"
     try:
         text = str(ipaddress.ip_network(tokens[0], strict=False))
     except ValueError:
@@ -144,12 +149,16 @@ def _canonical(tokens):
 
 
 def _sort(members):
+    """The compiler's order (by family, address, prefix length); anything unparsable last, by text."""
     def key(m):
+        if _V4_NET.match(m):
+            addr, _, length = m.partition("/")
+            return (0, 4, int.from_bytes(socket.inet_aton(addr), "big"), int(length or 32), "")
         try:
             net = ipaddress.ip_network(m)
-            return (0, net.version, net.network_address, net.prefixlen, "")
+            return (0, net.version, int(net.network_address), net.prefixlen, "")
         except ValueError:
-            return (1, 0, ipaddress.ip_address(0), 0, m)
+            return (1, 0, 0, 0, m)
     return sorted(members, key=key)
 
 

@@ -24,6 +24,9 @@ peer ``{namespaceSelector: T, podSelector: S}``    selector ``S`` AND ``T'``
 peer ``{ipBlock: {cidr: C, except: [E...]}}``      ``{cidr: C, notCIDR: [E...]}`` (host bits are cleared)
 =================================================  ==========================================================
 
+The CNI plugin records a pod's namespace (``K8S_POD_NAMESPACE``) as the endpoint label ``netplugin.io/namespace``;
+``policy_labels`` shows it to selectors as ``k8s.namespace`` as well, so translated policies select CNI pods.
+
 ``T'``: namespace label ``kubernetes.io/metadata.name`` becomes ``k8s.namespace``; any other namespace label
 ``K`` becomes the endpoint label ``k8s.ns.K`` (Calico's ``pcns.`` idea), so the CNI copies namespace labels
 onto the endpoint under that prefix. An empty namespaceSelector ``{}`` becomes ``k8s.namespace`` Exists (every
@@ -41,10 +44,24 @@ API_VERSION = "networking.k8s.io/v1"
 KIND = "NetworkPolicy"
 NAMESPACE_LABEL = "k8s.namespace"
 NAMESPACE_LABEL_PREFIX = "k8s.ns."
+CNI_NAMESPACE_LABEL = "netplugin.io/namespace"  # cni/plugin.py LABEL_NAMESPACE
 K8S_NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _PROTOCOLS = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
+
+
+def policy_labels(labels):
+    """An endpoint's labels as selectors see them: the pod namespace the CNI recorded also as ``k8s.namespace``.
+
+    The CNI's label comes from the runtime (kubelet's ``K8S_POD_NAMESPACE``), so it wins over a ``k8s.namespace``
+    label given another way.
+    """
+    out = dict(labels or {})
+    namespace = out.get(CNI_NAMESPACE_LABEL)
+    if namespace:
+        out[NAMESPACE_LABEL] = namespace
+    return out
 
 
 def policy_name(namespace, name):

@@ -2,7 +2,8 @@
 
 The namespace is a required argument: a name under /run/netns (run through ``ip netns exec NAME``) or a path to
 a namespace file such as /proc/PID/ns/net (run through ``nsenter --net=PATH``). Each command is a short-lived
-child process, so no thread of ours ever calls setns. The host's namespace (the one this process runs in, or
+child process, so no thread of ours ever calls setns (and when the calling thread already is in the target
+namespace, the command runs directly, without the wrapper). The host's namespace (the one this process runs in, or
 pid 1's where we may look at it) is refused unless the caller says so explicitly with
 ``allow_host_namespace=True``: only an agent programming its real host should pass that.
 """
@@ -44,7 +45,7 @@ class NamespaceCommand:
     def run(self, argv, input_text=None, check=True, what=None):
         """Run ``argv`` inside the namespace; returns CompletedProcess. ``what`` names the step in errors."""
         what = what or argv[0]
-        cmd = self.prefix + list(argv)
+        cmd = ([] if self._caller_is_inside() else self.prefix) + list(argv)
         LOG.debug("netns %s: %s", self.netns, " ".join(argv))
         try:
             proc = subprocess.run(cmd, input=input_text, capture_output=True, text=True, timeout=self.timeout)
@@ -56,6 +57,16 @@ class NamespaceCommand:
             raise DataplaneError(f"{what} in netns {self.netns} failed (exit {proc.returncode}):"
                                  f" {first_line(proc.stderr) or first_line(proc.stdout)}", details=proc.stderr)
         return proc
+
+
+    def _caller_is_inside(self):
+        """True when the calling thread already is in the target namespace (an agent programming the host it runs
+        in): the child then needs no ``nsenter``/``ip netns exec``, one exec fewer per command. Checked on every
+        call, with the thread's own namespace, so a thread that is anywhere else still gets the wrapper."""
+        try:
+            return _same_namespace(os.stat("/proc/thread-self/ns/net"), self.path)
+        except OSError:
+            return False
 
 
 def first_line(text):

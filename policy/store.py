@@ -7,6 +7,7 @@ from netplugin.datastore import keys
 from netplugin.datastore.client import put_op
 from netplugin.errors import InvalidInput, NotFound
 from policy.model import Policy
+from policy.validation import PolicyValidationError
 
 MAX_PER_TXN = 100
 
@@ -22,16 +23,26 @@ def apply_policies(ds, policies):
 
 
 def list_policies(ds):
-    return [Policy.from_dict(kv.value) for kv in ds.list(keys.POLICIES)]
+    return [_decode(kv) for kv in ds.list(keys.POLICIES)]
 
 
 def get_policy(ds, name):
     kv = ds.get(keys.policy(name))
     if kv is None:
         raise NotFound(f"policy {name} does not exist")
-    return Policy.from_dict(kv.value)
+    return _decode(kv)
 
 
 def delete_policy(ds, name):
     if not ds.delete(keys.policy(name)):
         raise NotFound(f"policy {name} does not exist")
+
+
+def _decode(kv):
+    """A stored record -> Policy. netctl validates before storing, so a bad record was written some other way:
+    say which one, so the operator can ``netctl policy delete`` it."""
+    try:
+        return Policy.from_dict(kv.value)
+    except PolicyValidationError as err:
+        name = keys.last_segment(kv.key)
+        raise PolicyValidationError([f"stored policy {name} is invalid: {p}" for p in err.problems]) from None

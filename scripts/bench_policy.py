@@ -1,0 +1,594 @@
+#!/usr/bin/env python3
+"""Policy at scale through the real agents: packet cost, apply and resync time, and propagation to 5 hosts.
+
+Everything runs in throwaway namespaces (tests/netns.py) with a private etcd (tests/etcd.py): a fabric bridge,
+five host namespaces each running ``netplugin agent --routing direct``, containers made by the real CNI plugin.
+
+1. Packet cost. A client container on host1 and a server on host2 (one network), under five configurations run
+   interleaved (round r starts at a rotated position): no policy; a policy denying 1,000 / 10,000 source CIDRs
+   on the server (one ipset behind one rule, applied with ``netctl policy apply``); and the same CIDRs as a plain
+   linear chain of ``-s CIDR -j DROP`` rules that every packet to the server crosses (jumped to from FORWARD on
+   host2, the way a hand-written firewall does it). Per run: iperf3 TCP throughput (``--iperf-seconds``) and new
+   TCP connections per second (a Python client: connect, reset; bounded by ``--conn-seconds`` and a count).
+   Medians over ``--rounds``, and ratios to the no-policy median.
+2. Apply: from starting ``netctl policy apply`` (10,000 CIDRs) to host2's agent having finished the sync that
+   wrote it (its log line's timestamp), and the agent's own sync time.
+3. Full resync of 10,000 rules: host2's agent restarted with ``--resync-interval 1``: its start-up sync, steady
+   periodic full resyncs (nothing to repair), and one repair after our chain and set were flushed by hand.
+4. Propagation: a prober container on host1 sends UDP to a target container on each of the 5 hosts every 2 ms;
+   each apply opens a new port for it, so the first echo from a target is the moment that host enforces the
+   change. Measured from the etcd commit (seen by a watch here) and from starting ``netctl``; p50/p99 over
+   ``--applies`` (p99 of 20 samples is their maximum).
+
+Bounded throughout (every subprocess has a timeout, every loop a count and a deadline); Ctrl-C or SIGTERM
+cleans up (agents, namespaces, etcd, temp files).
+
+    sudo .venv/bin/python scripts/bench_policy.py [--rounds 3] [--applies 20] [--rules 1000,10000]
+"""
+import argparse
+import ast
+import contextlib
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from netplugin.agent.view import relevant  # noqa: E402
+from netplugin.config import EtcdConfig  # noqa: E402
+from netplugin.datastore import keys  # noqa: E402
+from netplugin.datastore.client import Datastore  # noqa: E402
+from netplugin.datastore.watch import PrefixWatch  # noqa: E402
+from netplugin.ipam.allocator import IPAM  # noqa: E402
+from policy.compiler import policy_chain  # noqa: E402
+from tests.agents import AgentProcess, CniBinary  # noqa: E402
+from tests.etcd import EtcdServer  # noqa: E402
+from tests.netns import NamespaceSet, nsexec  # noqa: E402
+
+POOL = "10.30.0.0/16"
+FABRIC = "192.168.78"
+NETCTL = os.path.join(os.path.dirname(sys.executable), "netctl")
+LINEAR = "bench-linear"  # not np-: the agent must neither own nor remove it
+IPERF_PORT, CONN_PORT, PROBE_PORT = 5201, 5002, 9000
+
+CONN_SERVER = r"""
+import socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", %d)); s.listen(4096)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept(); c.close()
+""" % CONN_PORT
+
+CONN_CLIENT = r"""
+import json, socket, struct, sys, time
+dst, seconds, limit = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+reset = struct.pack("ii", 1, 0)  # close with RST: no TIME_WAIT piling up across runs
+done = failed = 0
+t0 = time.monotonic(); end = t0 + seconds
+while done + failed < limit and time.monotonic() < end:
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, reset); s.settimeout(1)
+    try:
+        s.connect((dst, %d)); done += 1
+    except OSError:
+        failed += 1
+    s.close()
+print(json.dumps({"done": done, "failed": failed, "seconds": time.monotonic() - t0}))
+""" % CONN_PORT
+
+ECHO = r"""
+import select, socket, sys
+socks = []
+for port in range(int(sys.argv[1]), int(sys.argv[2])):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", port)); socks.append(s)
+print("ready", flush=True)
+while True:
+    for s in select.select(socks, [], [])[0]:
+        data, peer = s.recvfrom(64); s.sendto(data, peer)
+"""
+
+# Reads "PORT LIMIT" lines; sends to every target every 2 ms until each echoed once (or LIMIT seconds), then
+# prints {target: monotonic time of its first echo}. CLOCK_MONOTONIC is shared by every network namespace.
+PROBER = r"""
+import json, select, socket, sys, time
+targets = sys.argv[1].split(",")
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.setblocking(False)
+print("ready", flush=True)
+for line in sys.stdin:
+    port, limit = int(line.split()[0]), float(line.split()[1])
+    tag = b"p%d" % port
+    first = {}
+    end = time.monotonic() + limit
+    next_send = time.monotonic()
+    print("sending", flush=True)
+    while len(first) < len(targets) and time.monotonic() < end:
+        if time.monotonic() >= next_send:
+            for t in targets:
+                if t not in first:
+                    s.sendto(tag, (t, port))
+            next_send += 0.002
+        if select.select([s], [], [], max(0.0, next_send - time.monotonic()))[0]:
+            while True:
+                try:
+                    data, addr = s.recvfrom(64)
+                except BlockingIOError:
+                    break
+                if data == tag and addr[1] == port and addr[0] not in first:
+                    first[addr[0]] = time.monotonic()
+    print(json.dumps(first), flush=True)
+"""
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _on_term(*_):
+    raise KeyboardInterrupt
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def percentile(xs, q):
+    """Nearest-rank percentile (p99 of 20 samples is the largest)."""
+    xs = sorted(xs)
+    return xs[max(0, min(len(xs) - 1, -(-len(xs) * q // 100) - 1))] if xs else float("nan")
+
+
+def cidrs(n):
+    """``n`` /28s in 172.16.0.0/12, none adjacent (so the compiler cannot merge them into fewer set members) and
+    far from the pool, so no benchmark packet matches one."""
+    return [f"172.{16 + i // 2048}.{i // 8 % 256}.{i % 8 * 32}/28" for i in range(n)]
+
+
+def log_time(ts):
+    """'2026-11-25T04:53:40.332' (the agent's local time) -> epoch seconds."""
+    return time.mktime(time.strptime(ts[:19], "%Y-%m-%dT%H:%M:%S")) + int(ts[20:23]) / 1000.0
+
+
+class Lab:
+    def __init__(self, stack, n_hosts, workdir):
+        self.stack = stack
+        self.workdir = workdir
+        self.etcd = EtcdServer()
+        stack.callback(self.etcd.close)
+        self.etcd.start()
+        self.ds = Datastore(EtcdConfig(endpoints=[self.etcd.endpoint]))
+        self.changes = ChangeLog(self.ds)
+        stack.callback(self.changes.close)
+        IPAM(self.ds).add_pool(POOL)
+        self.nss = NamespaceSet()
+        stack.callback(self.nss.close)
+        self.fabric = self.nss.add()
+        nsexec(self.fabric, "ip link add br0 type bridge")
+        nsexec(self.fabric, "ip link set br0 up")
+        self.hosts, self.agents, self.cni = [], [], {}
+        self.ns, self.ip, self.ep = {}, {}, {}
+        self._offsets = {}
+        for i in range(1, n_hosts + 1):
+            h = self.nss.add()
+            self.nss.link(h, self.fabric, f"{FABRIC}.{i}/24", None, "eth0", f"p{i}")
+            nsexec(self.fabric, f"ip link set p{i} master br0")
+            self.etcd.bridge_into(h)
+            self.hosts.append(h)
+            self.agents.append(self.agent(i))
+        stack.callback(self.stop_agents)
+        for agent in self.agents:
+            agent.start()
+
+    def agent(self, i, resync=60.0):
+        return AgentProcess(self.hosts[i - 1], f"host{i}", self.etcd.endpoint, os.path.join(self.workdir, f"run{i}"),
+                            extra_args=["--routing", "direct", "--node-address", f"{FABRIC}.{i}",
+                                        "--resync-interval", str(resync)])
+
+    def stop_agents(self):
+        for agent in self.agents:
+            agent.stop()
+
+    def restart_agent(self, i, resync):
+        self.agents[i - 1].stop()
+        self.agents[i - 1] = self.agent(i, resync)
+        self._offsets.pop(self.agents[i - 1].log_path, None)
+        self.log_lines(self.agents[i - 1])  # skip what the previous run logged
+        self.agents[i - 1].start()
+
+    def container(self, key, host, network, labels):
+        if (host, network) not in self.cni:
+            self.cni[(host, network)] = CniBinary(os.path.join(self.workdir, f"cni-{host}-{network}"),
+                                                  self.agents[host - 1].socket, network=network)
+        cni = self.cni[(host, network)]
+        ns = self.nss.add()
+        rc, out, err = cni.call("ADD", ns, f"/run/netns/{ns}", config=dict(cni.config, args={"labels": labels}))
+        if rc != 0:
+            raise RuntimeError(f"CNI ADD for {key} failed: {out} {err}")
+        self.ns[key], self.ip[key] = ns, out["ips"][0]["address"].split("/")[0]
+        for kv in self.ds.list(keys.ENDPOINTS):
+            if kv.value["addresses"][0] == f"{self.ip[key]}/32":
+                self.ep[key] = kv.value
+
+    def daemon(self, key, argv):
+        """A long-running process in a container that prints 'ready'; killed with its namespace."""
+        proc = subprocess.Popen(["ip", "netns", "exec", self.ns[key]] + argv, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.stack.callback(_kill, proc)
+        line = proc.stdout.readline().strip()
+        if line != "ready":
+            raise RuntimeError(f"{argv[:3]} in {key} did not start: {line!r}")
+        return proc
+
+    def netctl(self, *args, stdin=None):
+        p = subprocess.run([NETCTL, "--etcd-endpoints", self.etcd.endpoint, *args], input=stdin,
+                           capture_output=True, text=True, timeout=60)
+        if p.returncode != 0:
+            raise RuntimeError(f"netctl {' '.join(args)}: {p.stderr.strip()}")
+        return p
+
+    def log_lines(self, agent):
+        """New lines of an agent's log since the last call."""
+        try:
+            with open(agent.log_path) as f:
+                f.seek(self._offsets.get(agent.log_path, 0))
+                text = f.read()
+                self._offsets[agent.log_path] = f.tell()
+        except OSError:
+            return []
+        return text.splitlines()
+
+    def wait_sync(self, agent, revision, timeout=30.0):
+        """Bounded wait for ``agent`` to finish a sync at or past ``revision``; -> (epoch ts, took_ms, lines)."""
+        deadline = time.monotonic() + timeout
+        seen = []
+        while time.monotonic() < deadline:
+            for line in self.log_lines(agent):
+                seen.append(line)
+                m = re.search(r"ts=(\S+) .*event=sync revision=(\d+) full=\w+ took_ms=([\d.]+)", line)
+                if m and int(m.group(2)) >= revision:
+                    return log_time(m.group(1)), float(m.group(3)), seen
+            time.sleep(0.01)
+        raise RuntimeError(f"{agent.hostname} did not sync revision {revision} in {timeout} s:\n{agent.log()}")
+
+    def wait_full_syncs(self, agent, count, timeout):
+        """The next ``count`` periodic full syncs of ``agent``: [(took_ms, the lines of that pass)]."""
+        out, lines = [], []
+        deadline = time.monotonic() + timeout
+        while len(out) < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{agent.hostname}: {len(out)} of {count} full syncs in {timeout} s")
+            for line in self.log_lines(agent):
+                lines.append(line)
+                m = re.search(r"event=sync revision=\d+ full=True took_ms=([\d.]+)", line)
+                if m:
+                    out.append((float(m.group(1)), lines))
+                    lines = []
+            time.sleep(0.02)
+        return out
+
+
+def _kill(proc):
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=10)
+
+
+def deny_policy(name, n):
+    rule = {"action": "deny", "from": [{"cidr": c} for c in cidrs(n)]}
+    return json.dumps({"apiVersion": "netplugin/v1", "kind": "Policy", "metadata": {"name": name},
+                       "spec": {"order": 10, "selector": {"matchLabels": {"role": "server"}},
+                                "ingress": [rule, {"action": "allow"}]}})
+
+
+def policy_file(lab, n):
+    path = os.path.join(lab.workdir, f"deny-{n}.yaml")  # JSON is YAML
+    with open(path, "w") as f:
+        f.write(deny_policy("bench-deny", n))
+    return path
+
+
+class Configs:
+    """Switches host2 between the packet-cost configurations; only one is in force at a time."""
+
+    def __init__(self, lab, sizes):
+        self.lab = lab
+        self.sizes = sizes
+        self.current = "none"
+        self.apply_times = {}   # n -> [(seconds from netctl start to enforced, agent sync ms, {phase: ms})]
+        self.policy_files = {n: policy_file(lab, n) for n in sizes}
+
+    @property
+    def names(self):
+        return ["none"] + [f"policy-{n}" for n in self.sizes] + [f"linear-{n}" for n in self.sizes]
+
+    def switch(self, name):
+        if name == self.current:
+            return
+        lab, host2 = self.lab, self.lab.hosts[1]
+        if self.current.startswith("linear-"):
+            nsexec(host2, ["iptables", "-D", "FORWARD", "-o", lab.ep["S"]["host_ifname"], "-j", LINEAR])
+            nsexec(host2, ["iptables", "-F", LINEAR])
+            nsexec(host2, ["iptables", "-X", LINEAR])
+        if self.current.startswith("policy-") and not name.startswith("policy-"):
+            lab.netctl("policy", "delete", "bench-deny")
+            lab.wait_sync(lab.agents[1], lab.changes.last_relevant())
+        if name.startswith("policy-"):
+            n = int(name.split("-")[1])
+            t0 = time.time()
+            lab.netctl("policy", "apply", "-f", self.policy_files[n])
+            enforced, took_ms, lines = lab.wait_sync(lab.agents[1], lab.changes.last_relevant())
+            phases = [ast.literal_eval(m.group(1)) for m in
+                      (re.search(r"event=policy.applied .*timings=(\{.*\})", line) for line in lines) if m]
+            self.apply_times.setdefault(n, []).append((enforced - t0, took_ms, phases[-1] if phases else {}))
+            # Confirm the kernel holds it: one set of n members behind the server's ingress.
+            sets = nsexec(host2, "ipset list -t").stdout
+            if f"Number of entries: {n}\n" not in sets:
+                raise RuntimeError(f"host2 holds no ipset of {n} entries after applying {name}")
+        if name.startswith("linear-"):
+            n = int(name.split("-")[1])
+            batch = ["*filter", f":{LINEAR} - [0:0]"] + [f"-A {LINEAR} -s {c} -j DROP" for c in cidrs(n)]
+            batch += [f"-I FORWARD 1 -o {lab.ep['S']['host_ifname']} -j {LINEAR}", "COMMIT"]
+            nsexec(host2, ["iptables-restore", "--noflush", "-w", "5"], input="\n".join(batch) + "\n", timeout=60)
+        self.current = name
+
+
+def iperf(lab, seconds):
+    p = nsexec(lab.ns["C"], ["iperf3", "-c", lab.ip["S"], "-p", str(IPERF_PORT), "-t", str(seconds), "-l", "128K",
+                             "-J"], timeout=seconds + 20)
+    return json.loads(p.stdout)["end"]["sum_received"]["bits_per_second"] / 1e9
+
+
+def conn_rate(lab, seconds, limit=20000):
+    p = nsexec(lab.ns["C"], [sys.executable, "-c", CONN_CLIENT, lab.ip["S"], str(seconds), str(limit)],
+               timeout=seconds + 30)
+    r = json.loads(p.stdout)
+    if r["failed"]:
+        raise RuntimeError(f"{r['failed']} connections failed: the benchmark traffic must not be denied")
+    return r["done"] / r["seconds"]
+
+
+def packet_cost(lab, args, sizes):
+    configs = Configs(lab, sizes)
+    results = {name: {"gbps": [], "cps": []} for name in configs.names}
+    order = configs.names
+    for r in range(args.rounds):
+        rotated = order[r % len(order):] + order[:r % len(order)]
+        for name in rotated:
+            configs.switch(name)
+            results[name]["gbps"].append(iperf(lab, args.iperf_seconds))
+            results[name]["cps"].append(conn_rate(lab, args.conn_seconds))
+            print(f"  round {r + 1} {name:13s} {results[name]['gbps'][-1]:6.2f} Gbit/s"
+                  f" {results[name]['cps'][-1]:7.0f} conn/s", file=sys.stderr, flush=True)
+    configs.switch("none")
+    return results, configs.apply_times
+
+
+def full_resync(lab, n):
+    """Restart host2's agent with a 1 s resync and time its full syncs with ``n`` rules in the kernel."""
+    lab.netctl("policy", "apply", "-f", policy_file(lab, n))
+    lab.wait_sync(lab.agents[1], lab.changes.last_relevant())
+    lab.restart_agent(2, resync=1.0)
+    agent = lab.agents[1]
+    _, startup_ms, _ = lab.wait_sync(agent, lab.changes.last_relevant())
+    steady = [ms for ms, _ in lab.wait_full_syncs(agent, 4, timeout=30)]
+    # Repair: right after a full sync, flush our policy chain and empty our big set by hand.
+    lab.wait_full_syncs(agent, 1, timeout=10)
+    chain = policy_chain("bench-deny", "Ingress")
+    big = [name for name in nsexec(lab.hosts[1], "ipset list -n").stdout.split() if name.startswith("np-cidr-")]
+    nsexec(lab.hosts[1], ["iptables", "-F", chain])
+    for name in big:
+        nsexec(lab.hosts[1], ["ipset", "flush", name])
+    [(repair_ms, lines)] = lab.wait_full_syncs(agent, 1, timeout=10)
+    applied = [line for line in lines if "event=policy.applied" in line]
+    if not applied:
+        raise RuntimeError("the full resync after flushing did not repair anything")
+    if f"Number of entries: {n}\n" not in nsexec(lab.hosts[1], "ipset list -t").stdout:
+        raise RuntimeError("the full resync did not refill the flushed set")
+    lab.netctl("policy", "delete", "bench-deny")
+    lab.wait_sync(agent, lab.changes.last_relevant())
+    return {"startup": startup_ms, "steady": steady, "repair": repair_ms, "repair_log": applied[0]}
+
+
+class ChangeLog:
+    """Our own watch on the agents' prefix. ``last_relevant``: the revision of the last change an agent reacts to
+    (deletes included; the newest write may be one they rightly ignore, such as the reclaimer's leader key).
+    ``commit_after``: when a policy change reached us, which is when it reached every agent's watch too."""
+
+    def __init__(self, ds):
+        self.ds = ds
+        self.seen = self.relevant = ds.revision()
+        self.policy_stamps = []  # monotonic arrival times of policy changes
+        self.cond = threading.Condition()
+        self.watch = PrefixWatch(ds, keys.ROOT, self.seen, self._on, ds.revision, name="bench-watch").start()
+
+    def _on(self, events):
+        now = time.monotonic()
+        with self.cond:
+            for e in events:
+                self.seen = max(self.seen, e.kv.mod_revision)
+                if relevant(e.kv.key):
+                    self.relevant = max(self.relevant, e.kv.mod_revision)
+                if e.kv.key.startswith(keys.POLICIES):
+                    self.policy_stamps.append(now)
+            self.cond.notify_all()
+
+    def last_relevant(self, timeout=10.0):
+        target = self.ds.revision()
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.seen >= target, timeout):
+                raise RuntimeError(f"our watch did not reach revision {target} in {timeout} s")
+            return self.relevant
+
+    def commit_after(self, t0, timeout=10.0):
+        with self.cond:
+            if not self.cond.wait_for(lambda: any(t >= t0 for t in self.policy_stamps), timeout):
+                raise RuntimeError("the policy change never reached our watch")
+            return min(t for t in self.policy_stamps if t >= t0)
+
+    def close(self):
+        self.watch.stop()
+
+
+def propagation(lab, applies):
+    targets = [f"T{i}" for i in range(1, len(lab.hosts) + 1)]
+    prober = lab.daemon("P", [sys.executable, "-c", PROBER, ",".join(lab.ip[t] for t in targets)])
+    try:
+        from_commit, from_cli = [], []
+        for i in range(applies + 1):  # the first one warms caches and is not counted
+            port = PROBE_PORT + i
+            text = ("apiVersion: netplugin/v1\nkind: Policy\nmetadata: {name: prop}\nspec:\n"
+                    "  selector: {matchLabels: {role: target}}\n"
+                    f"  ingress: [{{action: allow, protocol: udp, ports: [{port}],"
+                    " from: [{selector: {matchLabels: {role: prober}}}]}]\n")
+            prober.stdin.write(f"{port} 10\n")
+            prober.stdin.flush()
+            if prober.stdout.readline().strip() != "sending":
+                raise RuntimeError("prober stopped")
+            time.sleep(0.05)  # probes are flowing (and being dropped) before the change
+            t0 = time.monotonic()
+            lab.netctl("policy", "apply", "-f", "-", stdin=text)
+            first = json.loads(prober.stdout.readline())
+            if len(first) != len(targets):
+                raise RuntimeError(f"apply {i}: only {sorted(first)} of {len(targets)} hosts enforced in 10 s")
+            commit = lab.changes.commit_after(t0)
+            last = max(first.values())
+            if min(first.values()) < t0:
+                raise RuntimeError(f"apply {i}: a target answered before the change was applied")
+            if i:
+                from_commit.append(last - commit)
+                from_cli.append(last - t0)
+            time.sleep(0.1)
+        return from_commit, from_cli
+    finally:
+        _kill(prober)
+
+
+def report_packets(results, apply_times, rounds, aims):
+    base = results["none"]
+    rows = []
+    for name, r in results.items():
+        g, c = median(r["gbps"]), median(r["cps"])
+        paired_g = median([x / b for x, b in zip(r["gbps"], base["gbps"])])
+        paired_c = median([x / b for x, b in zip(r["cps"], base["cps"])])
+        rows.append([name, f"{g:.2f}", f"{g / median(base['gbps']):.2f}", f"{paired_g:.2f}",
+                     f"{c:.0f}", f"{c / median(base['cps']):.2f}", f"{paired_c:.2f}"])
+    most = max(apply_times)
+    ratio = median(results[f"policy-{most}"]["gbps"]) / median(base["gbps"])
+    aims.append((f"TCP throughput with {most} rules >= 0.95 of no policy", f"{ratio:.2f}", ratio >= 0.95))
+    out = [f"### Packet cost (host1 -> host2, medians of {rounds} interleaved rounds)\n\n"
+           "ratio: median / median of no policy; paired: median over rounds of the run / the same round's no-policy"
+           " run.\n\n" + table(rows, ["configuration", "TCP Gbit/s", "ratio", "paired", "new conn/s", "ratio",
+                                      "paired"])]
+    rows = []
+    for n, v in sorted(apply_times.items()):
+        phases = {k: median([p.get(k, 0.0) for _, _, p in v]) for k in ("compile", "ipset", "IPv4")}
+        rows.append([n, len(v), f"{median([a for a, _, _ in v]) * 1000:.0f}", f"{median([b for _, b, _ in v]):.0f}",
+                     " / ".join(f"{phases[k]:.0f}" for k in ("compile", "ipset", "IPv4"))])
+    out.append("### Apply (netctl start -> host2 enforced; medians)\n\n"
+               + table(rows, ["CIDRs", "applies", "ms", "agent sync ms",
+                              "of which parse+compile / ipset / iptables ms"]))
+    return out
+
+
+def report_resync(rs, n, aims):
+    worst = max(median(rs["steady"]), rs["repair"])
+    aims.append((f"full resync of {n} rules < 2 s", f"{worst:.0f} ms (slower of steady, repair)", worst < 2000))
+    return [f"### Full resync with {n} rules in the kernel (host2's agent, whole sync pass)\n\n"
+            + table([["agent start-up (full)", f"{rs['startup']:.0f}"],
+                     ["periodic, nothing to repair (median of 4)", f"{median(rs['steady']):.0f}"],
+                     ["periodic, after chain + set flushed by hand", f"{rs['repair']:.0f}"]], ["sync", "ms"])
+            + f"\n\nrepair: `{rs['repair_log'].split(' logger=')[1]}`"]
+
+
+def report_propagation(from_commit, from_cli, hosts, aims):
+    p99 = percentile(from_commit, 99) * 1000
+    aims.append((f"propagation p99 <= 200 ms ({hosts} hosts, from the etcd commit)", f"{p99:.0f} ms", p99 <= 200))
+    rows = [["etcd commit -> last host enforcing", f"{percentile(from_commit, 50) * 1000:.0f}", f"{p99:.0f}",
+             f"{max(from_commit) * 1000:.0f}"],
+            ["`netctl policy apply` start -> last host", f"{percentile(from_cli, 50) * 1000:.0f}",
+             f"{percentile(from_cli, 99) * 1000:.0f}", f"{max(from_cli) * 1000:.0f}"]]
+    return [f"### Propagation to {hosts} hosts ({len(from_commit)} applies)\n\n"
+            + table(rows, ["measured from", "p50 ms", "p99 ms", "max ms"])]
+
+
+def table(rows, header):
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def build_lab(stack, args, workdir):
+    """5 hosts; client C (host1) and server S (host2) on one network; prober P (host1) and a target Ti on every
+    host, on two other networks; servers in S and the targets."""
+    lab = Lab(stack, args.hosts, workdir)
+    lab.container("C", 1, "bench", {"role": "client"})
+    lab.container("S", 2, "bench", {"role": "server"})
+    lab.container("P", 1, "probe", {"role": "prober"})
+    for i in range(1, args.hosts + 1):
+        lab.container(f"T{i}", i, "tgt", {"role": "target"})
+        lab.daemon(f"T{i}", [sys.executable, "-c", ECHO, str(PROBE_PORT), str(PROBE_PORT + args.applies + 1)])
+    lab.daemon("S", [sys.executable, "-c", CONN_SERVER])
+    iperf_server = subprocess.Popen(["ip", "netns", "exec", lab.ns["S"], "iperf3", "-s", "-p", str(IPERF_PORT)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stack.callback(_kill, iperf_server)
+    deadline = time.monotonic() + 10
+    while f":{IPERF_PORT} " not in nsexec(lab.ns["S"], "ss -ltnH").stdout:
+        if time.monotonic() > deadline or iperf_server.poll() is not None:
+            raise RuntimeError("iperf3 -s did not start")
+        time.sleep(0.05)
+    lab.wait_sync(lab.agents[1], lab.changes.last_relevant())
+    return lab
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rules", default="1000,10000", help="comma-separated rule counts")
+    parser.add_argument("--iperf-seconds", type=int, default=2)
+    parser.add_argument("--conn-seconds", type=float, default=1.5)
+    parser.add_argument("--applies", type=int, default=20)
+    parser.add_argument("--hosts", type=int, default=5)
+    parser.add_argument("--skip", default="", help="comma-separated phases to skip: packets,resync,propagation")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench_policy: needs root (it makes network namespaces)")
+    sizes = [int(n) for n in args.rules.split(",") if n]
+    skip = set(args.skip.split(","))
+    signal.signal(signal.SIGTERM, _on_term)
+    signal.signal(signal.SIGINT, _on_term)  # also when started in the background with SIGINT ignored
+    started = time.monotonic()
+    workdir = tempfile.mkdtemp(prefix="npt-bench-policy-")
+    report, aims = [], []
+    with contextlib.ExitStack() as stack:
+        stack.callback(subprocess.run, ["rm", "-rf", workdir])
+        try:
+            print(f"setting up {args.hosts} hosts ...", file=sys.stderr, flush=True)
+            lab = build_lab(stack, args, workdir)
+            if "packets" not in skip:
+                print("packet cost ...", file=sys.stderr, flush=True)
+                report += report_packets(*packet_cost(lab, args, sizes), args.rounds, aims)
+            if "resync" not in skip:
+                print(f"full resync of {max(sizes)} rules ...", file=sys.stderr, flush=True)
+                report += report_resync(full_resync(lab, max(sizes)), max(sizes), aims)
+            if "propagation" not in skip:
+                print(f"propagation to {args.hosts} hosts x {args.applies} ...", file=sys.stderr, flush=True)
+                report += report_propagation(*propagation(lab, args.applies), args.hosts, aims)
+        except KeyboardInterrupt:
+            print("interrupted: cleaning up", file=sys.stderr)
+            raise SystemExit(130) from None
+    if aims:
+        report.append("### Aims\n\n" + table([[a, m, "met" if ok else "**missed**"] for a, m, ok in aims],
+                                              ["aim", "measured", ""]))
+    print("\n\n".join(report))
+    print(f"\n(total {time.monotonic() - started:.0f} s; load average {os.getloadavg()[0]:.1f} at the end)")
+
+
+if __name__ == "__main__":
+    main()
