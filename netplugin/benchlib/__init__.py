@@ -1,0 +1,6 @@
+"""Helpers shared by the benchmark scripts (``scripts/bench_*.py``).
+
+Pure pieces (statistics, parsing of iperf3/sockperf output, report rendering) are unit-tested; ``cleanup`` makes
+every benchmark leave nothing behind, also on Ctrl-C or SIGTERM; ``machine`` describes the box a figure came from.
+Nothing here touches the network: the scripts build their namespaces themselves.
+"""

@@ -1,0 +1,91 @@
+"""iperf3 and sockperf run inside network namespaces the benchmark made (``ip netns exec NS ...``).
+
+Servers are long-lived ``Popen`` objects the caller registers for cleanup; clients are one bounded
+``subprocess.run`` each (timeout = test length + slack), so a hung peer costs one sample, never the run.
+Every client call also reads /proc/stat before and after, giving the CPU time all cores spent while it ran.
+"""
+import subprocess
+import time
+
+from netplugin.benchlib import parse
+from netplugin.benchlib.machine import cpu_busy_seconds
+
+IPERF3_PORT = 5201
+SOCKPERF_PORT = 11111
+CLIENT_SLACK_S = 15.0
+
+
+def _in_ns(ns, argv):
+    if not ns:
+        # Never fall back to the root namespace: every endpoint of a benchmark lives in a namespace it made.
+        raise ValueError(f"refusing to run {argv[0]} without a network namespace")
+    return ["ip", "netns", "exec", ns] + list(argv)
+
+
+def start_iperf3_server(ns, bind, port=IPERF3_PORT):
+    return subprocess.Popen(_in_ns(ns, ["iperf3", "-s", "-B", bind, "-p", str(port)]),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def start_sockperf_server(ns, bind, port=SOCKPERF_PORT):
+    return subprocess.Popen(_in_ns(ns, ["sockperf", "server", "--tcp", "-i", bind, "-p", str(port)]),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _run_client(ns, argv, duration):
+    before = cpu_busy_seconds()
+    p = subprocess.run(_in_ns(ns, argv), capture_output=True, text=True, timeout=duration + CLIENT_SLACK_S)
+    busy = cpu_busy_seconds() - before
+    return p, busy
+
+
+def iperf3_tcp(ns, target, length, duration, port=IPERF3_PORT):
+    """One TCP test with ``-l length`` writes; adds ``cpu_busy_s`` (all CPUs) to the parsed result."""
+    argv = ["iperf3", "-c", target, "-p", str(port), "-t", str(duration), "-l", str(length), "--json",
+            "--connect-timeout", "3000"]
+    p, busy = _run_client(ns, argv, duration)
+    result = parse.parse_iperf3_tcp(p.stdout)
+    result["cpu_busy_s"] = busy
+    return result
+
+
+def iperf3_udp(ns, target, length, duration, bandwidth, port=IPERF3_PORT):
+    """One UDP test offering ``bandwidth`` (iperf3 syntax, e.g. '1G') in ``length``-byte datagrams."""
+    argv = ["iperf3", "-c", target, "-p", str(port), "-u", "-b", str(bandwidth), "-t", str(duration),
+            "-l", str(length), "--json", "--connect-timeout", "3000"]
+    p, busy = _run_client(ns, argv, duration)
+    result = parse.parse_iperf3_udp(p.stdout)
+    result["cpu_busy_s"] = busy
+    return result
+
+
+def sockperf_tcp_pingpong(ns, target, duration, port=SOCKPERF_PORT, cpu=None):
+    """TCP ping-pong latency (sockperf's default message size, half round trip as sockperf reports it); with
+    ``cpu``, the client runs pinned to that CPU (see ``pin``)."""
+    argv = ["sockperf", "ping-pong", "--tcp", "-i", target, "-p", str(port), "-t", str(duration)]
+    if cpu is not None:
+        argv = ["taskset", "-c", str(cpu)] + argv
+    p, _ = _run_client(ns, argv, duration)
+    return parse.parse_sockperf(p.stdout + p.stderr)
+
+
+def pin(pid, cpu):
+    """Move every thread of a running process (a server) onto one CPU.
+
+    Ping-pong latency between two processes is bimodal on a VM: on one CPU the wake-up is direct, across CPUs it
+    costs an inter-processor interrupt (tens of µs here), which would swamp the data path's own cost. Pinning
+    both ends of a latency test to the same CPU measures the path; the benchmark rotates the CPU per round.
+    """
+    subprocess.run(["taskset", "-a", "-p", "-c", str(cpu), str(pid)], check=True, capture_output=True, timeout=10)
+
+
+def wait_listening(ns, port, timeout=5.0):
+    """True once something in ``ns`` listens on TCP ``port`` (polled with ``ss``; bounded by ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        probe = subprocess.run(_in_ns(ns, ["ss", "-Hltn", f"sport = :{port}"]), capture_output=True, text=True,
+                               timeout=5)
+        if probe.returncode == 0 and probe.stdout.strip():
+            return True
+        time.sleep(0.05)
+    return False
