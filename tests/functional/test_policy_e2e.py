@@ -20,6 +20,7 @@ import time
 
 import pytest
 
+
 from netplugin.agent.view import relevant
 from netplugin.config import EtcdConfig
 from netplugin.datastore import keys
@@ -32,6 +33,7 @@ from policy.loader import load_text
 from policy.model import Endpoint
 from tests.agents import AgentProcess, CniBinary, rmtree, tempdir
 from tests.netns import NamespaceSet, nsexec
+from tests.probes import PROBE
 
 pytestmark = [pytest.mark.functional, pytest.mark.timeout(180)]
 
@@ -65,41 +67,6 @@ print("ready", flush=True)
 threading.Event().wait(300)
 """
 
-# Probes run at once from one namespace: [[kind, dst, port], ...] -> [passed?, ...].
-PROBE = r"""
-import json, os, socket, struct, sys, time
-from concurrent.futures import ThreadPoolExecutor
-T = float(sys.argv[2])
-def csum(b):
-    s = sum(struct.unpack("!%dH" % (len(b) // 2), b)); s = (s >> 16) + (s & 0xffff); s += s >> 16
-    return ~s & 0xffff
-def probe(p):
-    kind, dst, port = p
-    try:
-        if kind == "tcp":
-            with socket.create_connection((dst, port), timeout=T) as s:
-                s.sendall(b"ping"); return s.recv(4) == b"ping"
-        if kind == "udp":
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                s.settimeout(T); s.sendto(b"ping", (dst, port)); return s.recvfrom(64)[0] == b"ping"
-        ident = (os.getpid() * 31 + sum(map(ord, dst))) & 0xffff
-        hdr = struct.pack("!BBHHH", 8, 0, 0, ident, 1) + b"np-probe"
-        pkt = hdr[:2] + struct.pack("!H", csum(hdr)) + hdr[4:]
-        with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
-            s.sendto(pkt, (dst, 0)); end = time.monotonic() + T
-            while time.monotonic() < end:
-                s.settimeout(max(0.01, end - time.monotonic()))
-                data, addr = s.recvfrom(256)
-                icmp = data[(data[0] & 0x0f) * 4:]
-                if addr[0] == dst and icmp[0] == 0 and struct.unpack("!H", icmp[4:6])[0] == ident:
-                    return True
-    except OSError:
-        return False
-    return False
-probes = json.loads(sys.argv[1])
-with ThreadPoolExecutor(len(probes)) as pool:
-    print(json.dumps(list(pool.map(probe, probes))))
-"""
 
 # Spoofing from inside a container with scapy: raw IP datagrams, kernel-routed, any source address.
 SPOOF = r"""
