@@ -20,7 +20,6 @@ import time
 
 import pytest
 
-
 from netplugin.agent.view import relevant
 from netplugin.config import EtcdConfig
 from netplugin.datastore import keys

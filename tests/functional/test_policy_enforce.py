@@ -18,7 +18,6 @@ import sys
 
 import pytest
 
-
 from netplugin.errors import DataplaneError
 from policy.applier import PolicyDataplane
 from policy.compiler import compile_ruleset, endpoint_chains, policy_chain
