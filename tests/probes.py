@@ -1,6 +1,31 @@
 """Connectivity probes run inside a namespace: ``python -c PROBE JSON TIMEOUT`` with JSON a list of
 [kind, dst, port] (kind tcp, udp or icmp; IPv4 or IPv6); prints a JSON list of booleans. All probes run at once,
-each bounded by TIMEOUT seconds."""
+each bounded by TIMEOUT seconds. ``python -c SERVER TCP_PORTS UDP_PORT [LIFETIME]`` echoes on those ports
+(IPv4 and IPv6) and prints "ready"."""
+
+SERVER = r"""
+import socket, sys, threading
+def tcp(port):
+    s = socket.socket(socket.AF_INET6); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0); s.bind(("::", port)); s.listen(64)
+    while True:
+        c, _ = s.accept(); c.settimeout(2)
+        try:
+            c.sendall(c.recv(64))
+        except OSError:
+            pass
+        c.close()
+def udp(port):
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0); s.bind(("::", port))
+    while True:
+        data, peer = s.recvfrom(64); s.sendto(data, peer)
+for p in sys.argv[1].split(","):
+    threading.Thread(target=tcp, args=(int(p),), daemon=True).start()
+threading.Thread(target=udp, args=(int(sys.argv[2]),), daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait(float(sys.argv[3]) if len(sys.argv) > 3 else 300)  # bounded; tests kill it sooner
+"""
 
 PROBE = r"""
 import json, os, socket, struct, sys, time

@@ -32,7 +32,7 @@ from policy.loader import load_text
 from policy.model import Endpoint
 from tests.agents import AgentProcess, CniBinary, rmtree, tempdir
 from tests.netns import NamespaceSet, nsexec
-from tests.probes import PROBE
+from tests.probes import PROBE, SERVER
 
 pytestmark = [pytest.mark.functional, pytest.mark.timeout(180)]
 
@@ -43,28 +43,6 @@ RESYNC = 2.0
 NETCTL = os.path.join(os.path.dirname(sys.executable), "netctl")
 
 # Echo servers: TCP 80 and 8080, UDP 53 (ICMP echo is the kernel's). Bounded: killed with the namespace.
-SERVER = r"""
-import socket, sys, threading
-def tcp(port):
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", port))
-    s.listen(64)
-    while True:
-        c, _ = s.accept(); c.settimeout(2)
-        try:
-            c.sendall(c.recv(64))
-        except OSError:
-            pass
-        c.close()
-def udp(port):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", port))
-    while True:
-        data, peer = s.recvfrom(64); s.sendto(data, peer)
-for p in (80, 8080):
-    threading.Thread(target=tcp, args=(p,), daemon=True).start()
-threading.Thread(target=udp, args=(53,), daemon=True).start()
-print("ready", flush=True)
-threading.Event().wait(300)
-"""
 
 
 # Spoofing from inside a container with scapy: raw IP datagrams, kernel-routed, any source address.
@@ -167,8 +145,8 @@ class Cluster:
         self._serve(key)
 
     def _serve(self, key):
-        proc = subprocess.Popen(["ip", "netns", "exec", self.ns[key], sys.executable, "-c", SERVER],
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        proc = subprocess.Popen(["ip", "netns", "exec", self.ns[key], sys.executable, "-c", SERVER,
+                                 "80,8080", "53"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.servers.append(proc)
         assert proc.stdout.readline().strip() == "ready", f"server in {key} did not start"
 

@@ -25,36 +25,13 @@ from policy.loader import load_text
 from policy.model import Endpoint, Peer, Policy, Rule
 from policy.selector import Selector
 from tests.netns import NamespaceSet, nsexec
-from tests.probes import PROBE
+from tests.probes import PROBE, SERVER
 
 pytestmark = [pytest.mark.functional, pytest.mark.timeout(120)]
 
 TCP_PORTS = (80, 8080)
 UDP_PORT = 53
 
-SERVER = r"""
-import socket, sys, threading
-def tcp(port):
-    s = socket.socket(socket.AF_INET6); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0); s.bind(("::", port)); s.listen(64)
-    while True:
-        c, _ = s.accept(); c.settimeout(2)
-        try:
-            c.sendall(c.recv(64))
-        except OSError:
-            pass
-        c.close()
-def udp(port):
-    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0); s.bind(("::", port))
-    while True:
-        data, peer = s.recvfrom(64); s.sendto(data, peer)
-for p in sys.argv[1].split(","):
-    threading.Thread(target=tcp, args=(int(p),), daemon=True).start()
-threading.Thread(target=udp, args=(int(sys.argv[2]),), daemon=True).start()
-print("ready", flush=True)
-threading.Event().wait(120)   # bounded: the test kills us long before
-"""
 
 
 
