@@ -8,6 +8,8 @@ import sys
 import tempfile
 import time
 
+from tests.netns import stop_process
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.dirname(sys.executable)
 
@@ -50,13 +52,7 @@ class AgentProcess:
         raise RuntimeError(f"agent did not start:\n{self.log()}")
 
     def stop(self, sig=signal.SIGTERM):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, sig, timeout=15)
         self.proc = None
 
     def log(self):

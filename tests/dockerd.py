@@ -13,11 +13,12 @@ stopped by pid, then any process still running from our exec root (containerd sh
 """
 import os
 import shutil
-import signal
 import subprocess
 import tarfile
 import tempfile
 import time
+
+from tests.netns import kill_pids, stop_process
 
 DOCKER = "/usr/bin/docker"  # Debian's CLI, the one that matches the daemon (another may sit in /usr/local/bin)
 DOCKERD = "/usr/sbin/dockerd"
@@ -130,13 +131,7 @@ class DockerDaemon:
         """SIGTERM dockerd and wait; with --live-restore its containers keep running."""
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout=timeout)
         self.proc = None
 
     def restart(self):
@@ -191,11 +186,7 @@ class DockerDaemon:
                     pids.append(int(entry))
             if not pids:
                 break
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            kill_pids(pids)
             time.sleep(0.1)
         for cid in ids:
             for hierarchy in os.listdir("/sys/fs/cgroup"):
@@ -222,11 +213,7 @@ class DockerDaemon:
                     continue
             if not pids:
                 return
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            kill_pids(pids)
             time.sleep(0.1)
 
     # --- client ---------------------------------------------------------------------------------------------------

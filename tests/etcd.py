@@ -7,6 +7,8 @@ import tempfile
 import time
 import urllib.request
 
+from tests.netns import stop_process
+
 
 def free_port():
     with socket.socket() as s:
@@ -59,13 +61,7 @@ class EtcdServer:
         raise RuntimeError("etcd did not become healthy")
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.proc = None
 
     def restart(self):

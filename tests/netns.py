@@ -5,6 +5,7 @@ namespace is registered for deletion before it is created.
 """
 import os
 import shlex
+import signal
 import subprocess
 import uuid
 
@@ -16,6 +17,27 @@ def run(cmd, check=True, **kw):
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(args)} -> rc={p.returncode}\n{p.stdout}\n{p.stderr}")
     return p
+
+
+def stop_process(proc, sig=signal.SIGTERM, timeout=10):
+    """Signal a child and wait; SIGKILL when it does not go within ``timeout``. None or already gone: no-op."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def kill_pids(pids):
+    """SIGKILL each pid, ignoring those already gone."""
+    for pid in pids:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
 
 
 def nsexec(ns, cmd, check=True, **kw):
@@ -54,11 +76,6 @@ class NamespaceSet:
     def close(self):
         for name in reversed(self.names):
             # Kill anything still running inside before deleting, so no process outlives the test.
-            pids = run(["ip", "netns", "pids", name], check=False).stdout.split()
-            for pid in pids:
-                try:
-                    os.kill(int(pid), 9)
-                except (ProcessLookupError, ValueError):
-                    pass
+            kill_pids(run(["ip", "netns", "pids", name], check=False).stdout.split())
             run(["ip", "netns", "del", name], check=False)
         self.names.clear()

@@ -2,6 +2,10 @@
 [kind, dst, port] (kind tcp, udp or icmp; IPv4 or IPv6); prints a JSON list of booleans. All probes run at once,
 each bounded by TIMEOUT seconds. ``python -c SERVER TCP_PORTS UDP_PORT [LIFETIME]`` echoes on those ports
 (IPv4 and IPv6) and prints "ready"."""
+import json
+import sys
+
+from tests.netns import nsexec
 
 SERVER = r"""
 import socket, sys, threading
@@ -64,3 +68,13 @@ probes = [tuple(p) for p in json.loads(sys.argv[1])]
 with ThreadPoolExecutor(len(probes)) as pool:
     print(json.dumps(list(pool.map(probe, probes))))
 """
+
+
+def assert_reachability(netns, src, checks, ip_of, timeout):
+    """checks: (kind, dst key, port, passes?); all probes run at once from ``netns``; every mismatch is listed."""
+    probes = [(kind, ip_of[dst], port) for kind, dst, port, _ in checks]
+    out = nsexec(netns, [sys.executable, "-c", PROBE, json.dumps(probes), str(timeout)], timeout=30)
+    got = json.loads(out.stdout)
+    wrong = [f"{src}->{dst} {kind}/{port}: want {'pass' if want else 'blocked'}, got {'pass' if ok else 'blocked'}"
+             for (kind, dst, port, want), ok in zip(checks, got) if ok != want]
+    assert not wrong, "\n".join(wrong)

@@ -32,7 +32,7 @@ from policy.loader import load_text
 from policy.model import Endpoint
 from tests.agents import AgentProcess, CniBinary, rmtree, tempdir
 from tests.netns import NamespaceSet, nsexec
-from tests.probes import PROBE, SERVER
+from tests.probes import SERVER, assert_reachability
 
 pytestmark = [pytest.mark.functional, pytest.mark.timeout(180)]
 
@@ -236,12 +236,7 @@ class Cluster:
 
     def expect(self, src, *checks, timeout=0.6):
         """checks: (kind, dst key, port, passes?); all probes run at once from ``src``'s namespace."""
-        probes = [(kind, self.ip[dst], port) for kind, dst, port, _ in checks]
-        out = nsexec(self.ns[src], [sys.executable, "-c", PROBE, json.dumps(probes), str(timeout)], timeout=30)
-        got = json.loads(out.stdout)
-        wrong = [f"{src}->{dst} {kind}/{port}: want {'pass' if want else 'blocked'}, got {'pass' if ok else 'blocked'}"
-                 for (kind, dst, port, want), ok in zip(checks, got) if ok != want]
-        assert not wrong, "\n".join(wrong)
+        assert_reachability(self.ns[src], src, checks, self.ip, timeout)
 
     def rules(self, host, family=4):
         """Our chains and hooks in a host's filter table, as iptables-save prints them (no counters)."""

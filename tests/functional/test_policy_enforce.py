@@ -10,7 +10,6 @@ Topology (all inside throwaway namespaces)::
 The veth/route/proxy-ARP helper here is deliberately small: it stands in for the dataplane module.
 """
 import dataclasses
-import json
 import logging
 import re
 import subprocess
@@ -25,7 +24,7 @@ from policy.loader import load_text
 from policy.model import Endpoint, Peer, Policy, Rule
 from policy.selector import Selector
 from tests.netns import NamespaceSet, nsexec
-from tests.probes import PROBE, SERVER
+from tests.probes import SERVER, assert_reachability
 
 pytestmark = [pytest.mark.functional, pytest.mark.timeout(120)]
 
@@ -87,12 +86,7 @@ class Lab:
 
     def expect(self, src, *checks, timeout=0.5):
         """checks: (kind, dst key, port, expected bool); all probes run at once from ``src``."""
-        probes = [(kind, self.ip[dst], port) for kind, dst, port, _ in checks]
-        out = nsexec(self.ns[src], [sys.executable, "-c", PROBE, json.dumps(probes), str(timeout)], timeout=30)
-        got = json.loads(out.stdout)
-        wrong = [f"{src}->{dst} {kind}/{port}: want {'pass' if want else 'blocked'}, got {'pass' if ok else 'blocked'}"
-                 for (kind, dst, port, want), ok in zip(checks, got) if ok != want]
-        assert not wrong, "\n".join(wrong)
+        assert_reachability(self.ns[src], src, checks, self.ip, timeout)
 
     def ruleset(self, policies_yaml="", remote=()):
         policies = load_text(policies_yaml, "test.yaml") if policies_yaml else []
