@@ -162,3 +162,4 @@ class Endpoint(Record):
     labels: dict = field(default_factory=dict)
     handle: str | None = None
     orchestrator: str = "cni"  # cni | docker
+    mtu: int | None = None  # asked for by the network (CNI config, Docker -o); None: the agent's --mtu

@@ -179,7 +179,7 @@ class DockerDriver:
         # libnetwork names the interface in the sandbox (eth0, eth1, ...); the record says eth0, which only the
         # reconciler's "recreate a lost veth" path would use.
         spec = EndpointSpec(endpoint_id=endpoint_id, netns=sandbox_key, ifname="eth0",
-                            addresses=tuple(pending.addresses), mtu=self.mtu, mac=pending.mac)
+                            addresses=tuple(pending.addresses), mtu=net.mtu or self.mtu, mac=pending.mac)
         base_labels = {**net.labels, NETWORK_LABEL: net.name}
         others = self.local.peers(sandbox_key, endpoint_id)
         routes = static_routes(pending.addresses, primary=not others, subnets=free_subnets(
@@ -190,7 +190,7 @@ class DockerDriver:
                           endpoint_id)
             ep = Endpoint(id=endpoint_id, host=self.host, network=net.name, container_id="", netns=sandbox_key,
                           ifname=spec.ifname, host_ifname=link.host_ifname, addresses=list(pending.addresses),
-                          mac=link.mac, labels=base_labels, handle=None, orchestrator="docker")
+                          mac=link.mac, labels=base_labels, handle=None, orchestrator="docker", mtu=net.mtu)
             self.ds.put(keys.endpoint(self.host, endpoint_id), ep.to_dict())
             undo.pop_all()
         self.local.joined(endpoint_id, sandbox_key, net.name, link.host_ifname, pending.addresses)

@@ -41,6 +41,23 @@ class DockerNetwork:
     name: str | None = None  # None until read from dockerd
     recorded: bool = False
 
+    @property
+    def mtu(self):
+        """The MTU of this network's veths (``-o com.docker.network.driver.mtu=N``); None: the agent's."""
+        return parse_mtu(self.options.get(MTU_OPTION))
+
+
+def parse_mtu(value):
+    if value is None or value == "":
+        return None
+    try:
+        mtu = int(str(value), 10)
+    except ValueError:
+        mtu = None
+    if mtu is None or not 68 <= mtu <= 65535:
+        raise InvalidInput(f"driver option {MTU_OPTION}={value!r} must be a whole number from 68 to 65535")
+    return mtu
+
 
 def parse_create(network_id, options, ipv4_data, ipv6_data):
     """A DockerNetwork from CreateNetwork's payload; refuses networks whose addresses are not netplugin's."""
@@ -60,11 +77,9 @@ def parse_create(network_id, options, ipv4_data, ipv6_data):
             net.gateways.append(gateway)
     if not net.subnets:
         raise InvalidInput(f"network {network_id[:12]} has no IPv4 or IPv6 data: use --ipam-driver netplugin")
-    if MTU_OPTION in net.options:
-        # Every veth of a host has the agent's MTU, and its reconciler restores that one: a per-network value
-        # would not last. Refuse it rather than ignore it.
-        raise InvalidInput(f"driver option {MTU_OPTION} is not supported: netplugin veths use the agent's MTU "
-                           "(netplugin agent --mtu)")
+    mtu = net.mtu  # refused now rather than at the first container
+    if mtu is not None and mtu < 1280 and ipv6_data:
+        raise InvalidInput(f"driver option {MTU_OPTION}={mtu} is below IPv6's minimum of 1280")
     return net
 
 

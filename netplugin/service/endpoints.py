@@ -109,7 +109,7 @@ class EndpointService:
             ep = Endpoint(id=ep_id, host=self.host, network=req.network, container_id=req.container_id,
                           netns=req.netns, ifname=req.ifname, host_ifname=state.host_ifname, addresses=addresses,
                           mac=state.mac, labels={**req.labels, NETWORK_LABEL: req.network}, handle=ep_id,
-                          orchestrator=req.orchestrator)
+                          orchestrator=req.orchestrator, mtu=req.mtu)
             self.ds.put(keys.endpoint(self.host, ep_id), ep.to_dict())
             clock.mark("record")
             undo.pop_all()
@@ -156,13 +156,14 @@ class EndpointService:
         if expected is not None and sorted(expected) != sorted(ep.addresses):
             problems.append(f"the runtime expects {sorted(expected)}, the endpoint has {ep.addresses}")
         spec = EndpointSpec(endpoint_id=ep_id, netns=netns or ep.netns, ifname=ep.ifname,
-                            addresses=tuple(ep.addresses), mtu=self.mtu)
+                            addresses=tuple(ep.addresses), mtu=ep.mtu or self.mtu)
         problems += self.dataplane.check_endpoint(spec)
         return problems
 
     def spec_of(self, ep):
+        """What the kernel should hold for a recorded endpoint: its network's MTU when it asked for one."""
         return EndpointSpec(endpoint_id=ep.id, netns=ep.netns, ifname=ep.ifname, addresses=tuple(ep.addresses),
-                            mtu=self.mtu)
+                            mtu=ep.mtu or self.mtu)
 
     @staticmethod
     def _quietly(what, ep_id, fn, *args):

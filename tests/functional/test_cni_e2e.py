@@ -312,6 +312,18 @@ def test_labels_from_k8s_args_and_config_args_land_on_the_endpoint(host, contain
     assert record["orchestrator"] == "cni" and record["container_id"] == a and record["netns"] == f"/run/netns/{a}"
 
 
+def test_mtu_from_the_network_config_is_recorded_and_kept(host, containers):
+    config = dict(host.cni.config, mtu=1400)
+    a, result = containers.add(config=config)
+    veth = host_ifname(endpoint_id(NETWORK, a, "eth0"))
+    assert json.loads(nsexec(a, "ip -j link show eth0").stdout)[0]["mtu"] == 1400
+    assert json.loads(nsexec(host.ns, f"ip -j link show {veth}").stdout)[0]["mtu"] == 1400
+    assert host.endpoint(endpoint_id(NETWORK, a, "eth0"))["mtu"] == 1400
+    # CHECK compares the kernel with the record's MTU, not the agent's default (1500 here).
+    rc, out, err = host.cni.call("CHECK", a, f"/run/netns/{a}", config=dict(config, prevResult=result))
+    assert (rc, out) == (0, {}), (out, err)
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_each_cni_version_gets_its_own_result_shape(host, containers, version):
     config = dict(host.cni.config, cniVersion=version)

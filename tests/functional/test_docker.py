@@ -204,9 +204,12 @@ def test_protocol_endpoint_lifecycle(plugin, etcd, namespaces):
     pool = plugin("IpamDriver.RequestPool", {"AddressSpace": "netplugin", "Pool": "10.40.0.0/24"})
     v6 = plugin("IpamDriver.RequestPool", {"AddressSpace": "netplugin", "Pool": "fd40::/64", "V6": True})
     v4data = [{"AddressSpace": "netplugin", "Pool": "10.40.0.0/24", "Gateway": "169.254.1.1/32"}]
-    mtu = plugin("NetworkDriver.CreateNetwork", {"NetworkID": "net1", "IPv4Data": v4data, "Options": {
-        "com.docker.network.generic": {"com.docker.network.driver.mtu": "1400"}}})
-    assert "agent's MTU" in mtu["Err"]
+    for bad, why in (("jumbo", "whole number from 68 to 65535"), ("70000", "whole number from 68 to 65535"),
+                     ("1200", "below IPv6's minimum of 1280")):
+        refused = plugin("NetworkDriver.CreateNetwork", {
+            "NetworkID": "net1", "IPv4Data": v4data, "IPv6Data": [{"AddressSpace": "netplugin", "Pool": "fd40::/64"}],
+            "Options": {"com.docker.network.generic": {"com.docker.network.driver.mtu": bad}}})
+        assert why in refused["Err"]
     assert plugin("NetworkDriver.CreateNetwork", {
         "NetworkID": "net1", "Options": {"com.docker.network.generic": {"color": "green"}}, "IPv4Data": v4data,
         "IPv6Data": [{"AddressSpace": "netplugin", "Pool": "fd40::/64"}]}) == {}
@@ -244,13 +247,20 @@ def test_protocol_endpoint_lifecycle(plugin, etcd, namespaces):
 
     # A second netplugin network in the same sandbox: only its subnet as a connected route.
     pool2 = plugin("IpamDriver.RequestPool", {"AddressSpace": "netplugin", "Pool": "10.41.0.0/24"})
-    plugin("NetworkDriver.CreateNetwork", {"NetworkID": "net2", "IPv4Data": [
-        {"AddressSpace": "netplugin", "Pool": "10.41.0.0/24"}]})
+    assert plugin("NetworkDriver.CreateNetwork", {"NetworkID": "net2", "IPv4Data": [
+        {"AddressSpace": "netplugin", "Pool": "10.41.0.0/24"}], "Options": {
+        "com.docker.network.generic": {"com.docker.network.driver.mtu": "1400"}}}) == {}
     b4 = plugin("IpamDriver.RequestAddress", {"PoolID": pool2["PoolID"]})["Address"]
     ep2 = {"NetworkID": "net2", "EndpointID": "ep2"}
     plugin("NetworkDriver.CreateEndpoint", {**ep2, "Interface": {"Address": b4}})
     second = plugin("NetworkDriver.Join", {**ep2, "SandboxKey": f"/run/netns/{sandbox}"})
     assert second["StaticRoutes"] == [{"Destination": "10.41.0.0/24", "RouteType": 1}]
+    # -o com.docker.network.driver.mtu: both ends of the veth, kept in the record so resyncs keep it too.
+    assert json.loads(nsexec(ns, f"ip -j link show {second['InterfaceName']['SrcName']}").stdout)[0]["mtu"] == 1400
+    record2 = endpoint_record(etcd, "h1", "ep2")
+    assert record2.mtu == 1400 and endpoint_record(etcd, "h1", "ep1").mtu is None
+    assert plugin.driver.dataplane.list_endpoints()[record2.host_ifname]["mtu"] == 1400
+    assert plugin.driver.service.spec_of(record2).mtu == 1400  # what the agent's reconciler holds it to
 
     for e in (ep, ep2):
         for _ in range(2):  # idempotent
