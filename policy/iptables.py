@@ -1,4 +1,5 @@
-"""Our chains in one namespace's iptables ``filter`` table: read back, plan, one atomic restore batch.
+"""Our chains in one table (``filter``; ``nat`` for NAT-outgoing) of one namespace: read back, plan, one atomic
+restore batch.
 
 Ownership is by name: chains starting ``np-`` are ours, and in a built-in chain we own only rules that jump or
 go to one of ours (the "hooks", one per built-in we use). Each rule we write carries ``-m comment --comment
@@ -22,7 +23,7 @@ from policy.compiler import PREFIX
 from policy.nsexec import first_line, numbered_context
 
 LOG = logging.getLogger(__name__)
-BUILTINS = ("INPUT", "FORWARD", "OUTPUT")
+BUILTINS = {"filter": ("INPUT", "FORWARD", "OUTPUT"), "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING")}
 FAMILY_NAME = {4: "IPv4", 6: "IPv6"}
 _BASE = {4: "iptables", 6: "ip6tables"}
 _COMMENT = re.compile(r'--comment\s+"?np:([0-9a-f]{16})"?')
@@ -63,14 +64,17 @@ class TablePlan:
 
 
 class IptablesTable:
-    """The filter table of one family in one namespace."""
+    """One table (``filter`` unless told) of one family in one namespace."""
 
-    def __init__(self, ns, family, wait=5, backend=None):
+    def __init__(self, ns, family, wait=5, backend=None, table="filter"):
         """``backend`` 'nf_tables' or 'legacy' overrides detection (tests; hosts known to differ)."""
         if backend not in (None, "nf_tables", "legacy"):
             raise InvalidInput(f"iptables backend {backend!r} is not nf_tables or legacy")
+        if table not in BUILTINS:
+            raise InvalidInput(f"iptables table {table!r} is not one of {', '.join(BUILTINS)}")
         self.ns = ns
         self.family = family
+        self.table = table
         self.wait = wait
         self._backend = backend
         self._binaries = None
@@ -100,8 +104,8 @@ class IptablesTable:
 
     def read(self):
         _, save, _ = self.binaries()
-        out = self.ns.run([save, "-t", "filter"], what=f"{save} ({self.label})").stdout
-        return parse_save(out)
+        out = self.ns.run([save, "-t", self.table], what=f"{save} ({self.label})").stdout
+        return parse_save(out, self.table)
 
     def plan(self, chains, hooks, current, force=False):
         """What to change so the table holds ``chains`` ({name: specs}) and ``hooks`` ({built-in: chain})."""
@@ -139,7 +143,7 @@ class IptablesTable:
         """The iptables-restore batch for ``plan`` (empty list: nothing to do)."""
         if plan.empty():
             return []
-        lines = ["*filter"]
+        lines = [f"*{self.table}"]
         lines += [f":{name} - [0:0]" for name in plan.rewrite + plan.stale]
         lines += [f"-D {builtin} {spec}" for builtin, spec in plan.hook_del]
         for name in plan.rewrite:
@@ -169,15 +173,15 @@ class IptablesTable:
                              " the previous rules stay in force", details=f"{reason}\n{context}")
 
 
-def parse_save(text):
-    """``iptables-save -t filter`` output -> TableState (our chains and the hooks into them)."""
+def parse_save(text, table="filter"):
+    """``iptables-save -t TABLE`` output -> TableState (our chains and the hooks into them)."""
     state = TableState()
-    in_filter = False
+    in_table = False
     for line in text.splitlines():
         if line.startswith("*"):
-            in_filter = line.strip() == "*filter"
+            in_table = line.strip() == f"*{table}"
             continue
-        if not in_filter:
+        if not in_table:
             continue
         if line.startswith(":"):
             name = line[1:].split()[0]
@@ -190,7 +194,7 @@ def parse_save(text):
             h = m.group(1) if m else None
             if chain.startswith(PREFIX):
                 state.chains[chain] = state.chains.get(chain, ()) + (h,)
-            elif chain in BUILTINS:
+            elif chain in BUILTINS[table]:
                 t = _TARGET.search(spec)
                 if t and t.group(1).startswith(PREFIX):
                     state.hooks.setdefault(chain, []).append((spec, t.group(1), h))

@@ -1,0 +1,57 @@
+"""NAT-outgoing: containers of a pool marked ``nat_outgoing`` reach destinations outside every pool from their
+host's address (Calico's ``natOutgoing``), for pools the rest of the network does not route.
+
+One chain of ours in the ``nat`` table per family, hooked from POSTROUTING: traffic to any pool is left alone
+(container to container stays routed, with its real source), then traffic from a NAT pool is masqueraded.
+Pools are few, so a short chain needs no ipset. Only this reconciler writes the chain; the policy applier owns
+the ``filter`` table and never reads ``nat``.
+"""
+import ipaddress
+import logging
+import os
+
+from policy.iptables import IptablesTable
+from policy.nsexec import NamespaceCommand
+
+LOG = logging.getLogger(__name__)
+CHAIN = "np-nat-outgoing"
+HOOK = "POSTROUTING"
+FAMILIES = (4, 6)
+
+
+def nat_rules(pools):
+    """{family: [rule specs]} of our POSTROUTING chain for these pools; empty when no pool asks for NAT (pure)."""
+    out = {}
+    for family in FAMILIES:
+        mine = sorted((p for p in pools if ipaddress.ip_network(p.cidr).version == family), key=lambda p: p.cidr)
+        masq = [p.cidr for p in mine if p.nat_outgoing]
+        out[family] = ([f"-d {p.cidr} -j RETURN" for p in mine] + [f"-s {cidr} -j MASQUERADE" for cidr in masq]
+                       if masq else [])
+    return out
+
+
+class NatReconciler:
+    """Keeps the host's nat table holding ``nat_rules(view.pools)``. Pools change rarely, so event-driven syncs
+    only write when the wanted rules changed; the periodic full resync reads the kernel back and repairs drift."""
+
+    def __init__(self, netns=None):
+        # The agent programs the namespace it runs in: the host's (a test host namespace in the tests).
+        ns = NamespaceCommand(netns or f"/proc/{os.getpid()}/ns/net", allow_host_namespace=True)
+        self.tables = {family: IptablesTable(ns, family, table="nat") for family in FAMILIES}
+        self._written = None  # the rules of our last successful write
+
+    def sync(self, view, full=False):
+        want = nat_rules(view.pools)
+        if not full and want == self._written:
+            return
+        for family, table in self.tables.items():
+            if not want[family] and not full and not (self._written or {}).get(family):
+                continue  # nothing wanted, nothing written: don't even load the family's nat table
+            chains = {CHAIN: want[family]} if want[family] else {}
+            hooks = {HOOK: CHAIN} if want[family] else {}
+            plan = table.plan(chains, hooks, table.read())
+            if not plan.empty():
+                table.restore(table.render(plan, chains))
+                LOG.info("event=nat_outgoing.applied family=%d rules=%d changes=%s", family, len(want[family]),
+                         "; ".join(plan.notes))
+        self._written = want
