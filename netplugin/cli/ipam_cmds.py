@@ -2,6 +2,7 @@
 import click
 
 from netplugin.cli.output import emit, output_option
+from netplugin.errors import InvalidInput
 from netplugin.ipam.allocator import IPAM
 from netplugin.ipam import reclaim
 
@@ -21,6 +22,20 @@ def pool_add(obj, cidr, block_size, nat_outgoing, fmt):
     """Add a pool; overlapping pools are refused."""
     p = IPAM(obj.ds).add_pool(cidr, block_size=block_size, nat_outgoing=nat_outgoing)
     emit(p.to_dict(), fmt)
+
+
+@pool.command("set")
+@click.argument("cidr")
+@click.option("--nat-outgoing/--no-nat-outgoing", default=None, help="Masquerade traffic leaving every pool.")
+@click.option("--disable/--enable", "disabled", default=None,
+              help="A disabled pool hands out nothing new; its allocated addresses stay.")
+@output_option
+@click.pass_obj
+def pool_set(obj, cidr, nat_outgoing, disabled, fmt):
+    """Change a pool's NAT-outgoing flag or disable/enable it."""
+    if nat_outgoing is None and disabled is None:
+        raise InvalidInput("nothing to change: give --nat-outgoing/--no-nat-outgoing or --disable/--enable")
+    emit(IPAM(obj.ds).update_pool(cidr, nat_outgoing=nat_outgoing, disabled=disabled).to_dict(), fmt)
 
 
 @pool.command("list")

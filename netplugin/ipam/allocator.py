@@ -89,6 +89,26 @@ class IPAM:
                 return pool
         raise Conflict(f"could not add pool {pool.cidr}: pools kept changing")
 
+    def update_pool(self, cidr, nat_outgoing=None, disabled=None):
+        """Change a pool's NAT-outgoing flag or disable it (no new blocks or addresses from it; what is allocated
+        stays). None leaves a field as it is. Guarded by the record's revision, so a concurrent change wins
+        cleanly instead of being overwritten."""
+        self._valid_cidr(cidr)
+        for _ in range(10):
+            kv = self.ds.get(keys.pool(cidr))
+            if kv is None:
+                raise NotFound(f"pool {cidr} does not exist")
+            pool = Pool.from_dict(kv.value)
+            changes = {k: v for k, v in (("nat_outgoing", nat_outgoing), ("disabled", disabled)) if v is not None}
+            updated = Pool.from_dict({**pool.to_dict(), **changes})
+            if updated == pool:
+                return pool
+            if self.ds.txn([mod_is(keys.pool(cidr), kv.mod_revision)],
+                           [put_op(keys.pool(cidr), updated.to_dict())]).succeeded:
+                self._pools = None
+                return updated
+        raise Conflict(f"could not update pool {cidr}: it kept changing")
+
     def remove_pool(self, cidr):
         """Remove an empty pool and its (empty) blocks; refused while any address is allocated."""
         pool_kv = self.ds.get(keys.pool(cidr)) if self._valid_cidr(cidr) else None

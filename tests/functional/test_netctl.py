@@ -12,6 +12,7 @@ from netplugin.datastore import keys
 from netplugin.datastore.client import Datastore
 from netplugin.datastore.models import Allocation, Block, Node
 from netplugin.ipam.allocator import IPAM, AssignRequest
+from netplugin.errors import PoolExhausted
 from netplugin.nodes import Liveness, NodeRegistry
 from tests.etcd import EtcdServer, free_port
 
@@ -107,6 +108,20 @@ def test_pool_add_list_rm(etcd, run):
 
     assert run("pool", "rm", "fd00:10::/112").stdout.strip() == "removed pool fd00:10::/112"
     assert [p["cidr"] for p in json.loads(run("pool", "list", "-o", "json").stdout)] == ["10.10.0.0/16"]
+
+
+def test_pool_set_changes_nat_and_disables_allocation(etcd, run, fails):
+    run("pool", "add", "10.12.0.0/24")
+    assert json.loads(run("pool", "set", "10.12.0.0/24", "--nat-outgoing", "-o", "json").stdout)["nat_outgoing"]
+    disabled = json.loads(run("pool", "set", "10.12.0.0/24", "--disable", "-o", "json").stdout)
+    assert disabled == {"cidr": "10.12.0.0/24", "block_size": 26, "nat_outgoing": True, "disabled": True}
+    with pytest.raises(PoolExhausted):  # a disabled pool hands out nothing
+        IPAM(etcd).auto_assign("c1", "h1")
+    enabled = json.loads(run("pool", "set", "10.12.0.0/24", "--enable", "--no-nat-outgoing", "-o", "json").stdout)
+    assert not enabled["disabled"] and not enabled["nat_outgoing"]
+    assert IPAM(etcd).auto_assign("c1", "h1")
+    fails("pool", "set", "10.13.0.0/24", "--disable", match="pool 10.13.0.0/24 does not exist")
+    fails("pool", "set", "10.12.0.0/24", match="nothing to change")
 
 
 def test_empty_listings(etcd, run):
