@@ -127,8 +127,26 @@ class BirdProcess:
         except BirdError:
             return False
 
-    def start(self, timeout=10.0):
-        """Start BIRD with the config at ``conf_path`` and wait until it answers; a running BIRD is kept."""
+    def left_routes(self):
+        """True when the kernel of our namespace holds routes a BIRD wrote (``proto bird``): a BIRD was killed
+        or stopped with ``birdc graceful restart`` and its forwarding state is still in place."""
+        for family in ("-4", "-6"):
+            p = _run(_ns_prefix(self.netns) + ["ip", family, "route", "show", "proto", "bird"],
+                     f"reading BIRD's routes in {self.netns or 'this namespace'}")
+            if p.returncode != 0:
+                raise BirdError(f"reading BIRD's routes in {self.netns or 'this namespace'}: {p.stderr.strip()}")
+            if p.stdout.strip():
+                return True
+        return False
+
+    def start(self, timeout=10.0, recover=None):
+        """Start BIRD with the config at ``conf_path`` and wait until it answers; a running BIRD is kept.
+
+        ``recover`` starts it in graceful restart recovery (``bird -R``): it keeps the kernel routes it finds until
+        its sessions are back, and tells its peers it kept forwarding. None means: when ``left_routes()``. A fresh
+        BIRD must not recover: it would hold back every kernel route for ``graceful restart wait`` seconds
+        whenever one configured peer is down.
+        """
         if self.running():
             return
         if not os.path.exists(self.conf_path):
@@ -137,8 +155,12 @@ class BirdProcess:
             raise BirdError(f"starting BIRD: control socket path {self.sock_path} is longer than "
                             f"{_SUN_PATH_MAX} bytes; use a shorter run directory")
         check_config(self.conf_path, self.bird_bin)
+        if recover is None:
+            recover = self.left_routes()
         cmd = _ns_prefix(self.netns) + [
             self.bird_bin, "-f", "-c", self.conf_path, "-s", self.sock_path, "-P", self.pid_path]
+        if recover:
+            cmd.append("-R")
         os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
         with open(self.log_path, "ab") as logf:
             # Own session: signals meant for the agent's process group do not take BIRD down with it.
@@ -150,7 +172,8 @@ class BirdProcess:
                 self._proc = None
                 raise BirdError(f"starting BIRD in {self.netns or 'this namespace'} failed: {self._log_tail()}")
             if self.running():
-                log.info("BIRD started (pid %s) in %s", self._proc.pid, self.netns or "this namespace")
+                log.info("BIRD started (pid %s) in %s%s", self._proc.pid, self.netns or "this namespace",
+                         " in graceful restart recovery" if recover else "")
                 return
             time.sleep(0.05)
         self.stop()

@@ -21,6 +21,14 @@ when in the same AS) and non-reflectors peer only with the reflectors; explicit 
 node. Every session is ``direct`` (one L2 hop, multihop off); iBGP or eBGP follows from the AS numbers. IPv6
 routes travel on separate sessions between IPv6 addresses, so IPv4 and IPv6 sessions fail independently.
 There is no ``direct`` protocol: next hops are resolved on directly connected networks via the device protocol.
+
+Graceful restart (measured with BIRD 2.0.12): every BGP session advertises it with ``restart_time``. A BIRD that
+is killed, or stopped with ``birdc graceful restart``, leaves its kernel routes, and its peers keep its routes as
+stale until it is back (then flushed after its End-of-RIB) or ``restart_time`` ends. A hold timer expiry (a host
+that vanished silently) drops the routes at once, as without graceful restart. A clean stop (SIGTERM) still
+withdraws everything. The kernel protocol's ``graceful restart on`` makes a BIRD started with ``-R`` keep the
+routes it finds in the kernel until the sessions are back; without ``-R`` it prunes them at start (a 3 s hole).
+``persist`` is not used: it would also keep routes after a deliberate stop.
 """
 import hashlib
 import ipaddress
@@ -250,6 +258,8 @@ def _render_session(s, settings):
         f"  keepalive time {settings.keepalive};",
         f"  graceful restart {'on' if settings.graceful_restart else 'off'};",
     ]
+    if settings.graceful_restart:
+        lines.append(f"  graceful restart time {settings.restart_time};")
     if s.rr_client:
         lines += ["  rr client;", f"  rr cluster id {s.cluster_id};"]
     if s.password is not None:
@@ -273,6 +283,8 @@ def render_bird_config(inp):
         f"router id {me.address};",
         "timeformat protocol iso long;",
         "log stderr all;",
+        "# How long a restarted BIRD (bird -R) keeps its kernel routes waiting for its sessions to come back.",
+        f"graceful restart wait {inp.settings.restart_wait};",
         "",
         "protocol device devices",
         "{",

@@ -115,7 +115,14 @@ class BgpPeer:
 
 @dataclass(frozen=True)
 class BgpSettings:
-    """Cluster-wide BGP settings. ``mesh`` False switches from node-to-node mesh to route reflectors."""
+    """Cluster-wide BGP settings. ``mesh`` False switches from node-to-node mesh to route reflectors.
+
+    Graceful restart (RFC 4724): when a BIRD dies and its TCP sessions close, peers keep its routes ("stale")
+    for ``restart_time`` seconds, the time we advertise, so traffic keeps flowing while the agent restarts it.
+    A hold timer expiry is not a restart: BIRD drops the routes then, as without graceful restart. A restarted
+    BIRD (``bird -R``) keeps its kernel routes until its sessions are back, but for at most ``restart_wait``
+    seconds: a peer that never comes back must not freeze the kernel table for BIRD's default 240 s.
+    """
 
     mesh: bool = True
     default_as: int = 64512
@@ -123,6 +130,8 @@ class BgpSettings:
     keepalive: int = 3
     graceful_restart: bool = True
     listen_port: int = 179
+    restart_time: int = 30
+    restart_wait: int = 20
 
     def __post_init__(self):
         _check_as("default AS number", self.default_as)
@@ -135,6 +144,13 @@ class BgpSettings:
         if (isinstance(self.listen_port, bool) or not isinstance(self.listen_port, int)
                 or not 1 <= self.listen_port <= 65535):
             raise InvalidInput(f"invalid BGP listen port {self.listen_port!r}: must be 1..65535")
+        # The restart time travels in a 12-bit field of the graceful restart capability.
+        if (isinstance(self.restart_time, bool) or not isinstance(self.restart_time, int)
+                or not 1 <= self.restart_time <= 4095):
+            raise InvalidInput(f"invalid BGP graceful restart time {self.restart_time!r}: must be 1..4095 seconds")
+        if (isinstance(self.restart_wait, bool) or not isinstance(self.restart_wait, int)
+                or not 1 <= self.restart_wait <= 3600):
+            raise InvalidInput(f"invalid BGP graceful restart wait {self.restart_wait!r}: must be 1..3600 seconds")
 
 
 @dataclass(frozen=True)

@@ -157,8 +157,9 @@ def test_dead_host_routes_leave_within_hold_time(labs):
     matrix = lab.ping_matrix(names)
     assert all(matrix.values()), matrix
     for h in survivors:
+        # Once its lease has expired too, the dead host is left out of the config: no row at all.
         states = {r["peer_address"]: r["state"] for r in node_status(lab, h)}
-        assert states[dead.address] != "Established"
+        assert states.get(dead.address, "left out") != "Established"
         assert [s for a, s in states.items() if a != dead.address] == ["Established"]
 
 

@@ -17,6 +17,7 @@ def _view():
     v = ClusterView(config=ClusterConfig(as_number=64600, mesh=False))
     v.nodes = {"h1": Node("h1", "192.168.1.1", route_reflector=True), "h2": Node("h2", "192.168.1.2"),
                "h3": Node("h3", None)}
+    v.alive = {"h1", "h2"}
     v.blocks = {"h1": ["10.0.0.64/26", "10.0.0.0/26"], "h2": ["10.0.1.0/26"], "gone": ["10.0.2.0/26"]}
     v.peers = [BgpPeer("tor", "192.168.1.254", 65001), BgpPeer("other", "192.168.9.9", 65002, node="h2")]
     return v

@@ -162,6 +162,20 @@ def test_settings_reach_every_session():
     n = len(plan_sessions(inp(A, peers=(TOR,))))
     assert text.count("hold time 30;") == n and text.count("keepalive time 10;") == n
     assert text.count("graceful restart off;") == n
+    assert "graceful restart time" not in text  # nothing to advertise with graceful restart off
+
+
+def test_graceful_restart_times_are_rendered():
+    text = render_bird_config(inp(A, peers=(TOR,), settings=BgpSettings(restart_time=45, restart_wait=12)))
+    n = len(plan_sessions(inp(A, peers=(TOR,))))
+    assert text.count("graceful restart time 45;") == n
+    assert text.count("graceful restart on;") == n + 2  # and both kernel protocols
+    assert re.search(r"^graceful restart wait 12;$", text, re.M)  # global: the restarting BIRD's bound
+    defaults = render_bird_config(inp(A))
+    assert "graceful restart time 30;" in defaults and "graceful restart wait 20;" in defaults
+    # The kernel protocol takes part in recovery, so a BIRD started with -R keeps the kernel routes it finds.
+    assert re.search(r"protocol kernel kernel4\n\{[^}]*\};[^}]*graceful restart on;", defaults)
+    assert "persist" not in defaults
 
 
 # --- naming and determinism --------------------------------------------------------------------------------
@@ -202,6 +216,11 @@ def test_rendering_is_deterministic():
     (lambda: BgpSettings(hold_time=2), "hold time"),
     (lambda: BgpSettings(keepalive=9), "keepalive"),
     (lambda: BgpSettings(listen_port=70000), "listen port"),
+    (lambda: BgpSettings(restart_time=0), "graceful restart time"),
+    (lambda: BgpSettings(restart_time=4096), "graceful restart time"),
+    (lambda: BgpSettings(restart_time=True), "graceful restart time"),
+    (lambda: BgpSettings(restart_wait=0), "graceful restart wait"),
+    (lambda: BgpSettings(restart_wait="20"), "graceful restart wait"),
     (lambda: inp(A, blocks=("10.1.0.1/26",)), "host bits"),
     (lambda: inp(A, nodes=(A, B, BgpNode("node-b", "10.0.0.9"))), "duplicate node name"),
     (lambda: inp(A, nodes=(A, BgpNode("node-z", "10.0.0.2"), B)), "both use address"),
@@ -230,6 +249,7 @@ VARIANTS = {
                                                                       BgpNode("9-starts-with-digit", "10.0.0.3"))),
     "settings": lambda: inp(A, settings=BgpSettings(hold_time=3, keepalive=1, graceful_restart=False,
                                                     listen_port=1179, default_as=4200000000)),
+    "graceful-restart-bounds": lambda: inp(A, settings=BgpSettings(restart_time=4095, restart_wait=3600)),
 }
 
 
