@@ -412,27 +412,167 @@ def fmt_elapsed(seconds):
 
 # --- diagnosis ---------------------------------------------------------------------------------------------------
 
-DIAG_STATES = (
-    ("as-built", "as built", "netplugin's iptables rules (policy chains, the conntrack they use) and strict "
-     "rp_filter on the host veths, as the agent made them", True, True),
-    ("no-iptables", "no iptables rules", "every iptables table flushed on both hosts (so no conntrack either); "
-     "rp_filter still strict", False, True),
-    ("bare", "no rules, no rp_filter", "as above, and rp_filter off on the host veths", False, False),
-)
+# nft texts for the states below (nft 1.0.6 wants ';' after a one-line chain's closing brace).
+CT_ONLY_NFT = ("table ip npdiag { chain out { type filter hook output priority 0; "
+               "ct state established accept; }; }\n")
+EMPTY_CHAIN_NFT = "table ip npdiag { chain forward { type filter hook forward priority 0; }; }\n"
+FLOWTABLE_PROBE_DEV = "npdiagprobe0"
 
 
-def set_host_state(lab, saved, keep_rules, strict_rpf):
+def flowtable_nft(devices):
+    """The candidate fast path: a flowtable on the host's veths and uplink, fed by a forward chain that runs after
+    iptables' filter chain, so only flows the policy accepted (and conntrack saw established) are offloaded."""
+    devs = ", ".join(f'"{d}"' for d in sorted(devices))
+    return (f"table inet npdiag {{\n  flowtable ft {{ hook ingress priority 0; devices = {{ {devs} }}; }}\n"
+            f"  chain forward {{ type filter hook forward priority filter + 10; policy accept;\n"
+            f"    ct state established flow add @ft\n  }}\n}}\n")
+
+
+def flowtable_support(lab, ns):
+    """(supported, reason): ask the kernel with ``nft -c`` (check only, nothing is committed) in ``ns``."""
+    from tests.netns import run
+    dev = FLOWTABLE_PROBE_DEV
+    lab.sh(ns, f"ip link add {dev} type veth peer name {dev}p")
+    try:
+        p = run(["ip", "netns", "exec", ns, "nft", "-c", "-f", "-"], input=flowtable_nft([dev]), check=False)
+    finally:
+        lab.sh(ns, f"ip link del {dev}", check=False)
+    if p.returncode == 0:
+        return True, "the kernel accepts flowtables"
+    err = (p.stderr or p.stdout).strip().splitlines()
+    first = err[0].split("Error: ", 1)[-1] if err else f"exit status {p.returncode}"
+    return False, f"`nft` answers '{first}' to a flowtable{kernel_config_note('CONFIG_NF_FLOW_TABLE')}"
+
+
+def kernel_config_note(option):
+    """', and the kernel is built without OPTION' when /proc/config.gz says so; else ''."""
+    import gzip
+    try:
+        with gzip.open("/proc/config.gz", "rt") as f:
+            unset = f"# {option} is not set" in f.read()
+    except OSError:
+        return ""
+    return f": the kernel is built without {option}" if unset else ""
+
+
+def host_devices(lab, ns):
+    """Every device of a netplugin host but lo: its container veths (np*) and its uplink (eth0)."""
+    out = []
+    for line in lab.sh(ns, "ip -o link show").stdout.splitlines():
+        dev = line.split(":")[1].strip().split("@")[0]
+        if dev != "lo":
+            out.append(dev)
+    return out
+
+
+def _reset(lab, saved, strict_rpf=True):
+    """Every netfilter table of the host emptied, then the agent's rules as saved put back."""
     for ns in lab.netplugin["hosts"]:
-        if keep_rules:
-            lab.sh(ns, "iptables-restore -w 5", input=saved[ns])
-        else:
-            for tbl in ("filter", "raw", "mangle", "nat"):
-                lab.sh(ns, f"iptables -w 5 -t {tbl} -F")
-                lab.sh(ns, f"iptables -w 5 -t {tbl} -X")
-        for line in lab.sh(ns, "ip -o link show").stdout.splitlines():
-            dev = line.split(":")[1].strip().split("@")[0]
-            if dev.startswith("np"):
-                lab.sh(ns, f"sysctl -qw net.ipv4.conf.{dev}.rp_filter={1 if strict_rpf else 0}")
+        lab.sh(ns, "nft flush ruleset")
+        lab.sh(ns, "iptables-restore -w 5", input=saved[ns][0])
+        lab.sh(ns, "ip6tables-restore -w 5", input=saved[ns][1])
+        _rp_filter(lab, ns, strict_rpf)
+
+
+def _flush(lab, strict_rpf=True, nft=None):
+    for ns in lab.netplugin["hosts"]:
+        lab.sh(ns, "nft flush ruleset")
+        if nft:
+            lab.sh(ns, "nft -f -", input=nft)
+        _rp_filter(lab, ns, strict_rpf)
+
+
+def _rp_filter(lab, ns, strict):
+    for dev in host_devices(lab, ns):
+        if dev.startswith("np"):
+            lab.sh(ns, f"sysctl -qw net.ipv4.conf.{dev}.rp_filter={1 if strict else 0}")
+
+
+def _ct_first(lab, saved):
+    _reset(lab, saved)
+    for ns in lab.netplugin["hosts"]:
+        lab.sh(ns, "iptables -w 5 -I FORWARD 1 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")
+
+
+# The conntrack mark bit of the proposed layout; the policy's packet marks (0x30000) live in another field.
+FAST_CTMARK = "0x1000000"
+FAST_ACCEPT = f"-m connmark --mark {FAST_CTMARK}/{FAST_CTMARK} -j ACCEPT"
+POLICY_ACCEPT_CHAIN = "np-fw-ep"
+
+
+def _ct_mark(lab, saved):
+    """The layout proposed to policy/: np-fw-ep marks the flows it accepts; the first FORWARD rule accepts the rest
+    of a marked flow, so established, policy-accepted packets stop there and other writers' traffic is untouched."""
+    _reset(lab, saved)
+    for ns in lab.netplugin["hosts"]:
+        rules = [line for line in lab.sh(ns, f"iptables -w 5 -S {POLICY_ACCEPT_CHAIN}").stdout.splitlines()
+                 if line.startswith("-A ")]
+        if not rules or not rules[-1].endswith("-j ACCEPT"):
+            raise RuntimeError(f"{POLICY_ACCEPT_CHAIN} in {ns} does not end with ACCEPT: {rules[-1:]}")
+        lab.sh(ns, f"iptables -w 5 -I {POLICY_ACCEPT_CHAIN} {len(rules)} -j CONNMARK --set-xmark "
+                   f"{FAST_CTMARK}/{FAST_CTMARK}")
+        lab.sh(ns, f"iptables -w 5 -I FORWARD 1 {FAST_ACCEPT}")
+
+
+def _ct_mark_hits(lab):
+    """Packets the fast-accept rule took on each host (proof that established flows stopped there)."""
+    out = {}
+    for ns in lab.netplugin["hosts"]:
+        first = lab.sh(ns, "iptables -w 5 -L FORWARD 1 -v -x -n").stdout.split()
+        out[ns] = int(first[0]) if first and first[0].isdigit() else None
+    return out
+
+
+def _notrack(lab, saved):
+    _reset(lab, saved)
+    for ns in lab.netplugin["hosts"]:
+        for chain in ("PREROUTING", "OUTPUT"):
+            lab.sh(ns, f"iptables -w 5 -t raw -I {chain} 1 -j NOTRACK")
+
+
+def _flowtable(lab, saved):
+    _reset(lab, saved)
+    for ns in lab.netplugin["hosts"]:
+        lab.sh(ns, "nft -f -", input=flowtable_nft(host_devices(lab, ns)))
+
+
+@dataclass(frozen=True)
+class DiagState:
+    id: str
+    label: str
+    description: str
+    apply: object  # (lab, saved) -> None
+
+
+# Ordered from the full cost to none: the first is as built, the last has nothing of netplugin's per-packet work.
+DIAG_STATES = (
+    DiagState("as-built", "as built", "netplugin's iptables rules (policy chains, the conntrack they use) and strict "
+              "rp_filter on the host veths, as the agent made them", _reset),
+    DiagState("flowtable", "as built + flowtable", "as built, plus an nftables flowtable on the host's veths and "
+              "uplink, fed by a forward chain after iptables' filter chain (`ct state established flow add`): the "
+              "software fast path for established, policy-accepted flows", _flowtable),
+    DiagState("ct-mark", "as built + fast accept", "as built, plus the layout proposed to the policy: a conntrack "
+              "mark set when np-fw-ep accepts a new flow and one rule at the top of FORWARD accepting packets of "
+              "marked flows, so established, policy-accepted flows stop at the first rule (others' traffic "
+              "untouched)", _ct_mark),
+    DiagState("ct-first", "conntrack + one rule", "as built, plus one rule at the top of FORWARD accepting "
+              "established flows: the least per-packet work a conntrack-based policy can do (a layout for "
+              "comparison, not what the policy writes)", _ct_first),
+    DiagState("notrack", "as built, untracked", "as built, plus NOTRACK for every IPv4 packet in the raw table: "
+              "the policy chains run in full for every packet (no established shortcut) and conntrack does nothing "
+              "(what keeping traffic out of conntrack costs with today's chains)", _notrack),
+    DiagState("ct-only", "conntrack, no filter chain", "every rule removed, conntrack kept on (its hooks held by "
+              "one rule on the output hook, which forwarded packets never reach)",
+              lambda lab, saved: _flush(lab, nft=CT_ONLY_NFT)),
+    DiagState("empty-chain", "one empty forward chain", "every rule removed and no conntrack, but one empty filter "
+              "chain on the forward hook: what one netfilter hook costs by itself",
+              lambda lab, saved: _flush(lab, nft=EMPTY_CHAIN_NFT)),
+    DiagState("no-rules", "no netfilter rules", "every netfilter table flushed on both hosts (no conntrack, no "
+              "hooks); rp_filter still strict", lambda lab, saved: _flush(lab)),
+    DiagState("bare", "no rules, no rp_filter", "as above, and rp_filter off on the host veths",
+              lambda lab, saved: _flush(lab, strict_rpf=False)),
+)
+DIAG_STATE_IDS = tuple(st.id for st in DIAG_STATES)
 
 
 def diagnose(args):
@@ -442,11 +582,18 @@ def diagnose(args):
     doc = {"date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
            "machine": machine.machine_info(tools=("iperf3", "sockperf")),
            "settings": {"rounds": args.rounds, "duration_s": args.duration, "latency_pinned": True},
-           "baseline": "host",
-           "states": [{"id": i, "label": lbl, "description": d} for i, lbl, d, _, _ in DIAG_STATES]}
+           "baseline": "host"}
     with CleanupStack() as cleanup:
         lab = Lab(cleanup)
         paths = [p for p in build_host(lab) + build_netplugin(lab, cleanup) + build_ptp(lab) if p.id != "netplugin-1h"]
+        states = [st for st in DIAG_STATES if st.id in args.states]
+        if any(st.id == "flowtable" for st in states):
+            supported, reason = flowtable_support(lab, lab.netplugin["hosts"][0])
+            doc["flowtable"] = {"supported": supported, "reason": reason}
+            if not supported:
+                log(f"flowtable state skipped: {reason}")
+                states = [st for st in states if st.id != "flowtable"]
+        doc["states"] = [{"id": st.id, "label": st.label, "description": st.description} for st in states]
         servers = Servers(lab)
         for p in paths:
             servers.start(p)
@@ -454,15 +601,16 @@ def diagnose(args):
         cleanup.push("resume agents", lambda: [os.kill(pid, signal.SIGCONT) for pid in agent_pids])
         for pid in agent_pids:
             os.kill(pid, signal.SIGSTOP)  # so they do not put back what a state removes
-        saved = {ns: lab.sh(ns, "iptables-save").stdout for ns in lab.netplugin["hosts"]}
+        saved = {ns: (lab.sh(ns, "iptables-save").stdout, lab.sh(ns, "ip6tables-save").stdout)
+                 for ns in lab.netplugin["hosts"]}
         doc["paths"] = [{"id": p.id, "label": p.label, "description": p.description} for p in paths]
         metrics = ("tcp_131072", "lat_avg", "lat_p50", "lat_p99")
-        samples = {st[0]: {p.id: {m: [None] * args.rounds for m in metrics} for p in paths} for st in DIAG_STATES}
+        samples = {st.id: {p.id: {m: [None] * args.rounds for m in metrics} for p in paths} for st in states}
         doc["samples"] = samples
         deadline = started + args.max_minutes * 60
         for r in range(args.rounds):
-            for state, _, _, keep_rules, strict_rpf in stats.rotated(DIAG_STATES, r):
-                set_host_state(lab, saved, keep_rules, strict_rpf)
+            for st in stats.rotated(states, r):
+                st.apply(lab, saved)
                 for path in stats.rotated(paths, r):
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"diagnosis exceeded {args.max_minutes} minutes")
@@ -470,15 +618,20 @@ def diagnose(args):
                         try:
                             values = run_one(path, kind, size, args, servers, cpu=r % NCPU)
                         except (ValueError, subprocess.TimeoutExpired, subprocess.CalledProcessError) as e:
-                            log(f"  ! round {r + 1}, {state}, {path.id}: {str(e).splitlines()[0][:200]}")
+                            log(f"  ! round {r + 1}, {st.id}, {path.id}: {str(e).splitlines()[0][:200]}")
                             if kind == "tcp":
                                 servers.restart_iperf(path)
                             continue
                         for mid in metrics:
                             if mid in values:
-                                samples[state][path.id][mid][r] = values[mid]
-                        log(f"[{fmt_elapsed(time.monotonic() - started)}] round {r + 1}/{args.rounds} {state:<11} "
+                                samples[st.id][path.id][mid][r] = values[mid]
+                        log(f"[{fmt_elapsed(time.monotonic() - started)}] round {r + 1}/{args.rounds} {st.id:<11} "
                             f"{path.id:<13} {short({k: v for k, v in values.items() if k in metrics})}")
+                if st.id == "ct-mark":  # read before the next state resets the counters
+                    doc["ct_mark_hits"] = _ct_mark_hits(lab)
+        if "flowtable" in samples:
+            doc["flowtable"]["offloaded"] = {ns: lab.sh(ns, "nft list flowtable inet npdiag ft", check=False).stdout
+                                             for ns in lab.netplugin["hosts"]}
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "datapath-diagnosis.json"), "w") as f:
         json.dump(doc, f, indent=1)
@@ -532,9 +685,17 @@ def parse_args(argv):
     ap.add_argument("--quick", action="store_true", help="2 rounds of 1 s tests: a smoke run")
     ap.add_argument("--render", metavar="JSON", help="only redraw datapath.md/.png from saved results")
     ap.add_argument("--diagnose", action="store_true",
-                    help="instead: host, netplugin (2 hosts) and ptp with netplugin's iptables rules and rp_filter "
-                         "switched off and on (writes datapath-diagnosis.md; default 6 rounds)")
+                    help="instead: host, netplugin (2 hosts) and ptp with netplugin's hosts switched between states "
+                         "from as built to no netfilter at all (see --states; writes datapath-diagnosis.md; default "
+                         "6 rounds)")
+    ap.add_argument("--states", default=",".join(DIAG_STATE_IDS),
+                    help=f"with --diagnose: comma-separated subset of {','.join(DIAG_STATE_IDS)} (in that order; "
+                         f"flowtable is skipped when the kernel lacks flowtables)")
     args = ap.parse_args(argv)
+    args.states = [s.strip() for s in args.states.split(",") if s.strip()]
+    bad = [s for s in args.states if s not in DIAG_STATE_IDS]
+    if bad or not args.states:
+        ap.error(f"unknown state(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(DIAG_STATE_IDS)}")
     if args.diagnose and "--rounds" not in (argv if argv is not None else sys.argv):
         args.rounds = 6
     if args.quick:

@@ -126,9 +126,68 @@ def _ptp_shortfall(doc):
             f"{fmt_num(lat)}).")
 
 
-def analysis_lines(doc):
+def _closing_line(doc, diagnosis):
+    """What would close the gap: measured options when a diagnosis is at hand, else the candidates."""
+    if not diagnosis or "ct-first" not in diagnosis.get("samples", {}):
+        return ("- What could close the gap (candidates, not measured here): for policy, keep traffic that no policy "
+                "restricts out of conntrack, or accept established flows through an nftables flowtable so they skip "
+                "the forward hooks; for the shape, a container device without the veth's per-packet backlog "
+                "hand-off (netkit, Linux 6.7+, or ipvlan in L3 mode)." + _ptp_shortfall(doc))
+
+    def diag(state, path="netplugin-2h", metric="lat_p50"):
+        return _ratio_median(_diag_view(diagnosis, state), path, metric) if state in diagnosis["samples"] else None
+    ft = diagnosis.get("flowtable") or {}
+    if ft.get("supported") and diag("flowtable") is not None:
+        fast = (f"With a flowtable (established, policy-accepted flows skip routing, the forward hooks and "
+                f"conntrack's per-packet work) the diagnosis measured {fmt_num(diag('flowtable'))}× host latency "
+                f"(p50) and {fmt_num(diag('flowtable', metric='tcp_131072'))}× host throughput.")
+    else:
+        fast = ("The fast path that would take established, policy-accepted flows off that path, an nftables "
+                "flowtable, cannot be built here" + (f" ({ft['reason']})" if ft.get("reason") else "") + ".")
+    floor, bare, ptp = diag("ct-first"), diag(diagnosis["states"][-1]["id"]), diag(
+        diagnosis["states"][-1]["id"], path="ptp")
+    parts = [f"- What remains is netfilter's per-packet work on both hosts (breakdown below). {fast}"]
+    if floor is not None:
+        parts.append(f"Without it, the least a conntrack-based policy costs on this machine is {fmt_num(floor)}× "
+                     f"host latency (p50; conntrack plus one established-accept rule at the top of FORWARD).")
+        mark = diag("ct-mark")
+        if mark is not None:
+            parts.append(f"The policy can get there safely by accepting established flows it accepted before at "
+                         f"the first FORWARD rule (a conntrack mark set when it accepts a new flow): measured "
+                         f"{fmt_num(mark)}×, a change for policy/, not the dataplane.")
+        notrack, built = diag("notrack"), diag(diagnosis["states"][0]["id"])
+        if notrack is not None and built is not None and notrack >= built - 0.01:
+            parts.append(f"Keeping flows out of conntrack does not help while every packet then walks the policy "
+                         f"chains ({fmt_num(notrack)}× against {fmt_num(built)}× as built).")
+    if bare is not None and ptp is not None:
+        parts.append(f"Even with no netfilter at all netplugin stays at {fmt_num(bare)}× (ptp {fmt_num(ptp)}×), "
+                     f"above the 1.10 aim: that part is the routed-veth shape itself (netkit, the veth replacement "
+                     f"without the per-packet backlog hand-off, needs BPF programs and is not built into this "
+                     f"kernel).")
+    return " ".join(parts)
+
+
+def shortfall_line(doc):
+    """By how much the two main aims are missed (the primary throughput and average-latency aims), or None."""
+    missed = []
+    for v in aims(doc):
+        if v["met"] is not False or v["text"].startswith("(also"):
+            continue
+        r, bound = v["ratio"].median, v["bound"]
+        what = "throughput" if v["metric"].startswith("tcp") else "latency"
+        missed.append(f"{what} {fmt_num(r)}× host against {'at least' if v['op'] == '>=' else 'at most'} "
+                      f"{fmt_num(bound)}× ({fmt_num(abs(bound - r))} {'short' if v['op'] == '>=' else 'over'})")
+    if not missed:
+        return None
+    return f"- Reached across hosts: {'; '.join(missed)}."
+
+
+def analysis_lines(doc, diagnosis=None):
     """Plain statements read off the data: where the cross-host path stands and what explains the gap."""
     lines = []
+    shortfall = shortfall_line(doc)
+    if shortfall:
+        lines.append(shortfall)
     ids = {p["id"] for p in doc["paths"]}
     t_np, l_np = _ratio_median(doc, CROSS_HOST, "tcp_131072"), _ratio_median(doc, CROSS_HOST, "lat_avg")
     if "ptp" in ids and t_np is not None and l_np is not None:
@@ -163,11 +222,7 @@ def analysis_lines(doc):
         if r is not None and r.lo <= v["bound"] <= r.hi and not v["text"].startswith("(also"):
             lines.append(f"- The rounds straddle the bound for {v['text'].split(' at ')[0]} "
                          f"({fmt_num(r.lo)}–{fmt_num(r.hi)}): that verdict rests on the median of noisy samples.")
-    lines.append(
-        "- What could close the gap (candidates, not measured here): for policy, keep traffic that no policy "
-        "restricts out of conntrack, or accept established flows through an nftables flowtable so they skip the "
-        "forward hooks; for the shape, a container device without the veth's per-packet backlog hand-off (netkit, "
-        "Linux 6.7+, or ipvlan in L3 mode)." + _ptp_shortfall(doc))
+    lines.append(_closing_line(doc, diagnosis))
     lines.append(
         "- Structurally, every packet between two netplugin containers on different hosts crosses two more veth "
         "pairs than host networking does (container→host on the sender, host→container on the receiver), each "
@@ -220,7 +275,7 @@ def render_markdown(doc, chart_file=None, diagnosis=None):
     if not doc.get("complete", True):
         out += ["", f"**Incomplete run:** {doc.get('note', 'stopped early')}."]
     out += ["", "## Aims", ""] + [_verdict_line(v) for v in aims(doc)]
-    out += ["", "## Why", ""] + analysis_lines(doc)
+    out += ["", "## Why", ""] + analysis_lines(doc, diagnosis)
     if diagnosis:
         out += ["", f"Measured breakdown ([datapath-diagnosis.md](datapath-diagnosis.md), "
                     f"`--diagnose`, {diagnosis.get('date', '?')}): netplugin's hosts with and without its rules:", ""]
@@ -373,8 +428,82 @@ def render_diagnosis(doc):
     return "\n".join(out) + "\n"
 
 
+def _diag_p50_us(doc, state):
+    s = metric_summary(_diag_view(doc, state), CROSS_HOST, "lat_p50")
+    return None if s is None else s.median
+
+
+def flowtable_line(doc):
+    """What became of the flowtable fast path in a diagnosis document, or None if it was not tried."""
+    ft = doc.get("flowtable")
+    if not ft:
+        return None
+    if not ft.get("supported"):
+        return (f"- The flowtable fast path (established, policy-accepted flows skipping routing, the forward hooks "
+                f"and conntrack's per-packet work on both hosts) could not be measured: {ft.get('reason')}.")
+    lat = _ratio_median(_diag_view(doc, "flowtable"), CROSS_HOST, "lat_p50") if "flowtable" in doc["samples"] else None
+    tput = _ratio_median(_diag_view(doc, "flowtable"), CROSS_HOST, "tcp_131072") if lat is not None else None
+    if lat is None or tput is None:
+        return "- The kernel accepts flowtables, but the flowtable state has no complete samples."
+    return (f"- With a flowtable for established, policy-accepted flows: netplugin {fmt_num(lat)}× host latency "
+            f"(p50), {fmt_num(tput)}× host throughput.")
+
+
+def fast_accept_line(doc):
+    """The proposed chain layout (state ``ct-mark``) against as built, or None when it was not measured."""
+    if "ct-mark" not in doc["samples"] or "as-built" not in doc["samples"]:
+        return None
+    view, built = _diag_view(doc, "ct-mark"), _diag_view(doc, "as-built")
+    lat, lat0 = _ratio_median(view, CROSS_HOST, "lat_p50"), _ratio_median(built, CROSS_HOST, "lat_p50")
+    us, us0 = _diag_p50_us(doc, "ct-mark"), _diag_p50_us(doc, "as-built")
+    tput, tput0 = _ratio_median(view, CROSS_HOST, "tcp_131072"), _ratio_median(built, CROSS_HOST, "tcp_131072")
+    if None in (lat, lat0, us, us0, tput, tput0):
+        return None
+    hits = doc.get("ct_mark_hits") or {}
+    counted = [h for h in hits.values() if h is not None]
+    proof = (f"; the fast-accept rule took {', '.join(str(h) for h in counted)} packets on the two hosts in the "
+             f"last round") if counted else ""
+    return (f"- Established, policy-accepted flows accepted by the first FORWARD rule (a conntrack mark set when "
+            f"np-fw-ep accepts a new flow; the layout proposed to the policy): netplugin {fmt_num(lat)}× host "
+            f"latency (p50) against {fmt_num(lat0)}× as built ({fmt_num(us0 - us)} µs less per one-way trip), "
+            f"{fmt_num(tput)}× host throughput against {fmt_num(tput0)}×{proof}.")
+
+
+# (state id, what it adds over the previous step) from no netfilter at all up to as built.
+_STEPS = (("no-rules", None), ("empty-chain", "one empty forward chain"),
+          ("ct-only", "conntrack with no filter chain"), ("ct-first", "conntrack and one established-accept rule"),
+          ("as-built", "as built (FORWARD → np-FORWARD → np-fw-ep before the established rule)"))
+
+
+def decomposition_lines(doc):
+    """Step by step from no netfilter to as built, in p50 µs of the cross-host path; [] if a step is missing."""
+    values = [(what, _diag_p50_us(doc, sid), _ratio_median(_diag_view(doc, sid), CROSS_HOST, "lat_p50"))
+              for sid, what in _STEPS if sid in doc["samples"]]
+    if len(values) != len(_STEPS) or any(v is None or r is None for _, v, r in values):
+        return []
+    base_us, base_r = values[0][1], values[0][2]
+    steps = "; ".join(f"{what}: {fmt_num(us)} µs ({fmt_num(r)}×, +{fmt_num(max(us - base_us, 0.0))} µs)"
+                      for what, us, r in values[1:])
+    deltas = [(values[i][0], values[i][1] - values[i - 1][1]) for i in range(1, len(values))]
+    biggest, cost = max(deltas, key=lambda d: d[1])
+    lines = [f"- Where the as-built latency goes (p50 of the cross-host path, each state against no netfilter at "
+             f"all, {fmt_num(base_us)} µs, {fmt_num(base_r)}× host): {steps}. A one-way trip crosses the netfilter "
+             f"of both hosts, so each figure is two hosts' worth. The largest single step is to {biggest} "
+             f"(+{fmt_num(cost)} µs over the state before it)."]
+    if "notrack" in doc["samples"]:
+        nt = _ratio_median(_diag_view(doc, "notrack"), CROSS_HOST, "lat_p50")
+        full = values[-1][2]
+        if nt is not None:
+            verdict = "slower" if nt > full + 0.01 else "no faster" if nt > full - 0.01 else "faster"
+            lines.append(f"- Keeping traffic out of conntrack with today's chains is {verdict}: {fmt_num(nt)}× host "
+                         f"with NOTRACK against {fmt_num(full)}× as built, because every packet then walks the whole "
+                         f"policy (the dispatch chains and the ipset match) instead of stopping at the established "
+                         f"rule.")
+    return lines
+
+
 def diagnosis_lines(doc):
-    """Plain statements: how much of netplugin's gap its iptables work explains, and what the shape costs."""
+    """Plain statements: how much of netplugin's gap its netfilter work explains, and what the shape costs."""
     def med(state, path, metric):
         return _ratio_median(_diag_view(doc, state), path, metric)
 
@@ -388,8 +517,10 @@ def diagnosis_lines(doc):
             continue
         lines.append(f"- {what}: netplugin {fmt_num(full)}× host as built, {fmt_num(bare)}× "
                      f"with its iptables rules and rp_filter removed; ptp {fmt_num(ptp_bare)}× meanwhile.")
-    lines.append("- What the rules cost is netplugin's own, per packet on both hosts: conntrack (needed to accept "
-                 "established flows at the first rule) and the jumps to reach that rule, through iptables-nft. "
-                 "What remains with no rules at all is the routed-veth shape netplugin shares with ptp: two more "
+    for line in (flowtable_line(doc), fast_accept_line(doc)):
+        if line:
+            lines.append(line)
+    lines += decomposition_lines(doc)
+    lines.append("- What remains with no netfilter at all is the routed-veth shape netplugin shares with ptp: two more "
                  "veth crossings and two forwarding passes per packet than host networking.")
     return lines
