@@ -37,6 +37,7 @@ endpoints), ``np-sel-<h>`` (a selector's endpoints, named from its canonical for
 ``np-cidr-<h>`` (the union of one rule's CIDR peers minus their notCIDRs, computed exactly; named from its
 content). A rule costs a packet one set lookup per peer kind however many addresses it covers.
 """
+import functools
 import hashlib
 import ipaddress
 import itertools
@@ -308,7 +309,7 @@ class _Compiler:
         name = set_name(kind, family, key)
         if name not in self.sets:
             self._claim(name, (kind, family, key))
-            nets = sorted({ipaddress.ip_network(m) for m in members()})
+            nets = sorted({_network(m) for m in members()})
             self.sets[name] = IpSet(name=name, family=family, members=tuple(str(n) for n in nets))
         return name
 
@@ -354,11 +355,25 @@ def _endpoint_networks(ep):
     out = {4: [], 6: []}
     for addr in ep.addresses:
         try:
-            ip = ipaddress.ip_interface(addr).ip
-        except ValueError:
+            version, net = _host_network(addr)
+        except (ValueError, TypeError):  # TypeError: not a string (unhashable for the cache)
             raise InvalidInput(f"compiling policy: endpoint {ep.id} has a bad address {addr!r}") from None
-        out[ip.version].append(str(ipaddress.ip_network(ip)))
+        out[version].append(net)
     return out
+
+
+# Every endpoint change recompiles, and parsing the same addresses again was most of a compile; strings are
+# immutable, so parse each once (bounded: a 10,000-CIDR policy still fits).
+@functools.lru_cache(maxsize=16384)
+def _host_network(addr):
+    """'10.0.0.5' or '10.0.0.5/24' -> (4, '10.0.0.5/32'). Raises ValueError."""
+    ip = ipaddress.ip_interface(addr).ip
+    return ip.version, str(ipaddress.ip_network(ip))
+
+
+@functools.lru_cache(maxsize=16384)
+def _network(text):
+    return ipaddress.ip_network(text)
 
 
 def _merge_endpoints(all_endpoints, local):

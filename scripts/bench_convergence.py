@@ -9,10 +9,17 @@ prober (one long-lived process per host namespace, netplugin/lab/prober.py) star
 Only the first container on a host claims a new address block, so only those ADDs wait for BGP (or direct
 routes) to carry a new route; later containers fall inside a block every host already routes. The table reports
 both kinds separately, and how much of the time passed after the ADD had returned (the rest is the ADD itself).
-It also gives the resident memory of the agent and of BIRD per host.
+It also gives the resident memory of the agent and of BIRD per host. The hosts' neighbours on the fabric are pinned
+as permanent ARP entries first (``pin_neighbours``: the lab's hosts share one kernel's ARP table, which overflows
+at 50 hosts); ``--dynamic-neighbours`` measures without that.
 
     sudo .venv/bin/python scripts/bench_convergence.py                       # mesh:5, mesh:20, rr:50:2
     sudo .venv/bin/python scripts/bench_convergence.py --scenario mesh:5 --containers 50
+    sudo .venv/bin/python scripts/bench_convergence.py --scenario rr:50:2 --containers 20 --profile /tmp/prof
+
+``--profile DIR`` also writes, per scenario, where CPU went while the containers were started (agents with their
+child processes, BIRD, etcd, socat bridges) and what the agents' logs say they did (sync passes and their
+duration, policy applies, BIRD reconfigurations), plus the agents' logs of that phase.
 
 Bounded: every probe gives up after --probe-timeout, each scenario after --scenario-timeout, and Ctrl-C or SIGTERM
 removes the lab being measured.
@@ -118,7 +125,146 @@ def memory(lab):
     return [a for a in agents if a], [b for b in birds if b]
 
 
-def run_scenario(sc, containers, probe_timeout, budget, log):
+class Profile:
+    """CPU ticks of the lab's processes and the agents' log offsets at the start of the container phase."""
+
+    LOG_EVENTS = {"sync": "event=sync ", "policy_applied": "event=policy.applied", "bird_reconfigured":
+                  "BIRD reconfigured", "bird_check": "event=bird.reconfigured", "dataplane": "event=dataplane.",
+                  "sync_failed": "event=sync.failed"}
+
+    def __init__(self, lab):
+        self.lab = lab
+        self.started = time.monotonic()
+        self.cpu = self._ticks()
+        self.total = self._machine()
+        self.offsets = {h.name: _size(_agent_log(h)) for h in lab.live_hosts()}
+        self.bird_offsets = {h.name: _size(_bird_log(h)) for h in lab.live_hosts()}
+
+    def _pids(self):
+        """{role: pid} of agents, BIRDs, etcd members and socat bridges (grouped by kind later)."""
+        out = {}
+        for p in self.lab.state.data["processes"]:
+            if system.alive(p["pid"], p["start"]):
+                out[p["role"]] = p["pid"]
+        for h in self.lab.live_hosts():
+            try:
+                with open(os.path.join(h.run_dir, "bird", "bird.pid")) as f:
+                    out[f"bird {h.name}"] = int(f.read().strip())
+            except (OSError, ValueError):
+                pass
+        return out
+
+    def _ticks(self):
+        out = {}
+        for role, pid in self._pids().items():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                out[role] = (int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14]))
+            except (OSError, IndexError, ValueError):
+                pass
+        return out
+
+    @staticmethod
+    def _machine():
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return sum(fields) - fields[3] - fields[4], sum(fields)  # busy, all
+
+    def report(self, out_dir, label):
+        wall = time.monotonic() - self.started
+        hz = os.sysconf("SC_CLK_TCK")
+        now, busy = self._ticks(), self._machine()
+        kinds = {}
+        for role, (own, children) in now.items():
+            own0, children0 = self.cpu.get(role, (0, 0))
+            kind = role.split()[0]
+            k = kinds.setdefault(kind, [0, 0, 0])
+            k[0] += (own - own0) / hz
+            k[1] += (children - children0) / hz
+            k[2] += 1
+        machine_busy = (busy[0] - self.total[0]) / hz
+        lines = [f"{label}: container phase {wall:.1f} s wall, machine busy {machine_busy:.1f} CPU-s"]
+        for kind, (own, children, n) in sorted(kinds.items()):
+            lines.append(f"  {kind:6} x{n:<3} own {own:7.1f} CPU-s  children {children:7.1f} CPU-s")
+        counts = {k: 0 for k in self.LOG_EVENTS}
+        took = []
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, f"{_slug(label)}-agents.log"), "w") as dump:
+            for h in self.lab.live_hosts():
+                try:
+                    with open(_agent_log(h), errors="replace") as f:
+                        f.seek(self.offsets.get(h.name, 0))
+                        text = f.read()
+                except OSError:
+                    continue
+                for line in text.splitlines():
+                    dump.write(f"{h.name} {line}\n")
+                    for k, needle in self.LOG_EVENTS.items():
+                        if needle in line:
+                            counts[k] += 1
+                    if "event=sync " in line and "took_ms=" in line:
+                        took.append(float(line.split("took_ms=")[1].split()[0]))
+        with open(os.path.join(out_dir, f"{_slug(label)}-bird.log"), "w") as dump:
+            for h in self.lab.live_hosts():
+                try:
+                    with open(_bird_log(h), errors="replace") as f:
+                        f.seek(self.bird_offsets.get(h.name, 0))
+                        dump.writelines(f"{h.name} {line}" for line in f)
+                except OSError:
+                    continue
+        lines.append("  agent log events: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        if took:
+            lines.append(f"  sync took_ms p50 {percentile(took, 50):.1f} p99 {percentile(took, 99):.1f} "
+                         f"max {max(took):.1f}; total {sum(took) / 1000:.1f} s over {len(took)} passes")
+        text = "\n".join(lines)
+        with open(os.path.join(out_dir, f"{_slug(label)}-cpu.txt"), "w") as f:
+            f.write(text + "\n")
+        return text
+
+
+def _agent_log(h):
+    return os.path.join(h.run_dir, "agent.log")
+
+
+def _bird_log(h):
+    return os.path.join(h.run_dir, "bird", "bird.log")
+
+
+def _size(path):
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _slug(label):
+    return "".join(c if c.isalnum() else "-" for c in label).strip("-")
+
+
+def pin_neighbours(lab):
+    """Make every host's neighbours on its rack segment permanent entries.
+
+    The lab's hosts are namespaces of one kernel, and the kernel's ARP table is shared by all namespaces: past
+    ``gc_thresh3`` (1,024 by default, a root-namespace sysctl we must not change) it refuses new entries
+    ("neighbour: arp_cache: neighbor table overflow!" in dmesg) and ARP fails until garbage collection frees
+    some. Every host pinging a new container on every other host needs about two entries per pair of hosts, so
+    a 50-host lab overflows after about ten hosts have a container, and convergence then measures ARP retries
+    (seconds to tens of seconds), not netplugin. Real hosts each have their own table. Permanent entries are not
+    counted against the limit, so the bench pins the fabric's neighbours up front."""
+    by_rack = {}
+    for h in lab.live_hosts():
+        mac = system.ns_run(h.namespace, ["cat", "/sys/class/net/eth0/address"],
+                            f"reading the MAC address of {h.name}").stdout.strip()
+        by_rack.setdefault(h.rack, []).append((h, mac))
+    for members in by_rack.values():
+        for h, _ in members:
+            system.ip_batch(h.namespace, [f"neigh replace {o.address} lladdr {mac} dev eth0 nud permanent"
+                                          for o, mac in members if o.name != h.name],
+                            f"pinning the neighbours of {h.name}")
+
+
+def run_scenario(sc, containers, probe_timeout, budget, log, profile_dir=None, pin=True):
     name = f"bench{sc['hosts']}"
     if Lab.exists(name):
         Lab.destroy(name)
@@ -129,11 +275,15 @@ def run_scenario(sc, containers, probe_timeout, budget, log):
     probers = None
     try:
         up_s = time.monotonic() - started
-        log(f"  lab up in {up_s:.1f}s; starting {containers} containers")
+        if pin:
+            pin_neighbours(lab)
+        log(f"  lab up in {up_s:.1f}s; starting {containers} containers"
+            f"{'' if pin else ' (neighbour entries dynamic)'}")
         probers = Probers(lab)
         hosts = [h.name for h in lab.live_hosts()]
         adds, conv, after_add, conv_new, conv_old, failures = [], [], [], [], [], 0
         blocks = set()
+        profile = Profile(lab) if profile_dir else None
         for i in range(containers):
             if time.monotonic() > deadline:
                 raise ScenarioTimeout(f"scenario budget of {budget:.0f}s used up after {i} containers")
@@ -153,9 +303,16 @@ def run_scenario(sc, containers, probe_timeout, budget, log):
                     f"{sorted(h for h, t in arrivals.items() if t is None)} within {probe_timeout}s")
                 continue
             c = max(arrivals.values()) - t0 if arrivals else t_add
+            if profile:
+                slowest = sorted(arrivals, key=arrivals.get, reverse=True)[:3]
+                log(f"  {rec['name']} on {host} ({rec['ip']}, {'new' if new_block else 'old'} block): ADD "
+                    f"{t_add * 1000:.0f} ms, pingable from all {c * 1000:.0f} ms; slowest "
+                    + ", ".join(f"{h} {(arrivals[h] - t0) * 1000:.0f}" for h in slowest))
             conv.append(c)
             after_add.append(c - t_add)
             (conv_new if new_block else conv_old).append(c)
+        if profile:
+            log(profile.report(profile_dir, sc["label"]))
         agent_kib, bird_kib = memory(lab)
         return {"label": sc["label"], "hosts": sc["hosts"], "containers": containers, "up_s": up_s,
                 "add": adds, "conv": conv, "after_add": after_add, "conv_new": conv_new, "conv_old": conv_old,
@@ -216,6 +373,10 @@ def main(argv=None):
     p.add_argument("--containers", type=int, default=50)
     p.add_argument("--probe-timeout", type=float, default=30.0, help="Seconds one reachability probe may take.")
     p.add_argument("--scenario-timeout", type=float, default=600.0, help="Seconds one scenario may take.")
+    p.add_argument("--dynamic-neighbours", action="store_true",
+                   help="Do not pin the fabric's ARP entries (see pin_neighbours: past ~10 hosts with containers the "
+                        "shared kernel's ARP table overflows and convergence measures ARP retries).")
+    p.add_argument("--profile", metavar="DIR", help="Write where CPU went during the container phase to DIR.")
     args = p.parse_args(argv)
     scenarios = args.scenario or [parse_scenario(s) for s in ("mesh:5", "mesh:20", "rr:50:2")]
     if os.geteuid() != 0:
@@ -234,7 +395,8 @@ def main(argv=None):
         for sc in scenarios:
             log(f"{sc['label']}:")
             try:
-                results.append(run_scenario(sc, args.containers, args.probe_timeout, args.scenario_timeout, log))
+                results.append(run_scenario(sc, args.containers, args.probe_timeout, args.scenario_timeout, log,
+                                            args.profile, pin=not args.dynamic_neighbours))
             except (NetpluginError, ScenarioTimeout, RuntimeError) as e:
                 log(f"  failed: {getattr(e, 'msg', e)}")
     except KeyboardInterrupt:

@@ -3,8 +3,9 @@
 Threads:
 - the CNI API (waitress on ``<run-dir>/agent.sock``) and, when configured, the Docker plugin socket;
 - a watch on ``/netplugin/v1/`` whose events only mark the state dirty;
-- the sync loop: a one-slot "dirty" flag plus a jittered periodic full resync; each pass reads one consistent
-  ClusterView and hands it to every reconciler (dataplane, routing, policy);
+- the sync loop: a one-slot "dirty" flag plus a jittered periodic full resync; each pass takes one consistent
+  ClusterView from the in-memory model the watch keeps current (view.ViewCache; a full resync reads etcd again)
+  and hands it, with what changed since the previous pass, to every reconciler (dataplane, routing, policy);
 - the heartbeat loop: liveness lease, leader election, and (as leader) reclamation of dead hosts.
 """
 import logging
@@ -14,7 +15,7 @@ import threading
 import time
 
 from netplugin.agent.rwlock import RWLock
-from netplugin.agent.view import read_view, relevant
+from netplugin.agent.view import EVERYTHING, ViewCache
 from netplugin.datastore import keys
 from netplugin.datastore.client import Datastore
 from netplugin.datastore.election import Election
@@ -27,6 +28,7 @@ from netplugin.nodes import Liveness, NodeRegistry, autodetect_address
 from netplugin.service.endpoints import EndpointService
 
 LOG = logging.getLogger(__name__)
+WATCH_LAG = 0.25  # seconds a pass waits for the watch to deliver a revision it needs before reading etcd
 
 
 class LockedService:
@@ -34,15 +36,17 @@ class LockedService:
 
     ADD/DEL hold the shared side of the host lock (see rwlock.py). After ADD, the new interface is only useful
     once this host's policy knows it (our chains drop traffic of unknown ``np*`` interfaces), so ADD waits, up to
-    ``policy_wait`` seconds, for a sync pass that started after the endpoint was recorded. Concurrent ADDs share
-    one pass. 0 turns the wait off (Calico's default, where a new pod can lose its first packets).
+    ``policy_wait`` seconds, for a sync pass whose view holds the endpoint's record (``revision(endpoint_id)``: the
+    store revision that wrote it). Concurrent ADDs share one pass. 0 turns the wait off (Calico's default, where a
+    new pod can lose its first packets).
     """
 
-    def __init__(self, service, lock, wait_for_sync=None, policy_wait=0.0):
+    def __init__(self, service, lock, wait_for_sync=None, policy_wait=0.0, revision=None):
         self._service = service
         self._lock = lock
         self._wait_for_sync = wait_for_sync
         self._policy_wait = policy_wait
+        self._revision = revision
 
     def __getattr__(self, name):
         return getattr(self._service, name)
@@ -54,7 +58,13 @@ class LockedService:
     def policy_ready(self, what):
         """Wait (bounded) until policy covers an endpoint just recorded; never fails the request."""
         if self._wait_for_sync and self._policy_wait > 0:
-            if not self._wait_for_sync(self._policy_wait):
+            revision = None  # unknown: the pass reads everything from etcd
+            if self._revision:
+                try:
+                    revision = self._revision(what)
+                except NetpluginError as e:
+                    LOG.warning("event=policy.wait_revision endpoint=%s error=%s", what, e.msg)
+            if not self._wait_for_sync(self._policy_wait, revision):
                 LOG.warning("event=policy.wait_timeout endpoint=%s after_s=%s", what, self._policy_wait)
 
     def add(self, req):
@@ -78,12 +88,16 @@ class Agent:
         self.dataplane = dataplane or Dataplane(mtu=config.mtu)
         self.host_lock = RWLock()
         self.service = LockedService(EndpointService(self.ds, self.ipam, self.dataplane, self.host, config.mtu),
-                                     self.host_lock, self.wait_for_sync, config.policy_setup_timeout)
+                                     self.host_lock, self.wait_for_sync, config.policy_setup_timeout,
+                                     self._endpoint_revision)
         self.nodes = NodeRegistry(self.ds)
         self.liveness = Liveness(self.ds, self.host, config.liveness_ttl)
         self.election = Election(self.ds, "reclaimer", self.host, config.liveness_ttl)
         self.reclaimer = Reclaimer(self.ds, self.ipam, config.reclaim_grace)
-        self.reconcilers = []  # objects with .sync(view); the dataplane's is built in start()
+        self.reconcilers = []  # objects with .sync(view, full, changes); the dataplane's is built in start()
+        self.cache = ViewCache(self.ds)
+        self._failed = set()  # reconcilers whose last sync failed: they get the whole view as changed next time
+        self._want_revision = 0  # a view at least this new was asked for (wait_for_sync); None: read etcd
         self._dirty = threading.Event()
         self._sync_cond = threading.Condition()
         self._sync_started = 0  # generation of the last pass that began
@@ -184,44 +198,62 @@ class Agent:
         return build_reconcilers(self)
 
     def _on_events(self, events):
-        if any(relevant(e.kv.key) for e in events):
+        if self.cache.add_events(events):
             self._dirty.set()
 
     def _on_resync(self):
+        revision = self.ds.revision()
+        self.cache.invalidate(revision)
         self._dirty.set()
-        return self.ds.revision()
+        return revision
 
     def sync(self, full=False):
-        """One pass: read the view, run every reconciler. Returns the revision read."""
+        """One pass: take the view, run every reconciler. Returns the revision of the view."""
         started = time.monotonic()
         with self._sync_cond:
             self._sync_started += 1
             generation = self._sync_started
+            want, self._want_revision = self._want_revision, 0
         try:
-            return self._sync_pass(started, full)
+            return self._sync_pass(started, full, want)
         finally:
             with self._sync_cond:
                 self._sync_done = generation
                 self._sync_cond.notify_all()
 
-    def wait_for_sync(self, timeout):
-        """Ask for a sync and wait until one that began after this call has finished; False on timeout."""
+    def wait_for_sync(self, timeout, revision=None):
+        """Ask for a sync whose view holds ``revision`` (None: one read from etcd after this call) and wait until
+        it has finished; False on timeout."""
         with self._sync_cond:
             target = self._sync_started + 1
+            if revision is None or self._want_revision is None:
+                self._want_revision = None
+            else:
+                self._want_revision = max(self._want_revision, revision)
             self._dirty.set()
             return self._sync_cond.wait_for(lambda: self._sync_done >= target or self._stop.is_set(), timeout)
 
-    def _sync_pass(self, started, full):
-        view = read_view(self.ds)
+    def _endpoint_revision(self, endpoint_id):
+        """The store revision that recorded this host's endpoint, or None when it is not recorded."""
+        kv = self.ds.get(keys.endpoint(self.host, endpoint_id))
+        return kv.mod_revision if kv else None
+
+    def _sync_pass(self, started, full, want=0):
+        if want and not full:
+            # The watch normally delivers our own write within milliseconds; reading everything is the fallback.
+            self.cache.wait_seen(want, WATCH_LAG)
+        view, changes = self.cache.view(reload=full or want is None, min_revision=want or 0)
         for r in self.reconcilers:
             try:
-                r.sync(view, full=full)
+                r.sync(view, full=full, changes=EVERYTHING if r in self._failed else changes)
+                self._failed.discard(r)
             except NetpluginError as e:
+                self._failed.add(r)
                 LOG.error("event=sync.failed part=%s error=%s", type(r).__name__, e.msg)
         self.last_view = view
         self.sync_count += 1
-        LOG.info("event=sync revision=%d full=%s took_ms=%.1f", view.revision, full,
-                 (time.monotonic() - started) * 1000)
+        LOG.info("event=sync revision=%d full=%s took_ms=%.1f reload=%s changed=%d", view.revision, full,
+                 (time.monotonic() - started) * 1000, changes.everything, len(changes.keys))
         return view.revision
 
     def _sync_loop(self):

@@ -9,6 +9,8 @@ import logging
 import os
 import time
 
+from netplugin.agent.view import EVERYTHING
+from netplugin.datastore import keys
 from netplugin.errors import InvalidInput
 from policy.applier import PolicyDataplane
 from policy.compiler import compile_ruleset
@@ -33,6 +35,7 @@ class PolicyReconciler:
         self._last = None
         self._parsed = {}        # name -> (stored document, its Selector, Policy or None if not parsed yet)
         self._compiled = (None, None)  # (inputs, Ruleset) of the last compilation
+        self._converted = {}     # (host, endpoint id) -> (view record, its policy.model.Endpoint)
 
     def _policies(self, view, local):
         """The policies that select a local endpoint, parsed and validated. Only those shape this host's rules,
@@ -66,24 +69,32 @@ class PolicyReconciler:
     def _ruleset(self, view):
         """Compile, unless the inputs equal the last ones (the same Policy objects come back from the cache, so
         comparing is cheap): compiling thousands of CIDRs costs more than every other step of a resync."""
-        local = [policy_endpoint(e) for e in view.endpoints_of(self.host)]
-        everyone = [policy_endpoint(e) for e in view.endpoints]
+        converted = {}
+        for e in view.endpoints:
+            known = self._converted.get((e.host, e.id))
+            # The view model hands back the same record object until its key changes: convert it once.
+            converted[e.host, e.id] = known if known is not None and known[0] is e else (e, policy_endpoint(e))
+        self._converted = converted
+        everyone = [converted[e.host, e.id][1] for e in view.endpoints]
+        local = [converted[e.host, e.id][1] for e in view.endpoints if e.host == self.host]
         inputs = (local, everyone, self._policies(view, local))
         if inputs != self._compiled[0]:
             self._compiled = (inputs, compile_ruleset(*inputs))
         return self._compiled[1]
 
-    def sync(self, view, full=False):
+    def sync(self, view, full=False, changes=EVERYTHING):
+        if not full and not changes.touches(keys.ENDPOINTS, keys.POLICIES):
+            return  # the ruleset depends on endpoints and policies only
         started = time.monotonic()
         ruleset = self._ruleset(view)
         compiled = time.monotonic() - started
         if not full and ruleset == self._last:
             return
-        changes = self.dp.apply(ruleset, trust_cache=not full)
+        diffs = self.dp.apply(ruleset, trust_cache=not full)
         self._last = ruleset
-        if changes:
+        if diffs:
             timings = {"compile": compiled, **self.dp.last_timings}
-            LOG.info("event=policy.applied changes=%d timings=%s", len(changes),
+            LOG.info("event=policy.applied changes=%d timings=%s", len(diffs),
                      {k: round(v * 1000, 1) for k, v in timings.items()})
 
 

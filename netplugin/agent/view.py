@@ -1,8 +1,17 @@
-"""A snapshot of the cluster state the agent's reconcilers need, read from etcd in one pass per prefix."""
+"""A snapshot of the cluster state the agent's reconcilers need, and the in-memory model that keeps it current.
+
+``read_view`` reads every prefix in one transaction (one consistent revision). ``ViewCache`` does that once, then
+advances its copy with the watch's events (Felix's in-memory model): a sync pass then costs no etcd round trip and
+no JSON decoding of records that did not change, and it says which keys changed (``ViewChanges``), so each
+reconciler can skip work that change cannot affect. Events are applied a whole watch response at a time, and etcd
+never splits one revision across responses, so a view still reflects one revision.
+"""
+import threading
 from dataclasses import dataclass, field
 
 from netplugin.datastore import keys
 from netplugin.datastore.models import BgpPeer, ClusterConfig, Endpoint, Network, Node, Pool
+from netplugin.errors import DatastoreUnavailable
 
 PREFIXES = (keys.CLUSTER_CONFIG, keys.NODES, keys.LIVENESS, keys.BGP_PEERS, keys.AFFINITY, keys.ENDPOINTS,
             keys.POLICIES, keys.NETWORKS, keys.POOLS)
@@ -25,35 +34,173 @@ class ClusterView:
         return [e for e in self.endpoints if e.host == host]
 
 
+@dataclass(frozen=True)
+class ViewChanges:
+    """What changed since the previous view handed out. ``everything`` (a full read, or the first view) means
+    any part may have changed; otherwise ``keys`` lists the changed keys (puts and deletes)."""
+
+    everything: bool = True
+    keys: frozenset = frozenset()
+
+    def touches(self, *prefixes):
+        """Did a key under any of ``prefixes`` (or an exact key) change?"""
+        return self.everything or any(k.startswith(prefixes) for k in self.keys)
+
+    def __bool__(self):
+        return self.everything or bool(self.keys)
+
+
+EVERYTHING = ViewChanges()
+
+
 def relevant(key):
     """Does a change to ``key`` concern the reconcilers? (handles and block records do not: they churn.)"""
-    return any(key.startswith(p) for p in PREFIXES)
+    return key.startswith(PREFIXES)
+
+
+def _decode(key, value):
+    """The model object one stored record stands for in a ClusterView."""
+    if key == keys.CLUSTER_CONFIG:
+        return ClusterConfig.from_dict(value)
+    if key.startswith(keys.NODES):
+        return Node.from_dict(value)
+    if key.startswith(keys.LIVENESS):
+        return keys.last_segment(key)
+    if key.startswith(keys.BGP_PEERS):
+        return BgpPeer.from_dict(value)
+    if key.startswith(keys.AFFINITY):
+        return (key[len(keys.AFFINITY):].split("/")[0], keys.segment_cidr(keys.last_segment(key)))
+    if key.startswith(keys.ENDPOINTS):
+        return Endpoint.from_dict(value)
+    if key.startswith(keys.POLICIES):
+        return value
+    if key.startswith(keys.NETWORKS):
+        return Network.from_dict(value)
+    if key.startswith(keys.POOLS):
+        return Pool.from_dict(value)
+    raise AssertionError(f"not a view key: {key}")
+
+
+def _build(records, revision):
+    """A ClusterView from {key: decoded record}, in key order within each prefix (as a range read returns)."""
+    view = ClusterView(revision=revision)
+    for k in sorted(records):
+        obj = records[k]
+        if k == keys.CLUSTER_CONFIG:
+            view.config = obj
+        elif k.startswith(keys.NODES):
+            view.nodes[obj.name] = obj
+        elif k.startswith(keys.LIVENESS):
+            view.alive.add(obj)
+        elif k.startswith(keys.BGP_PEERS):
+            view.peers.append(obj)
+        elif k.startswith(keys.AFFINITY):
+            view.blocks.setdefault(obj[0], []).append(obj[1])
+        elif k.startswith(keys.ENDPOINTS):
+            view.endpoints.append(obj)
+        elif k.startswith(keys.POLICIES):
+            view.policies.append(obj)
+        elif k.startswith(keys.NETWORKS):
+            view.networks[obj.name] = obj
+        elif k.startswith(keys.POOLS):
+            view.pools.append(obj)
+    return view
+
+
+def _read_records(ds):
+    lists, revision = ds.get_prefixes(PREFIXES)  # one transaction: one consistent revision
+    return {kv.key: _decode(kv.key, kv.value) for kvs in lists for kv in kvs}, revision
 
 
 def read_view(ds):
-    view = ClusterView()
-    lists, view.revision = ds.get_prefixes(PREFIXES)  # one transaction: one consistent revision
-    for kv in (kv for kvs in lists for kv in kvs):
-        k = kv.key
-        if k == keys.CLUSTER_CONFIG:
-            view.config = ClusterConfig.from_dict(kv.value)
-        elif k.startswith(keys.NODES):
-            node = Node.from_dict(kv.value)
-            view.nodes[node.name] = node
-        elif k.startswith(keys.LIVENESS):
-            view.alive.add(keys.last_segment(k))
-        elif k.startswith(keys.BGP_PEERS):
-            view.peers.append(BgpPeer.from_dict(kv.value))
-        elif k.startswith(keys.AFFINITY):
-            host = k[len(keys.AFFINITY):].split("/")[0]
-            view.blocks.setdefault(host, []).append(keys.segment_cidr(keys.last_segment(k)))
-        elif k.startswith(keys.ENDPOINTS):
-            view.endpoints.append(Endpoint.from_dict(kv.value))
-        elif k.startswith(keys.POLICIES):
-            view.policies.append(kv.value)
-        elif k.startswith(keys.NETWORKS):
-            net = Network.from_dict(kv.value)
-            view.networks[net.name] = net
-        elif k.startswith(keys.POOLS):
-            view.pools.append(Pool.from_dict(kv.value))
-    return view
+    records, revision = _read_records(ds)
+    return _build(records, revision)
+
+
+class ViewCache:
+    """The ClusterView in memory, advanced by watch events.
+
+    The watch thread calls ``add_events`` (cheap: it only queues them); the sync thread calls ``view`` to apply
+    what is queued and get the current view with what changed since its previous call. ``invalidate`` (etcd
+    compacted past the watch) makes the next ``view`` read everything again, as does ``view(reload=True)`` (the
+    periodic full resync, which also repairs a model that drifted for any reason). Events at or below the revision
+    of the last full read are dropped, so a read racing the watch never applies a change twice or backwards.
+    """
+
+    def __init__(self, ds):
+        self.ds = ds
+        self._cond = threading.Condition()
+        self._pending = []      # (revision, [Event]) not applied yet
+        self._seen = 0          # the highest revision the watch has delivered
+        self._records = None    # key -> decoded record; None: read everything at the next view()
+        self._revision = 0      # the revision _records reflects
+        self._changed = set()   # keys changed since the last view handed out
+        self._floor = 0         # a full read must reach this revision (the watch resumes after it)
+        self.reloads = 0        # full reads done (a metric and a test hook)
+
+    def add_events(self, events):
+        """Queue one watch response's events; returns True when one of them concerns the reconcilers. Others
+        (IPAM handles and blocks churn) only advance the revision."""
+        revision = max(e.kv.mod_revision for e in events)
+        wanted = [e for e in events if relevant(e.kv.key)]
+        with self._cond:
+            if not wanted and self._pending and not self._pending[-1][1]:
+                self._pending[-1] = (revision, wanted)
+            else:
+                self._pending.append((revision, wanted))
+            self._seen = max(self._seen, revision)
+            self._cond.notify_all()
+        return bool(wanted)
+
+    def invalidate(self, revision=0):
+        """Forget the model: the watch lost events (compaction) and resumes after ``revision``."""
+        with self._cond:
+            self._records = None
+            self._floor = max(self._floor, revision)
+
+    def wait_seen(self, revision, timeout):
+        """Wait until the watch has delivered ``revision`` (a write this host made); False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._seen >= revision, timeout)
+
+    def view(self, reload=False, min_revision=0):
+        """(ClusterView, ViewChanges). A full read happens when asked, after ``invalidate``, on the first call,
+        or when the watch has not delivered ``min_revision`` yet."""
+        with self._cond:
+            if not reload and self._records is not None and self._seen >= min_revision:
+                self._apply_pending()
+                return self._take(ViewChanges(everything=False, keys=frozenset(self._changed)))
+        for _ in range(3):
+            records, revision = _read_records(self.ds)
+            with self._cond:
+                if revision < self._floor:
+                    continue  # this read began before an invalidate: the watch resumes after what it missed
+                self._records, self._revision = records, revision
+                self._seen = max(self._seen, revision)
+                self.reloads += 1
+                self._apply_pending()
+                return self._take(EVERYTHING)
+        raise DatastoreUnavailable(f"reading the cluster state: etcd answered at revision {revision}, older than"
+                                   f" revision {self._floor} it reported before")
+
+    def _take(self, changes):
+        self._changed.clear()
+        return _build(self._records, self._revision), changes
+
+    def _apply_pending(self):
+        pending, self._pending = self._pending, []
+        for revision, events in pending:
+            if revision <= self._revision:
+                continue  # the last full read already holds it
+            try:
+                for e in events:
+                    key = e.kv.key
+                    if e.kind == "delete":
+                        self._records.pop(key, None)
+                    else:
+                        self._records[key] = _decode(key, e.kv.value)
+                    self._changed.add(key)
+            except Exception:
+                self._records = None  # a record we cannot decode: read everything next time (and fail there)
+                raise
+            self._revision = revision
