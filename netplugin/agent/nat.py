@@ -10,6 +10,8 @@ import ipaddress
 import logging
 import os
 
+from netplugin.agent.view import EVERYTHING
+from netplugin.datastore import keys
 from policy.iptables import IptablesTable
 from policy.nsexec import NamespaceCommand
 
@@ -40,7 +42,9 @@ class NatReconciler:
         self.tables = {family: IptablesTable(ns, family, table="nat") for family in FAMILIES}
         self._written = None  # the rules of our last successful write
 
-    def sync(self, view, full=False):
+    def sync(self, view, full=False, changes=EVERYTHING):
+        if not full and not changes.touches(keys.POOLS):
+            return
         want = nat_rules(view.pools)
         if not full and want == self._written:
             return
