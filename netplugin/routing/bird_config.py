@@ -14,7 +14,11 @@ What the config does, per address family (IPv4 always; IPv6 when the node has an
   highest, so our block always wins locally over anything a peer says about it.
 * BGP exports only our blocks and the dataplane's host routes outside our blocks ("borrowed" addresses);
   host routes inside our blocks are covered by the block. Route reflectors also pass on routes learned from
-  other nodes (never those from explicit peers such as a top-of-rack router).
+  other nodes (never those from explicit peers such as a top-of-rack router), except back to the node that is
+  the route's next hop. With two reflectors each also learns a client's route from the other one; while that
+  copy is its best path (it can arrive before the client's own update, or outlive a quickly withdrawn one) it
+  would otherwise be offered back to the client, which BIRD refuses at export with an error-level
+  "Invalid NEXT_HOP attribute - neighbor address" line: harmless, but noise that hides real errors.
 
 Sessions: node-to-node mesh by default; with mesh off, route reflectors peer with every node (``rr client``
 when in the same AS) and non-reflectors peer only with the reflectors; explicit peers are global or for one
@@ -206,13 +210,17 @@ def _render_filters(fam, blocks, route_proto):
         "  reject;",
         "}",
         "",
-        "# Route reflectors also pass on what other nodes advertise, never what explicit peers send.",
-        f"filter np_bgp_reflect{fam.version}",
+        "# Route reflectors also pass on what other nodes advertise, never what explicit peers send, and never a",
+        "# route whose next hop is the receiving peer: that is the peer's own route come back through the other",
+        "# reflector (reflectors in different clusters reflect to each other). The peer could not use it, and BIRD",
+        "# would refuse to send it anyway, logging \"Invalid NEXT_HOP attribute - neighbor address\".",
+        f"function np_bgp_reflect{fam.version}(ip peer)",
         "{",
-        f'  if proto = "{fam.blocks}" then accept;',
-        f"  if np_borrowed{fam.version}() then accept;",
-        '  if source = RTS_BGP && !(proto ~ "peer_*") then accept;',
-        "  reject;",
+        "  if source = RTS_BGP && bgp_next_hop = peer then return false;",
+        f'  if proto = "{fam.blocks}" then return true;',
+        f"  if np_borrowed{fam.version}() then return true;",
+        '  if source = RTS_BGP && !(proto ~ "peer_*") then return true;',
+        "  return false;",
         "}",
         "",
     ]
@@ -264,13 +272,12 @@ def _render_session(s, settings):
         lines += ["  rr client;", f"  rr cluster id {s.cluster_id};"]
     if s.password is not None:
         lines.append(f'  password "{s.password}";')
-    lines += [
-        f"  {fam.channel} {{",
-        "    import all;",
-        f"    export filter np_bgp_{'reflect' if s.reflect else 'export'}{fam.version};",
-    ]
-    if not s.reflect:
-        lines.append("    next hop self;")  # reflected routes must keep the originating node as next hop
+    lines += [f"  {fam.channel} {{", "    import all;"]
+    if s.reflect:
+        # Reflected routes must keep the originating node as next hop: no ``next hop self``.
+        lines.append(f"    export where np_bgp_reflect{fam.version}({s.peer_address});")
+    else:
+        lines += [f"    export filter np_bgp_export{fam.version};", "    next hop self;"]
     lines += ["  };", "}", ""]
     return lines
 

@@ -16,6 +16,7 @@ import pytest
 from netplugin.errors import InvalidInput
 from netplugin.lab import Lab, LabError, LabSpec
 from netplugin.lab.plan import state_dir
+from netplugin.routing.bird import birdc
 from netplugin.routing.model import BgpSettings
 from tests.netns import run
 
@@ -165,20 +166,55 @@ def test_dead_host_routes_leave_within_hold_time(labs):
 
 # --- route reflectors, mesh off -----------------------------------------------------------------------------------
 
+def bird_errors(lab, host):
+    """Error-level lines of a host's BIRD log (BIRD logs to stderr, which the agent writes here)."""
+    with open(os.path.join(lab.plan.host(host).run_dir, "bird", "bird.log")) as f:
+        return [line.rstrip() for line in f if "<ERR>" in line]
+
+
+def wait_session(lab, host, name, timeout=REACH_TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if [r.state for r in lab.bgp_sessions(host) if r.name == name] == ["Established"]:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"session {name} on {host} not Established within {timeout}s")
+
+
 def test_route_reflector_mode(labs):
-    lab = labs.get("rr", hosts=3, route_reflectors=1)
+    """Two reflectors (in different clusters: each uses its router id), two clients."""
+    lab = labs.get("rr", hosts=4, route_reflectors=2)
     assert json.loads(netctl(lab, "bgp", "config", "-o", "json").stdout)["mesh"] is False
     assert_full_matrix(lab)
-    rr = lab.plan.host("h1")
-    assert rr.route_reflector
-    assert {r["peer_type"] for r in node_status(lab, "h1")} == {"route reflector client"}
-    for client in ("h2", "h3"):
-        rows = node_status(lab, client)
-        # Clients peer with the reflector only, yet learn the other client's block, with that client as next hop.
+    h1, h2, h3, h4 = (lab.plan.host(n) for n in ("h1", "h2", "h3", "h4"))
+    assert [h.route_reflector for h in (h1, h2, h3, h4)] == [True, True, False, False]
+    for rr, other in ((h1, h2), (h2, h1)):
+        assert {(r["peer_address"], r["peer_type"]) for r in node_status(lab, rr.name)} == {
+            (other.address, "route reflector"), (h3.address, "route reflector client"),
+            (h4.address, "route reflector client")}
+    for client, other in ((h3, h4), (h4, h3)):
+        rows = node_status(lab, client.name)
+        # Clients peer with the reflectors only, yet learn the other client's block, with that client as next hop.
         assert [(r["peer_address"], r["peer_type"], r["state"]) for r in rows] == \
-            [(rr.address, "route reflector", "Established")]
-        other = lab.plan.host("h3" if client == "h2" else "h2")
-        assert block_routes(lab, client, other.address)
+            [(h1.address, "route reflector", "Established"), (h2.address, "route reflector", "Established")]
+        assert block_routes(lab, client.name, other.address)
+
+    # h1 drops h3's session: h1 keeps h3's routes as the copy h2 reflects (next hop still h3), so h4 keeps them.
+    # When the session is back, h1 must not offer that copy to h3 itself: BIRD would refuse it and log
+    # "Invalid NEXT_HOP attribute - neighbor address" (it did, for every such route, before the reflect filter
+    # checked the next hop; container start-up raced into it too).
+    h3_blocks = block_routes(lab, "h4", h3.address)
+    birdc(h1.bird_socket, "disable", "rrc_h3")
+    try:
+        assert [r.state for r in lab.bgp_sessions("h1") if r.name == "rrc_h3"] != ["Established"]
+        time.sleep(1)  # a withdrawal from h1 would reach h4 well within this
+        assert block_routes(lab, "h4", h3.address) == h3_blocks
+    finally:
+        birdc(h1.bird_socket, "enable", "rrc_h3")
+    wait_session(lab, "h1", "rrc_h3")
+    assert_full_matrix(lab)
+    for h in lab.plan.hosts:
+        assert not [e for e in bird_errors(lab, h.name) if "Invalid" in e], h.name
 
 
 # --- direct routes, no BGP ------------------------------------------------------------------------------------------

@@ -70,11 +70,40 @@ def test_route_reflectors_with_mesh_off():
     text = render_bird_config(inp(RR1, nodes=nodes, settings=off))
     body = protocol_block(text, client.name)
     assert "rr client;" in body and "rr cluster id 1.1.1.1;" in body
-    assert "export filter np_bgp_reflect4;" in body and "next hop self" not in body  # keep the origin's next hop
+    # Keep the origin's next hop; the export function is told the peer's address (see the test below).
+    assert "export where np_bgp_reflect4(10.0.0.1);" in body and "next hop self" not in body
+    assert "export where np_bgp_reflect4(10.0.0.12);" in protocol_block(text, other_rr.name)
 
     plain = sessions_by_peer(inp(A, nodes=nodes, settings=off))
     assert {p for p, _ in plain} == {"rr-1", "rr-2"}  # only the reflectors, not node-b / node-c
     assert all(s.peer_type == "route reflector" and not s.reflect for s in plain.values())
+
+
+def test_reflector_never_offers_a_route_back_to_its_next_hop():
+    """Two reflectors in different clusters learn each client's routes from each other too. While that copy is a
+    reflector's best path it must not go back to the client it points at: BIRD would refuse it at export and log
+    "Invalid NEXT_HOP attribute - neighbor address" (seen in the two-reflector lab)."""
+    rr1 = BgpNode("rr-1", "10.0.0.11", "fd00::11", route_reflector=True)
+    rr2 = BgpNode("rr-2", "10.0.0.12", "fd00::12", route_reflector=True)
+    i = inp(rr1, nodes=(A, C, rr1, rr2), settings=BgpSettings(mesh=False), blocks=("10.1.0.0/26", "fd10::/122"))
+    text = render_bird_config(i)
+    reflected = [s for s in plan_sessions(i) if s.reflect]
+    assert {(s.peer_name, s.version) for s in reflected} == {("node-a", 4), ("node-a", 6), ("node-c", 4),
+                                                              ("rr-2", 4), ("rr-2", 6)}
+    for s in reflected:
+        body = protocol_block(text, s.name)
+        assert f"export where np_bgp_reflect{s.version}({s.peer_address});" in body, body
+        assert "export filter" not in body and "next hop self" not in body
+    for version in (4, 6):
+        m = re.search(rf"^function np_bgp_reflect{version}\(ip peer\)\n\{{\n(.*?)^\}}", text, re.S | re.M)
+        assert m, text
+        checks = m.group(1).splitlines()
+        # The next hop test comes first: no later `return true` can let such a route through.
+        assert checks[0].strip() == "if source = RTS_BGP && bgp_next_hop = peer then return false;"
+        assert checks[-1].strip() == "return false;"
+    # Non-reflecting sessions export only our own routes with ourselves as next hop: nothing to check there.
+    client = render_bird_config(inp(A, nodes=(A, C, rr1, rr2), settings=BgpSettings(mesh=False)))
+    assert "export where" not in client and client.count("export filter np_bgp_export4;") == 2
 
 
 def test_mesh_off_without_reflectors_has_no_node_sessions():
@@ -240,6 +269,9 @@ VARIANTS = {
     "single-node": lambda: inp(C, nodes=(C,)),
     "rr-reflector": lambda: inp(RR1, nodes=(A, B, C, RR1, RR2), settings=BgpSettings(mesh=False)),
     "rr-client": lambda: inp(A, nodes=(A, B, C, RR1, RR2), settings=BgpSettings(mesh=False)),
+    "rr-reflector-ipv6": lambda: inp(BgpNode("rr-6", "10.0.0.13", "fd00::13", route_reflector=True),
+                                     nodes=(A, B, BgpNode("rr-7", "10.0.0.14", "fd00::14", route_reflector=True)),
+                                     settings=BgpSettings(mesh=False), blocks=("10.1.0.0/26", "fd10::/122")),
     "ebgp-peers": lambda: inp(A, peers=(TOR, BgpPeer("tor6", "fd00::fe", 65000, node="node-a"))),
     "per-node-as": lambda: inp(BgpNode("node-a", "10.0.0.1", as_number=65001),
                                nodes=(BgpNode("node-b", "10.0.0.2", as_number=65002), C)),
