@@ -10,16 +10,20 @@ Semantics
   matched by no rule of any selecting policy is dropped.
 * Policies run in ``order`` (lower first, then by name). Within one order, ``log`` rules of all its policies come
   first (they log and go on), then ``deny`` (deny wins at equal order), then ``allow``.
-* Established and related connections always flow (conntrack), so new rules affect only new connections.
+* Established and related connections always flow (conntrack), so new rules affect only new connections. A
+  connection our chains accepted carries a conntrack mark bit (``accepted_mark``), and the first rule of
+  np-FORWARD accepts its later packets at once: on a forwarded packet's path that rule is most of what policy
+  costs (see docs/benchmarks/datapath-diagnosis.md). Only connections our policy let through are marked, so other
+  writers' traffic keeps meeting their own rules.
 * Covered traffic: forwarded traffic to or from a local endpoint (FORWARD) and an endpoint's traffic to the host
   itself (INPUT, egress policy only; IPv6 neighbour discovery always passes). Traffic from the host to its local
   endpoints (OUTPUT) is not policed, so health probes keep working.
 
 Chains (one set per IP family; the iptables ``filter`` table; everything is prefixed ``np-``)::
 
-    FORWARD -> np-FORWARD:   -i np+ / -o np+  -g np-fw-ep
+    FORWARD -> np-FORWARD:   connmark accepted -> ACCEPT; -i np+ / -o np+  -g np-fw-ep
     np-fw-ep:   ESTABLISHED,RELATED accept; INVALID drop; -i np+ -j np-from-disp; -o np+ -j np-to-disp;
-                clear our mark bits; ACCEPT
+                clear our mark bits; set the connmark accepted bit; ACCEPT
     INPUT -> np-INPUT:       -i np+ -g np-in-ep
     np-in-ep:   ESTABLISHED,RELATED return; (v6: ND return); -j np-from-disp; clear mark bits; (return)
     np-from-disp / np-to-disp:  -i/-o <veth> -g np-from-<h> / np-to-<h> per local endpoint, then DROP
@@ -72,13 +76,15 @@ _ND_TYPES = (133, 135, 136)  # router solicitation, neighbour solicitation/adver
 
 @dataclass(frozen=True)
 class CompileOptions:
-    """Two fwmark bits carry verdicts between chains; pick bits nothing else on the host uses."""
+    """Two fwmark bits carry verdicts between chains, one conntrack mark bit marks connections our policy
+    accepted; pick bits nothing else on the host uses."""
 
     allow_mark: int = 0x10000
     deny_mark: int = 0x20000
+    accepted_mark: int = 0x40000  # in the connection's mark (CONNMARK), not the packet's
 
     def __post_init__(self):
-        for mark in (self.allow_mark, self.deny_mark):
+        for mark in (self.allow_mark, self.deny_mark, self.accepted_mark):
             if not isinstance(mark, int) or mark <= 0 or mark > 0xffffffff or mark & (mark - 1):
                 raise InvalidInput(f"policy mark {mark!r} is not a single bit of a 32-bit fwmark")
         if self.allow_mark == self.deny_mark:
@@ -165,8 +171,10 @@ class _Compiler:
     def _family_chains(self, family):
         o = self.options
         clear = f"-j MARK --set-xmark 0x0/{o.mask:#x}"
+        accepted = f"{o.accepted_mark:#x}/{o.accepted_mark:#x}"
         chains = {
-            FORWARD_CHAIN: (f"-i {IFACE_WILDCARD} -g {FORWARD_EP_CHAIN}",
+            FORWARD_CHAIN: (f"-m connmark --mark {accepted} -j ACCEPT",
+                            f"-i {IFACE_WILDCARD} -g {FORWARD_EP_CHAIN}",
                             f"-o {IFACE_WILDCARD} -g {FORWARD_EP_CHAIN}"),
             FORWARD_EP_CHAIN: (
                 "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
@@ -174,6 +182,7 @@ class _Compiler:
                 f"-i {IFACE_WILDCARD} -j {FROM_DISPATCH}",
                 f"-o {IFACE_WILDCARD} -j {TO_DISPATCH}",
                 clear,
+                f"-j CONNMARK --set-xmark {accepted}",
                 "-j ACCEPT",
             ),
             INPUT_CHAIN: (f"-i {IFACE_WILDCARD} -g {INPUT_EP_CHAIN}",),

@@ -43,9 +43,11 @@ def test_default_ruleset_structure():
         assert set(chains) == {"np-FORWARD", "np-INPUT", "np-fw-ep", "np-in-ep", FROM_DISPATCH, TO_DISPATCH,
                                to_a, from_a, to_b, from_b}
         assert all(name.startswith("np-") and len(name) <= 28 for name in chains)
-        assert chains["np-FORWARD"] == ("-i np+ -g np-fw-ep", "-o np+ -g np-fw-ep")
+        # Connections our chains accepted skip them from their second packet on (the connmark bit).
+        assert chains["np-FORWARD"] == ("-m connmark --mark 0x40000/0x40000 -j ACCEPT", "-i np+ -g np-fw-ep",
+                                        "-o np+ -g np-fw-ep")
         assert chains["np-fw-ep"][0] == "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
-        assert chains["np-fw-ep"][-1] == "-j ACCEPT"
+        assert chains["np-fw-ep"][-2:] == ("-j CONNMARK --set-xmark 0x40000/0x40000", "-j ACCEPT")
         assert chains[FROM_DISPATCH] == (f"-i np0000000000a -g {from_a}", f"-i np0000000000b -g {from_b}",
                                          "-j DROP")
         assert chains[TO_DISPATCH] == (f"-o np0000000000a -g {to_a}", f"-o np0000000000b -g {to_b}", "-j DROP")
@@ -225,6 +227,6 @@ def test_marks_are_configurable_and_checked():
     rs = compile_ruleset([A], [], ps, CompileOptions(allow_mark=0x100, deny_mark=0x200))
     assert rs.chains[4][policy_chain("x", "Ingress")] == ("-j MARK --set-xmark 0x200/0x200",)
     assert rs.chains[4]["np-fw-ep"][4] == "-j MARK --set-xmark 0x0/0x300"
-    for bad in ({"allow_mark": 0x3}, {"deny_mark": 0}, {"allow_mark": 0x200, "deny_mark": 0x200}):
+    for bad in ({"allow_mark": 0x3}, {"deny_mark": 0}, {"allow_mark": 0x200, "deny_mark": 0x200}, {"accepted_mark": 0x6}):
         with pytest.raises(InvalidInput, match="mark"):
             CompileOptions(**bad)
