@@ -32,6 +32,7 @@ sys.path.insert(0, REPO)
 from netplugin.benchlib import datapath_report, machine, stats, tools  # noqa: E402
 from netplugin.benchlib.cleanup import CleanupStack, Interrupted  # noqa: E402
 from netplugin.errors import NetpluginError  # noqa: E402
+from policy.compiler import CompileOptions  # noqa: E402
 
 FABRIC_PREFIX = "10.77.0"  # fabric addresses: only ever inside the namespaces this script makes
 NETPLUGIN_POOL = "10.20.0.0/16"
@@ -494,23 +495,16 @@ def _ct_first(lab, saved):
         lab.sh(ns, "iptables -w 5 -I FORWARD 1 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")
 
 
-# The conntrack mark bit of the proposed layout; the policy's packet marks (0x30000) live in another field.
-FAST_CTMARK = "0x1000000"
+# The conntrack mark bit netplugin's policy sets on connections it accepted (policy/compiler.py).
+FAST_CTMARK = f"{CompileOptions().accepted_mark:#x}"
 FAST_ACCEPT = f"-m connmark --mark {FAST_CTMARK}/{FAST_CTMARK} -j ACCEPT"
-POLICY_ACCEPT_CHAIN = "np-fw-ep"
 
 
 def _ct_mark(lab, saved):
-    """The layout proposed to policy/: np-fw-ep marks the flows it accepts; the first FORWARD rule accepts the rest
-    of a marked flow, so established, policy-accepted packets stop there and other writers' traffic is untouched."""
+    """As built, with the policy's fast-accept rule (the first of np-FORWARD: packets of connections it accepted
+    before) also at the very top of FORWARD, one jump earlier. Other writers' traffic is untouched."""
     _reset(lab, saved)
     for ns in lab.netplugin["hosts"]:
-        rules = [line for line in lab.sh(ns, f"iptables -w 5 -S {POLICY_ACCEPT_CHAIN}").stdout.splitlines()
-                 if line.startswith("-A ")]
-        if not rules or not rules[-1].endswith("-j ACCEPT"):
-            raise RuntimeError(f"{POLICY_ACCEPT_CHAIN} in {ns} does not end with ACCEPT: {rules[-1:]}")
-        lab.sh(ns, f"iptables -w 5 -I {POLICY_ACCEPT_CHAIN} {len(rules)} -j CONNMARK --set-xmark "
-                   f"{FAST_CTMARK}/{FAST_CTMARK}")
         lab.sh(ns, f"iptables -w 5 -I FORWARD 1 {FAST_ACCEPT}")
 
 
@@ -551,10 +545,9 @@ DIAG_STATES = (
     DiagState("flowtable", "as built + flowtable", "as built, plus an nftables flowtable on the host's veths and "
               "uplink, fed by a forward chain after iptables' filter chain (`ct state established flow add`): the "
               "software fast path for established, policy-accepted flows", _flowtable),
-    DiagState("ct-mark", "as built + fast accept", "as built, plus the layout proposed to the policy: a conntrack "
-              "mark set when np-fw-ep accepts a new flow and one rule at the top of FORWARD accepting packets of "
-              "marked flows, so established, policy-accepted flows stop at the first rule (others' traffic "
-              "untouched)", _ct_mark),
+    DiagState("ct-mark", "fast accept in FORWARD", "as built, with the policy's fast-accept rule (packets of "
+              "connections its chains accepted before, by their conntrack mark; today the first rule of np-FORWARD) "
+              "also at the top of FORWARD itself, one jump earlier (others' traffic untouched)", _ct_mark),
     DiagState("ct-first", "conntrack + one rule", "as built, plus one rule at the top of FORWARD accepting "
               "established flows: the least per-packet work a conntrack-based policy can do (a layout for "
               "comparison, not what the policy writes)", _ct_first),

@@ -152,9 +152,9 @@ def _closing_line(doc, diagnosis):
                      f"host latency (p50; conntrack plus one established-accept rule at the top of FORWARD).")
         mark = diag("ct-mark")
         if mark is not None:
-            parts.append(f"The policy can get there safely by accepting established flows it accepted before at "
-                         f"the first FORWARD rule (a conntrack mark set when it accepts a new flow): measured "
-                         f"{fmt_num(mark)}×, a change for policy/, not the dataplane.")
+            parts.append(f"netplugin's policy already accepts the packets of connections it accepted before at the "
+                         f"first rule of its own chain (a conntrack mark set when it accepts a new flow); the same "
+                         f"rule at the top of FORWARD itself, one jump earlier, measured {fmt_num(mark)}×.")
         notrack, built = diag("notrack"), diag(diagnosis["states"][0]["id"])
         if notrack is not None and built is not None and notrack >= built - 0.01:
             parts.append(f"Keeping flows out of conntrack does not help while every packet then walks the policy "
@@ -450,7 +450,7 @@ def flowtable_line(doc):
 
 
 def fast_accept_line(doc):
-    """The proposed chain layout (state ``ct-mark``) against as built, or None when it was not measured."""
+    """The fast-accept rule moved to the top of FORWARD (state ``ct-mark``) against as built, or None."""
     if "ct-mark" not in doc["samples"] or "as-built" not in doc["samples"]:
         return None
     view, built = _diag_view(doc, "ct-mark"), _diag_view(doc, "as-built")
@@ -463,8 +463,8 @@ def fast_accept_line(doc):
     counted = [h for h in hits.values() if h is not None]
     proof = (f"; the fast-accept rule took {', '.join(str(h) for h in counted)} packets on the two hosts in the "
              f"last round") if counted else ""
-    return (f"- Established, policy-accepted flows accepted by the first FORWARD rule (a conntrack mark set when "
-            f"np-fw-ep accepts a new flow; the layout proposed to the policy): netplugin {fmt_num(lat)}× host "
+    return (f"- The policy's fast-accept rule (packets of connections it accepted, by conntrack mark) moved from "
+            f"np-FORWARD to the top of FORWARD: netplugin {fmt_num(lat)}× host "
             f"latency (p50) against {fmt_num(lat0)}× as built ({fmt_num(us0 - us)} µs less per one-way trip), "
             f"{fmt_num(tput)}× host throughput against {fmt_num(tput0)}×{proof}.")
 
@@ -472,7 +472,8 @@ def fast_accept_line(doc):
 # (state id, what it adds over the previous step) from no netfilter at all up to as built.
 _STEPS = (("no-rules", None), ("empty-chain", "one empty forward chain"),
           ("ct-only", "conntrack with no filter chain"), ("ct-first", "conntrack and one established-accept rule"),
-          ("as-built", "as built (FORWARD → np-FORWARD → np-fw-ep before the established rule)"))
+          ("as-built", "as built (FORWARD → np-FORWARD, whose first rule accepts connections the policy accepted "
+                       "before)"))
 
 
 def decomposition_lines(doc):
