@@ -17,6 +17,7 @@ from netplugin.ipam.allocator import IPAM
 from netplugin.service.endpoints import endpoint_id
 from tests.agents import CniBinary
 from tests.netns import nsexec
+from tests.waiting import poll
 
 pytestmark = pytest.mark.functional
 
@@ -81,22 +82,13 @@ def ping_summary(output):
     return int(m.group(1)), int(m.group(2))
 
 
-def wait_for(predicate, timeout, step=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
-
-
 def test_restart_loses_no_packet_and_start_up_repairs_only_what_is_broken(setup):
     a, ip_a = setup.add()
     b, ip_b = setup.add()
     c, ip_c = setup.add()
     # Let the policy sync admit the new veths before measuring (it lags an ADD by milliseconds).
-    assert wait_for(lambda: nsexec(a, f"ping -c1 -W0.2 {ip_b}", check=False).returncode == 0, 5)
-    assert wait_for(lambda: nsexec(a, f"ping -c1 -W0.2 {ip_c}", check=False).returncode == 0, 5)
+    assert poll(lambda: nsexec(a, f"ping -c1 -W0.2 {ip_b}", check=False).returncode == 0, 5)
+    assert poll(lambda: nsexec(a, f"ping -c1 -W0.2 {ip_c}", check=False).returncode == 0, 5)
     before = setup.ifindexes()
 
     # 400 echoes 10 ms apart (4-7 s: ping's timer runs late under load) between a and b across a SIGTERM and a
@@ -122,7 +114,7 @@ def test_restart_loses_no_packet_and_start_up_repairs_only_what_is_broken(setup)
         nsexec(setup.ns, f"ip link del {setup.veth(c)}")
         nsexec(setup.ns, "ip link add np0123456789a type veth peer name straypeer")
         setup.agent.start()
-        assert wait_for(lambda: "event=agent.started" in setup.agent.log().split("event=agent.stopped")[-1], 10)
+        assert poll(lambda: "event=agent.started" in setup.agent.log().split("event=agent.stopped")[-1], 10)
         assert ping.poll() is None, "the ping ended before the agent was back: the test proved nothing"
         out, _ = ping.communicate(timeout=count * 0.01 + 20)
     finally:
@@ -144,7 +136,7 @@ def test_restart_loses_no_packet_and_start_up_repairs_only_what_is_broken(setup)
 def test_resync_repairs_a_container_route_deleted_by_hand(setup):
     a, ip_a = setup.add()
     b, ip_b = setup.add()
-    assert wait_for(lambda: nsexec(a, f"ping -c1 -W0.2 {ip_b}", check=False).returncode == 0, 5)
+    assert poll(lambda: nsexec(a, f"ping -c1 -W0.2 {ip_b}", check=False).returncode == 0, 5)
     index_before = setup.ifindexes()
     route = f"{ip_b} dev {setup.veth(b)}"
     assert route in setup.host_routes()
@@ -153,7 +145,7 @@ def test_resync_repairs_a_container_route_deleted_by_hand(setup):
     deleted_at = time.monotonic()
     assert nsexec(a, f"ping -c1 -W0.2 {ip_b}", check=False).returncode != 0, "the route was not needed?"
     # One full resync comes within RESYNC seconds (jittered 0.8-1.0 of it); allow that plus its own run time.
-    assert wait_for(lambda: route in setup.host_routes(), RESYNC + 1.0), setup.agent.log()[-2000:]
+    assert poll(lambda: route in setup.host_routes(), RESYNC + 1.0), setup.agent.log()[-2000:]
     repaired_in = time.monotonic() - deleted_at
     assert nsexec(a, f"ping -c2 -i0.2 -W1 {ip_b}", check=False).returncode == 0
     assert setup.ifindexes() == index_before, "repairing a route recreated a veth"
@@ -167,7 +159,7 @@ def test_agent_restart_keeps_endpoint_records_and_allocations(setup, etcd):
     state = {kv.key: kv.value for kv in etcd.list("/netplugin/v1/") if "/endpoints/" in kv.key or "/ipam/" in kv.key}
     setup.agent.stop(signal.SIGTERM)
     setup.agent.start()
-    assert wait_for(lambda: "event=agent.started" in setup.agent.log().split("event=agent.stopped")[-1], 10)
+    assert poll(lambda: "event=agent.started" in setup.agent.log().split("event=agent.stopped")[-1], 10)
     again = {kv.key: kv.value for kv in etcd.list("/netplugin/v1/") if "/endpoints/" in kv.key or "/ipam/" in kv.key}
     assert again == state
     rc, out, err = setup.cni.call("CHECK", a, f"/run/netns/{a}",

@@ -6,7 +6,6 @@ A real agent in a throwaway host namespace, a local container ADDed through the 
 endpoints written to etcd as another host's agent would write them.
 """
 import re
-import time
 
 import pytest
 
@@ -16,6 +15,7 @@ from netplugin.ipam.allocator import IPAM
 from policy.compiler import set_name
 from tests.agents import CniBinary
 from tests.netns import nsexec
+from tests.waiting import poll
 
 pytestmark = pytest.mark.functional
 
@@ -33,15 +33,6 @@ def _remote(n):
 def _members(ns, name):
     out = nsexec(ns, f"ipset list {name}", check=False).stdout
     return set(re.findall(r"^(\d+\.\d+\.\d+\.\d+(?:/\d+)?)\s*$", out.split("Members:")[-1], re.M))
-
-
-def _wait(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def _log_since(agent, offset):
@@ -80,16 +71,16 @@ def host(etcd, host_factory, namespaces, tmp_path):
 def test_remote_endpoint_changes_update_ipsets_without_iptables_restore(etcd, host):
     agent, local_ip = host
     net_set, all_set = set_name("net", 4, NETWORK), set_name("all", 4, "")
-    assert _wait(lambda: f"{local_ip}/32" in _members(agent.netns, net_set) or local_ip in _members(
+    assert poll(lambda: f"{local_ip}/32" in _members(agent.netns, net_set) or local_ip in _members(
         agent.netns, net_set)), agent.log()
     rules_before = nsexec(agent.netns, "iptables-save -t filter").stdout
     offset = _log_size(agent)
 
     etcd.put(keys.endpoint("far-host", "far1"), _remote(1).to_dict())
-    assert _wait(lambda: {"10.74.1.1"} <= _members(agent.netns, net_set) & _members(agent.netns, all_set)), \
+    assert poll(lambda: {"10.74.1.1"} <= _members(agent.netns, net_set) & _members(agent.netns, all_set)), \
         agent.log()
     etcd.delete(keys.endpoint("far-host", "far1"))
-    assert _wait(lambda: "10.74.1.1" not in _members(agent.netns, net_set) | _members(agent.netns, all_set)), \
+    assert poll(lambda: "10.74.1.1" not in _members(agent.netns, net_set) | _members(agent.netns, all_set)), \
         agent.log()
 
     log = _log_since(agent, offset)
@@ -108,13 +99,13 @@ def test_full_resync_repairs_a_member_removed_behind_the_agents_back(etcd, host)
     agent, local_ip = host
     all_set = set_name("all", 4, "")
     etcd.put(keys.endpoint("far-host", "far2"), _remote(2).to_dict())
-    assert _wait(lambda: "10.74.1.2" in _members(agent.netns, all_set)), agent.log()
+    assert poll(lambda: "10.74.1.2" in _members(agent.netns, all_set)), agent.log()
     nsexec(agent.netns, f"ipset del {all_set} 10.74.1.2")
     # An event-driven sync trusts its memory of the kernel; the periodic resync reads back and repairs.
-    assert _wait(lambda: "10.74.1.2" in _members(agent.netns, all_set), timeout=3 * RESYNC), agent.log()
+    assert poll(lambda: "10.74.1.2" in _members(agent.netns, all_set), timeout=3 * RESYNC), agent.log()
     # And the next remote change after the repair is incremental again.
     etcd.put(keys.endpoint("far-host", "far3"), _remote(3).to_dict())
-    assert _wait(lambda: "10.74.1.3" in _members(agent.netns, all_set)), agent.log()
+    assert poll(lambda: "10.74.1.3" in _members(agent.netns, all_set)), agent.log()
 
 
 def test_add_waits_for_a_pass_the_watch_fed_and_returns_covered_by_policy(etcd, host):

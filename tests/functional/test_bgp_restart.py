@@ -17,6 +17,7 @@ from netplugin.agent.routing import RECHECK_INTERVAL
 from netplugin.lab import Lab, LabSpec, system
 from netplugin.routing.bird import BirdError, BirdProcess, birdc
 from tests.netns import nsexec
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.functional
 
@@ -120,16 +121,6 @@ def bird_pid(lab, host):
     return pid if os.path.exists(f"/proc/{pid}") else None
 
 
-def wait_for(what, cond, timeout, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"{what}: not within {timeout}s")
-
-
 def session_state(lab, host, peer):
     return {r.peer_address: r.state for r in lab.bgp_sessions(host)}.get(lab.plan.host(peer).address)
 
@@ -147,7 +138,7 @@ def assert_restart_withdraws_nothing(lab, tmp_path, restart, seconds=6):
             time.sleep(0.5)
             restart()
             for peer in ("h1", "h2"):
-                wait_for(f"{peer}'s session with h3 Established again",
+                wait_until(f"{peer}'s session with h3 Established again",
                          lambda: session_state(lab, peer, "h3") == "Established", REESTABLISH_TIMEOUT)
             sent, received = pinger.result()
         finally:
@@ -191,7 +182,7 @@ def test_bird_restart_withdraws_no_route(mesh, tmp_path, how):
         else:
             assert "Graceful restart requested" in birdc(mesh.plan.host("h3").bird_socket, "graceful", "restart")
         started = time.monotonic()
-        after = wait_for("BIRD on h3 restarted by its agent", lambda: bird_pid(mesh, "h3") not in (None, before),
+        after = wait_until("BIRD on h3 restarted by its agent", lambda: bird_pid(mesh, "h3") not in (None, before),
                          timeout=5)
         # The agent's watcher looks every 0.5 s; starting BIRD takes a few ms.
         assert time.monotonic() - started < 2.0
@@ -214,7 +205,7 @@ def test_agent_restart_withdraws_no_route(mesh, tmp_path):
         system.stop_processes([(agent["pid"], agent["start"])])  # SIGTERM: a clean stop leaves BIRD running
         proc = system.spawn(mesh.agent_command(h), log)
         mesh.state.add_process("agent h3", proc.pid, system.start_time(proc.pid))
-        wait_for("the new agent started", lambda: open(log).read().count("event=agent.started") > starts,
+        wait_until("the new agent started", lambda: open(log).read().count("event=agent.started") > starts,
                  timeout=30, interval=0.1)
 
     assert_restart_withdraws_nothing(mesh, tmp_path, restart, seconds=5)
@@ -235,7 +226,7 @@ def assert_dead_host_routes_leave(lab, dead, watchers):
     lab.kill_host(dead, silent=False)
     time.sleep(1.0)
     assert routes_to_dead() == before, "routes left at once: graceful restart is not on"
-    wait_for(f"{dead}'s routes gone from {watchers}", lambda: not any(routes_to_dead().values()),
+    wait_until(f"{dead}'s routes gone from {watchers}", lambda: not any(routes_to_dead().values()),
              timeout=LEASE_TTL + 3, interval=0.2)
     took = time.monotonic() - started
     survivors = [n for n, c in lab.containers().items() if c["host"] != dead]
@@ -281,7 +272,7 @@ def test_route_reflector_drops_dead_clients_but_keeps_one_cut_off_from_etcd(refl
     cut_off_etcd(lab, "h2")
     # h2 learns h3's block only through the reflector: it leaves h2 when the reflector drops h3.
     assert_dead_host_routes_leave(lab, "h3", ["h1", "h2"])
-    wait_for("the reflector keeping lease-less h2 for its Established session",
+    wait_until("the reflector keeping lease-less h2 for its Established session",
              lambda: "event=bgp.lease_less kept=h2 dropped=h3" in agent_log(lab, "h1"), timeout=LEASE_TTL + 3,
              interval=0.2)
     time.sleep(RECHECK_INTERVAL + 0.5)  # re-checked at least once since, and still kept
@@ -297,6 +288,6 @@ def test_route_reflector_drops_dead_clients_but_keeps_one_cut_off_from_etcd(refl
     started = time.monotonic()
     os.kill(agent["pid"], signal.SIGKILL)
     os.kill(bird, signal.SIGKILL)
-    wait_for("h2's routes gone from the reflector", lambda: not routes_via(lab, "h1", "h2"), timeout=5, interval=0.1)
+    wait_until("h2's routes gone from the reflector", lambda: not routes_via(lab, "h1", "h2"), timeout=5, interval=0.1)
     assert time.monotonic() - started < 5
     assert lab.bgp_sessions("h1") == []

@@ -8,7 +8,6 @@ import ipaddress
 import json
 import os
 import sys
-import time
 
 import pytest
 
@@ -18,24 +17,13 @@ from netplugin.routing.bird_config import render_bird_config
 from netplugin.routing.constants import BIRD_PROTO, ROUTE_PROTO
 from netplugin.routing.model import BgpNode, BgpSettings, RoutingInput
 from tests.netns import nsexec
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.functional
 
 HOSTS = (1, 2, 3)
 SETTINGS = dict(hold_time=6, keepalive=2)
 WAIT = 30  # BIRD waits 5 s ("connect delay") before its first connect; sessions are up well within this
-
-
-def wait_for(what, cond, timeout=WAIT, interval=0.2):
-    """Poll ``cond`` until it returns something truthy; bounded in time."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = cond()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
 def routes(ns, v6=False):
@@ -130,11 +118,11 @@ def test_mesh_then_route_reflectors(lab):
                     return False
         return True
 
-    wait_for("mesh routes", mesh_routes_ok)
+    wait_until("mesh routes", mesh_routes_ok, WAIT)
     # The borrowed /32 is advertised (more specific than host 2's own blackhole); the one inside host 1's
     # block is not; host 1's own routes stay the dataplane's, never duplicated by BIRD.
-    wait_for("borrowed /32", lambda: all(
-        routes(lab.ns[j]).get("10.1.2.5/32") == ("10.99.0.1", BIRD_PROTO) for j in (2, 3)))
+    wait_until("borrowed /32", lambda: all(
+        routes(lab.ns[j]).get("10.1.2.5/32") == ("10.99.0.1", BIRD_PROTO) for j in (2, 3)), WAIT)
     assert "10.1.1.5/32" not in routes(lab.ns[2]) and "10.1.1.5/32" not in routes(lab.ns[3])
     own = routes(lab.ns[1])
     assert own["10.1.1.0/26"] == ("6", ROUTE_PROTO) and own["10.1.2.5/32"][1] == ROUTE_PROTO
@@ -145,7 +133,7 @@ def test_mesh_then_route_reflectors(lab):
     mesh = "node-to-node mesh"
     want = {i: sorted([(f"10.99.0.{j}", mesh) for j in HOSTS if j != i]
                       + [(f"fd99::{j}", mesh) for j in HOSTS if j != i]) for i in HOSTS}
-    wait_for("4 established sessions per host", lambda: all(lab.established(i) == want[i] for i in HOSTS))
+    wait_until("4 established sessions per host", lambda: all(lab.established(i) == want[i] for i in HOSTS), WAIT)
     table = format_status_table(bgp_status(lab.birds[1].sock_path))
     assert "| 10.99.0.2 " in table and "Established" in table
 
@@ -170,14 +158,14 @@ def test_mesh_then_route_reflectors(lab):
     rr, client = "route reflector", "route reflector client"
     want_rr = {1: sorted([("10.99.0.2", client), ("10.99.0.3", client), ("fd99::2", client), ("fd99::3", client)]),
                2: [("10.99.0.1", rr), ("fd99::1", rr)], 3: [("10.99.0.1", rr), ("fd99::1", rr)]}
-    wait_for("route reflector sessions", lambda: all(lab.established(i) == want_rr[i] for i in HOSTS))
+    wait_until("route reflector sessions", lambda: all(lab.established(i) == want_rr[i] for i in HOSTS), WAIT)
     assert all(len(bgp_status(lab.birds[i].sock_path)) == len(want_rr[i]) for i in HOSTS)  # mesh sessions gone
-    wait_for("reflected routes", lambda: (
+    wait_until("reflected routes", lambda: (
         routes(lab.ns[3]).get("10.1.2.0/26") == ("10.99.0.2", BIRD_PROTO)
         and routes(lab.ns[2]).get("10.1.3.0/26") == ("10.99.0.3", BIRD_PROTO)
         and routes(lab.ns[3], v6=True).get("fd10:2::/122") == ("fd99::2", BIRD_PROTO)
         and routes(lab.ns[3]).get("10.1.2.5/32") == ("10.99.0.1", BIRD_PROTO)
-        and mesh_routes_ok()))
+        and mesh_routes_ok()), WAIT)
 
 
 def test_start_in_missing_namespace_fails_cleanly(tmp_path):

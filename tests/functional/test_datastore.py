@@ -17,21 +17,13 @@ from netplugin.datastore.election import Election
 from netplugin.datastore.watch import PrefixWatch
 from netplugin.errors import DatastoreUnavailable
 from tests.etcd import EtcdServer, free_port
+from tests.waiting import poll
 
 pytestmark = pytest.mark.functional
 
 A = keys.ROOT + "test/a"
 B = keys.ROOT + "test/b"
 OTHER = keys.ROOT + "other/x"
-
-
-def wait_for(predicate, timeout=10.0, step=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
 
 
 @pytest.fixture
@@ -164,7 +156,7 @@ def test_lease_keeps_key_until_revoked(etcd):
 def test_lease_expires_without_keepalive(etcd):
     lease = etcd.grant_lease(2)
     etcd.put(A, "alive", lease=lease)
-    assert wait_for(lambda: etcd.get(A) is None, timeout=8)
+    assert poll(lambda: etcd.get(A) is None, timeout=8)
 
 
 def test_election_one_leader_until_it_resigns_or_lapses(etcd):
@@ -175,7 +167,7 @@ def test_election_one_leader_until_it_resigns_or_lapses(etcd):
     a.resign()
     assert b.campaign() and not a.campaign()
     b.lease = None  # b "dies": it stops refreshing; its lease lapses after the TTL
-    assert wait_for(lambda: a.campaign(), timeout=8)
+    assert poll(lambda: a.campaign(), timeout=8)
     a.resign()
 
 
@@ -190,7 +182,7 @@ def test_watch_delivers_puts_and_deletes_under_its_prefix(etcd):
         etcd.put(OTHER, 1)  # not ours
         etcd.put(B, 2)
         etcd.delete(A)
-        assert wait_for(lambda: len(rec.events) >= 3)
+        assert poll(lambda: len(rec.events) >= 3)
         time.sleep(0.2)
         assert [(k, key, v) for k, key, v, _ in rec.events] == [("put", A, 1), ("put", B, 2), ("delete", A, None)]
         assert rec.resyncs == []
@@ -207,7 +199,7 @@ def test_watch_from_a_past_revision_replays_history(etcd):
     rec = Recorder(etcd, prefix)
     w = watch(etcd, prefix, start, rec)
     try:
-        assert wait_for(lambda: rec.revisions() == [r1, r2])
+        assert poll(lambda: rec.revisions() == [r1, r2])
     finally:
         w.stop()
 
@@ -231,12 +223,12 @@ def test_watch_resumes_after_etcd_restart_without_losing_events(server):
     w = watch(watch_ds, prefix, ds.revision(), rec)
     try:
         before = [ds.put(f"{prefix}before-{i}", i) for i in range(3)]
-        assert wait_for(lambda: rec.revisions() == before)
+        assert poll(lambda: rec.revisions() == before)
         server.restart()  # same port, same data
-        assert wait_for(lambda: len(opened) >= 2)  # the stream broke and the watch is reconnecting
+        assert poll(lambda: len(opened) >= 2)  # the stream broke and the watch is reconnecting
         after = [ds.put(f"{prefix}after-{i}", i) for i in range(3)]
         gate.set()
-        assert wait_for(lambda: len(rec.revisions()) >= 6, timeout=15)
+        assert poll(lambda: len(rec.revisions()) >= 6, timeout=15)
         time.sleep(0.3)
         assert rec.revisions() == before + after  # nothing lost, nothing twice, in order
         assert opened[1] == before[-1] + 1
@@ -252,7 +244,7 @@ def test_watch_resyncs_after_compaction(server):
     rec = Recorder(ds, prefix)
     w = watch(ds, prefix, ds.revision(), rec)
     ds.put(A, 1)
-    assert wait_for(lambda: len(rec.events) == 1)
+    assert poll(lambda: len(rec.events) == 1)
     w.stop()
     seen = w.next_revision - 1
     # While nobody watches, history moves on and is compacted away.
@@ -265,12 +257,12 @@ def test_watch_resyncs_after_compaction(server):
     rec2 = Recorder(ds, prefix)
     w2 = watch(ds, prefix, seen, rec2)  # resuming where the stopped watch was
     try:
-        assert wait_for(lambda: len(rec2.resyncs) == 1)
+        assert poll(lambda: len(rec2.resyncs) == 1)
         assert rec2.resyncs[0] == {B: 3}  # the owner re-listed the current state
         assert rec2.events == []  # compacted events are not replayed
         # ... and the watch carries on from the resync's revision.
         r = ds.put(A, 4)
-        assert wait_for(lambda: rec2.revisions() == [r])
+        assert poll(lambda: rec2.revisions() == [r])
         assert len(rec2.resyncs) == 1
     finally:
         w2.stop()
@@ -325,12 +317,12 @@ def test_user_password_auth(server):
     w = watch(watch_ds, keys.ROOT + "test/", ds.revision(), rec)
     try:
         ds.put(A, "watched")
-        assert wait_for(lambda: [e[2] for e in rec.events] == ["watched"])
+        assert poll(lambda: [e[2] for e in rec.events] == ["watched"])
         # A restarted etcd forgets its tokens: calls and the watch both authenticate again by themselves.
         server.restart()
         assert ds.get(A).value == "watched"
         ds.put(A, "after restart")
-        assert wait_for(lambda: [e[2] for e in rec.events] == ["watched", "after restart"])
+        assert poll(lambda: [e[2] for e in rec.events] == ["watched", "after restart"])
         assert w.reconnects <= 5  # no busy loop of refused watches
     finally:
         w.stop()
@@ -410,7 +402,7 @@ def test_tls_with_client_certificates(tls_etcd, monkeypatch):
     try:
         ds.put(A, "over tls")
         assert ds.get(A).value == "over tls"
-        assert wait_for(lambda: [e[2] for e in rec.events] == ["over tls"])
+        assert poll(lambda: [e[2] for e in rec.events] == ["over tls"])
     finally:
         w.stop()
     # Without trusting the server's CA, or without a client certificate: one clear error naming the endpoint.

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from types import SimpleNamespace
 
 import netaddr
@@ -26,6 +25,7 @@ from netplugin.ipam.allocator import IPAM
 from netplugin.service.endpoints import NETWORK_LABEL, EndpointService
 from tests.dockerd import DockerHost, IMAGE
 from tests.netns import nsexec
+from tests.waiting import poll
 
 pytestmark = pytest.mark.functional
 
@@ -34,15 +34,6 @@ HOST_V4, HOST_V6 = "10.99.0.1", "fd99::1"
 
 
 # --- helpers -------------------------------------------------------------------------------------------------------
-
-def wait_for(fn, timeout=10.0, step=0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(step)
-
 
 def attachment(host, container, network):
     nets = json.loads(host.docker("inspect", "-f", "{{json .NetworkSettings.Networks}}", container).stdout)
@@ -279,7 +270,7 @@ def test_docker_network_lifecycle(docker_hosts, namespaces, etcd, etcd_server):
     h = docker_hosts(ns)
     h.docker("network", "create", "-d", "netplugin", "--ipam-driver", "netplugin", "--subnet", "10.1.0.0/16",
              "--label", "team=blue", "-o", "color=green", "n1")
-    record = wait_for(lambda: etcd.get(keys.network("n1")))
+    record = poll(lambda: etcd.get(keys.network("n1")))
     net = Network.from_dict(record.value)
     docker_id = h.docker("network", "inspect", "-f", "{{.Id}}", "n1").stdout.strip()
     assert (net.pools, net.labels, net.docker_id) == (["10.1.0.0/16"], {"team": "blue"}, docker_id)
@@ -302,7 +293,7 @@ def test_docker_network_lifecycle(docker_hosts, namespaces, etcd, etcd_server):
     assert container_pings(h, "ca", HOST_V4) and ns_pings(ns, a["IPAddress"])
 
     # Endpoint records: orchestrator docker; labels of the network and (soon after Join) of the container.
-    ep = wait_for(lambda: (r := endpoint_record(etcd, ns, a["EndpointID"])) and r.container_id and r)
+    ep = poll(lambda: (r := endpoint_record(etcd, ns, a["EndpointID"])) and r.container_id and r)
     assert ep, "container labels never reached the endpoint record"
     assert ep.orchestrator == "docker" and ep.addresses == [f"{a['IPAddress']}/32"]
     assert ep.labels == {"app": "web", "team": "blue", NETWORK_LABEL: "n1"}  # the network label cannot be spoofed
@@ -362,7 +353,7 @@ def test_docker_ip_range_gateway_and_ipv6(docker_hosts, namespaces, etcd):
     assert "default via fe80::ecee:eeff:feee:eeee dev eth0" in h.docker("exec", "c6", "ip", "-6", "route").stdout
     assert container_pings(h, "c6", HOST_V4) and container_pings(h, "c6", HOST_V6)
     assert ns_pings(ns, a["GlobalIPv6Address"])
-    net = Network.from_dict(wait_for(lambda: etcd.get(keys.network("n6"))).value)
+    net = Network.from_dict(poll(lambda: etcd.get(keys.network("n6"))).value)
     assert net.pools == ["10.5.0.0/16", "fd05::/64"] and net.ip_range == "10.5.3.64/26"
     assert net.options["netplugin.io/gateways"] == "10.5.3.1"
     assert [p.cidr for p in IPAM(etcd).list_pools()] == ["10.5.0.0/16", "fd05::/64"]
@@ -446,5 +437,5 @@ def test_two_hosts_share_one_etcd(docker_hosts, namespaces, etcd):
     # Each host claimed its own block of the shared pool, and the containers reach each other across hosts.
     hosts = {e.host for e in (Endpoint.from_dict(kv.value) for kv in etcd.list(keys.ENDPOINTS))}
     assert hosts == {ha, hb}
-    assert wait_for(lambda: container_pings(a, "a0", addrs[2], attempts=1), timeout=15)
+    assert poll(lambda: container_pings(a, "a0", addrs[2], attempts=1), timeout=15)
     assert container_pings(b, "b1", addrs[1])

@@ -1,7 +1,6 @@
 """NAT-outgoing per pool, with real packets: a container of a NAT pool reaches an outside address that has no
 route back to the pool; traffic to another pool keeps its real source; turning NAT off, or flushing our chain,
 is followed by the reconciler."""
-import time
 
 import pytest
 
@@ -10,6 +9,7 @@ from netplugin.agent.view import ClusterView
 from netplugin.datastore.models import Pool
 from netplugin.ipam.allocator import IPAM
 from tests.netns import NamespaceSet, nsexec
+from tests.waiting import poll
 
 pytestmark = pytest.mark.functional
 
@@ -67,7 +67,6 @@ def test_nat_pool_reaches_outside_and_other_pools_keep_the_real_source(lab):
     assert CHAIN not in nsexec(host, "iptables-save -t nat").stdout
 
 
-
 def test_the_agent_follows_the_pools_nat_flag(etcd, host_factory):
     """netctl pool set --nat-outgoing / --no-nat-outgoing reach the agent through its watch."""
     ipam = IPAM(etcd)
@@ -79,16 +78,7 @@ def test_the_agent_follows_the_pools_nat_flag(etcd, host_factory):
 
     assert not nat_chain()
     ipam.update_pool("10.97.0.0/24", nat_outgoing=True)
-    assert wait_for(nat_chain), agent.log()[-2000:]
+    assert poll(nat_chain), agent.log()[-2000:]
     assert "-s 10.97.0.0/24 -m comment" in nsexec(agent.netns, "iptables-save -t nat").stdout
     ipam.update_pool("10.97.0.0/24", nat_outgoing=False)
-    assert wait_for(lambda: not nat_chain()), agent.log()[-2000:]
-
-
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
+    assert poll(lambda: not nat_chain()), agent.log()[-2000:]
