@@ -206,7 +206,7 @@ def test_agent_restart_withdraws_no_route(mesh, tmp_path):
         proc = system.spawn(mesh.agent_command(h), log)
         mesh.state.add_process("agent h3", proc.pid, system.start_time(proc.pid))
         wait_until("the new agent started", lambda: open(log).read().count("event=agent.started") > starts,
-                 timeout=30, interval=0.1)
+                 timeout=30, step=0.1)
 
     assert_restart_withdraws_nothing(mesh, tmp_path, restart, seconds=5)
     assert bird_pid(mesh, "h3") == bird
@@ -227,7 +227,7 @@ def assert_dead_host_routes_leave(lab, dead, watchers):
     time.sleep(1.0)
     assert routes_to_dead() == before, "routes left at once: graceful restart is not on"
     wait_until(f"{dead}'s routes gone from {watchers}", lambda: not any(routes_to_dead().values()),
-             timeout=LEASE_TTL + 3, interval=0.2)
+             timeout=LEASE_TTL + 3, step=0.2)
     took = time.monotonic() - started
     survivors = [n for n, c in lab.containers().items() if c["host"] != dead]
     assert all(lab.ping_matrix(survivors).values())
@@ -274,7 +274,7 @@ def test_route_reflector_drops_dead_clients_but_keeps_one_cut_off_from_etcd(refl
     assert_dead_host_routes_leave(lab, "h3", ["h1", "h2"])
     wait_until("the reflector keeping lease-less h2 for its Established session",
              lambda: "event=bgp.lease_less kept=h2 dropped=h3" in agent_log(lab, "h1"), timeout=LEASE_TTL + 3,
-             interval=0.2)
+             step=0.2)
     time.sleep(RECHECK_INTERVAL + 0.5)  # re-checked at least once since, and still kept
     assert [(r.peer_address, r.state) for r in lab.bgp_sessions("h1")] == [(lab.plan.host("h2").address,
                                                                            "Established")]
@@ -288,6 +288,6 @@ def test_route_reflector_drops_dead_clients_but_keeps_one_cut_off_from_etcd(refl
     started = time.monotonic()
     os.kill(agent["pid"], signal.SIGKILL)
     os.kill(bird, signal.SIGKILL)
-    wait_until("h2's routes gone from the reflector", lambda: not routes_via(lab, "h1", "h2"), timeout=5, interval=0.1)
+    wait_until("h2's routes gone from the reflector", lambda: not routes_via(lab, "h1", "h2"), timeout=5, step=0.1)
     assert time.monotonic() - started < 5
     assert lab.bgp_sessions("h1") == []
