@@ -57,7 +57,7 @@ class AgentConfig:
     as_number: int | None = None
     labels: dict = field(default_factory=dict)
     mtu: int = 1500
-    liveness_ttl: int = 10
+    liveness_ttl: int = 8  # under the BGP hold time (9 s): a dead host with its links up leaves as fast as a vanished one
     reclaim_grace: float = 600.0
     reclaim_interval: float = 30.0
     resync_interval: float = 60.0

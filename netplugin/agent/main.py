@@ -55,7 +55,7 @@ def main():
 @click.option("--docker-socket", default=None,
               help="Serve the Docker plugin here (e.g. /run/docker/plugins/netplugin.sock).")
 @click.option("--docker-api", default=None, help="dockerd's API socket, to read container labels.")
-@click.option("--liveness-ttl", type=int, default=10, show_default=True)
+@click.option("--liveness-ttl", type=int, default=8, show_default=True)
 @click.option("--reclaim-grace", type=float, default=600.0, show_default=True,
               help="Seconds a dead host's addresses are kept before reclamation.")
 @click.option("--reclaim-interval", type=float, default=30.0, show_default=True)

@@ -224,7 +224,7 @@ class Lab:
         args = [os.path.join(BIN, "netplugin"), "agent", "--hostname", h.name,
                 "--etcd-endpoints", ",".join(self.endpoints), "--run-dir", h.run_dir,
                 "--routing", spec.routing, "--node-address", h.address, "--label", f"rack=rack{h.rack}",
-                "--liveness-ttl", "10", "--resync-interval", "60"]
+                "--liveness-ttl", "8", "--resync-interval", "60"]
         if h.as_number is not None:
             args += ["--as-number", str(h.as_number)]
         return system.in_ns(h.namespace, args)

@@ -21,7 +21,7 @@ from tests.waiting import wait_until
 
 pytestmark = pytest.mark.functional
 
-LEASE_TTL = 10  # the lab's agents run with --liveness-ttl 10
+LEASE_TTL = 8  # the lab's agents run with --liveness-ttl 8
 PING_INTERVAL = 0.02
 REESTABLISH_TIMEOUT = 20  # BIRD waits up to 5 s (connect delay) before reconnecting
 
