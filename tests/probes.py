@@ -3,6 +3,7 @@
 each bounded by TIMEOUT seconds. ``python -c SERVER TCP_PORTS UDP_PORT [LIFETIME]`` echoes on those ports
 (IPv4 and IPv6) and prints "ready"."""
 import json
+import subprocess
 import sys
 
 from tests.netns import nsexec
@@ -78,3 +79,13 @@ def assert_reachability(netns, src, checks, ip_of, timeout):
     wrong = [f"{src}->{dst} {kind}/{port}: want {'pass' if want else 'blocked'}, got {'pass' if ok else 'blocked'}"
              for (kind, dst, port, want), ok in zip(checks, got) if ok != want]
     assert not wrong, "\n".join(wrong)
+
+
+def start_echo_server(netns, tcp_ports, udp_port, what):
+    """The SERVER script in ``netns``, echoing on ``tcp_ports`` and ``udp_port``; returns once it is ready.
+    The caller kills the process (it is not bounded in time)."""
+    proc = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", SERVER,
+                             ",".join(map(str, tcp_ports)), str(udp_port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout.readline().strip() == "ready", f"server in {what} did not start"
+    return proc

@@ -32,7 +32,7 @@ from policy.loader import load_text
 from policy.model import Endpoint
 from tests.agents import AgentProcess, CniBinary, rmtree, tempdir
 from tests.netns import NamespaceSet, nsexec
-from tests.probes import SERVER, assert_reachability
+from tests.probes import assert_reachability, start_echo_server
 
 pytestmark = [pytest.mark.functional, pytest.mark.timeout(180)]
 
@@ -145,10 +145,7 @@ class Cluster:
         self._serve(key)
 
     def _serve(self, key):
-        proc = subprocess.Popen(["ip", "netns", "exec", self.ns[key], sys.executable, "-c", SERVER,
-                                 "80,8080", "53"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        self.servers.append(proc)
-        assert proc.stdout.readline().strip() == "ready", f"server in {key} did not start"
+        self.servers.append(start_echo_server(self.ns[key], (80, 8080), 53, key))
 
     def close(self):
         for proc in self.servers:

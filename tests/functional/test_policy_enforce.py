@@ -12,8 +12,6 @@ The veth/route/proxy-ARP helper here is deliberately small: it stands in for the
 import dataclasses
 import logging
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -24,7 +22,7 @@ from policy.loader import load_text
 from policy.model import Endpoint, Peer, Policy, Rule
 from policy.selector import Selector
 from tests.netns import NamespaceSet, nsexec
-from tests.probes import SERVER, assert_reachability
+from tests.probes import assert_reachability, start_echo_server
 
 pytestmark = [pytest.mark.functional, pytest.mark.timeout(120)]
 
@@ -73,11 +71,7 @@ class Lab:
 
     def start_servers(self):
         for key, ns in sorted(self.ns.items()):
-            proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", SERVER,
-                                     ",".join(map(str, TCP_PORTS)), str(UDP_PORT)],
-                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-            self.servers.append(proc)
-            assert proc.stdout.readline().strip() == "ready", f"server in {key} did not start"
+            self.servers.append(start_echo_server(ns, TCP_PORTS, UDP_PORT, key))
 
     def close(self):
         for proc in self.servers:
