@@ -8,10 +8,10 @@ import sys
 import tempfile
 import time
 
+from tests.console import console_script
 from tests.netns import stop_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VENV_BIN = os.path.dirname(sys.executable)
 
 
 class AgentProcess:
@@ -37,7 +37,7 @@ class AgentProcess:
         os.makedirs(self.run_dir, exist_ok=True)
         if os.path.exists(self.socket):
             os.unlink(self.socket)
-        cmd = ["ip", "netns", "exec", self.netns, os.path.join(VENV_BIN, "netplugin"), "agent",
+        cmd = ["ip", "netns", "exec", self.netns, console_script("netplugin"), "agent",
                "--hostname", self.hostname, "--etcd-endpoints", self.etcd_endpoint, "--run-dir", self.run_dir,
                "--routing", "none"] + self.extra_args
         log = open(self.log_path, "a")

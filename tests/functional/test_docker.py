@@ -9,7 +9,6 @@ namespaces and containers.
 import json
 import os
 import subprocess
-import sys
 from types import SimpleNamespace
 
 import netaddr
@@ -23,13 +22,13 @@ from netplugin.docker.app import MEDIA_TYPE, create_docker_app
 from netplugin.docker.driver import DockerDriver
 from netplugin.ipam.allocator import IPAM
 from netplugin.service.endpoints import NETWORK_LABEL, EndpointService
+from tests.console import console_script
 from tests.dockerd import DockerHost, IMAGE
 from tests.netns import nsexec
 from tests.waiting import poll
 
 pytestmark = pytest.mark.functional
 
-NETCTL = os.path.join(os.path.dirname(sys.executable), "netctl")
 HOST_V4, HOST_V6 = "10.99.0.1", "fd99::1"
 
 
@@ -66,7 +65,7 @@ def endpoint_record(ds, host, endpoint_id):
 
 
 def ipam_check(etcd_server):
-    return subprocess.run([NETCTL, "--etcd-endpoints", etcd_server.endpoint, "ipam", "check"], capture_output=True,
+    return subprocess.run([console_script("netctl"), "--etcd-endpoints", etcd_server.endpoint, "ipam", "check"], capture_output=True,
                           text=True, timeout=30)
 
 

@@ -18,12 +18,12 @@ from netplugin.lab import Lab, LabError, LabSpec
 from netplugin.lab.plan import state_dir
 from netplugin.routing.bird import birdc
 from netplugin.routing.model import BgpSettings
+from tests.console import console_script
 from tests.netns import run
 
 pytestmark = pytest.mark.functional
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-NETCTL = os.path.join(os.path.dirname(sys.executable), "netctl")
 REACH_TIMEOUT = 30  # BIRD waits 5 s before its first connect; routes are usually there well before this
 HOLD_TIME = BgpSettings().hold_time
 
@@ -92,7 +92,7 @@ def assert_full_matrix(lab):
 
 def netctl(lab, *args):
     env = dict(os.environ, NETPLUGIN_ETCD_ENDPOINTS=",".join(lab.endpoints))
-    return run([NETCTL] + list(args), env=env)
+    return run([console_script("netctl")] + list(args), env=env)
 
 
 def node_status(lab, host):
