@@ -130,8 +130,9 @@ def test_node_status_shows_established_mesh_sessions(labs):
         assert set(peers) == {o.address for o in lab.plan.hosts if o is not h}
         assert {r["state"] for r in rows} == {"Established"}
         assert {r["peer_type"] for r in rows} == {"node-to-node mesh"}
-    table = netctl(lab, "node", "status", "--run-dir", lab.plan.host("h1").run_dir).stdout
-    assert table.count("Established") == 2
+    table = netctl(lab, "node", "status", "--run-dir", lab.plan.host("h1").run_dir).stdout.splitlines()
+    assert table[0].split() == ["PEER_ADDRESS", "PEER_TYPE", "STATE", "SINCE", "INFO"]  # plain columns, as all
+    assert len(table) == 3 and all("Established" in line for line in table[1:])
 
 
 def test_dead_host_routes_leave_within_hold_time(labs):
