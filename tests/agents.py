@@ -9,7 +9,7 @@ import tempfile
 import time
 
 from tests.console import console_script
-from tests.netns import stop_process
+from tests.netns import run, stop_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,6 +86,14 @@ class CniBinary:
                            capture_output=True, text=True, timeout=timeout)
         out = json.loads(p.stdout) if p.stdout.strip() else {}
         return p.returncode, out, p.stderr
+
+
+def netctl_install_cni(bin_dir, conf_dir, network, agent_socket, *options):
+    """``netctl install-cni`` as an operator runs it (defaults unless ``options`` say otherwise); the conflist."""
+    run([console_script("netctl"), "install-cni", "--bin-dir", bin_dir, "--conf-dir", conf_dir, "--network", network,
+         "--agent-socket", agent_socket, *options], timeout=30)
+    with open(os.path.join(conf_dir, f"10-{network}.conflist")) as f:
+        return json.load(f)
 
 
 def tempdir(prefix="npt-"):

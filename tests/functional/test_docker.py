@@ -65,8 +65,8 @@ def endpoint_record(ds, host, endpoint_id):
 
 
 def ipam_check(etcd_server):
-    return subprocess.run([console_script("netctl"), "--etcd-endpoints", etcd_server.endpoint, "ipam", "check"], capture_output=True,
-                          text=True, timeout=30)
+    return subprocess.run([console_script("netctl"), "--etcd-endpoints", etcd_server.endpoint, "ipam", "check"],
+                          capture_output=True, text=True, timeout=30)
 
 
 def uplinked(namespaces, address=HOST_V4, address6=HOST_V6):

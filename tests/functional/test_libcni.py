@@ -15,8 +15,7 @@ import pytest
 
 from netplugin.datastore import keys
 from netplugin.ipam.allocator import IPAM
-from tests.agents import rmtree, tempdir
-from tests.console import console_script
+from tests.agents import netctl_install_cni, rmtree, tempdir
 from tests.netns import nsexec, run
 
 pytestmark = pytest.mark.functional
@@ -59,11 +58,8 @@ def libcni_host(etcd, host_factory, namespaces, cnitool):
     workdir = tempdir("npt-libcni-")
     bin_dir, conf_dir = os.path.join(workdir, "bin"), os.path.join(workdir, "net.d")
 
-    def install(*args):
-        run([console_script("netctl"), "install-cni", "--bin-dir", bin_dir, "--conf-dir", conf_dir,
-             "--network", NETWORK, "--agent-socket", agent.socket, *args])
-        with open(os.path.join(conf_dir, f"10-{NETWORK}.conflist")) as f:
-            conflist = json.load(f)
+    def install(*options):
+        conflist = netctl_install_cni(bin_dir, conf_dir, NETWORK, agent.socket, *options)
 
         def call(command):
             env = dict(os.environ, NETCONFPATH=conf_dir, CNI_PATH=f"{bin_dir}:/usr/lib/cni",

@@ -24,8 +24,7 @@ from netplugin.datastore import keys
 from netplugin.dataplane import host_ifname
 from netplugin.ipam.allocator import IPAM
 from netplugin.service.endpoints import endpoint_id
-from tests.agents import rmtree, tempdir
-from tests.console import console_script
+from tests.agents import netctl_install_cni, rmtree, tempdir
 from tests.netns import nsexec, run
 
 pytestmark = pytest.mark.functional
@@ -107,8 +106,7 @@ def podman_host(etcd, host_factory):
     podman = None
     try:
         bin_dir, conf_dir = os.path.join(workdir, "bin"), os.path.join(workdir, "net.d")
-        run([console_script("netctl"), "install-cni", "--bin-dir", bin_dir, "--conf-dir", conf_dir,
-             "--network", NETWORK, "--agent-socket", agent.socket, "--pool", POOL])
+        assert netctl_install_cni(bin_dir, conf_dir, NETWORK, agent.socket, "--pool", POOL)["cniVersion"] == "1.0.0"
         podman = Podman(agent.netns, workdir, bin_dir, conf_dir)
         podman.make_image()
         yield agent, podman
@@ -172,8 +170,8 @@ def test_podman_runs_a_container_on_a_netplugin_network_with_the_address_it_aske
 
 def test_podman_refuses_a_1_1_0_conflist_which_is_why_it_is_not_the_default(podman_host, etcd):
     agent, podman = podman_host
-    run([console_script("netctl"), "install-cni", "--bin-dir", podman.bin_dir, "--conf-dir", podman.conf_dir,
-         "--network", "podnet11", "--agent-socket", agent.socket, "--pool", POOL, "--cni-version", "1.1.0"])
+    netctl_install_cni(podman.bin_dir, podman.conf_dir, "podnet11", agent.socket, "--pool", POOL,
+                       "--cni-version", "1.1.0")
     p = podman("run", "--rm", "--network", "podnet11", "--ulimit", "nofile=1024:1024", "--ulimit",
                "nproc=1024:1024", IMAGE, "/bin/true", check=False)
     assert p.returncode != 0

@@ -170,8 +170,8 @@ class Cluster:
         raise AssertionError(f"no endpoint for {key} ({self.ip[key]})")
 
     def netctl(self, *args, stdin=None):
-        return subprocess.run([console_script("netctl"), "--etcd-endpoints", self.etcd_server.endpoint, *args], input=stdin,
-                              capture_output=True, text=True, timeout=30)
+        return subprocess.run([console_script("netctl"), "--etcd-endpoints", self.etcd_server.endpoint, *args],
+                              input=stdin, capture_output=True, text=True, timeout=30)
 
     def apply(self, text, name="policy.yaml"):
         """``netctl policy apply -f FILE``, then wait until every agent synced it."""
