@@ -6,10 +6,11 @@ it. Docker works the other way round: at Join the driver names an interface in t
 the IPAM driver gave, brings it up and adds the routes of the Join answer. So here only the host side is
 configured, and it is configured exactly as for CNI, by the same function (``host.converge_endpoint``): the
 name ``host_ifname(endpoint)``, the fixed MAC ee:ee:ee:ee:ee:ee, proxy-ARP with proxy_delay 0, strict
-rp_filter, forwarding, both gateway addresses, and a ROUTE_PROTO host route per address. The gateway
-addresses on the host end are what let a Docker container resolve 169.254.1.1 on a host without a default
-route: we never write into the sandbox, which libnetwork configures only after our answer (host.py). The reconciler therefore treats Docker veths like any
-other endpoint's (and removes them as strays when no endpoint record names them).
+rp_filter, forwarding, both gateway addresses, and a ROUTE_PROTO host route per address. The reconciler
+therefore treats Docker veths like any other endpoint's (and removes them as strays when no endpoint record
+names them). The gateway addresses on the host end are what let a Docker container resolve 169.254.1.1 on a
+host without a default route: we never write into the sandbox, which libnetwork configures only after our
+answer (host.py).
 
 The container end gets a temporary name that is not ours by ``is_host_ifname`` (``tmp`` + 11 hex digits of the
 same hash), the MAC Docker chose (its IPAM asked for one), and the endpoint's MTU. It stays down: libnetwork
