@@ -17,8 +17,9 @@ answer, and a move flushes neighbour entries), and a per-container write afterwa
 
 The IPv4 address has scope host, so the kernel never picks it as the source of host-to-container traffic
 (with scope link it would: containers would see the host's probes come from 169.254.1.1). The ARP reply for
-it needs ``arp_ignore`` 0 (the default) or 1 on the veth (the kernel uses the larger of ``all`` and the
-veth's value); a host with 2 or higher answers no gateway ARP at all. The same address on many veths is
+it needs ``arp_ignore`` 0 or 1, and the kernel takes the larger of ``all`` and the veth's own value: we set
+the veth's to 0 (a new link inherits ``default``'s), and ``Dataplane.setup_host`` warns when ``all`` is above 1,
+which silences every gateway (proxy-ARP does not help then either). The same address on many veths is
 fine (the reference CNI ``ptp`` plugin does it as well): its local route stays while any veth has it.
 Proxy-ARP stays on for the other addresses a container may ask for (the subnet peers of a second interface).
 """

@@ -60,7 +60,7 @@ RTNH_F_ONLINK = 0x4
 NUD_PERMANENT = 0x80
 IFA_F_NODAD = 0x02
 # struct ipv4_devconf indexes (IPV4_DEVCONF_*), the keys of IFLA_INET_CONF
-IPV4_DEVCONF = {"forwarding": 1, "proxy_arp": 3, "rp_filter": 8}
+IPV4_DEVCONF = {"forwarding": 1, "proxy_arp": 3, "rp_filter": 8, "arp_ignore": 19}
 
 _DECODERS = {
     RTM_NEWLINK: ifinfmsg,

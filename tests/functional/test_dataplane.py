@@ -415,7 +415,9 @@ def only_lo_and_our_veths(ns):
 
 def test_containers_resolve_their_gateways_with_no_route_on_the_host(lab):
     """A container that must ARP for 169.254.1.1 (as a Docker one does: nothing writes its neighbour table)
-    and solicit fe80::ecee:eeff:feee:eeee gets an answer from a host with nothing but lo and its veths."""
+    and solicit fe80::ecee:eeff:feee:eeee gets an answer from a host with nothing but lo and its veths.
+    New links inherit conf/default's arp_ignore, which would silence the gateway address: ours set 0."""
+    nsexec(lab.host, "sysctl -qw net.ipv4.conf.default.arp_ignore=2")
     specs = [lab.add(f"10.9.0.{i}", f"fd09::{i}") for i in (5, 6)]
     only_lo_and_our_veths(lab.host)
     for _, ns, _ in specs:
@@ -447,3 +449,11 @@ def test_reconcile_and_check_restore_a_lost_gateway_address(lab):
     assert not changed(lab.dp.reconcile([a_spec], [])) and lab.dp.check_endpoint(a_spec) == []
     nsexec(a, "ip neigh del 169.254.1.1 dev eth0")
     assert reaches(a, HOST_V4)
+
+
+def test_setup_host_warns_when_arp_ignore_silences_the_gateway(lab):
+    assert lab.dp.setup_host()["warnings"] == []
+    nsexec(lab.host, "sysctl -qw net.ipv4.conf.all.arp_ignore=2")
+    assert lab.dp.setup_host()["warnings"] == [
+        "net.ipv4.conf.all.arp_ignore is 2: the host will not answer containers' ARP for their gateway "
+        "169.254.1.1; set it to 0 or 1"]
