@@ -18,6 +18,7 @@ from netplugin.datastore.keys import ROOT
 from netplugin.errors import DatastoreUnavailable, NetpluginError
 
 LOG = logging.getLogger(__name__)
+MAX_TXN_OPS = 100  # operations we put in one transaction; etcd's default --max-txn-ops is 128
 
 
 def _b64(data):
