@@ -5,6 +5,8 @@ NetworkPolicy is stored as ``k8s.<namespace>.<name>``, which ``-n NAMESPACE NAME
 """
 import click
 
+from netplugin.errors import InvalidInput
+
 from netplugin.cli.output import emit, output_option
 from netplugin.datastore import keys
 from netplugin.datastore.models import Endpoint as EndpointRecord
@@ -64,10 +66,10 @@ def policy_get(obj, name, namespace, fmt):
 def policy_delete(obj, name, namespace, path, ignore_not_found):
     """Delete a policy by name, or every policy of a file (all or none)."""
     if (name is None) == (path is None):
-        raise click.UsageError("give a policy NAME or -f FILE")
+        raise InvalidInput("give a policy NAME or -f FILE")
     if path is not None:
         if namespace is not None:
-            raise click.UsageError("-n/--namespace names a policy; a file's documents carry their own")
+            raise InvalidInput("-n/--namespace goes with a NAME; a file's documents carry their own namespace")
         results = writer.delete(obj.ds, writer.load(path, POLICY_KINDS), ignore_not_found)
     else:
         results = writer.delete_named(obj.ds, POLICY, [POLICY.full_name(name, namespace)])

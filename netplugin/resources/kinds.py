@@ -376,6 +376,12 @@ class BgpConfigKind(Kind):
     def lookup(self, ds, name):
         return self.list(ds)[0][0] if name == "default" else None
 
+    def names_in(self, kvs):
+        return ["default"]
+
+    def similar(self, name, names):
+        return ["default"]
+
     def list(self, ds):
         kv = ds.get(keys.CLUSTER_CONFIG)
         return [self.decode(kv)], []
