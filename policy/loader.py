@@ -2,7 +2,8 @@
 
 Documents may be ``netplugin/v1 Policy``, Kubernetes ``networking.k8s.io/v1 NetworkPolicy`` (translated by
 ``policy.k8s``) or a ``v1 List`` of those (what ``kubectl get -o yaml`` prints). Nothing is returned unless every
-document is valid: the error lists every problem as ``file:line: field.path: message``.
+document is valid: the error lists every problem as ``file:line: field.path: message``. ``load_resources`` is
+the same loop for any kinds of document (``netctl apply -f`` reads pools, peers and nodes with it too).
 
 YAML is composed to nodes (not loaded) so each value keeps its line. Two YAML 1.1 traps are closed on the way:
 an unquoted ``22:25`` is a port range here, not the sexagesimal integer 1345, and duplicate keys are errors

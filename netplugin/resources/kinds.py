@@ -174,10 +174,14 @@ def _field(problems, path, check, *args):
     return None
 
 
-def _optional(spec, name, check, path, problems):
+def _optional(spec, name, expect, path, problems, check=None):
+    """``spec[name]`` (None when absent) if it has the type ``expect`` wants and passes the model's ``check``."""
     if spec.get(name) is None:
         return None
-    return problems.attempt(check, spec[name], path + ("spec", name))
+    value = problems.attempt(expect, spec[name], path + ("spec", name))
+    if value is None or check is None:
+        return value
+    return None if _field(problems, path + ("spec", name), check, value) is None else value
 
 
 # --- the kinds ---------------------------------------------------------------------------------------------------
@@ -228,7 +232,7 @@ class NetworkPolicyKind(PolicyKind):
         return name.startswith(k8s.policy_name(namespace, "") if namespace else "k8s.")
 
     def parse(self, doc, path, problems):
-        policy = k8s.translate(doc, path, problems) if isinstance(doc, dict) else None
+        policy = k8s.translate(doc, path, problems)
         return None if policy is None else Resource(self, policy.name, policy, tuple(path))
 
 
@@ -294,7 +298,7 @@ class PoolKind(Kind):
             return
         pool = Pool.from_dict(current.value)
         blocks = [(Block.from_dict(kv.value), kv.key) for kv in plan.snapshot.under(keys.BLOCKS)
-                  if (kv.value or {}).get("pool") == pool.cidr]
+                  if isinstance(kv.value, dict) and kv.value.get("pool") == pool.cidr]
         try:
             check_pool_empty(pool, [b for b, _ in blocks])
         except NetpluginError as err:
@@ -326,14 +330,10 @@ class BgpPeerKind(Kind):
         for required in ("address", "asNumber"):
             if spec.get(required) is None:
                 problems.add(sp + (required,), "required")
-        address = _optional(spec, "address", expect_str, path, problems)
-        as_number = _optional(spec, "asNumber", expect_int, path, problems)
+        address = _optional(spec, "address", expect_str, path, problems, lambda a: check_ip(a, "peer address"))
+        as_number = _optional(spec, "asNumber", expect_int, path, problems, check_as_number)
         node = _optional(spec, "node", expect_str, path, problems)
         password = _optional(spec, "password", expect_str, path, problems)
-        if address is not None:
-            _field(problems, sp + ("address",), check_ip, address, "peer address")
-        if as_number is not None:
-            _field(problems, sp + ("asNumber",), check_as_number, as_number)
         if problems.items:
             return None
         peer = BgpPeer(name=meta["name"], address=address, as_number=as_number, node=node, password=password)
@@ -390,10 +390,8 @@ class BgpConfigKind(Kind):
         if meta["name"] != "default":
             problems.add(path + ("metadata", "name"), f"{show(meta['name'])} is not \"default\" (the cluster has "
                                                       "one BGP configuration)")
-        as_number = _optional(spec, "asNumber", expect_int, path, problems)
+        as_number = _optional(spec, "asNumber", expect_int, path, problems, check_as_number)
         mesh = _optional(spec, "mesh", expect_bool, path, problems)
-        if as_number is not None:
-            _field(problems, path + ("spec", "asNumber"), check_as_number, as_number)
         if problems.items:
             return None
         defaults = BgpSettings()
@@ -458,7 +456,7 @@ class NodeKind(Kind):
                             address=None if node.address_autodetected else node.address)
 
     def parse_fields(self, meta, spec, path, problems):
-        mpath, sp = path + ("metadata",), path + ("spec",)
+        mpath = path + ("metadata",)
         _field(problems, mpath + ("name",), keys.node, meta["name"])
         labels = problems.attempt(expect_mapping, meta.get("labels") or {}, mpath + ("labels",)) or {}
         for key, value in labels.items():
@@ -466,13 +464,9 @@ class NodeKind(Kind):
             if not key or "=" in key:
                 problems.add(mpath + ("labels", key), f"{show(key)} is not a label key (non-empty, without '=')")
             problems.attempt(expect_str, value, mpath + ("labels", key))
-        address = _optional(spec, "address", expect_str, path, problems)
-        as_number = _optional(spec, "asNumber", expect_int, path, problems)
+        address = _optional(spec, "address", expect_str, path, problems, lambda a: check_ip(a, "node address"))
+        as_number = _optional(spec, "asNumber", expect_int, path, problems, check_as_number)
         reflector = _optional(spec, "routeReflector", expect_bool, path, problems)
-        if address is not None:
-            _field(problems, sp + ("address",), check_ip, address, "node address")
-        if as_number is not None:
-            _field(problems, sp + ("asNumber",), check_as_number, as_number)
         if problems.items:
             return None
         return NodeSettings(name=meta["name"], labels=dict(labels), address=address, as_number=as_number,

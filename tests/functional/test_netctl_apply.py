@@ -336,6 +336,24 @@ def test_unreadable_input_is_one_line(etcd, fails, tmp_path):
     fails("apply", "-f", "-", stdin="- just\n- a list\n", match='<stdin>:1: <document>: must be a mapping')
 
 
+def test_more_than_one_transaction_holds_is_refused(etcd, fails):
+    peers = "---\n".join(f"apiVersion: netplugin/v1\nkind: BGPPeer\nmetadata: {{name: p{i}}}\n"
+                         f"spec: {{address: 192.0.2.{i}, asNumber: 65000}}\n" for i in range(101))
+    fails("apply", "-f", "-", stdin=peers, match="<stdin>: this needs 101 operations in one transaction, more than "
+                                                 "the 100 etcd takes: split the file")
+
+
+def test_get_skips_a_stored_record_that_does_not_decode_and_says_so(etcd, netctl, tmp_path):
+    (tmp_path / "p.yaml").write_text(EVERY_KIND.split("---\n")[5])
+    netctl("apply", "-f", str(tmp_path / "p.yaml"))
+    etcd.put(keys.policy("broken"), {"apiVersion": "netplugin/v1", "kind": "Policy", "metadata": {"name": "broken"},
+                                     "spec": {"selector": {}, "ingress": [{"action": "drop"}]}})
+    res = netctl("get", "policies")
+    assert res.returncode == 0
+    assert [d["metadata"]["name"] for d in yaml.safe_load(res.stdout)["items"]] == ["deny-bad"]
+    assert res.stderr == "netctl: warning: skipped 1 stored record(s) that do not decode: broken\n"
+
+
 def test_classic_commands_keep_their_checks(etcd, nodes, fails):
     fails("bgp", "peer", "add", "t", "--address", "nonsense", "--as-number", "1",
           match="peer address 'nonsense' is not an IP address")

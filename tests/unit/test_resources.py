@@ -72,8 +72,8 @@ def test_every_problem_of_a_document_is_counted():
         load_text(doc, "b.yaml")
     assert [str(p) for p in err.value.problems] == [
         "b.yaml:4: spec.colour: unknown field (expected one of: address, asNumber, node, password)",
-        "b.yaml:4: spec.asNumber: must be a whole number, not true",
-        "b.yaml:4: spec.address: peer address 'nowhere' is not an IP address"]
+        "b.yaml:4: spec.address: peer address 'nowhere' is not an IP address",
+        "b.yaml:4: spec.asNumber: must be a whole number, not true"]
 
 
 def test_kind_words():
