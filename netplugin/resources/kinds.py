@@ -20,8 +20,8 @@ from netplugin.ipam.allocator import check_no_overlap, check_pool_empty, new_poo
 from policy import k8s
 from policy.model import API_VERSION, parse_policy
 from policy.store import decode_policy
-from policy.validation import (FieldError, Problems, expect_bool, expect_int, expect_mapping, expect_str, reject_unknown,
-                               show)
+from policy.validation import (FieldError, Problems, expect_bool, expect_int, expect_mapping, expect_str,
+                               reject_unknown, show)
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,8 @@ class Resource:
 
 
 class Kind:
+    """The handler of one kind; subclasses fill in its names, key, fields and any writes beyond a plain put."""
+
     kind = ""  # as documents spell it
     label = ""  # as messages and netctl's other commands call it
     aliases = ()  # more words ``netctl get`` takes, besides the kind in lower case and its plural
@@ -79,17 +81,23 @@ class Kind:
 
     def lookup(self, ds, name):
         kv = ds.get(self.key(name))
-        return None if kv is None else self.decode(kv)
+        return None if kv is None else self._decoded(kv)
 
     def list(self, ds):
-        """(name, record) of every stored record, and the names of those that did not decode."""
+        """Every stored record, and the names of those that did not decode (skipped, never fatal)."""
         out, bad = [], []
         for kv in ds.list(self.prefix):
             try:
-                out.append(self.decode(kv))
+                out.append(self._decoded(kv))
             except NetpluginError:
                 bad.append(keys.last_segment(kv.key))
         return out, bad
+
+    def _decoded(self, kv):
+        try:
+            return self.decode(kv)
+        except (TypeError, AttributeError, ValueError) as err:  # a record written by something else than netctl
+            raise InvalidInput(f"stored {self.label} {keys.last_segment(kv.key)} does not decode ({err})") from None
 
     def similar(self, name, names):
         return difflib.get_close_matches(name, names, n=3, cutoff=0.6)
@@ -204,8 +212,10 @@ class PolicyKind(Kind):
     def decode(self, kv):
         return decode_policy(kv)
 
+    parse_policy = staticmethod(parse_policy)
+
     def parse(self, doc, path, problems):
-        policy = parse_policy(doc, path, problems)
+        policy = self.parse_policy(doc, path, problems)
         return None if policy is None else Resource(self, policy.name, policy, tuple(path))
 
     def document(self, record):
@@ -218,7 +228,6 @@ class PolicyKind(Kind):
         return [f"{n} (-n {n.split('.')[1]} {name})" for n in translated] + close
 
 
-
 class NetworkPolicyKind(PolicyKind):
     """Written as a Kubernetes document, stored and shown as the Policy it translates to."""
 
@@ -228,12 +237,10 @@ class NetworkPolicyKind(PolicyKind):
     def full_name(self, name, namespace):
         return k8s.policy_name(namespace or "default", name)
 
+    parse_policy = staticmethod(k8s.translate)
+
     def selects(self, name, namespace):
         return name.startswith(k8s.policy_name(namespace, "") if namespace else "k8s.")
-
-    def parse(self, doc, path, problems):
-        policy = k8s.translate(doc, path, problems)
-        return None if policy is None else Resource(self, policy.name, policy, tuple(path))
 
 
 class PoolKind(Kind):

@@ -352,6 +352,12 @@ def test_get_skips_a_stored_record_that_does_not_decode_and_says_so(etcd, netctl
     assert res.returncode == 0
     assert [d["metadata"]["name"] for d in yaml.safe_load(res.stdout)["items"]] == ["deny-bad"]
     assert res.stderr == "netctl: warning: skipped 1 stored record(s) that do not decode: broken\n"
+    etcd.put(keys.pool("10.99.0.0/24"), {"block_size": 26})  # no cidr: written by something else
+    res = netctl("get", "pools")
+    assert res.returncode == 0 and yaml.safe_load(res.stdout)["items"] == []
+    assert res.stderr == "netctl: warning: skipped 1 stored record(s) that do not decode: 10.99.0.0-24\n"
+    res = netctl("get", "pool", "10.99.0.0/24")
+    assert res.returncode == 1 and res.stderr.startswith("netctl: error: stored pool 10.99.0.0-24 does not decode")
 
 
 def test_classic_commands_keep_their_checks(etcd, nodes, fails):
