@@ -52,7 +52,7 @@ def policy_list(obj, fmt):
 @click.option("-o", "--output", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True)
 @click.pass_obj
 def policy_get(obj, name, namespace, fmt):
-    """One policy as the document ``policy apply -f`` takes back."""
+    """One policy as the document 'policy apply -f' takes back."""
     emit(writer.get(obj.ds, POLICY, name, namespace)[0], fmt)
 
 
@@ -61,7 +61,7 @@ def policy_get(obj, name, namespace, fmt):
 @namespace_option
 @click.option("-f", "--filename", "--file", "path", default=None,
               help="Delete every policy this YAML file defines ('-' for stdin), as kubectl delete -f.")
-@click.option("--ignore-not-found", is_flag=True, help="With -f: skip policies that do not exist.")
+@click.option("--ignore-not-found", is_flag=True, help="Not an error when a policy does not exist.")
 @click.pass_obj
 def policy_delete(obj, name, namespace, path, ignore_not_found):
     """Delete a policy by name, or every policy of a file (all or none)."""
@@ -72,7 +72,7 @@ def policy_delete(obj, name, namespace, path, ignore_not_found):
             raise InvalidInput("-n/--namespace goes with a NAME; a file's documents carry their own namespace")
         results = writer.delete(obj.ds, writer.load(path, POLICY_KINDS), ignore_not_found)
     else:
-        results = writer.delete_named(obj.ds, POLICY, [POLICY.full_name(name, namespace)])
+        results = writer.delete_named(obj.ds, POLICY, [POLICY.full_name(name, namespace)], ignore_not_found)
     for res, verb in results:
         click.echo(f"policy {res.name} {verb}")
 

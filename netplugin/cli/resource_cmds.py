@@ -46,7 +46,7 @@ def delete_cmd(obj, path, ignore_not_found):
 @click.pass_obj
 def get_cmd(obj, kind, name, namespace, fmt):
     """Resources of KIND (policy, networkpolicy, pool, bgppeer, bgpconfig, node; plurals too) as documents:
-    one for NAME, else a List. ``apply -f`` takes the output back unchanged."""
+    one for NAME, else a List. 'apply -f' takes the output back unchanged."""
     doc, bad = writer.get(obj.ds, kind_named(kind), name, namespace)
     emit(doc, fmt)
     if bad:

@@ -54,9 +54,9 @@ def delete(ds, loaded, ignore_not_found=False):
     return _commit(ds, loaded.items, "delete", loaded, ignore_not_found)
 
 
-def delete_named(ds, kind, names):
+def delete_named(ds, kind, names, ignore_not_found=False):
     """Delete resources of ``kind`` by their stored names (``netctl policy delete NAME``)."""
-    return _commit(ds, [Resource(kind, name, None) for name in names], "delete")
+    return _commit(ds, [Resource(kind, name, None) for name in names], "delete", None, ignore_not_found)
 
 
 def get(ds, kind, name=None, namespace=None):

@@ -272,6 +272,7 @@ def test_policy_delete_by_file_namespace_and_similar_names(etcd, run, fails, tmp
     assert etcd.list(keys.POLICIES) == []
     fails("policy", "delete", "-f", str(np), match="np.yaml:3: policy k8s.prod.web-allow does not exist")
     assert run("policy", "delete", "--ignore-not-found", "-f", str(np)) == ""
+    assert run("policy", "delete", "--ignore-not-found", "-n", "prod", "web-allow") == ""
     run("policy", "apply", "-f", "-", stdin=EVERY_KIND.split("---\n")[-2])
     fails("policy", "delete", "deny-bda", match="policy deny-bda does not exist; similar names: deny-bad")
     fails("policy", "delete", match="give a policy NAME or -f FILE")
