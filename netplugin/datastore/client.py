@@ -280,8 +280,9 @@ class Datastore:
 
     # --- watch ----------------------------------------------------------------------------------------------------
 
-    def open_watch_stream(self, prefix, start_revision):
-        """An HTTP stream of watch responses from the current endpoint (see datastore.watch for the loop)."""
+    def open_watch_stream(self, prefix, start_revision, read_timeout):
+        """An HTTP stream of watch responses from the current endpoint (see datastore.watch for the loop). A read
+        that gets no byte for ``read_timeout`` seconds raises (requests' read deadline): the stream is dead."""
         self.authenticate()
         with self._lock:
             client = self._clients[self._index]
@@ -289,8 +290,9 @@ class Datastore:
                                    "start_revision": start_revision, "progress_notify": True}}
         try:
             return client.session.post(client.get_url("/watch"), json=body, stream=True,
-                                       timeout=(self.config.timeout, None))
-        except Exception as e:  # requests' connection errors: the loop retries with backoff
+                                       timeout=(self.config.timeout, read_timeout))
+        except Exception as e:  # requests' connection errors: the loop retries with backoff, on the next member
+            self.rotate()
             raise DatastoreUnavailable(f"etcd unreachable at {self.describe()}: cannot watch ({type(e).__name__})")
 
     def rotate(self):
