@@ -1,5 +1,6 @@
 """Real etcd servers on free loopback ports, their data on tmpfs, for tests and benchmarks: one member
 (``EtcdServer``) or a three-member cluster (``EtcdCluster``) whose members can be killed and restarted."""
+import json
 import os
 import shutil
 import socket
@@ -55,6 +56,9 @@ class EtcdServer:
         if self.data_dir is None:
             base = "/dev/shm" if os.path.isdir("/dev/shm") else None
             self.data_dir = tempfile.mkdtemp(prefix="npt-etcd-", dir=base)
+        stale = os.path.join(self.data_dir, "etcd.sock:0")  # a killed etcd leaves its socket behind
+        if os.path.exists(stale):
+            os.unlink(stale)
         cmd = [
             "etcd", "--name", self.name, "--data-dir", self.data_dir,
             # Also on a unix socket (relative to cwd = data dir): namespaces reach it through bridge_into().
@@ -186,6 +190,16 @@ class EtcdCluster:
         for m in self.members:
             m.wait_healthy(timeout)
         return self
+
+    def leader(self):
+        """The member that leads now (etcd's maintenance status, asked of every running member)."""
+        for m in self.members:
+            if m.proc is None:
+                continue
+            status = json.loads(m.etcdctl("endpoint", "status", "-w", "json").stdout)[0]["Status"]
+            if status["leader"] == status["header"]["member_id"]:
+                return m
+        raise RuntimeError("no etcd member leads")
 
     def bridge_into(self, netns):
         for m in self.members:

@@ -12,6 +12,7 @@ import urllib.parse
 from dataclasses import dataclass
 
 import etcd3gw
+import requests
 from etcd3gw import exceptions as etcd_exc
 
 from netplugin.datastore.keys import ROOT
@@ -288,9 +289,15 @@ class Datastore:
             client = self._clients[self._index]
         body = {"create_request": {"key": _b64(prefix), "range_end": _prefix_end(prefix),
                                    "start_revision": start_revision, "progress_notify": True}}
+        # Its own connection, never one from the calls' pool: a pooled connection may be dead already (half-open),
+        # and a reused one would cost a whole read deadline to find out.
+        session = requests.Session()
+        for attr in ("verify", "cert", "trust_env"):
+            setattr(session, attr, getattr(client.session, attr))
+        session.headers = dict(client.session.headers, Connection="close")
         try:
-            return client.session.post(client.get_url("/watch"), json=body, stream=True,
-                                       timeout=(self.config.timeout, read_timeout))
+            return session.post(client.get_url("/watch"), json=body, stream=True,
+                                timeout=(self.config.timeout, read_timeout))
         except Exception as e:  # requests' connection errors: the loop retries with backoff, on the next member
             self.rotate()
             raise DatastoreUnavailable(f"etcd unreachable at {self.describe()}: cannot watch ({type(e).__name__})")
