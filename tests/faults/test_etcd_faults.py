@@ -120,7 +120,9 @@ class Rig:
         p = subprocess.run([NETCTL, "--etcd-endpoints", ",".join(self.endpoints), "policy", "apply", "-f", path],
                            capture_output=True, text=True, timeout=30)
         assert p.returncode == 0, p.stderr
-        return self.ds.revision()
+        # The policy's own revision: the store's may be ahead with writes the agent has no reason to sync for.
+        name = re.search(r"metadata: \{name: ([\w-]+)\}", text).group(1)
+        return self.ds.get(keys.policy(name)).mod_revision
 
     def synced(self, revision):
         """Has the agent run a sync whose view holds ``revision``?"""
@@ -304,3 +306,70 @@ def test_half_open_watch_connection_is_replaced_within_the_idle_timeout(make_rig
     report("half-open watch connection", connections_dropped=len(ports), change_reached_agent_s=detect_s)
     assert detect_s < IDLE_TIMEOUT + 5
     assert "no data for" in rig.log()
+
+
+# --- etcd restored from an older snapshot -------------------------------------------------------------------------
+
+def test_etcd_restored_from_an_older_snapshot(make_rig, tmp_path):
+    """etcdctl snapshot save, more writes (a container, a policy), etcd stopped and restored from the snapshot:
+    its revision is now below the one the agent's watch resumes from. The agent notices, resyncs everything, and
+    neither crashes nor tears the running containers down."""
+    etcd = single_etcd()
+    rig = make_rig(etcd, [etcd.endpoint])
+    a, _ = rig.container()
+    b, ip_b = rig.container()
+    pinger = rig.ping(a, ip_b)
+    snapshot = str(tmp_path / "snapshot.db")
+    etcd.snapshot(snapshot)
+    c, _ = rig.container()  # exists only in the history the restore throws away
+    last = rig.apply(WEB_ICMP_ONLY)
+    wait_until("the last write to reach the agent", lambda: rig.synced(last), 10)
+    veths = rig.veths()
+    assert len(veths) == 3
+
+    etcd.restore(snapshot)
+    restored = time.monotonic()
+    assert rig.ds.revision() < last
+    wait_until("the agent to notice the revision going backwards",
+               lambda: "event=watch.revision_backwards" in rig.log(), IDLE_TIMEOUT + 10)
+    # The resync read the restored state: a write after the restore reaches the agent, though its revision
+    # number was already used by the lost history.
+    revision = rig.ds.put(keys.policy("after-restore"), {"metadata": {"name": "after-restore"},
+                                                         "spec": {"selector": {"matchLabels": {"app": "none"}}}})
+    assert revision <= last
+    wait_until("a write after the restore to reach the agent",
+               lambda: any(int(r) >= revision for r in re.findall(r"event=sync revision=(\d+)",
+                                                                   rig.log().split("event=watch.revision_backwards")[-1])),
+               10)
+    assert rig.agent.proc.poll() is None, rig.agent.log()
+    resync_s = time.monotonic() - restored
+    sent, received = pinger.result()
+    assert received == sent
+    assert set(veths) <= set(rig.veths()), "the resync after the restore deleted a veth"
+    assert nsexec(c, "ip -o -4 addr show dev eth0").stdout.strip(), "container c lost its address"
+
+    # What the restore leaves for others to repair is collected, so every check above still runs and the test
+    # turns into a pass by itself once they are repaired.
+    gaps = []
+    # The restore forgot c's address: IPAM hands it out again, and the dataplane refuses to route it to a second
+    # container while c holds it (no duplicate address on the wire), so ADDs keep failing until c is deleted.
+    _, rc, out, _ = rig.add()
+    if rc != 0:
+        assert "already routed" in out.get("msg", ""), out
+        gaps.append(f"ADD after the restore refused: IPAM hands out again the address of container {c}, which "
+                    f"etcd no longer records ({out['msg']})")
+    # A full sync (the agent's start-up; the periodic one is 10 min away here) must not delete c's veth either:
+    # c's endpoint record is gone with the lost history, and keeping its veth is the dataplane's "never delete
+    # what you cannot account for" (issue 16, item 4).
+    rig.agent.stop()
+    rig.agent.start()
+    wait_until("a full sync", lambda: "full=True" in rig.log().split("event=agent.stopped")[-1], 10)
+    lost = sorted(set(veths) - set(rig.veths()))
+    assert nsexec(a, f"ping -c1 -W1 {ip_b}", check=False).returncode == 0, "a and b are in the snapshot"
+    if lost:
+        gaps.append(f"the full sync after the restore deleted {lost}, the veth of container {c} added after the "
+                    "snapshot (dataplane/reconcile.py deletes interfaces etcd does not record)")
+    report("etcd restored from an older snapshot", pings_sent=sent, pings_lost=sent - received,
+           resynced_s=resync_s, gaps=len(gaps))
+    if gaps:
+        pytest.xfail("; ".join(gaps))
