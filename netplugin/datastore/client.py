@@ -294,7 +294,9 @@ class Datastore:
         session = requests.Session()
         for attr in ("verify", "cert", "trust_env"):
             setattr(session, attr, getattr(client.session, attr))
-        session.headers = dict(client.session.headers, Connection="close")
+        # hasleader (gRPC metadata through the gateway): a member that loses its leader (cut off from its quorum)
+        # ends the watch with "no leader" instead of serving a history that stopped moving.
+        session.headers = dict(client.session.headers, Connection="close", **{"Grpc-Metadata-hasleader": "true"})
         try:
             return session.post(client.get_url("/watch"), json=body, stream=True,
                                 timeout=(self.config.timeout, read_timeout))

@@ -26,7 +26,7 @@ import threading
 import time
 
 from netplugin.datastore.client import KV
-from netplugin.errors import NetpluginError
+from netplugin.errors import DatastoreUnavailable, NetpluginError
 
 LOG = logging.getLogger(__name__)
 
@@ -132,7 +132,10 @@ class PrefixWatch:
                 if not line.strip():
                     continue
                 answered = True
-                result = json.loads(line).get("result", {})
+                message = json.loads(line)
+                if "error" in message:  # the gateway's last line before it ends the stream, e.g. "no leader"
+                    raise DatastoreUnavailable(f"etcd ended the watch: {message['error'].get('message', message)}")
+                result = message.get("result", {})
                 if self._handle(result):
                     return  # the watch must be re-created (compaction, cancel, revision backwards)
         except _Idle:

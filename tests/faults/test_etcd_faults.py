@@ -263,6 +263,7 @@ def test_three_member_etcd_losing_one_member_then_quorum(make_rig):
     time.sleep(IDLE_TIMEOUT)  # the agent's watch, sync and heartbeat fail over and over meanwhile
     assert_reachability(client, "client", enforced, {"web": ip_web}, 1.0)
     assert rig.veths() == veths
+    assert "no leader" in rig.log(), "the watch did not notice its member lost the quorum"
     add2_s = expect_adds_fail_fast(rig, "quorum lost for a while")
 
     # Quorum back: everything recovers by itself.
