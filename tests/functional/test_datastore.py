@@ -331,6 +331,20 @@ def test_a_restored_older_snapshot_makes_the_watch_resync_instead_of_waiting(ser
         w.stop()
 
 
+def test_an_answer_older_than_seen_is_a_lagging_member_unless_the_cluster_agrees(etcd):
+    """A header revision below what the watch saw: if a linearizable read is not older, the member lags (move
+    on, no resync); if it is, the history went backwards (resync once)."""
+    rec = Recorder(etcd, keys.ROOT + "test/")
+    now = etcd.put(A, 1)
+    w = PrefixWatch(etcd, keys.ROOT + "test/", now, rec.on_events, rec.on_resync)  # not started: driven by hand
+    stale = {"header": {"revision": str(now - 1)}}
+    w.next_revision = now + 1
+    assert w._handle(stale) is True and rec.resyncs == [] and w.backwards == 0
+    w.next_revision = now + 100  # what a watch saw before etcd was restored from an older snapshot
+    assert w._handle(stale) is True and rec.resyncs == [{A: 1}] and w.backwards == 1
+    assert w.next_revision == now + 1
+
+
 # --- reachability and fail-over ----------------------------------------------------------------------------------
 
 def test_unreachable_etcd_is_one_clear_error_naming_the_endpoint():
