@@ -22,7 +22,7 @@ from tests.agents import VENV_BIN, AgentProcess, CniBinary
 from tests.etcd import EtcdCluster, EtcdServer
 from tests.netns import NamespaceSet, nsexec
 from tests.probes import assert_reachability, start_echo_server
-from tests.waiting import poll, wait_until
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.functional
 
@@ -124,9 +124,11 @@ class Rig:
         name = re.search(r"metadata: \{name: ([\w-]+)\}", text).group(1)
         return self.ds.get(keys.policy(name)).mod_revision
 
-    def synced(self, revision):
-        """Has the agent run a sync whose view holds ``revision``?"""
-        return any(int(r) >= revision for r in re.findall(r"event=sync revision=(\d+)", self.log()))
+    def synced(self, revision, after=None):
+        """Has the agent run a sync whose view holds ``revision`` (only counting those logged after the last
+        line containing ``after``)?"""
+        text = self.log().rsplit(after, 1)[-1] if after else self.log()
+        return any(int(r) >= revision for r in re.findall(r"event=sync revision=(\d+)", text))
 
     def log(self):
         with open(self.agent.log_path) as f:
@@ -339,9 +341,7 @@ def test_etcd_restored_from_an_older_snapshot(make_rig, tmp_path):
                                                          "spec": {"selector": {"matchLabels": {"app": "none"}}}})
     assert revision <= last
     wait_until("a write after the restore to reach the agent",
-               lambda: any(int(r) >= revision for r in re.findall(r"event=sync revision=(\d+)",
-                                                                   rig.log().split("event=watch.revision_backwards")[-1])),
-               10)
+               lambda: rig.synced(revision, after="event=watch.revision_backwards"), 10)
     assert rig.agent.proc.poll() is None, rig.agent.log()
     resync_s = time.monotonic() - restored
     sent, received = pinger.result()
