@@ -18,7 +18,8 @@ from netplugin.datastore import keys
 from netplugin.datastore.client import Datastore
 from netplugin.datastore.watch import IDLE_TIMEOUT
 from netplugin.ipam.allocator import IPAM
-from tests.agents import VENV_BIN, AgentProcess, CniBinary
+from tests.agents import AgentProcess, CniBinary
+from tests.console import console_script
 from tests.etcd import EtcdCluster, EtcdServer
 from tests.netns import NamespaceSet, nsexec
 from tests.probes import assert_reachability, start_echo_server
@@ -30,7 +31,7 @@ POOL = "10.74.0.0/24"
 NETWORK = "faultnet"
 PING_INTERVAL = 0.05
 ADD_FAIL_FAST = 8.0  # an ADD with etcd gone must say "try again" within this (the binary itself waits 120 s)
-NETCTL = os.path.join(VENV_BIN, "netctl")
+NETCTL = console_script("netctl")
 WEB_ICMP_ONLY = """apiVersion: netplugin/v1
 kind: Policy
 metadata: {name: web-icmp-only}
