@@ -6,7 +6,7 @@ Each ``sync(view, full=False, changes=EVERYTHING)`` also gets what changed since
 import logging
 
 from netplugin.agent.view import EVERYTHING
-from netplugin.dataplane import changed
+from netplugin.dataplane import changed, host_ifname
 from netplugin.datastore import keys
 
 LOG = logging.getLogger(__name__)
@@ -14,13 +14,25 @@ LOG = logging.getLogger(__name__)
 
 class DataplaneReconciler:
     """Veths, host routes and blackholes of this host. Kernel work runs under the exclusive host lock, and only
-    when the owned blocks changed or on the periodic full resync: ADD/DEL keep their own endpoints right."""
+    when the owned blocks changed or on the periodic full resync: ADD/DEL keep their own endpoints right.
+
+    A veth is deleted only when its endpoint is known to be deleted: this process saw its record (in a view or
+    under the lock) and the record is gone now. DEL and Docker's Leave/DeleteEndpoint remove their own veths.
+    Anything else without a record is kept, logged once and shown by ``report()``: after a restart with another
+    ``--hostname``, an etcd restored from an old snapshot, or a record deleted by hand while the agent was down,
+    the agent cannot tell a stale veth from a live container, so it leaves the decision to the operator
+    (``netctl`` shows them; ``ip link del NAME`` removes one).
+    """
 
     def __init__(self, agent):
         self.agent = agent
         self._blocks = None
+        self._recorded = set()  # host ifnames of this host's endpoint records seen since the last kernel pass
+        self._unaccounted = []  # veths of ours with no record, kept (as of the last kernel pass)
+        self._logged = set()  # unaccounted veths already logged
 
     def sync(self, view, full=False, changes=EVERYTHING):
+        self._recorded |= {host_ifname(ep.id) for ep in view.endpoints_of(self.agent.host)}
         if not full and not changes.touches(keys.affinity_prefix(self.agent.host)):
             return
         blocks = sorted(view.blocks.get(self.agent.host, []))
@@ -30,10 +42,26 @@ class DataplaneReconciler:
             # Re-read this host's endpoints under the lock: the view may predate an ADD that just finished.
             eps = self.agent.service.list(self.agent.host)
             desired = [self.agent.service.spec_of(ep) for ep in eps]
-            done = self.agent.dataplane.reconcile(desired, blocks)
+            names = {host_ifname(ep.id) for ep in eps}
+            done = self.agent.dataplane.reconcile(desired, blocks, deletable=self._recorded - names)
+            self._recorded = names
         self._blocks = blocks
+        self._note_unaccounted(done.get("unaccounted", []))
         if changed(done) or done.get("errors"):
             LOG.info("event=dataplane.reconciled changes=%s", {k: v for k, v in done.items() if v})
+
+    def _note_unaccounted(self, names):
+        self._unaccounted = sorted(names)
+        for name in self._unaccounted:
+            if name not in self._logged:
+                LOG.warning("event=dataplane.unaccounted host_if=%s host=%s reason=no endpoint record of this host"
+                            " names it; kept (delete it with 'ip link del %s' if no container uses it)", name,
+                            self.agent.host, name)
+        self._logged = set(self._unaccounted)
+
+    def report(self):
+        """For the agent's status answer and netctl."""
+        return {"unaccounted_interfaces": list(self._unaccounted)}
 
 
 class RoutingGate:

@@ -89,11 +89,13 @@ class Dataplane:
             problems += antispoof.problems(self.host_netns, 6)
         return problems
 
-    def reconcile(self, desired: list, blocks: list) -> dict:
+    def reconcile(self, desired: list, blocks: list, deletable=frozenset()) -> dict:
+        """See reconcile.py: veths not in ``desired`` are deleted only when named in ``deletable``."""
         desired = [self._spec(s)[0] for s in desired]
         with self._lock:
             return _reconcile.reconcile(
-                self.host_netns, desired, blocks, lambda spec, addrs: endpoint.add(self.host_netns, spec, addrs)
+                self.host_netns, desired, blocks, lambda spec, addrs: endpoint.add(self.host_netns, spec, addrs),
+                deletable=frozenset(deletable),
             )
 
     def list_endpoints(self) -> dict:

@@ -18,8 +18,8 @@ import os
 import time
 from contextlib import ExitStack
 
-from netplugin.errors import AlreadyExists, DataplaneError, NotFound
-from netplugin.dataplane import container, host
+from netplugin.errors import AlreadyExists, DataplaneError, InvalidInput, NotFound
+from netplugin.dataplane import container, host, sysctl
 from netplugin.dataplane.model import HOST_VETH_MAC, EndpointState, host_ifname
 from netplugin.dataplane.netlink import netlink, netlink_fd, open_netns, quietly
 from netplugin.dataplane.rtnl import Batch
@@ -125,6 +125,7 @@ def add(host_netns, spec, addrs) -> EndpointState:
                 mac=spec.mac.lower() if spec.mac else _container_mac(cnl, cidx, cont_msg),
                 ifindex_in_container=cidx,
                 addresses=[str(a) for a in addrs],
+                created=fresh,
             )
             undo.pop_all()
     finally:
@@ -169,7 +170,7 @@ def remove(host_netns, endpoint_id, netns=None, ifname="eth0") -> bool:
     # or renamed by hand): by the CNI contract ``ifname`` in ``netns`` is ours to delete, if it is a veth.
     try:
         fd = open_netns(netns)
-    except NotFound:
+    except (NotFound, InvalidInput):  # gone, or never a namespace: no interface of ours can be in it
         return False
     try:
         with netlink_fd(fd, netns) as cnl:

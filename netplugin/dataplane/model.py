@@ -62,6 +62,7 @@ class EndpointState:
     mac: str
     ifindex_in_container: int
     addresses: list = field(default_factory=list)
+    created: bool = field(default=True, compare=False)  # False: an existing pair was converged (repeated ADD)
 
 
 def host_ifname(endpoint_id: str) -> str:

@@ -7,24 +7,30 @@ changes namespace. (pyroute2's ``IPRoute(netns=...)`` does the same in a forked 
 here, and forking a threaded process; the thread costs about 0.1 ms.)
 
 A namespace path that does not exist is an error: we never create one (pyroute2 would, by default) and never
-fall back to the namespace the process happens to be in.
+fall back to the namespace the process happens to be in. A path that is not a network namespace (an nsfs inode
+such as ``/run/netns/NAME`` or ``/proc/PID/ns/net``) is refused before it is opened: the runtime's CNI_NETNS and
+Docker's SandboxKey are opened as root, and opening some device files has effects (``/dev/watchdog`` arms it).
 """
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import logging
 import os
 import socket
+import stat
 import threading
 from contextlib import contextmanager
 
-from netplugin.errors import AlreadyExists, DataplaneError, NotFound
+from netplugin.errors import AlreadyExists, DataplaneError, InvalidInput, NotFound
 from netplugin.dataplane.rtnl import Netlink
 
 log = logging.getLogger(__name__)
 
 CLONE_NEWNET = 0x40000000
 NETLINK_ROUTE = 0
+NSFS_MAGIC = 0x6E736673  # statfs f_type of namespace files
+NS_GET_NSTYPE = 0xB703  # ioctl on a namespace fd: its CLONE_NEW* type (Linux 4.11)
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 _ERRNO_CLASS = {errno.ENODEV: NotFound, errno.ENOENT: NotFound, errno.EEXIST: AlreadyExists}
@@ -45,12 +51,55 @@ def quietly(fn, *args):
         log.warning("undo step %s failed: %s", getattr(fn, "__name__", fn), e)
 
 
+def _fs_type(path_or_fd) -> int:
+    """statfs(2)/fstatfs(2) f_type (Python has no os.statfs). f_type is the first member of struct statfs."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
+    if isinstance(path_or_fd, int):
+        rc = _libc.fstatfs(path_or_fd, buf)
+    else:
+        rc = _libc.statfs(os.fsencode(path_or_fd), buf)
+    if rc != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
+def _not_a_netns(path: str, why: str) -> InvalidInput:
+    return InvalidInput(f"netns '{path}' is not a network namespace ({why}); expected a namespace file such as "
+                        "/run/netns/NAME or /proc/PID/ns/net")
+
+
 def open_netns(path: str) -> int:
-    """An fd for a namespace path; missing paths are NotFound, never created."""
+    """An fd for a network namespace path; missing paths are NotFound (never created), anything that is not a
+    network namespace InvalidInput. Checked before opening (stat, statfs), then again on the fd (fstatfs and the
+    namespace type), so a path swapped in between is caught too."""
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise InvalidInput(f"netns {path!r} must be an absolute path such as /run/netns/NAME")
     try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode) or _fs_type(path) != NSFS_MAGIC:
+            raise _not_a_netns(path, "not an nsfs file")
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError as e:
         raise kernel_error(f"open netns '{path}'", e) from None
+    try:
+        if _fs_type(fd) != NSFS_MAGIC:
+            raise _not_a_netns(path, "not an nsfs file")
+        if fcntl.ioctl(fd, NS_GET_NSTYPE) != CLONE_NEWNET:
+            raise _not_a_netns(path, "a namespace of another kind")
+    except OSError as e:
+        os.close(fd)
+        raise kernel_error(f"check netns '{path}'", e) from None
+    except InvalidInput:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_netns(path: str) -> None:
+    """Refuse (InvalidInput/NotFound) a path that is not a network namespace, for a front door that records a
+    namespace without entering it (Docker's Join: libnetwork moves the interface into the sandbox itself)."""
+    os.close(open_netns(path))
 
 
 def _new_socket():

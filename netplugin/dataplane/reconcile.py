@@ -6,6 +6,11 @@ removal of stray veths and the blackhole changes then go to the kernel as one ba
 for IPv6 settings, only if any drifted). Writes happen only where the kernel differs, so a healthy endpoint is
 never touched and a second run right after the first reports no changes. One endpoint failing (its namespace
 is gone, its address is routed elsewhere) is reported under ``errors`` and does not stop the others.
+
+Never destroy what cannot be accounted for: a veth of ours that no desired endpoint names is deleted only when
+the caller says its endpoint is known to be deleted (``deletable``: the agent held its record and saw it go).
+Any other is kept and listed under ``unaccounted``: a host renamed, a typo in ``--hostname`` or an etcd restored
+from an old snapshot must not cut every container on the host off (Felix keeps unknown workload interfaces too).
 """
 import logging
 import time
@@ -27,7 +32,10 @@ SUMMARY_KEYS = (
     "blackholes_added",
     "blackholes_removed",
     "errors",
+    "unaccounted",
 )
+# Not changes: what a run found but did not (or could not) write.
+NOT_CHANGES = ("errors", "unaccounted")
 
 
 def empty_summary() -> dict:
@@ -35,8 +43,8 @@ def empty_summary() -> dict:
 
 
 def changed(summary: dict) -> bool:
-    """True when the run wrote anything (errors alone are not changes)."""
-    return any(summary[key] for key in SUMMARY_KEYS if key != "errors")
+    """True when the run wrote anything (errors and kept unaccounted veths are not changes)."""
+    return any(summary[key] for key in SUMMARY_KEYS if key not in NOT_CHANGES)
 
 
 def desired_by_name(desired) -> dict:
@@ -94,8 +102,9 @@ def _plan_endpoint(plan, view, name, spec, addrs, v6_sysctls):
     return [c for c in changes if "net.ipv6." in c]
 
 
-def reconcile(host_netns, desired, blocks, add_endpoint) -> dict:
-    """Converge the host side; ``add_endpoint(spec, addrs)`` recreates an endpoint whose veth is missing."""
+def reconcile(host_netns, desired, blocks, add_endpoint, deletable=frozenset()) -> dict:
+    """Converge the host side; ``add_endpoint(spec, addrs)`` recreates an endpoint whose veth is missing.
+    Veths not desired are deleted only if named in ``deletable`` (host ifnames), else kept as unaccounted."""
     started = time.monotonic()
     wanted = desired_by_name(desired)
     nets = set(parse_blocks(blocks))
@@ -104,6 +113,9 @@ def reconcile(host_netns, desired, blocks, add_endpoint) -> dict:
         view = host.snapshot(hnl)
         plan = _Plan()
         for name in sorted(set(view.links) - set(wanted)):
+            if name not in deletable:
+                summary["unaccounted"].append(name)
+                continue
             start = len(plan.batch)
             plan.batch.link_del(f"delete stray veth {name}", index=view.links[name]["index"])
             plan.mark(start, "removed", [name])

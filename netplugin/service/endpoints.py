@@ -2,7 +2,8 @@
 
 ADD's critical path is one IPAM transaction, local netlink work and one endpoint put; nothing holds a host-wide
 lock across etcd round trips. Every step registers its undo first (STYLE.md #6), so a failure half-way leaves
-neither an allocation nor a veth nor a record behind. DEL releases IPAM first and tolerates a missing link or
+neither an allocation nor a veth nor a record behind; the undo covers only what that call made, so a failed
+repeated ADD leaves the working container it re-converged alone. DEL releases IPAM first and tolerates a missing link or
 namespace, so it is idempotent.
 """
 import contextlib
@@ -91,21 +92,29 @@ class EndpointService:
     # --- whole workload -------------------------------------------------------------------------------------------
 
     def add(self, req):
-        """Allocate, wire and record one container interface. Returns the Endpoint."""
+        """Allocate, wire and record one container interface. Returns the Endpoint.
+
+        A repeated ADD (runtimes retry) converges what exists; if it fails, only what this call made is undone:
+        the addresses the handle did not hold before, the veth pair if it did not exist. A working container
+        is never torn down by a retry that failed (its record is kept too: it was written by the first ADD).
+        """
         if not req.netns:
             raise InvalidInput("no network namespace given for the container")
         ep_id = req.id()
         clock = _PhaseClock()
         with contextlib.ExitStack() as undo:
+            handle, _ = self.ipam.get_handle(ep_id)
+            held_before = set(handle.addresses) if handle else set()
             addresses = self.allocate(req)
             clock.mark("ipam")
-            undo.callback(self._quietly, "release addresses of", ep_id, self.ipam.release_handle, ep_id)
+            undo.callback(self._quietly, "release addresses of", ep_id, self._release_new, ep_id, held_before)
             spec = EndpointSpec(endpoint_id=ep_id, netns=req.netns, ifname=req.ifname, addresses=tuple(addresses),
                                 mtu=req.mtu or self.mtu)
             state = self.dataplane.add_endpoint(spec)
             clock.mark("dataplane")
-            undo.callback(self._quietly, "remove interface of", ep_id, self.dataplane.remove_endpoint, ep_id,
-                          req.netns, req.ifname)
+            if state.created:
+                undo.callback(self._quietly, "remove interface of", ep_id, self.dataplane.remove_endpoint, ep_id,
+                              req.netns, req.ifname)
             ep = Endpoint(id=ep_id, host=self.host, network=req.network, container_id=req.container_id,
                           netns=req.netns, ifname=req.ifname, host_ifname=state.host_ifname, addresses=addresses,
                           mac=state.mac, labels={**req.labels, NETWORK_LABEL: req.network}, handle=ep_id,
@@ -116,6 +125,16 @@ class EndpointService:
         LOG.info("endpoint added id=%s netns=%s addresses=%s host_if=%s %s", ep_id, req.netns, ",".join(addresses),
                  state.host_ifname, clock)
         return ep
+
+    def _release_new(self, ep_id, held_before):
+        """Undo of one ADD's allocation: the whole handle if it held nothing before, else only what was added."""
+        if not held_before:
+            self.ipam.release_handle(ep_id)
+            return
+        handle, _ = self.ipam.get_handle(ep_id)
+        for address, info in sorted((handle.addresses if handle else {}).items()):
+            if address not in held_before:
+                self.ipam.release_address(address, info.get("seq"))
 
     def delete(self, ep_id, netns=None, ifname="eth0"):
         """Release, unwire, forget. Unknown endpoints are fine (DEL twice, or for a container never seen)."""

@@ -207,9 +207,10 @@ def test_reconcile_converges_and_a_second_run_changes_nothing(lab):
     nsexec(lab.host, f"ip route del 10.1.0.6/32 dev {b_state.host_ifname}")
     nsexec(lab.host, f"sysctl -qw net.ipv4.conf.{a_state.host_ifname}.rp_filter=0")
 
-    first = lab.dp.reconcile([a_spec, b_spec], ["10.1.0.0/26", "fd10::/122"])
+    first = lab.dp.reconcile([a_spec, b_spec], ["10.1.0.0/26", "fd10::/122"], deletable={gone_state.host_ifname})
     assert first["errors"] == []
-    assert sorted(first["removed"]) == sorted([stray, gone_state.host_ifname])
+    assert first["removed"] == [gone_state.host_ifname]
+    assert first["unaccounted"] == [stray]  # nobody said its endpoint was deleted: kept
     assert first["routes_added"] == [f"10.1.0.6/32 dev {b_state.host_ifname}"]
     assert any("rp_filter=1" in r for r in first["repaired"]), first
     assert first["blackholes_added"] == ["10.1.0.0/26", "fd10::/122"]
@@ -217,11 +218,23 @@ def test_reconcile_converges_and_a_second_run_changes_nothing(lab):
 
     second = lab.dp.reconcile([a_spec, b_spec], ["10.1.0.0/26", "fd10::/122"])
     assert not changed(second) and second["errors"] == [], second
+    assert second["unaccounted"] == [stray] and stray in links(lab.host)
     assert {"np-other", "np-other-p"} <= links(lab.host)
     assert "blackhole 10.78.0.0/26" in routes(lab.host)
     assert "blackhole 10.77.0.0/26" not in routes(lab.host)
     assert lab.dp.check_endpoint(a_spec) == [] and lab.dp.check_endpoint(b_spec) == []
     assert reaches(a, "10.1.0.6") and reaches(b, "10.1.0.5")
+
+
+def test_reconcile_keeps_every_veth_it_cannot_account_for(lab):
+    """No desired endpoint at all (etcd holds no record for this host): nothing is deleted, all is reported."""
+    a_spec, a, a_state = lab.add("10.1.3.5", "fd10:3::5")
+    b_spec, b, b_state = lab.add("10.1.3.6")
+    summary = lab.dp.reconcile([], [])
+    assert summary["removed"] == [] and not changed(summary), summary
+    assert summary["unaccounted"] == sorted([a_state.host_ifname, b_state.host_ifname])
+    assert lab.dp.check_endpoint(a_spec) == [] and lab.dp.check_endpoint(b_spec) == []
+    assert reaches(a, "10.1.3.6") and reaches(b, "10.1.3.5")
 
 
 def test_reconcile_recreates_a_missing_endpoint(lab):
