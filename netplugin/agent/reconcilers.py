@@ -15,6 +15,7 @@ LOG = logging.getLogger(__name__)
 class DataplaneReconciler:
     """Veths, host routes and blackholes of this host. Kernel work runs under the exclusive host lock, and only
     when the owned blocks changed or on the periodic full resync: ADD/DEL keep their own endpoints right.
+    Host-wide IPv6 forwarding is turned on here when the first IPv6 pool appears (Dataplane.enable_ipv6).
 
     A veth is deleted only when its endpoint is known to be deleted: this process saw its record (in a view or
     under the lock) and the record is gone now. DEL and Docker's Leave/DeleteEndpoint remove their own veths.
@@ -33,6 +34,8 @@ class DataplaneReconciler:
 
     def sync(self, view, full=False, changes=EVERYTHING):
         self._recorded |= {host_ifname(ep.id) for ep in view.endpoints_of(self.agent.host)}
+        if changes.touches(keys.POOLS) and any(p.version == 6 for p in view.pools):
+            self.agent.dataplane.enable_ipv6(recheck=full)  # host IPv6 forwarding only once it is needed
         if not full and not changes.touches(keys.affinity_prefix(self.agent.host)):
             return
         blocks = sorted(view.blocks.get(self.agent.host, []))

@@ -18,10 +18,10 @@ from netplugin.dataplane.rtnl import IFF_UP
 
 log = logging.getLogger(__name__)
 
-# Host-wide settings: forwarding for both families (writing conf/all/forwarding also sets the default for
-# interfaces created later).
+# Host-wide settings. IPv4 forwarding at start-up; IPv6 forwarding only once an IPv6 pool is in use
+# (``enable_ipv6``): on a host configured by router advertisements it would otherwise stop RA processing for
+# nothing. Writing conf/all/forwarding also sets it on every interface, present and future.
 HOST_SYSCTLS_V4 = {"net/ipv4/ip_forward": 1}
-HOST_SYSCTLS_V6 = {"net/ipv6/conf/all/forwarding": 1}
 ALL_RP_FILTER = "net/ipv4/conf/all/rp_filter"
 ALL_ARP_IGNORE = "net/ipv4/conf/all/arp_ignore"
 
@@ -39,6 +39,7 @@ class Dataplane:
         self.host_netns = host_netns
         self.mtu = mtu
         self._lock = threading.RLock()
+        self._ipv6_ready = False  # enable_ipv6 succeeded in this process
 
     host_ifname = staticmethod(host_ifname)
 
@@ -49,18 +50,18 @@ class Dataplane:
         return spec, validate_spec(spec)
 
     def setup_host(self) -> dict:
-        """Forwarding on and the anti-spoofing rules in place; idempotent. Returns what it found and did."""
+        """IPv4 forwarding on and, if the host's rp_filter is loose, the IPv4 anti-spoofing rule; idempotent.
+        Nothing IPv6: see ``enable_ipv6``. Returns what it found and did."""
         with self._lock:
-            ipv6 = kernel_has_ipv6()
-            want = dict(HOST_SYSCTLS_V4, **(HOST_SYSCTLS_V6 if ipv6 else {}))
-            have = sysctl.read(self.host_netns, list(want) + [ALL_RP_FILTER, ALL_ARP_IGNORE], "read host sysctls")
-            todo = {k: v for k, v in want.items() if have.get(k) != str(v)}
-            sysctl.write(self.host_netns, todo, "enable forwarding in the host netns")
-            families = [6] if ipv6 else []
+            have = sysctl.read(self.host_netns, list(HOST_SYSCTLS_V4) + [ALL_RP_FILTER, ALL_ARP_IGNORE],
+                               "read host sysctls")
+            todo = {k: v for k, v in HOST_SYSCTLS_V4.items() if have.get(k) != str(v)}
+            sysctl.write(self.host_netns, todo, "enable IPv4 forwarding in the host netns")
+            families = []
             if have[ALL_RP_FILTER] == "2":
                 # "all" overrides our per-veth strict value with its maximum: keep IPv4 strict with the rule.
-                log.warning("%s is 2 (loose): adding the rpfilter rule for IPv4 as well", ALL_RP_FILTER)
-                families.insert(0, 4)
+                log.warning("%s is 2 (loose): adding the rpfilter rule for IPv4", ALL_RP_FILTER)
+                families.append(4)
             written = [f for f in families if antispoof.ensure(self.host_netns, f)]
             warnings = []
             if have[ALL_ARP_IGNORE] not in ("0", "1"):
@@ -71,9 +72,36 @@ class Dataplane:
             return {"sysctls": sorted(todo), "antispoof_families": families, "antispoof_written": written,
                     "warnings": warnings}
 
+    def enable_ipv6(self, recheck=False) -> dict:
+        """IPv6 forwarding and the IPv6 anti-spoofing rule, for when an IPv6 pool is in use; idempotent, and
+        free after the first success unless ``recheck`` (the periodic full resync repairs drift).
+
+        Interfaces that accept router advertisements (accept_ra=1) are set to 2 first, so a host that takes its
+        IPv6 default route from RAs keeps it. Forwarding is never turned off again by us (the last IPv6 pool
+        removed): containers may still hold IPv6 addresses, and the operator may rely on it by then."""
+        if not kernel_has_ipv6():
+            return {}
+        with self._lock:
+            if self._ipv6_ready and not recheck:
+                return {}
+            have = sysctl.read(self.host_netns, [sysctl.ALL_FORWARDING_V6], "read host IPv6 forwarding")
+            todo = {}
+            if have[sysctl.ALL_FORWARDING_V6] != "1":
+                with netlink(self.host_netns) as hnl:
+                    todo = sysctl.keep_accepting_ra(hnl.links(), host.is_our_link)
+                todo[sysctl.ALL_FORWARDING_V6] = 1  # last: RA acceptance is kept before forwarding starts
+                sysctl.write(self.host_netns, todo, "enable IPv6 forwarding in the host netns")
+                log.info("event=host.ipv6_forwarding enabled=1 accept_ra_2=%s",
+                         ",".join(k.split("/")[3] for k in todo if k.endswith(sysctl.ACCEPT_RA)) or "-")
+            written = antispoof.ensure(self.host_netns, 6)
+            self._ipv6_ready = True
+            return {"sysctls": list(todo), "antispoof_written": [6] if written else []}
+
     def add_endpoint(self, spec: EndpointSpec) -> EndpointState:
         spec, addrs = self._spec(spec)
         with self._lock:
+            if any(a.version == 6 for a in addrs):
+                self.enable_ipv6()  # an ADD may come before the sync pass that saw the IPv6 pool
             return endpoint.add(self.host_netns, spec, addrs)
 
     def remove_endpoint(self, endpoint_id: str, netns: str | None = None, ifname: str = "eth0") -> None:

@@ -20,6 +20,11 @@ from netplugin.dataplane.nsexec import run_in_netns
 V4_CONF = {"forwarding": 1, "proxy_arp": 1, "rp_filter": 1, "arp_ignore": 0}
 V6_CONF = {"forwarding": 1, "proxy_ndp": 1}
 PROXY_DELAY = 0
+# Host-wide IPv6 forwarding, written only once an IPv6 pool is in use. With forwarding on, an interface with
+# accept_ra=1 ignores router advertisements (its RA-learned default route expires); accept_ra=2 keeps them.
+ALL_FORWARDING_V6 = "net/ipv6/conf/all/forwarding"
+ACCEPT_RA = "accept_ra"
+RA_WHEN_FORWARDING = 2
 
 
 def conf_key(family: int, ifname: str, name: str) -> str:
@@ -57,6 +62,26 @@ def link_sysctls(msg, proxy_delay=None) -> dict:
     if proxy_delay is not None:
         have[neigh_key(ifname, "proxy_delay")] = proxy_delay
     return have
+
+
+def link_conf6(msg, name: str):
+    """One IPv6 devconf value of a link as the kernel reports it, None when it has no IPv6."""
+    spec = msg.get("af_spec")
+    v6 = spec.get("AF_INET6") if spec else None
+    conf6 = v6.get("IFLA_INET6_CONF") if v6 else None
+    return conf6.get(name) if conf6 else None
+
+
+def keep_accepting_ra(links, skip) -> dict:
+    """accept_ra=2 for every interface that accepts router advertisements now (accept_ra=1), so that turning
+    IPv6 forwarding on does not make it stop; ``skip(msg)`` names interfaces to leave alone (our veths: a
+    container must never configure the host by RA)."""
+    out = {}
+    for msg in links:
+        name = msg.get("ifname")
+        if name and name != "lo" and not skip(msg) and link_conf6(msg, ACCEPT_RA) == 1:
+            out[conf_key(6, name, ACCEPT_RA)] = RA_WHEN_FORWARDING
+    return out
 
 
 def drift(want: dict, have: dict, skip_unknown=()) -> dict:

@@ -283,14 +283,14 @@ def test_spoofed_ipv6_source_is_dropped_by_the_antispoof_chain(lab):
     assert not reaches(a, HOST_V6, src="fd02::6", timeout=0.5)
     assert counter(lab.host, "Icmp6InEchos") == before, "the host accepted a spoofed packet"
     assert reaches(a, HOST_V6, src="fd02::5")
-    # Control: without the hook the spoofed packet arrives; check_endpoint notices; setup_host puts it back.
+    # Control: without the hook the spoofed packet arrives; check_endpoint notices; enable_ipv6 puts it back.
     nsexec(lab.host, "ip6tables -w -t raw -D PREROUTING -i np+ -j np-antispoof")
     assert any("np-antispoof" in p for p in lab.dp.check_endpoint(a_spec))
     before = counter(lab.host, "Icmp6InEchos")
     reaches(a, HOST_V6, src="fd02::6", timeout=0.5)
     assert counter(lab.host, "Icmp6InEchos") > before
-    assert lab.dp.setup_host()["antispoof_written"] == [6]
-    assert lab.dp.setup_host()["antispoof_written"] == []  # idempotent
+    assert lab.dp.enable_ipv6(recheck=True)["antispoof_written"] == [6]
+    assert lab.dp.enable_ipv6(recheck=True)["antispoof_written"] == []  # idempotent
     assert lab.dp.check_endpoint(a_spec) == [f"eth0 in netns '{a_spec.netns}' has unexpected address fd02::6/128"]
     before = counter(lab.host, "Icmp6InEchos")
     assert not reaches(a, HOST_V6, src="fd02::6", timeout=0.5)
@@ -299,7 +299,7 @@ def test_spoofed_ipv6_source_is_dropped_by_the_antispoof_chain(lab):
 
 def test_loose_host_wide_rp_filter_gets_the_ipv4_rule_too(lab):
     nsexec(lab.host, "sysctl -qw net.ipv4.conf.all.rp_filter=2")  # max(all, veth) would be loose
-    assert lab.dp.setup_host()["antispoof_families"] == [4, 6]
+    assert lab.dp.setup_host()["antispoof_families"] == [4]
     _, a, _ = lab.add("10.2.2.5")
     lab.add("10.2.2.6")
     nsexec(a, "ip addr add 10.2.2.6/32 dev eth0")
@@ -363,6 +363,26 @@ def test_bad_input_is_refused_before_touching_the_kernel(lab):
     with pytest.raises(InvalidInput, match="address block"):
         lab.dp.reconcile([], ["10.3.4.1/24"])
     assert host_ifname(spec.endpoint_id) not in links(lab.host)
+
+
+def test_ipv6_forwarding_only_with_ipv6_and_ra_interfaces_keep_accepting_ras(lab):
+    """setup_host leaves IPv6 alone; the first IPv6 endpoint turns forwarding on, after moving interfaces that
+    accept RAs to accept_ra=2 (others, and our veths, untouched)."""
+    def sysctl(key):
+        return nsexec(lab.host, f"sysctl -n {key}").stdout.strip()
+
+    nsexec(lab.host, "ip link add npt-ra type veth peer name npt-ra-p")  # accept_ra 1 by default: takes its route from RAs
+    nsexec(lab.host, "ip link add npt-static type veth peer name npt-static-p")
+    nsexec(lab.host, "sysctl -qw net.ipv6.conf.npt-static.accept_ra=0")
+    lab.add("10.2.3.5")  # IPv4 only
+    assert sysctl("net.ipv6.conf.all.forwarding") == "0"
+    assert sysctl("net.ipv6.conf.npt-ra.accept_ra") == "1"
+    _, ns, state = lab.add("10.2.3.6", "fd02:3::6")
+    assert sysctl("net.ipv6.conf.all.forwarding") == "1"
+    assert sysctl("net.ipv6.conf.npt-ra.accept_ra") == "2"
+    assert sysctl("net.ipv6.conf.npt-static.accept_ra") == "0"
+    assert sysctl(f"net.ipv6.conf.{state.host_ifname}.accept_ra") != "2"  # a container never configures the host
+    assert reaches(ns, HOST_V6)
 
 
 def test_ipv6_only_endpoint(lab):
