@@ -8,6 +8,34 @@ from dataclasses import dataclass, field
 from netplugin.errors import InvalidInput
 
 ENV_ENDPOINTS = "NETPLUGIN_ETCD_ENDPOINTS"
+ENV_PASSWORD_FILE = "NETPLUGIN_ETCD_PASSWORD_FILE"
+
+
+def read_password_file(path: str) -> str:
+    """The etcd password kept in a file: the preferred way (a command-line flag shows in ``ps`` to every user;
+    the environment is readable by root in /proc/PID/environ and is inherited by children). One trailing
+    newline, as editors and ``echo`` leave it, is not part of the password."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise InvalidInput(f"cannot read the etcd password file '{path}': {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise InvalidInput(f"the etcd password file '{path}' is not UTF-8 text") from None
+    password = text[:-1] if text.endswith("\n") else text
+    password = password[:-1] if password.endswith("\r") else password
+    if not password:
+        raise InvalidInput(f"the etcd password file '{path}' is empty")
+    return password
+
+
+def resolve_password(password: str | None = None, password_file: str | None = None) -> str | None:
+    """The password from ``--etcd-password`` (or NETPLUGIN_ETCD_PASSWORD) or ``--etcd-password-file`` (or
+    NETPLUGIN_ETCD_PASSWORD_FILE); both at once is a mistake an operator should hear about."""
+    if password and password_file:
+        raise InvalidInput("the etcd password is given twice: use --etcd-password-file (preferred) or "
+                           "--etcd-password / NETPLUGIN_ETCD_PASSWORD, not both")
+    return read_password_file(password_file) if password_file else password
 
 
 @dataclass(frozen=True)
@@ -44,6 +72,8 @@ class EtcdConfig:
             env = os.environ.get("NETPLUGIN_ETCD_" + name.upper())
             if env and name not in kw:
                 kw[name] = env
+        if "password" not in kw and os.environ.get(ENV_PASSWORD_FILE):
+            kw["password"] = read_password_file(os.environ[ENV_PASSWORD_FILE])
         return cls(endpoints=eps, **kw)
 
 

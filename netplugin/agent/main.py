@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from netplugin.config import AgentConfig, EtcdConfig
+from netplugin.config import AgentConfig, EtcdConfig, resolve_password
 from netplugin.errors import NetpluginError
 
 
@@ -43,7 +43,10 @@ def main():
 @click.option("--etcd-cert", envvar="NETPLUGIN_ETCD_CERT")
 @click.option("--etcd-key", envvar="NETPLUGIN_ETCD_KEY")
 @click.option("--etcd-user", envvar="NETPLUGIN_ETCD_USERNAME")
-@click.option("--etcd-password", envvar="NETPLUGIN_ETCD_PASSWORD")
+@click.option("--etcd-password", envvar="NETPLUGIN_ETCD_PASSWORD",
+              help="etcd password; shows in ps: prefer --etcd-password-file.")
+@click.option("--etcd-password-file", envvar="NETPLUGIN_ETCD_PASSWORD_FILE",
+              help="File holding the etcd password (preferred; mode 0600).")
 @click.option("--run-dir", default="/run/netplugin", show_default=True,
               help="Sockets, BIRD config and state of this agent.")
 @click.option("--node-address", help="IPv4 address for BGP and direct routes (default: autodetected).")
@@ -63,7 +66,8 @@ def main():
 @click.option("--policy-setup-timeout", type=float, default=2.0, show_default=True,
               help="Seconds ADD waits for policy to cover a new container (0: return at once).")
 @click.option("--log-level", default="INFO", show_default=True)
-def agent(hostname, etcd_endpoints, etcd_ca, etcd_cert, etcd_key, etcd_user, etcd_password, run_dir,
+def agent(hostname, etcd_endpoints, etcd_ca, etcd_cert, etcd_key, etcd_user, etcd_password,
+          etcd_password_file, run_dir,
           node_address, node_address6, as_number, labels, mtu, routing, docker_socket, docker_api, liveness_ttl,
           reclaim_grace, reclaim_interval, resync_interval, policy_setup_timeout, log_level):
     """Run the per-host agent until SIGTERM."""
@@ -76,7 +80,7 @@ def agent(hostname, etcd_endpoints, etcd_ca, etcd_cert, etcd_key, etcd_user, etc
         cfg = AgentConfig(
             hostname=hostname,
             etcd=EtcdConfig(endpoints=etcd_endpoints, ca_cert=etcd_ca, cert=etcd_cert, key=etcd_key,
-                            username=etcd_user, password=etcd_password),
+                            username=etcd_user, password=resolve_password(etcd_password, etcd_password_file)),
             run_dir=run_dir, node_address=node_address, node_address6=node_address6, as_number=as_number,
             labels=_labels(labels), mtu=mtu, routing=routing, docker_socket=docker_socket, docker_api=docker_api,
             liveness_ttl=liveness_ttl, reclaim_grace=reclaim_grace, reclaim_interval=reclaim_interval,

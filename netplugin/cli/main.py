@@ -4,7 +4,7 @@ import sys
 
 import click
 
-from netplugin.config import EtcdConfig
+from netplugin.config import EtcdConfig, resolve_password
 from netplugin.errors import NetpluginError
 
 
@@ -39,16 +39,20 @@ class Cli(click.Group):
 @click.option("--etcd-cert", envvar="NETPLUGIN_ETCD_CERT", default=None, help="Client certificate for etcd.")
 @click.option("--etcd-key", envvar="NETPLUGIN_ETCD_KEY", default=None, help="Client key for etcd.")
 @click.option("--etcd-user", envvar="NETPLUGIN_ETCD_USERNAME", default=None, help="etcd user name.")
-@click.option("--etcd-password", envvar="NETPLUGIN_ETCD_PASSWORD", default=None, help="etcd password.")
+@click.option("--etcd-password", envvar="NETPLUGIN_ETCD_PASSWORD", default=None,
+              help="etcd password (env NETPLUGIN_ETCD_PASSWORD); shows in ps: prefer --etcd-password-file.")
+@click.option("--etcd-password-file", envvar="NETPLUGIN_ETCD_PASSWORD_FILE", default=None,
+              help="File holding the etcd password (env NETPLUGIN_ETCD_PASSWORD_FILE; preferred).")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug output to stderr.")
 @click.pass_context
-def cli(ctx, etcd_endpoints, etcd_ca, etcd_cert, etcd_key, etcd_user, etcd_password, verbose):
+def cli(ctx, etcd_endpoints, etcd_ca, etcd_cert, etcd_key, etcd_user, etcd_password, etcd_password_file,
+        verbose):
     """Operate a netplugin cluster: pools, IPAM, nodes, BGP peers, policy; apply/delete/get resource files."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = EtcdConfig(endpoints=etcd_endpoints, ca_cert=etcd_ca, cert=etcd_cert, key=etcd_key,
-                         username=etcd_user, password=etcd_password)
+                         username=etcd_user, password=resolve_password(etcd_password, etcd_password_file))
     except NetpluginError as e:
         raise click.UsageError(e.msg)
     ctx.obj = Context(cfg)

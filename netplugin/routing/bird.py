@@ -305,13 +305,15 @@ def _read(path):
 
 
 def _write_temp(directory, text):
+    """A new file holding ``text``, mode 0600 from its creation (mkstemp), never widened: BIRD's config holds
+    BGP passwords, and BIRD runs as root. The rename keeps the mode, so the live file is 0600 too."""
     fd, tmp = tempfile.mkstemp(prefix=f".{CONF_NAME}.", dir=directory)
     try:
+        os.fchmod(fd, 0o600)  # mkstemp's mode already; said explicitly, before any content is written
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o640)
     except BaseException:
         os.unlink(tmp)
         raise
