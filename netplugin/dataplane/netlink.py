@@ -97,9 +97,15 @@ def open_netns(path: str) -> int:
 
 
 def check_netns(path: str) -> None:
-    """Refuse (InvalidInput/NotFound) a path that is not a network namespace, for a front door that records a
-    namespace without entering it (Docker's Join: libnetwork moves the interface into the sandbox itself)."""
-    os.close(open_netns(path))
+    """Refuse (InvalidInput) a path that is not a network namespace, for a front door that records a namespace
+    without entering it (Docker's Join: libnetwork moves the interface into the sandbox itself). A path we
+    cannot see passes: dockerd may hold it in a mount namespace of its own; whoever opens it later (DEL, a
+    recreate) goes through ``open_netns`` and its checks."""
+    try:
+        fd = open_netns(path)
+    except NotFound:
+        return
+    os.close(fd)
 
 
 def _new_socket():
