@@ -10,6 +10,10 @@ A namespace path that does not exist is an error: we never create one (pyroute2 
 fall back to the namespace the process happens to be in. A path that is not a network namespace (an nsfs inode
 such as ``/run/netns/NAME`` or ``/proc/PID/ns/net``) is refused before it is opened: the runtime's CNI_NETNS and
 Docker's SandboxKey are opened as root, and opening some device files has effects (``/dev/watchdog`` arms it).
+Every open of a container's namespace comes here (CNI ADD/DEL/CHECK, the reconciler recreating a lost veth).
+Docker's Join does not open the sandbox (libnetwork moves the interface itself, and dockerd may hold the
+namespace in a mount namespace of its own, where our view of the path is an empty file), so a SandboxKey is
+checked here when something first opens it.
 """
 import ctypes
 import ctypes.util
@@ -94,18 +98,6 @@ def open_netns(path: str) -> int:
         os.close(fd)
         raise
     return fd
-
-
-def check_netns(path: str) -> None:
-    """Refuse (InvalidInput) a path that is not a network namespace, for a front door that records a namespace
-    without entering it (Docker's Join: libnetwork moves the interface into the sandbox itself). A path we
-    cannot see passes: dockerd may hold it in a mount namespace of its own; whoever opens it later (DEL, a
-    recreate) goes through ``open_netns`` and its checks."""
-    try:
-        fd = open_netns(path)
-    except NotFound:
-        return
-    os.close(fd)
 
 
 def _new_socket():

@@ -31,7 +31,6 @@ from netplugin.datastore import keys
 from netplugin.datastore.models import Endpoint
 from netplugin.dataplane import GATEWAY_V4, GATEWAY_V6, EndpointSpec
 from netplugin.dataplane import docker_link
-from netplugin.dataplane.netlink import check_netns
 from netplugin.docker.dockerapi import DockerApi
 from netplugin.docker.gc import StaleEndpointCollector
 from netplugin.docker.ipam_driver import DockerIpam
@@ -178,7 +177,6 @@ class DockerDriver:
         net = self.networks.get(network_id)
         if not sandbox_key or not sandbox_key.startswith("/"):
             raise InvalidInput(f"sandbox key {sandbox_key!r} of endpoint {endpoint_id[:12]} is not a path")
-        check_netns(sandbox_key)  # recorded, and opened as root later (DEL, a recreate): must be a network namespace
         # libnetwork names the interface in the sandbox (eth0, eth1, ...); the record says eth0, which only the
         # reconciler's "recreate a lost veth" path would use.
         spec = EndpointSpec(endpoint_id=endpoint_id, netns=sandbox_key, ifname="eth0",
