@@ -145,6 +145,15 @@ class EtcdServer:
             os.symlink("etcd.sock:0", link)
         return link
 
+    def enable_auth(self, user="root", password="pw"):
+        """Add ``user`` with etcd's root role and turn authentication on: every later client must log in."""
+        from netplugin.config import EtcdConfig
+        from netplugin.datastore.client import Datastore
+        admin = Datastore(EtcdConfig(endpoints=[self.endpoint]))
+        admin.call("/auth/user/add", {"name": user, "password": password})
+        admin.call("/auth/user/grant", {"user": user, "role": "root"})
+        admin.call("/auth/enable", {})
+
     def bridge_into(self, netns):
         """Make ``self.endpoint`` (127.0.0.1:port) work inside ``netns`` too: socat there forwards to our unix
         socket, so agents in test namespaces reach etcd without any link into the root namespace."""

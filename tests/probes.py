@@ -3,8 +3,10 @@
 each bounded by TIMEOUT seconds. ``python -c SERVER TCP_PORTS UDP_PORT [LIFETIME]`` echoes on those ports
 (IPv4 and IPv6) and prints "ready"."""
 import json
+import re
 import subprocess
 import sys
+from contextlib import contextmanager
 
 from tests.netns import nsexec
 
@@ -89,3 +91,24 @@ def start_echo_server(netns, tcp_ports, udp_port, what):
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout.readline().strip() == "ready", f"server in {what} did not start"
     return proc
+
+
+@contextmanager
+def steady_ping(netns, address, count, interval=0.01):
+    """``ping`` every ``interval`` s from ``netns`` while the block runs (a fault happens inside it); on exit the
+    yielded dict holds ``transmitted`` and ``received``. The block must end before the ping does, or the
+    measurement would not span the fault: that is asserted."""
+    proc = subprocess.Popen(["ip", "netns", "exec", netns, "ping", "-i", str(interval), "-c", str(count), "-W", "1",
+                             "-q", address], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    result = {}
+    try:
+        yield result
+        assert proc.poll() is None, "the ping ended before the fault did: the measurement proved nothing"
+        out, _ = proc.communicate(timeout=count * interval + 30)
+        m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+        assert m, out
+        result.update(transmitted=int(m.group(1)), received=int(m.group(2)), output=out)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -11,7 +11,6 @@ Figures (packets lost, ...) are printed for the README's "faults survived" table
 import json
 import os
 import signal
-import subprocess
 import time
 
 import pytest
@@ -21,43 +20,30 @@ from netplugin.datastore import keys
 from netplugin.ipam.allocator import IPAM
 from netplugin.service.endpoints import endpoint_id
 from tests.agents import CniBinary
-from tests.functional.test_agent import ping_summary
+from tests.functional.test_agent import NETWORK, POOL, RESYNC, Setup
 from tests.functional.test_netctl import netctl
 from tests.netns import nsexec
+from tests.probes import steady_ping
 from tests.waiting import poll, wait_until
 
 pytestmark = pytest.mark.functional
 
-POOL4, POOL6 = "10.75.0.0/24", "fd75::/64"
-NETWORK = "faultnet"
-RESYNC = 1.0  # seconds between full resyncs of the test agent
+POOL6 = "fd73::/64"
 
 
-class Host:
-    """One agent in a host namespace, the plugin installed for it, containers ADDed through the plugin."""
+class Host(Setup):
+    """test_agent's host (an agent, the plugin, containers ADDed through it), optionally dual-stack, with what
+    the fault tests look at."""
 
-    def __init__(self, etcd, host_factory, namespaces, tmp_path, pools=(POOL4,)):
+    def __init__(self, etcd, host_factory, namespaces, tmp_path, ipv6=False):
+        super().__init__(etcd, host_factory, namespaces, tmp_path)
         self.ipam = IPAM(etcd)
-        for pool in pools:
-            self.ipam.add_pool(pool)
-        self.ds, self.nss = etcd, namespaces
-        self.agent = host_factory(extra_args=["--resync-interval", str(RESYNC)])
-        self.ns = self.agent.netns
-        self.cni = CniBinary(str(tmp_path / "cni"), self.agent.socket, network=NETWORK, pools=list(pools))
-        self.containers = []
-
-    def add(self):
-        ns = self.nss.add()
-        rc, out, err = self.cni.call("ADD", ns, f"/run/netns/{ns}")
-        assert rc == 0, (out, err, self.agent.log())
-        self.containers.append(ns)
-        return ns, [ip["address"].split("/")[0] for ip in out["ips"]]
+        if ipv6:
+            self.ipam.add_pool(POOL6)
+            self.cni = CniBinary(str(tmp_path / "cni6"), self.agent.socket, network=NETWORK, pools=[POOL, POOL6])
 
     def ep_id(self, ns):
         return endpoint_id(NETWORK, ns, "eth0")
-
-    def veth(self, ns):
-        return host_ifname(self.ep_id(ns))
 
     def links(self):
         return {link["ifname"] for link in json.loads(nsexec(self.ns, "ip -j link show").stdout)}
@@ -69,6 +55,11 @@ class Host:
     def pings(self, src, address, count=1):
         return nsexec(src, f"ping -c{count} -i0.2 -W1 {address}", check=False).returncode == 0
 
+    def full_log(self):
+        """The agent's whole log (``agent.log()`` is its tail)."""
+        with open(self.agent.log_path) as f:
+            return f.read()
+
     def restart(self, hostname):
         self.agent.stop(signal.SIGTERM)
         self.agent.hostname = hostname
@@ -76,62 +67,48 @@ class Host:
         wait_until("the agent's first sync", lambda: "event=agent.started" in self.agent.log().split(
             "event=agent.stopped")[-1], 15)
 
-    def close(self):
-        for ns in self.containers:
-            self.cni.call("DEL", ns, f"/run/netns/{ns}")
+
+def _host(etcd, host_factory, namespaces, tmp_path, ipv6):
+    h = Host(etcd, host_factory, namespaces, tmp_path, ipv6)
+    try:
+        yield h
+    finally:
+        if h.agent.proc is not None:
+            h.close()
 
 
 @pytest.fixture
 def host(etcd, host_factory, namespaces, tmp_path):
-    h = Host(etcd, host_factory, namespaces, tmp_path)
-    try:
-        yield h
-    finally:
-        if h.agent.proc is not None:
-            h.close()
+    yield from _host(etcd, host_factory, namespaces, tmp_path, ipv6=False)
 
 
 @pytest.fixture
 def dual_host(etcd, host_factory, namespaces, tmp_path):
-    h = Host(etcd, host_factory, namespaces, tmp_path, pools=(POOL4, POOL6))
-    try:
-        yield h
-    finally:
-        if h.agent.proc is not None:
-            h.close()
+    yield from _host(etcd, host_factory, namespaces, tmp_path, ipv6=True)
 
 
 def test_renamed_host_keeps_every_container_and_reports_their_veths(host):
-    a, (ip_a,) = host.add()
-    b, (ip_b,) = host.add()
-    c, (ip_c,) = host.add()
+    a, ip_a = host.add()
+    b, ip_b = host.add()
+    c, ip_c = host.add()
     original = host.agent.hostname
     assert poll(lambda: host.pings(a, ip_b) and host.pings(a, ip_c), 5)
     veths = sorted(host.veth(ns) for ns in (a, b, c))
 
     # 10 ms pings across the restart under another name and three full resyncs (RESYNC s apart).
-    count = 600
-    ping = subprocess.Popen(["ip", "netns", "exec", a, "ping", "-i", "0.01", "-c", str(count), "-W", "1", "-q",
-                             ip_b], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+    with steady_ping(a, ip_b, 600) as ping:
         time.sleep(0.5)
         host.restart("renamed-" + original)
         time.sleep(3 * RESYNC + 0.5)
-        assert ping.poll() is None, "the ping ended before the resyncs: the test proved nothing"
-        out, _ = ping.communicate(timeout=count * 0.01 + 30)
-    finally:
-        if ping.poll() is None:
-            ping.kill()
-            ping.wait()
-    transmitted, received = ping_summary(out)
     assert set(veths) <= host.links(), "a veth was deleted"
-    log = host.agent.log().split("event=agent.stopped")[-1]
+    log = host.full_log().split("event=agent.stopped")[-1]
     for name in veths:  # logged once each, not once per resync
         assert log.count(f"event=dataplane.unaccounted host_if={name}") == 1, log[-3000:]
     assert host.held(a) and host.held(b) and host.held(c)
-    print(f"\nrenamed host: {transmitted - received} of {transmitted} pings lost (10 ms apart) across the restart "
-          f"and 3 full resyncs; {len(veths)} veths kept, reported as unaccounted")
-    assert received == transmitted, out
+    lost = ping["transmitted"] - ping["received"]
+    print(f"\nrenamed host: {lost} of {ping['transmitted']} pings lost (10 ms apart) across the restart and 3 full "
+          f"resyncs; {len(veths)} veths kept, reported as unaccounted")
+    assert lost == 0, ping["output"]
     print(f"renamed host: a new flow between two kept containers passes: {host.pings(a, ip_c)} (policy drops "
           "traffic of interfaces no record describes)")
 
@@ -143,8 +120,9 @@ def test_renamed_host_keeps_every_container_and_reports_their_veths(host):
 
 def test_failing_repeated_add_leaves_the_working_container_alone(dual_host, tmp_path):
     h = dual_host
-    a, addrs_a = h.add()
-    b, addrs_b = h.add()
+    a, _ = h.add()
+    b, _ = h.add()
+    addrs_a = h.held(a)
     assert len(addrs_a) == 2
     assert poll(lambda: h.pings(b, addrs_a[0]) and h.pings(b, addrs_a[1]), 5)
     held = h.held(a)
@@ -164,8 +142,8 @@ def test_failing_repeated_add_leaves_the_working_container_alone(dual_host, tmp_
         assert {kv.key: kv.value for kv in h.ds.list(keys.ENDPOINTS)} == records
         assert h.pings(b, addrs_a[0]) and h.pings(b, addrs_a[1]), f"{what}: the working container lost traffic"
     # An address freed by mistake would be handed to the next container; it must not be.
-    c, addrs_c = h.add()
-    assert not set(addrs_c) & set(addrs_a)
+    c, _ = h.add()
+    assert not set(h.held(c)) & set(addrs_a)
     check = netctl(h.agent.etcd_endpoint, "ipam", "check")
     assert check.returncode == 0, check.stdout + check.stderr
 
@@ -204,32 +182,23 @@ def test_a_record_seen_going_removes_its_veth_a_record_gone_while_down_does_not(
     the next full resync. Deleted while the agent was down: the new process never saw it, so the veth is kept and
     reported (DEL and Docker's Leave go through the agent, so only such hand edits get here); its established
     flows carry on, new ones are dropped by policy (an interface no record describes) until it is sorted out."""
-    a, (ip_a,) = host.add()
-    b, (ip_b,) = host.add()
-    c, (ip_c,) = host.add()
+    a, ip_a = host.add()
+    b, ip_b = host.add()
+    c, ip_c = host.add()
     me = host.agent.hostname
     assert poll(lambda: host.pings(c, ip_b), 5)
     host.ds.delete(keys.endpoint(me, host.ep_id(a)))
     wait_until("a's veth removed", lambda: host.veth(a) not in host.links(), 4 * RESYNC + 2)
 
-    count = 400
-    ping = subprocess.Popen(["ip", "netns", "exec", c, "ping", "-i", "0.01", "-c", str(count), "-W", "1", "-q",
-                             ip_b], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+    with steady_ping(c, ip_b, 400) as ping:
         time.sleep(0.3)
         host.agent.stop(signal.SIGTERM)
         host.ds.delete(keys.endpoint(me, host.ep_id(b)))
         host.restart(me)
         time.sleep(2 * RESYNC)
-        assert ping.poll() is None, "the ping ended before the resyncs: the test proved nothing"
-        out, _ = ping.communicate(timeout=count * 0.01 + 30)
-    finally:
-        if ping.poll() is None:
-            ping.kill()
-            ping.wait()
-    transmitted, received = ping_summary(out)
     assert host.veth(b) in host.links()
-    assert f"event=dataplane.unaccounted host_if={host.veth(b)}" in host.agent.log()
-    assert received == transmitted, out
-    print(f"\nrecord deleted while the agent was down: veth kept, {transmitted - received} of {transmitted} pings "
-          f"lost; a new flow to it passes: {host.pings(c, ip_b)}")
+    assert f"event=dataplane.unaccounted host_if={host.veth(b)}" in host.full_log()
+    lost = ping["transmitted"] - ping["received"]
+    assert lost == 0, ping["output"]
+    print(f"\nrecord deleted while the agent was down: veth kept, {lost} of {ping['transmitted']} pings lost; a new "
+          f"flow to it passes: {host.pings(c, ip_b)}")

@@ -133,7 +133,8 @@ def test_restart_loses_no_packet_and_start_up_repairs_only_what_is_broken(setup)
     # The stray has no record and this agent never saw one: it cannot tell it from a live container's, so it is
     # kept and reported, not deleted (tests/faults/test_dataplane_faults.py has the renamed-host case).
     assert "np0123456789a" in nsexec(setup.ns, "ip -o link show").stdout
-    assert "event=dataplane.unaccounted host_if=np0123456789a" in setup.agent.log()
+    with open(setup.agent.log_path) as f:
+        assert "event=dataplane.unaccounted host_if=np0123456789a" in f.read()
     nsexec(setup.ns, "ip link del np0123456789a")
 
 

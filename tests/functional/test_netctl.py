@@ -240,10 +240,7 @@ def test_user_and_password_options():
     server = EtcdServer()
     try:
         server.start()
-        admin = Datastore(EtcdConfig(endpoints=[server.endpoint]))
-        admin.call("/auth/user/add", {"name": "root", "password": "pw"})
-        admin.call("/auth/user/grant", {"user": "root", "role": "root"})
-        admin.call("/auth/enable", {})
+        server.enable_auth("root", "pw")
         res = netctl(server.endpoint, "--etcd-user", "root", "--etcd-password", "pw", "pool", "add", "10.70.0.0/24")
         assert res.returncode == 0, res.stderr
         res = netctl(server.endpoint, "--etcd-user", "root", "--etcd-password", "wrong", "pool", "list")

@@ -34,10 +34,7 @@ def auth_etcd():
     server = EtcdServer()
     try:
         server.start()
-        admin = Datastore(EtcdConfig(endpoints=[server.endpoint]))
-        admin.call("/auth/user/add", {"name": "root", "password": "pw-in-a-file"})
-        admin.call("/auth/user/grant", {"user": "root", "role": "root"})
-        admin.call("/auth/enable", {})
+        server.enable_auth("root", "pw-in-a-file")
         yield server
     finally:
         server.close()
