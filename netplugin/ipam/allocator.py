@@ -221,6 +221,11 @@ class IPAM:
         Idempotent: a handle that already holds an address satisfying a request keeps it (a retried CNI ADD gets
         the same addresses back). All-or-nothing: either every request is satisfied or nothing changes.
         """
+        return self.assign_new(handle_id, host, requests, attrs)[0]
+
+    def assign_new(self, handle_id, host, requests, attrs=None):
+        """``assign``, also saying what this call took: (addresses, {address: seq} newly allocated), so that a
+        caller undoing a failed retry releases only those, never what the handle held before."""
         hkey = keys.handle(handle_id)
         handle, handle_rev = None, 0
         rechecked = False
@@ -239,7 +244,7 @@ class IPAM:
                 handle, handle_rev = self.get_handle(handle_id)
                 continue
             if not plan.changed:
-                return addresses
+                return addresses, {}
             rec = handle or Handle(handle=handle_id, host=host, attrs=dict(attrs or {}))
             for addr, (cidr, seq) in plan.new_addresses.items():
                 rec.addresses[addr] = {"block": cidr, "seq": seq}
@@ -263,7 +268,7 @@ class IPAM:
                 if plan.claims:
                     self._affine.setdefault(host, set()).update(plan.claims)
                     self.stats["claims"] += len(plan.claims)
-                return addresses
+                return addresses, {addr: seq for addr, (_, seq) in plan.new_addresses.items()}
             # Lost the race: take the current records from the failure branch and plan again.
             self.stats["cas_conflicts"] += 1
             current = res.kvs(0)

@@ -84,10 +84,14 @@ class EndpointService:
 
     def allocate(self, req, attrs=None):
         """IPAM only (Docker's RequestAddress, CNI's first step): the host routes of the new endpoint."""
+        return self._allocate(req, attrs)[0]
+
+    def _allocate(self, req, attrs=None):
+        """(host routes, {address: seq} this call newly allocated)."""
         ep_id = req.id()
         attrs = {"container_id": req.container_id, "network": req.network, "ifname": req.ifname, **(attrs or {})}
-        addrs = self.ipam.assign(ep_id, self.host, self._requests(req), attrs=attrs)
-        return [host_prefix(a) for a in addrs]
+        addrs, new = self.ipam.assign_new(ep_id, self.host, self._requests(req), attrs=attrs)
+        return [host_prefix(a) for a in addrs], new
 
     # --- whole workload -------------------------------------------------------------------------------------------
 
@@ -103,11 +107,10 @@ class EndpointService:
         ep_id = req.id()
         clock = _PhaseClock()
         with contextlib.ExitStack() as undo:
-            handle, _ = self.ipam.get_handle(ep_id)
-            held_before = set(handle.addresses) if handle else set()
-            addresses = self.allocate(req)
+            addresses, new = self._allocate(req)
             clock.mark("ipam")
-            undo.callback(self._quietly, "release addresses of", ep_id, self._release_new, ep_id, held_before)
+            if new:
+                undo.callback(self._quietly, "release addresses of", ep_id, self._release_new, ep_id, new)
             spec = EndpointSpec(endpoint_id=ep_id, netns=req.netns, ifname=req.ifname, addresses=tuple(addresses),
                                 mtu=req.mtu or self.mtu)
             state = self.dataplane.add_endpoint(spec)
@@ -126,15 +129,15 @@ class EndpointService:
                  state.host_ifname, clock)
         return ep
 
-    def _release_new(self, ep_id, held_before):
-        """Undo of one ADD's allocation: the whole handle if it held nothing before, else only what was added."""
-        if not held_before:
+    def _release_new(self, ep_id, new):
+        """Undo of one ADD's allocation: the whole handle when it holds only what this call allocated (a fresh
+        ADD), else just the addresses this call added (guarded by their sequence numbers)."""
+        handle, _ = self.ipam.get_handle(ep_id, cached=True)  # this call's own write: no round trip
+        if handle is None or set(handle.addresses) <= set(new):
             self.ipam.release_handle(ep_id)
             return
-        handle, _ = self.ipam.get_handle(ep_id)
-        for address, info in sorted((handle.addresses if handle else {}).items()):
-            if address not in held_before:
-                self.ipam.release_address(address, info.get("seq"))
+        for address, seq in sorted(new.items()):
+            self.ipam.release_address(address, seq)
 
     def delete(self, ep_id, netns=None, ifname="eth0"):
         """Release, unwire, forget. Unknown endpoints are fine (DEL twice, or for a container never seen)."""

@@ -141,6 +141,17 @@ def test_failing_repeated_add_leaves_the_working_container_alone(dual_host, tmp_
         assert h.veth(a) in h.links(), f"{what}: the retry removed the working container's veth"
         assert {kv.key: kv.value for kv in h.ds.list(keys.ENDPOINTS)} == records
         assert h.pings(b, addrs_a[0]) and h.pings(b, addrs_a[1]), f"{what}: the working container lost traffic"
+    # A retry that needed a new address (IPv6 turned on for the network) and then failed gives back only that.
+    v4_only = dict(h.cni.config, ipam=dict(h.cni.config["ipam"], pools=[POOL]))
+    d = h.nss.add()
+    rc, out, err = h.cni.call("ADD", d, f"/run/netns/{d}", config=v4_only)
+    assert rc == 0, (out, err)
+    h.containers.append(d)
+    held_d = h.held(d)
+    assert len(held_d) == 1
+    rc, out, err = h.cni.call("ADD", d, f"/run/netns/{d}", config=dict(h.cni.config, mtu=1000))
+    assert rc == 1 and out.get("code") == 7 and "1280" in out["msg"], (out, err)
+    assert h.held(d) == held_d and h.pings(b, held_d[0])
     # An address freed by mistake would be handed to the next container; it must not be.
     c, _ = h.add()
     assert not set(h.held(c)) & set(addrs_a)
