@@ -17,23 +17,32 @@ class DataplaneReconciler:
     when the owned blocks changed or on the periodic full resync: ADD/DEL keep their own endpoints right.
     Host-wide IPv6 forwarding is turned on here when the first IPv6 pool appears (Dataplane.enable_ipv6).
 
-    A veth is deleted only when its endpoint is known to be deleted: this process saw its record (in a view or
-    under the lock) and the record is gone now. DEL and Docker's Leave/DeleteEndpoint remove their own veths.
-    Anything else without a record is kept, logged once and shown by ``report()``: after a restart with another
-    ``--hostname``, an etcd restored from an old snapshot, or a record deleted by hand while the agent was down,
-    the agent cannot tell a stale veth from a live container, so it leaves the decision to the operator
-    (``netctl`` shows them; ``ip link del NAME`` removes one).
+    A veth is deleted only when its endpoint is known to be deleted: a watch event deleted its record (the
+    key changed and the record is no longer in the view). DEL and Docker's Leave/DeleteEndpoint remove their
+    own veths. A record merely missing from a full read proves nothing (an etcd restored from an older
+    snapshot, a restart with another ``--hostname``, a record deleted by hand while the agent was down): the
+    agent cannot tell a stale veth from a live container's, so it keeps it, logs it once and shows it in
+    ``report()`` (``netctl`` shows that; ``ip link del NAME`` removes one that is really stale).
     """
 
     def __init__(self, agent):
         self.agent = agent
         self._blocks = None
-        self._recorded = set()  # host ifnames of this host's endpoint records seen since the last kernel pass
+        self._deleted = set()  # host ifnames whose records watch events deleted since the last kernel pass
         self._unaccounted = []  # veths of ours with no record, kept (as of the last kernel pass)
         self._logged = set()  # unaccounted veths already logged
 
+    def _learn_deletions(self, view, changes):
+        if changes.everything:
+            return  # a full read says what exists now, not what was deleted
+        prefix = keys.endpoint_prefix(self.agent.host)
+        present = {ep.id for ep in view.endpoints_of(self.agent.host)}
+        for key in changes.keys:
+            if key.startswith(prefix) and key[len(prefix):] not in present:
+                self._deleted.add(host_ifname(key[len(prefix):]))
+
     def sync(self, view, full=False, changes=EVERYTHING):
-        self._recorded |= {host_ifname(ep.id) for ep in view.endpoints_of(self.agent.host)}
+        self._learn_deletions(view, changes)
         if changes.touches(keys.POOLS) and any(p.version == 6 for p in view.pools):
             self.agent.dataplane.enable_ipv6(recheck=full)  # host IPv6 forwarding only once it is needed
         if not full and not changes.touches(keys.affinity_prefix(self.agent.host)):
@@ -45,9 +54,9 @@ class DataplaneReconciler:
             # Re-read this host's endpoints under the lock: the view may predate an ADD that just finished.
             eps = self.agent.service.list(self.agent.host)
             desired = [self.agent.service.spec_of(ep) for ep in eps]
-            names = {host_ifname(ep.id) for ep in eps}
-            done = self.agent.dataplane.reconcile(desired, blocks, deletable=self._recorded - names)
-            self._recorded = names
+            deletable = self._deleted - {host_ifname(ep.id) for ep in eps}
+            done = self.agent.dataplane.reconcile(desired, blocks, deletable=deletable)
+            self._deleted.clear()  # removed now, or already gone; a failed removal shows up as unaccounted
         self._blocks = blocks
         self._note_unaccounted(done.get("unaccounted", []))
         if changed(done) or done.get("errors"):

@@ -7,7 +7,7 @@ import pytest
 
 from netplugin.agent.reconcilers import DataplaneReconciler
 from netplugin.agent.rwlock import RWLock
-from netplugin.agent.view import read_view
+from netplugin.agent.view import ViewChanges, read_view
 from netplugin.datastore import keys
 from netplugin.dataplane import Dataplane, host_ifname
 from netplugin.ipam.allocator import IPAM
@@ -39,24 +39,35 @@ def add(agent):
 
 
 def test_deletes_only_what_it_saw_go_and_reports_the_rest_once(agent, caplog):
-    a, b = add(agent), add(agent)
+    a, b, c = add(agent), add(agent), add(agent)
     first = DataplaneReconciler(agent)
     first.sync(read_view(agent.ds), full=True)
     assert first.report() == {"unaccounted_interfaces": []}
 
-    agent.ds.delete(keys.endpoint(HOST, a.id))  # by hand, while "running": seen, then gone
+    # A watch event deletes a's record (etcdctl del while the agent runs): the next full pass removes its veth.
+    agent.ds.delete(keys.endpoint(HOST, a.id))
+    first.sync(read_view(agent.ds), changes=ViewChanges(everything=False, keys=frozenset({
+        keys.endpoint(HOST, a.id)})))
     first.sync(read_view(agent.ds), full=True)
     assert host_ifname(a.id) not in links(agent.ns) and host_ifname(b.id) in links(agent.ns)
     assert first.report() == {"unaccounted_interfaces": []}
 
-    agent.ds.delete(keys.endpoint(HOST, b.id))  # as if while the agent was down: a new reconciler never saw it
+    # b's record missing from a full read only (etcd restored from an older snapshot): kept, reported.
+    agent.ds.delete(keys.endpoint(HOST, b.id))
+    first.sync(read_view(agent.ds), full=True)
+    assert host_ifname(b.id) in links(agent.ns)
+    assert first.report() == {"unaccounted_interfaces": [host_ifname(b.id)]}
+
+    # c's record deleted while the agent was down: a new reconciler never saw it go.
+    agent.ds.delete(keys.endpoint(HOST, c.id))
     restarted = DataplaneReconciler(agent)
     with caplog.at_level(logging.WARNING, logger="netplugin.agent.reconcilers"):
         for _ in range(3):
             restarted.sync(read_view(agent.ds), full=True)
-    assert host_ifname(b.id) in links(agent.ns)
-    assert restarted.report() == {"unaccounted_interfaces": [host_ifname(b.id)]}
-    assert sum(f"host_if={host_ifname(b.id)}" in r.getMessage() for r in caplog.records) == 1
-    agent.service.delete(b.id, b.netns)  # a DEL accounts for it
+    assert {host_ifname(b.id), host_ifname(c.id)} <= links(agent.ns)
+    assert restarted.report() == {"unaccounted_interfaces": sorted([host_ifname(b.id), host_ifname(c.id)])}
+    assert sum(f"host_if={host_ifname(c.id)}" in r.getMessage() for r in caplog.records) == 1
+    agent.service.delete(b.id, b.netns)  # a DEL accounts for them
+    agent.service.delete(c.id, c.netns)
     restarted.sync(read_view(agent.ds), full=True)
     assert restarted.report() == {"unaccounted_interfaces": []}
