@@ -8,7 +8,7 @@ never touched and a second run right after the first reports no changes. One end
 is gone, its address is routed elsewhere) is reported under ``errors`` and does not stop the others.
 
 Never destroy what cannot be accounted for: a veth of ours that no desired endpoint names is deleted only when
-the caller says its endpoint is known to be deleted (``deletable``: the agent held its record and saw it go).
+the caller says its endpoint is known to be deleted (``deletable``: a watch event deleted its record).
 Any other is kept and listed under ``unaccounted``: a host renamed, a typo in ``--hostname`` or an etcd restored
 from an old snapshot must not cut every container on the host off (Felix keeps unknown workload interfaces too).
 """
