@@ -3,8 +3,8 @@
 ADD's critical path is one IPAM transaction, local netlink work and one endpoint put; nothing holds a host-wide
 lock across etcd round trips. Every step registers its undo first (STYLE.md #6), so a failure half-way leaves
 neither an allocation nor a veth nor a record behind; the undo covers only what that call made, so a failed
-repeated ADD leaves the working container it re-converged alone. DEL releases IPAM first and tolerates a missing link or
-namespace, so it is idempotent.
+repeated ADD leaves the working container it re-converged alone. DEL releases IPAM first and tolerates a missing
+link or namespace, so it is idempotent.
 """
 import contextlib
 import logging

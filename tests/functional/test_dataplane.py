@@ -371,7 +371,7 @@ def test_ipv6_forwarding_only_with_ipv6_and_ra_interfaces_keep_accepting_ras(lab
     def sysctl(key):
         return nsexec(lab.host, f"sysctl -n {key}").stdout.strip()
 
-    nsexec(lab.host, "ip link add npt-ra type veth peer name npt-ra-p")  # accept_ra 1 by default: takes its route from RAs
+    nsexec(lab.host, "ip link add npt-ra type veth peer name npt-ra-p")  # accept_ra 1 by default: RA-configured
     nsexec(lab.host, "ip link add npt-static type veth peer name npt-static-p")
     nsexec(lab.host, "sysctl -qw net.ipv6.conf.npt-static.accept_ra=0")
     lab.add("10.2.3.5")  # IPv4 only
