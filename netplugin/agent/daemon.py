@@ -147,20 +147,26 @@ class Agent:
         """Build and start everything. While etcd does not answer, wait and retry (one line per attempt) rather
         than exit: at a cluster's start-up etcd is often busy or not there yet. Returns early if stopped."""
         os.makedirs(self.config.run_dir, mode=0o700, exist_ok=True)
-        if not self._until_etcd_answers("register node", self._register_node):
+        self._until_etcd_answers("register node", self._register_node)
+        if self._stop.is_set():
             return
         self.liveness.beat()
         setup = self.dataplane.setup_host()
         LOG.info("event=host.setup %s", setup)
         self.reconcilers = self._build_reconcilers()
         revision = self._until_etcd_answers("first sync", lambda: self.sync(full=True))
-        if revision is None:
+        if self._stop.is_set():
             return
         self.watch = PrefixWatch(self.ds, keys.ROOT, revision, self._on_events, self._on_resync, name="watch")
         self.watch.start()
         self._serve_cni()
         if self.config.docker_socket:
             self._serve_docker()
+        self._start_loops()
+        LOG.info("event=agent.started host=%s run_dir=%s", self.host, self.config.run_dir)
+
+    def _start_loops(self):
+        """One thread per loop, so a slow one (a reclaim pass listing every handle) never delays another."""
         c = self.config
         self._next_full = time.monotonic() + c.resync_interval * random.uniform(0.8, 1.0)
         beat = max(0.2, c.liveness_ttl / 3.0)
@@ -168,7 +174,6 @@ class Agent:
         self._loop("liveness", self._beat, beat, backoff=(beat, beat))
         self._loop("election", self._campaign, beat, backoff=(beat, beat))
         self._loop("reclaim", self._reclaim_round, c.reclaim_interval)
-        LOG.info("event=agent.started host=%s run_dir=%s", self.host, self.config.run_dir)
 
     def _until_etcd_answers(self, what, fn):
         """``fn()``, retried with a jittered back-off while etcd is unreachable; None once the agent is stopped.

@@ -11,10 +11,11 @@ import pytest
 from netplugin.agent.reconcilers import RoutingGate
 from netplugin.agent.view import EVERYTHING, ViewCache, ViewChanges, read_view
 from netplugin.datastore import keys
-from netplugin.datastore.client import KV, _b64, delete_op, put_op
+from netplugin.datastore.client import KV, delete_op, put_op
 from netplugin.datastore.models import BgpPeer, ClusterConfig, Endpoint, Network, Node, Pool
 from netplugin.datastore.watch import Event, PrefixWatch
 from netplugin.errors import DatastoreUnavailable
+from tests.badrecords import bad_records, put_raw
 
 WAIT = 10.0
 
@@ -150,27 +151,8 @@ def test_a_revision_the_watch_has_not_delivered_is_read_from_etcd(etcd):
     assert changes is EVERYTHING and view == read_view(etcd)
 
 
-# Under every prefix the view reads: text that is not JSON, and JSON that is not a record of that kind.
-BAD_RECORDS = [
-    (keys.CLUSTER_CONFIG, '{"not": "a record"'), (keys.CLUSTER_CONFIG + "x", "{}"),
-    (keys.node("x"), '{"not": "a record"'), (keys.node("y"), '{"name": 5}'), (keys.node("z"), '{"name": "other"}'),
-    (keys.liveness("x") + "/deeper", "{}"),
-    (keys.bgp_peer("x"), '{"not": "a record"'), (keys.bgp_peer("y"), '{"name": "y", "address": "1.2.3.4"}'),
-    (keys.AFFINITY + "x", '{"not": "a record"'), (keys.AFFINITY + "h9/not-a-cidr", "{}"),
-    (keys.endpoint("h1", "x"), '{"not": "a record"'), (keys.endpoint("h1", "y"), '{"id": "y", "host": "h1"}'),
-    (keys.endpoint("h1", "z"), '["a", "list"]'),
-    (keys.policy("x"), '{"not": "a record"'), (keys.policy("y"), '{"spec": {}}'),
-    (keys.network("x"), '{"not": "a record"'), (keys.network("y"), '{"name": ["y"]}'),
-    (keys.POOLS + "x", '{"not": "a record"'), (keys.pool("10.9.0.0/16"), '{"cidr": "10.9.0.0/16", "block_size": 3}'),
-]
-
-
 def _same(a, b):
     return dataclasses.replace(a, revision=0) == dataclasses.replace(b, revision=0)
-
-
-def _put_raw(etcd, key, text):
-    etcd.call("/kv/put", {"key": _b64(key), "value": _b64(text)})
 
 
 def test_bad_records_under_every_prefix_are_skipped_counted_and_listed(etcd, model):
@@ -178,13 +160,13 @@ def test_bad_records_under_every_prefix_are_skipped_counted_and_listed(etcd, mod
     listed with why; fixing or deleting it takes it off the list."""
     _populate(etcd)
     before, _ = model.caught_up()
-    _put_raw(etcd, keys.endpoint("h1", "ep1"), '{"truncated')  # a good record overwritten with garbage
-    for key, text in BAD_RECORDS:
-        _put_raw(etcd, key, text)
+    put_raw(etcd, keys.endpoint("h1", "ep1"), '{"truncated')  # a good record overwritten with garbage
+    for key, text in bad_records("h1"):
+        put_raw(etcd, key, text)
     view, changes = model.caught_up()  # through the watch's events
     assert _same(view, before), "a bad record changed the view"
     listed = {r["key"]: r for r in model.cache.skipped.snapshot()}
-    assert set(listed) == {k for k, _ in BAD_RECORDS} | {keys.endpoint("h1", "ep1")}
+    assert set(listed) == {k for k, _ in bad_records("h1")} | {keys.endpoint("h1", "ep1")}
     assert all(r["error"] and r["revision"] > 0 for r in listed.values()), listed
     assert "does not match the key" in listed[keys.node("z")]["error"]
     total = model.cache.skipped.total
@@ -192,7 +174,7 @@ def test_bad_records_under_every_prefix_are_skipped_counted_and_listed(etcd, mod
     assert changes is EVERYTHING and _same(view, before) and model.cache.skipped.total == total
     assert read_view(etcd).endpoints_of("h1") == [e for e in before.endpoints_of("h1") if e.id != "ep1"]
     etcd.put(keys.endpoint("h1", "ep1"), _endpoint("h1", 1).to_dict())
-    for key, _ in BAD_RECORDS:
+    for key, _ in bad_records("h1"):
         etcd.delete(key)
     view, _ = model.caught_up()
     assert model.cache.skipped.snapshot() == [] and view == read_view(etcd)
