@@ -140,6 +140,7 @@ class Agent:
         self._pass_began = None  # monotonic start of the pass running now
         self._pass_ended = None  # monotonic end of the last pass
         self._logged = {}  # part -> the last unexpected error logged with its traceback
+        self._retry_delay = SYNC_BACKOFF[0]  # before the next pass after one in which a part failed
 
     # --- life cycle -----------------------------------------------------------------------------------------------
 
@@ -417,7 +418,15 @@ class Agent:
             raise
         if full:
             self._next_full = time.monotonic() + self.config.resync_interval * random.uniform(0.8, 1.0)
-        return 0
+        if not self._pass_errors:
+            self._retry_delay = SYNC_BACKOFF[0]
+            return 0
+        # A part failed (already logged): it gets the whole view again soon, with the same back-off as a failed
+        # read, rather than at the next event or full resync.
+        self._dirty.set()
+        wait, self._retry_delay = self._retry_delay * random.uniform(0.5, 1.5), min(self._retry_delay * 2,
+                                                                                    SYNC_BACKOFF[1])
+        return wait
 
     # --- liveness, election and reclamation: one thread each --------------------------------------------------
 
