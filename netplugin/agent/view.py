@@ -5,6 +5,11 @@ advances its copy with the watch's events (Felix's in-memory model): a sync pass
 no JSON decoding of records that did not change, and it says which keys changed (``ViewChanges``), so each
 reconciler can skip work that change cannot affect. Events are applied a whole watch response at a time, and etcd
 never splits one revision across responses, so a view still reflects one revision.
+
+Bad data is data (STYLE.md #15): a record that does not decode, or does not fit its key, is skipped wherever it
+is read (full read or watch event), logged once per (key, revision) with why, counted and listed
+(``SkippedRecords``: the agent's health answer; ``netctl check`` finds the same with ``decode``). It never fails a
+view, so one stray ``etcdctl put`` cannot stop every agent's sync.
 """
 import logging
 import threading

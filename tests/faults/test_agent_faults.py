@@ -6,12 +6,10 @@ packets between network namespaces. The sync-loop tests build a real Agent on th
 reconciler that fails or is slow: they test how the agent judges its own sync, not a dataplane.
 """
 import concurrent.futures
-import ipaddress
 import os
 import re
 import signal
 import subprocess
-import threading
 import time
 
 import pytest
@@ -150,7 +148,7 @@ def test_bird_killed_health_goes_false_then_true(etcd_server, etcd, namespaces):
         assert any("BIRD is not running" in p for p in down[2]), down
         wait_until("health true again", lambda: sample()[1], timeout=10, step=0.02)
         recovered = seen[-1][0]
-        assert bird_pid(agent.run_dir) not in (None, pid)
+        wait_until("a new BIRD's pid file", lambda: bird_pid(agent.run_dir) not in (None, pid), timeout=5)
         print(f"\nBIRD kill -9: health false {down[0]:.2f}s after the kill, true again after {recovered:.2f}s")
     finally:
         agent.stop()
