@@ -22,6 +22,7 @@ from netplugin.errors import NotReady
 from netplugin.ipam.allocator import IPAM
 from netplugin.ipam.reclaim import check
 from tests.agents import AgentProcess, CniBinary, rmtree, tempdir
+from tests.etcd import EtcdServer
 from tests.netns import nsexec
 from tests.waiting import poll, wait_until
 
@@ -235,3 +236,33 @@ def test_a_slow_sync_keeps_add_succeeding_and_a_stalled_one_does_not(agent_with_
     with pytest.raises(NotReady, match="running for"):
         agent.service.policy_ready("ep2")
     part.delay = 0.0
+
+
+def test_etcd_unreachable_past_the_liveness_ttl_makes_health_false_until_it_answers(namespaces, tmp_path):
+    server = EtcdServer()
+    agent = None
+    ttl = 2
+    try:
+        server.start()
+        ns = namespaces.add()
+        server.bridge_into(ns)
+        agent = AgentProcess(ns, "cutoff", server.endpoint, str(tmp_path / "run"),
+                             extra_args=["--liveness-ttl", str(ttl)])
+        agent.start()
+        wait_until("healthy", lambda: agent_health(agent.run_dir)["ok"], timeout=10)
+        server.stop()
+        stopped = time.monotonic()
+        down = wait_until("health false", lambda: not agent_health(agent.run_dir)["ok"] and agent_health(agent.run_dir),
+                          timeout=4 * ttl, step=0.1)
+        false_after = time.monotonic() - stopped
+        assert any("etcd unreachable" in p for p in down["problems"]), down
+        assert false_after >= ttl * 0.9, f"unhealthy after {false_after:.1f}s: before the threshold"
+        server.start()
+        back = time.monotonic()
+        wait_until("healthy again", lambda: agent_health(agent.run_dir)["ok"], timeout=15, step=0.1)
+        print(f"\netcd stopped: health false {false_after:.1f}s later (threshold {ttl}s); true again "
+              f"{time.monotonic() - back:.1f}s after etcd answered")
+    finally:
+        if agent:
+            agent.stop()
+        server.close()
