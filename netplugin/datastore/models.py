@@ -1,6 +1,8 @@
 """Typed records stored in etcd, one dataclass per resource, each with ``to_dict``/``from_dict``.
 
-Unknown fields in stored documents are ignored on read so an older agent can read a newer record.
+Unknown fields in stored documents are ignored on read so an older agent can read a newer record; a known field
+of the wrong type, a missing required one, or a document that is not a JSON object raises BadRecord (saying
+which), so a reader can skip that one record instead of failing later on a half-built object.
 """
 import functools
 import logging
@@ -13,6 +15,7 @@ from netplugin.errors import InvalidInput
 
 LOG = logging.getLogger(__name__)
 
+
 class BadRecord(InvalidInput):
     """A stored document that is not a valid record of its kind (hand-written, truncated, another version)."""
 
@@ -23,7 +26,7 @@ def _schema(cls):
     out = {}
     for f in fields(cls):
         kinds = f.type.__args__ if isinstance(f.type, types.UnionType) else (f.type,)
-        kinds = tuple(type(None) if k is None else k for k in kinds)
+        kinds = tuple(type(None) if k is None else k if isinstance(k, type) else object for k in kinds)
         if float in kinds:
             kinds += (int,)
         required = f.default is MISSING and f.default_factory is MISSING
