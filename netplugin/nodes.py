@@ -43,7 +43,7 @@ class NodeRegistry:
         return node
 
     def list(self):
-        return [Node.from_dict(kv.value) for kv in self.ds.list(keys.NODES)]
+        return [n for _, n in Node.from_kvs(self.ds.list(keys.NODES))]
 
     def get(self, name):
         kv = self.ds.get(keys.node(name))

@@ -136,12 +136,10 @@ def check(datastore):
     findings = []
     alive = NodeRegistry(datastore).alive()
     handles = {}
-    for kv in datastore.list(keys.HANDLES):
-        h = Handle.from_dict(kv.value)
+    for _, h in Handle.from_kvs(datastore.list(keys.HANDLES)):  # bad records: ``netctl check`` lists them
         handles[h.handle] = h
     seen = set()
-    for kv in datastore.list(keys.BLOCKS):
-        block = Block.from_dict(kv.value)
+    for _, block in Block.from_kvs(datastore.list(keys.BLOCKS)):
         if block.affinity and block.affinity not in alive:
             findings.append({"kind": "block-of-dead-host", "block": block.cidr, "host": block.affinity,
                              "detail": f"block {block.cidr} is affine to {block.affinity}, which is not alive"})
