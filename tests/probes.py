@@ -3,8 +3,10 @@
 each bounded by TIMEOUT seconds. ``python -c SERVER TCP_PORTS UDP_PORT [LIFETIME]`` echoes on those ports
 (IPv4 and IPv6) and prints "ready"."""
 import json
+import re
 import subprocess
 import sys
+import time
 
 from tests.netns import nsexec
 
@@ -89,3 +91,23 @@ def start_echo_server(netns, tcp_ports, udp_port, what):
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout.readline().strip() == "ready", f"server in {what} did not start"
     return proc
+
+
+def pings_during(netns, dst, action, count=400, interval=0.01, lead=0.5):
+    """(transmitted, received, ping's output) of ``count`` echoes ``interval`` apart from ``netns`` to ``dst``,
+    with ``action()`` run ``lead`` seconds after the first. Fails when the ping ended before ``action`` returned
+    (then it proved nothing)."""
+    ping = subprocess.Popen(["ip", "netns", "exec", netns, "ping", "-i", str(interval), "-c", str(count), "-W", "1",
+                             "-q", dst], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(lead)
+        action()
+        assert ping.poll() is None, "the ping ended before the action was over: the test proved nothing"
+        out, _ = ping.communicate(timeout=count * interval + 30)
+    finally:
+        if ping.poll() is None:
+            ping.kill()
+            ping.wait()
+    m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+    assert m, out
+    return int(m.group(1)), int(m.group(2)), out

@@ -7,9 +7,7 @@ reconciler that fails or is slow: they test how the agent judges its own sync, n
 """
 import concurrent.futures
 import os
-import re
 import signal
-import subprocess
 import time
 
 import pytest
@@ -24,6 +22,7 @@ from netplugin.ipam.reclaim import check
 from tests.agents import AgentProcess, CniBinary, rmtree, tempdir
 from tests.etcd import EtcdServer
 from tests.netns import nsexec
+from tests.probes import pings_during
 from tests.waiting import poll, wait_until
 
 pytestmark = pytest.mark.functional
@@ -35,12 +34,6 @@ NETWORK = "faultnet"
 def np_links(ns):
     return {line.split(":")[1].strip().split("@")[0] for line in nsexec(ns, "ip -o link show").stdout.splitlines()
             if line.split(":")[1].strip().startswith("np")}
-
-
-def ping_summary(output):
-    m = re.search(r"(\d+) packets transmitted, (\d+) received", output)
-    assert m, output
-    return int(m.group(1)), int(m.group(2))
 
 
 @pytest.fixture
@@ -92,21 +85,16 @@ def test_kill_9_and_restart_under_10ms_pings_loses_nothing(cni_host, namespaces)
         ip_b = outs[b]["ips"][0]["address"].split("/")[0]
         assert poll(lambda: nsexec(a, f"ping -c1 -W0.2 {ip_b}", check=False).returncode == 0, 5)
         count = 500
-        ping = subprocess.Popen(["ip", "netns", "exec", a, "ping", "-i", "0.01", "-c", str(count), "-W", "1", "-q",
-                                 ip_b], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        try:
-            time.sleep(0.5)
+        timing = {}
+
+        def kill_and_restart():
             agent.stop(signal.SIGKILL)
             killed = time.monotonic()
             agent.start()
-            serving_in = time.monotonic() - killed
-            assert ping.poll() is None, "the ping ended before the agent was back: the test proved nothing"
-            out, _ = ping.communicate(timeout=count * 0.01 + 30)
-        finally:
-            if ping.poll() is None:
-                ping.kill()
-                ping.wait()
-        transmitted, received = ping_summary(out)
+            timing["serving_in"] = time.monotonic() - killed
+
+        transmitted, received, out = pings_during(a, ip_b, kill_and_restart, count=count)
+        serving_in = timing["serving_in"]
         print(f"\nkill -9 and restart under 10 ms pings: {transmitted - received} of {transmitted} lost; "
               f"agent serving again {serving_in:.1f}s after the kill")
         assert (transmitted, received) == (count, count), out
