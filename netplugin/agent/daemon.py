@@ -253,7 +253,8 @@ class Agent:
     def _serve_docker(self):
         from netplugin.docker.app import create_docker_app
         from netplugin.docker.driver import DockerDriver
-        driver = DockerDriver(self.ds, self.ipam, self.service, self.dataplane, self.host, self.config)
+        driver = DockerDriver(self.ds, self.ipam, self.service, self.dataplane, self.host, self.config,
+                              progress=self.progress)
         self._serve_unix(create_docker_app(driver), self.config.docker_socket, "docker-plugin")
 
     def status(self):
