@@ -16,18 +16,21 @@ from netplugin.errors import InvalidInput, NetpluginError
 PLUGIN_TYPE = "netplugin"
 PLUGIN_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugin.py")
 CNI_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+# The newest version today's runtimes read: libcni before 1.2 (Debian 12's 1.1.2, hence its podman 4.3, containerd
+# and cri-o) refuses a 1.1.0 conflist ("unsupported CNI result version"). 1.1.0 (STATUS, GC) stays on request.
+DEFAULT_CNI_VERSION = "1.0.0"
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
 def install_cni(bin_dir, conf_dir, network="netplugin", agent_socket="/run/netplugin/agent.sock", mtu=1500,
-                python=None, pools=None, cni_version="1.1.0"):
+                python=None, pools=None, cni_version=DEFAULT_CNI_VERSION, ipv6=False):
     """Write ``bin_dir/netplugin`` and ``conf_dir/10-<network>.conflist``; return their paths.
 
     ``python`` is the interpreter named in the plugin's shebang (default: the one running this). ``pools`` are
-    CIDRs put in the plugin's ``ipam`` section. ``cni_version`` is the conflist's cniVersion; runtimes built on
-    libcni older than 1.2 (e.g. podman 4's CNI backend) only speak up to 1.0.0.
+    CIDRs put in the plugin's ``ipam`` section. ``cni_version`` is the conflist's cniVersion. ``ipv6`` gives every
+    container an IPv6 address too (``ipam.assign_ipv6``), from any IPv6 pool unless ``pools`` names some.
     """
-    conflist = render_conflist(network, agent_socket, mtu, pools, cni_version)
+    conflist = render_conflist(network, agent_socket, mtu, pools, cni_version, ipv6)
     script = render_plugin(python or sys.executable)
     bin_path = os.path.join(bin_dir, PLUGIN_TYPE)
     conf_path = os.path.join(conf_dir, f"10-{network}.conflist")
@@ -36,20 +39,27 @@ def install_cni(bin_dir, conf_dir, network="netplugin", agent_socket="/run/netpl
     return bin_path, conf_path
 
 
-def render_conflist(network, agent_socket, mtu, pools=None, cni_version="1.1.0"):
+def render_conflist(network, agent_socket, mtu, pools=None, cni_version=DEFAULT_CNI_VERSION, ipv6=False):
     """The network config list as a dict, after checking every input."""
     if not isinstance(network, str) or not network or not network[0].isalnum() or not network.isascii() \
             or not set(network) <= _NAME_CHARS:
         raise InvalidInput(f"invalid CNI network name {network!r}: use letters, digits, '_', '.', '-'")
     if not isinstance(agent_socket, str) or not os.path.isabs(agent_socket):
         raise InvalidInput(f"agent socket {agent_socket!r} must be an absolute path")
-    if isinstance(mtu, bool) or not isinstance(mtu, int) or not 68 <= mtu <= 65535:
-        raise InvalidInput(f"MTU {mtu!r} must be a whole number from 68 to 65535")
+    if isinstance(mtu, bool) or not isinstance(mtu, int) or not 576 <= mtu <= 65535:  # the agent's range
+        raise InvalidInput(f"MTU {mtu!r} must be a whole number from 576 to 65535")
     if cni_version not in CNI_VERSIONS:
         raise InvalidInput(f"CNI version {cni_version!r} is not one of {', '.join(CNI_VERSIONS)}")
     plugin = {"type": PLUGIN_TYPE, "agent_socket": agent_socket, "mtu": mtu}
+    if not isinstance(ipv6, bool):
+        raise InvalidInput(f"ipv6 {ipv6!r} must be true or false")
+    ipam = {}
     if pools:
-        plugin["ipam"] = {"pools": [_cidr(p) for p in pools]}
+        ipam["pools"] = [_cidr(p) for p in pools]
+    if ipv6:
+        ipam["assign_ipv6"] = True
+    if ipam:
+        plugin["ipam"] = ipam
     plugin["capabilities"] = {"ips": True}
     return {"cniVersion": cni_version, "name": network, "plugins": [plugin]}
 

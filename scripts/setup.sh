@@ -3,9 +3,14 @@
 # the Debian packages of the real components the tests and the demo start, and a virtualenv in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup: must run as root (it installs Debian packages; the tests and the demo run as root too)" >&2
+  exit 1
+fi
 
 APT_PACKAGES=(etcd-server bird2 ipset iptables iproute2 socat iputils-ping netcat-openbsd tcpdump
-              docker.io podman containernetworking-plugins busybox-static iperf3 sockperf python3-venv python3-pip)
+              docker.io podman containernetworking-plugins busybox-static iperf3 sockperf python3-venv python3-pip
+              golang-go golang-github-appc-cni-dev)  # the last two: tests build a libcni runtime (tests/libcni)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

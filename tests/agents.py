@@ -8,10 +8,10 @@ import sys
 import tempfile
 import time
 
-from tests.netns import stop_process
+from tests.console import console_script
+from tests.netns import run, stop_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VENV_BIN = os.path.dirname(sys.executable)
 
 
 class AgentProcess:
@@ -37,7 +37,7 @@ class AgentProcess:
         os.makedirs(self.run_dir, exist_ok=True)
         if os.path.exists(self.socket):
             os.unlink(self.socket)
-        cmd = ["ip", "netns", "exec", self.netns, os.path.join(VENV_BIN, "netplugin"), "agent",
+        cmd = ["ip", "netns", "exec", self.netns, console_script("netplugin"), "agent",
                "--hostname", self.hostname, "--etcd-endpoints", self.etcd_endpoint, "--run-dir", self.run_dir,
                "--routing", "none"] + self.extra_args
         log = open(self.log_path, "a")
@@ -86,6 +86,14 @@ class CniBinary:
                            capture_output=True, text=True, timeout=timeout)
         out = json.loads(p.stdout) if p.stdout.strip() else {}
         return p.returncode, out, p.stderr
+
+
+def netctl_install_cni(bin_dir, conf_dir, network, agent_socket, *options):
+    """``netctl install-cni`` as an operator runs it (defaults unless ``options`` say otherwise); the conflist."""
+    run([console_script("netctl"), "install-cni", "--bin-dir", bin_dir, "--conf-dir", conf_dir, "--network", network,
+         "--agent-socket", agent_socket, *options], timeout=30)
+    with open(os.path.join(conf_dir, f"10-{network}.conflist")) as f:
+        return json.load(f)
 
 
 def tempdir(prefix="npt-"):

@@ -77,13 +77,19 @@ def _canonical(address):
 
 
 def direct_routes(view, host):
-    """{other node's address: [its blocks]} for direct mode."""
+    """{other node's address: [its blocks]} for direct mode: IPv4 blocks via the node's address, IPv6 blocks
+    via its ``address6``. A block of a family the node has no address for cannot be routed directly and is left
+    out (the rest still are: one dual-stack host without ``--node-address6`` must not stop every route)."""
     out = {}
     for name, blocks in view.blocks.items():
         node = view.nodes.get(name)
-        if name != host and node and node.address and blocks:
-            out[node.address] = sorted(blocks)
-    return out
+        if name == host or not node:
+            continue
+        for cidr in blocks:
+            via = node.address6 if ":" in cidr else node.address
+            if via:
+                out.setdefault(via, []).append(cidr)
+    return {addr: sorted(blocks) for addr, blocks in out.items()}
 
 
 class RoutingReconciler:

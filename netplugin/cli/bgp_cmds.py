@@ -10,6 +10,9 @@ from netplugin.datastore import keys
 from netplugin.datastore.models import BgpPeer, ClusterConfig, Node
 from netplugin.errors import InvalidInput, NotFound
 
+# The columns of `netctl node status` (-o json/yaml give every field of BgpStatusRow).
+STATUS_COLUMNS = ["peer_address", "peer_type", "state", "since", "info"]
+
 
 def _cluster(ds):
     kv = ds.get(keys.CLUSTER_CONFIG)
@@ -127,15 +130,11 @@ def node_set(obj, name, route_reflector, as_number, address, labels):
 @output_option
 def node_status(run_dir, fmt):
     """This host's BGP sessions, read from the local BIRD."""
-    from netplugin.routing.bird import bgp_status, format_status_table
+    from netplugin.routing.bird import bgp_status
     sock = os.path.join(run_dir, "bird", "bird.ctl")
     if not os.path.exists(sock):
         raise NotFound(f"no BIRD control socket at {sock}: is the agent running here in bgp mode?")
-    rows = bgp_status(sock)
-    if fmt == "table":
-        click.echo(format_status_table(rows))
-    else:
-        emit([dataclasses.asdict(r) for r in rows], fmt)
+    emit([dataclasses.asdict(r) for r in bgp_status(sock)], fmt, STATUS_COLUMNS, empty="no BGP sessions")
 
 
 COMMANDS = [bgp]

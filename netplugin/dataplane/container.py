@@ -3,8 +3,9 @@
 The container's interface has only host addresses (/32, /128) and no on-link subnet, so every packet goes to
 the gateway: 169.254.1.1 (a scope-link route to it first, then ``default via 169.254.1.1 onlink``) and
 fe80::ecee:eeff:feee:eeee. Both gateways get a permanent neighbour entry pointing at the host veth's fixed
-MAC: the first packet needs no ARP/ND round trip and the container does not depend on the host having a
-route to 169.254.1.1 for proxy-ARP to answer. proxy-ARP stays on at the host for anything else.
+MAC, so the first packet needs no ARP/ND round trip. It is only that: the host veth carries both gateway
+addresses and answers for them itself (host.py), which is what Docker containers, whose neighbour table we
+never write, rely on.
 """
 import errno
 import ipaddress

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 HOST_SYSCTLS_V4 = {"net/ipv4/ip_forward": 1}
 HOST_SYSCTLS_V6 = {"net/ipv6/conf/all/forwarding": 1}
 ALL_RP_FILTER = "net/ipv4/conf/all/rp_filter"
+ALL_ARP_IGNORE = "net/ipv4/conf/all/arp_ignore"
 
 
 def kernel_has_ipv6() -> bool:
@@ -52,7 +53,7 @@ class Dataplane:
         with self._lock:
             ipv6 = kernel_has_ipv6()
             want = dict(HOST_SYSCTLS_V4, **(HOST_SYSCTLS_V6 if ipv6 else {}))
-            have = sysctl.read(self.host_netns, list(want) + [ALL_RP_FILTER], "read host sysctls")
+            have = sysctl.read(self.host_netns, list(want) + [ALL_RP_FILTER, ALL_ARP_IGNORE], "read host sysctls")
             todo = {k: v for k, v in want.items() if have.get(k) != str(v)}
             sysctl.write(self.host_netns, todo, "enable forwarding in the host netns")
             families = [6] if ipv6 else []
@@ -61,7 +62,14 @@ class Dataplane:
                 log.warning("%s is 2 (loose): adding the rpfilter rule for IPv4 as well", ALL_RP_FILTER)
                 families.insert(0, 4)
             written = [f for f in families if antispoof.ensure(self.host_netns, f)]
-            return {"sysctls": sorted(todo), "antispoof_families": families, "antispoof_written": written}
+            warnings = []
+            if have[ALL_ARP_IGNORE] not in ("0", "1"):
+                # "all" overrides our per-veth 0 with its maximum: the host veths' gateway address goes unanswered.
+                warnings.append(f"{ALL_ARP_IGNORE.replace('/', '.')} is {have[ALL_ARP_IGNORE]}: the host will not "
+                                "answer containers' ARP for their gateway 169.254.1.1; set it to 0 or 1")
+                log.error("%s", warnings[-1])
+            return {"sysctls": sorted(todo), "antispoof_families": families, "antispoof_written": written,
+                    "warnings": warnings}
 
     def add_endpoint(self, spec: EndpointSpec) -> EndpointState:
         spec, addrs = self._spec(spec)

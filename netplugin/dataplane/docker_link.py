@@ -4,10 +4,13 @@ The CNI path (endpoint.py) creates the container end directly inside the contain
 it. Docker works the other way round: at Join the driver names an interface in the host namespace
 (``SrcName``), and libnetwork moves it into the sandbox, renames it (``eth0``, ``eth1``, ...), sets the address
 the IPAM driver gave, brings it up and adds the routes of the Join answer. So here only the host side is
-configured, and it is configured exactly as for CNI, with the same helpers: the name ``host_ifname(endpoint)``,
-the fixed MAC ee:ee:ee:ee:ee:ee, proxy-ARP with proxy_delay 0, strict rp_filter, forwarding, the IPv6 gateway
-address, and a ROUTE_PROTO host route per address. The reconciler therefore treats Docker veths like any
-other endpoint's (and removes them as strays when no endpoint record names them).
+configured, and it is configured exactly as for CNI, by the same function (``host.converge_endpoint``): the
+name ``host_ifname(endpoint)``, the fixed MAC ee:ee:ee:ee:ee:ee, proxy-ARP with proxy_delay 0, strict
+rp_filter, forwarding, both gateway addresses, and a ROUTE_PROTO host route per address. The reconciler
+therefore treats Docker veths like any other endpoint's (and removes them as strays when no endpoint record
+names them). The gateway addresses on the host end are what let a Docker container resolve 169.254.1.1 on a
+host without a default route: we never write into the sandbox, which libnetwork configures only after our
+answer (host.py).
 
 The container end gets a temporary name that is not ours by ``is_host_ifname`` (``tmp`` + 11 hex digits of the
 same hash), the MAC Docker chose (its IPAM asked for one), and the endpoint's MTU. It stays down: libnetwork
@@ -21,7 +24,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 
-from netplugin.dataplane import host, sysctl
+from netplugin.dataplane import host
 from netplugin.dataplane.model import HOST_VETH_MAC, host_ifname, validate_spec
 from netplugin.dataplane.netlink import netlink, open_netns, quietly
 from netplugin.dataplane.rtnl import Batch
@@ -102,26 +105,11 @@ def create(host_netns, spec) -> DockerLink:
     addrs = validate_spec(spec)
     name, peer = host_ifname(spec.endpoint_id), container_ifname(spec.endpoint_id)
     what = f"endpoint {spec.endpoint_id}"
-    ipv6 = any(a.version == 6 for a in addrs)
     host_fd = _own_netns_fd(host_netns)
     try:
         with netlink(host_netns) as hnl, ExitStack() as undo:
             host_msg, fresh = _find_or_create(hnl, name, peer, spec.mtu, spec.mac, host_fd, what, undo)
-            idx = host_msg["index"]
-            batch = Batch()
-            v6_have = set() if fresh or not ipv6 else host.read_addresses_v6(hnl, idx).get(idx, set())
-            _, v6_sysctls = host.plan_link(batch, host_msg, spec.mtu, ipv6, f"{name} for {what}",
-                                           proxy_delay=(host.PROXY_DELAY_FRESH if fresh else None),
-                                           addresses_v6=v6_have)
-            sysctl.write(host_netns, v6_sysctls, f"configure IPv6 settings of {name} for {what}")
-            have = set() if fresh else host.read_routes(hnl, oif=idx)[0].get(idx, set())
-            host.plan_routes(batch, idx, name, addrs, have, what)
-            failures, _ = hnl.commit(batch)
-            for failure in failures:
-                tag = failure.request.tag
-                err = host.route_conflict(hnl, failure) if tag and tag[0] == "route" else failure.error()
-                if err is not None:
-                    raise err
+            host.converge_endpoint(hnl, host_netns, host_msg, fresh, spec.mtu, addrs, what, undo)
             peer_msg = hnl.link(name=peer)
             if peer_msg is None:
                 raise DataplaneError(f"failed to create veth {name} for {what}: its peer {peer} vanished")

@@ -7,8 +7,9 @@ so a repeated ADD does not interrupt a running container.
 
 A fresh ADD is four kernel round trips: create the pair (the kernel echoes the new link, so we learn both
 indexes and the current settings without asking), read the container side (IPv6 only), configure the host
-side in one batch (devconf and rp_filter before "up", so no packet is ever accepted unchecked; then the
-routes), configure the container side in one batch. Plus one sysctl child for IPv6 settings when the host
+side in one batch (devconf and rp_filter before "up", so no packet is ever accepted unchecked; the gateway
+addresses; then the routes: host.converge_endpoint, shared with the Docker path), configure the container side
+in one batch. Plus one sysctl child for IPv6 settings when the host
 namespace is given by path (none when the agent runs in the host namespace, none for IPv4-only endpoints).
 """
 import errno
@@ -18,7 +19,7 @@ import time
 from contextlib import ExitStack
 
 from netplugin.errors import AlreadyExists, DataplaneError, NotFound
-from netplugin.dataplane import container, host, sysctl
+from netplugin.dataplane import container, host
 from netplugin.dataplane.model import HOST_VETH_MAC, EndpointState, host_ifname
 from netplugin.dataplane.netlink import netlink, netlink_fd, open_netns, quietly
 from netplugin.dataplane.rtnl import Batch
@@ -89,14 +90,6 @@ def _find_or_create(hnl, cnl, name, spec, cont_fd, what, undo):
     return msg, None, True
 
 
-def _raise_failures(hnl, failures):
-    for failure in failures:
-        tag = failure.request.tag
-        err = host.route_conflict(hnl, failure) if tag and tag[0] == "route" else failure.error()
-        if err is not None:
-            raise err
-
-
 def add(host_netns, spec, addrs) -> EndpointState:
     """Create or converge the endpoint; on any failure leave the kernel as it was."""
     started = time.monotonic()
@@ -113,21 +106,8 @@ def add(host_netns, spec, addrs) -> EndpointState:
             if cont_msg is not None:
                 container.enable_ipv6_if_needed(cont_msg, spec, addrs)
 
-            # Host side: settings, then up, then routes, in one batch.
-            hb = Batch()
-            v6_have = set() if fresh or not ipv6 else host.read_addresses_v6(hnl, idx).get(idx, set())
-            _, v6_sysctls = host.plan_link(
-                hb, host_msg, spec.mtu, ipv6, f"{name} for {what}",
-                proxy_delay=(host.PROXY_DELAY_FRESH if fresh else None), addresses_v6=v6_have,
-            )
-            sysctl.write(host_netns, v6_sysctls, f"configure IPv6 settings of {name} for {what}")
-            have_routes = set() if fresh else host.read_routes(hnl, oif=idx)[0].get(idx, set())
-            host.plan_routes(hb, idx, name, addrs, have_routes, what)
-            if not fresh:
-                for addr in set(addrs) - have_routes:
-                    undo.callback(quietly, _undo_route, hnl, addr, idx, name)
-            failures, _ = hnl.commit(hb)
-            _raise_failures(hnl, failures)
+            # Host side: settings, gateway addresses, then up, then routes, in one batch.
+            host.converge_endpoint(hnl, host_netns, host_msg, fresh, spec.mtu, addrs, what, undo)
 
             # Container side in one batch.
             cb = Batch()
@@ -163,12 +143,6 @@ def add(host_netns, spec, addrs) -> EndpointState:
 def _container_mac(cnl, cidx, cont_msg):
     msg = cont_msg if cont_msg is not None else cnl.link(index=cidx)
     return (msg.get("address") if msg is not None else "") or ""
-
-
-def _undo_route(hnl, addr, idx, name):
-    batch = Batch()
-    host.plan_routes(batch, idx, name, [], [addr], "undo")
-    hnl.run(batch)
 
 
 def _undo_address(cnl, idx, addr):
@@ -223,8 +197,8 @@ def check(host_netns, spec, addrs) -> list:
         else:
             idx = host_msg["index"]
             delay = host.read_proxy_delay(hnl).get(idx)
-            v6 = host.read_addresses_v6(hnl, idx).get(idx, set()) if ipv6 else None
-            out += host.link_problems(host_msg, spec.mtu, ipv6, delay, v6)
+            have_addrs = host.read_addresses(hnl, idx).get(idx, set())
+            out += host.link_problems(host_msg, spec.mtu, ipv6, delay, have_addrs)
             have = host.read_routes(hnl, oif=idx)[0].get(idx, set())
             out += [f"host route {a} dev {name} is missing" for a in addrs if a not in have]
             out += [f"host has unexpected route {a} dev {name}" for a in sorted(have - set(addrs), key=str)]

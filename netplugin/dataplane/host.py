@@ -5,6 +5,23 @@ routes with protocol ROUTE_PROTO in the main table whose device is one of those 
 with protocol ROUTE_PROTO. Routes of other writers (routing's direct mode uses its own number) are never read
 as ours, never changed. Planning functions append requests to an ``rtnl.Batch`` and return what they
 changed; the caller commits, so ADD sends a step in one go and reconcile sends all repairs in one go.
+
+Gateways: every host veth carries both gateway addresses itself, 169.254.1.1/32 and fe80::ecee:eeff:feee:eeee/64,
+so the kernel answers a container's ARP or neighbour solicitation for its gateway as it does for any address
+of its own: no route, nothing written into the container, the same for the CNI and the Docker path. Proxy-ARP
+alone is not enough: it answers only for a target the host routes out of another interface, so on a host with
+only specific routes (no default route) a container's ARP for 169.254.1.1 stayed INCOMPLETE. CNI containers
+got by with a permanent neighbour entry (container.py; kept, it spares the first packet an ARP round trip),
+but a Docker sandbox cannot be written at Join (libnetwork moves and configures the interface after our
+answer, and a move flushes neighbour entries), and a per-container write afterwards would race the container.
+
+The IPv4 address has scope host, so the kernel never picks it as the source of host-to-container traffic
+(with scope link it would: containers would see the host's probes come from 169.254.1.1). The ARP reply for
+it needs ``arp_ignore`` 0 or 1, and the kernel takes the larger of ``all`` and the veth's own value: we set
+the veth's to 0 (a new link inherits ``default``'s), and ``Dataplane.setup_host`` warns when ``all`` is above 1,
+which silences every gateway (proxy-ARP does not help then either). The same address on many veths is
+fine (the reference CNI ``ptp`` plugin does it as well): its local route stays while any veth has it.
+Proxy-ARP stays on for the other addresses a container may ask for (the subnet peers of a second interface).
 """
 import errno
 import ipaddress
@@ -13,14 +30,18 @@ from dataclasses import dataclass, field
 
 from netplugin.errors import AlreadyExists
 from netplugin.dataplane import sysctl
-from netplugin.dataplane.model import GATEWAY_V6, HOST_VETH_MAC, MAIN_TABLE, ROUTE_PROTO, is_host_ifname
-from netplugin.dataplane.rtnl import IFF_UP, RT_SCOPE_LINK, RTN_BLACKHOLE, RTN_UNICAST, Batch
+from netplugin.dataplane.netlink import quietly
+from netplugin.dataplane.model import GATEWAY_V4, GATEWAY_V6, HOST_VETH_MAC, MAIN_TABLE, ROUTE_PROTO, is_host_ifname
+from netplugin.dataplane.rtnl import (IFF_UP, RT_SCOPE_HOST, RT_SCOPE_LINK, RT_SCOPE_UNIVERSE, RTN_BLACKHOLE,
+                                     RTN_UNICAST, Batch)
 
 IN6_ADDR_GEN_MODE_NONE = 1
 # ``proxy_delay`` of a link we just created: the kernel default, so ours must be written (no dump needed).
 PROXY_DELAY_FRESH = -1
 RT_SCOPE_NOWHERE = 255
-GATEWAY_V6_IFACE = ipaddress.ip_interface(f"{GATEWAY_V6}/64")
+# The gateway addresses every host veth carries (see above), per family.
+GATEWAY_IFACES = {4: ipaddress.ip_interface(f"{GATEWAY_V4}/32"), 6: ipaddress.ip_interface(f"{GATEWAY_V6}/64")}
+GATEWAY_SCOPES = {4: RT_SCOPE_HOST, 6: RT_SCOPE_UNIVERSE}  # IPv6 takes the scope from the address: link
 
 
 @dataclass
@@ -31,7 +52,7 @@ class HostView:
     routes: dict = field(default_factory=dict)  # ifindex -> set of ip_interface (our host routes)
     blackholes: set = field(default_factory=set)  # ip_network
     proxy_delay: dict = field(default_factory=dict)  # ifindex -> ARP proxy_delay in ms
-    addresses_v6: dict = field(default_factory=dict)  # ifindex -> set of ip_interface, our links only
+    addresses: dict = field(default_factory=dict)  # ifindex -> set of ip_interface (both families), our links only
 
 
 def is_our_link(msg) -> bool:
@@ -70,10 +91,12 @@ def read_proxy_delay(nl) -> dict:
     return out
 
 
-def read_addresses_v6(nl, index=0) -> dict:
+def read_addresses(nl, index=0) -> dict:
+    """ifindex -> addresses, both families (one dump; ``index`` filters where the kernel does)."""
     out = {}
-    for msg in nl.addresses(socket.AF_INET6, index):
-        out.setdefault(msg["index"], set()).add(address_of(msg))
+    for msg in nl.addresses(socket.AF_UNSPEC, index):
+        if msg["family"] in (socket.AF_INET, socket.AF_INET6):
+            out.setdefault(msg["index"], set()).add(address_of(msg))
     return out
 
 
@@ -85,11 +108,15 @@ def snapshot(nl) -> HostView:
     view.routes, view.blackholes = read_routes(nl)
     view.proxy_delay = read_proxy_delay(nl)
     ours = {msg["index"] for msg in view.links.values()}
-    view.addresses_v6 = {k: v for k, v in read_addresses_v6(nl).items() if k in ours}
+    view.addresses = {k: v for k, v in read_addresses(nl).items() if k in ours}
     return view
 
 
-def link_problems(msg, mtu: int, ipv6: bool, proxy_delay=None, addresses_v6=None) -> list:
+def gateway_families(ipv6: bool):
+    return (4, 6) if ipv6 else (4,)
+
+
+def link_problems(msg, mtu: int, ipv6: bool, proxy_delay=None, addresses=None) -> list:
     """Differences between one host veth (as the kernel reports it) and what it must be."""
     name = msg.get("ifname")
     out = []
@@ -103,8 +130,9 @@ def link_problems(msg, mtu: int, ipv6: bool, proxy_delay=None, addresses_v6=None
     have = sysctl.link_sysctls(msg, proxy_delay)
     for key, value in sorted(sysctl.drift(want, have, skip_unknown=[sysctl.neigh_key(name, "proxy_delay")]).items()):
         out.append(f"host veth {name}: {key.replace('/', '.')} is {have.get(key)}, expected {value}")
-    if ipv6 and addresses_v6 is not None and GATEWAY_V6_IFACE not in addresses_v6:
-        out.append(f"host veth {name} lacks the IPv6 gateway address {GATEWAY_V6}")
+    for family in gateway_families(ipv6) if addresses is not None else ():
+        if GATEWAY_IFACES[family] not in addresses:
+            out.append(f"host veth {name} lacks the IPv{family} gateway address {GATEWAY_IFACES[family]}")
     return out
 
 
@@ -114,11 +142,12 @@ def _addr_gen_mode(msg):
     return inet6.get("IFLA_INET6_ADDR_GEN_MODE") if inet6 else None
 
 
-def plan_link(batch: Batch, msg, mtu: int, ipv6: bool, what: str, proxy_delay=None, addresses_v6=None):
+def plan_link(batch: Batch, msg, mtu: int, ipv6: bool, what: str, proxy_delay=None, addresses=None):
     """Requests that make a host veth right, ending with "up". Returns (changes, IPv6 sysctls to write).
 
     ``proxy_delay`` None means unknown (not worth a dump): left alone; PROXY_DELAY_FRESH: a new link, set it.
-    ``addresses_v6`` None: unknown, the gateway address is added and an "exists" answer accepted.
+    ``addresses`` (the link's, both families) None: unknown, the gateway addresses are added and an "exists"
+    answer accepted.
     """
     name, idx = msg.get("ifname"), msg["index"]
     changes = []
@@ -137,9 +166,12 @@ def plan_link(batch: Batch, msg, mtu: int, ipv6: bool, what: str, proxy_delay=No
         changes.append(f"{name}: net.ipv4.neigh.{name}.proxy_delay={sysctl.PROXY_DELAY}")
     v6_sysctls = {k: v for k, v in fixes.items() if k.startswith("net/ipv6/")}
     changes += [f"{name}: {k.replace('/', '.')}={v}" for k, v in sorted(v6_sysctls.items())]
-    if ipv6 and (addresses_v6 is None or GATEWAY_V6_IFACE not in addresses_v6):
-        batch.address("add", idx, GATEWAY_V6_IFACE, f"add IPv6 gateway address to {what}", nodad=True, ok=(errno.EEXIST,))
-        changes.append(f"{name}: address {GATEWAY_V6}")
+    for family in gateway_families(ipv6):
+        gateway = GATEWAY_IFACES[family]
+        if addresses is None or gateway not in addresses:
+            batch.address("add", idx, gateway, f"add IPv{family} gateway address {gateway.ip} to {what}",
+                          nodad=family == 6, scope=GATEWAY_SCOPES[family], ok=(errno.EEXIST,))
+            changes.append(f"{name}: address {gateway.ip}")
     mac = HOST_VETH_MAC if (msg.get("address") or "").lower() != HOST_VETH_MAC else None
     new_mtu = mtu if msg.get("mtu") != mtu else None
     if mac or new_mtu:
@@ -150,6 +182,41 @@ def plan_link(batch: Batch, msg, mtu: int, ipv6: bool, what: str, proxy_delay=No
         batch.link_set(idx, f"bring up {what}", up=True)
         changes.append(f"{name}: up")
     return changes, v6_sysctls
+
+
+def converge_endpoint(hnl, host_netns, msg, fresh: bool, mtu: int, addrs, what: str, undo) -> None:
+    """The host side of one endpoint at ADD or Join (CNI and Docker alike), in one batch: settings, gateway
+    addresses, up, routes. ``fresh``: ``msg`` is the link the kernel just created, so nothing is read; else
+    its addresses and routes are read first, and each route this adds is deleted by ``undo`` (an ExitStack)
+    if a later step of the caller fails."""
+    name, idx = msg.get("ifname"), msg["index"]
+    ipv6 = any(a.version == 6 for a in addrs)
+    batch = Batch()
+    _, v6_sysctls = plan_link(batch, msg, mtu, ipv6, f"{name} for {what}",
+                              proxy_delay=PROXY_DELAY_FRESH if fresh else None,
+                              addresses=set() if fresh else read_addresses(hnl, idx).get(idx, set()))
+    sysctl.write(host_netns, v6_sysctls, f"configure IPv6 settings of {name} for {what}")
+    have = set() if fresh else read_routes(hnl, oif=idx)[0].get(idx, set())
+    plan_routes(batch, idx, name, addrs, have, what)
+    for addr in () if fresh else set(addrs) - have:
+        undo.callback(quietly, _undo_route, hnl, addr, idx, name)
+    failures, _ = hnl.commit(batch)
+    raise_failures(hnl, failures)
+
+
+def raise_failures(hnl, failures) -> None:
+    """Raise the first real failure of a committed batch (a route add that finds its own route is none)."""
+    for failure in failures:
+        tag = failure.request.tag
+        err = route_conflict(hnl, failure) if tag and tag[0] == "route" else failure.error()
+        if err is not None:
+            raise err
+
+
+def _undo_route(hnl, addr, idx, name):
+    batch = Batch()
+    plan_routes(batch, idx, name, [], [addr], "undo")
+    hnl.run(batch)
 
 
 def plan_routes(batch: Batch, idx: int, name: str, want, have, what: str):

@@ -1,6 +1,6 @@
 """Level-triggered repair of the host side: desired endpoints and owned blocks against one kernel snapshot.
 
-Reads are whole-table dumps (links, our routes filtered by the kernel, IPv6 addresses, neighbour-table
+Reads are whole-table dumps (links, our routes filtered by the kernel, addresses, neighbour-table
 parameters), so the cost does not grow with one request per endpoint. Every repair across all endpoints, the
 removal of stray veths and the blackhole changes then go to the kernel as one batch (plus one sysctl child
 for IPv6 settings, only if any drifted). Writes happen only where the kernel differs, so a healthy endpoint is
@@ -79,7 +79,7 @@ def _plan_endpoint(plan, view, name, spec, addrs, v6_sysctls):
     start = len(plan.batch)
     changes, v6 = host.plan_link(
         plan.batch, msg, spec.mtu, ipv6, what,
-        proxy_delay=view.proxy_delay.get(idx), addresses_v6=view.addresses_v6.get(idx, set()),
+        proxy_delay=view.proxy_delay.get(idx), addresses=view.addresses.get(idx, set()),
     )
     v6_sysctls.update(v6)
     plan.mark(start, "repaired", [c for c in changes if "net.ipv6." not in c])

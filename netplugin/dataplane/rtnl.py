@@ -55,12 +55,12 @@ NETNSA_NSID, NETNSA_FD = 1, 3
 # values
 IFF_UP = 0x1
 RTN_UNICAST, RTN_BLACKHOLE = 1, 6
-RT_SCOPE_UNIVERSE, RT_SCOPE_LINK = 0, 253
+RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_SCOPE_HOST = 0, 253, 254
 RTNH_F_ONLINK = 0x4
 NUD_PERMANENT = 0x80
 IFA_F_NODAD = 0x02
 # struct ipv4_devconf indexes (IPV4_DEVCONF_*), the keys of IFLA_INET_CONF
-IPV4_DEVCONF = {"forwarding": 1, "proxy_arp": 3, "rp_filter": 8}
+IPV4_DEVCONF = {"forwarding": 1, "proxy_arp": 3, "rp_filter": 8, "arp_ignore": 19}
 
 _DECODERS = {
     RTM_NEWLINK: ifinfmsg,
@@ -199,11 +199,11 @@ class Batch:
         body = ifinfo(index) + (string(IFLA_IFNAME, name) if name else b"")
         return self.add(RTM_DELLINK, 0, body, action, ok)
 
-    def address(self, op, index, iface, action, nodad=False, ok=()):
+    def address(self, op, index, iface, action, nodad=False, scope=RT_SCOPE_UNIVERSE, ok=()):
         """Add (``op="add"``) or delete a host address such as 10.0.0.5/32 on ``index``."""
         family = family_of(iface.ip)
         flags = IFA_F_NODAD if nodad else 0
-        body = struct.pack("=BBBBI", family, iface.network.prefixlen, flags, RT_SCOPE_UNIVERSE, index)
+        body = struct.pack("=BBBBI", family, iface.network.prefixlen, flags, scope, index)
         body += ip(IFA_LOCAL, iface.ip) + ip(IFA_ADDRESS, iface.ip)
         if flags:
             body += u32(IFA_FLAGS, flags)

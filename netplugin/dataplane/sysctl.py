@@ -15,8 +15,9 @@ from netplugin.errors import DataplaneError
 from netplugin.dataplane.nsexec import run_in_netns
 
 # Values every host veth gets. IPv4 always (proxy-ARP gateway, strict reverse-path filter as the IPv4
-# anti-spoofing, forwarding); IPv6 only for endpoints with IPv6 addresses (the family may be disabled).
-V4_CONF = {"forwarding": 1, "proxy_arp": 1, "rp_filter": 1}
+# anti-spoofing, forwarding, arp_ignore 0 so the veth answers ARP for its gateway address whatever
+# conf/default says: see host.py); IPv6 only for endpoints with IPv6 addresses (the family may be disabled).
+V4_CONF = {"forwarding": 1, "proxy_arp": 1, "rp_filter": 1, "arp_ignore": 0}
 V6_CONF = {"forwarding": 1, "proxy_ndp": 1}
 PROXY_DELAY = 0
 

@@ -4,7 +4,8 @@ Life of a container on a netplugin network (``docker run --net N``)::
 
     IpamDriver.RequestAddress   one IPAM transaction: a /32 (and /128) from the network's pool
     NetworkDriver.CreateEndpoint  remember the endpoint's addresses and MAC (no kernel or etcd work)
-    NetworkDriver.Join          veth pair in the host netns, host side wired as for CNI; endpoint record put;
+    NetworkDriver.Join          veth pair in the host netns, host side wired as for CNI (it carries the gateway
+                                addresses, so nothing is written into the sandbox); endpoint record put;
                                 answer: move ``tmp…`` in as ``eth*``, routes via 169.254.1.1, no gateway service
     (background)                the container's Docker labels copied onto the endpoint record
     (background, every minute)  endpoints Docker no longer lists collected (their DeleteEndpoint was lost)

@@ -389,17 +389,3 @@ def _type_from_name(name):
 def bgp_status(sock, birdc_bin="birdc"):
     """The BGP sessions of the BIRD behind control socket ``sock``."""
     return parse_protocols(birdc(sock, "show", "protocols", "all", birdc_bin=birdc_bin))
-
-
-def format_status_table(rows):
-    """An ASCII table like `calicoctl node status`."""
-    head = ("PEER ADDRESS", "PEER TYPE", "STATE", "SINCE", "INFO")
-    body = [(r.peer_address, r.peer_type, r.state, r.since, r.info) for r in rows]
-    widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
-    sep = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
-
-    def fmt(cells):
-        return "|" + "|".join(f" {str(c):<{w}} " for c, w in zip(cells, widths)) + "|"
-
-    out = [sep, fmt(head), sep] + [fmt(r) for r in body] + [sep]
-    return "\n".join(out) + "\n"

@@ -21,7 +21,8 @@ from netplugin.datastore.client import Datastore
 from netplugin.dataplane import host_ifname
 from netplugin.ipam.allocator import IPAM
 from netplugin.service.endpoints import endpoint_id
-from tests.agents import VENV_BIN, AgentProcess, CniBinary, rmtree, tempdir
+from tests.agents import AgentProcess, CniBinary, rmtree, tempdir
+from tests.console import console_script
 from tests.netns import NamespaceSet, nsexec, run
 
 pytestmark = pytest.mark.functional
@@ -498,7 +499,7 @@ def test_200_adds_20_at_a_time_then_200_dels_leave_nothing(host, containers):
     done = set(nss)
     containers.added = [entry for entry in containers.added if entry[1] not in done]  # no second DEL needed
 
-    check = subprocess.run([os.path.join(VENV_BIN, "netctl"), "--etcd-endpoints", host.ds.config.endpoints[0],
+    check = subprocess.run([console_script("netctl"), "--etcd-endpoints", host.ds.config.endpoints[0],
                             "ipam", "check"], capture_output=True, text=True, timeout=60)
     assert check.returncode == 0 and "clean" in check.stdout, check.stdout + check.stderr
     assert host.links() == before_links

@@ -12,6 +12,7 @@ import uuid
 import pytest
 
 from netplugin.dataplane import ROUTE_PROTO, Dataplane, EndpointSpec, changed, host_ifname
+from netplugin.dataplane.model import is_host_ifname
 from netplugin.dataplane import container as container_side
 from netplugin.errors import AlreadyExists, InvalidInput, NotFound
 from tests.netns import nsexec, run
@@ -403,3 +404,56 @@ def test_add_replaces_a_stale_pair_left_by_an_earlier_incarnation(lab):
     assert "eth0" not in links(old_ns) and "eth0" in links(new_ns)
     assert lab.dp.check_endpoint(moved) == []
     assert reaches(new_ns, HOST_V4)
+
+
+def only_lo_and_our_veths(ns):
+    """The host shape of a data-centre host with specific routes only: no other link, no default route."""
+    names = links(ns) - {"lo"}
+    assert names and all(is_host_ifname(n) for n in names), names
+    assert not [r for r in (routes(ns) + routes(ns, v6=True)).splitlines() if r.startswith("default")]
+
+
+def test_containers_resolve_their_gateways_with_no_route_on_the_host(lab):
+    """A container that must ARP for 169.254.1.1 (as a Docker one does: nothing writes its neighbour table)
+    and solicit fe80::ecee:eeff:feee:eeee gets an answer from a host with nothing but lo and its veths.
+    New links inherit conf/default's arp_ignore, which would silence the gateway address: ours set 0."""
+    nsexec(lab.host, "sysctl -qw net.ipv4.conf.default.arp_ignore=2")
+    specs = [lab.add(f"10.9.0.{i}", f"fd09::{i}") for i in (5, 6)]
+    only_lo_and_our_veths(lab.host)
+    for _, ns, _ in specs:
+        nsexec(ns, f"ip neigh del {container_side.GATEWAYS[4]} dev eth0")
+        nsexec(ns, f"ip -6 neigh del {container_side.GATEWAYS[6]} dev eth0")
+    (_, a, a_state), (_, b, _) = specs
+    for src, dst in ((a, "10.9.0.6"), (a, "fd09::6"), (b, "10.9.0.5"), (b, "fd09::5"), (a, HOST_V4),
+                     (a, HOST_V6), (lab.host, "10.9.0.5"), (lab.host, "fd09::6")):
+        assert reaches(src, dst, timeout=2.0), f"{src} cannot reach {dst}"
+    for family, gateway in container_side.GATEWAYS.items():
+        neigh = nsexec(a, f"ip -{family} neigh show {gateway} dev eth0").stdout
+        assert "lladdr ee:ee:ee:ee:ee:ee" in neigh and "PERMANENT" not in neigh, neigh  # learned, not written
+    # Scope host: the host keeps its own address as the source towards its containers.
+    assert f"src {HOST_V4}" in nsexec(lab.host, "ip route get 10.9.0.5").stdout
+    assert "inet 169.254.1.1/32 scope host" in nsexec(lab.host, f"ip addr show dev {a_state.host_ifname}").stdout
+
+
+def test_reconcile_and_check_restore_a_lost_gateway_address(lab):
+    """A veth without its gateway address (made by an older agent, or deleted by hand) is found and fixed.
+    Deleting a link's last IPv4 address makes the kernel drop the IPv4 routes through it too."""
+    a_spec, a, a_state = lab.add("10.9.1.5", "fd09:1::5")
+    name = a_state.host_ifname
+    nsexec(lab.host, f"ip addr del 169.254.1.1/32 dev {name}")
+    assert lab.dp.check_endpoint(a_spec) == [f"host veth {name} lacks the IPv4 gateway address 169.254.1.1/32",
+                                             f"host route 10.9.1.5/32 dev {name} is missing"]
+    first = lab.dp.reconcile([a_spec], [])
+    assert f"{name}: address 169.254.1.1" in first["repaired"] and first["errors"] == [], first
+    assert first["routes_added"] == [f"10.9.1.5/32 dev {name}"]
+    assert not changed(lab.dp.reconcile([a_spec], [])) and lab.dp.check_endpoint(a_spec) == []
+    nsexec(a, "ip neigh del 169.254.1.1 dev eth0")
+    assert reaches(a, HOST_V4)
+
+
+def test_setup_host_warns_when_arp_ignore_silences_the_gateway(lab):
+    assert lab.dp.setup_host()["warnings"] == []
+    nsexec(lab.host, "sysctl -qw net.ipv4.conf.all.arp_ignore=2")
+    assert lab.dp.setup_host()["warnings"] == [
+        "net.ipv4.conf.all.arp_ignore is 2: the host will not answer containers' ARP for their gateway "
+        "169.254.1.1; set it to 0 or 1"]

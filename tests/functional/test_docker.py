@@ -2,14 +2,13 @@
 real agents in throwaway host namespaces.
 
 Each host is a namespace with an agent serving the plugin and a dockerd that finds it as driver ``netplugin``
-(tests/dockerd.py). A host reaches the outside through an "uplink" namespace (its default route: proxy-ARP
-for 169.254.1.1 answers only for addresses the host can route). Traffic goes only between the test's own
-namespaces and containers.
+(tests/dockerd.py). Most hosts reach the outside through an "uplink" namespace (their default route, as a real
+host's would); ``test_docker_on_hosts_without_a_default_route`` has none, only lo and the containers' veths.
+Traffic goes only between the test's own namespaces and containers.
 """
 import json
 import os
 import subprocess
-import sys
 from types import SimpleNamespace
 
 import netaddr
@@ -23,13 +22,13 @@ from netplugin.docker.app import MEDIA_TYPE, create_docker_app
 from netplugin.docker.driver import DockerDriver
 from netplugin.ipam.allocator import IPAM
 from netplugin.service.endpoints import NETWORK_LABEL, EndpointService
+from tests.console import console_script
 from tests.dockerd import DockerHost, IMAGE
 from tests.netns import nsexec
 from tests.waiting import poll
 
 pytestmark = pytest.mark.functional
 
-NETCTL = os.path.join(os.path.dirname(sys.executable), "netctl")
 HOST_V4, HOST_V6 = "10.99.0.1", "fd99::1"
 
 
@@ -66,8 +65,8 @@ def endpoint_record(ds, host, endpoint_id):
 
 
 def ipam_check(etcd_server):
-    return subprocess.run([NETCTL, "--etcd-endpoints", etcd_server.endpoint, "ipam", "check"], capture_output=True,
-                          text=True, timeout=30)
+    return subprocess.run([console_script("netctl"), "--etcd-endpoints", etcd_server.endpoint, "ipam", "check"],
+                          capture_output=True, text=True, timeout=30)
 
 
 def uplinked(namespaces, address=HOST_V4, address6=HOST_V6):
@@ -439,3 +438,57 @@ def test_two_hosts_share_one_etcd(docker_hosts, namespaces, etcd):
     assert hosts == {ha, hb}
     assert poll(lambda: container_pings(a, "a0", addrs[2], attempts=1), timeout=15)
     assert container_pings(b, "b1", addrs[1])
+
+
+def host_links(ns):
+    return sorted(link["ifname"] for link in json.loads(nsexec(ns, "ip -j link show").stdout))
+
+
+def default_routes(ns):
+    return [r for v in ("-4", "-6") for r in nsexec(ns, f"ip {v} route show default").stdout.splitlines()]
+
+
+def test_docker_on_hosts_without_a_default_route(docker_hosts, namespaces):
+    """Data-centre hosts carrying only specific routes. First one host with nothing but lo (its own address
+    there) and the containers' veths: two containers of a dual-stack network reach each other and the host.
+    Their ARP for 169.254.1.1 is answered by the host veth's own gateway address, not by proxy-ARP (which
+    needs a route the host does not have). Then a second such host over a fabric link, BGP between them:
+    containers reach each other across hosts, both families."""
+    ha, hb = namespaces.add(), namespaces.add()
+    hosts = {}
+    for ns, (v4, v6), fabric in ((ha, ("10.99.0.1", "fd99::1"), ("10.96.0.1", "fd96::1")),
+                                 (hb, ("10.99.0.2", "fd99::2"), ("10.96.0.2", "fd96::2"))):
+        nsexec(ns, f"ip addr add {v4}/32 dev lo")
+        nsexec(ns, f"ip -6 addr add {v6}/128 dev lo")
+        hosts[ns] = ["--routing", "bgp", "--node-address", fabric[0], "--node-address6", fabric[1]]
+    a = docker_hosts(ha, agent_args=hosts[ha])
+    a.docker("network", "create", "-d", "netplugin", "--ipam-driver", "netplugin", "--ipv6", "--subnet",
+             "10.11.0.0/16", "--subnet", "fd11::/64", "dc")
+    for name in ("a0", "a1"):
+        a.docker("run", "-d", "--name", name, "--net", "dc", IMAGE, "sleep", "600")
+    a0, a1 = attachment(a, "a0", "dc"), attachment(a, "a1", "dc")
+    assert a0["GlobalIPv6Address"] and a1["GlobalIPv6Address"]
+    assert default_routes(ha) == [] and [n for n in host_links(ha) if n != "lo" and not n.startswith("np")] == []
+    assert len(host_links(ha)) == 3
+    for src, dst in (("a0", a1["IPAddress"]), ("a1", a0["IPAddress"]), ("a0", a1["GlobalIPv6Address"]),
+                     ("a1", a0["GlobalIPv6Address"]), ("a0", "10.99.0.1"), ("a1", "fd99::1")):
+        assert container_pings(a, src, dst), f"{src} cannot reach {dst}"
+    assert ns_pings(ha, a0["IPAddress"]) and ns_pings(ha, a1["GlobalIPv6Address"])
+    neigh = a.docker("exec", "a0", "ip", "neigh", "show", "169.254.1.1").stdout
+    assert "ee:ee:ee:ee:ee:ee" in neigh and "PERMANENT" not in neigh, neigh  # learned by ARP
+
+    # A second host, joined to the first by a fabric link only: still no default route on either.
+    namespaces.link(ha, hb, "10.96.0.1/30", "10.96.0.2/30")
+    nsexec(ha, "ip -6 addr add fd96::1/64 dev eth0 nodad")
+    nsexec(hb, "ip -6 addr add fd96::2/64 dev eth0 nodad")
+    b = docker_hosts(hb, agent_args=hosts[hb])
+    b.docker("network", "create", "-d", "netplugin", "--ipam-driver", "netplugin", "--ipv6", "--subnet",
+             "10.11.0.0/16", "--subnet", "fd11::/64", "dc")
+    b.docker("run", "-d", "--name", "b0", "--net", "dc", IMAGE, "sleep", "600")
+    b0 = attachment(b, "b0", "dc")
+    assert default_routes(ha) == [] and default_routes(hb) == []
+    assert poll(lambda: container_pings(a, "a0", b0["IPAddress"], attempts=1), timeout=60), \
+        f"no route across hosts:\n{nsexec(ha, 'ip route').stdout}\n{a.agent.log()[-3000:]}"
+    for host, src, dst in ((b, "b0", a1["IPAddress"]), (a, "a1", b0["GlobalIPv6Address"]),
+                           (b, "b0", a0["GlobalIPv6Address"])):
+        assert poll(lambda: container_pings(host, src, dst, attempts=1), timeout=30), f"{src} cannot reach {dst}"

@@ -18,12 +18,12 @@ from netplugin.lab import Lab, LabError, LabSpec
 from netplugin.lab.plan import state_dir
 from netplugin.routing.bird import birdc
 from netplugin.routing.model import BgpSettings
+from tests.console import console_script
 from tests.netns import run
 
 pytestmark = pytest.mark.functional
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-NETCTL = os.path.join(os.path.dirname(sys.executable), "netctl")
 REACH_TIMEOUT = 30  # BIRD waits 5 s before its first connect; routes are usually there well before this
 HOLD_TIME = BgpSettings().hold_time
 
@@ -92,7 +92,7 @@ def assert_full_matrix(lab):
 
 def netctl(lab, *args):
     env = dict(os.environ, NETPLUGIN_ETCD_ENDPOINTS=",".join(lab.endpoints))
-    return run([NETCTL] + list(args), env=env)
+    return run([console_script("netctl")] + list(args), env=env)
 
 
 def node_status(lab, host):
@@ -130,8 +130,9 @@ def test_node_status_shows_established_mesh_sessions(labs):
         assert set(peers) == {o.address for o in lab.plan.hosts if o is not h}
         assert {r["state"] for r in rows} == {"Established"}
         assert {r["peer_type"] for r in rows} == {"node-to-node mesh"}
-    table = netctl(lab, "node", "status", "--run-dir", lab.plan.host("h1").run_dir).stdout
-    assert table.count("Established") == 2
+    table = netctl(lab, "node", "status", "--run-dir", lab.plan.host("h1").run_dir).stdout.splitlines()
+    assert table[0].split() == ["PEER_ADDRESS", "PEER_TYPE", "STATE", "SINCE", "INFO"]  # plain columns, as all
+    assert len(table) == 3 and all("Established" in line for line in table[1:])
 
 
 def test_dead_host_routes_leave_within_hold_time(labs):

@@ -14,16 +14,15 @@ from netplugin.datastore.models import Allocation, Block, Node
 from netplugin.ipam.allocator import IPAM, AssignRequest
 from netplugin.errors import PoolExhausted
 from netplugin.nodes import Liveness, NodeRegistry
+from tests.console import console_script
 from tests.etcd import EtcdServer, free_port
 
 pytestmark = pytest.mark.functional
 
-NETCTL = "/work/main/.venv/bin/netctl"
-
 
 def netctl(endpoint, *args, env_endpoint=True, timeout=30):
     env = {k: v for k, v in os.environ.items() if not k.startswith("NETPLUGIN_ETCD_")}
-    cmd = [NETCTL]
+    cmd = [console_script("netctl")]
     if env_endpoint:
         env["NETPLUGIN_ETCD_ENDPOINTS"] = endpoint
     else:

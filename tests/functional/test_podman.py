@@ -4,7 +4,8 @@ namespace with ``nsenter --net=``, its own root, runroot, tmpdir and network con
 How podman is pointed at our files (podman 4.3 has no --cni-plugin-dir flag): CONTAINERS_CONF names a
 containers.conf whose ``[network]`` section sets ``network_backend = "cni"`` and ``cni_plugin_dirs`` (the
 installed binary's directory, then /usr/lib/cni); ``--cni-config-dir`` and ``--network-backend cni`` are given
-too. The conflist says cniVersion 1.0.0: podman 4.3's libcni predates 1.1.0. The image is made offline:
+too. The conflist is what ``netctl install-cni`` writes by default (cniVersion 1.0.0: podman 4.3's libcni, 1.1.2,
+cannot read 1.1.0 results, as a test shows). The image is made offline:
 ``podman import`` of a tar holding Debian's static busybox. ``--ulimit nofile/nproc=1024`` because the runtime
 refuses the machine's own (much higher) limits inside this sandbox.
 
@@ -19,12 +20,11 @@ import time
 
 import pytest
 
-from cni.install import install_cni
 from netplugin.datastore import keys
 from netplugin.dataplane import host_ifname
 from netplugin.ipam.allocator import IPAM
 from netplugin.service.endpoints import endpoint_id
-from tests.agents import rmtree, tempdir
+from tests.agents import netctl_install_cni, rmtree, tempdir
 from tests.netns import nsexec, run
 
 pytestmark = pytest.mark.functional
@@ -51,6 +51,7 @@ class Podman:
 
     def __init__(self, netns, workdir, bin_dir, conf_dir):
         self.netns = netns
+        self.bin_dir, self.conf_dir = bin_dir, conf_dir
         self.workdir = workdir
         self.conf = os.path.join(workdir, "containers.conf")
         with open(self.conf, "w") as f:
@@ -105,8 +106,7 @@ def podman_host(etcd, host_factory):
     podman = None
     try:
         bin_dir, conf_dir = os.path.join(workdir, "bin"), os.path.join(workdir, "net.d")
-        install_cni(bin_dir, conf_dir, network=NETWORK, agent_socket=agent.socket, pools=[POOL],
-                    cni_version="1.0.0")
+        assert netctl_install_cni(bin_dir, conf_dir, NETWORK, agent.socket, "--pool", POOL)["cniVersion"] == "1.0.0"
         podman = Podman(agent.netns, workdir, bin_dir, conf_dir)
         podman.make_image()
         yield agent, podman
@@ -166,3 +166,16 @@ def test_podman_runs_a_container_on_a_netplugin_network_with_the_address_it_aske
     assert etcd.list(keys.ENDPOINTS) == [] and etcd.list(keys.HANDLES) == []
     assert not [line for line in nsexec(agent.netns, "ip -o link show").stdout.splitlines() if ": np" in line]
     assert nsexec(agent.netns, "ip -4 route show proto 80").stdout.strip().startswith("blackhole")
+
+
+def test_podman_refuses_a_1_1_0_conflist_which_is_why_it_is_not_the_default(podman_host, etcd):
+    agent, podman = podman_host
+    netctl_install_cni(podman.bin_dir, podman.conf_dir, "podnet11", agent.socket, "--pool", POOL,
+                       "--cni-version", "1.1.0")
+    p = podman("run", "--rm", "--network", "podnet11", "--ulimit", "nofile=1024:1024", "--ulimit",
+               "nproc=1024:1024", IMAGE, "/bin/true", check=False)
+    assert p.returncode != 0
+    assert 'unsupported CNI result version "1.1.0"' in p.stderr, p.stderr
+    # podman answers the failed ADD with DEL: nothing is left behind
+    assert etcd.list(keys.ENDPOINTS) == [] and etcd.list(keys.HANDLES) == []
+    assert not [line for line in nsexec(agent.netns, "ip -o link show").stdout.splitlines() if ": np" in line]

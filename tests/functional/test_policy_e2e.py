@@ -31,6 +31,7 @@ from policy.compiler import compile_ruleset, endpoint_chains, policy_chain
 from policy.loader import load_text
 from policy.model import Endpoint
 from tests.agents import AgentProcess, CniBinary, rmtree, tempdir
+from tests.console import console_script
 from tests.netns import NamespaceSet, nsexec
 from tests.probes import assert_reachability, start_echo_server
 
@@ -40,7 +41,6 @@ POOL = "10.20.0.0/16"
 FABRIC = "192.168.77"
 OUTSIDE = f"{FABRIC}.100"
 RESYNC = 2.0
-NETCTL = os.path.join(os.path.dirname(sys.executable), "netctl")
 
 # Echo servers: TCP 80 and 8080, UDP 53 (ICMP echo is the kernel's). Bounded: killed with the namespace.
 
@@ -170,8 +170,8 @@ class Cluster:
         raise AssertionError(f"no endpoint for {key} ({self.ip[key]})")
 
     def netctl(self, *args, stdin=None):
-        return subprocess.run([NETCTL, "--etcd-endpoints", self.etcd_server.endpoint, *args], input=stdin,
-                              capture_output=True, text=True, timeout=30)
+        return subprocess.run([console_script("netctl"), "--etcd-endpoints", self.etcd_server.endpoint, *args],
+                              input=stdin, capture_output=True, text=True, timeout=30)
 
     def apply(self, text, name="policy.yaml"):
         """``netctl policy apply -f FILE``, then wait until every agent synced it."""

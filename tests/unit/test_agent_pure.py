@@ -42,6 +42,14 @@ def test_direct_routes_are_other_hosts_blocks_by_address():
     assert direct_routes(_view(), "h2") == {"192.168.1.1": ["10.0.0.0/26", "10.0.0.64/26"]}
 
 
+def test_direct_routes_send_each_family_via_the_node_address_of_that_family():
+    v = _view()
+    v.blocks["h2"] = ["10.0.1.0/26", "fd00::/122"]
+    assert direct_routes(v, "h1") == {"192.168.1.2": ["10.0.1.0/26"]}  # no address6: the IPv6 block is left out
+    v.nodes["h2"] = Node("h2", "192.168.1.2", address6="fd99::2")
+    assert direct_routes(v, "h1") == {"192.168.1.2": ["10.0.1.0/26"], "fd99::2": ["fd00::/122"]}
+
+
 def test_relevant_keys_exclude_churning_ipam_records():
     assert relevant(keys.policy("p"))
     assert relevant(keys.affinity("h1", "10.0.0.0/26"))

@@ -1,5 +1,12 @@
-"""Parsing `birdc show protocols all` (BIRD 2.0.12 output) into status rows, and the status table."""
-from netplugin.routing.bird import BgpStatusRow, format_status_table, parse_protocols
+"""Parsing `birdc show protocols all` (BIRD 2.0.12 output) into status rows, and `netctl node status` showing them
+in the same plain columns as every other listing."""
+import dataclasses
+import json
+
+from click.testing import CliRunner
+
+from netplugin.cli.bgp_cmds import node_status
+from netplugin.routing.bird import BgpStatusRow, parse_protocols
 
 SAMPLE = """\
 BIRD 2.0.12 ready.
@@ -73,12 +80,30 @@ def test_rows_sorted_by_peer_address_and_empty_output():
     assert parse_protocols("BIRD 2.0.12 ready.\nName Proto Table State Since Info\n") == []
 
 
-def test_format_status_table():
-    rows = [BgpStatusRow("mesh_b", "10.98.0.2", "node-to-node mesh", "Established", "2026-11-25 04:29:25",
-                         "up, AS 64512")]
-    table = format_status_table(rows).splitlines()
-    assert table[0] == table[2] == table[-1] and set(table[0]) == {"+", "-"}
-    assert table[1].split("|")[1:-1] == [" PEER ADDRESS ", " PEER TYPE         ", " STATE       ",
-                                         " SINCE               ", " INFO         "]
-    assert "| 10.98.0.2    | node-to-node mesh | Established | 2026-11-25 04:29:25 | up, AS 64512 |" in table
-    assert len({len(line) for line in table}) == 1
+def _node_status(tmp_path, monkeypatch, *args):
+    """`netctl node status` on rows parsed from SAMPLE: only the call to birdc is replaced (bird runs for real in
+    tests/functional/test_bird.py and test_multihost.py)."""
+    sock = tmp_path / "bird" / "bird.ctl"
+    sock.parent.mkdir()
+    sock.touch()
+    monkeypatch.setattr("netplugin.routing.bird.birdc", lambda *a, **kw: SAMPLE)
+    res = CliRunner().invoke(node_status, ["--run-dir", str(tmp_path), *args])
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+def test_node_status_is_plain_columns_like_every_listing(tmp_path, monkeypatch):
+    lines = _node_status(tmp_path, monkeypatch).splitlines()
+    assert lines[0].split() == ["PEER_ADDRESS", "PEER_TYPE", "STATE", "SINCE", "INFO"]
+    assert [c.strip() for c in lines[1].split("  ") if c] == [
+        "10.98.0.2", "node-to-node mesh", "Established", "2026-11-25 04:29:25", "up, AS 64512"]
+    assert len(lines) == 5 and not any(c in "".join(lines) for c in "|+")
+    # the columns start where the header's do, as in `netctl ipam show` and the rest
+    starts = [lines[0].index(h) for h in ("PEER_TYPE", "STATE", "SINCE", "INFO")]
+    assert [lines[1][s - 2:s] for s in starts] == ["  "] * 4 and all(lines[1][s] != " " for s in starts)
+
+
+def test_node_status_json_has_every_field(tmp_path, monkeypatch):
+    rows = json.loads(_node_status(tmp_path, monkeypatch, "-o", "json"))
+    assert rows == [dataclasses.asdict(r) for r in parse_protocols(SAMPLE)]
+    assert rows[1]["last_error"] == "Socket: Connection refused"

@@ -47,16 +47,17 @@ def test_install_writes_a_working_binary_and_conflist(dirs):
     with open(conf_path) as f:
         conflist = json.load(f)
     assert conflist == {
-        "cniVersion": "1.1.0",
+        "cniVersion": "1.0.0",  # the newest libcni 1.1 (Debian 12's runtimes) reads
         "name": "podnet",
         "plugins": [{"type": "netplugin", "agent_socket": "/run/np-test/agent.sock", "mtu": 1450,
                      "ipam": {"pools": ["10.244.0.0/16", "fd00:244::/64"]}, "capabilities": {"ips": True}}],
     }
 
     assert run_installed(bin_path, "VERSION") == (0, {"cniVersion": "1.1.0", "supportedVersions": SUPPORTED})
-    # the installed plugin reads the conflist's agent_socket: with no agent there, STATUS says unavailable
-    status, out = run_installed(bin_path, "STATUS", plugin_config(conflist))
-    assert status == 1 and out["code"] == 50
+    # the installed plugin reads the conflist's agent_socket: with no agent there, ADD says try again later
+    status, out = run_installed(bin_path, "ADD", plugin_config(conflist), CNI_CONTAINERID="c1",
+                                CNI_NETNS="/run/netns/none", CNI_IFNAME="eth0")
+    assert status == 1 and out["code"] == 11
     assert "/run/np-test/agent.sock" in out["msg"]
 
 
@@ -77,11 +78,25 @@ def test_install_with_another_interpreter_and_cni_version(dirs):
     python = "/usr/bin/python3"
     if not os.access(python, os.X_OK):
         pytest.skip("no /usr/bin/python3")
-    bin_path, conf_path = install_cni(*dirs, python=python, cni_version="1.0.0")
+    bin_path, conf_path = install_cni(*dirs, python=python, cni_version="1.1.0", agent_socket="/run/np-test/a.sock")
     with open(bin_path) as f:
         assert f.readline() == "#!/usr/bin/python3 -IS\n"
-    assert json.load(open(conf_path))["cniVersion"] == "1.0.0"
+    conflist = json.load(open(conf_path))
+    assert conflist["cniVersion"] == "1.1.0"
     assert run_installed(bin_path, "VERSION")[0] == 0
+    # 1.1.0 is what allows STATUS: with no agent at the conflist's socket, it says unavailable
+    status, out = run_installed(bin_path, "STATUS", plugin_config(conflist))
+    assert status == 1 and out["code"] == 50 and "/run/np-test/a.sock" in out["msg"]
+
+
+@pytest.mark.parametrize("pools, ipam", [
+    (None, {"assign_ipv6": True}),
+    (["10.244.0.0/16"], {"pools": ["10.244.0.0/16"], "assign_ipv6": True}),
+])
+def test_ipv6_writes_assign_ipv6(dirs, pools, ipam):
+    """What the agent reads to give a container an IPv6 address as well (netplugin/agent/cni_api.py)."""
+    _, conf_path = install_cni(*dirs, pools=pools, ipv6=True)
+    assert json.load(open(conf_path))["plugins"][0]["ipam"] == ipam
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -90,6 +105,8 @@ def test_install_with_another_interpreter_and_cni_version(dirs):
     {"agent_socket": "relative/agent.sock"},
     {"mtu": 0},
     {"mtu": "1500"},
+    {"mtu": 575},  # the agent refuses less
+    {"ipv6": "yes"},
     {"pools": ["10.244.0.1/16"]},
     {"pools": ["not-a-cidr"]},
     {"python": "python3"},

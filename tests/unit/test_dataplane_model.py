@@ -86,6 +86,7 @@ def test_sysctl_desired_and_drift():
         "net/ipv4/conf/np0/forwarding": 1,
         "net/ipv4/conf/np0/proxy_arp": 1,
         "net/ipv4/conf/np0/rp_filter": 1,
+        "net/ipv4/conf/np0/arp_ignore": 0,
         "net/ipv4/neigh/np0/proxy_delay": 0,
     }
     assert "net/ipv6/conf/np0/proxy_ndp" in sysctl.desired_host_sysctls("np0", ipv6=True)
