@@ -14,8 +14,9 @@ import pytest
 
 from netplugin.datastore import keys
 from netplugin.ipam.allocator import IPAM
-from tests.agents import VENV_BIN, CniBinary
+from tests.agents import CniBinary
 from tests.badrecords import bad_records, put_raw
+from tests.console import console_script
 from tests.netns import nsexec
 from tests.waiting import poll
 
@@ -30,8 +31,7 @@ INVALID_POLICY = {"apiVersion": "netplugin/v1", "kind": "Policy", "metadata": {"
 
 def netctl(endpoint, *args):
     env = dict(os.environ, NETPLUGIN_ETCD_ENDPOINTS=endpoint)
-    return subprocess.run([os.path.join(VENV_BIN, "netctl"), *args], env=env, capture_output=True, text=True,
-                          timeout=30)
+    return subprocess.run([console_script("netctl"), *args], env=env, capture_output=True, text=True, timeout=30)
 
 
 class Host:
