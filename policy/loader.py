@@ -2,40 +2,73 @@
 
 Documents may be ``netplugin/v1 Policy``, Kubernetes ``networking.k8s.io/v1 NetworkPolicy`` (translated by
 ``policy.k8s``) or a ``v1 List`` of those (what ``kubectl get -o yaml`` prints). Nothing is returned unless every
-document is valid: the error lists every problem as ``file:line: field.path: message``.
+document is valid: the error lists every problem as ``file:line: field.path: message``. ``load_resources`` is
+the same loop for any kinds of document (``netctl apply -f`` reads pools, peers and nodes with it too).
 
 YAML is composed to nodes (not loaded) so each value keeps its line. Two YAML 1.1 traps are closed on the way:
 an unquoted ``22:25`` is a port range here, not the sexagesimal integer 1345, and duplicate keys are errors
 instead of the last one silently winning.
 """
 import datetime
+import sys
+from dataclasses import dataclass
 
 import yaml
 
 from netplugin.errors import InvalidInput
 from policy import k8s
 from policy.model import API_VERSION, KIND, parse_policy
-from policy.validation import FieldError, PolicyValidationError, Problem, Problems, show, to_problems
+from policy.validation import FieldError, PolicyValidationError, Problem, Problems, line_of, show, to_problems
 
 _MAX_DEPTH = 64
 
 
-def load_file(path):
-    """All policies in a YAML file; raises InvalidInput (PolicyValidationError for content problems)."""
+def read_source(path, what="policy"):
+    """The text of ``path`` (``-``: stdin) and the name errors give it; ``what`` says what was being read."""
+    if path == "-":
+        try:
+            return sys.stdin.read(), "<stdin>"
+        except UnicodeDecodeError as err:
+            raise InvalidInput(f"cannot read {what} from stdin: not UTF-8 text ({err.reason})") from None
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            return f.read(), str(path)
     except OSError as err:
-        raise InvalidInput(f"cannot read policy file {path}: {err.strerror}") from None
+        raise InvalidInput(f"cannot read {what} file {path}: {err.strerror}") from None
     except UnicodeDecodeError as err:
-        raise InvalidInput(f"cannot read policy file {path}: not UTF-8 text ({err.reason})") from None
-    return load_text(text, source=str(path))
+        raise InvalidInput(f"cannot read {what} file {path}: not UTF-8 text ({err.reason})") from None
+
+
+def load_file(path):
+    """All policies in a YAML file; raises InvalidInput (PolicyValidationError for content problems)."""
+    return load_text(*read_source(path))
 
 
 def load_text(text, source="<input>"):
     """All policies in YAML text; ``source`` names the input in error messages."""
+    return load_resources(text, source, _parse_any, key=lambda p: p.name, name=lambda p: p.name).items
+
+
+@dataclass
+class Loaded:
+    """Resources read from one input, with the line of every field so checks made later (against etcd) can
+    point at the document too."""
+
+    items: list
+    paths: list  # the document path of each item
+    marks: dict
+    source: str
+
+    def error(self, problems):
+        """``problems`` (a Problems) as one PolicyValidationError: ``file:line: field: message``."""
+        return _error(problems, self.marks, self.source)
+
+
+def load_resources(text, source, parse, key, name):
+    """Every resource in YAML text, each document (or ``List`` item) given to ``parse(doc, path, problems)``;
+    none unless all are valid. Two documents with one ``key`` are an error naming the first one's line."""
     problems = Problems()
-    policies = []
+    items, paths = [], []
     marks = {}
     seen = {}
     for index, (doc, doc_marks) in enumerate(compose_documents(text, source)):
@@ -44,18 +77,19 @@ def load_text(text, source="<input>"):
             continue
         base = (index,)
         for path, item in _items(doc, base, problems):
-            policy = _parse_any(item, path, problems)
-            if policy is None:
+            resource = parse(item, path, problems)
+            if resource is None:
                 continue
-            if policy.name in seen:
+            if key(resource) in seen:
                 problems.add(path + ("metadata", "name"),
-                             f"{show(policy.name)} is defined twice (first at line {seen[policy.name]})")
+                             f"{show(name(resource))} is defined twice (first at line {seen[key(resource)]})")
                 continue
-            seen[policy.name] = marks.get(path + ("metadata", "name"), 0)
-            policies.append(policy)
+            seen[key(resource)] = line_of(marks, path + ("metadata", "name"))
+            items.append(resource)
+            paths.append(path)
     if problems.items:
         raise _error(problems, marks, source)
-    return policies
+    return Loaded(items, paths, marks, source)
 
 
 def _error(problems, marks, source):

@@ -23,14 +23,14 @@ def apply_policies(ds, policies):
 
 
 def list_policies(ds):
-    return [_decode(kv) for kv in ds.list(keys.POLICIES)]
+    return [decode_policy(kv) for kv in ds.list(keys.POLICIES)]
 
 
 def get_policy(ds, name):
     kv = ds.get(keys.policy(name))
     if kv is None:
         raise NotFound(f"policy {name} does not exist")
-    return _decode(kv)
+    return decode_policy(kv)
 
 
 def delete_policy(ds, name):
@@ -38,7 +38,7 @@ def delete_policy(ds, name):
         raise NotFound(f"policy {name} does not exist")
 
 
-def _decode(kv):
+def decode_policy(kv):
     """A stored record -> Policy. netctl validates before storing, so a bad record was written some other way:
     say which one, so the operator can ``netctl policy delete`` it."""
     try:

@@ -126,6 +126,18 @@ def expect_str(value, path, what="a string"):
     return value
 
 
+def expect_bool(value, path):
+    if not isinstance(value, bool):
+        raise FieldError(path, f"must be true or false, not {show(value)}")
+    return value
+
+
+def expect_int(value, path):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FieldError(path, f"must be a whole number, not {show(value)}")
+    return value
+
+
 def reject_unknown(mapping, allowed, path):
     """Unknown keys are errors: a typo ('form:' for 'from:') must not silently widen a policy."""
     errors = []

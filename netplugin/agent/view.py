@@ -244,10 +244,14 @@ class ViewCache:
         return bool(wanted)
 
     def invalidate(self, revision=0):
-        """Forget the model: the watch lost events (compaction) and resumes after ``revision``."""
+        """Forget the model: the watch lost events (compaction) and resumes after ``revision``. A ``revision``
+        below one already seen means etcd's history went backwards (restored from an older snapshot): what the
+        old history said is void, so the floor and the seen revision come down to it."""
         with self._cond:
             self._last_records = self._records or self._last_records
             self._records = None
+            if revision < self._seen:
+                self._pending, self._floor, self._seen = [], revision, revision
             self._floor = max(self._floor, revision)
 
     def wait_seen(self, revision, timeout):

@@ -3,11 +3,10 @@ import dataclasses
 import os
 
 import click
-import netaddr
 
 from netplugin.cli.output import emit, output_option
 from netplugin.datastore import keys
-from netplugin.datastore.models import BgpPeer, ClusterConfig, Node
+from netplugin.datastore.models import BgpPeer, ClusterConfig, Node, check_as_number
 from netplugin.errors import InvalidInput, NotFound
 
 # The columns of `netctl node status` (-o json/yaml give every field of BgpStatusRow).
@@ -17,11 +16,6 @@ STATUS_COLUMNS = ["peer_address", "peer_type", "state", "since", "info"]
 def _cluster(ds):
     kv = ds.get(keys.CLUSTER_CONFIG)
     return ClusterConfig.from_dict(kv.value) if kv else ClusterConfig()
-
-
-def _check_as(value):
-    if value is not None and not 1 <= value <= 4294967295:
-        raise InvalidInput(f"AS number {value} is out of range 1..4294967295")
 
 
 @click.group()
@@ -37,7 +31,7 @@ def bgp():
 def bgp_config(obj, as_number, mesh, fmt):
     """Show or change cluster-wide BGP settings."""
     cfg = _cluster(obj.ds)
-    _check_as(as_number)
+    check_as_number(as_number)
     if as_number is not None:
         cfg.as_number = as_number
     if mesh is not None:
@@ -60,15 +54,8 @@ def peer():
 @click.option("--password", default=None, help="TCP MD5 password.")
 @click.pass_obj
 def peer_add(obj, name, address, as_number, node, password):
-    try:
-        netaddr.IPAddress(address)
-    except (netaddr.AddrFormatError, ValueError):
-        raise InvalidInput(f"peer address {address!r} is not an IP address") from None
-    _check_as(as_number)
-    if not name or "/" in name:
-        raise InvalidInput(f"invalid peer name {name!r}")
-    obj.ds.put(keys.bgp_peer(name), BgpPeer(name=name, address=address, as_number=as_number, node=node,
-                                            password=password).to_dict())
+    peer = BgpPeer(name=name, address=address, as_number=as_number, node=node, password=password).validate()
+    obj.ds.put(keys.bgp_peer(name), peer.to_dict())
     click.echo(f"peer {name} ({address}, AS {as_number}) added for {node or 'every node'}")
 
 
@@ -105,17 +92,13 @@ def node_set(obj, name, route_reflector, as_number, address, labels):
     if kv is None:
         raise NotFound(f"node {name} is not registered")
     node = Node.from_dict(kv.value)
-    _check_as(as_number)
+    check_as_number(as_number)
     if route_reflector is not None:
         node.route_reflector = route_reflector
     if as_number is not None:
         node.as_number = as_number
     if address:
-        try:
-            netaddr.IPAddress(address)
-        except (netaddr.AddrFormatError, ValueError):
-            raise InvalidInput(f"node address {address!r} is not an IP address") from None
-        node.address, node.address_autodetected = address, False
+        node.set_address(address)
     for item in labels:
         k, sep, v = item.partition("=")
         if not sep or not k:

@@ -43,7 +43,7 @@ class Cli(click.Group):
 @click.option("-v", "--verbose", is_flag=True, help="Log debug output to stderr.")
 @click.pass_context
 def cli(ctx, etcd_endpoints, etcd_ca, etcd_cert, etcd_key, etcd_user, etcd_password, verbose):
-    """Operate a netplugin cluster: pools, IPAM, nodes, BGP peers, policy."""
+    """Operate a netplugin cluster: pools, IPAM, nodes, BGP peers, policy; apply/delete/get resource files."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -55,9 +55,8 @@ def cli(ctx, etcd_endpoints, etcd_ca, etcd_cert, etcd_key, etcd_user, etcd_passw
 
 
 def _register():
-    from netplugin.cli import bgp_cmds, cni_cmds, health_cmds, ipam_cmds, node_cmds
-    from policy import cli as policy_cmds
-    for mod in (ipam_cmds, node_cmds, cni_cmds, bgp_cmds, health_cmds, policy_cmds):
+    from netplugin.cli import bgp_cmds, cni_cmds, health_cmds, ipam_cmds, node_cmds, policy_cmds, resource_cmds
+    for mod in (ipam_cmds, node_cmds, cni_cmds, bgp_cmds, health_cmds, policy_cmds, resource_cmds):
         for command in mod.COMMANDS:
             cli.add_command(command)
     for command in bgp_cmds.NODE_COMMANDS + health_cmds.NODE_COMMANDS:

@@ -12,12 +12,14 @@ import urllib.parse
 from dataclasses import dataclass
 
 import etcd3gw
+import requests
 from etcd3gw import exceptions as etcd_exc
 
 from netplugin.datastore.keys import ROOT
 from netplugin.errors import DatastoreUnavailable, NetpluginError
 
 LOG = logging.getLogger(__name__)
+MAX_TXN_OPS = 100  # operations we put in one transaction; etcd's default --max-txn-ops is 128
 
 
 def _b64(data):
@@ -279,17 +281,27 @@ class Datastore:
 
     # --- watch ----------------------------------------------------------------------------------------------------
 
-    def open_watch_stream(self, prefix, start_revision):
-        """An HTTP stream of watch responses from the current endpoint (see datastore.watch for the loop)."""
+    def open_watch_stream(self, prefix, start_revision, read_timeout):
+        """An HTTP stream of watch responses from the current endpoint (see datastore.watch for the loop). A read
+        that gets no byte for ``read_timeout`` seconds raises (requests' read deadline): the stream is dead."""
         self.authenticate()
         with self._lock:
             client = self._clients[self._index]
         body = {"create_request": {"key": _b64(prefix), "range_end": _prefix_end(prefix),
                                    "start_revision": start_revision, "progress_notify": True}}
+        # Its own connection, never one from the calls' pool: a pooled connection may be dead already (half-open),
+        # and a reused one would cost a whole read deadline to find out.
+        session = requests.Session()
+        for attr in ("verify", "cert", "trust_env"):
+            setattr(session, attr, getattr(client.session, attr))
+        # hasleader (gRPC metadata through the gateway): a member that loses its leader (cut off from its quorum)
+        # ends the watch with "no leader" instead of serving a history that stopped moving.
+        session.headers = dict(client.session.headers, Connection="close", **{"Grpc-Metadata-hasleader": "true"})
         try:
-            return client.session.post(client.get_url("/watch"), json=body, stream=True,
-                                       timeout=(self.config.timeout, None))
-        except Exception as e:  # requests' connection errors: the loop retries with backoff
+            return session.post(client.get_url("/watch"), json=body, stream=True,
+                                timeout=(self.config.timeout, read_timeout))
+        except Exception as e:  # requests' connection errors: the loop retries with backoff, on the next member
+            self.rotate()
             raise DatastoreUnavailable(f"etcd unreachable at {self.describe()}: cannot watch ({type(e).__name__})")
 
     def rotate(self):

@@ -59,6 +59,22 @@ def block(cidr):
     return BLOCKS + cidr_segment(cidr)
 
 
+def pool_blocks_prefix(cidr):
+    """A key prefix that every block key of pool ``cidr`` starts with (keys of neighbouring pools may share it),
+    so one range compare can say "no block of this pool appeared or changed". IPv4: the octets the prefix length
+    fixes; IPv6: the fixed groups before the first zero one, as a zero group may print as ``::``."""
+    net = netaddr.IPNetwork(cidr).cidr
+    if net.version == 4:
+        fixed = str(net.network).split(".")[:min(net.prefixlen // 8, 3)]
+        return BLOCKS + "".join(f"{octet}." for octet in fixed)
+    lead = []
+    for group in net.network.words[:min(net.prefixlen // 16, 7)]:
+        if group == 0:
+            break
+        lead.append(f"{group:x}:")
+    return BLOCKS + "".join(lead)
+
+
 def affinity_prefix(host):
     return AFFINITY + _name(host, "host") + "/"
 

@@ -34,6 +34,35 @@ def _schema(cls):
     return out
 
 
+AS_MAX = 4294967295
+
+
+def check_as_number(value):
+    """None means "the cluster's AS"; anything else must be a 4-byte AS number."""
+    if value is not None and not 1 <= value <= AS_MAX:
+        raise InvalidInput(f"AS number {value} is out of range 1..{AS_MAX}")
+    return value
+
+
+def check_ip(address, what):
+    try:
+        netaddr.IPAddress(address)
+    except (netaddr.AddrFormatError, ValueError, TypeError):
+        raise InvalidInput(f"{what} {address!r} is not an IP address") from None
+    return address
+
+
+def check_pool_cidr(cidr):
+    """A pool's CIDR, as a network with no host bits set."""
+    try:
+        net = netaddr.IPNetwork(cidr)
+    except (netaddr.AddrFormatError, ValueError, TypeError):
+        raise InvalidInput(f"pool {cidr!r} is not a CIDR") from None
+    if str(net.cidr) != str(net):
+        raise InvalidInput(f"pool {cidr} has host bits set; did you mean {net.cidr}?")
+    return net
+
+
 class Record:
     def to_dict(self):
         return asdict(self)
@@ -95,6 +124,10 @@ class Node(Record):
     route_reflector: bool = False
     address_autodetected: bool = False
 
+    def set_address(self, address):
+        """An operator's BGP address: it overrides autodetection."""
+        self.address, self.address_autodetected = check_ip(address, "node address"), False
+
 
 @dataclass
 class BgpPeer(Record):
@@ -103,6 +136,13 @@ class BgpPeer(Record):
     as_number: int
     node: str | None = None  # None: every node peers with it
     password: str | None = None
+
+    def validate(self):
+        check_ip(self.address, "peer address")
+        check_as_number(self.as_number)
+        if not self.name or "/" in self.name:
+            raise InvalidInput(f"invalid peer name {self.name!r}")
+        return self
 
 
 @dataclass
@@ -124,12 +164,7 @@ class Pool(Record):
         return self.validate()
 
     def validate(self):
-        try:
-            net = netaddr.IPNetwork(self.cidr)
-        except (netaddr.AddrFormatError, ValueError, TypeError):
-            raise InvalidInput(f"pool {self.cidr!r} is not a CIDR") from None
-        if str(net.cidr) != str(net):
-            raise InvalidInput(f"pool {self.cidr} has host bits set; did you mean {net.cidr}?")
+        net = check_pool_cidr(self.cidr)
         maxlen = 32 if net.version == 4 else 128
         if not (net.prefixlen <= self.block_size <= maxlen):
             raise InvalidInput(

@@ -16,15 +16,15 @@ from dataclasses import dataclass
 import netaddr
 
 from netplugin.datastore import keys
-from netplugin.datastore.client import absent, delete_op, get_op, mod_is, prefix_unchanged_since, put_op
-from netplugin.datastore.models import Allocation, Block, Handle, Pool
+from netplugin.datastore.client import (MAX_TXN_OPS, absent, delete_op, get_op, mod_is, prefix_unchanged_since,
+                                        put_op)
+from netplugin.datastore.models import Allocation, Block, Handle, Pool, check_pool_cidr
 from netplugin.errors import (AddressInUse, AddressNotInPool, AlreadyExists, Conflict, InUse, InvalidInput,
                               NotFound, PoolExhausted)
 from netplugin.ipam import blocks as blockmath
 
 LOG = logging.getLogger(__name__)
 MAX_ATTEMPTS = 200
-MAX_TXN_OPS = 100  # etcd's default --max-txn-ops is 128
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,29 @@ class AssignRequest:
         except (netaddr.AddrFormatError, ValueError):
             raise InvalidInput(f"{address!r} is not an IP address") from None
         return cls(version=ip.version, address=str(ip), pools=tuple(pools))
+
+
+def new_pool(cidr, block_size=None, nat_outgoing=False, disabled=False):
+    """A validated Pool; ``block_size`` None is the family's default (never larger than the pool)."""
+    net = check_pool_cidr(cidr)
+    size = max(blockmath.DEFAULT_BLOCK_SIZE[net.version], net.prefixlen) if block_size is None else int(block_size)
+    return Pool(cidr=str(net), block_size=size, nat_outgoing=nat_outgoing, disabled=disabled).validate()
+
+
+def check_no_overlap(pool, others):
+    """A new pool may not repeat or overlap any of ``others``."""
+    for other in others:
+        if other.cidr == pool.cidr:
+            raise AlreadyExists(f"pool {pool.cidr} already exists")
+        if blockmath.overlaps(other.cidr, pool.cidr):
+            raise InvalidInput(f"pool {pool.cidr} overlaps existing pool {other.cidr}")
+
+
+def check_pool_empty(pool, blocks):
+    """A pool is removed only while none of its ``blocks`` holds an allocation."""
+    in_use = sum(len(b.allocations) for b in blocks)
+    if in_use:
+        raise InUse(f"pool {pool.cidr} still has {in_use} allocated address(es); release them first")
 
 
 class IPAM:
@@ -69,21 +92,10 @@ class IPAM:
         return Pool.from_dict(kv.value) if kv else None
 
     def add_pool(self, cidr, block_size=None, nat_outgoing=False):
-        try:
-            net = netaddr.IPNetwork(cidr)
-        except (netaddr.AddrFormatError, ValueError, TypeError):
-            raise InvalidInput(f"pool {cidr!r} is not a CIDR") from None
-        size = blockmath.DEFAULT_BLOCK_SIZE[net.version] if block_size is None else int(block_size)
-        size = max(size, net.prefixlen) if block_size is None else size
-        pool = Pool(cidr=str(net), block_size=size, nat_outgoing=nat_outgoing).validate()
+        pool = new_pool(cidr, block_size=block_size, nat_outgoing=nat_outgoing)
         for _ in range(10):
             kvs, rev = self.ds.get_prefix(keys.POOLS)
-            for kv in kvs:
-                other = Pool.from_dict(kv.value)
-                if other.cidr == pool.cidr:
-                    raise AlreadyExists(f"pool {pool.cidr} already exists")
-                if blockmath.overlaps(other.cidr, pool.cidr):
-                    raise InvalidInput(f"pool {pool.cidr} overlaps existing pool {other.cidr}")
+            check_no_overlap(pool, [Pool.from_dict(kv.value) for kv in kvs])
             res = self.ds.txn([prefix_unchanged_since(keys.POOLS, rev)], [put_op(keys.pool(pool.cidr), pool.to_dict())])
             if res.succeeded:
                 self._pools = None
@@ -116,10 +128,7 @@ class IPAM:
         if pool_kv is None:
             raise NotFound(f"pool {cidr} does not exist")
         pool = Pool.from_dict(pool_kv.value)
-        used = self._pool_blocks(pool)
-        in_use = sum(len(b.allocations) for b, _ in used.values())
-        if in_use:
-            raise InUse(f"pool {pool.cidr} still has {in_use} allocated address(es); release them first")
+        check_pool_empty(pool, [b for b, _ in self._pool_blocks(pool).values()])
         # Disable first so no allocator claims a new block while we delete the empty ones in batches.
         disabled = Pool.from_dict({**pool.to_dict(), "disabled": True})
         if not self.ds.txn([mod_is(keys.pool(pool.cidr), pool_kv.mod_revision)],

@@ -42,6 +42,9 @@ def _command(member, members, token):
         "--listen-peer-urls", f"http://{HOST}:{member['peer_port']}",
         "--initial-advertise-peer-urls", f"http://{HOST}:{member['peer_port']}",
         "--initial-cluster", cluster, "--initial-cluster-state", "new", "--initial-cluster-token", token,
+        # Progress notifications every 3 s (etcd's default is 10 min) keep a quiet watch from reaching the agents'
+        # read deadline (datastore/watch.py), so they never reconnect for silence.
+        "--experimental-watch-progress-notify-interval", "3s",
         "--log-level", "error", "--logger", "zap",
     ]
 

@@ -61,8 +61,8 @@ class Recorder:
             return [e[3] for e in self.events]
 
 
-def watch(ds, prefix, start_revision, rec):
-    return PrefixWatch(ds, prefix, start_revision, rec.on_events, rec.on_resync, name="test-watch").start()
+def watch(ds, prefix, start_revision, rec, **kw):
+    return PrefixWatch(ds, prefix, start_revision, rec.on_events, rec.on_resync, name="test-watch", **kw).start()
 
 
 # --- reads and writes ------------------------------------------------------------------------------------------
@@ -211,11 +211,11 @@ def test_watch_resumes_after_etcd_restart_without_losing_events(server):
     gate, opened = threading.Event(), []
     real_open = watch_ds.open_watch_stream
 
-    def gated_open(prefix, revision):
+    def gated_open(prefix, revision, read_timeout):
         opened.append(revision)
         if len(opened) > 1:
             gate.wait(10)
-        return real_open(prefix, revision)
+        return real_open(prefix, revision, read_timeout)
 
     watch_ds.open_watch_stream = gated_open
     prefix = keys.ROOT + "test/"
@@ -266,6 +266,83 @@ def test_watch_resyncs_after_compaction(server):
         assert len(rec2.resyncs) == 1
     finally:
         w2.stop()
+
+
+def test_a_silent_watch_stream_is_replaced_within_its_idle_timeout_and_loses_nothing(etcd):
+    """etcd's default progress-notification period is 10 min: a quiet stream says nothing, exactly like a
+    half-open one. The read deadline replaces it every idle_timeout, resuming where it was."""
+    prefix = keys.ROOT + "test/"
+    rec = Recorder(etcd, prefix)
+    w = watch(etcd, prefix, etcd.revision(), rec, idle_timeout=1.0)
+    try:
+        first = etcd.put(A, 1)
+        assert poll(lambda: rec.revisions() == [first])
+        assert poll(lambda: w.idle_reconnects >= 2, timeout=4), "a silent stream was never replaced"
+        later = [etcd.put(B, i) for i in range(3)]
+        assert poll(lambda: rec.revisions() == [first] + later)
+        time.sleep(0.3)
+        assert rec.revisions() == [first] + later and rec.resyncs == []
+    finally:
+        w.stop()
+
+
+def test_progress_notifications_keep_a_quiet_watch_connected():
+    """With etcd sending progress notifications more often than the idle timeout, a quiet cluster is not
+    mistaken for a dead connection."""
+    srv = EtcdServer(progress_interval="300ms")
+    try:
+        srv.start()
+        ds = Datastore(EtcdConfig(endpoints=[srv.endpoint]))
+        rec = Recorder(ds, keys.ROOT)
+        w = watch(ds, keys.ROOT, ds.revision(), rec, idle_timeout=1.0)
+        try:
+            time.sleep(3.5)
+            assert (w.reconnects, w.idle_reconnects) == (0, 0)
+            rev = ds.put(A, 1)
+            assert poll(lambda: rec.revisions() == [rev])
+        finally:
+            w.stop()
+    finally:
+        srv.close()
+
+
+def test_a_restored_older_snapshot_makes_the_watch_resync_instead_of_waiting(server, tmp_path):
+    """After a restore etcd's revision is below the one the watch resumes from; a watch on that future revision
+    would wait silently until the new history caught up. The watch notices and resyncs once."""
+    ds = Datastore(EtcdConfig(endpoints=[server.endpoint], timeout=2))
+    prefix = keys.ROOT + "test/"
+    rec = Recorder(ds, prefix)
+    w = watch(ds, prefix, ds.revision(), rec)
+    try:
+        ds.put(A, 1)
+        snapshot = str(tmp_path / "snap.db")
+        server.snapshot(snapshot)
+        lost = [ds.put(B, i) for i in range(5)]  # history the restore throws away
+        assert poll(lambda: rec.revisions()[-1:] == lost[-1:])
+        server.restore(snapshot)
+        assert ds.revision() < lost[-1]
+        assert poll(lambda: len(rec.resyncs) == 1), "the watch did not notice the revision going backwards"
+        assert rec.resyncs[0] == {A: 1} and w.backwards == 1
+        rev = ds.put(B, "after restore")  # a revision the old history already used: delivered all the same
+        assert rev <= lost[-1]
+        assert poll(lambda: rec.events[-1][2:] == ("after restore", rev))
+        assert len(rec.resyncs) == 1
+    finally:
+        w.stop()
+
+
+def test_an_answer_older_than_seen_is_a_lagging_member_unless_the_cluster_agrees(etcd):
+    """A header revision below what the watch saw: if a linearizable read is not older, the member lags (move
+    on, no resync); if it is, the history went backwards (resync once)."""
+    rec = Recorder(etcd, keys.ROOT + "test/")
+    now = etcd.put(A, 1)
+    w = PrefixWatch(etcd, keys.ROOT + "test/", now, rec.on_events, rec.on_resync)  # not started: driven by hand
+    stale = {"header": {"revision": str(now - 1)}}
+    w.next_revision = now + 1
+    assert w._handle(stale) is True and rec.resyncs == [] and w.backwards == 0
+    w.next_revision = now + 100  # what a watch saw before etcd was restored from an older snapshot
+    assert w._handle(stale) is True and rec.resyncs == [{A: 1}] and w.backwards == 1
+    assert w.next_revision == now + 1
 
 
 # --- reachability and fail-over ----------------------------------------------------------------------------------

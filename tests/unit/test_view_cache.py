@@ -188,6 +188,23 @@ def test_a_read_older_than_an_invalidation_is_refused(etcd):
         cache.view()
 
 
+def test_a_history_gone_backwards_resets_the_floor_instead_of_refusing_forever(etcd):
+    """etcd restored from an older snapshot: the watch had seen (and a compaction resync floored at) revisions
+    the store will not reach again; its resync with the store's lower revision must make views work again."""
+    _populate(etcd)
+    cache = ViewCache(etcd)
+    cache.view()
+    future = etcd.revision() + 1000  # the revisions of the history the restore threw away
+    cache.add_events([Event("put", KV(keys.policy("gone"), {}, future, future))])
+    cache.invalidate(future)  # a compaction resync in the old history
+    with pytest.raises(DatastoreUnavailable, match="older than revision"):
+        cache.view()
+    cache.invalidate(etcd.revision())  # the watch saw the revision go backwards and resyncs
+    view, changes = cache.view()
+    assert changes is EVERYTHING and view == read_view(etcd)
+    assert cache.wait_seen(etcd.revision(), 0) and not cache.wait_seen(etcd.revision() + 1, 0)
+
+
 def test_view_changes_touches():
     changes = ViewChanges(everything=False, keys=frozenset({keys.endpoint("h1", "a")}))
     assert changes.touches(keys.ENDPOINTS) and changes.touches(keys.POLICIES, keys.endpoint_prefix("h1"))

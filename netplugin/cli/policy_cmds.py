@@ -1,15 +1,23 @@
-"""``netctl policy ...`` and ``netctl endpoint list``."""
-import sys
+"""``netctl policy ...`` and ``netctl endpoint list``.
 
+``policy apply/delete -f`` are ``netctl apply/delete -f`` restricted to Policy and NetworkPolicy documents; a
+NetworkPolicy is stored as ``k8s.<namespace>.<name>``, which ``-n NAMESPACE NAME`` names.
+"""
 import click
+
+from netplugin.errors import InvalidInput
 
 from netplugin.cli.output import emit, output_option
 from netplugin.datastore import keys
 from netplugin.datastore.models import Endpoint as EndpointRecord
-from netplugin.errors import InvalidInput
+from netplugin.resources import writer
+from netplugin.resources.kinds import POLICY_KINDS
 from policy import store
 from policy.k8s import policy_labels
-from policy.loader import load_file, load_text
+
+POLICY = POLICY_KINDS[0]
+namespace_option = click.option("-n", "--namespace", default=None,
+                                help="Kubernetes namespace: NAME is the NetworkPolicy's (stored as k8s.NS.NAME).")
 
 
 @click.group()
@@ -18,22 +26,13 @@ def policy():
 
 
 @policy.command("apply")
-@click.option("-f", "--file", "path", required=True, help="YAML file ('-' for stdin): netplugin Policy or "
-              "Kubernetes NetworkPolicy documents.")
+@click.option("-f", "--filename", "--file", "path", required=True,
+              help="YAML file ('-' for stdin): netplugin Policy or Kubernetes NetworkPolicy documents.")
 @click.pass_obj
 def policy_apply(obj, path):
     """Validate every document, then store them all in one transaction."""
-    if path == "-":
-        try:
-            text = sys.stdin.read()
-        except UnicodeDecodeError as err:
-            raise InvalidInput(f"cannot read policy from stdin: not UTF-8 text ({err.reason})") from None
-        policies = load_text(text, "<stdin>")
-    else:
-        policies = load_file(path)
-    names = store.apply_policies(obj.ds, policies)
-    for name in names:
-        click.echo(f"policy {name} applied")
+    for res, _ in writer.apply(obj.ds, writer.load(path, POLICY_KINDS)):
+        click.echo(f"policy {res.name} applied")
 
 
 @policy.command("list")
@@ -49,18 +48,33 @@ def policy_list(obj, fmt):
 
 @policy.command("get")
 @click.argument("name")
+@namespace_option
 @click.option("-o", "--output", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True)
 @click.pass_obj
-def policy_get(obj, name, fmt):
-    emit(store.get_policy(obj.ds, name).to_dict(), fmt)
+def policy_get(obj, name, namespace, fmt):
+    """One policy as the document 'policy apply -f' takes back."""
+    emit(writer.get(obj.ds, POLICY, name, namespace)[0], fmt)
 
 
 @policy.command("delete")
-@click.argument("name")
+@click.argument("name", required=False)
+@namespace_option
+@click.option("-f", "--filename", "--file", "path", default=None,
+              help="Delete every policy this YAML file defines ('-' for stdin), as kubectl delete -f.")
+@click.option("--ignore-not-found", is_flag=True, help="Not an error when a policy does not exist.")
 @click.pass_obj
-def policy_delete(obj, name):
-    store.delete_policy(obj.ds, name)
-    click.echo(f"policy {name} deleted")
+def policy_delete(obj, name, namespace, path, ignore_not_found):
+    """Delete a policy by name, or every policy of a file (all or none)."""
+    if (name is None) == (path is None):
+        raise InvalidInput("give a policy NAME or -f FILE")
+    if path is not None:
+        if namespace is not None:
+            raise InvalidInput("-n/--namespace goes with a NAME; a file's documents carry their own namespace")
+        results = writer.delete(obj.ds, writer.load(path, POLICY_KINDS), ignore_not_found)
+    else:
+        results = writer.delete_named(obj.ds, POLICY, [POLICY.full_name(name, namespace)], ignore_not_found)
+    for res, verb in results:
+        click.echo(f"policy {res.name} {verb}")
 
 
 @click.group()
