@@ -93,5 +93,7 @@ class AgentConfig:
     resync_interval: float = 60.0
     routing: str = "bgp"  # bgp | direct | none
     policy_setup_timeout: float = 2.0  # ADD waits this long for policy to cover the new endpoint (0: no wait)
+    sync_deadline: float = 30.0  # a sync pass running longer than this, or none for resync+this, is "stalled"
+    etcd_start_timeout: float = 0.0  # how long start-up waits for etcd to answer (0: until it does)
     docker_socket: str | None = None  # where the libnetwork plugin listens; None = do not serve Docker
     docker_api: str | None = None  # dockerd's API socket, to read container labels on Join

@@ -29,6 +29,12 @@ class DatastoreUnavailable(NetpluginError):
     cni_code = 11  # "try again later"
 
 
+class NotReady(NetpluginError):
+    """The agent cannot finish the request now (its sync is failing or stalled); the caller may try again."""
+
+    cni_code = 11
+
+
 class Conflict(NetpluginError):
     """A compare-and-swap kept losing; transient, so the caller may try again."""
 

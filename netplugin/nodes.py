@@ -43,7 +43,7 @@ class NodeRegistry:
         return node
 
     def list(self):
-        return [Node.from_dict(kv.value) for kv in self.ds.list(keys.NODES)]
+        return [n for _, n in Node.from_kvs(self.ds.list(keys.NODES))]
 
     def get(self, name):
         kv = self.ds.get(keys.node(name))
@@ -63,13 +63,18 @@ class Liveness:
         self.ttl = ttl
         self.lease = None
 
+    def renew(self):
+        """Keep (or take anew) the lease and the key on it; raises NetpluginError when etcd does not answer."""
+        if self.lease and self.ds.refresh_lease(self.lease) > 0:
+            return
+        self.lease = self.ds.grant_lease(self.ttl)
+        self.ds.put(keys.liveness(self.host), {"host": self.host}, lease=self.lease)
+        LOG.info("liveness for %s held on lease %x", self.host, self.lease)
+
     def beat(self):
+        """``renew``, logging a failure instead of raising; True when the key is held."""
         try:
-            if self.lease and self.ds.refresh_lease(self.lease) > 0:
-                return True
-            self.lease = self.ds.grant_lease(self.ttl)
-            self.ds.put(keys.liveness(self.host), {"host": self.host}, lease=self.lease)
-            LOG.info("liveness for %s held on lease %x", self.host, self.lease)
+            self.renew()
             return True
         except NetpluginError as e:
             LOG.warning("liveness heartbeat for %s failed: %s", self.host, e)

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 
 from tests.netns import nsexec
@@ -112,3 +113,12 @@ def steady_ping(netns, address, count, interval=0.01):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def pings_during(netns, dst, action, count=400, interval=0.01, lead=0.5):
+    """(transmitted, received, ping's output) of ``count`` echoes ``interval`` apart from ``netns`` to ``dst``,
+    with ``action()`` run ``lead`` seconds after the first (``steady_ping`` around it)."""
+    with steady_ping(netns, dst, count, interval) as result:
+        time.sleep(lead)
+        action()
+    return result["transmitted"], result["received"], result["output"]

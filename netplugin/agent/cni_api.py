@@ -63,8 +63,9 @@ def result_of(ep):
             "ips": ips, "routes": routes, "dns": {}}
 
 
-def create_cni_app(service, status_check):
-    """``status_check()`` raises NetpluginError when the agent cannot serve (etcd down, no pool)."""
+def create_cni_app(service, status_check, health=None):
+    """``status_check()`` raises NetpluginError when the agent cannot serve (etcd down, no pool); ``health()``
+    returns the agent's health answer (a dict with ``ok``), served with status 503 when not ok."""
     app = Flask("netplugin-cni")
 
     @app.post("/v1/cni")
@@ -85,8 +86,15 @@ def create_cni_app(service, status_check):
             return _error(code, e.msg, e.details)
 
     @app.get("/v1/health")
-    def health():
-        return jsonify({"ok": True})
+    def health_answer():
+        if health is None:
+            return jsonify({"ok": True})
+        try:
+            answer = health()
+        except Exception as e:  # noqa: BLE001 - the health answer itself must always answer
+            LOG.exception("event=health.failed")
+            answer = {"ok": False, "problems": [f"health check failed: {type(e).__name__}: {e}"]}
+        return jsonify(answer), (200 if answer.get("ok") else 503)
 
     return app
 

@@ -6,14 +6,27 @@ Threads:
 - the sync loop: a one-slot "dirty" flag plus a jittered periodic full resync; each pass takes one consistent
   ClusterView from the in-memory model the watch keeps current (view.ViewCache; a full resync reads etcd again)
   and hands it, with what changed since the previous pass, to every reconciler (dataplane, routing, policy);
-- the heartbeat loop: liveness lease, leader election, and (as leader) reclamation of dead hosts.
+- liveness: the lease beat every ttl/3, alone on its thread so nothing slow can make a live host look dead;
+- election: the reclaimer leadership refreshed every ttl/3 (its lease has the liveness TTL);
+- reclaim: as leader, reclamation of dead hosts every reclaim_interval, each pass bounded in time.
+Every loop runs through netplugin.loops.run_forever: no exception ends one, and ``health`` reports a loop that
+stopped making progress.
+
+When the sync is *failing* or *stalled* (``sync_trouble``) the agent is unhealthy and ADD, which waits for a pass
+that gives the new endpoint its policy, answers "try again later" (CNI code 11) instead of a success that leaves
+the pod cut off. Failing: the last SYNC_FAILING_PASSES passes in a row could not read the view or their policy
+reconciler raised. Stalled: a pass has been running longer than ``sync_deadline`` seconds, or none has finished for
+``resync_interval + sync_deadline`` seconds. A pass that is merely slow (under the deadline, the previous ones
+good) keeps ADD's behaviour of returning after ``policy_setup_timeout``, so heavy load never stops pods starting.
 """
+import collections
 import logging
 import os
 import random
 import threading
 import time
 
+from netplugin import loops
 from netplugin.agent.rwlock import RWLock
 from netplugin.agent.view import EVERYTHING, ViewCache
 from netplugin.datastore import keys
@@ -21,7 +34,7 @@ from netplugin.datastore.client import Datastore
 from netplugin.datastore.election import Election
 from netplugin.datastore.models import Node
 from netplugin.datastore.watch import PrefixWatch
-from netplugin.errors import NetpluginError, PoolExhausted
+from netplugin.errors import DatastoreUnavailable, NetpluginError, NotReady, PoolExhausted
 from netplugin.ipam.allocator import IPAM
 from netplugin.ipam.reclaim import Reclaimer
 from netplugin.nodes import Liveness, NodeRegistry, autodetect_address
@@ -29,6 +42,9 @@ from netplugin.service.endpoints import EndpointService
 
 LOG = logging.getLogger(__name__)
 WATCH_LAG = 0.25  # seconds a pass waits for the watch to deliver a revision it needs before reading etcd
+SYNC_FAILING_PASSES = 3  # this many failed passes in a row make the sync "failing" (see the module docstring)
+SYNC_BACKOFF = (0.5, 5.0)  # retry of a failed pass: soon, so that etcd coming back is noticed within seconds
+START_BACKOFF = (0.5, 10.0)  # start-up attempts while etcd does not answer
 
 
 class LockedService:
@@ -41,12 +57,13 @@ class LockedService:
     new pod can lose its first packets).
     """
 
-    def __init__(self, service, lock, wait_for_sync=None, policy_wait=0.0, revision=None):
+    def __init__(self, service, lock, wait_for_sync=None, policy_wait=0.0, revision=None, trouble=None):
         self._service = service
         self._lock = lock
         self._wait_for_sync = wait_for_sync
         self._policy_wait = policy_wait
         self._revision = revision
+        self._trouble = trouble  # () -> None, or why the sync is failing or stalled
 
     def __getattr__(self, name):
         return getattr(self._service, name)
@@ -56,7 +73,8 @@ class LockedService:
         return self._lock.shared()
 
     def policy_ready(self, what):
-        """Wait (bounded) until policy covers an endpoint just recorded; never fails the request."""
+        """Wait (bounded) until policy covers an endpoint just recorded. A slow sync never fails the request;
+        a failing or stalled one (the agent's ``sync_trouble``) raises NotReady (CNI code 11)."""
         if self._wait_for_sync and self._policy_wait > 0:
             revision = None  # unknown: the pass reads everything from etcd
             if self._revision:
@@ -64,7 +82,12 @@ class LockedService:
                     revision = self._revision(what)
                 except NetpluginError as e:
                     LOG.warning("event=policy.wait_revision endpoint=%s error=%s", what, e.msg)
-            if not self._wait_for_sync(self._policy_wait, revision):
+            done = self._wait_for_sync(self._policy_wait, revision)
+            trouble = self._trouble() if self._trouble else None
+            if trouble:
+                LOG.warning("event=policy.not_ready endpoint=%s reason=%s", what, trouble)
+                raise NotReady(f"policy for {what} is not in place: {trouble}; try again later")
+            if not done:
                 LOG.warning("event=policy.wait_timeout endpoint=%s after_s=%s", what, self._policy_wait)
 
     def add(self, req):
@@ -89,7 +112,7 @@ class Agent:
         self.host_lock = RWLock()
         self.service = LockedService(EndpointService(self.ds, self.ipam, self.dataplane, self.host, config.mtu),
                                      self.host_lock, self.wait_for_sync, config.policy_setup_timeout,
-                                     self._endpoint_revision)
+                                     self._endpoint_revision, self.sync_trouble)
         self.nodes = NodeRegistry(self.ds)
         self.liveness = Liveness(self.ds, self.host, config.liveness_ttl)
         self.election = Election(self.ds, "reclaimer", self.host, config.liveness_ttl)
@@ -108,25 +131,69 @@ class Agent:
         self.watch = None
         self.last_view = None
         self.sync_count = 0
+        self.progress = loops.Progress()
+        self.leading = False  # this agent holds the reclaimer leadership (the election thread keeps it)
+        self._started_at = time.monotonic()
+        self._next_full = 0.0
+        self._passes = collections.deque(maxlen=SYNC_FAILING_PASSES)  # True per recent pass that went well
+        self._pass_errors = {}  # part -> why, of the last pass
+        self._pass_began = None  # monotonic start of the pass running now
+        self._pass_ended = None  # monotonic end of the last pass
+        self._logged = {}  # part -> the last unexpected error logged with its traceback
+        self._retry_delay = SYNC_BACKOFF[0]  # before the next pass after one in which a part failed
 
     # --- life cycle -----------------------------------------------------------------------------------------------
 
     def start(self):
+        """Build and start everything. While etcd does not answer, wait and retry (one line per attempt) rather
+        than exit: at a cluster's start-up etcd is often busy or not there yet. Returns early if stopped."""
         os.makedirs(self.config.run_dir, mode=0o700, exist_ok=True)
-        self._register_node()
+        self._until_etcd_answers("register node", self._register_node)
+        if self._stop.is_set():
+            return
         self.liveness.beat()
         setup = self.dataplane.setup_host()
         LOG.info("event=host.setup %s", setup)
         self.reconcilers = self._build_reconcilers()
-        revision = self.sync(full=True)
+        revision = self._until_etcd_answers("first sync", lambda: self.sync(full=True))
+        if self._stop.is_set():
+            return
         self.watch = PrefixWatch(self.ds, keys.ROOT, revision, self._on_events, self._on_resync, name="watch")
         self.watch.start()
         self._serve_cni()
         if self.config.docker_socket:
             self._serve_docker()
-        self._spawn(self._sync_loop, "sync")
-        self._spawn(self._heartbeat_loop, "heartbeat")
+        self._start_loops()
         LOG.info("event=agent.started host=%s run_dir=%s", self.host, self.config.run_dir)
+
+    def _start_loops(self):
+        """One thread per loop, so a slow one (a reclaim pass listing every handle) never delays another."""
+        c = self.config
+        self._next_full = time.monotonic() + c.resync_interval * random.uniform(0.8, 1.0)
+        beat = max(0.2, c.liveness_ttl / 3.0)
+        self._loop("sync", self._sync_round, 0, backoff=SYNC_BACKOFF)
+        self._loop("liveness", self._beat, beat, backoff=(beat, beat))
+        self._loop("election", self._campaign, beat, backoff=(beat, beat))
+        self._loop("reclaim", self._reclaim_round, c.reclaim_interval)
+
+    def _until_etcd_answers(self, what, fn):
+        """``fn()``, retried with a jittered back-off while etcd is unreachable; None once the agent is stopped.
+        ``etcd_start_timeout`` (0: no limit) bounds the wait, after which the last error is raised."""
+        limit = getattr(self.config, "etcd_start_timeout", 0) or 0
+        began, delay, attempt = time.monotonic(), START_BACKOFF[0], 0
+        while not self._stop.is_set():
+            attempt += 1
+            try:
+                return fn()
+            except DatastoreUnavailable as e:
+                if limit and time.monotonic() - began >= limit:
+                    raise
+                wait = delay * random.uniform(0.5, 1.5)
+                LOG.warning("event=agent.waiting_for_etcd step=%r attempt=%d error=%s retry_in_s=%.1f", what,
+                            attempt, e.msg, wait)
+                self._stop.wait(wait)
+                delay = min(delay * 2, START_BACKOFF[1])
+        return None
 
     def stop(self):
         self._stop.set()
@@ -151,6 +218,9 @@ class Agent:
         t = threading.Thread(target=fn, name=name, daemon=True)
         t.start()
         self._threads.append(t)
+
+    def _loop(self, name, body, interval, **kw):
+        self._threads.append(loops.spawn(name, body, self._stop, interval, self.progress, log=LOG, **kw))
 
     # --- node -----------------------------------------------------------------------------------------------------
 
@@ -177,19 +247,79 @@ class Agent:
 
     def _serve_cni(self):
         from netplugin.agent.cni_api import create_cni_app
-        self._serve_unix(create_cni_app(self.service, self.status), os.path.join(self.config.run_dir, "agent.sock"),
-                         "cni-api")
+        self._serve_unix(create_cni_app(self.service, self.status, self.health),
+                         os.path.join(self.config.run_dir, "agent.sock"), "cni-api")
 
     def _serve_docker(self):
         from netplugin.docker.app import create_docker_app
         from netplugin.docker.driver import DockerDriver
-        driver = DockerDriver(self.ds, self.ipam, self.service, self.dataplane, self.host, self.config)
+        driver = DockerDriver(self.ds, self.ipam, self.service, self.dataplane, self.host, self.config,
+                              progress=self.progress)
         self._serve_unix(create_docker_app(driver), self.config.docker_socket, "docker-plugin")
 
     def status(self):
         """CNI STATUS: ready when etcd answers and some pool exists."""
         if not self.ipam.list_pools():
             raise PoolExhausted("no address pool is configured (netctl pool add CIDR)")
+
+    # --- health ---------------------------------------------------------------------------------------------------
+
+    def sync_trouble(self):
+        """None while the sync works (even slowly), else why it is failing or stalled (module docstring)."""
+        deadline = self.config.sync_deadline
+        now = time.monotonic()
+        with self._sync_cond:
+            began, ended, passes, errors = self._pass_began, self._pass_ended, list(self._passes), self._pass_errors
+        if began is not None and now - began > deadline:
+            return f"a sync pass has been running for {now - began:.0f}s (deadline {deadline:.0f}s)"
+        if len(passes) == SYNC_FAILING_PASSES and not any(passes):
+            why = "; ".join(f"{part}: {e}" for part, e in sorted(errors.items()))
+            return f"the last {SYNC_FAILING_PASSES} sync passes failed ({why})"
+        quiet = now - (ended if ended is not None else self._started_at)
+        if quiet > self.config.resync_interval + deadline:
+            return f"no sync pass has finished for {quiet:.0f}s"
+        return None
+
+    def health(self):
+        """The agent's health answer: ``ok`` is False, and ``problems`` says why, when the sync is failing or
+        stalled, etcd has been unreachable for longer than the liveness TTL, a loop stopped making progress, or a
+        reconciler's ``report()`` lists problems (BIRD down). Also every loop's age, the records skipped as
+        undecodable, and every reconciler's ``report()``."""
+        c = self.config
+        problems = []
+        trouble = self.sync_trouble()
+        if trouble:
+            problems.append(f"sync: {trouble}")
+        loops_now = self.progress.snapshot()
+        limits = {"liveness": c.liveness_ttl, "election": 2 * c.liveness_ttl,
+                  "reclaim": 2 * c.reclaim_interval + self._reclaim_budget() + c.liveness_ttl}
+        for name, limit in limits.items():
+            state = loops_now.get(name)
+            if state and state["age_s"] > limit:
+                what = "etcd unreachable" if name == "liveness" else f"{name} loop not making progress"
+                problems.append(f"{what}: no good {name} round for {state['age_s']:.0f}s (threshold {limit:.0f}s;"
+                                f" last error: {state['error']})")
+        reports = {}
+        for r in self.reconcilers:
+            report = getattr(r, "report", None)
+            if not callable(report):
+                continue
+            name = type(getattr(r, "inner", r)).__name__
+            try:
+                reports[name] = report()
+            except Exception as e:  # noqa: BLE001 - a health answer must not fail on one part
+                reports[name] = {"problems": [f"report failed: {loops.describe(e)}"]}
+            problems += [f"{name}: {p}" for p in reports[name].get("problems") or ()]
+        now = time.monotonic()
+        with self._sync_cond:
+            began, ended = self._pass_began, self._pass_ended
+            sync = {"passes": self.sync_count, "recent_ok": list(self._passes), "last_errors": dict(self._pass_errors),
+                    "running_for_s": None if began is None else round(now - began, 3),
+                    "last_finished_s_ago": None if ended is None else round(now - ended, 3)}
+        return {"ok": not problems, "host": self.host, "problems": problems, "loops": loops_now, "sync": sync,
+                "leader": self.leading, "skipped_records": self.cache.skipped.snapshot(),
+                "skipped_total": self.cache.skipped.total,
+                "watch": {"reconnects": getattr(self.watch, "reconnects", None)}, "reports": reports}
 
     # --- sync -----------------------------------------------------------------------------------------------------
 
@@ -214,11 +344,22 @@ class Agent:
             self._sync_started += 1
             generation = self._sync_started
             want, self._want_revision = self._want_revision, 0
+            self._pass_began = started
+        good, errors = False, {}
         try:
-            return self._sync_pass(started, full, want)
+            revision, errors = self._sync_pass(started, full, want)
+            good = not any(getattr(r, "covers_new_endpoints", False) and type(r).__name__ in errors
+                           for r in self.reconcilers)
+            return revision
+        except Exception as e:
+            errors = {"view": loops.describe(e)}
+            raise
         finally:
             with self._sync_cond:
                 self._sync_done = generation
+                self._pass_began, self._pass_ended = None, time.monotonic()
+                self._passes.append(good)
+                self._pass_errors = errors
                 self._sync_cond.notify_all()
 
     def wait_for_sync(self, timeout, revision=None):
@@ -243,51 +384,69 @@ class Agent:
             # The watch normally delivers our own write within milliseconds; reading everything is the fallback.
             self.cache.wait_seen(want, WATCH_LAG)
         view, changes = self.cache.view(reload=full or want is None, min_revision=want or 0)
+        errors = {}
         for r in self.reconcilers:
+            part = type(r).__name__
             try:
                 r.sync(view, full=full, changes=EVERYTHING if r in self._failed else changes)
                 self._failed.discard(r)
-            except NetpluginError as e:
+                self._logged.pop(part, None)
+            except Exception as e:  # noqa: BLE001 - one part failing never stops the others
                 self._failed.add(r)
-                LOG.error("event=sync.failed part=%s error=%s", type(r).__name__, e.msg)
+                errors[part] = why = loops.describe(e)
+                if isinstance(e, NetpluginError) or self._logged.get(part) == why:
+                    LOG.error("event=sync.failed part=%s error=%s", part, why)
+                else:  # a bug: its traceback once, then one line per repeat
+                    LOG.exception("event=sync.failed part=%s error=%s", part, why)
+                self._logged[part] = why
         self.last_view = view
         self.sync_count += 1
         LOG.info("event=sync revision=%d full=%s took_ms=%.1f reload=%s changed=%d", view.revision, full,
                  (time.monotonic() - started) * 1000, changes.everything, len(changes.keys))
-        return view.revision
+        return view.revision, errors
 
-    def _sync_loop(self):
-        period = self.config.resync_interval
-        next_full = time.monotonic() + period * random.uniform(0.8, 1.0)
-        while not self._stop.is_set():
-            self._dirty.wait(timeout=max(0.0, next_full - time.monotonic()))
-            if self._stop.is_set():
-                return
-            full = time.monotonic() >= next_full
-            self._dirty.clear()
-            try:
-                self.sync(full=full)
-            except NetpluginError as e:
-                LOG.warning("event=sync.failed error=%s", e.msg)
-                self._stop.wait(1.0)
-                self._dirty.set()
-            if full:
-                next_full = time.monotonic() + period * random.uniform(0.8, 1.0)
+    def _sync_round(self):
+        """One round of the sync loop: wait for a change (or the periodic full resync), then one pass."""
+        self._dirty.wait(timeout=max(0.0, self._next_full - time.monotonic()))
+        if self._stop.is_set():
+            return 0
+        full = time.monotonic() >= self._next_full
+        self._dirty.clear()
+        try:
+            self.sync(full=full)
+        except Exception:
+            self._dirty.set()  # again after the loop's back-off
+            raise
+        if full:
+            self._next_full = time.monotonic() + self.config.resync_interval * random.uniform(0.8, 1.0)
+        if not self._pass_errors:
+            self._retry_delay = SYNC_BACKOFF[0]
+            return 0
+        # A part failed (already logged): it gets the whole view again soon, with the same back-off as a failed
+        # read, rather than at the next event or full resync.
+        self._dirty.set()
+        wait, self._retry_delay = self._retry_delay * random.uniform(0.5, 1.5), min(self._retry_delay * 2,
+                                                                                    SYNC_BACKOFF[1])
+        return wait
 
-    # --- heartbeat and reclamation --------------------------------------------------------------------------------
+    # --- liveness, election and reclamation: one thread each --------------------------------------------------
 
-    def _heartbeat_loop(self):
-        beat = max(0.2, self.config.liveness_ttl / 3.0)
-        next_reclaim = time.monotonic()
-        while not self._stop.wait(beat):
-            self.liveness.beat()
-            if time.monotonic() < next_reclaim:
-                continue
-            next_reclaim = time.monotonic() + self.config.reclaim_interval
-            if self.election.campaign():
-                try:
-                    report = self.reclaimer.run_once()
-                    if report["reclaimed"] or report["waiting"]:
-                        LOG.info("event=reclaim %s", report)
-                except NetpluginError as e:
-                    LOG.warning("event=reclaim.failed error=%s", e.msg)
+    def _beat(self):
+        self.liveness.renew()
+
+    def _campaign(self):
+        leading = self.election.campaign()
+        if leading != self.leading:
+            LOG.info("event=election.%s role=reclaimer host=%s", "won" if leading else "lost", self.host)
+        self.leading = leading
+
+    def _reclaim_budget(self):
+        """Seconds one reclaim pass may take: it yields before its next release once past them."""
+        return max(1.0, self.config.reclaim_interval / 2.0)
+
+    def _reclaim_round(self):
+        if not self.leading:
+            return
+        report = self.reclaimer.run_once(budget=self._reclaim_budget(), still_leader=lambda: self.leading)
+        if report["reclaimed"] or report["waiting"] or report.get("truncated"):
+            LOG.info("event=reclaim %s", report)

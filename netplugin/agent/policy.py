@@ -28,6 +28,8 @@ def policy_endpoint(ep):
 
 
 class PolicyReconciler:
+    covers_new_endpoints = True  # ADD waits for this part: while it fails, a new pod would be cut off
+
     def __init__(self, agent, netns=None):
         self.host = agent.host
         # The agent programs the namespace it runs in: the host's (a test host namespace in the tests).
@@ -36,13 +38,14 @@ class PolicyReconciler:
         self._parsed = {}        # name -> (stored document, its Selector, Policy or None if not parsed yet)
         self._compiled = (None, None)  # (inputs, Ruleset) of the last compilation
         self._converted = {}     # (host, endpoint id) -> (view record, its policy.model.Endpoint)
+        self._invalid = {}       # name -> (stored document, why) of selected policies that do not validate
 
     def _policies(self, view, local):
         """The policies that select a local endpoint, parsed and validated. Only those shape this host's rules,
         so the others are not parsed past their selector: validating a 10,000-CIDR policy costs every agent
         ~0.1 s of CPU, and only the hosts it selects need it. Parsed policies are kept until their record
         changes."""
-        out, parsed = [], {}
+        out, parsed, invalid = [], {}, {}
         for doc in view.policies:
             name = _name_of(doc)
             known = self._parsed.get(name)
@@ -56,15 +59,23 @@ class PolicyReconciler:
             if policy is None:
                 try:
                     policy = Policy.from_dict(doc)
-                except (PolicyValidationError, InvalidInput) as e:
+                except Exception as e:  # noqa: BLE001 - one bad policy must never stop every other
                     # netctl validates before storing; a record that fails here was written by hand or a newer
-                    # version. Skip it loudly rather than dropping every policy.
-                    LOG.error("event=policy.invalid name=%s error=%s", name, e)
+                    # version. Skip it loudly (once per stored version) rather than dropping every policy.
+                    why = str(e) if isinstance(e, (PolicyValidationError, InvalidInput)) else f"{type(e).__name__}: {e}"
+                    if self._invalid.get(name, (None,))[0] != doc:
+                        LOG.error("event=policy.invalid name=%s error=%s", name, why)
+                    invalid[name] = (doc, why)
                     continue
             parsed[name] = (doc, selector, policy)
             out.append(policy)
         self._parsed = parsed
+        self._invalid = invalid
         return out
+
+    def report(self):
+        """For the agent's health answer: stored policies this host skipped because they do not validate."""
+        return {"invalid_policies": {name: why for name, (_, why) in sorted(self._invalid.items())}}
 
     def _ruleset(self, view):
         """Compile, unless the inputs equal the last ones (the same Policy objects come back from the cache, so
@@ -109,5 +120,8 @@ def _selector_of(doc):
     if not isinstance(spec, dict) or "selector" not in spec:
         return None
     problems = Problems()
-    selector = parse_selector(spec["selector"], ("spec", "selector"), problems)
+    try:
+        selector = parse_selector(spec["selector"], ("spec", "selector"), problems)
+    except Exception:  # noqa: BLE001 - an unreadable selector: the full parse says why
+        return None
     return None if problems.items else selector

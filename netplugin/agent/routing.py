@@ -127,6 +127,15 @@ class RoutingReconciler:
             if changes:
                 LOG.info("event=direct_routes.reconciled %s", changes)
 
+    def report(self):
+        """For the agent's health answer: in bgp mode whether BIRD runs (a problem once it should)."""
+        if self.mode != "bgp":
+            return {"mode": self.mode}
+        running = self.bird.pid() is not None
+        problems = [] if running or not self._started else [f"BIRD is not running (control socket "
+                                                              f"{self.bird.sock_path})"]
+        return {"mode": self.mode, "bird_running": running, "problems": problems}
+
     def close(self):
         """Stop the watcher; BIRD keeps running (see the module docstring)."""
         self._stop.set()

@@ -1,12 +1,37 @@
 """Typed records stored in etcd, one dataclass per resource, each with ``to_dict``/``from_dict``.
 
-Unknown fields in stored documents are ignored on read so an older agent can read a newer record.
+Unknown fields in stored documents are ignored on read so an older agent can read a newer record; a known field
+of the wrong type, a missing required one, or a document that is not a JSON object raises BadRecord (saying
+which), so a reader can skip that one record instead of failing later on a half-built object.
 """
-from dataclasses import asdict, dataclass, field, fields
+import functools
+import logging
+import types
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import netaddr
 
 from netplugin.errors import InvalidInput
+
+LOG = logging.getLogger(__name__)
+
+
+class BadRecord(InvalidInput):
+    """A stored document that is not a valid record of its kind (hand-written, truncated, another version)."""
+
+
+@functools.cache
+def _schema(cls):
+    """{field name: (accepted types, required?)} of a record class, from its annotations."""
+    out = {}
+    for f in fields(cls):
+        kinds = f.type.__args__ if isinstance(f.type, types.UnionType) else (f.type,)
+        kinds = tuple(type(None) if k is None else k if isinstance(k, type) else object for k in kinds)
+        if float in kinds:
+            kinds += (int,)
+        required = f.default is MISSING and f.default_factory is MISSING
+        out[f.name] = (kinds, required)
+    return out
 
 
 AS_MAX = 4294967295
@@ -44,8 +69,42 @@ class Record:
 
     @classmethod
     def from_dict(cls, d):
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in (d or {}).items() if k in names})
+        """The record a stored document stands for; BadRecord (saying which field) when it is not one."""
+        d = {} if d is None else d  # an empty value: every default
+        if not isinstance(d, dict):
+            raise BadRecord(f"not a JSON object but {type(d).__name__} {str(d)[:40]!r}")
+        schema = _schema(cls)
+        for name, (kinds, required) in schema.items():
+            if name not in d:
+                if required:
+                    raise BadRecord(f"{cls.__name__} record has no {name!r}")
+            elif not isinstance(d[name], kinds):
+                raise BadRecord(f"{cls.__name__} field {name!r} is {type(d[name]).__name__} "
+                                f"{str(d[name])[:40]!r}, not {'/'.join(k.__name__ for k in kinds)}")
+        try:
+            return cls(**{k: v for k, v in d.items() if k in schema}).check()
+        except BadRecord:
+            raise
+        except InvalidInput as e:
+            raise BadRecord(f"{cls.__name__} record: {e.msg}") from None
+        except (TypeError, ValueError, AttributeError, netaddr.AddrFormatError) as e:
+            raise BadRecord(f"{cls.__name__} record: {e}") from None
+
+    def check(self):
+        """Deeper checks of one kind of record (values, not only types); returns self."""
+        return self
+
+    @classmethod
+    def from_kvs(cls, kvs):
+        """[(kv, record)] of the KVs that decode, in order. A bad record is left out (at DEBUG here: the agent's
+        view reports each one once, and ``netctl check`` lists them), so one stray key never fails a listing."""
+        out = []
+        for kv in kvs:
+            try:
+                out.append((kv, cls.from_dict(kv.value)))
+            except BadRecord as e:
+                LOG.debug("event=record.skipped key=%s revision=%s error=%s", kv.key, kv.mod_revision, e)
+        return out
 
 
 @dataclass
@@ -100,6 +159,9 @@ class Pool(Record):
     @property
     def version(self):
         return self.network.version
+
+    def check(self):
+        return self.validate()
 
     def validate(self):
         net = check_pool_cidr(self.cidr)
@@ -198,3 +260,10 @@ class Endpoint(Record):
     handle: str | None = None
     orchestrator: str = "cni"  # cni | docker
     mtu: int | None = None  # asked for by the network (CNI config, Docker -o); None: the agent's --mtu
+
+    def check(self):
+        for a in self.addresses:
+            if not isinstance(a, str):
+                raise BadRecord(f"endpoint {self.id} address {a!r} is not a CIDR")
+            netaddr.IPNetwork(a)
+        return self

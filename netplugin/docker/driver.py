@@ -81,7 +81,7 @@ def free_subnets(subnets, taken):
 
 
 class DockerDriver:
-    def __init__(self, ds, ipam, service, dataplane, host, config):
+    def __init__(self, ds, ipam, service, dataplane, host, config, progress=None):
         self.ds = ds
         self.service = service
         self.dataplane = dataplane
@@ -91,13 +91,13 @@ class DockerDriver:
         self.api = DockerApi(api_socket) if api_socket else None
         self.ipam = DockerIpam(ipam, host)
         self.networks = NetworkRegistry(ds, ipam, self.api)
-        self.labeler = EndpointLabeler(ds, self.api, host)
+        self.labeler = EndpointLabeler(ds, self.api, host, progress=progress)  # progress: the agent's health
         self.local = LocalEndpoints(lambda: self.service.list(self.host))
         self.collector = None
         gc_interval = getattr(config, "docker_gc_interval", 60.0)  # 0: no background collection (tests)
         if self.api is not None:
             self.collector = StaleEndpointCollector(self.api, lambda: self.service.list(self.host), self.collect,
-                                                    interval=gc_interval or 60.0)
+                                                    interval=gc_interval or 60.0, progress=progress)
             if gc_interval:
                 self.collector.start()
         if self.api is None:

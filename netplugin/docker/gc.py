@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 
+from netplugin import loops
 from netplugin.docker.dockerapi import DockerApiError
 from netplugin.errors import NetpluginError
 
@@ -21,7 +22,7 @@ LOG = logging.getLogger(__name__)
 
 
 class StaleEndpointCollector:
-    def __init__(self, api, list_records, collect, interval=60.0):
+    def __init__(self, api, list_records, collect, interval=60.0, progress=None):
         """``list_records()``: this host's Endpoint records; ``collect(ep)``: forget one everywhere."""
         self.api = api
         self.list_records = list_records
@@ -29,6 +30,9 @@ class StaleEndpointCollector:
         self.interval = interval
         self._missing = {}  # endpoint id -> monotonic time it was first seen missing
         self._thread = None
+        self._stop = threading.Event()
+        self._rounds = 0
+        self.progress = progress  # a netplugin.loops.Progress to report to (the agent's health), if any
 
     def live_endpoints(self):
         """Endpoint ids on every network of this dockerd (raises DockerApiError if it cannot tell). Every
@@ -68,14 +72,15 @@ class StaleEndpointCollector:
         return collected
 
     def start(self):
+        """Collect every ``interval`` seconds on a thread no exception ends (netplugin.loops)."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="docker-gc", daemon=True)
-            self._thread.start()
+            self._thread = loops.spawn("docker-gc", self._round, self._stop, self.interval, self.progress,
+                                       log=LOG)
 
-    def _loop(self):
-        while True:
-            time.sleep(self.interval)
-            try:
-                self.run_once()
-            except NetpluginError as e:  # etcd away: try again next time
-                LOG.warning("event=docker.gc.failed error=%s", e.msg)
+    def _round(self):
+        if self._rounds:  # the first round only waits: the agent has just started
+            self.run_once()
+        self._rounds += 1
+
+    def stop(self):
+        self._stop.set()

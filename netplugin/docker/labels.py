@@ -12,10 +12,10 @@ import logging
 import threading
 import time
 
+from netplugin import loops
 from netplugin.datastore import keys
 from netplugin.datastore.client import mod_is, put_op
 from netplugin.datastore.models import Endpoint
-from netplugin.docker.dockerapi import DockerApiError
 from netplugin.errors import NetpluginError
 
 LOG = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ class _Pending:
 
 
 class EndpointLabeler:
-    def __init__(self, ds, api, host, timeout=15.0):
+    def __init__(self, ds, api, host, timeout=15.0, progress=None):
         self.ds = ds
         self.api = api
         self.host = host
@@ -42,6 +42,8 @@ class EndpointLabeler:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread = None
+        self._stop = threading.Event()
+        self.progress = progress  # a netplugin.loops.Progress to report to (the agent's health), if any
         self.done = 0  # endpoints labelled (for tests and health)
 
     def submit(self, network_id, endpoint_id, base_labels):
@@ -51,34 +53,40 @@ class EndpointLabeler:
             self._pending[endpoint_id] = _Pending(network_id, endpoint_id, dict(base_labels),
                                                   time.monotonic() + self.timeout)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="docker-labels", daemon=True)
-                self._thread.start()
+                self._thread = loops.spawn("docker-labels", self._round, self._stop, 0, self.progress, log=LOG)
         self._wake.set()
 
     def cancel(self, endpoint_id):
         with self._lock:
             self._pending.pop(endpoint_id, None)
 
-    def _run(self):
-        while True:
-            with self._lock:
-                items = list(self._pending.values())
-            now = time.monotonic()
-            due = [p for p in items if p.due <= now]
-            for p in due:
-                self._attempt(p)
-            with self._lock:
-                nxt = min((p.due for p in self._pending.values()), default=None)
-            self._wake.wait(timeout=None if nxt is None else max(0.0, nxt - time.monotonic()))
-            self._wake.clear()
+    def stop(self):
+        self._stop.set()
+        self._wake.set()
+
+    def _round(self):
+        """Try every endpoint that is due, then sleep until the next one is (or a new one is submitted)."""
+        with self._lock:
+            items = list(self._pending.values())
+        now = time.monotonic()
+        for p in [p for p in items if p.due <= now]:
+            self._attempt(p)
+        with self._lock:
+            nxt = min((p.due for p in self._pending.values()), default=None)
+        self._wake.wait(timeout=None if nxt is None else max(0.0, nxt - time.monotonic()))
+        self._wake.clear()
+        return 0
 
     def _attempt(self, p):
         try:
             finished = self._label(p)
-        except (DockerApiError, NetpluginError) as e:
+        except Exception as e:  # noqa: BLE001 - one endpoint's trouble must not end the others' labelling
             finished = False
-            if p.attempt >= 3:
-                LOG.debug("labels of %s not yet: %s", p.endpoint_id[:12], e.msg)
+            why = loops.describe(e)
+            if not isinstance(e, NetpluginError) and p.attempt == 0:  # a bug: its traceback, once
+                LOG.exception("event=docker.labels.failed endpoint=%s error=%s", p.endpoint_id[:12], why)
+            elif p.attempt >= 3:
+                LOG.debug("labels of %s not yet: %s", p.endpoint_id[:12], why)
         if finished or time.monotonic() >= p.deadline:
             if not finished:
                 LOG.warning("event=docker.labels.gave_up endpoint=%s after=%.0fs", p.endpoint_id[:12], self.timeout)

@@ -228,7 +228,7 @@ class NetworkRegistry:
         return [s for s in raw.split(",") if s]
 
     def endpoints_of(self, name):
-        return [ep for ep in (Endpoint.from_dict(kv.value) for kv in self.ds.list(keys.ENDPOINTS))
+        return [ep for ep in (ep for _, ep in Endpoint.from_kvs(self.ds.list(keys.ENDPOINTS)))
                 if ep.network == name]
 
     def delete_record(self, net):

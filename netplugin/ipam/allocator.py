@@ -82,8 +82,9 @@ class IPAM:
 
     def list_pools(self):
         kvs = self.ds.list(keys.POOLS)
-        self._pools = [Pool.from_dict(kv.value) for kv in kvs]
-        self._pool_revs = {p.cidr: kv.mod_revision for p, kv in zip(self._pools, kvs)}
+        decoded = Pool.from_kvs(kvs)
+        self._pools = [p for _, p in decoded]
+        self._pool_revs = {p.cidr: kv.mod_revision for kv, p in decoded}
         return list(self._pools)
 
     def get_pool(self, cidr):

@@ -19,6 +19,10 @@ from netplugin.nodes import NodeRegistry
 LOG = logging.getLogger(__name__)
 
 
+class _OutOfTime(Exception):
+    """A reclaim pass used its budget (or lost leadership): the next pass continues."""
+
+
 class Reclaimer:
     def __init__(self, datastore, ipam, grace=600.0, clock=time.time):
         self.ds = datastore
@@ -26,21 +30,27 @@ class Reclaimer:
         self.grace = grace
         self.clock = clock
         self.nodes = NodeRegistry(datastore)
+        self._deadline = None  # of the running pass (monotonic); see run_once
+        self._still_leader = None
 
     def _owners(self):
         """Hosts that hold anything: block affinities, handles or endpoint records."""
         owners = {}
         for kv in self.ds.list(keys.AFFINITY):
             owners.setdefault(kv.key[len(keys.AFFINITY):].split("/")[0], True)
-        handles = [Handle.from_dict(kv.value) for kv in self.ds.list(keys.HANDLES)]
+        handles = [h for _, h in Handle.from_kvs(self.ds.list(keys.HANDLES))]
         for h in handles:
             owners.setdefault(h.host, True)
         for kv in self.ds.list(keys.ENDPOINTS):
             owners.setdefault(kv.key[len(keys.ENDPOINTS):].split("/")[0], True)
         return set(owners), handles
 
-    def run_once(self):
-        """One pass; returns what it did, for logs and tests."""
+    def run_once(self, budget=None, still_leader=None):
+        """One pass; returns what it did, for logs and tests. With ``budget`` (seconds) the pass stops before its
+        next host or handle once past it and says ``truncated``: the next pass goes on where this one stopped
+        (every release is its own guarded transaction). ``still_leader()`` False stops it the same way."""
+        self._deadline = None if budget is None else time.monotonic() + budget
+        self._still_leader = still_leader
         report = {"waiting": {}, "reclaimed": {}, "revived": []}
         alive = self.nodes.alive()
         owners, handles = self._owners()
@@ -66,12 +76,23 @@ class Reclaimer:
                 report["reclaimed"][host] = self.reclaim_host(host, [h for h in handles if h.host == host])
             except Conflict as e:
                 LOG.info("reclaim of %s abandoned: %s", host, e)
+            except _OutOfTime:
+                report["truncated"] = True
+                break
         return report
+
+    def _may_go_on(self):
+        return ((self._deadline is None or time.monotonic() < self._deadline)
+                and (self._still_leader is None or self._still_leader()))
 
     def reclaim_host(self, host, handles):
         guard = absent(keys.liveness(host))
         released = []
         for handle in handles:
+            if not self._may_go_on():
+                LOG.info("reclaim of %s paused after %d address(es): out of time or leadership", host,
+                         len(released))
+                raise _OutOfTime()
             released += self.ipam.release_handle(handle.handle, guard=[guard])
         for kv in self.ds.list(keys.affinity_prefix(host)):
             cidr = keys.segment_cidr(keys.last_segment(kv.key))
@@ -115,12 +136,10 @@ def check(datastore):
     findings = []
     alive = NodeRegistry(datastore).alive()
     handles = {}
-    for kv in datastore.list(keys.HANDLES):
-        h = Handle.from_dict(kv.value)
+    for _, h in Handle.from_kvs(datastore.list(keys.HANDLES)):  # bad records: ``netctl check`` lists them
         handles[h.handle] = h
     seen = set()
-    for kv in datastore.list(keys.BLOCKS):
-        block = Block.from_dict(kv.value)
+    for _, block in Block.from_kvs(datastore.list(keys.BLOCKS)):
         if block.affinity and block.affinity not in alive:
             findings.append({"kind": "block-of-dead-host", "block": block.cidr, "host": block.affinity,
                              "detail": f"block {block.cidr} is affine to {block.affinity}, which is not alive"})

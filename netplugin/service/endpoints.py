@@ -163,7 +163,7 @@ class EndpointService:
 
     def list(self, host=None):
         prefix = keys.endpoint_prefix(host) if host else keys.ENDPOINTS
-        return [Endpoint.from_dict(kv.value) for kv in self.ds.list(prefix)]
+        return [ep for _, ep in Endpoint.from_kvs(self.ds.list(prefix))]
 
     def check(self, ep_id, netns=None, expected=None):
         """Problems between the record, IPAM and the kernel ([] when all agree)."""

@@ -5,9 +5,7 @@ A real agent in a throwaway host namespace (``host_factory``), the installed CNI
 containers; traffic only between them.
 """
 import os
-import re
 import signal
-import subprocess
 import time
 
 import pytest
@@ -17,6 +15,7 @@ from netplugin.ipam.allocator import IPAM
 from netplugin.service.endpoints import endpoint_id
 from tests.agents import CniBinary
 from tests.netns import nsexec
+from tests.probes import pings_during
 from tests.waiting import poll
 
 pytestmark = pytest.mark.functional
@@ -75,13 +74,6 @@ def setup(etcd, host_factory, namespaces, tmp_path):
             s.close()
 
 
-def ping_summary(output):
-    """(transmitted, received) from ping's summary line."""
-    m = re.search(r"(\d+) packets transmitted, (\d+) received", output)
-    assert m, output
-    return int(m.group(1)), int(m.group(2))
-
-
 def test_restart_loses_no_packet_and_start_up_repairs_only_what_is_broken(setup):
     a, ip_a = setup.add()
     b, ip_b = setup.add()
@@ -94,10 +86,8 @@ def test_restart_loses_no_packet_and_start_up_repairs_only_what_is_broken(setup)
     # 400 echoes 10 ms apart (4-7 s: ping's timer runs late under load) between a and b across a SIGTERM and a
     # restart of the agent, which together take about 1-2 s.
     count = 400
-    ping = subprocess.Popen(["ip", "netns", "exec", a, "ping", "-i", "0.01", "-c", str(count), "-W", "1", "-q",
-                             ip_b], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        time.sleep(0.5)
+
+    def restart():
         setup.agent.stop(signal.SIGTERM)
 
         # While it is down: the binary answers "try again later" at once and nothing changes.
@@ -115,13 +105,8 @@ def test_restart_loses_no_packet_and_start_up_repairs_only_what_is_broken(setup)
         nsexec(setup.ns, "ip link add np0123456789a type veth peer name straypeer")
         setup.agent.start()
         assert poll(lambda: "event=agent.started" in setup.agent.log().split("event=agent.stopped")[-1], 10)
-        assert ping.poll() is None, "the ping ended before the agent was back: the test proved nothing"
-        out, _ = ping.communicate(timeout=count * 0.01 + 20)
-    finally:
-        if ping.poll() is None:
-            ping.kill()
-            ping.wait()
-    transmitted, received = ping_summary(out)
+
+    transmitted, received, out = pings_during(a, ip_b, restart, count=count)
     assert (transmitted, received) == (count, count), out
 
     after = setup.ifindexes()

@@ -4,6 +4,8 @@ Real etcd (the session's loopback server) and the real PrefixWatch deliver the e
 puts, deletes and multi-key transactions, the model's view must equal what ``read_view`` returns at that revision,
 and its ViewChanges must name exactly the keys that changed.
 """
+import dataclasses
+
 import pytest
 
 from netplugin.agent.reconcilers import RoutingGate
@@ -13,6 +15,7 @@ from netplugin.datastore.client import KV, delete_op, put_op
 from netplugin.datastore.models import BgpPeer, ClusterConfig, Endpoint, Network, Node, Pool
 from netplugin.datastore.watch import Event, PrefixWatch
 from netplugin.errors import DatastoreUnavailable
+from tests.badrecords import bad_records, put_raw
 
 WAIT = 10.0
 
@@ -148,16 +151,33 @@ def test_a_revision_the_watch_has_not_delivered_is_read_from_etcd(etcd):
     assert changes is EVERYTHING and view == read_view(etcd)
 
 
-def test_an_undecodable_record_fails_the_view_and_the_next_one_reads_everything(etcd, model):
-    model.caught_up()
-    etcd.put(keys.node("bad"), {"name": "bad", "address": "192.168.0.9"})
-    etcd.put(keys.node("worse"), ["not", "a", "record"])
-    model.cache.wait_seen(etcd.revision(), WAIT)
-    with pytest.raises(Exception):
-        model.cache.view()
-    etcd.delete(keys.node("worse"))
-    view, changes = model.cache.view()
-    assert changes is EVERYTHING and view == read_view(etcd)
+def _same(a, b):
+    return dataclasses.replace(a, revision=0) == dataclasses.replace(b, revision=0)
+
+
+def test_bad_records_under_every_prefix_are_skipped_counted_and_listed(etcd, model):
+    """Full reads and watch events alike: a bad record is skipped (the view keeps what the key held before) and
+    listed with why; fixing or deleting it takes it off the list."""
+    _populate(etcd)
+    before, _ = model.caught_up()
+    put_raw(etcd, keys.endpoint("h1", "ep1"), '{"truncated')  # a good record overwritten with garbage
+    for key, text in bad_records("h1"):
+        put_raw(etcd, key, text)
+    view, changes = model.caught_up()  # through the watch's events
+    assert _same(view, before), "a bad record changed the view"
+    listed = {r["key"]: r for r in model.cache.skipped.snapshot()}
+    assert set(listed) == {k for k, _ in bad_records("h1")} | {keys.endpoint("h1", "ep1")}
+    assert all(r["error"] and r["revision"] > 0 for r in listed.values()), listed
+    assert "does not match the key" in listed[keys.node("z")]["error"]
+    total = model.cache.skipped.total
+    view, changes = model.cache.view(reload=True)  # a full read sees the same, and counts nothing twice
+    assert changes is EVERYTHING and _same(view, before) and model.cache.skipped.total == total
+    assert read_view(etcd).endpoints_of("h1") == [e for e in before.endpoints_of("h1") if e.id != "ep1"]
+    etcd.put(keys.endpoint("h1", "ep1"), _endpoint("h1", 1).to_dict())
+    for key, _ in bad_records("h1"):
+        etcd.delete(key)
+    view, _ = model.caught_up()
+    assert model.cache.skipped.snapshot() == [] and view == read_view(etcd)
 
 
 def test_a_read_older_than_an_invalidation_is_refused(etcd):

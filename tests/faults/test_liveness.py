@@ -1,0 +1,151 @@
+"""Faults around liveness: leadership held steadily, liveness never waiting behind reclamation, a reclaim pass
+bounded in time, and an agent started before etcd.
+
+Real agents in throwaway host namespaces and a real etcd. The one in-process test (liveness against a slow
+reclaim) builds a real Agent on the real etcd and swaps in a slow reclaimer: it tests the thread structure.
+"""
+import os
+import threading
+import time
+
+import pytest
+
+from netplugin.agent.daemon import Agent
+from netplugin.config import AgentConfig, EtcdConfig
+from netplugin.datastore import keys
+from netplugin.ipam.allocator import IPAM
+from netplugin.ipam.reclaim import Reclaimer, check
+from netplugin.nodes import Liveness
+from tests.agents import AgentProcess, CniBinary
+from tests.etcd import EtcdServer
+from tests.netns import nsexec
+from tests.waiting import poll, wait_until
+
+pytestmark = pytest.mark.functional
+
+TTL = 3  # seconds: the agents' liveness (and election) lease in these tests
+
+
+def watch_key(ds, key, seconds, step=0.1):
+    """Samples of (holder, create revision) of ``key`` every ``step`` for ``seconds``; None when absent."""
+    seen = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        kv = ds.get(key)
+        seen.append(None if kv is None else (kv.value.get("holder"), kv.create_revision))
+        time.sleep(step)
+    return seen
+
+
+def changes(samples):
+    return sum(1 for a, b in zip(samples, samples[1:]) if a != b)
+
+
+def test_leadership_stays_with_one_agent_over_many_lease_ttls(etcd, host_factory):
+    args = ["--liveness-ttl", str(TTL), "--reclaim-interval", "30"]
+    a, b = host_factory(extra_args=args), host_factory(extra_args=args)
+    key = keys.leader("reclaimer")
+    wait_until("a reclaimer leader", lambda: etcd.get(key), timeout=10)
+    samples = watch_key(etcd, key, 4 * TTL)
+    lapses = samples.count(None)
+    print(f"\nleader changes over {4 * TTL}s ({4} lease TTLs): {changes(samples)}, samples without a leader: "
+          f"{lapses} of {len(samples)}")
+    assert lapses == 0 and changes(samples) == 0, samples
+    assert samples[0][0] in (a.hostname, b.hostname)
+
+
+class SlowReclaimer:
+    """A reclaimer whose pass takes far longer than the liveness lease (an etcd with 100,000 handles)."""
+
+    def __init__(self, seconds, stop):
+        self.seconds, self.stop, self.passes = seconds, stop, 0
+
+    def run_once(self, budget=None, still_leader=None):
+        self.passes += 1
+        self.stop.wait(self.seconds)
+        return {"waiting": {}, "reclaimed": {}, "revived": []}
+
+
+def test_liveness_keeps_beating_while_a_reclaim_pass_is_slow(etcd, etcd_server, tmp_path):
+    cfg = AgentConfig(hostname="slow-reclaim", etcd=EtcdConfig(endpoints=[etcd_server.endpoint]),
+                      run_dir=str(tmp_path / "run"), liveness_ttl=TTL, reclaim_interval=0.1)
+    agent = Agent(cfg)
+    agent.reclaimer = SlowReclaimer(5 * TTL, agent._stop)
+    try:
+        agent.liveness.renew()
+        agent._start_loops()
+        wait_until("a reclaim pass under way", lambda: agent.reclaimer.passes, timeout=2 * TTL)
+        samples = watch_key(etcd, keys.liveness(cfg.hostname), 3 * TTL, step=0.2)
+        age = agent.progress.age("liveness")
+    finally:
+        agent._stop.set()
+        for t in agent._threads:
+            t.join(timeout=5)
+        if agent.liveness.lease:
+            etcd.revoke_lease(agent.liveness.lease)
+    missing = samples.count(None)
+    print(f"\nliveness samples missing during a {5 * TTL}s reclaim pass: {missing} of {len(samples)}; "
+          f"last beat {age:.1f}s ago")
+    assert missing == 0 and age < TTL, samples
+
+
+def test_a_reclaim_pass_is_bounded_in_time_and_the_next_one_goes_on(etcd):
+    ipam = IPAM(etcd)
+    ipam.add_pool("10.75.0.0/22")
+    life = Liveness(etcd, "dead-host", ttl=TTL)
+    assert life.beat()
+    for i in range(300):
+        ipam.auto_assign(f"h{i}", "dead-host")
+    etcd.revoke_lease(life.lease)  # the host dies
+    reclaimer = Reclaimer(etcd, ipam, grace=0.0)
+    reclaimer.run_once()  # starts the grace clock
+    passes, took = [], []
+    while not passes or passes[-1].get("truncated"):
+        started = time.monotonic()
+        passes.append(reclaimer.run_once(budget=0.2))
+        took.append(time.monotonic() - started)
+        assert len(passes) < 100
+    print(f"\n300 handles reclaimed in {len(passes)} passes of at most {max(took):.2f}s (budget 0.2s)")
+    assert len(passes) > 1 and all(p.get("truncated") for p in passes[:-1])
+    assert max(took) < 0.2 + 1.0  # the budget plus one release and the listing
+    assert not etcd.list(keys.HANDLES) and check(etcd) == []
+
+
+def test_an_agent_started_before_etcd_waits_then_serves(namespaces, tmp_path):
+    server = EtcdServer()
+    agent = None
+    try:
+        server.start()
+        ns = namespaces.add()
+        server.bridge_into(ns)
+        nsexec(ns, "ip addr add 10.254.76.1/32 dev lo")
+        server.stop()  # etcd gone before the agent starts
+        agent = AgentProcess(ns, "early", server.endpoint, str(tmp_path / "run"))
+        starting = threading.Thread(target=agent.start, kwargs={"timeout": 60}, daemon=True)
+        starting.start()
+        wait_until("two attempts logged", lambda: agent.log().count("event=agent.waiting_for_etcd") >= 2, 15)
+        assert agent.proc.poll() is None, agent.log()
+        down_at = time.monotonic()
+        server.start()
+        starting.join(timeout=60)
+        assert os.path.exists(agent.socket), agent.log()
+        ready_in = time.monotonic() - down_at
+        from netplugin.datastore.client import Datastore
+        ds = Datastore(EtcdConfig(endpoints=[server.endpoint]))
+        IPAM(ds).add_pool("10.76.0.0/24")
+        cni = CniBinary(str(tmp_path / "cni"), agent.socket, network="earlynet", pools=["10.76.0.0/24"])
+        a, b = namespaces.add(), namespaces.add()
+        rc, out_a, err = cni.call("ADD", a, f"/run/netns/{a}")
+        assert rc == 0, (out_a, err, agent.log())
+        rc, out_b, err = cni.call("ADD", b, f"/run/netns/{b}")
+        assert rc == 0, (out_b, err, agent.log())
+        ip_b = out_b["ips"][0]["address"].split("/")[0]
+        assert poll(lambda: nsexec(a, f"ping -c1 -W1 {ip_b}", check=False).returncode == 0, 5)
+        attempts = agent.log().count("event=agent.waiting_for_etcd")
+        print(f"\nagent started before etcd: {attempts} attempts logged; serving {ready_in:.1f}s after etcd came up")
+        for ns_ in (a, b):
+            cni.call("DEL", ns_, f"/run/netns/{ns_}")
+    finally:
+        if agent:
+            agent.stop()
+        server.close()
