@@ -80,6 +80,12 @@ class CniError(Exception):
 # ---------------------------------------------------------------------------------------------- input checks
 
 
+def _shown(value, limit=80):
+    """``value`` as repr, cut to ``limit`` characters: error messages quote input, which may be huge."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def parse_version(text):
     """'1.0.0' -> (1, 0, 0); None when it is not a plain x.y.z version."""
     parts = text.split(".") if isinstance(text, str) else []
@@ -114,7 +120,7 @@ def parse_cni_args(text):
         key, sep, value = pair.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise CniError(E_INVALID_ENV, f"invalid CNI_ARGS: {pair!r} is not KEY=VALUE",
+            raise CniError(E_INVALID_ENV, f"invalid CNI_ARGS: {_shown(pair)} is not KEY=VALUE",
                            "CNI_ARGS must be KEY=VALUE pairs separated by ';'")
         args[key] = value.strip()
     return args
@@ -128,12 +134,12 @@ def read_params(command, environ):
     container_id = environ.get("CNI_CONTAINERID", "")
     ifname = environ.get("CNI_IFNAME", "")
     if container_id and not valid_name(container_id):
-        raise CniError(E_INVALID_ENV, f"invalid CNI_CONTAINERID {container_id!r}",
+        raise CniError(E_INVALID_ENV, f"invalid CNI_CONTAINERID {_shown(container_id)}",
                        "it must start with a letter or digit, followed by letters, digits, '_', '.' or '-'")
     if ifname:
         problem = ifname_problem(ifname)
         if problem:
-            raise CniError(E_INVALID_ENV, f"invalid CNI_IFNAME {ifname!r}: {problem}")
+            raise CniError(E_INVALID_ENV, f"invalid CNI_IFNAME {_shown(ifname)}: {problem}")
     return {
         "container_id": container_id,
         "netns": environ.get("CNI_NETNS", ""),
@@ -167,9 +173,9 @@ def config_version(conf):
                        "supported versions: " + ", ".join(SUPPORTED_VERSIONS))
     version = conf["cniVersion"]
     if not isinstance(version, str):
-        raise CniError(E_INVALID_CONFIG, f"invalid network config: cniVersion must be a string, not {version!r}")
+        raise CniError(E_INVALID_CONFIG, f"invalid network config: cniVersion must be a string, not {_shown(version)}")
     if version not in SUPPORTED_VERSIONS:
-        raise CniError(E_INCOMPATIBLE_VERSION, f"incompatible CNI version {version!r}",
+        raise CniError(E_INCOMPATIBLE_VERSION, f"incompatible CNI version {_shown(version)}",
                        "supported versions: " + ", ".join(SUPPORTED_VERSIONS))
     return version
 
@@ -184,7 +190,7 @@ def check_config(conf, command, version):
     if not name:
         raise CniError(E_INVALID_CONFIG, "invalid network config: missing network name")
     if not valid_name(name):
-        raise CniError(E_INVALID_CONFIG, f"invalid network config: invalid network name {name!r}",
+        raise CniError(E_INVALID_CONFIG, f"invalid network config: invalid network name {_shown(name)}",
                        "it must start with a letter or digit, followed by letters, digits, '_', '.' or '-'")
     plugin_type = conf.get("type")
     if not plugin_type or not isinstance(plugin_type, str):
@@ -194,7 +200,7 @@ def check_config(conf, command, version):
         if not isinstance(ipam, dict):
             raise CniError(E_INVALID_CONFIG, "invalid network config: ipam must be an object")
         if ipam.get("type") not in (None, "", "netplugin"):
-            raise CniError(E_UNSUPPORTED_FIELD, f"unsupported field ipam.type={ipam['type']!r}",
+            raise CniError(E_UNSUPPORTED_FIELD, f"unsupported field ipam.type={_shown(ipam['type'])}",
                            "netplugin allocates addresses itself; leave ipam.type out")
     for field in ("args", "runtimeConfig"):
         if field in conf and not isinstance(conf[field], dict):
@@ -205,11 +211,11 @@ def agent_settings(conf, environ):
     """(socket path, read timeout) from the config, the environment overriding the socket."""
     path = environ.get(AGENT_SOCKET_ENV) or conf.get("agent_socket") or DEFAULT_AGENT_SOCKET
     if not isinstance(path, str):
-        raise CniError(E_INVALID_CONFIG, f"invalid network config: agent_socket must be a path, not {path!r}")
+        raise CniError(E_INVALID_CONFIG, f"invalid network config: agent_socket must be a path, not {_shown(path)}")
     timeout = conf.get("agent_timeout", DEFAULT_AGENT_TIMEOUT)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise CniError(E_INVALID_CONFIG,
-                       f"invalid network config: agent_timeout must be a positive number of seconds, not {timeout!r}")
+        raise CniError(E_INVALID_CONFIG, "invalid network config: agent_timeout must be a positive number of"
+                                         f" seconds, not {_shown(timeout)}")
     return path, float(timeout)
 
 
@@ -223,7 +229,8 @@ def _check_addresses(values, source, code):
         try:
             ipaddress.ip_interface(value)
         except ValueError:
-            raise CniError(code, f"invalid address {value!r} in {source}", "give an IP address or an address/prefix")
+            raise CniError(code, f"invalid address {_shown(value)} in {source}",
+                           "give an IP address or an address/prefix")
 
 
 def requested_ips(conf, args):
@@ -247,32 +254,64 @@ def requested_ips(conf, args):
 
 
 def _labels_from(value, source):
-    """A label set given either as {key: value} or as the convention's [{"key": k, "value": v}, ...]."""
+    """A label set given either as {key: value} or as the convention's [{"key": k, "value": v}, ...].
+
+    Only the shape is checked here; the agent checks every key and value by the rules policy selectors use
+    (one set of rules, in policy/selector.py), before it creates anything. A missing "value" is "", as in
+    Mesos' Label protobuf, where only the key is required.
+    """
     if isinstance(value, dict):
         items = list(value.items())
-    elif isinstance(value, list) and all(isinstance(e, dict) and set(e) <= {"key", "value"} for e in value):
-        items = [(e.get("key"), e.get("value")) for e in value]
+    elif isinstance(value, list) and all(isinstance(e, dict) and "key" in e and set(e) <= {"key", "value"}
+                                         for e in value):
+        items = [(e["key"], e.get("value", "")) for e in value]
     else:
         raise CniError(E_INVALID_CONFIG, f"invalid network config: {source} must be an object or a list of"
                                          " {\"key\": ..., \"value\": ...}")
     for key, val in items:
         if not isinstance(key, str) or not key or not isinstance(val, str):
-            raise CniError(E_INVALID_CONFIG, f"invalid network config: label {key!r}={val!r} in {source}",
+            raise CniError(E_INVALID_CONFIG, f"invalid network config: label {_shown(key)}={_shown(val)} in {source}",
                            "label keys must be non-empty strings and values strings")
     return dict(items)
 
 
+def _mesos_labels(conf_args):
+    """Mesos' network/cni isolator passes the task's NetworkInfo as args."org.apache.mesos".network_info,
+    its labels as {"labels": [{"key": k, "value": v}, ...]} (the protobuf's JSON form)."""
+    source = 'args."org.apache.mesos".network_info'
+    mesos = conf_args.get("org.apache.mesos")
+    if mesos is None:
+        return {}
+    if not isinstance(mesos, dict):
+        raise CniError(E_INVALID_CONFIG, 'invalid network config: args."org.apache.mesos" must be an object')
+    info = mesos.get("network_info")
+    if info is None:
+        return {}
+    if not isinstance(info, dict):
+        raise CniError(E_INVALID_CONFIG, f"invalid network config: {source} must be an object")
+    labels = info.get("labels")
+    if labels is None:
+        return {}
+    if not isinstance(labels, dict) or not isinstance(labels.get("labels", []), list):
+        raise CniError(E_INVALID_CONFIG, f"invalid network config: {source}.labels must be"
+                                         ' {"labels": [{"key": ..., "value": ...}, ...]}')
+    return _labels_from(labels.get("labels", []), source + ".labels.labels")
+
+
 def endpoint_labels(conf, args):
-    """Labels for the endpoint: args.labels, args.cni.labels, then the pod's namespace and name."""
+    """Labels for the endpoint: args.labels, args.cni.labels, Mesos' network labels, then the pod's namespace
+    and name. A pod name longer than a label value may be (63) is left out rather than failing the ADD: select
+    such pods by namespace or by their own labels."""
     labels = {}
     conf_args = conf.get("args", {})
     if conf_args.get("labels") is not None:
         labels.update(_labels_from(conf_args["labels"], "args.labels"))
     if isinstance(conf_args.get("cni"), dict) and conf_args["cni"].get("labels") is not None:
         labels.update(_labels_from(conf_args["cni"]["labels"], "args.cni.labels"))
+    labels.update(_mesos_labels(conf_args))
     if args.get("K8S_POD_NAMESPACE"):
         labels[LABEL_NAMESPACE] = args["K8S_POD_NAMESPACE"]
-    if args.get("K8S_POD_NAME"):
+    if args.get("K8S_POD_NAME") and len(args["K8S_POD_NAME"]) <= 63:
         labels[LABEL_POD] = args["K8S_POD_NAME"]
     return labels
 
@@ -291,7 +330,7 @@ def valid_attachments(conf):
     for entry in value:
         if (not isinstance(entry, dict) or not isinstance(entry.get("containerID"), str)
                 or not isinstance(entry.get("ifname", ""), str)):
-            raise CniError(E_INVALID_CONFIG, f"invalid network config: bad entry {entry!r} in {key}",
+            raise CniError(E_INVALID_CONFIG, f"invalid network config: bad entry {_shown(entry)} in {key}",
                            "each entry needs a containerID and an ifname")
         out.append({"containerID": entry["containerID"], "ifname": entry.get("ifname", "")})
     return out
@@ -323,7 +362,7 @@ def normalize_result(result, what, code):
         index = ip.get("interface")
         if index is not None and (isinstance(index, bool) or not isinstance(index, int)
                                   or not 0 <= index < len(out["interfaces"])):
-            raise bad(f"ips entry {ip['address']} points at interface {index!r}, which does not exist")
+            raise bad(f"ips entry {ip['address']} points at interface {_shown(index)}, which does not exist")
     for route in out["routes"]:
         if not isinstance(route.get("dst"), str):
             raise bad("a route has no dst")
@@ -555,9 +594,9 @@ def cmd_add(params, conf, version, agent):
 
 
 def cmd_del(params, conf, version, agent):
-    extra = {"prev_result": prev_result(conf), "labels": endpoint_labels(conf, params["args"])}
+    # Nothing of the config but its name is checked further: a DEL must clean up after an ADD it refused.
     try:
-        agent(agent_request("DEL", params, conf, extra))
+        agent(agent_request("DEL", params, conf))
     except CniError as err:
         if err.code != E_UNKNOWN_CONTAINER:  # already gone: DEL is idempotent
             raise
@@ -602,7 +641,7 @@ def run(environ, stdin):
         if command == "VERSION":
             return 0, version_info()  # stdin is not read: the spec passes nothing we need
         if command not in COMMANDS:
-            raise CniError(E_INVALID_ENV, f"unknown CNI_COMMAND {command!r}",
+            raise CniError(E_INVALID_ENV, f"unknown CNI_COMMAND {_shown(command)}",
                            "expected one of ADD, DEL, CHECK, STATUS, GC, VERSION")
         params = read_params(command, environ)
         conf = read_config(stdin)

@@ -11,44 +11,112 @@ from flask import Flask, jsonify, request
 
 from netplugin.errors import InvalidInput, NetpluginError
 from netplugin.service.endpoints import WorkloadRequest, endpoint_id, gateways
+from policy.selector import check_label_key, check_label_value
+from policy.validation import FieldError
 
 LOG = logging.getLogger(__name__)
 CNI_COMMANDS = {"ADD", "DEL", "CHECK", "STATUS", "GC"}
+LABEL_RULES = ("a label key is [prefix/]name (prefix a DNS subdomain); name and value have at most 63 letters,"
+               " digits, '-', '_' or '.', starting and ending with a letter or digit (the value may be empty)")
 
 
 def _error(code, msg, details=""):
     return jsonify({"error": {"code": code, "msg": msg, "details": details}})
 
 
-def _workload(body):
+def _text(body, field, default=""):
+    value = body.get(field)
+    if value is None or value == "":
+        return default
+    if not isinstance(value, str):
+        raise InvalidInput(f"{field} must be a string")
+    return value
+
+
+def _flag(ipam, field, default):
+    value = ipam.get(field, default)
+    if not isinstance(value, bool):
+        raise InvalidInput(f"ipam.{field} must be true or false, not {_shown(value)}")
+    return value
+
+
+def _labels(raw):
+    """The endpoint's labels (args.labels, args.cni.labels and Mesos' network labels, as the binary gathered
+    them), each key and value checked by the rules policy selectors use, before anything is created: a label no
+    selector can name would be stored but never selected."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise InvalidInput("labels must be an object")
+    for key, value in raw.items():
+        try:
+            check_label_key(key, ())
+        except FieldError:
+            raise InvalidInput(f"invalid endpoint label {_shown(key)}={_shown(value)}: bad key", LABEL_RULES) from None
+        try:
+            check_label_value(value, ())
+        except FieldError:
+            raise InvalidInput(f"invalid endpoint label {_shown(key)}={_shown(value)}: bad value",
+                               LABEL_RULES) from None
+    return dict(raw)
+
+
+def _network(body):
     config = body.get("config") or {}
     if not isinstance(config, dict):
         raise InvalidInput("config must be a JSON object")
     network = config.get("name")
     if not network or not isinstance(network, str):
         raise InvalidInput("network config has no name")
+    return config, network
+
+
+def _identity(body):
+    """(network, container id, ifname, netns): all DEL and CHECK need, so a DEL of a config that ADD refused
+    (bad labels, bad pools) still cleans up."""
+    _, network = _network(body)
+    container_id = _text(body, "container_id")
+    if not container_id:
+        raise InvalidInput("no container id")
+    return network, container_id, _text(body, "ifname", "eth0"), _text(body, "netns")
+
+
+def _workload(body):
+    config, network = _network(body)
+    _, container_id, ifname, netns = _identity(body)
     ipam = config.get("ipam") or {}
+    if not isinstance(ipam, dict):
+        raise InvalidInput("ipam must be an object")
     pools = ipam.get("pools") or []
     if not isinstance(pools, list) or not all(isinstance(p, str) for p in pools):
         raise InvalidInput("ipam.pools must be a list of CIDRs")
-    want6 = bool(ipam.get("assign_ipv6", any(":" in p for p in pools)))
-    want4 = bool(ipam.get("assign_ipv4", True))
+    for pool in pools:
+        try:
+            netaddr.IPNetwork(pool)
+        except (netaddr.AddrFormatError, ValueError, TypeError):
+            raise InvalidInput(f"ipam.pools: {_shown(pool)} is not a CIDR") from None
+    want6 = _flag(ipam, "assign_ipv6", any(":" in p for p in pools))
+    want4 = _flag(ipam, "assign_ipv4", True)
     addresses = []
-    for raw in body.get("ips") or []:
+    ips = body.get("ips") or []
+    if not isinstance(ips, list):
+        raise InvalidInput("ips must be a list of addresses")
+    for raw in ips:
         try:
             addresses.append(str(netaddr.IPNetwork(str(raw)).ip))
-        except (netaddr.AddrFormatError, ValueError):
-            raise InvalidInput(f"requested address {raw!r} is not an IP address") from None
+        except (netaddr.AddrFormatError, ValueError, TypeError):
+            raise InvalidInput(f"requested address {_shown(raw)} is not an IP address") from None
     mtu = config.get("mtu")
-    if mtu is not None and (not isinstance(mtu, int) or not 576 <= mtu <= 65535):
-        raise InvalidInput(f"mtu {mtu!r} must be an integer from 576 to 65535")
-    labels = body.get("labels") or {}
-    if not isinstance(labels, dict):
-        raise InvalidInput("labels must be an object")
-    return WorkloadRequest(network=network, container_id=body.get("container_id") or "",
-                           netns=body.get("netns") or "", ifname=body.get("ifname") or "eth0",
-                           addresses=addresses, labels={str(k): str(v) for k, v in labels.items()},
-                           pools=pools, ipv4=want4, ipv6=want6, mtu=mtu, orchestrator="cni")
+    if mtu is not None and (isinstance(mtu, bool) or not isinstance(mtu, int) or not 576 <= mtu <= 65535):
+        raise InvalidInput(f"mtu {_shown(mtu)} must be an integer from 576 to 65535")
+    return WorkloadRequest(network=network, container_id=container_id, netns=netns, ifname=ifname,
+                           addresses=addresses, labels=_labels(body.get("labels")), pools=pools, ipv4=want4,
+                           ipv6=want6, mtu=mtu, orchestrator="cni")
+
+
+def _shown(value, limit=80):
+    """repr of input quoted in an error, cut to ``limit`` characters (the input may be huge)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def result_of(ep):
@@ -105,31 +173,30 @@ def _dispatch(service, status_check, command, body):
         return {}
     if command == "GC":
         return _gc(service, body)
-    req = _workload(body)
-    if not req.container_id:
-        raise InvalidInput("no container id")
-    ep_id = endpoint_id(req.network, req.container_id, req.ifname)
     if command == "ADD":
-        return result_of(service.add(req))
+        return result_of(service.add(_workload(body)))
+    network, container_id, ifname, netns = _identity(body)
+    ep_id = endpoint_id(network, container_id, ifname)
     if command == "DEL":
-        service.delete(ep_id, req.netns or None, req.ifname)
+        service.delete(ep_id, netns or None, ifname)
         return {}
     # CHECK: compare with what the runtime was told (prevResult) and with the kernel.
     prev = body.get("prev_result") or {}
-    expected = [ip["address"] for ip in prev.get("ips", []) if isinstance(ip, dict) and "address" in ip]
-    problems = service.check(ep_id, req.netns or None, expected or None)
+    ips = prev.get("ips") if isinstance(prev, dict) else None
+    expected = [ip["address"] for ip in ips or [] if isinstance(ip, dict) and isinstance(ip.get("address"), str)]
+    problems = service.check(ep_id, netns or None, expected or None)
     if problems:
         raise InvalidInput("; ".join(problems))
     return {}
 
 
 def _gc(service, body):
-    config = body.get("config") or {}
-    network = config.get("name")
-    if not network:
-        raise InvalidInput("network config has no name")
-    valid = {(a.get("containerID"), a.get("ifname")) for a in body.get("valid_attachments") or []
-             if isinstance(a, dict)}
+    _, network = _network(body)
+    attachments = body.get("valid_attachments")
+    if not isinstance(attachments, list):
+        raise InvalidInput("GC needs the list of valid attachments")
+    valid = {(a.get("containerID"), a.get("ifname")) for a in attachments
+             if isinstance(a, dict) and isinstance(a.get("containerID"), str) and isinstance(a.get("ifname"), str)}
     removed = []
     for ep in service.list(service.host):
         if ep.network == network and ep.orchestrator == "cni" and (ep.container_id, ep.ifname) not in valid:

@@ -313,6 +313,50 @@ def test_labels_from_k8s_args_and_config_args_land_on_the_endpoint(host, contain
     assert record["orchestrator"] == "cni" and record["container_id"] == a and record["netns"] == f"/run/netns/{a}"
 
 
+def mesos_config(config, labels):
+    """A network config as Mesos' network/cni isolator passes it: the task's NetworkInfo protobuf as JSON under
+    args."org.apache.mesos".network_info, its labels as {"labels": [{"key": ..., "value": ...}]}."""
+    info = {"name": config["name"], "labels": {"labels": labels},
+            "port_mappings": [{"host_port": 8080, "container_port": 80, "protocol": "tcp"}]}
+    return dict(config, args={"org.apache.mesos": {"network_info": info}})
+
+
+def test_mesos_network_labels_land_on_the_endpoint(host, containers):
+    config = mesos_config(host.cni.config, [{"key": "app", "value": "myapp"}, {"key": "env", "value": "prod"},
+                                            {"key": "example.com/canary"}])
+    a, _ = containers.add(config=config)
+    record = host.endpoint(endpoint_id(NETWORK, a, "eth0"))
+    assert record["labels"] == {"app": "myapp", "env": "prod", "example.com/canary": "",
+                                "netplugin.io/network": NETWORK}, record
+
+
+BAD_LABELS = {
+    # The binary refuses shapes that are not Mesos' (or the convention's) label list.
+    "mesos-not-a-list": (lambda c: mesos_config(c, {"key": "app", "value": "x"}), ["org.apache.mesos"]),
+    "mesos-int-value": (lambda c: mesos_config(c, [{"key": "app", "value": 3}]), ["org.apache.mesos", "'app'"]),
+    "mesos-no-key": (lambda c: mesos_config(c, [{"value": "x"}]), ["org.apache.mesos"]),
+    "mesos-junk": (lambda c: dict(c, args={"org.apache.mesos": {"network_info": "x"}}), ["network_info"]),
+    "args-int-key-list": (lambda c: dict(c, args={"labels": [{"key": 1, "value": "x"}]}), ["args.labels"]),
+    # The agent refuses keys and values no policy selector could name, by the selectors' own rules.
+    "mesos-bad-key": (lambda c: mesos_config(c, [{"key": "my app", "value": "x"}]), ["'my app'", "bad key"]),
+    "mesos-bad-prefix": (lambda c: mesos_config(c, [{"key": "Ex_ample/app", "value": "x"}]), ["bad key"]),
+    "mesos-long-value": (lambda c: mesos_config(c, [{"key": "app", "value": "v" * 64}]), ["bad value"]),
+    "args-bad-value": (lambda c: dict(c, args={"labels": {"app": "-web"}}), ["'-web'", "bad value"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LABELS))
+def test_bad_labels_are_refused_with_nothing_created(host, containers, case):
+    make, words = BAD_LABELS[case]
+    config = make(host.cni.config)
+    out = _fails_cleanly(host, containers, 7, words, config=config)
+    assert "\n" not in out["msg"]
+    # The runtime's DEL after the refused ADD, with the same config, succeeds.
+    ns = containers.new()
+    rc, out, err = host.cni.call("DEL", ns, f"/run/netns/{ns}", config=config)
+    assert (rc, out) == (0, {}), (out, err)
+
+
 def test_mtu_from_the_network_config_is_recorded_and_kept(host, containers):
     config = dict(host.cni.config, mtu=1400)
     a, result = containers.add(config=config)

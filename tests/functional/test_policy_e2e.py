@@ -128,8 +128,9 @@ class Cluster:
         self.ns["O"], self.ip["O"] = self.outside, OUTSIDE
         self._serve("O")
 
-    def add_container(self, key, host, network, labels, cni_args=""):
-        """A container on host index ``host`` (1-based) via the CNI plugin, with an echo server."""
+    def add_container(self, key, host, network, labels, cni_args="", config_args=None):
+        """A container on host index ``host`` (1-based) via the CNI plugin, with an echo server. ``config_args``
+        replaces the config's ``args`` (default: ``{"labels": labels}``)."""
         agent = self.agents[host - 1]
         if (host, network) not in self.cni:
             self.cni[(host, network)] = CniBinary(os.path.join(self.workdir, f"cni-{host}-{network}"),
@@ -137,7 +138,7 @@ class Cluster:
         cni = self.cni[(host, network)]
         ns = self.nss.add()
         rc, out, err = cni.call("ADD", ns, f"/run/netns/{ns}", args=cni_args,
-                                config=dict(cni.config, args={"labels": labels}))
+                                config=dict(cni.config, args=config_args or {"labels": labels}))
         assert rc == 0, f"CNI ADD {key} failed: {out} {err}"
         ip = out["ips"][0]["address"].split("/")[0]
         self.ns[key], self.ip[key], self.host_of[key] = ns, ip, host
@@ -146,6 +147,14 @@ class Cluster:
 
     def _serve(self, key):
         self.servers.append(start_echo_server(self.ns[key], (80, 8080), 53, key))
+
+    def remove_container(self, key, network):
+        """DEL a container added by a test (the module's cluster outlives it); its server dies with it."""
+        host = self.host_of.pop(key)
+        rc, out, err = self.cni[(host, network)].call("DEL", self.ns[key], f"/run/netns/{self.ns[key]}")
+        assert rc == 0, f"CNI DEL {key} failed: {out} {err}"
+        nsexec(self.outside, f"ip route del {self.ip.pop(key)}/32")
+        self.settle()
 
     def close(self):
         for proc in self.servers:
@@ -350,6 +359,30 @@ def test_egress_by_selector_protocol_port_and_cidr(lab):
     lab.expect("C1", ("tcp", "W1", 80, True), ("tcp", "W1", 8080, False), ("udp", "W1", 53, False),
                ("tcp", "O", 80, False), *on("C2", False))
     lab.expect("C2", ("tcp", "W1", 80, True), ("icmp", "W1", 0, False))
+
+
+def test_policy_selects_mesos_tasks_by_their_network_labels(lab):
+    """Mesos' network/cni isolator passes the task's network labels as args."org.apache.mesos".network_info;
+    they become endpoint labels, so policy selects the task (as target and as source) like any labelled pod."""
+    info = {"name": "red", "labels": {"labels": [{"key": "task", "value": "api"}, {"key": "team", "value": "x"}]}}
+    lab.add_container("M2", 2, "red", {}, config_args={"org.apache.mesos": {"network_info": info}})
+    try:
+        lab.settle()
+        assert lab.endpoint("M2")["labels"] == {"task": "api", "team": "x", "netplugin.io/network": "red"}
+        lab.expect("C1", ("tcp", "M2", 80, True), ("tcp", "M2", 8080, True))  # red talks to red by default
+        lab.expect("W1", ("tcp", "M2", 80, False))
+        lab.apply(policy("mesos-api-in", """
+  selector: {matchLabels: {task: api}}
+  ingress: [{action: allow, protocol: tcp, ports: [80], from: [{selector: {matchLabels: {role: client}}}]}]""")
+                  + policy("web-from-mesos", """
+  selector: {matchLabels: {app: web}}
+  ingress: [{action: allow, protocol: tcp, ports: [80], from: [{selector: {matchLabels: {task: api}}}]}]"""))
+        lab.expect("C1", ("tcp", "M2", 80, True), ("tcp", "M2", 8080, False), ("icmp", "M2", 0, False))
+        lab.expect("C2", ("tcp", "M2", 80, True), ("udp", "M2", 53, False))
+        lab.expect("M2", ("tcp", "W1", 80, True), ("tcp", "W1", 8080, False))
+        lab.expect("C1", ("tcp", "W1", 80, False))
+    finally:
+        lab.remove_container("M2", "red")
 
 
 def _log_counters(lab, host, prefix):

@@ -304,6 +304,44 @@ def test_malformed_labels_are_refused(agent):
     assert agent.requests == []
 
 
+def mesos_args(labels):
+    """args as Mesos' network/cni isolator writes them: the task's NetworkInfo protobuf as JSON."""
+    return {"org.apache.mesos": {"network_info": {"name": "testnet", "labels": labels,
+                                                  "port_mappings": [{"host_port": 8080, "container_port": 80}]}}}
+
+
+def test_mesos_network_labels_are_forwarded(agent):
+    agent.reply = lambda request: (200, {"result": AGENT_RESULT})
+    labels = {"labels": [{"key": "app", "value": "api"}, {"key": "env", "value": "prod"}, {"key": "canary"}]}
+    status, out, _ = run_plugin("ADD", netconf(args=mesos_args(labels)), agent.path)
+    assert status == 0, out
+    assert agent.last["labels"] == {"app": "api", "env": "prod", "canary": ""}  # Label.value is optional
+
+
+@pytest.mark.parametrize("mesos", [
+    "x",                                                         # org.apache.mesos not an object
+    {"network_info": []},                                        # network_info not an object
+    {"network_info": {"labels": [{"key": "a", "value": "b"}]}},  # labels not wrapped in {"labels": [...]}
+    {"network_info": {"labels": {"labels": {"key": "a"}}}},      # labels.labels not a list
+    {"network_info": {"labels": {"labels": [{"value": "b"}]}}},  # no key
+    {"network_info": {"labels": {"labels": [{"key": 7, "value": "b"}]}}},
+    {"network_info": {"labels": {"labels": [{"key": "a", "value": 1}]}}},
+    {"network_info": {"labels": {"labels": [{"key": "a", "value": "b", "x": 1}]}}},
+])
+def test_malformed_mesos_labels_are_refused_before_the_agent(agent, mesos):
+    status, out, _ = run_plugin("ADD", netconf(args={"org.apache.mesos": mesos}), agent.path)
+    assert_error(status, out, 7)
+    assert "org.apache.mesos" in out["msg"], out
+    assert agent.requests == []
+
+
+def test_del_of_a_config_with_malformed_labels_still_reaches_the_agent(agent):
+    """A runtime DELs after a refused ADD with the same config: that DEL must clean up, not fail again."""
+    status, out, _ = run_plugin("DEL", netconf(args={"labels": 3, **mesos_args({"labels": "junk"})}), agent.path)
+    assert status == 0, out
+    assert agent.last["command"] == "DEL"
+
+
 # ----------------------------------------------------------------------------------------------- CHECK, DEL
 
 
