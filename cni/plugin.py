@@ -104,8 +104,8 @@ def ifname_problem(name):
     """Why ``name`` cannot be a Linux interface name (the spec's rules), or None."""
     if name in (".", ".."):
         return "must not be '.' or '..'"
-    if len(name) > 15:
-        return "must be shorter than 16 characters"
+    if len(name.encode("utf-8", "surrogateescape")) > 15:  # IFNAMSIZ counts bytes
+        return "must be shorter than 16 bytes"
     if any(c in "/:" or c.isspace() for c in name):
         return "must not contain '/', ':' or whitespace"
     return None
@@ -131,6 +131,11 @@ def read_params(command, environ):
     missing = [name for name in REQUIRED_ENV[command] if not environ.get(name)]
     if missing:
         raise CniError(E_INVALID_ENV, f"required env variables [{','.join(missing)}] missing")
+    for name in ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS"):
+        try:
+            environ.get(name, "").encode("utf-8")  # os.environ keeps undecodable bytes as lone surrogates
+        except UnicodeEncodeError:
+            raise CniError(E_INVALID_ENV, f"invalid {name}: it is not UTF-8 text")
     container_id = environ.get("CNI_CONTAINERID", "")
     ifname = environ.get("CNI_IFNAME", "")
     if container_id and not valid_name(container_id):
@@ -157,9 +162,17 @@ def read_config(stdin):
     if not raw.strip():
         raise CniError(E_DECODE, "failed to decode the network config: stdin is empty")
     try:
-        conf = json.loads(raw)
-    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        # Strict UTF-8 as in Go's encoding/json, which runtimes use: json.loads(bytes) would also take UTF-16,
+        # a BOM and encoded surrogates.
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError as err:
+        raise CniError(E_DECODE, f"failed to decode the network config: it is not UTF-8 (byte {err.start})")
+    try:
+        conf = json.loads(text)
+    except ValueError as err:  # JSONDecodeError; RecursionError is caught below
         raise CniError(E_DECODE, f"failed to decode the network config: {err}")
+    except RecursionError:
+        raise CniError(E_DECODE, "failed to decode the network config: nested too deeply")
     if not isinstance(conf, dict):
         raise CniError(E_DECODE, "failed to decode the network config: it is not a JSON object")
     return conf
@@ -428,8 +441,10 @@ def call_agent(path, body, read_timeout, connect_timeout=CONNECT_TIMEOUT):
     import socket
     import time
 
+    where = path if len(path) <= 200 else _shown(path)
+
     def unreachable(why):
-        return CniError(E_TRY_AGAIN, f"netplugin agent at {path} is not reachable: {why}",
+        return CniError(E_TRY_AGAIN, f"netplugin agent at {where} is not reachable: {why}",
                         "is the netplugin agent running? try again later")
 
     deadline = time.monotonic() + connect_timeout
@@ -457,10 +472,10 @@ def call_agent(path, body, read_timeout, connect_timeout=CONNECT_TIMEOUT):
                     status, headers = reader.head(None)
             raw = reader.body(headers)
         except TimeoutError:
-            raise CniError(E_TRY_AGAIN, f"netplugin agent at {path} gave no answer within {read_timeout:g} s",
+            raise CniError(E_TRY_AGAIN, f"netplugin agent at {where} gave no answer within {read_timeout:g} s",
                            "raise agent_timeout in the network config if the agent is just slow")
         except (OSError, ValueError) as err:
-            raise CniError(E_TRY_AGAIN, f"lost the connection to the netplugin agent at {path}: {err}")
+            raise CniError(E_TRY_AGAIN, f"lost the connection to the netplugin agent at {where}: {err}")
     finally:
         sock.close()
     return _agent_reply(status, raw)

@@ -42,11 +42,16 @@ class Conflict(NetpluginError):
 
 
 class NotFound(NetpluginError):
-    cni_code = 999
+    """The thing named does not exist (an endpoint, a container's netns): the spec's "container unknown"."""
+
+    cni_code = 3
 
 
 class AlreadyExists(NetpluginError):
-    cni_code = 999
+    """Something by that name is there already (an interface in the container, a pool): the caller's request
+    collides with existing state, which is no bug of ours (999) but our own code."""
+
+    cni_code = 104
 
 
 class PoolExhausted(NetpluginError):

@@ -30,6 +30,10 @@ def _text(body, field, default=""):
         return default
     if not isinstance(value, str):
         raise InvalidInput(f"{field} must be a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{field} must be UTF-8 text, not {_shown(value)}") from None
     return value
 
 
@@ -138,7 +142,10 @@ def create_cni_app(service, status_check, health=None):
 
     @app.post("/v1/cni")
     def cni():
-        body = request.get_json(silent=True)
+        try:
+            body = request.get_json(silent=True)
+        except RecursionError:  # silent=True covers malformed JSON, not JSON nested deeper than our stack
+            return _error(6, "request body is nested too deeply")
         if not isinstance(body, dict):
             return _error(6, "request body is not a JSON object")
         command = body.get("command")
@@ -150,8 +157,11 @@ def create_cni_app(service, status_check, health=None):
             code = e.cni_code
             if command == "STATUS":
                 code = 50
-            LOG.warning("CNI %s %s failed: %s", command, body.get("container_id", ""), e.msg)
+            LOG.warning("CNI %s %s failed: %s", command, _shown(body.get("container_id", "")), e.msg)
             return _error(code, e.msg, e.details)
+        except Exception as e:  # a bug of ours: logged with its traceback, answered in the spec's shape
+            LOG.exception("CNI %s %s: internal error", command, _shown(body.get("container_id", "")))
+            return _error(999, f"internal error in the netplugin agent: {type(e).__name__}: {_shown(str(e), 300)}")
 
     @app.get("/v1/health")
     def health_answer():

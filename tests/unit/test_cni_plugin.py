@@ -342,6 +342,50 @@ def test_del_of_a_config_with_malformed_labels_still_reaches_the_agent(agent):
     assert agent.last["command"] == "DEL"
 
 
+# ------------------------------------------------------------------------------- what the fuzzer found (tests/faults)
+
+
+@pytest.mark.parametrize("stdin", [
+    b"\xef\xbb\xbf" + json.dumps(netconf()).encode(),            # a BOM: Go's encoding/json refuses it too
+    json.dumps(netconf(name="n\udc80"), ensure_ascii=False).encode("utf-8", "surrogatepass"),  # CESU surrogate
+    json.dumps(netconf()).encode("utf-16"),                       # json.loads(bytes) would take UTF-16
+    b'{"a": ' * 100000 + b"1" + b"}" * 100000,                   # deeper than the parser's stack
+])
+def test_stdin_that_is_not_strict_utf8_json_is_a_decode_error(agent, stdin):
+    status, out, _ = run_plugin("ADD", sock=agent.path, stdin=stdin)
+    assert_error(status, out, 6)
+    assert agent.requests == []
+
+
+@pytest.mark.parametrize("name", ["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS"])
+def test_environment_that_is_not_utf8_is_refused(agent, name):
+    environ = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/run/netns/x", "CNI_IFNAME": "eth0",
+               "NETPLUGIN_AGENT_SOCKET": agent.path}
+    env = {k.encode(): v.encode() for k, v in environ.items()}
+    env[name.encode()] = b"K=\xff" if name == "CNI_ARGS" else b"a\xff"
+    proc = subprocess.run([sys.executable, "-IS", PLUGIN], env=env, input=json.dumps(netconf()).encode(),
+                          capture_output=True, timeout=20)
+    out = json.loads(proc.stdout)
+    assert_error(proc.returncode, out, 4)
+    assert name in out["msg"] and proc.stderr == b""
+    assert agent.requests == []
+
+
+def test_ifname_length_counts_bytes(agent):
+    status, out, _ = run_plugin("ADD", netconf(), agent.path, CNI_IFNAME="é" * 8)  # 8 characters, 16 bytes
+    assert_error(status, out, 4)
+    assert "16 bytes" in out["msg"]
+
+
+def test_huge_input_is_quoted_short_in_errors(agent):
+    status, out, _ = run_plugin("ADD", netconf(), "/" + "z" * 100000, CNI_CONTAINERID="c1")
+    assert_error(status, out, 11)
+    assert len(out["msg"]) < 400, out["msg"][:500]
+    status, out, _ = run_plugin("ADD", netconf(cniVersion="9" * 100000), agent.path)
+    assert_error(status, out, 1)
+    assert len(out["msg"]) < 400
+
+
 # ----------------------------------------------------------------------------------------------- CHECK, DEL
 
 
