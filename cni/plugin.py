@@ -28,6 +28,8 @@ AGENT_SOCKET_ENV = "NETPLUGIN_AGENT_SOCKET"  # overrides the config's agent_sock
 AGENT_PATH = "/v1/cni"
 CONNECT_TIMEOUT = 1.5  # seconds for connect + the agent's 100 Continue, all together
 DEFAULT_AGENT_TIMEOUT = 120.0
+MAX_DEPTH = 64  # levels of nesting a network config may have (real ones have about six)
+MAX_MESSAGE = 1000  # characters of an error's msg and details
 
 # Well-known CNI error codes (spec section "Error"), plus 999 for our own bugs, as libcni does.
 E_INCOMPATIBLE_VERSION = 1
@@ -80,10 +82,25 @@ class CniError(Exception):
 # ---------------------------------------------------------------------------------------------- input checks
 
 
-def _shown(value, limit=80):
-    """``value`` as repr, cut to ``limit`` characters: error messages quote input, which may be huge."""
-    text = repr(value)
+def _cut(text, limit):
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def shown(value, limit=80):
+    """``value`` as repr, cut to ``limit`` characters: error messages quote input, which may be huge."""
+    return _cut(repr(value), limit)
+
+
+def nesting_depth(value):
+    """How deeply lists and objects nest in ``value`` (a scalar is 0), without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        node, depth = todo.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            todo.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def parse_version(text):
@@ -111,6 +128,26 @@ def ifname_problem(name):
     return None
 
 
+def _utf8(text):
+    try:
+        text.encode("utf-8")  # os.environ keeps undecodable bytes as lone surrogates
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def netns_problem(path):
+    """Why ``path`` cannot name a network namespace, or None. Whether it really is one (an nsfs inode) is for
+    the agent to check when it opens it."""
+    if not _utf8(path):
+        return "it is not UTF-8 text"
+    if not path.startswith("/"):
+        return "it must be an absolute path"
+    if len(path) > 4095:
+        return "it is longer than PATH_MAX"
+    return None
+
+
 def parse_cni_args(text):
     """``CNI_ARGS`` 'K=V;K2=V2' -> dict. Empty pairs (a trailing ';') are ignored."""
     args = {}
@@ -120,7 +157,7 @@ def parse_cni_args(text):
         key, sep, value = pair.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise CniError(E_INVALID_ENV, f"invalid CNI_ARGS: {_shown(pair)} is not KEY=VALUE",
+            raise CniError(E_INVALID_ENV, f"invalid CNI_ARGS: {shown(pair)} is not KEY=VALUE",
                            "CNI_ARGS must be KEY=VALUE pairs separated by ';'")
         args[key] = value.strip()
     return args
@@ -131,23 +168,27 @@ def read_params(command, environ):
     missing = [name for name in REQUIRED_ENV[command] if not environ.get(name)]
     if missing:
         raise CniError(E_INVALID_ENV, f"required env variables [{','.join(missing)}] missing")
-    for name in ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS"):
-        try:
-            environ.get(name, "").encode("utf-8")  # os.environ keeps undecodable bytes as lone surrogates
-        except UnicodeEncodeError:
+    for name in ("CNI_CONTAINERID", "CNI_IFNAME", "CNI_ARGS"):
+        if not _utf8(environ.get(name, "")):
             raise CniError(E_INVALID_ENV, f"invalid {name}: it is not UTF-8 text")
+    netns = environ.get("CNI_NETNS", "")
+    problem = netns_problem(netns) if netns else None
+    if problem and command == "DEL":
+        netns = ""  # DEL still cleans up: the agent knows the namespace from its record
+    elif problem:
+        raise CniError(E_INVALID_ENV, f"invalid CNI_NETNS {shown(netns)}: {problem}")
     container_id = environ.get("CNI_CONTAINERID", "")
     ifname = environ.get("CNI_IFNAME", "")
     if container_id and not valid_name(container_id):
-        raise CniError(E_INVALID_ENV, f"invalid CNI_CONTAINERID {_shown(container_id)}",
+        raise CniError(E_INVALID_ENV, f"invalid CNI_CONTAINERID {shown(container_id)}",
                        "it must start with a letter or digit, followed by letters, digits, '_', '.' or '-'")
     if ifname:
         problem = ifname_problem(ifname)
         if problem:
-            raise CniError(E_INVALID_ENV, f"invalid CNI_IFNAME {_shown(ifname)}: {problem}")
+            raise CniError(E_INVALID_ENV, f"invalid CNI_IFNAME {shown(ifname)}: {problem}")
     return {
         "container_id": container_id,
-        "netns": environ.get("CNI_NETNS", ""),
+        "netns": netns,
         "ifname": ifname,
         "args": parse_cni_args(environ.get("CNI_ARGS", "")),
     }
@@ -175,6 +216,8 @@ def read_config(stdin):
         raise CniError(E_DECODE, "failed to decode the network config: nested too deeply")
     if not isinstance(conf, dict):
         raise CniError(E_DECODE, "failed to decode the network config: it is not a JSON object")
+    if nesting_depth(conf) > MAX_DEPTH:  # it goes on to the agent inside a request, which must encode it
+        raise CniError(E_INVALID_CONFIG, f"invalid network config: nested deeper than {MAX_DEPTH} levels")
     return conf
 
 
@@ -186,9 +229,9 @@ def config_version(conf):
                        "supported versions: " + ", ".join(SUPPORTED_VERSIONS))
     version = conf["cniVersion"]
     if not isinstance(version, str):
-        raise CniError(E_INVALID_CONFIG, f"invalid network config: cniVersion must be a string, not {_shown(version)}")
+        raise CniError(E_INVALID_CONFIG, f"invalid network config: cniVersion must be a string, not {shown(version)}")
     if version not in SUPPORTED_VERSIONS:
-        raise CniError(E_INCOMPATIBLE_VERSION, f"incompatible CNI version {_shown(version)}",
+        raise CniError(E_INCOMPATIBLE_VERSION, f"incompatible CNI version {shown(version)}",
                        "supported versions: " + ", ".join(SUPPORTED_VERSIONS))
     return version
 
@@ -203,7 +246,7 @@ def check_config(conf, command, version):
     if not name:
         raise CniError(E_INVALID_CONFIG, "invalid network config: missing network name")
     if not valid_name(name):
-        raise CniError(E_INVALID_CONFIG, f"invalid network config: invalid network name {_shown(name)}",
+        raise CniError(E_INVALID_CONFIG, f"invalid network config: invalid network name {shown(name)}",
                        "it must start with a letter or digit, followed by letters, digits, '_', '.' or '-'")
     plugin_type = conf.get("type")
     if not plugin_type or not isinstance(plugin_type, str):
@@ -213,7 +256,7 @@ def check_config(conf, command, version):
         if not isinstance(ipam, dict):
             raise CniError(E_INVALID_CONFIG, "invalid network config: ipam must be an object")
         if ipam.get("type") not in (None, "", "netplugin"):
-            raise CniError(E_UNSUPPORTED_FIELD, f"unsupported field ipam.type={_shown(ipam['type'])}",
+            raise CniError(E_UNSUPPORTED_FIELD, f"unsupported field ipam.type={shown(ipam['type'])}",
                            "netplugin allocates addresses itself; leave ipam.type out")
     for field in ("args", "runtimeConfig"):
         if field in conf and not isinstance(conf[field], dict):
@@ -224,11 +267,11 @@ def agent_settings(conf, environ):
     """(socket path, read timeout) from the config, the environment overriding the socket."""
     path = environ.get(AGENT_SOCKET_ENV) or conf.get("agent_socket") or DEFAULT_AGENT_SOCKET
     if not isinstance(path, str):
-        raise CniError(E_INVALID_CONFIG, f"invalid network config: agent_socket must be a path, not {_shown(path)}")
+        raise CniError(E_INVALID_CONFIG, f"invalid network config: agent_socket must be a path, not {shown(path)}")
     timeout = conf.get("agent_timeout", DEFAULT_AGENT_TIMEOUT)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise CniError(E_INVALID_CONFIG, "invalid network config: agent_timeout must be a positive number of"
-                                         f" seconds, not {_shown(timeout)}")
+                                         f" seconds, not {shown(timeout)}")
     return path, float(timeout)
 
 
@@ -242,7 +285,7 @@ def _check_addresses(values, source, code):
         try:
             ipaddress.ip_interface(value)
         except ValueError:
-            raise CniError(code, f"invalid address {_shown(value)} in {source}",
+            raise CniError(code, f"invalid address {shown(value)} in {source}",
                            "give an IP address or an address/prefix")
 
 
@@ -283,7 +326,7 @@ def _labels_from(value, source):
                                          " {\"key\": ..., \"value\": ...}")
     for key, val in items:
         if not isinstance(key, str) or not key or not isinstance(val, str):
-            raise CniError(E_INVALID_CONFIG, f"invalid network config: label {_shown(key)}={_shown(val)} in {source}",
+            raise CniError(E_INVALID_CONFIG, f"invalid network config: label {shown(key)}={shown(val)} in {source}",
                            "label keys must be non-empty strings and values strings")
     return dict(items)
 
@@ -343,7 +386,7 @@ def valid_attachments(conf):
     for entry in value:
         if (not isinstance(entry, dict) or not isinstance(entry.get("containerID"), str)
                 or not isinstance(entry.get("ifname", ""), str)):
-            raise CniError(E_INVALID_CONFIG, f"invalid network config: bad entry {_shown(entry)} in {key}",
+            raise CniError(E_INVALID_CONFIG, f"invalid network config: bad entry {shown(entry)} in {key}",
                            "each entry needs a containerID and an ifname")
         out.append({"containerID": entry["containerID"], "ifname": entry.get("ifname", "")})
     return out
@@ -375,7 +418,7 @@ def normalize_result(result, what, code):
         index = ip.get("interface")
         if index is not None and (isinstance(index, bool) or not isinstance(index, int)
                                   or not 0 <= index < len(out["interfaces"])):
-            raise bad(f"ips entry {ip['address']} points at interface {_shown(index)}, which does not exist")
+            raise bad(f"ips entry {ip['address']} points at interface {shown(index)}, which does not exist")
     for route in out["routes"]:
         if not isinstance(route.get("dst"), str):
             raise bad("a route has no dst")
@@ -441,7 +484,7 @@ def call_agent(path, body, read_timeout, connect_timeout=CONNECT_TIMEOUT):
     import socket
     import time
 
-    where = path if len(path) <= 200 else _shown(path)
+    where = path if len(path) <= 200 else shown(path)
 
     def unreachable(why):
         return CniError(E_TRY_AGAIN, f"netplugin agent at {where} is not reachable: {why}",
@@ -656,7 +699,7 @@ def run(environ, stdin):
         if command == "VERSION":
             return 0, version_info()  # stdin is not read: the spec passes nothing we need
         if command not in COMMANDS:
-            raise CniError(E_INVALID_ENV, f"unknown CNI_COMMAND {_shown(command)}",
+            raise CniError(E_INVALID_ENV, f"unknown CNI_COMMAND {shown(command)}",
                            "expected one of ADD, DEL, CHECK, STATUS, GC, VERSION")
         params = read_params(command, environ)
         conf = read_config(stdin)
@@ -666,15 +709,16 @@ def run(environ, stdin):
         result = COMMANDS[command](params, conf, version, lambda body: call_agent(path, body, read_timeout))
         return 0, result
     except CniError as err:
-        out = {"cniVersion": error_version, "code": err.code, "msg": err.msg}
+        # Capped: an agent's message may quote input of any size, and a runtime logs this line as it is.
+        out = {"cniVersion": error_version, "code": err.code, "msg": _cut(err.msg, MAX_MESSAGE)}
         if err.details:
-            out["details"] = err.details
+            out["details"] = _cut(err.details, MAX_MESSAGE)
         return 1, out
     except Exception as err:  # a bug: still answer in the spec's format, with the traceback on stderr
         import traceback
 
         traceback.print_exc(file=sys.stderr)
-        return 1, {"cniVersion": error_version, "code": E_INTERNAL, "msg": f"internal error: {err!r}"}
+        return 1, {"cniVersion": error_version, "code": E_INTERNAL, "msg": f"internal error: {shown(err, 300)}"}
 
 
 def main():

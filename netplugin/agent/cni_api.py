@@ -9,6 +9,7 @@ import logging
 import netaddr
 from flask import Flask, jsonify, request
 
+from cni.plugin import shown
 from netplugin.errors import InvalidInput, NetpluginError
 from netplugin.service.endpoints import WorkloadRequest, endpoint_id, gateways
 from policy.selector import check_label_key, check_label_value
@@ -33,14 +34,14 @@ def _text(body, field, default=""):
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise InvalidInput(f"{field} must be UTF-8 text, not {_shown(value)}") from None
+        raise InvalidInput(f"{field} must be UTF-8 text, not {shown(value)}") from None
     return value
 
 
 def _flag(ipam, field, default):
     value = ipam.get(field, default)
     if not isinstance(value, bool):
-        raise InvalidInput(f"ipam.{field} must be true or false, not {_shown(value)}")
+        raise InvalidInput(f"ipam.{field} must be true or false, not {shown(value)}")
     return value
 
 
@@ -55,11 +56,11 @@ def _labels(raw):
         try:
             check_label_key(key, ())
         except FieldError:
-            raise InvalidInput(f"invalid endpoint label {_shown(key)}={_shown(value)}: bad key", LABEL_RULES) from None
+            raise InvalidInput(f"invalid endpoint label {shown(key)}={shown(value)}: bad key", LABEL_RULES) from None
         try:
             check_label_value(value, ())
         except FieldError:
-            raise InvalidInput(f"invalid endpoint label {_shown(key)}={_shown(value)}: bad value",
+            raise InvalidInput(f"invalid endpoint label {shown(key)}={shown(value)}: bad value",
                                LABEL_RULES) from None
     return dict(raw)
 
@@ -97,7 +98,7 @@ def _workload(body):
         try:
             netaddr.IPNetwork(pool)
         except (netaddr.AddrFormatError, ValueError, TypeError):
-            raise InvalidInput(f"ipam.pools: {_shown(pool)} is not a CIDR") from None
+            raise InvalidInput(f"ipam.pools: {shown(pool)} is not a CIDR") from None
     want6 = _flag(ipam, "assign_ipv6", any(":" in p for p in pools))
     want4 = _flag(ipam, "assign_ipv4", True)
     addresses = []
@@ -108,19 +109,13 @@ def _workload(body):
         try:
             addresses.append(str(netaddr.IPNetwork(str(raw)).ip))
         except (netaddr.AddrFormatError, ValueError, TypeError):
-            raise InvalidInput(f"requested address {_shown(raw)} is not an IP address") from None
+            raise InvalidInput(f"requested address {shown(raw)} is not an IP address") from None
     mtu = config.get("mtu")
     if mtu is not None and (isinstance(mtu, bool) or not isinstance(mtu, int) or not 576 <= mtu <= 65535):
-        raise InvalidInput(f"mtu {_shown(mtu)} must be an integer from 576 to 65535")
+        raise InvalidInput(f"mtu {shown(mtu)} must be an integer from 576 to 65535")
     return WorkloadRequest(network=network, container_id=container_id, netns=netns, ifname=ifname,
                            addresses=addresses, labels=_labels(body.get("labels")), pools=pools, ipv4=want4,
                            ipv6=want6, mtu=mtu, orchestrator="cni")
-
-
-def _shown(value, limit=80):
-    """repr of input quoted in an error, cut to ``limit`` characters (the input may be huge)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def result_of(ep):
@@ -157,11 +152,11 @@ def create_cni_app(service, status_check, health=None):
             code = e.cni_code
             if command == "STATUS":
                 code = 50
-            LOG.warning("CNI %s %s failed: %s", command, _shown(body.get("container_id", "")), e.msg)
+            LOG.warning("CNI %s %s failed: %s", command, shown(body.get("container_id", "")), e.msg)
             return _error(code, e.msg, e.details)
         except Exception as e:  # a bug of ours: logged with its traceback, answered in the spec's shape
-            LOG.exception("CNI %s %s: internal error", command, _shown(body.get("container_id", "")))
-            return _error(999, f"internal error in the netplugin agent: {type(e).__name__}: {_shown(str(e), 300)}")
+            LOG.exception("CNI %s %s: internal error", command, shown(body.get("container_id", "")))
+            return _error(999, f"internal error in the netplugin agent: {type(e).__name__}: {shown(str(e), 300)}")
 
     @app.get("/v1/health")
     def health_answer():

@@ -102,9 +102,9 @@ def stdin_of(draw, conf):
         return text[:cut] + draw(st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\x80\x80"])) + text[cut:], \
             False
     if how == "deep":  # nested objects under a junk key: valid JSON, deeper than any parser's stack
-        depth = draw(st.sampled_from([200, 900, 990, 5000, 100000]))
+        depth = draw(st.sampled_from([40, 200, 900, 990, 5000, 100000]))
         return text[:-1] + b', "deep": ' + b'{"a": ' * depth + b"1" + b"}" * depth + b"}", \
-            True if depth <= 200 else None if depth < 1000 else False
+            True if depth <= 40 else None if depth < 1000 else False  # 7 over plugin.MAX_DEPTH, or 6
     if how == "bignum":  # an integer of more digits than Python converts by default
         return text[:-1] + b', "n": ' + b"7" * draw(st.sampled_from([4300, 4301, 100000])) + b"}", None
     if how == "list":

@@ -371,6 +371,23 @@ def test_environment_that_is_not_utf8_is_refused(agent, name):
     assert agent.requests == []
 
 
+@pytest.mark.parametrize("netns", ["netns/x", "/" + "n" * 5000])
+def test_a_netns_that_is_no_absolute_path_is_refused_but_del_still_cleans_up(agent, netns):
+    status, out, _ = run_plugin("ADD", netconf(), agent.path, CNI_NETNS=netns)
+    assert_error(status, out, 4)
+    assert "CNI_NETNS" in out["msg"] and agent.requests == []
+    status, out, _ = run_plugin("DEL", netconf(), agent.path, CNI_NETNS=netns)
+    assert status == 0 and agent.last["command"] == "DEL" and agent.last["netns"] == ""
+
+
+def test_a_config_nested_too_deeply_for_the_agent_request_is_refused(agent):
+    deep = b'{"a": ' * 990 + b"1" + b"}" * 990  # json.loads takes it; json.dumps of the request would not
+    status, out, _ = run_plugin("ADD", sock=agent.path, stdin=json.dumps(netconf()).encode()[:-1] + b', "x": ' + deep
+                                + b"}")
+    assert_error(status, out, 7)
+    assert "nested deeper" in out["msg"] and agent.requests == []
+
+
 def test_ifname_length_counts_bytes(agent):
     status, out, _ = run_plugin("ADD", netconf(), agent.path, CNI_IFNAME="é" * 8)  # 8 characters, 16 bytes
     assert_error(status, out, 4)
