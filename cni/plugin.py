@@ -164,7 +164,10 @@ def parse_cni_args(text):
 
 
 def read_params(command, environ):
-    """The per-invocation environment of ``command``, checked as the spec requires (code 4)."""
+    """The per-invocation environment of ``command``, checked as the spec requires (code 4). STATUS and GC
+    concern the whole network: the container's variables are neither needed nor looked at."""
+    if command in ("STATUS", "GC"):
+        return {"container_id": "", "netns": "", "ifname": "", "args": {}}
     missing = [name for name in REQUIRED_ENV[command] if not environ.get(name)]
     if missing:
         raise CniError(E_INVALID_ENV, f"required env variables [{','.join(missing)}] missing")

@@ -388,6 +388,15 @@ def test_a_config_nested_too_deeply_for_the_agent_request_is_refused(agent):
     assert "nested deeper" in out["msg"] and agent.requests == []
 
 
+@pytest.mark.parametrize("command", ["STATUS", "GC"])
+def test_status_and_gc_ignore_the_container_variables(agent, command):
+    conf = netconf(**{"cni.dev/valid-attachments": []})
+    status, out, _ = run_plugin(command, conf, agent.path, CNI_CONTAINERID="a b", CNI_NETNS="rel", CNI_IFNAME="..",
+                                CNI_ARGS="junk")
+    assert status == 0, out
+    assert agent.last["command"] == command
+
+
 def test_ifname_length_counts_bytes(agent):
     status, out, _ = run_plugin("ADD", netconf(), agent.path, CNI_IFNAME="é" * 8)  # 8 characters, 16 bytes
     assert_error(status, out, 4)
