@@ -31,7 +31,8 @@ from pyroute2 import NetNS
 
 from cni import plugin
 from netplugin.datastore import keys
-from tests.agents import VENV_BIN, rmtree, tempdir
+from tests.agents import rmtree, tempdir
+from tests.console import console_script
 from tests.functional.test_cni_e2e import NETWORK, host  # noqa: F401 - the live agent of test_cni_e2e
 from tests.netns import NamespaceSet, nsexec
 
@@ -353,7 +354,7 @@ def sweep_and_check(lab):
     assert health(host.agent.socket).split()[1] == "200"
     rc, out, err = host.cni.call("STATUS")
     assert (rc, out) == (0, {}), (out, err)
-    check = subprocess.run([os.path.join(VENV_BIN, "netctl"), "--etcd-endpoints", host.ds.config.endpoints[0],
+    check = subprocess.run([console_script("netctl"), "--etcd-endpoints", host.ds.config.endpoints[0],
                             "ipam", "check"], capture_output=True, text=True, timeout=60)
     assert check.returncode == 0 and "clean" in check.stdout, check.stdout + check.stderr
     assert host.veths() == set() and host.container_routes() == []
