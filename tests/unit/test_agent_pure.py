@@ -59,14 +59,15 @@ def test_relevant_keys_exclude_churning_ipam_records():
 
 def test_workload_parsing():
     req = _workload({"container_id": "c1", "netns": "/run/netns/x", "ifname": "eth1", "ips": ["10.0.0.5/24"],
-                     "labels": {"a": 1}, "config": {"name": "net1", "mtu": 1400,
+                     "labels": {"a": "1"}, "config": {"name": "net1", "mtu": 1400,
                                                     "ipam": {"pools": ["10.0.0.0/16", "fd00::/64"]}}})
     assert (req.network, req.container_id, req.ifname, req.mtu) == ("net1", "c1", "eth1", 1400)
     assert req.addresses == ["10.0.0.5"] and req.labels == {"a": "1"}
     assert req.ipv6 is True  # an IPv6 pool in the network config turns on dual stack
     for bad, msg in (({"config": {}}, "no name"), ({"config": {"name": "n", "mtu": 10}}, "mtu"),
                      ({"config": {"name": "n"}, "ips": ["bogus"]}, "not an IP"),
-                     ({"config": {"name": "n", "ipam": {"pools": "10.0.0.0/8"}}}, "list of CIDRs")):
+                     ({"config": {"name": "n", "ipam": {"pools": "10.0.0.0/8"}}}, "list of CIDRs"),
+                     ({"config": {"name": "n"}, "labels": {"a": 1}}, "invalid endpoint label")):
         with pytest.raises(InvalidInput, match=msg):
             _workload(bad)
 
