@@ -69,7 +69,7 @@ def test_workload_parsing():
                      ({"config": {"name": "n", "ipam": {"pools": "10.0.0.0/8"}}}, "list of CIDRs"),
                      ({"config": {"name": "n"}, "labels": {"a": 1}}, "invalid endpoint label")):
         with pytest.raises(InvalidInput, match=msg):
-            _workload(bad)
+            _workload({"container_id": "c1", **bad})
 
 
 def test_result_shape_dual_stack():
