@@ -14,12 +14,10 @@ import argparse
 import ctypes
 import ctypes.util
 import json
-import math
 import os
 import re
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -28,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from netplugin.benchlib.stats import median, percentile  # noqa: E402
 from netplugin.config import EtcdConfig  # noqa: E402
 from netplugin.datastore.client import Datastore  # noqa: E402
 from netplugin.ipam.allocator import IPAM  # noqa: E402
@@ -46,12 +45,6 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 class Interrupted(Exception):
     pass
-
-
-def percentile(values, q):
-    """Nearest-rank percentile (p99 of 100 values is the 99th smallest)."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
 class Plugin:
@@ -177,11 +170,11 @@ class Bench:
                     phases.setdefault(phase, []).append(float(ms))
         add_p50 = percentile(netplugin.times["ADD"], 50)
         rows = [("whole ADD through the binary (from the run above)", add_p50),
-                ("  bare interpreter start-up (`python3 -IS -c pass`)", statistics.median(bare)),
-                ("  plugin process without the agent (VERSION)", statistics.median(startup)),
-                ("  agent's answer over its socket, from a warm client", statistics.median(direct))]
-        rows += [(f"    of which {phase} (agent log)", statistics.median(v)) for phase, v in sorted(phases.items())]
-        rest = add_p50 - statistics.median(startup) - statistics.median(direct)
+                ("  bare interpreter start-up (`python3 -IS -c pass`)", median(bare)),
+                ("  plugin process without the agent (VERSION)", median(startup)),
+                ("  agent's answer over its socket, from a warm client", median(direct))]
+        rows += [(f"    of which {phase} (agent log)", median(v)) for phase, v in sorted(phases.items())]
+        rest = add_p50 - median(startup) - median(direct)
         rows.append(("  rest: the plugin's request path (imports, connect, JSON, result shaping)", rest))
         out = ["| netplugin ADD, medians | ms |", "|---|---:|"]
         out += [f"| {what} | {ms:.1f} |" for what, ms in rows]

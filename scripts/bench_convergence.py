@@ -34,6 +34,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from netplugin.benchlib.stats import percentile  # noqa: E402
 from netplugin.errors import NetpluginError  # noqa: E402
 from netplugin.lab import Lab, LabSpec  # noqa: E402
 from netplugin.lab import system  # noqa: E402
@@ -62,15 +63,6 @@ def parse_scenario(text):
     except ValueError:
         pass
     raise argparse.ArgumentTypeError(f"scenario {text!r}: use mesh:N, rr:N:K or direct:N")
-
-
-def percentile(values, p):
-    if not values:
-        return None
-    values = sorted(values)
-    k = (len(values) - 1) * p / 100
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
 class Probers:

@@ -11,7 +11,6 @@ import argparse
 import multiprocessing
 import os
 import signal
-import statistics
 import sys
 import time
 
@@ -19,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from netplugin.benchlib.stats import median, percentile  # noqa: E402
 from netplugin.config import EtcdConfig  # noqa: E402
 from netplugin.datastore.client import Datastore  # noqa: E402
 from netplugin.ipam.allocator import IPAM  # noqa: E402
@@ -78,9 +78,9 @@ def run_round(endpoint, hosts, ops):
         end = max(r[phase][1] for r in results)
         return total / (end - start)
 
-    lat = sorted(x for r in results for x in r["lat"])
+    lat = [x for r in results for x in r["lat"]]
     return {"alloc": rate("alloc"), "release": rate("release"),
-            "p50": lat[len(lat) // 2] * 1000, "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000,
+            "p50": percentile(lat, 50) * 1000, "p99": percentile(lat, 99) * 1000,
             "conflicts": sum(r["stats"]["cas_conflicts"] for r in results), "ops": total}
 
 
@@ -109,7 +109,7 @@ def main():
                 rounds.append(run_round(server.endpoint, hosts, ops))
                 print(f"  {hosts} host(s): {rounds[-1]['alloc']:.0f} alloc/s, {rounds[-1]['release']:.0f} release/s",
                       file=sys.stderr)
-            med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+            med = {k: median(r[k] for r in rounds) for k in rounds[0]}
             rows.append((hosts, med, rounds))
         print(f"\nIPAM on etcd {server.endpoint} (one etcd on tmpfs, {os.cpu_count()} CPUs), pool {POOL}, "
               f"medians of {args.rounds} rounds\n")

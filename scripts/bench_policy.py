@@ -18,7 +18,8 @@ five host namespaces each running ``netplugin agent --routing direct``, containe
 4. Propagation: a prober container on host1 sends UDP to a target container on each of the 5 hosts every 2 ms;
    each apply opens a new port for it, so the first echo from a target is the moment that host enforces the
    change. Measured from the etcd commit (seen by a watch here) and from starting ``netctl``; p50/p99 over
-   ``--applies`` (p99 of 20 samples is their maximum).
+   ``--applies`` (netplugin/benchlib/stats.py: p99 of 20 samples lies between the two largest; the maximum is
+   reported beside it).
 
 Bounded throughout (every subprocess has a timeout, every loop a count and a deadline); Ctrl-C or SIGTERM
 cleans up (agents, namespaces, etcd, temp files).
@@ -32,7 +33,6 @@ import json
 import os
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,6 +44,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from netplugin.agent.view import relevant  # noqa: E402
+from netplugin.benchlib.stats import median, percentile  # noqa: E402
 from netplugin.config import EtcdConfig  # noqa: E402
 from netplugin.datastore import keys  # noqa: E402
 from netplugin.datastore.client import Datastore  # noqa: E402
@@ -133,16 +134,6 @@ class Interrupted(Exception):
 
 def _on_term(*_):
     raise KeyboardInterrupt
-
-
-def median(xs):
-    return statistics.median(xs) if xs else float("nan")
-
-
-def percentile(xs, q):
-    """Nearest-rank percentile (p99 of 20 samples is the largest)."""
-    xs = sorted(xs)
-    return xs[max(0, min(len(xs) - 1, -(-len(xs) * q // 100) - 1))] if xs else float("nan")
 
 
 def cidrs(n):

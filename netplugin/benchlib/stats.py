@@ -1,8 +1,16 @@
-"""Medians, ranges and ratios of per-round samples.
+"""The statistics every benchmark reports: medians, percentiles, ranges and ratios of samples.
 
-Samples are lists indexed by round (``None`` where a measurement failed), so a path's value in round *r* can be
-paired with the baseline's value in the same round: interleaved rounds make such paired ratios robust to the
-drift that other load on a shared machine causes.
+Percentiles use one definition everywhere, linear interpolation between the closest ranks (numpy's default,
+Hyndman and Fan's type 7, ``statistics.quantiles(method="inclusive")``): the q-th percentile of n sorted samples
+sits at position (n - 1) * q / 100, between the two samples around it. Chosen because its p50 is the median
+the reports print beside it (nearest-rank's p50 of an even count is the lower middle sample), and it moves
+smoothly as samples are added instead of jumping from one sample to the next. With few samples a high
+percentile lies between the largest two: p99 of 20 samples is 0.81 of the way from the 19th to the 20th, so a
+report that needs the worst case prints the maximum beside it.
+
+Per-round samples are lists indexed by round (``None`` where a measurement failed), so a path's value in round
+*r* can be paired with the baseline's value in the same round: interleaved rounds make such paired ratios robust
+to the drift that other load on a shared machine causes.
 """
 import math
 import statistics
@@ -27,6 +35,26 @@ def summarize(values):
     if not vals:
         return None
     return Summary(statistics.median(vals), min(vals), max(vals), len(vals))
+
+
+def median(values):
+    """The median of the usable values, or None when there are none."""
+    s = summarize(values)
+    return s.median if s else None
+
+
+def percentile(values, q):
+    """The ``q``-th percentile (0..100) of the usable values by linear interpolation (see the module docstring),
+    or None when there are none."""
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile {q!r} is not between 0 and 100")
+    vals = sorted(float(v) for v in values if _usable(v))
+    if not vals:
+        return None
+    pos = (len(vals) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(vals) - 1)
+    return vals[lo] + (vals[hi] - vals[lo]) * (pos - lo)
 
 
 def paired_ratios(values, baseline):
