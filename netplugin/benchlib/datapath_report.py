@@ -8,6 +8,10 @@ The results document (written as ``datapath.json`` beside the report) holds per-
 
 Every figure is a median over rounds with min–max, and every ratio is the median of per-round ratios to the
 baseline measured in the same round (interleaving makes those pairs close in time, so they tolerate drift).
+
+Every sentence that states a result is built from the numbers of the document it renders (a ratio, a spread, by
+how much an aim is missed) and is left out when they are missing; fixed text only describes the method and the
+shape of the paths, which do not change from run to run.
 """
 from dataclasses import dataclass
 
@@ -18,6 +22,7 @@ from netplugin.benchlib.stats import ratio_summary, summarize
 TCP_SIZES = (1024, 2048, 4096, 131072)
 UDP_SIZES = (1024, 4096)
 CROSS_HOST = "netplugin-2h"
+LEVEL = 0.05  # ratios to host this close count as level (the noise of a median of a few rounds on a shared box)
 
 
 @dataclass(frozen=True)
@@ -44,8 +49,8 @@ METRIC_BY_ID = {m.id: m for m in METRICS}
 
 GROUPS = (
     ("TCP throughput", "Gbit/s as the receiver counted it; `iperf3 -l` write size per column. Writes of 1–4 KiB "
-     "are bound by system calls and by how TCP happens to coalesce them, which swings with scheduling: their "
-     "spread across rounds is wide and their ratios say little; the 131072 B column is the data path's.",
+     "are bound by system calls and by how TCP coalesces them, which varies with scheduling; the 131072 B column "
+     "is the data path's.",
      [f"tcp_{n}" for n in TCP_SIZES]),
     ("UDP", "received rate (offered rate minus losses) and loss.",
      [m for n in UDP_SIZES for m in (f"udp_{n}_rate", f"udp_{n}_loss")]),
@@ -120,7 +125,7 @@ def _ratio_median(doc, path_id, metric_id):
 
 def _ptp_shortfall(doc):
     t, lat = _ratio_median(doc, "ptp", "tcp_131072"), _ratio_median(doc, "ptp", "lat_avg")
-    if t is None or lat is None or (t >= 0.97 and lat <= 1.10):
+    if t is None or lat is None or (_meets(t, "tcp_131072") and _meets(lat, "lat_avg")):
         return ""
     return (f" ptp, with the same shape and no rules, misses the aims too in this run ({fmt_num(t)} and "
             f"{fmt_num(lat)}).")
@@ -129,6 +134,8 @@ def _ptp_shortfall(doc):
 def _closing_line(doc, diagnosis):
     """What would close the gap: measured options when a diagnosis is at hand, else the candidates."""
     if not diagnosis or "ct-first" not in diagnosis.get("samples", {}):
+        if shortfall_line(doc) is None:
+            return None
         return ("- What could close the gap (candidates, not measured here): for policy, keep traffic that no policy "
                 "restricts out of conntrack, or accept established flows through an nftables flowtable so they skip "
                 "the forward hooks; for the shape, a container device without the veth's per-packet backlog "
@@ -160,11 +167,19 @@ def _closing_line(doc, diagnosis):
             parts.append(f"Keeping flows out of conntrack does not help while every packet then walks the policy "
                          f"chains ({fmt_num(notrack)}× against {fmt_num(built)}× as built).")
     if bare is not None and ptp is not None:
+        _, bound = _bound("lat_avg")
+        side = (f"above the {fmt_num(bound)} aim by {(bare - bound) / bound * 100:.0f}%" if bare > bound
+                else f"within the {fmt_num(bound)} aim")
+        shape = (": with the rules gone netplugin is level with ptp, so that part is the routed-veth shape both share"
+                 if abs(bare - ptp) <= LEVEL else "")
         parts.append(f"Even with no netfilter at all netplugin stays at {fmt_num(bare)}× (ptp {fmt_num(ptp)}×), "
-                     f"above the 1.10 aim: that part is the routed-veth shape itself (netkit, the veth replacement "
-                     f"without the per-packet backlog hand-off, needs BPF programs and is not built into this "
-                     f"kernel).")
+                     f"{side}{shape}.")
     return " ".join(parts)
+
+
+def missed_by(v):
+    """How far a verdict's median ratio is on the wrong side of its bound, in percent of the bound."""
+    return abs(v["ratio"].median - v["bound"]) / v["bound"] * 100
 
 
 def shortfall_line(doc):
@@ -173,13 +188,25 @@ def shortfall_line(doc):
     for v in aims(doc):
         if v["met"] is not False or v["text"].startswith("(also"):
             continue
-        r, bound = v["ratio"].median, v["bound"]
         what = "throughput" if v["metric"].startswith("tcp") else "latency"
-        missed.append(f"{what} {fmt_num(r)}× host against {'at least' if v['op'] == '>=' else 'at most'} "
-                      f"{fmt_num(bound)}× ({fmt_num(abs(bound - r))} {'short' if v['op'] == '>=' else 'over'})")
+        missed.append(f"{what} {fmt_num(v['ratio'].median)}× host, the aim {'≥' if v['op'] == '>=' else '≤'} "
+                      f"{fmt_num(v['bound'])}× is missed by {missed_by(v):.0f}%")
     if not missed:
         return None
     return f"- Reached across hosts: {'; '.join(missed)}."
+
+
+def _bound(metric_id):
+    """The bound of the primary aim on ``metric_id`` (AIMS), with its comparison."""
+    for _path, metric, op, bound, text in AIMS:
+        if metric == metric_id and not text.startswith("(also"):
+            return op, bound
+    raise KeyError(metric_id)
+
+
+def _meets(ratio, metric_id):
+    op, bound = _bound(metric_id)
+    return ratio >= bound if op == ">=" else ratio <= bound
 
 
 def analysis_lines(doc, diagnosis=None):
@@ -203,9 +230,9 @@ def analysis_lines(doc, diagnosis=None):
                              f"veths) costs little; what remains to host networking is the shape both share.")
             else:
                 lines.append(f"- {same} The difference between the two is netplugin's own per-packet work on each "
-                             f"host: conntrack and the first rules of its policy chains, where established flows "
-                             f"are accepted (the diagnosis below switches them off; strict rp_filter on the host "
-                             f"veths costs nothing measurable).")
+                             f"host: conntrack, the first rules of its policy chains (where established flows are "
+                             f"accepted) and strict rp_filter on the host veths; the diagnosis switches them off "
+                             f"one by one.")
     if "netplugin-1h" in ids:
         t1, l1 = _ratio_median(doc, "netplugin-1h", "tcp_131072"), _ratio_median(doc, "netplugin-1h", "lat_avg")
         if t1 is not None and l1 is not None:
@@ -222,14 +249,17 @@ def analysis_lines(doc, diagnosis=None):
         if r is not None and r.lo <= v["bound"] <= r.hi and not v["text"].startswith("(also"):
             lines.append(f"- The rounds straddle the bound for {v['text'].split(' at ')[0]} "
                          f"({fmt_num(r.lo)}–{fmt_num(r.hi)}): that verdict rests on the median of noisy samples.")
-    lines.append(_closing_line(doc, diagnosis))
+    closing = _closing_line(doc, diagnosis)
+    if closing:
+        lines.append(closing)
+    nproc = doc.get("machine", {}).get("nproc")
     lines.append(
         "- Structurally, every packet between two netplugin containers on different hosts crosses two more veth "
         "pairs than host networking does (container→host on the sender, host→container on the receiver), each "
         "a network-namespace change and a softirq hand-off, plus one more route lookup and the forward path's "
-        "netfilter hooks on each host. On a 2-core machine where the sender, receiver and softirq work compete "
-        "for the same cores, these per-packet costs show up directly; with one core per flow end and a real NIC "
-        "they hide behind the wire.")
+        "netfilter hooks on each host. No NIC limits the rate here: sender, receiver and their softirq work share "
+        + (f"this machine's {nproc} CPU{'s' if nproc != 1 else ''}" if nproc else "the machine's CPUs")
+        + ", so the ratios measure those per-packet costs in CPU time.")
     return lines
 
 
@@ -237,10 +267,42 @@ def _pinning_note(settings):
     if settings.get("latency_pinned"):
         return ("Throughput tests are not pinned. Both ends of a latency test are pinned to the same CPU (CPU = "
                 "round number modulo the CPU count, the same for every path in a round): unpinned, a ping-pong "
-                "between two processes on this VM is bimodal, about 8.5 µs host↔host when both ends share a CPU "
-                "and about 30 µs when they do not (an inter-processor interrupt per wake-up), and which mode a "
-                "sample lands in would swamp the difference between paths.")
+                "between two processes is bimodal (both ends on one CPU, or an inter-processor interrupt per "
+                "wake-up), and which mode a sample landed in would swamp the difference between paths.")
     return "Nothing is pinned to a CPU."
+
+
+def _udp_offer_note(doc):
+    """Whether the offered UDP rate overloaded the baseline, read off its loss (which decides what the received
+    rate shows)."""
+    losses = [s.median for s in (metric_summary(doc, doc["baseline"], f"udp_{n}_loss") for n in UDP_SIZES) if s]
+    if not losses:
+        return ""
+    worst = max(losses)
+    if worst > 0:
+        return (f"; the baseline itself lost up to {fmt_num(worst)}% at that rate, so the received rate shows each "
+                f"path's capacity and the loss how it copes with overload")
+    return ("; the baseline lost nothing at that rate, so the received rate is capped by the offered rate and "
+            "shows where a path falls short of it, not its capacity")
+
+
+def _spread(summary):
+    """Round-to-round spread of a summary as max / min, or None."""
+    if summary is None or summary.n < 2 or summary.lo <= 0:
+        return None
+    return summary.hi / summary.lo
+
+
+def _spread_note(doc, metric_ids):
+    """The baseline's round-to-round spread per column: how far apart rounds are before any path is compared."""
+    parts = []
+    for m in metric_ids:
+        sp = _spread(metric_summary(doc, doc["baseline"], m))
+        if sp is not None:
+            parts.append(f"{METRIC_BY_ID[m].label} {fmt_num(sp)}×")
+    if not parts:
+        return ""
+    return f" Spread of `{doc['baseline']}` across rounds (max / min): {', '.join(parts)}."
 
 
 def render_markdown(doc, chart_file=None, diagnosis=None):
@@ -263,8 +325,7 @@ def render_markdown(doc, chart_file=None, diagnosis=None):
         f"Method: {s.get('rounds_done', s.get('rounds'))} interleaved rounds (of {s.get('rounds')} planned); in "
         f"each round every test runs once on every path, the path order rotated from round to round and test to "
         f"test. Each test lasts {s.get('duration_s')} s. UDP tests offer {s.get('udp_bandwidth')}bit/s "
-        f"(`iperf3 -b {s.get('udp_bandwidth')}`), at or above what one iperf3 sender–receiver pair sustains here, "
-        f"so the received rate shows each path's capacity and the loss how it copes with overload. Latency is "
+        f"(`iperf3 -b {s.get('udp_bandwidth')}`){_udp_offer_note(doc)}. Latency is "
         f"`sockperf ping-pong --tcp` with its default 14-byte messages. "
         f"Figures are medians over rounds with (min–max); ratios are medians of per-round ratios to "
         f"`{doc['baseline']}` measured in the same round, so drift from other load mostly cancels. "
@@ -286,7 +347,8 @@ def render_markdown(doc, chart_file=None, diagnosis=None):
         out += ["", f"![data path chart]({chart_file})"]
     for title, note, metric_ids in GROUPS:
         absolute, ratios = _group_tables(doc, metric_ids)
-        out += ["", f"## {title}", "", note, "", absolute, "", f"Ratio to `{doc['baseline']}`:", "", ratios]
+        out += ["", f"## {title}", "", note + _spread_note(doc, metric_ids), "", absolute, "",
+                f"Ratio to `{doc['baseline']}`:", "", ratios]
     extra = metric_summary
     rows = [[p["label"], fmt_range(extra(doc, p["id"], "retrans_tcp_131072"))] for p in doc["paths"]]
     out += ["", "TCP retransmits per 131072 B test (sender side):", "", table(["path", "retransmits"], rows)]
@@ -408,7 +470,7 @@ def render_diagnosis(doc):
         f"interleaved rounds, {s.get('duration_s')} s per test, state and path order rotated per round. Both "
         f"agents are paused (SIGSTOP) for the whole run so they do not repair what is removed; BIRD keeps "
         f"the routes. Ratios are medians of per-round ratios to host networking measured in the same state and "
-        f"round. The p50 latency is the steadiest figure on a shared machine. {_pinning_note(s)}",
+        f"round.{_steadiest_note(doc)} {_pinning_note(s)}",
         "",
         table(["state of netplugin's hosts", "what it is"], [[st["label"], st["description"]] for st in doc["states"]],
               align=["l", "l"]),
@@ -426,6 +488,19 @@ def render_diagnosis(doc):
     out += ["", table(header, rows, align=["l", "l"] + ["r"] * (len(header) - 2)), "", "## Reading", ""]
     out += diagnosis_lines(doc)
     return "\n".join(out) + "\n"
+
+
+def _steadiest_note(doc):
+    """Which of the diagnosis's figures varied least across rounds on the cross-host path, as built."""
+    if not doc.get("states"):
+        return ""
+    view = _diag_view(doc, doc["states"][0]["id"])
+    spreads = [(sp, m) for m in DIAG_METRICS if (sp := _spread(metric_summary(view, CROSS_HOST, m))) is not None]
+    if not spreads:
+        return ""
+    sp, m = min(spreads)
+    return (f" Of the figures below, {METRIC_BY_ID[m].label} varied least across rounds here (netplugin as built, "
+            f"max / min {fmt_num(sp)}×).")
 
 
 def _diag_p50_us(doc, state):
@@ -496,10 +571,10 @@ def decomposition_lines(doc):
         full = values[-1][2]
         if nt is not None:
             verdict = "slower" if nt > full + 0.01 else "no faster" if nt > full - 0.01 else "faster"
+            why = (", because every packet then walks the whole policy (the dispatch chains and the ipset match) "
+                   "instead of stopping at the established rule") if verdict != "faster" else ""
             lines.append(f"- Keeping traffic out of conntrack with today's chains is {verdict}: {fmt_num(nt)}× host "
-                         f"with NOTRACK against {fmt_num(full)}× as built, because every packet then walks the whole "
-                         f"policy (the dispatch chains and the ipset match) instead of stopping at the established "
-                         f"rule.")
+                         f"with NOTRACK against {fmt_num(full)}× as built{why}.")
     return lines
 
 
@@ -522,6 +597,29 @@ def diagnosis_lines(doc):
         if line:
             lines.append(line)
     lines += decomposition_lines(doc)
-    lines.append("- What remains with no netfilter at all is the routed-veth shape netplugin shares with ptp: two more "
-                 "veth crossings and two forwarding passes per packet than host networking.")
+    rpf = rp_filter_line(doc)
+    if rpf:
+        lines.append(rpf)
+    bare, ptp_bare = med(last, CROSS_HOST, "lat_p50"), med(last, "ptp", "lat_p50")
+    if bare is not None and ptp_bare is not None:
+        if abs(bare - ptp_bare) <= LEVEL:
+            lines.append(f"- With no netfilter at all netplugin ({fmt_num(bare)}× host latency, p50) is level with "
+                         f"ptp ({fmt_num(ptp_bare)}×): what remains is the routed-veth shape they share, two more "
+                         f"veth crossings and two forwarding passes per packet than host networking.")
+        else:
+            lines.append(f"- With no netfilter at all netplugin ({fmt_num(bare)}× host latency, p50) is still "
+                         f"{fmt_num(abs(bare - ptp_bare))} {'above' if bare > ptp_bare else 'below'} ptp "
+                         f"({fmt_num(ptp_bare)}×), which has the same routed-veth shape: more than the shape "
+                         f"explains.")
     return lines
+
+
+def rp_filter_line(doc):
+    """What strict rp_filter on the host veths costs: no rules against no rules and no rp_filter, or None."""
+    if "no-rules" not in doc["samples"] or "bare" not in doc["samples"]:
+        return None
+    strict, loose = _diag_p50_us(doc, "no-rules"), _diag_p50_us(doc, "bare")
+    if strict is None or loose is None:
+        return None
+    return (f"- Strict rp_filter on the host veths: {fmt_num(strict)} µs p50 with it, {fmt_num(loose)} µs without "
+            f"({fmt_num(strict - loose)} µs per one-way trip).")

@@ -194,6 +194,20 @@ def test_render_markdown_states_verdicts_ratios_and_machine():
     assert "reaches 0.950 of host throughput and 1.05 of host latency" in md
 
 
+def test_report_sentences_come_from_the_numbers():
+    doc = _doc(0.98, 1.05)
+    doc["samples"]["host"]["udp_1024_loss"] = [0.0, 0.0, 0.0]
+    md = dr.render_markdown(doc)
+    assert "the baseline lost nothing at that rate, so the received rate is capped by the offered rate" in md
+    assert "candidates, not measured here" not in md  # every aim met: nothing to close
+    assert "this machine's 2 CPUs" in md
+    assert "Spread of `host` across rounds (max / min): TCP 131072 B writes 1.40×" in md
+    assert " µs host↔host" not in md  # no figure of some other run
+    doc["samples"]["host"]["udp_1024_loss"] = [3.0, 2.0, 4.0]
+    lossy = dr.render_markdown(_doc(0.90, 1.30) | {"samples": doc["samples"]})
+    assert "the baseline itself lost up to 3.00% at that rate, so the received rate shows each path's capacity" in lossy
+
+
 def test_render_markdown_marks_an_incomplete_run_and_lists_failures():
     doc = _doc(1.0, 1.0)
     doc.update(complete=False, note="stopped at the 20-minute budget during round 4",

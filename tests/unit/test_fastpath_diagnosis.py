@@ -113,8 +113,8 @@ def test_diagnose_states_are_validated():
 
 def test_report_says_by_how_much_the_aims_are_missed():
     line = dr.shortfall_line(_report_doc())
-    assert line == ("- Reached across hosts: throughput 0.800× host against at least 0.970× (0.170 short); "
-                    "latency 1.45× host against at most 1.10× (0.350 over).")
+    assert line == ("- Reached across hosts: throughput 0.800× host, the aim ≥ 0.970× is missed by 18%; "
+                    "latency 1.45× host, the aim ≤ 1.10× is missed by 32%.")
     met = _report_doc()
     met["samples"] = _samples(1.05, 0.99)
     assert dr.shortfall_line(met) is None
@@ -130,3 +130,40 @@ def test_fast_accept_layout_is_compared_with_as_built_and_shows_its_rule_was_hit
     assert any(line == x for x in dr.diagnosis_lines(diag))
     closing = "\n".join(dr.analysis_lines(_report_doc(), diag))
     assert "the same rule at the top of FORWARD itself, one jump earlier, measured 1.37×." in closing
+
+
+def test_what_the_bare_state_says_follows_its_numbers():
+    diag = _diag()
+    closing = "\n".join(dr.analysis_lines(_report_doc(), diag))
+    assert "netplugin stays at 1.21× (ptp 1.20×), above the 1.10 aim by 10%: with the rules gone netplugin is level " \
+           "with ptp" in closing
+    assert dr.diagnosis_lines(diag)[-1].startswith("- With no netfilter at all netplugin (1.21× host latency, p50) is "
+                                                   "level with ptp (1.20×)")
+    LAT_FAST = dict(LAT, bare=1.05)
+    fast = _diag()
+    fast["samples"]["bare"] = _samples(LAT_FAST["bare"])
+    closing = "\n".join(dr.analysis_lines(_report_doc(), fast))
+    assert "stays at 1.05× (ptp 1.20×), within the 1.10 aim." in closing
+    assert "routed-veth shape both share" not in closing
+    assert "is still 0.150 below ptp (1.20×)" in dr.diagnosis_lines(fast)[-1]
+
+
+def test_notrack_explanation_only_when_it_does_not_help_and_rp_filter_is_measured():
+    slow = "\n".join(dr.decomposition_lines(_diag()))
+    assert "slower: 1.55× host with NOTRACK against 1.44× as built, because every packet" in slow
+    quick = _diag()
+    quick["samples"]["notrack"] = _samples(1.30)
+    text = "\n".join(dr.decomposition_lines(quick))
+    assert "is faster: 1.30× host with NOTRACK against 1.44× as built." in text and "because" not in text
+    rpf = dr.rp_filter_line(_diag())
+    assert rpf.startswith("- Strict rp_filter on the host veths: 14.0 µs p50 with it, 13.9 µs without")
+    assert dr.rp_filter_line(_diag(states=("as-built", "bare"))) is None
+
+
+def test_diagnosis_names_the_steadiest_figure_from_the_spread():
+    diag = _diag()
+    diag["samples"]["as-built"]["netplugin-2h"]["lat_p50"] = [14.0, 14.0, 14.1, 14.0]
+    md = dr.render_diagnosis(diag)
+    assert "TCP ping-pong p50 varied least across rounds here (netplugin as built, max / min 1.01×)" in md
+    diag["samples"]["as-built"]["netplugin-2h"]["lat_p50"] = [14.0, 20.0, 30.0, 40.0]
+    assert "TCP ping-pong avg varied least" in dr.render_diagnosis(diag)
