@@ -29,7 +29,8 @@ from dataclasses import dataclass
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from netplugin.benchlib import datapath_report, machine, stats, tools  # noqa: E402
+from netplugin.benchlib import datapath_metrics, datapath_report, machine, stats, tools  # noqa: E402
+from netplugin.benchlib.markdown import fmt_num  # noqa: E402
 from netplugin.benchlib.cleanup import CleanupStack, Interrupted  # noqa: E402
 from netplugin.errors import NetpluginError  # noqa: E402
 from policy.compiler import CompileOptions  # noqa: E402
@@ -305,7 +306,7 @@ def build_ptp(lab):
 
 # --- measurement -------------------------------------------------------------------------------------------------
 
-TESTS = [("tcp", n) for n in datapath_report.TCP_SIZES] + [("udp", n) for n in datapath_report.UDP_SIZES] \
+TESTS = [("tcp", n) for n in datapath_metrics.TCP_SIZES] + [("udp", n) for n in datapath_metrics.UDP_SIZES] \
     + [("lat", None)]
 
 
@@ -362,7 +363,7 @@ def run_one(path, kind, size, args, servers=None, cpu=None):
 
 def measure(paths, servers, args, doc, started):
     rounds = args.rounds
-    samples = {p.id: {m.id: [None] * rounds for m in datapath_report.METRICS} for p in paths}
+    samples = {p.id: {m.id: [None] * rounds for m in datapath_metrics.METRICS} for p in paths}
     doc["samples"] = samples
     errors = doc["errors"]
     failures = {p.id: 0 for p in paths}
@@ -402,8 +403,8 @@ def short(values):
     for mid, v in values.items():
         if v is None or mid.startswith(("cpu_iperf", "retrans")):
             continue
-        unit = datapath_report.METRIC_BY_ID[mid].unit
-        parts.append(f"{mid}={datapath_report.fmt_num(v)}{'' if unit == '%' else ' '}{unit}")
+        unit = datapath_metrics.METRIC_BY_ID[mid].unit
+        parts.append(f"{mid}={fmt_num(v)}{'' if unit == '%' else ' '}{unit}")
     return "  ".join(parts)
 
 

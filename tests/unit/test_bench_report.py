@@ -5,6 +5,7 @@ import signal
 
 import pytest
 
+from netplugin.benchlib import datapath_metrics as dm
 from netplugin.benchlib import datapath_report as dr
 from netplugin.benchlib import machine, parse, stats, suite
 from netplugin.benchlib.cleanup import CleanupStack, Interrupted
@@ -156,7 +157,7 @@ def test_demote_headings_leaves_code_blocks_and_hashtags_alone():
 
 def _doc(np_tcp, np_lat, rounds=5):
     paths = ["host", "netplugin-2h", "ptp"]
-    samples = {p: {m.id: [None] * rounds for m in dr.METRICS} for p in paths}
+    samples = {p: {m.id: [None] * rounds for m in dm.METRICS} for p in paths}
     for r in range(rounds):
         drift = 1.0 + 0.1 * r  # the whole machine slows down round by round
         samples["host"]["tcp_131072"][r] = 15.0 / drift

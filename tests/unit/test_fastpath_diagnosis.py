@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from netplugin.benchlib import datapath_diagnosis as dd
 from netplugin.benchlib import datapath_report as dr
 
 ROUNDS = 4
@@ -49,7 +50,7 @@ def _report_doc():
 
 
 def test_decomposition_walks_from_no_netfilter_to_as_built_and_names_the_largest_step():
-    lines = dr.decomposition_lines(_diag())
+    lines = dd.decomposition_lines(_diag())
     text = lines[0]
     assert "against no netfilter at all" in text and "1.22× host" in text
     order = [text.index(w) for w in ("one empty forward chain", "conntrack with no filter chain",
@@ -62,7 +63,7 @@ def test_decomposition_walks_from_no_netfilter_to_as_built_and_names_the_largest
 
 def test_decomposition_needs_every_step():
     partial = _diag(states=("as-built", "ct-first", "no-rules", "bare"))
-    assert dr.decomposition_lines(partial) == []
+    assert dd.decomposition_lines(partial) == []
     lines = dr.diagnosis_lines(partial)
     assert lines[0].startswith("- Latency (p50): netplugin 1.44× host as built, 1.21×")
     assert not any("Where the as-built latency goes" in line for line in lines)
@@ -70,7 +71,7 @@ def test_decomposition_needs_every_step():
 
 def test_flowtable_unsupported_is_stated_with_the_kernels_answer():
     diag = _diag(flowtable={"supported": False, "reason": "the kernel is built without CONFIG_NF_FLOW_TABLE"})
-    line = dr.flowtable_line(diag)
+    line = dd.flowtable_line(diag)
     assert line.startswith("- The flowtable fast path") and "could not be measured" in line
     assert "CONFIG_NF_FLOW_TABLE" in line
     closing = "\n".join(dr.analysis_lines(_report_doc(), diag))
@@ -82,7 +83,7 @@ def test_flowtable_unsupported_is_stated_with_the_kernels_answer():
 
 def test_flowtable_measured_reports_its_ratios():
     diag = _diag(states=("as-built", "flowtable") + STATES[1:], flowtable={"supported": True, "reason": "ok"})
-    assert dr.flowtable_line(diag) == ("- With a flowtable for established, policy-accepted flows: netplugin "
+    assert dd.flowtable_line(diag) == ("- With a flowtable for established, policy-accepted flows: netplugin "
                                        "1.24× host latency (p50), 0.900× host throughput.")
     closing = "\n".join(dr.analysis_lines(_report_doc(), diag))
     assert "the diagnosis measured 1.24× host latency (p50) and 0.900× host throughput" in closing
@@ -123,10 +124,10 @@ def test_report_says_by_how_much_the_aims_are_missed():
 def test_fast_accept_layout_is_compared_with_as_built_and_shows_its_rule_was_hit():
     diag = _diag(states=("as-built", "ct-mark") + STATES[1:])
     diag["ct_mark_hits"] = {"h1": 1200, "h2": 1180}
-    line = dr.fast_accept_line(diag)
+    line = dd.fast_accept_line(diag)
     assert "netplugin 1.37× host latency (p50) against 1.44× as built (0.805 µs less per one-way trip)" in line
     assert "took 1200, 1180 packets" in line
-    assert dr.fast_accept_line(_diag()) is None  # not measured: nothing claimed
+    assert dd.fast_accept_line(_diag()) is None  # not measured: nothing claimed
     assert any(line == x for x in dr.diagnosis_lines(diag))
     closing = "\n".join(dr.analysis_lines(_report_doc(), diag))
     assert "the same rule at the top of FORWARD itself, one jump earlier, measured 1.37×." in closing
@@ -149,15 +150,15 @@ def test_what_the_bare_state_says_follows_its_numbers():
 
 
 def test_notrack_explanation_only_when_it_does_not_help_and_rp_filter_is_measured():
-    slow = "\n".join(dr.decomposition_lines(_diag()))
+    slow = "\n".join(dd.decomposition_lines(_diag()))
     assert "slower: 1.55× host with NOTRACK against 1.44× as built, because every packet" in slow
     quick = _diag()
     quick["samples"]["notrack"] = _samples(1.30)
-    text = "\n".join(dr.decomposition_lines(quick))
+    text = "\n".join(dd.decomposition_lines(quick))
     assert "is faster: 1.30× host with NOTRACK against 1.44× as built." in text and "because" not in text
-    rpf = dr.rp_filter_line(_diag())
+    rpf = dd.rp_filter_line(_diag())
     assert rpf.startswith("- Strict rp_filter on the host veths: 14.0 µs p50 with it, 13.9 µs without")
-    assert dr.rp_filter_line(_diag(states=("as-built", "bare"))) is None
+    assert dd.rp_filter_line(_diag(states=("as-built", "bare"))) is None
 
 
 def test_diagnosis_names_the_steadiest_figure_from_the_spread():
