@@ -99,8 +99,9 @@ def main(argv=None):
 
 
 def _dispatch(args):
-    from netplugin.lab.lab import Lab, format_matrix
+    from netplugin.lab.lab import Lab
     from netplugin.lab.plan import DEFAULT_POOL, LabSpec
+    from netplugin.lab.report import format_matrix
 
     out = print
     if args.command == "list":
@@ -155,7 +156,7 @@ def _dispatch(args):
 
 
 def _print_status(st):
-    from netplugin.lab.lab import _table
+    from netplugin.lab.report import text_table
     spec = st["spec"]
     health = ", ".join(f"{u} ({'ok' if ok else 'DOWN'})" for u, ok in zip(st["etcd"], st["etcd_healthy"]))
     print(f"lab {st['name']} ({st['status']}): {spec['hosts']} hosts, {spec['racks']} rack(s), "
@@ -165,10 +166,10 @@ def _print_status(st):
         agent = "killed" if h["killed"] else ("running" if h["agent"] else "DOWN")
         rows.append((h["host"], h["address"], str(h["as"] or "cluster"), "yes" if h["route_reflector"] else "",
                      agent, h.get("bgp", "-")))
-    print("\n".join(_table(rows)))
+    print("\n".join(text_table(rows)))
     if st["containers"]:
         rows = [("CONTAINER", "HOST", "IP", "LABELS")]
         for c in sorted(st["containers"], key=lambda c: c["name"]):
             rows.append((c["name"], c["host"], c["ip"] or "", ",".join(f"{k}={v}" for k, v in c["labels"].items())))
         print()
-        print("\n".join(_table(rows)))
+        print("\n".join(text_table(rows)))

@@ -7,8 +7,9 @@ import os
 import tempfile
 import time
 
-from netplugin.lab.lab import Lab, format_matrix
+from netplugin.lab.lab import Lab
 from netplugin.lab.plan import LabSpec
+from netplugin.lab.report import format_matrix
 
 ROLES = ("web", "db")
 
