@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Policy at scale through the real agents: packet cost, apply and resync time, and propagation to 5 hosts.
 
-Everything runs in throwaway namespaces (tests/netns.py) with a private etcd (tests/etcd.py): a fabric bridge,
-five host namespaces each running ``netplugin agent --routing direct``, containers made by the real CNI plugin.
+Everything runs in one throwaway lab (netplugin/lab: its own etcd, a fabric bridge, five host namespaces each
+running ``netplugin agent --routing direct``), with containers made by the real CNI plugin.
 
 1. Packet cost. A client container on host1 and a server on host2 (one network), under five configurations run
    interleaved (round r starts at a rotated position): no policy; a policy denying 1,000 / 10,000 source CIDRs
@@ -49,15 +49,11 @@ from netplugin.config import EtcdConfig  # noqa: E402
 from netplugin.datastore import keys  # noqa: E402
 from netplugin.datastore.client import Datastore  # noqa: E402
 from netplugin.datastore.watch import PrefixWatch  # noqa: E402
-from netplugin.ipam.allocator import IPAM  # noqa: E402
+from netplugin.errors import NetpluginError  # noqa: E402
+from netplugin.lab import Lab, LabSpec, system  # noqa: E402
 from policy.compiler import policy_chain  # noqa: E402
-from tests.agents import AgentProcess, CniBinary  # noqa: E402
-from tests.etcd import EtcdServer  # noqa: E402
-from tests.netns import NamespaceSet, nsexec  # noqa: E402
 
 POOL = "10.30.0.0/16"
-FABRIC = "192.168.78"
-NETCTL = os.path.join(os.path.dirname(sys.executable), "netctl")
 LINEAR = "bench-linear"  # not np-: the agent must neither own nor remove it
 IPERF_PORT, CONN_PORT, PROBE_PORT = 5201, 5002, 9000
 
@@ -147,70 +143,48 @@ def log_time(ts):
     return time.mktime(time.strptime(ts[:19], "%Y-%m-%dT%H:%M:%S")) + int(ts[20:23]) / 1000.0
 
 
-class Lab:
-    def __init__(self, stack, n_hosts, workdir):
-        self.stack = stack
-        self.workdir = workdir
-        self.etcd = EtcdServer()
-        stack.callback(self.etcd.close)
-        self.etcd.start()
-        self.ds = Datastore(EtcdConfig(endpoints=[self.etcd.endpoint]))
+class PolicyBench:
+    """The benchmark's state over one lab (netplugin/lab): its containers (name -> namespace, address, endpoint
+    record), the agents' logs read incrementally, and our own watch on etcd."""
+
+    def __init__(self, stack, lab, workdir):
+        self.stack, self.lab, self.workdir = stack, lab, workdir
+        self.ds = Datastore(EtcdConfig(endpoints=lab.endpoints))
         self.changes = ChangeLog(self.ds)
         stack.callback(self.changes.close)
-        IPAM(self.ds).add_pool(POOL)
-        self.nss = NamespaceSet()
-        stack.callback(self.nss.close)
-        self.fabric = self.nss.add()
-        nsexec(self.fabric, "ip link add br0 type bridge")
-        nsexec(self.fabric, "ip link set br0 up")
-        self.hosts, self.agents, self.cni = [], [], {}
         self.ns, self.ip, self.ep = {}, {}, {}
         self._offsets = {}
-        for i in range(1, n_hosts + 1):
-            h = self.nss.add()
-            self.nss.link(h, self.fabric, f"{FABRIC}.{i}/24", None, "eth0", f"p{i}")
-            nsexec(self.fabric, f"ip link set p{i} master br0")
-            self.etcd.bridge_into(h)
-            self.hosts.append(h)
-            self.agents.append(self.agent(i))
-        stack.callback(self.stop_agents)
-        for agent in self.agents:
-            agent.start()
 
-    def agent(self, i, resync=60.0):
-        return AgentProcess(self.hosts[i - 1], f"host{i}", self.etcd.endpoint, os.path.join(self.workdir, f"run{i}"),
-                            extra_args=["--routing", "direct", "--node-address", f"{FABRIC}.{i}",
-                                        "--resync-interval", str(resync)])
+    @property
+    def hosts(self):
+        return len(self.lab.plan.hosts)
 
-    def stop_agents(self):
-        for agent in self.agents:
-            agent.stop()
+    def host(self, i):
+        """Host ``i`` (1-based) of the lab's plan."""
+        return self.lab.plan.hosts[i - 1]
+
+    def sh(self, i, argv, **kw):
+        """Run ``argv`` in host ``i``'s namespace; the CompletedProcess (LabError on failure)."""
+        return system.ns_run(self.host(i).namespace, argv, f"{argv[0]} on host{i}", **kw)
+
+    def log_path(self, i):
+        return os.path.join(self.host(i).run_dir, "agent.log")
 
     def restart_agent(self, i, resync):
-        self.agents[i - 1].stop()
-        self.agents[i - 1] = self.agent(i, resync)
-        self._offsets.pop(self.agents[i - 1].log_path, None)
-        self.log_lines(self.agents[i - 1])  # skip what the previous run logged
-        self.agents[i - 1].start()
+        self.log_lines(i)  # skip what the previous run logged
+        self.lab.restart_agent(self.host(i).name, ["--resync-interval", str(resync)])
 
     def container(self, key, host, network, labels):
-        if (host, network) not in self.cni:
-            self.cni[(host, network)] = CniBinary(os.path.join(self.workdir, f"cni-{host}-{network}"),
-                                                  self.agents[host - 1].socket, network=network)
-        cni = self.cni[(host, network)]
-        ns = self.nss.add()
-        rc, out, err = cni.call("ADD", ns, f"/run/netns/{ns}", config=dict(cni.config, args={"labels": labels}))
-        if rc != 0:
-            raise RuntimeError(f"CNI ADD for {key} failed: {out} {err}")
-        self.ns[key], self.ip[key] = ns, out["ips"][0]["address"].split("/")[0]
+        rec = self.lab.run_container(self.host(host).name, key.lower(), labels=labels, network=network)
+        self.ns[key], self.ip[key] = rec["netns"], rec["ip"]
         for kv in self.ds.list(keys.ENDPOINTS):
             if kv.value["addresses"][0] == f"{self.ip[key]}/32":
                 self.ep[key] = kv.value
 
     def daemon(self, key, argv):
         """A long-running process in a container that prints 'ready'; killed with its namespace."""
-        proc = subprocess.Popen(["ip", "netns", "exec", self.ns[key]] + argv, stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        proc = subprocess.Popen(system.in_ns(self.ns[key], argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
         self.stack.callback(_kill, proc)
         line = proc.stdout.readline().strip()
         if line != "ready":
@@ -218,44 +192,49 @@ class Lab:
         return proc
 
     def netctl(self, *args, stdin=None):
-        p = subprocess.run([NETCTL, "--etcd-endpoints", self.etcd.endpoint, *args], input=stdin,
-                           capture_output=True, text=True, timeout=60)
-        if p.returncode != 0:
-            raise RuntimeError(f"netctl {' '.join(args)}: {p.stderr.strip()}")
-        return p
+        return self.lab.netctl(*args, echo=False, input=stdin)
 
-    def log_lines(self, agent):
-        """New lines of an agent's log since the last call."""
+    def log_lines(self, i):
+        """New lines of host ``i``'s agent log since the last call."""
+        path = self.log_path(i)
         try:
-            with open(agent.log_path) as f:
-                f.seek(self._offsets.get(agent.log_path, 0))
+            with open(path) as f:
+                f.seek(self._offsets.get(path, 0))
                 text = f.read()
-                self._offsets[agent.log_path] = f.tell()
+                self._offsets[path] = f.tell()
         except OSError:
             return []
         return text.splitlines()
 
-    def wait_sync(self, agent, revision, timeout=30.0):
-        """Bounded wait for ``agent`` to finish a sync at or past ``revision``; -> (epoch ts, took_ms, lines)."""
+    def log_tail(self, i):
+        try:
+            with open(self.log_path(i)) as f:
+                return f.read()[-6000:]
+        except OSError:
+            return ""
+
+    def wait_sync(self, i, revision, timeout=30.0):
+        """Bounded wait for host ``i``'s agent to finish a sync at or past ``revision``; -> (epoch ts, took_ms,
+        lines)."""
         deadline = time.monotonic() + timeout
         seen = []
         while time.monotonic() < deadline:
-            for line in self.log_lines(agent):
+            for line in self.log_lines(i):
                 seen.append(line)
                 m = re.search(r"ts=(\S+) .*event=sync revision=(\d+) full=\w+ took_ms=([\d.]+)", line)
                 if m and int(m.group(2)) >= revision:
                     return log_time(m.group(1)), float(m.group(3)), seen
             time.sleep(0.01)
-        raise RuntimeError(f"{agent.hostname} did not sync revision {revision} in {timeout} s:\n{agent.log()}")
+        raise RuntimeError(f"host{i} did not sync revision {revision} in {timeout} s:\n{self.log_tail(i)}")
 
-    def wait_full_syncs(self, agent, count, timeout):
-        """The next ``count`` periodic full syncs of ``agent``: [(took_ms, the lines of that pass)]."""
+    def wait_full_syncs(self, i, count, timeout):
+        """The next ``count`` periodic full syncs of host ``i``'s agent: [(took_ms, the lines of that pass)]."""
         out, lines = [], []
         deadline = time.monotonic() + timeout
         while len(out) < count:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{agent.hostname}: {len(out)} of {count} full syncs in {timeout} s")
-            for line in self.log_lines(agent):
+                raise RuntimeError(f"host{i}: {len(out)} of {count} full syncs in {timeout} s")
+            for line in self.log_lines(i):
                 lines.append(line)
                 m = re.search(r"event=sync revision=\d+ full=True took_ms=([\d.]+)", line)
                 if m:
@@ -302,43 +281,43 @@ class Configs:
     def switch(self, name):
         if name == self.current:
             return
-        lab, host2 = self.lab, self.lab.hosts[1]
+        lab = self.lab
         if self.current.startswith("linear-"):
-            nsexec(host2, ["iptables", "-D", "FORWARD", "-o", lab.ep["S"]["host_ifname"], "-j", LINEAR])
-            nsexec(host2, ["iptables", "-F", LINEAR])
-            nsexec(host2, ["iptables", "-X", LINEAR])
+            lab.sh(2, ["iptables", "-D", "FORWARD", "-o", lab.ep["S"]["host_ifname"], "-j", LINEAR])
+            lab.sh(2, ["iptables", "-F", LINEAR])
+            lab.sh(2, ["iptables", "-X", LINEAR])
         if self.current.startswith("policy-") and not name.startswith("policy-"):
             lab.netctl("policy", "delete", "bench-deny")
-            lab.wait_sync(lab.agents[1], lab.changes.last_relevant())
+            lab.wait_sync(2, lab.changes.last_relevant())
         if name.startswith("policy-"):
             n = int(name.split("-")[1])
             t0 = time.time()
             lab.netctl("policy", "apply", "-f", self.policy_files[n])
-            enforced, took_ms, lines = lab.wait_sync(lab.agents[1], lab.changes.last_relevant())
+            enforced, took_ms, lines = lab.wait_sync(2, lab.changes.last_relevant())
             phases = [ast.literal_eval(m.group(1)) for m in
                       (re.search(r"event=policy.applied .*timings=(\{.*\})", line) for line in lines) if m]
             self.apply_times.setdefault(n, []).append((enforced - t0, took_ms, phases[-1] if phases else {}))
             # Confirm the kernel holds it: one set of n members behind the server's ingress.
-            sets = nsexec(host2, "ipset list -t").stdout
+            sets = lab.sh(2, ["ipset", "list", "-t"]).stdout
             if f"Number of entries: {n}\n" not in sets:
                 raise RuntimeError(f"host2 holds no ipset of {n} entries after applying {name}")
         if name.startswith("linear-"):
             n = int(name.split("-")[1])
             batch = ["*filter", f":{LINEAR} - [0:0]"] + [f"-A {LINEAR} -s {c} -j DROP" for c in cidrs(n)]
             batch += [f"-I FORWARD 1 -o {lab.ep['S']['host_ifname']} -j {LINEAR}", "COMMIT"]
-            nsexec(host2, ["iptables-restore", "--noflush", "-w", "5"], input="\n".join(batch) + "\n", timeout=60)
+            lab.sh(2, ["iptables-restore", "--noflush", "-w", "5"], input="\n".join(batch) + "\n", timeout=60)
         self.current = name
 
 
 def iperf(lab, seconds):
-    p = nsexec(lab.ns["C"], ["iperf3", "-c", lab.ip["S"], "-p", str(IPERF_PORT), "-t", str(seconds), "-l", "128K",
-                             "-J"], timeout=seconds + 20)
+    p = system.ns_run(lab.ns["C"], ["iperf3", "-c", lab.ip["S"], "-p", str(IPERF_PORT), "-t", str(seconds),
+                                    "-l", "128K", "-J"], "iperf3 in C", timeout=seconds + 20)
     return json.loads(p.stdout)["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
 def conn_rate(lab, seconds, limit=20000):
-    p = nsexec(lab.ns["C"], [sys.executable, "-c", CONN_CLIENT, lab.ip["S"], str(seconds), str(limit)],
-               timeout=seconds + 30)
+    p = system.ns_run(lab.ns["C"], [sys.executable, "-c", CONN_CLIENT, lab.ip["S"], str(seconds), str(limit)],
+                      "the connection client in C", timeout=seconds + 30)
     r = json.loads(p.stdout)
     if r["failed"]:
         raise RuntimeError(f"{r['failed']} connections failed: the benchmark traffic must not be denied")
@@ -364,26 +343,25 @@ def packet_cost(lab, args, sizes):
 def full_resync(lab, n):
     """Restart host2's agent with a 1 s resync and time its full syncs with ``n`` rules in the kernel."""
     lab.netctl("policy", "apply", "-f", policy_file(lab, n))
-    lab.wait_sync(lab.agents[1], lab.changes.last_relevant())
+    lab.wait_sync(2, lab.changes.last_relevant())
     lab.restart_agent(2, resync=1.0)
-    agent = lab.agents[1]
-    _, startup_ms, _ = lab.wait_sync(agent, lab.changes.last_relevant())
-    steady = [ms for ms, _ in lab.wait_full_syncs(agent, 4, timeout=30)]
+    _, startup_ms, _ = lab.wait_sync(2, lab.changes.last_relevant())
+    steady = [ms for ms, _ in lab.wait_full_syncs(2, 4, timeout=30)]
     # Repair: right after a full sync, flush our policy chain and empty our big set by hand.
-    lab.wait_full_syncs(agent, 1, timeout=10)
+    lab.wait_full_syncs(2, 1, timeout=10)
     chain = policy_chain("bench-deny", "Ingress")
-    big = [name for name in nsexec(lab.hosts[1], "ipset list -n").stdout.split() if name.startswith("np-cidr-")]
-    nsexec(lab.hosts[1], ["iptables", "-F", chain])
+    big = [name for name in lab.sh(2, ["ipset", "list", "-n"]).stdout.split() if name.startswith("np-cidr-")]
+    lab.sh(2, ["iptables", "-F", chain])
     for name in big:
-        nsexec(lab.hosts[1], ["ipset", "flush", name])
-    [(repair_ms, lines)] = lab.wait_full_syncs(agent, 1, timeout=10)
+        lab.sh(2, ["ipset", "flush", name])
+    [(repair_ms, lines)] = lab.wait_full_syncs(2, 1, timeout=10)
     applied = [line for line in lines if "event=policy.applied" in line]
     if not applied:
         raise RuntimeError("the full resync after flushing did not repair anything")
-    if f"Number of entries: {n}\n" not in nsexec(lab.hosts[1], "ipset list -t").stdout:
+    if f"Number of entries: {n}\n" not in lab.sh(2, ["ipset", "list", "-t"]).stdout:
         raise RuntimeError("the full resync did not refill the flushed set")
     lab.netctl("policy", "delete", "bench-deny")
-    lab.wait_sync(agent, lab.changes.last_relevant())
+    lab.wait_sync(2, lab.changes.last_relevant())
     return {"startup": startup_ms, "steady": steady, "repair": repair_ms, "repair_log": applied[0]}
 
 
@@ -428,7 +406,7 @@ class ChangeLog:
 
 
 def propagation(lab, applies):
-    targets = [f"T{i}" for i in range(1, len(lab.hosts) + 1)]
+    targets = [f"T{i}" for i in range(1, lab.hosts + 1)]
     prober = lab.daemon("P", [sys.executable, "-c", PROBER, ",".join(lab.ip[t] for t in targets)])
     try:
         from_commit, from_cli = [], []
@@ -516,9 +494,12 @@ def table(rows, header):
 
 
 def build_lab(stack, args, workdir):
-    """5 hosts; client C (host1) and server S (host2) on one network; prober P (host1) and a target Ti on every
-    host, on two other networks; servers in S and the targets."""
-    lab = Lab(stack, args.hosts, workdir)
+    """``args.hosts`` hosts in one lab (netplugin/lab, ``--routing direct``); client C (host1) and server S (host2)
+    on one network; prober P (host1) and a target Ti on every host, on two other networks; servers in S and the
+    targets."""
+    spec = LabSpec(name=f"bpol{os.getpid() % 100000}", hosts=args.hosts, routing="direct", pool=POOL)
+    stack.callback(Lab.destroy, spec.name, progress)  # up removes a half-built lab itself; this covers the rest
+    lab = PolicyBench(stack, Lab.up(spec, out=progress), workdir)
     lab.container("C", 1, "bench", {"role": "client"})
     lab.container("S", 2, "bench", {"role": "server"})
     lab.container("P", 1, "probe", {"role": "prober"})
@@ -526,16 +507,20 @@ def build_lab(stack, args, workdir):
         lab.container(f"T{i}", i, "tgt", {"role": "target"})
         lab.daemon(f"T{i}", [sys.executable, "-c", ECHO, str(PROBE_PORT), str(PROBE_PORT + args.applies + 1)])
     lab.daemon("S", [sys.executable, "-c", CONN_SERVER])
-    iperf_server = subprocess.Popen(["ip", "netns", "exec", lab.ns["S"], "iperf3", "-s", "-p", str(IPERF_PORT)],
+    iperf_server = subprocess.Popen(system.in_ns(lab.ns["S"], ["iperf3", "-s", "-p", str(IPERF_PORT)]),
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     stack.callback(_kill, iperf_server)
     deadline = time.monotonic() + 10
-    while f":{IPERF_PORT} " not in nsexec(lab.ns["S"], "ss -ltnH").stdout:
+    while f":{IPERF_PORT} " not in system.ns_run(lab.ns["S"], ["ss", "-ltnH"], "listing sockets in S").stdout:
         if time.monotonic() > deadline or iperf_server.poll() is not None:
             raise RuntimeError("iperf3 -s did not start")
         time.sleep(0.05)
-    lab.wait_sync(lab.agents[1], lab.changes.last_relevant())
+    lab.wait_sync(2, lab.changes.last_relevant())
     return lab
+
+
+def progress(line):
+    print(line, file=sys.stderr, flush=True)
 
 
 def main():
@@ -574,6 +559,9 @@ def main():
         except KeyboardInterrupt:
             print("interrupted: cleaning up", file=sys.stderr)
             raise SystemExit(130) from None
+        except (RuntimeError, NetpluginError) as e:
+            print(f"bench_policy: {e}; cleaning up", file=sys.stderr)
+            raise SystemExit(1) from None
     if aims:
         report.append("### Aims\n\n" + table([[a, m, "met" if ok else "**missed**"] for a, m, ok in aims],
                                               ["aim", "measured", ""]))
