@@ -19,6 +19,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,9 @@ from netplugin.benchlib import datapath_metrics, datapath_report, machine, stats
 from netplugin.benchlib.markdown import fmt_num  # noqa: E402
 from netplugin.benchlib.cleanup import CleanupStack, Interrupted  # noqa: E402
 from netplugin.errors import NetpluginError  # noqa: E402
+from netplugin.lab import Lab, LabSpec, system  # noqa: E402
+from netplugin.lab.plan import ns_prefix  # noqa: E402
+from netplugin.lab.topology import add_bridge, plug_host  # noqa: E402
 from policy.compiler import CompileOptions  # noqa: E402
 
 FABRIC_PREFIX = "10.77.0"  # fabric addresses: only ever inside the namespaces this script makes
@@ -62,54 +66,58 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-class Lab:
-    """Namespaces, processes and files of one run; every undo step is registered before the thing exists."""
+class Testbed:
+    """Every namespace of one run, named under the lab prefixes of netplugin/lab (``lab-<name>-``), so the lab's
+    safety rules hold (nothing else is ever touched) and ``Lab.destroy`` removes them with whatever still runs in
+    them. The netplugin path is a real lab (``Lab.up``, named ``<name>n``); the other paths' hosts and containers
+    are plain namespaces beside it, on a fabric bridge of their own. Undo steps are registered before the thing
+    exists."""
 
     def __init__(self, cleanup):
-        from tests.netns import NamespaceSet
         self.cleanup = cleanup
-        self.nss = NamespaceSet()
-        self.made = []  # every namespace name, kept after nss.close() for the leftover check
-        cleanup.push("remove namespaces", self.nss.close)
+        self.name = f"bdp{os.getpid() % 100000}"
+        self.prefix = ns_prefix(self.name)
+        cleanup.push(f"remove namespaces {self.prefix}*", Lab.destroy, self.name)
         self.workdir = os.path.join(tempfile.gettempdir(), f"npt-bench-{os.getpid()}-{int(time.time())}")
         cleanup.push(f"remove {self.workdir}", shutil.rmtree, self.workdir, ignore_errors=True)
         os.mkdir(self.workdir)
-        self.fabric = self._ns()
-        self.sh(self.fabric, "ip link add br0 type bridge")
-        self.sh(self.fabric, "ip link set br0 up")
-        self._ports = 0
+        self._count = 0
+        self.fabric = self._ns("fabric")
+        add_bridge(self.fabric)
         self.netplugin = None
 
     @staticmethod
-    def sh(ns, cmd, **kw):
-        from tests.netns import nsexec
-        return nsexec(ns, cmd, **kw)
+    def sh(ns, cmd, check=True, input=None, timeout=60):
+        """Run ``cmd`` (a string or an argv) in lab namespace ``ns``; LabError when it fails and ``check``."""
+        argv = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
+        return system.ns_run(ns, argv, f"{argv[0]} in {ns}", check=check, input=input, timeout=timeout)
+
+    def _ns(self, kind):
+        self._count += 1
+        ns = f"{self.prefix}{kind}{self._count}"
+        system.add_netns(ns)
+        return ns
 
     def host(self, index, forward=True):
         """A host namespace with eth0 = FABRIC_PREFIX.index/24 on the fabric bridge."""
-        ns = self._ns()
-        self._ports += 1
-        port = f"f{self._ports}"
-        self.nss.link(ns, self.fabric, f"{FABRIC_PREFIX}.{index}/24", None, "eth0", port)
-        self.sh(self.fabric, f"ip link set {port} master br0")
+        ns = self._ns("h")
+        plug_host(ns, self.fabric, f"f{self._count}", f"{FABRIC_PREFIX}.{index}/24")
         if forward:
-            self.sh(ns, "sysctl -qw net.ipv4.ip_forward=1")
+            system.sysctl(ns, {"net.ipv4.ip_forward": 1}, f"enabling forwarding in {ns}")
         return ns, f"{FABRIC_PREFIX}.{index}"
 
-    def _ns(self):
-        from tests.netns import unique
-        name = unique()
-        self.made.append(name)
-        return self.nss.add(name)
-
     def container(self):
-        return self._ns()
+        return self._ns("c")
+
+    def link(self, ctr, host, address, ctr_if, host_if):
+        """A veth from container ``ctr`` (``ctr_if``, with ``address``) to ``host`` (``host_if``), both up."""
+        system.veth(ctr, ctr_if, host, host_if)
+        system.ip_batch(ctr, [f"addr add {address} dev {ctr_if}", f"link set {ctr_if} up"], f"addressing {ctr}")
+        system.ip_batch(host, [f"link set {host_if} up"], f"bringing up {host_if} in {host}")
 
     def leftovers(self):
         """Namespaces this run made that still exist (should be none after cleanup)."""
-        from tests.netns import run
-        listed = {line.split()[0] for line in run(["ip", "netns", "list"], check=False).stdout.splitlines() if line}
-        return sorted(set(self.made) & listed)
+        return system.list_netns(self.prefix) + system.list_netns(ns_prefix(self.name + "n"))
 
     def spawn(self, what, start):
         """Start a long-lived process with ``start()``; it is killed at cleanup."""
@@ -136,39 +144,18 @@ def build_host(lab):
 
 
 def build_netplugin(lab, cleanup):
-    from tests.agents import AgentProcess, CniBinary
-    from tests.etcd import EtcdServer
-    from netplugin.config import EtcdConfig
-    from netplugin.datastore.client import Datastore
-    from netplugin.ipam.allocator import IPAM
-
-    etcd = EtcdServer()
-    cleanup.push("stop etcd", etcd.close)
-    etcd.start()
-    IPAM(Datastore(EtcdConfig(endpoints=[etcd.endpoint]))).add_pool(NETPLUGIN_POOL)
-    hosts, agents = [], []
-    for i, index in enumerate((11, 12), start=1):
-        ns, ip = lab.host(index)
-        etcd.bridge_into(ns)
-        agent = AgentProcess(ns, f"bench-host{i}", etcd.endpoint, os.path.join(lab.workdir, f"agent{i}"),
-                             extra_args=["--node-address", ip, "--routing", "bgp"])
-        cleanup.push(f"stop agent {i}", agent.stop)
-        agent.start()
-        hosts.append(ns)
-        agents.append(agent)
-    lab.netplugin = {"hosts": hosts, "agents": agents}  # for --diagnose
-    containers = []
-    for i, agent in ((1, agents[0]), (2, agents[1]), (3, agents[0])):
-        cni = CniBinary(os.path.join(lab.workdir, f"cni{i}"), agent.socket)
-        ns = lab.container()
-        rc, out, err = cni.call("ADD", ns, f"/run/netns/{ns}")
-        if rc != 0:
-            raise RuntimeError(f"netplugin CNI ADD for container {i} failed (rc={rc}): {err.strip()[-300:]}")
-        containers.append((ns, out["ips"][0]["address"].split("/")[0]))
-    (c1, ip1), (c2, ip2), (c3, _) = containers
+    """A two-host lab (netplugin/lab: etcd, BIRD and an agent per host, --routing bgp) and three containers made
+    through the CNI binary: two on the first host, one on the second."""
+    spec = LabSpec(name=lab.name + "n", hosts=2, routing="bgp", pool=NETPLUGIN_POOL)
+    cleanup.push(f"remove lab {spec.name}", Lab.destroy, spec.name, log)
+    cluster = Lab.up(spec, out=log)
+    (c1, ip1), (c2, ip2), (c3, _) = [(rec["netns"], rec["ip"]) for rec in (
+        cluster.run_container(host, name) for host, name in (("h1", "c1"), ("h2", "c2"), ("h1", "c3")))]
+    lab.netplugin = {"hosts": [h.namespace for h in cluster.plan.hosts],
+                     "agents": [cluster.agent_pid(h.name) for h in cluster.plan.hosts]}  # for --diagnose
     if not wait_ping(lab, c1, ip2, timeout=60):
-        raise RuntimeError(f"netplugin containers on two hosts cannot reach each other after 60 s "
-                           f"(BGP not established?); agent log:\n{agents[0].log()[-1500:]}")
+        raise RuntimeError(f"netplugin containers on two hosts cannot reach each other after 60 s; see "
+                           f"{cluster.plan.state_dir}/hosts/*/agent.log")
     return [
         Path("netplugin-2h", "netplugin, 2 hosts (BGP)",
              "Containers on two hosts: a veth per container with a /32 route, proxy-ARP gateway, per-endpoint "
@@ -227,7 +214,6 @@ def docker_rules(container_ip):
 
 
 def build_docker_nat(lab):
-    from tests.netns import run
     out = []
     container_ip = f"{DOCKER_NET}.2"
     for index in (21, 22):
@@ -236,10 +222,10 @@ def build_docker_nat(lab):
         lab.sh(host, f"ip addr add {DOCKER_NET}.1/16 dev docker0")
         lab.sh(host, "ip link set docker0 up")
         ctr = lab.container()
-        lab.nss.link(ctr, host, f"{container_ip}/16", None, "eth0", "veth0")
+        lab.link(ctr, host, f"{container_ip}/16", "eth0", "veth0")
         lab.sh(host, "ip link set veth0 master docker0")
         lab.sh(ctr, f"ip route add default via {DOCKER_NET}.1")
-        run(["ip", "netns", "exec", host, "iptables-restore", "-w", "5", "--noflush"], input=docker_rules(container_ip))
+        lab.sh(host, "iptables-restore -w 5 --noflush", input=docker_rules(container_ip))
         out.append((host, host_ip, ctr))
     (_, _, client), (_, server_host_ip, server) = out
     return [Path("docker-nat", "Docker bridge + published port (emulated)",
@@ -261,7 +247,7 @@ def build_vxlan(lab):
         lab.sh(host, "ip link set vxlan0 up")
         lab.sh(host, "ip link set vxbr0 up")
         ctr = lab.container()
-        lab.nss.link(ctr, host, f"{VXLAN_NET}.{i + 1}/24", None, "eth0", "vh0")
+        lab.link(ctr, host, f"{VXLAN_NET}.{i + 1}/24", "eth0", "vh0")
         lab.sh(ctr, "ip link set eth0 mtu 1450")
         lab.sh(host, "ip link set vh0 mtu 1450")
         lab.sh(host, "ip link set vh0 master vxbr0")
@@ -278,8 +264,8 @@ def cni_ptp_add(lab, host, ctr, subnet, data_dir):
                      "routes": [{"dst": "0.0.0.0/0"}]}}
     env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": ctr, "CNI_NETNS": f"/run/netns/{ctr}", "CNI_IFNAME": "eth0",
            "CNI_PATH": CNI_DIR, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-    p = subprocess.run(["ip", "netns", "exec", host, os.path.join(CNI_DIR, "ptp")], input=json.dumps(conf),
-                       env=env, capture_output=True, text=True, timeout=30)
+    p = system.run(system.in_ns(host, [os.path.join(CNI_DIR, "ptp")]), f"CNI ptp ADD in {host}", check=False,
+                   input=json.dumps(conf), env=env, timeout=30)
     if p.returncode != 0:
         raise RuntimeError(f"CNI ptp ADD in {host} failed (rc={p.returncode}): {(p.stdout + p.stderr).strip()[-300:]}")
     return json.loads(p.stdout)["ips"][0]["address"].split("/")[0]
@@ -432,11 +418,10 @@ def flowtable_nft(devices):
 
 def flowtable_support(lab, ns):
     """(supported, reason): ask the kernel with ``nft -c`` (check only, nothing is committed) in ``ns``."""
-    from tests.netns import run
     dev = FLOWTABLE_PROBE_DEV
     lab.sh(ns, f"ip link add {dev} type veth peer name {dev}p")
     try:
-        p = run(["ip", "netns", "exec", ns, "nft", "-c", "-f", "-"], input=flowtable_nft([dev]), check=False)
+        p = lab.sh(ns, "nft -c -f -", input=flowtable_nft([dev]), check=False)
     finally:
         lab.sh(ns, f"ip link del {dev}", check=False)
     if p.returncode == 0:
@@ -578,7 +563,7 @@ def diagnose(args):
            "settings": {"rounds": args.rounds, "duration_s": args.duration, "latency_pinned": True},
            "baseline": "host"}
     with CleanupStack() as cleanup:
-        lab = Lab(cleanup)
+        lab = Testbed(cleanup)
         paths = [p for p in build_host(lab) + build_netplugin(lab, cleanup) + build_ptp(lab) if p.id != "netplugin-1h"]
         states = [st for st in DIAG_STATES if st.id in args.states]
         if any(st.id == "flowtable" for st in states):
@@ -591,7 +576,7 @@ def diagnose(args):
         servers = Servers(lab)
         for p in paths:
             servers.start(p)
-        agent_pids = [a.proc.pid for a in lab.netplugin["agents"]]
+        agent_pids = lab.netplugin["agents"]
         cleanup.push("resume agents", lambda: [os.kill(pid, signal.SIGCONT) for pid in agent_pids])
         for pid in agent_pids:
             os.kill(pid, signal.SIGSTOP)  # so they do not put back what a state removes
@@ -707,7 +692,7 @@ def parse_args(argv):
 def preflight():
     if os.geteuid() != 0:
         sys.exit("bench_datapath: must run as root (it creates network namespaces)")
-    missing = [t for t in ("iperf3", "sockperf", "socat", "bird", "iptables-restore") if not shutil.which(t)]
+    missing = [t for t in ("iperf3", "sockperf", "socat", "bird", "iptables-restore", "nft") if not shutil.which(t)]
     if missing:
         sys.exit(f"bench_datapath: missing tools: {', '.join(missing)} (see scripts/setup.sh)")
     if not os.path.exists(os.path.join(os.path.dirname(sys.executable), "netplugin")):
@@ -743,7 +728,7 @@ def main(argv=None):
     lab = None
     try:
         with CleanupStack() as cleanup:
-            lab = Lab(cleanup)
+            lab = Testbed(cleanup)
             paths = []
             for name in args.paths:
                 t0 = time.monotonic()

@@ -16,14 +16,30 @@ BIN = os.path.dirname(sys.executable)  # the virtualenv's bin: netplugin, netctl
 CNI_NETWORK = "netplugin"
 
 
+def add_bridge(segment_ns):
+    """The L2 segment's bridge ``br0`` in ``segment_ns`` (a rack, or a benchmark's fabric)."""
+    system.ip_batch(segment_ns, ["link add br0 type bridge", "link set br0 up"], f"creating the bridge in {segment_ns}")
+
+
+def plug_host(host_ns, segment_ns, port, address, gateway=None):
+    """``eth0`` of ``host_ns`` (address ``a.b.c.d/len``) on the bridge of ``segment_ns`` through port ``port``,
+    with a default route via ``gateway`` when one is given."""
+    system.veth(host_ns, "eth0", segment_ns, port)
+    cmds = [f"addr add {address} dev eth0", "link set eth0 up"]
+    if gateway:
+        cmds.append(f"route add default via {gateway}")
+    system.ip_batch(host_ns, cmds, f"addressing {host_ns}")
+    system.ip_batch(segment_ns, [f"link set {port} master br0", f"link set {port} up"],
+                    f"plugging {host_ns} into {segment_ns}")
+
+
 class Topology:
     def _build_fabric(self):
         plan, state = self.plan, self.state
         for rack in plan.racks:
             state.add_namespace(rack.namespace)
             system.add_netns(rack.namespace)
-            system.ip_batch(rack.namespace, ["link add br0 type bridge", "link set br0 up"],
-                            f"creating the bridge of rack {rack.index}")
+            add_bridge(rack.namespace)
         if plan.router:
             r = plan.router
             state.add_namespace(r.namespace)
@@ -39,14 +55,7 @@ class Topology:
         for h in plan.hosts:
             state.add_namespace(h.namespace)
             system.add_netns(h.namespace)
-            rack = plan.racks[h.rack - 1]
-            system.veth(h.namespace, "eth0", rack.namespace, h.port)
-            cmds = [f"addr add {h.address}/24 dev eth0", "link set eth0 up"]
-            if h.gateway:
-                cmds.append(f"route add default via {h.gateway}")
-            system.ip_batch(h.namespace, cmds, f"addressing host {h.name}")
-            system.ip_batch(rack.namespace, [f"link set {h.port} master br0", f"link set {h.port} up"],
-                            f"plugging host {h.name} into rack {h.rack}")
+            plug_host(h.namespace, plan.racks[h.rack - 1].namespace, h.port, f"{h.address}/24", h.gateway)
         members = self.state.data["etcd"]["members"]
         for h in plan.hosts:
             etcd.bridge_into(state, h.namespace, members)
