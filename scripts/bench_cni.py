@@ -30,9 +30,9 @@ from netplugin.benchlib.stats import median, percentile  # noqa: E402
 from netplugin.config import EtcdConfig  # noqa: E402
 from netplugin.datastore.client import Datastore  # noqa: E402
 from netplugin.ipam.allocator import IPAM  # noqa: E402
-from tests.agents import AgentProcess, CniBinary, rmtree, tempdir  # noqa: E402
+from netplugin.lab.agents import AgentProcess, CniBinary, rmtree, tempdir  # noqa: E402
+from netplugin.lab.netns import NamespaceSet  # noqa: E402
 from tests.etcd import EtcdServer  # noqa: E402
-from tests.netns import NamespaceSet  # noqa: E402
 
 NP_POOL = "10.78.0.0/16"
 PTP_SUBNET = "10.79.0.0/16"
@@ -219,17 +219,6 @@ def post_unix(path, url, body, timeout=30):
         while chunk := s.recv(65536):
             data += chunk
     return json.loads(data.split(b"\r\n\r\n", 1)[1])
-
-
-def _log_text(self):
-    try:
-        with open(self.log_path) as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
-AgentProcess.log_text = _log_text  # the whole log (AgentProcess.log keeps only its tail)
 
 
 def main():

@@ -1,91 +1,13 @@
-"""Real agents in throwaway host namespaces, and the CNI binary called exactly as a runtime calls it."""
+"""The agent and CNI helpers live in netplugin/lab/agents.py (re-exported here for the test suite), where the
+benchmarks use them too; what only the tests need stays here."""
 import json
 import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 
-from tests.console import console_script
-from tests.netns import run, stop_process
+from netplugin.lab.agents import AgentProcess, CniBinary, rmtree, tempdir
+from netplugin.lab.console import console_script
+from netplugin.lab.netns import run
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class AgentProcess:
-    """``netplugin agent`` inside ``netns`` (the host), logging to run_dir/agent.log."""
-
-    def __init__(self, netns, hostname, etcd_endpoint, run_dir, extra_args=()):
-        self.netns = netns
-        self.hostname = hostname
-        self.etcd_endpoint = etcd_endpoint
-        self.run_dir = run_dir
-        self.extra_args = list(extra_args)
-        self.proc = None
-
-    @property
-    def socket(self):
-        return os.path.join(self.run_dir, "agent.sock")
-
-    @property
-    def log_path(self):
-        return os.path.join(self.run_dir, "agent.log")
-
-    def start(self, timeout=20):
-        os.makedirs(self.run_dir, exist_ok=True)
-        if os.path.exists(self.socket):
-            os.unlink(self.socket)
-        cmd = ["ip", "netns", "exec", self.netns, console_script("netplugin"), "agent",
-               "--hostname", self.hostname, "--etcd-endpoints", self.etcd_endpoint, "--run-dir", self.run_dir,
-               "--routing", "none"] + self.extra_args
-        log = open(self.log_path, "a")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"agent exited {self.proc.returncode}:\n{self.log()}")
-            if os.path.exists(self.socket):
-                return self
-            time.sleep(0.05)
-        raise RuntimeError(f"agent did not start:\n{self.log()}")
-
-    def stop(self, sig=signal.SIGTERM):
-        stop_process(self.proc, sig, timeout=15)
-        self.proc = None
-
-    def log(self):
-        try:
-            with open(self.log_path) as f:
-                return f.read()[-6000:]
-        except OSError:
-            return ""
-
-
-class CniBinary:
-    """The installed plugin binary plus a conflist; ``call`` runs it with env + stdin like a runtime."""
-
-    def __init__(self, workdir, agent_socket, network="netplugin", pools=None, cni_version="1.1.0"):
-        from cni.install import install_cni
-        self.bin_dir = os.path.join(workdir, "bin")
-        self.conf_dir = os.path.join(workdir, "net.d")
-        self.bin_path, conf_path = install_cni(self.bin_dir, self.conf_dir, network=network,
-                                               agent_socket=agent_socket, pools=pools, cni_version=cni_version,
-                                               python=sys.executable)
-        with open(conf_path) as f:
-            conflist = json.load(f)
-        self.config = dict(conflist["plugins"][0], cniVersion=conflist["cniVersion"], name=conflist["name"])
-
-    def call(self, command, container_id="", netns="", ifname="eth0", args="", config=None, timeout=60):
-        env = {"CNI_COMMAND": command, "CNI_CONTAINERID": container_id, "CNI_NETNS": netns,
-               "CNI_IFNAME": ifname, "CNI_PATH": self.bin_dir, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-        if args:
-            env["CNI_ARGS"] = args
-        p = subprocess.run([self.bin_path], input=json.dumps(config or self.config), env=env,
-                           capture_output=True, text=True, timeout=timeout)
-        out = json.loads(p.stdout) if p.stdout.strip() else {}
-        return p.returncode, out, p.stderr
+__all__ = ["AgentProcess", "CniBinary", "netctl_install_cni", "rmtree", "tempdir"]
 
 
 def netctl_install_cni(bin_dir, conf_dir, network, agent_socket, *options):
@@ -94,11 +16,3 @@ def netctl_install_cni(bin_dir, conf_dir, network, agent_socket, *options):
          "--agent-socket", agent_socket, *options], timeout=30)
     with open(os.path.join(conf_dir, f"10-{network}.conflist")) as f:
         return json.load(f)
-
-
-def tempdir(prefix="npt-"):
-    return tempfile.mkdtemp(prefix=prefix)
-
-
-def rmtree(path):
-    shutil.rmtree(path, ignore_errors=True)

@@ -3,8 +3,8 @@ import os
 
 import pytest
 
+from netplugin.lab.netns import NamespaceSet
 from tests.etcd import EtcdServer
-from tests.netns import NamespaceSet
 
 
 def pytest_configure(config):
@@ -49,7 +49,7 @@ def namespaces():
 @pytest.fixture
 def host_factory(etcd_server, namespaces, tmp_path):
     """Make host namespaces each running a real agent that reaches the session's etcd."""
-    from tests.agents import AgentProcess
+    from netplugin.lab.agents import AgentProcess
     agents = []
 
     def make(name=None, extra_args=()):

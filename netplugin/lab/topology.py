@@ -9,6 +9,7 @@ import sys
 import time
 
 from netplugin.lab import etcd, system
+from netplugin.lab.agents import agent_argv
 from netplugin.lab.router import render_router_config
 from netplugin.lab.system import LabError
 
@@ -70,13 +71,12 @@ class Topology:
 
     def agent_command(self, h):
         spec = self.plan.spec
-        args = [os.path.join(BIN, "netplugin"), "agent", "--hostname", h.name,
-                "--etcd-endpoints", ",".join(self.endpoints), "--run-dir", h.run_dir,
-                "--routing", spec.routing, "--node-address", h.address, "--label", f"rack=rack{h.rack}",
-                "--liveness-ttl", "8", "--resync-interval", "60"]
+        extra = ["--node-address", h.address, "--label", f"rack=rack{h.rack}", "--liveness-ttl", "8",
+                 "--resync-interval", "60"]
         if h.as_number is not None:
-            args += ["--as-number", str(h.as_number)]
-        return system.in_ns(h.namespace, args)
+            extra += ["--as-number", str(h.as_number)]
+        return system.in_ns(h.namespace, agent_argv(h.name, self.endpoints, h.run_dir, spec.routing, extra,
+                                                    program=os.path.join(BIN, "netplugin")))
 
     def _start_agents(self):
         from cni.install import install_cni
