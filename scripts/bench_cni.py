@@ -31,8 +31,8 @@ from netplugin.config import EtcdConfig  # noqa: E402
 from netplugin.datastore.client import Datastore  # noqa: E402
 from netplugin.ipam.allocator import IPAM  # noqa: E402
 from netplugin.lab.agents import AgentProcess, CniBinary, rmtree, tempdir  # noqa: E402
+from netplugin.lab.etcd import EtcdServer  # noqa: E402
 from netplugin.lab.netns import NamespaceSet  # noqa: E402
-from tests.etcd import EtcdServer  # noqa: E402
 
 NP_POOL = "10.78.0.0/16"
 PTP_SUBNET = "10.79.0.0/16"

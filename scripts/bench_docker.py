@@ -32,8 +32,8 @@ sys.path.insert(0, REPO)
 
 from netplugin.benchlib import stats  # noqa: E402
 from netplugin.lab.dockerd import DOCKER, IMAGE, DockerHost  # noqa: E402
+from netplugin.lab.etcd import EtcdServer  # noqa: E402
 from netplugin.lab.netns import NamespaceSet, nsexec  # noqa: E402
-from tests.etcd import EtcdServer  # noqa: E402
 
 HOST_ADDRESS = "10.99.0.1"
 DEFAULT_GATEWAY = "172.17.0.1"  # docker0: the host as default-bridge containers see it

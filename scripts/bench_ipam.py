@@ -22,7 +22,7 @@ from netplugin.benchlib.stats import median, percentile  # noqa: E402
 from netplugin.config import EtcdConfig  # noqa: E402
 from netplugin.datastore.client import Datastore  # noqa: E402
 from netplugin.ipam.allocator import IPAM  # noqa: E402
-from tests.etcd import EtcdServer  # noqa: E402
+from netplugin.lab.etcd import EtcdServer  # noqa: E402
 
 POOL = "10.128.0.0/16"
 PHASE_TIMEOUT = 120.0

@@ -3,8 +3,8 @@ import os
 
 import pytest
 
+from netplugin.lab.etcd import EtcdServer
 from netplugin.lab.netns import NamespaceSet
-from tests.etcd import EtcdServer
 
 
 def pytest_configure(config):

@@ -1,77 +1,36 @@
-"""The lab's etcd: one member or a real three-member cluster, in the root namespace on loopback ports.
+"""Real etcd for labs, tests and benchmarks: one member (``EtcdServer``) or a cluster (``EtcdCluster``) on
+loopback ports of the root namespace, data on tmpfs (where fsync costs nothing).
 
-Hosts reach it the way tests do (tests/etcd.py): each member also listens on a unix socket, and a ``socat`` in
-every host namespace forwards 127.0.0.1:<member's port> to that socket. Every namespace therefore uses the same
-etcd URLs as the root namespace, and no link or route into the root namespace is ever made. etcd's data lives on
-tmpfs, where fsync costs nothing.
+Namespaces reach it without any link or route into the root namespace: each member also listens on a unix
+socket, and a ``socat`` in the namespace forwards 127.0.0.1:<member's port> to it (``bridge_into``), so every
+namespace uses the same etcd URLs as the root namespace.
+
+Two kinds of owner. A test or a benchmark owns its servers while it runs and ``close``s them. A lab
+(netplugin/lab/lab.py) outlives the command that built it: it starts its members and bridges ``detached`` (in
+their own session, out of reach of the terminal's Ctrl-C) and records every pid in its state file as it starts
+(``start_lab_cluster``, ``bridge_lab_host``), so a later ``down`` stops them by pid.
 """
+import json
 import os
+import shutil
 import socket
+import subprocess
+import tempfile
 import time
 import urllib.request
 
 from netplugin.lab import system
+from netplugin.lab.netns import stop_process
 from netplugin.lab.system import LabError
 
 HOST = "127.0.0.1"
+LAB_PROGRESS_INTERVAL = "3s"  # keeps a quiet watch from reaching the agents' read deadline (datastore/watch.py)
 
 
-def _free_port():
+def free_port():
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
-
-
-def member_specs(data_dir, count):
-    """Names, ports and directories of ``count`` members (ports picked now, free at this moment)."""
-    return [{"name": f"m{i}", "client_port": _free_port(), "peer_port": _free_port(),
-             "dir": os.path.join(data_dir, f"m{i}")} for i in range(1, count + 1)]
-
-
-def endpoints(members):
-    return [f"http://{HOST}:{m['client_port']}" for m in members]
-
-
-def _command(member, members, token):
-    cluster = ",".join(f"{m['name']}=http://{HOST}:{m['peer_port']}" for m in members)
-    url = f"http://{HOST}:{member['client_port']}"
-    return [
-        "etcd", "--name", member["name"], "--data-dir", os.path.join(member["dir"], "data"),
-        # The unix socket path is relative to the working directory (the member's dir); see socket_path().
-        "--listen-client-urls", f"{url},unix://etcd.sock:0", "--advertise-client-urls", url,
-        "--listen-peer-urls", f"http://{HOST}:{member['peer_port']}",
-        "--initial-advertise-peer-urls", f"http://{HOST}:{member['peer_port']}",
-        "--initial-cluster", cluster, "--initial-cluster-state", "new", "--initial-cluster-token", token,
-        # Progress notifications every 3 s (etcd's default is 10 min) keep a quiet watch from reaching the agents'
-        # read deadline (datastore/watch.py), so they never reconnect for silence.
-        "--experimental-watch-progress-notify-interval", "3s",
-        "--log-level", "error", "--logger", "zap",
-    ]
-
-
-def start(state, members, token, timeout=30.0):
-    """Start every member (recording each pid in ``state`` as it starts), then wait until all are healthy."""
-    for m in members:
-        os.makedirs(m["dir"], mode=0o700, exist_ok=True)
-    for m in members:
-        proc = system.spawn(_command(m, members, token), os.path.join(m["dir"], "etcd.log"), cwd=m["dir"])
-        state.add_process(f"etcd {m['name']}", proc.pid, _started(proc.pid))
-    deadline = time.monotonic() + timeout
-    for m, url in zip(members, endpoints(members)):
-        while not healthy(url):
-            if time.monotonic() > deadline:
-                raise LabError(f"starting etcd: member {m['name']} ({url}) not healthy within {timeout:.0f}s; "
-                               f"see {m['dir']}/etcd.log")
-            time.sleep(0.1)
-
-
-def _started(pid):
-    for _ in range(50):  # /proc/PID appears with the fork; the start time is there at once, but be patient
-        st = system.start_time(pid)
-        if st is not None:
-            return st
-        time.sleep(0.01)
-    return None
 
 
 def healthy(url, timeout=1.0):
@@ -82,30 +41,257 @@ def healthy(url, timeout=1.0):
         return False
 
 
-def socket_path(member):
-    """etcd names its socket 'etcd.sock:0'; socat reads ':' as a separator, so it gets a symlink without one."""
-    link = os.path.join(member["dir"], "etcd.sock")
-    if not os.path.islink(link):
-        os.symlink("etcd.sock:0", link)
-    return link
+class EtcdServer:
+    """One etcd member. Alone (``cluster`` None) it is a one-member cluster; in an ``EtcdCluster`` it names its
+    peers. ``progress_interval`` (e.g. "1s") sets etcd's watch progress-notification period (default 10 min).
+    Ports and the data directory are picked here unless given (a lab records them before anything starts)."""
 
+    def __init__(self, host=HOST, netns=None, name="t", cluster=None, progress_interval=None, port=None,
+                 peer_port=None, data_dir=None, detached=False):
+        self.host = host
+        self.netns = netns
+        self.name = name
+        self.cluster = cluster
+        self.progress_interval = progress_interval
+        self.port = port or free_port()
+        self.peer_port = peer_port or free_port()
+        self.data_dir = data_dir
+        self.own_dir = data_dir is None  # removed by close() only when we made it
+        self.detached = detached
+        self.proc = None
+        self.bridges = []
 
-def bridge_into(state, ns, members, timeout=10.0):
-    """socat in ``ns`` for every member: 127.0.0.1:<client port> there reaches the member. Waits until each
-    bridge answers."""
-    for m in members:
-        proc = system.spawn(system.in_ns(ns, [
-            "socat", f"TCP-LISTEN:{m['client_port']},bind={HOST},reuseaddr,fork",
-            f"UNIX-CONNECT:{socket_path(m)}"]), os.path.join(state.dir, "logs", f"socat-{ns}.log"))
-        state.add_process(f"socat {ns} {m['name']}", proc.pid, _started(proc.pid), save=False)
-    state.save()
-    deadline = time.monotonic() + timeout
-    for m in members:
-        while True:
-            probe = system.run(system.in_ns(ns, ["socat", "-u", "OPEN:/dev/null", f"TCP:{HOST}:{m['client_port']}"]),
-                               f"probing the etcd bridge in {ns}", check=False)
+    @property
+    def endpoint(self):
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def peer_url(self):
+        return f"http://{self.host}:{self.peer_port}"
+
+    def initial_cluster(self):
+        return ",".join(f"{m.name}={m.peer_url}" for m in (self.cluster.members if self.cluster else [self]))
+
+    def start(self, timeout=20):
+        """Start etcd; a restart keeps the same port and data directory."""
+        self.spawn()
+        self.wait_healthy(timeout)
+        return self
+
+    def spawn(self):
+        """Start the process without waiting (members of a new cluster wait for each other)."""
+        if self.data_dir is None:
+            base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            self.data_dir = tempfile.mkdtemp(prefix="npt-etcd-", dir=base)
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        stale = os.path.join(self.data_dir, "etcd.sock:0")  # a killed etcd leaves its socket behind
+        if os.path.exists(stale):
+            os.unlink(stale)
+        cmd = [
+            "etcd", "--name", self.name, "--data-dir", self.data_dir,
+            # Also on a unix socket (relative to cwd = data dir): namespaces reach it through bridge_into().
+            "--listen-client-urls", f"{self.endpoint},unix://etcd.sock:0", "--advertise-client-urls", self.endpoint,
+            "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
+            "--initial-cluster", self.initial_cluster(), "--initial-cluster-state", "new",
+            "--log-level", "error", "--logger", "zap",
+        ]
+        if self.cluster:
+            cmd += ["--initial-cluster-token", self.cluster.token]
+        if self.progress_interval:
+            cmd += ["--experimental-watch-progress-notify-interval", self.progress_interval]
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns] + cmd
+        with open(os.path.join(self.data_dir, "etcd.log"), "a") as log:
+            try:
+                self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                             cwd=self.data_dir, start_new_session=self.detached)
+            except FileNotFoundError:
+                raise LabError("starting etcd: not installed (scripts/setup.sh installs etcd-server)") from None
+
+    def healthy(self):
+        return healthy(self.endpoint)
+
+    def wait_healthy(self, timeout=20):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise LabError(f"starting etcd {self.name}: it exited with {self.proc.returncode}; see "
+                               f"{self.data_dir}/etcd.log")
+            if self.healthy():
+                return
+            time.sleep(0.1)
+        raise LabError(f"starting etcd {self.name} ({self.endpoint}): not healthy within {timeout:.0f}s; see "
+                       f"{self.data_dir}/etcd.log")
+
+    def stop(self):
+        stop_process(self.proc)
+        self.proc = None
+
+    def kill(self):
+        """SIGKILL, as a crash or the OOM killer would."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def restart(self):
+        """Stop and start on the same port and data (watch-resume tests)."""
+        self.stop()
+        self.start()
+
+    def etcdctl(self, *args, **kw):
+        env = dict(os.environ, ETCDCTL_API="3")
+        return subprocess.run(["etcdctl", "--endpoints", self.endpoint, *args], env=env, capture_output=True,
+                              text=True, check=True, timeout=30, **kw)
+
+    def snapshot(self, path):
+        """``etcdctl snapshot save`` of this member's data."""
+        self.etcdctl("snapshot", "save", path)
+
+    def restore(self, path, timeout=20):
+        """Stop, replace the data with ``etcdctl snapshot restore`` of ``path`` (its revision is older than what
+        clients saw), start again on the same ports and socket. One-member servers only."""
+        if self.cluster:
+            raise LabError("restoring a member of a cluster is not supported here")
+        self.stop()
+        scratch = tempfile.mkdtemp(prefix="npt-etcd-restore-", dir=os.path.dirname(self.data_dir))
+        try:
+            restored = os.path.join(scratch, "data")
+            env = dict(os.environ, ETCDCTL_API="3")
+            subprocess.run(["etcdctl", "snapshot", "restore", path, "--data-dir", restored, "--name", self.name,
+                            "--initial-cluster", self.initial_cluster(),
+                            "--initial-advertise-peer-urls", self.peer_url],
+                           env=env, capture_output=True, text=True, check=True, timeout=30)
+            shutil.rmtree(os.path.join(self.data_dir, "member"))
+            shutil.move(os.path.join(restored, "member"), os.path.join(self.data_dir, "member"))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        self.start(timeout)
+
+    def enable_auth(self, user="root", password="pw"):
+        """Add ``user`` with etcd's root role and turn authentication on: every later client must log in."""
+        from netplugin.config import EtcdConfig
+        from netplugin.datastore.client import Datastore
+        admin = Datastore(EtcdConfig(endpoints=[self.endpoint]))
+        admin.call("/auth/user/add", {"name": user, "password": password})
+        admin.call("/auth/user/grant", {"user": user, "role": "root"})
+        admin.call("/auth/enable", {})
+
+    @property
+    def unix_socket(self):
+        """etcd names its socket 'etcd.sock:0'; socat reads ':' as a separator, so hand it a symlink."""
+        link = os.path.join(self.data_dir, "etcd.sock")
+        if not os.path.islink(link):
+            os.symlink("etcd.sock:0", link)
+        return link
+
+    def bridge_into(self, netns, timeout=10.0):
+        """Make ``self.endpoint`` (127.0.0.1:port) work inside ``netns`` too: socat there forwards to our unix
+        socket. Waits until the bridge answers; returns its Popen."""
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", netns, "socat",
+             f"TCP-LISTEN:{self.port},bind={HOST},reuseaddr,fork", f"UNIX-CONNECT:{self.unix_socket}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=self.detached)
+        self.bridges.append(proc)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            probe = subprocess.run(["ip", "netns", "exec", netns, "socat", "-u", "OPEN:/dev/null",
+                                    f"TCP:{HOST}:{self.port}"], capture_output=True)
             if probe.returncode == 0:
-                break
-            if time.monotonic() > deadline:
-                raise LabError(f"bridging etcd member {m['name']} into {ns}: no answer within {timeout:.0f}s")
+                return proc
             time.sleep(0.05)
+        raise LabError(f"bridging etcd {self.name} into {netns}: no answer within {timeout:.0f}s")
+
+    def close(self):
+        for proc in self.bridges:
+            proc.kill()
+            proc.wait()
+        self.bridges.clear()
+        self.stop()
+        if self.data_dir and self.own_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+class EtcdCluster:
+    """``size`` members on loopback, started together (a member is healthy only once a quorum is up); or the
+    members a lab recorded (``specs``: name, client_port, peer_port, dir)."""
+
+    def __init__(self, size=3, progress_interval=None, token=None, specs=None, detached=False):
+        self.token = token or f"npt-{os.getpid()}-{free_port()}"
+        specs = specs or [{"name": f"m{i}"} for i in range(1, size + 1)]
+        self.members = [EtcdServer(name=s["name"], cluster=self, progress_interval=progress_interval,
+                                   port=s.get("client_port"), peer_port=s.get("peer_port"), data_dir=s.get("dir"),
+                                   detached=detached) for s in specs]
+
+    @property
+    def endpoints(self):
+        return [m.endpoint for m in self.members]
+
+    def start(self, timeout=30):
+        for m in self.members:
+            m.spawn()
+        for m in self.members:
+            m.wait_healthy(timeout)
+        return self
+
+    def leader(self):
+        """The member that leads now (etcd's maintenance status, asked of every running member)."""
+        for m in self.members:
+            if m.proc is None:
+                continue
+            status = json.loads(m.etcdctl("endpoint", "status", "-w", "json").stdout)[0]["Status"]
+            if status["leader"] == status["header"]["member_id"]:
+                return m
+        raise LabError("no etcd member leads")
+
+    def bridge_into(self, netns):
+        for m in self.members:
+            m.bridge_into(netns)
+
+    def close(self):
+        for m in self.members:
+            m.close()
+
+
+# --- a lab's etcd: recorded in its state file ----------------------------------------------------------------------
+
+def member_specs(data_dir, count):
+    """Names, ports and directories of ``count`` members (ports picked now, free at this moment)."""
+    return [{"name": f"m{i}", "client_port": free_port(), "peer_port": free_port(),
+             "dir": os.path.join(data_dir, f"m{i}")} for i in range(1, count + 1)]
+
+
+def endpoints(members):
+    return [f"http://{HOST}:{m['client_port']}" for m in members]
+
+
+def _lab_cluster(members, token=None):
+    return EtcdCluster(specs=members, token=token, progress_interval=LAB_PROGRESS_INTERVAL, detached=True)
+
+
+def start_lab_cluster(state, members, token, timeout=30.0):
+    """Start a lab's members (recording each pid in ``state`` as it starts), then wait until all are healthy."""
+    cluster = _lab_cluster(members, token)
+    for m in cluster.members:
+        m.spawn()
+        state.add_process(f"etcd {m.name}", m.proc.pid, _started(m.proc.pid))
+    for m in cluster.members:
+        m.wait_healthy(timeout)
+
+
+def bridge_lab_host(state, ns, members):
+    """socat in lab namespace ``ns`` for every member, each pid recorded in ``state``."""
+    for m in _lab_cluster(members).members:
+        proc = m.bridge_into(system.check_ns(ns))
+        state.add_process(f"socat {ns} {m.name}", proc.pid, _started(proc.pid), save=False)
+    state.save()
+
+
+def _started(pid):
+    for _ in range(50):  # /proc/PID appears with the fork; the start time is there at once, but be patient
+        st = system.start_time(pid)
+        if st is not None:
+            return st
+        time.sleep(0.01)
+    return None

@@ -145,7 +145,7 @@ class Lab(Topology, BgpSessions, Containers, Reporting):
         members = etcd.member_specs(plan.etcd_dir, spec.etcd_members)
         state.data["etcd"] = {"members": members, "endpoints": etcd.endpoints(members)}
         state.save()
-        etcd.start(state, members, token=f"netplugin-lab-{spec.name}")
+        etcd.start_lab_cluster(state, members, token=f"netplugin-lab-{spec.name}")
         self._timing("etcd", started)
 
         self.netctl("pool", "add", spec.pool)

@@ -59,7 +59,7 @@ class Topology:
             plug_host(h.namespace, plan.racks[h.rack - 1].namespace, h.port, f"{h.address}/24", h.gateway)
         members = self.state.data["etcd"]["members"]
         for h in plan.hosts:
-            etcd.bridge_into(state, h.namespace, members)
+            etcd.bridge_lab_host(state, h.namespace, members)
 
     def _start_router(self):
         from netplugin.routing.bird import BirdConfigWriter, BirdProcess
