@@ -9,7 +9,7 @@ import sys
 import time
 from contextlib import contextmanager
 
-from tests.netns import nsexec
+from netplugin.lab.netns import nsexec
 
 SERVER = r"""
 import socket, sys, threading

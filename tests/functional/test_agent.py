@@ -12,9 +12,9 @@ import pytest
 
 from netplugin.dataplane import host_ifname
 from netplugin.ipam.allocator import IPAM
+from netplugin.lab.agents import CniBinary
+from netplugin.lab.netns import nsexec
 from netplugin.service.endpoints import endpoint_id
-from tests.agents import CniBinary
-from tests.netns import nsexec
 from tests.probes import pings_during
 from tests.waiting import poll
 

@@ -12,9 +12,9 @@ import pytest
 from netplugin.datastore import keys
 from netplugin.datastore.models import Endpoint
 from netplugin.ipam.allocator import IPAM
+from netplugin.lab.agents import CniBinary
+from netplugin.lab.netns import nsexec
 from policy.compiler import set_name
-from tests.agents import CniBinary
-from tests.netns import nsexec
 from tests.waiting import poll
 
 pytestmark = pytest.mark.functional

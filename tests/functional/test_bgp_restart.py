@@ -15,8 +15,8 @@ import pytest
 
 from netplugin.agent.routing import RECHECK_INTERVAL
 from netplugin.lab import Lab, LabSpec, system
+from netplugin.lab.netns import nsexec
 from netplugin.routing.bird import BirdError, BirdProcess, birdc
-from tests.netns import nsexec
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.functional

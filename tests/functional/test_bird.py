@@ -12,11 +12,11 @@ import sys
 import pytest
 
 from netplugin.errors import InvalidInput
+from netplugin.lab.netns import nsexec
 from netplugin.routing.bird import BirdConfigWriter, BirdError, BirdProcess, bgp_status
 from netplugin.routing.bird_config import render_bird_config
 from netplugin.routing.constants import BIRD_PROTO, ROUTE_PROTO
 from netplugin.routing.model import BgpNode, BgpSettings, RoutingInput
-from tests.netns import nsexec
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.functional

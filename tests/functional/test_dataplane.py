@@ -12,10 +12,10 @@ import uuid
 import pytest
 
 from netplugin.dataplane import ROUTE_PROTO, Dataplane, EndpointSpec, changed, host_ifname
-from netplugin.dataplane.model import is_host_ifname
 from netplugin.dataplane import container as container_side
+from netplugin.dataplane.model import is_host_ifname
 from netplugin.errors import AlreadyExists, InvalidInput, NotFound
-from tests.netns import nsexec, run
+from netplugin.lab.netns import nsexec, run
 
 pytestmark = pytest.mark.functional
 

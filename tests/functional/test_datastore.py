@@ -16,7 +16,7 @@ from netplugin.datastore.client import (Datastore, absent, delete_op, get_op, mo
 from netplugin.datastore.election import Election
 from netplugin.datastore.watch import PrefixWatch
 from netplugin.errors import DatastoreUnavailable
-from tests.etcd import EtcdServer, free_port
+from netplugin.lab.etcd import EtcdServer, free_port
 from tests.waiting import poll
 
 pytestmark = pytest.mark.functional

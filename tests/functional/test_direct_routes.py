@@ -7,9 +7,9 @@ import sys
 import pytest
 
 from netplugin.errors import DataplaneError, InvalidInput
+from netplugin.lab.netns import nsexec
 from netplugin.routing.constants import DIRECT_PROTO
 from netplugin.routing.direct import DirectRoutes, desired_routes
-from tests.netns import nsexec
 
 PROBE = """
 import socket, sys

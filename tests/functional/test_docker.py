@@ -15,16 +15,16 @@ import netaddr
 import pytest
 
 from netplugin.config import AgentConfig, EtcdConfig
+from netplugin.dataplane import Dataplane
 from netplugin.datastore import keys
 from netplugin.datastore.models import Endpoint, Network
-from netplugin.dataplane import Dataplane
 from netplugin.docker.app import MEDIA_TYPE, create_docker_app
 from netplugin.docker.driver import DockerDriver
 from netplugin.ipam.allocator import IPAM
+from netplugin.lab.console import console_script
+from netplugin.lab.dockerd import DockerHost, IMAGE
+from netplugin.lab.netns import nsexec
 from netplugin.service.endpoints import NETWORK_LABEL, EndpointService
-from tests.console import console_script
-from tests.dockerd import DockerHost, IMAGE
-from tests.netns import nsexec
 from tests.waiting import poll
 
 pytestmark = pytest.mark.functional

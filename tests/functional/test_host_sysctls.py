@@ -6,7 +6,7 @@ A real agent in a throwaway host namespace; never the root namespace.
 import pytest
 
 from netplugin.ipam.allocator import IPAM
-from tests.netns import nsexec
+from netplugin.lab.netns import nsexec
 from tests.waiting import poll, wait_until
 
 pytestmark = pytest.mark.functional

@@ -15,8 +15,9 @@ import pytest
 
 from netplugin.datastore import keys
 from netplugin.ipam.allocator import IPAM
-from tests.agents import netctl_install_cni, rmtree, tempdir
-from tests.netns import nsexec, run
+from netplugin.lab.agents import rmtree, tempdir
+from netplugin.lab.netns import nsexec, run
+from tests.agents import netctl_install_cni
 
 pytestmark = pytest.mark.functional
 

@@ -15,11 +15,11 @@ import pytest
 
 from netplugin.errors import InvalidInput
 from netplugin.lab import Lab, LabError, LabSpec
+from netplugin.lab.console import console_script
+from netplugin.lab.netns import run
 from netplugin.lab.plan import state_dir
 from netplugin.routing.bird import birdc
 from netplugin.routing.model import BgpSettings
-from tests.console import console_script
-from tests.netns import run
 
 pytestmark = pytest.mark.functional
 

@@ -8,7 +8,7 @@ from netplugin.agent.nat import CHAIN, NatReconciler
 from netplugin.agent.view import ClusterView
 from netplugin.datastore.models import Pool
 from netplugin.ipam.allocator import IPAM
-from tests.netns import NamespaceSet, nsexec
+from netplugin.lab.netns import NamespaceSet, nsexec
 from tests.waiting import poll
 
 pytestmark = pytest.mark.functional

@@ -11,11 +11,11 @@ from netplugin.config import EtcdConfig
 from netplugin.datastore import keys
 from netplugin.datastore.client import Datastore
 from netplugin.datastore.models import Allocation, Block, Node
-from netplugin.ipam.allocator import IPAM, AssignRequest
 from netplugin.errors import PoolExhausted
+from netplugin.ipam.allocator import IPAM, AssignRequest
+from netplugin.lab.console import console_script
+from netplugin.lab.etcd import EtcdServer, free_port
 from netplugin.nodes import Liveness, NodeRegistry
-from tests.console import console_script
-from tests.etcd import EtcdServer, free_port
 
 pytestmark = pytest.mark.functional
 

@@ -20,12 +20,13 @@ import time
 
 import pytest
 
-from netplugin.datastore import keys
 from netplugin.dataplane import host_ifname
+from netplugin.datastore import keys
 from netplugin.ipam.allocator import IPAM
+from netplugin.lab.agents import rmtree, tempdir
+from netplugin.lab.netns import nsexec, run
 from netplugin.service.endpoints import endpoint_id
-from tests.agents import netctl_install_cni, rmtree, tempdir
-from tests.netns import nsexec, run
+from tests.agents import netctl_install_cni
 
 pytestmark = pytest.mark.functional
 

@@ -16,12 +16,12 @@ import re
 import pytest
 
 from netplugin.errors import DataplaneError
+from netplugin.lab.netns import NamespaceSet, nsexec
 from policy.applier import PolicyDataplane
 from policy.compiler import compile_ruleset, endpoint_chains, policy_chain
 from policy.loader import load_text
 from policy.model import Endpoint, Peer, Policy, Rule
 from policy.selector import Selector
-from tests.netns import NamespaceSet, nsexec
 from tests.probes import assert_reachability, start_echo_server
 
 pytestmark = [pytest.mark.functional, pytest.mark.timeout(120)]

@@ -7,11 +7,11 @@ import pytest
 
 from netplugin.config import EtcdConfig
 from netplugin.datastore.client import Datastore
+from netplugin.lab.agents import AgentProcess
+from netplugin.lab.etcd import EtcdServer
 from netplugin.routing.bird import BirdConfigWriter, BirdProcess
 from netplugin.routing.bird_config import render_bird_config
 from netplugin.routing.model import BgpNode, RoutingInput
-from tests.agents import AgentProcess
-from tests.etcd import EtcdServer
 from tests.functional.test_netctl import netctl
 
 pytestmark = pytest.mark.functional
