@@ -9,8 +9,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 APT_PACKAGES=(etcd-server etcd-client bird2 ipset iptables iproute2 socat iputils-ping netcat-openbsd tcpdump
-              docker.io podman containernetworking-plugins busybox-static iperf3 sockperf nftables python3-venv python3-pip
-              golang-go golang-github-appc-cni-dev)  # the last two: tests build a libcni runtime (tests/libcni)
+              docker.io podman containernetworking-plugins busybox-static iperf3 sockperf nftables python3-venv
+              python3-pip golang-go golang-github-appc-cni-dev)  # the last two: tests build a libcni runtime (tests/libcni)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

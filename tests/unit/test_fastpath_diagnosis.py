@@ -136,8 +136,8 @@ def test_fast_accept_layout_is_compared_with_as_built_and_shows_its_rule_was_hit
 def test_what_the_bare_state_says_follows_its_numbers():
     diag = _diag()
     closing = "\n".join(dr.analysis_lines(_report_doc(), diag))
-    assert "netplugin stays at 1.21× (ptp 1.20×), above the 1.10 aim by 10%: with the rules gone netplugin is level " \
-           "with ptp" in closing
+    assert ("netplugin stays at 1.21× (ptp 1.20×), above the 1.10 aim by 10%: with the rules gone netplugin is "
+            "level with ptp") in closing
     assert dr.diagnosis_lines(diag)[-1].startswith("- With no netfilter at all netplugin (1.21× host latency, p50) is "
                                                    "level with ptp (1.20×)")
     LAT_FAST = dict(LAT, bare=1.05)
