@@ -1,4 +1,5 @@
-"""iperf3 and sockperf run inside network namespaces the benchmark made (``ip netns exec NS ...``).
+"""iperf3 and sockperf run inside lab namespaces the benchmark made (netplugin/lab/system.py ``in_ns``, which
+refuses any other namespace, the root namespace included).
 
 Servers are long-lived ``Popen`` objects the caller registers for cleanup; clients are one bounded
 ``subprocess.run`` each (timeout = test length + slack), so a hung peer costs one sample, never the run.
@@ -9,32 +10,26 @@ import time
 
 from netplugin.benchlib import parse
 from netplugin.benchlib.machine import cpu_busy_seconds
+from netplugin.lab.system import in_ns
 
 IPERF3_PORT = 5201
 SOCKPERF_PORT = 11111
 CLIENT_SLACK_S = 15.0
 
 
-def _in_ns(ns, argv):
-    if not ns:
-        # Never fall back to the root namespace: every endpoint of a benchmark lives in a namespace it made.
-        raise ValueError(f"refusing to run {argv[0]} without a network namespace")
-    return ["ip", "netns", "exec", ns] + list(argv)
-
-
 def start_iperf3_server(ns, bind, port=IPERF3_PORT):
-    return subprocess.Popen(_in_ns(ns, ["iperf3", "-s", "-B", bind, "-p", str(port)]),
+    return subprocess.Popen(in_ns(ns, ["iperf3", "-s", "-B", bind, "-p", str(port)]),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def start_sockperf_server(ns, bind, port=SOCKPERF_PORT):
-    return subprocess.Popen(_in_ns(ns, ["sockperf", "server", "--tcp", "-i", bind, "-p", str(port)]),
+    return subprocess.Popen(in_ns(ns, ["sockperf", "server", "--tcp", "-i", bind, "-p", str(port)]),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _run_client(ns, argv, duration):
     before = cpu_busy_seconds()
-    p = subprocess.run(_in_ns(ns, argv), capture_output=True, text=True, timeout=duration + CLIENT_SLACK_S)
+    p = subprocess.run(in_ns(ns, argv), capture_output=True, text=True, timeout=duration + CLIENT_SLACK_S)
     busy = cpu_busy_seconds() - before
     return p, busy
 
@@ -83,7 +78,7 @@ def wait_listening(ns, port, timeout=5.0):
     """True once something in ``ns`` listens on TCP ``port`` (polled with ``ss``; bounded by ``timeout``)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        probe = subprocess.run(_in_ns(ns, ["ss", "-Hltn", f"sport = :{port}"]), capture_output=True, text=True,
+        probe = subprocess.run(in_ns(ns, ["ss", "-Hltn", f"sport = :{port}"]), capture_output=True, text=True,
                                timeout=5)
         if probe.returncode == 0 and probe.stdout.strip():
             return True
