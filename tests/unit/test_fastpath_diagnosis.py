@@ -5,6 +5,7 @@ import os
 import pytest
 
 from netplugin.benchlib import datapath_diagnosis as dd
+from netplugin.benchlib import datapath_states
 from netplugin.benchlib import datapath_report as dr
 
 ROUNDS = 4
@@ -96,8 +97,7 @@ def test_without_a_diagnosis_the_report_lists_candidates_not_measurements():
 
 
 def test_flowtable_ruleset_offloads_only_after_iptables_filter():
-    bench = _load_bench()
-    text = bench.flowtable_nft(["np0123456789a", "eth0"])
+    text = datapath_states.flowtable_nft(["np0123456789a", "eth0"])
     assert 'devices = { "eth0", "np0123456789a" }' in text  # sorted, quoted
     assert "hook forward priority filter + 10" in text      # after iptables' FORWARD (priority filter)
     assert "ct state established flow add @ft" in text
