@@ -96,8 +96,9 @@ class Kind:
     def _decoded(self, kv):
         try:
             return self.decode(kv)
-        except (TypeError, AttributeError, ValueError) as err:  # a record written by something else than netctl
-            raise InvalidInput(f"stored {self.label} {keys.last_segment(kv.key)} does not decode ({err})") from None
+        except (TypeError, AttributeError, ValueError, NetpluginError) as err:  # written by something else than netctl
+            why = err.msg if isinstance(err, NetpluginError) else err
+            raise InvalidInput(f"stored {self.label} {keys.last_segment(kv.key)} does not decode ({why})") from None
 
     def similar(self, name, names):
         return difflib.get_close_matches(name, names, n=3, cutoff=0.6)
