@@ -21,10 +21,10 @@ import time
 from dataclasses import dataclass, field
 
 from netplugin.errors import DataplaneError
-from policy.compiler import FAMILIES, SET_TYPE
-from policy.ipsets import IpsetPlan, Ipsets, KernelSet
-from policy.iptables import IptablesTable, TableState, hook_spec, rule_hash, tagged
-from policy.nsexec import NamespaceCommand
+from policy.compiler import FAMILIES
+from netplugin.kernel.ipset import SET_TYPE, IpsetPlan, Ipsets, KernelSet
+from netplugin.kernel.netfilter import NetfilterTable, TableState, hook_spec, hook_target, rule_hash, tagged
+from netplugin.kernel.netns import NamespaceCommand
 
 LOG = logging.getLogger(__name__)
 
@@ -37,11 +37,11 @@ class KernelState:
 
 class PolicyDataplane:
     def __init__(self, netns, *, allow_host_namespace=False, wait=5, backend=None):
-        """``netns``: a name under /run/netns or a namespace path (required; see policy.nsexec).
+        """``netns``: a name under /run/netns or a namespace path (required; see netplugin.kernel.netns).
         ``backend``: None detects nf_tables or legacy from ``iptables -V``; a value forces it."""
         self.ns = NamespaceCommand(netns, allow_host_namespace=allow_host_namespace)
         self.ipsets = Ipsets(self.ns)
-        self.tables = {family: IptablesTable(self.ns, family, wait=wait, backend=backend) for family in FAMILIES}
+        self.tables = {family: NetfilterTable(self.ns, family, wait=wait, backend=backend) for family in FAMILIES}
         self.last_timings = {}
         self.last_processes = []   # the processes the last apply ran ("ipset", "IPv4 restore", ...)
         self._pool = ThreadPoolExecutor(max_workers=len(FAMILIES), thread_name_prefix="iptables-restore")
@@ -160,7 +160,7 @@ def written_state(ruleset):
     tables = {}
     for family in FAMILIES:
         chains = {name: tuple(rule_hash(spec) for spec in specs) for name, specs in ruleset.chains[family].items()}
-        hooks = {builtin: [(tagged(hook_spec(chain)), chain, rule_hash(hook_spec(chain)))]
-                 for builtin, chain in ruleset.hooks[family].items()}
+        hooks = {builtin: [(tagged(hook_spec(hook)), hook_target(hook), rule_hash(hook_spec(hook)))]
+                 for builtin, hook in ruleset.hooks[family].items()}
         tables[family] = TableState(chains=chains, hooks=hooks)
     return KernelState(ipsets=ipsets, tables=tables)

@@ -51,11 +51,10 @@ from dataclasses import dataclass, field
 import netaddr
 
 from netplugin.errors import InvalidInput
+from netplugin.kernel.ipset import SET_FAMILY, SET_TYPE
+from netplugin.kernel.netfilter import PREFIX
 
 FAMILIES = (4, 6)
-SET_FAMILY = {4: "inet", 6: "inet6"}
-SET_TYPE = "hash:net"
-PREFIX = "np-"
 IFACE_WILDCARD = "np+"
 MAX_CHAIN_NAME = 28
 MAX_SET_NAME = 31

@@ -8,12 +8,11 @@ the ``filter`` table and never reads ``nat``.
 """
 import ipaddress
 import logging
-import os
 
 from netplugin.agent.view import EVERYTHING
 from netplugin.datastore import keys
-from policy.iptables import IptablesTable
-from policy.nsexec import NamespaceCommand
+from netplugin.kernel.netfilter import NetfilterTable
+from netplugin.kernel.netns import NamespaceCommand, own_netns
 
 LOG = logging.getLogger(__name__)
 CHAIN = "np-nat-outgoing"
@@ -38,8 +37,8 @@ class NatReconciler:
 
     def __init__(self, netns=None):
         # The agent programs the namespace it runs in: the host's (a test host namespace in the tests).
-        ns = NamespaceCommand(netns or f"/proc/{os.getpid()}/ns/net", allow_host_namespace=True)
-        self.tables = {family: IptablesTable(ns, family, table="nat") for family in FAMILIES}
+        ns = NamespaceCommand(netns or own_netns(), allow_host_namespace=True)
+        self.tables = {family: NetfilterTable(ns, family, table="nat") for family in FAMILIES}
         self._written = None  # the rules of our last successful write
 
     def sync(self, view, full=False, changes=EVERYTHING):
@@ -53,9 +52,8 @@ class NatReconciler:
                 continue  # nothing wanted, nothing written: don't even load the family's nat table
             chains = {CHAIN: want[family]} if want[family] else {}
             hooks = {HOOK: CHAIN} if want[family] else {}
-            plan = table.plan(chains, hooks, table.read())
+            plan = table.converge(chains, hooks)
             if not plan.empty():
-                table.restore(table.render(plan, chains))
                 LOG.info("event=nat_outgoing.applied family=%d rules=%d changes=%s", family, len(want[family]),
                          "; ".join(plan.notes))
         self._written = want

@@ -14,7 +14,7 @@ import socket
 from netplugin.dataplane import sysctl
 from netplugin.dataplane.host import address_of, route_prefix
 from netplugin.dataplane.model import GATEWAY_V4, GATEWAY_V6, HOST_VETH_MAC
-from netplugin.dataplane.rtnl import IFF_UP, RT_SCOPE_LINK, RT_SCOPE_UNIVERSE, Batch
+from netplugin.kernel.rtnl import IFF_UP, RT_SCOPE_LINK, RT_SCOPE_UNIVERSE, Batch
 
 GATEWAYS = {4: GATEWAY_V4, 6: GATEWAY_V6}
 _DEFAULT = {4: ipaddress.ip_interface("0.0.0.0/0"), 6: ipaddress.ip_interface("::/0")}

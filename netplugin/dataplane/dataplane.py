@@ -11,10 +11,12 @@ import os
 import threading
 
 from netplugin.errors import InvalidInput
-from netplugin.dataplane import antispoof, endpoint, host, reconcile as _reconcile, sysctl
+from netplugin.dataplane import endpoint, host, reconcile as _reconcile, sysctl
+from netplugin.dataplane.antispoof import AntiSpoof
 from netplugin.dataplane.model import EndpointSpec, EndpointState, host_ifname, validate_spec
-from netplugin.dataplane.netlink import netlink
-from netplugin.dataplane.rtnl import IFF_UP
+from netplugin.kernel.netlink import netlink
+from netplugin.kernel.netns import NamespaceCommand, own_netns
+from netplugin.kernel.rtnl import IFF_UP
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,14 @@ class Dataplane:
         self.mtu = mtu
         self._lock = threading.RLock()
         self._ipv6_ready = False  # enable_ipv6 succeeded in this process
+        self._antispoof_writer = None
+
+    def _antispoof(self) -> AntiSpoof:
+        """Made on first use: the host namespace must exist by then, not when the Dataplane is built."""
+        if self._antispoof_writer is None:
+            ns = NamespaceCommand(self.host_netns or own_netns(), allow_host_namespace=True)
+            self._antispoof_writer = AntiSpoof(ns)
+        return self._antispoof_writer
 
     host_ifname = staticmethod(host_ifname)
 
@@ -62,7 +72,7 @@ class Dataplane:
                 # "all" overrides our per-veth strict value with its maximum: keep IPv4 strict with the rule.
                 log.warning("%s is 2 (loose): adding the rpfilter rule for IPv4", ALL_RP_FILTER)
                 families.append(4)
-            written = [f for f in families if antispoof.ensure(self.host_netns, f)]
+            written = [f for f in families if self._antispoof().ensure(f)]
             warnings = []
             if have[ALL_ARP_IGNORE] not in ("0", "1"):
                 # "all" overrides our per-veth 0 with its maximum: the host veths' gateway address goes unanswered.
@@ -93,7 +103,7 @@ class Dataplane:
                 sysctl.write(self.host_netns, todo, "enable IPv6 forwarding in the host netns")
                 log.info("event=host.ipv6_forwarding enabled=1 accept_ra_2=%s",
                          ",".join(k.split("/")[3] for k in todo if k.endswith(sysctl.ACCEPT_RA)) or "-")
-            written = antispoof.ensure(self.host_netns, 6)
+            written = self._antispoof().ensure(6)
             self._ipv6_ready = True
             return {"sysctls": list(todo), "antispoof_written": [6] if written else []}
 
@@ -114,7 +124,7 @@ class Dataplane:
         spec, addrs = self._spec(spec)
         problems = endpoint.check(self.host_netns, spec, addrs)
         if any(a.version == 6 for a in addrs):
-            problems += antispoof.problems(self.host_netns, 6)
+            problems += self._antispoof().problems(6)
         return problems
 
     def reconcile(self, desired: list, blocks: list, deletable=frozenset()) -> dict:

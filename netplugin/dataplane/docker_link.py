@@ -26,8 +26,10 @@ from dataclasses import dataclass
 
 from netplugin.dataplane import host
 from netplugin.dataplane.model import HOST_VETH_MAC, host_ifname, validate_spec
-from netplugin.dataplane.netlink import netlink, open_netns, quietly
-from netplugin.dataplane.rtnl import Batch
+from netplugin.dataplane.undo import quietly
+from netplugin.kernel.netlink import netlink
+from netplugin.kernel.netns import open_netns
+from netplugin.kernel.rtnl import Batch
 from netplugin.errors import AlreadyExists, DataplaneError
 
 log = logging.getLogger(__name__)

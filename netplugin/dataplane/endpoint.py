@@ -21,8 +21,10 @@ from contextlib import ExitStack
 from netplugin.errors import AlreadyExists, DataplaneError, InvalidInput, NotFound
 from netplugin.dataplane import container, host, sysctl
 from netplugin.dataplane.model import HOST_VETH_MAC, EndpointState, host_ifname
-from netplugin.dataplane.netlink import netlink, netlink_fd, open_netns, quietly
-from netplugin.dataplane.rtnl import Batch
+from netplugin.dataplane.undo import quietly
+from netplugin.kernel.netlink import netlink, netlink_fd
+from netplugin.kernel.netns import open_netns
+from netplugin.kernel.rtnl import Batch
 
 log = logging.getLogger(__name__)
 

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 
 from netplugin.errors import AlreadyExists
 from netplugin.dataplane import sysctl
-from netplugin.dataplane.netlink import quietly
+from netplugin.dataplane.undo import quietly
 from netplugin.dataplane.model import GATEWAY_V4, GATEWAY_V6, HOST_VETH_MAC, MAIN_TABLE, ROUTE_PROTO, is_host_ifname
-from netplugin.dataplane.rtnl import (IFF_UP, RT_SCOPE_HOST, RT_SCOPE_LINK, RT_SCOPE_UNIVERSE, RTN_BLACKHOLE,
+from netplugin.kernel.rtnl import (IFF_UP, RT_SCOPE_HOST, RT_SCOPE_LINK, RT_SCOPE_UNIVERSE, RTN_BLACKHOLE,
                                      RTN_UNICAST, Batch)
 
 IN6_ADDR_GEN_MODE_NONE = 1

@@ -18,8 +18,8 @@ import time
 from netplugin.errors import InvalidInput, NetpluginError
 from netplugin.dataplane import host, sysctl
 from netplugin.dataplane.model import host_ifname, parse_blocks, validate_spec
-from netplugin.dataplane.netlink import netlink
-from netplugin.dataplane.rtnl import Batch
+from netplugin.kernel.netlink import netlink
+from netplugin.kernel.rtnl import Batch
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ are written directly: that is this process's own namespace and no thread of ours
 Keys use the slash form (``net/ipv4/conf/<ifname>/rp_filter``) so interface names containing dots are safe.
 """
 from netplugin.errors import DataplaneError
-from netplugin.dataplane.nsexec import run_in_netns
+from netplugin.kernel.netns import NamespaceCommand
 
 # Values every host veth gets. IPv4 always (proxy-ARP gateway, strict reverse-path filter as the IPv4
 # anti-spoofing, forwarding, arp_ignore 0 so the veth answers ARP for its gateway address whatever
@@ -102,7 +102,8 @@ def write(netns: str | None, values: dict, action: str) -> None:
             except OSError as e:
                 raise DataplaneError(f"failed to {action}: cannot set {key}: {e.strerror}") from None
         return
-    run_in_netns(netns, ["sysctl", "-q", "-w"] + [f"{k}={v}" for k, v in values.items()], action)
+    ns = NamespaceCommand(netns, allow_host_namespace=True, timeout=20)
+    ns.run(["sysctl", "-q", "-w"] + [f"{k}={v}" for k, v in values.items()], what=action)
 
 
 def read(netns: str | None, keys: list, action: str) -> dict:
@@ -116,7 +117,8 @@ def read(netns: str | None, keys: list, action: str) -> dict:
             except OSError as e:
                 raise DataplaneError(f"failed to {action}: cannot read {key}: {e.strerror}") from None
         return out
-    lines = run_in_netns(netns, ["sysctl", "-n"] + list(keys), action).splitlines()
+    ns = NamespaceCommand(netns, allow_host_namespace=True, timeout=20)
+    lines = ns.run(["sysctl", "-n"] + list(keys), what=action).stdout.splitlines()
     if len(lines) != len(keys):
         raise DataplaneError(f"failed to {action}: sysctl printed {len(lines)} values for {len(keys)} keys")
     return dict(zip(keys, (line.strip() for line in lines)))

@@ -284,7 +284,8 @@ def test_spoofed_ipv6_source_is_dropped_by_the_antispoof_chain(lab):
     assert counter(lab.host, "Icmp6InEchos") == before, "the host accepted a spoofed packet"
     assert reaches(a, HOST_V6, src="fd02::5")
     # Control: without the hook the spoofed packet arrives; check_endpoint notices; enable_ipv6 puts it back.
-    nsexec(lab.host, "ip6tables -w -t raw -D PREROUTING -i np+ -j np-antispoof")
+    assert "-j np-antispoof" in nsexec(lab.host, "ip6tables -w -t raw -S PREROUTING 1").stdout
+    nsexec(lab.host, "ip6tables -w -t raw -D PREROUTING 1")  # our hook (it carries our ownership comment)
     assert any("np-antispoof" in p for p in lab.dp.check_endpoint(a_spec))
     before = counter(lab.host, "Icmp6InEchos")
     reaches(a, HOST_V6, src="fd02::6", timeout=0.5)

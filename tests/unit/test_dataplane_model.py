@@ -5,6 +5,7 @@ import pytest
 
 from netplugin.dataplane import EndpointSpec, host_ifname, is_host_ifname
 from netplugin.dataplane import antispoof, sysctl
+from netplugin.kernel import netfilter
 from netplugin.dataplane.model import parse_blocks, validate_spec
 from netplugin.dataplane.reconcile import changed, desired_by_name, empty_summary
 from netplugin.errors import InvalidInput
@@ -97,16 +98,25 @@ def test_sysctl_desired_and_drift():
 
 
 def test_antispoof_batch_converges_and_is_empty_when_right():
-    fresh = antispoof.render(*antispoof._state("*raw\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n"))
-    assert fresh.splitlines() == [
+    table = netfilter.NetfilterTable(ns=None, family=6, table="raw")
+
+    def batch(save):
+        return table.render(table.plan(antispoof.CHAINS, antispoof.HOOKS, netfilter.parse_save(save, "raw")),
+                            antispoof.CHAINS)
+
+    rule, hook = antispoof.CHAINS[antispoof.CHAIN][0], antispoof.HOOKS["PREROUTING"]
+    assert batch("*raw\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n") == [
         "*raw",
         ":np-antispoof - [0:0]",
-        "-A np-antispoof -m rpfilter --invert -j DROP",
-        "-I PREROUTING 1 -i np+ -j np-antispoof",
+        f"-A np-antispoof {netfilter.tagged(rule)}",
+        f"-I PREROUTING 1 {netfilter.tagged(hook)}",
         "COMMIT",
     ]
-    right = f"*raw\n:PREROUTING ACCEPT [0:0]\n:np-antispoof - [0:0]\n{antispoof.HOOK}\n{antispoof.RULE}\nCOMMIT\n"
-    assert antispoof.render(*antispoof._state(right)) is None
-    doubled = right.replace(antispoof.HOOK, antispoof.HOOK + "\n" + antispoof.HOOK)
-    batch = antispoof.render(*antispoof._state(doubled))
-    assert "-D PREROUTING -i np+ -j np-antispoof" in batch and "-I PREROUTING" not in batch
+    right = (f"*raw\n:PREROUTING ACCEPT [0:0]\n:np-antispoof - [0:0]\n-A PREROUTING {netfilter.tagged(hook)}\n"
+             f"-A np-antispoof {netfilter.tagged(rule)}\nCOMMIT\n")
+    assert batch(right) == []
+    doubled = right.replace("-A PREROUTING", f"-A PREROUTING {netfilter.tagged(hook)}\n-A PREROUTING", 1)
+    assert [line for line in batch(doubled) if "PREROUTING" in line] == [f"-D PREROUTING {netfilter.tagged(hook)}"]
+    untagged = right.replace(f"-A PREROUTING {netfilter.tagged(hook)}", f"-A PREROUTING {hook}")  # an older agent's
+    assert [line for line in batch(untagged) if "PREROUTING" in line] == [
+        f"-D PREROUTING {hook}", f"-I PREROUTING 1 {netfilter.tagged(hook)}"]

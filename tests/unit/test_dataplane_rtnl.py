@@ -10,8 +10,9 @@ from pyroute2.netlink.rtnl.ndmsg import ndmsg
 from pyroute2.netlink.rtnl.ndtmsg import ndtmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
-from netplugin.dataplane import ROUTE_PROTO, host, rtnl
-from netplugin.dataplane.rtnl import Batch
+from netplugin.dataplane import ROUTE_PROTO, host
+from netplugin.kernel import rtnl
+from netplugin.kernel.rtnl import Batch
 
 
 def packed(req):

@@ -2,10 +2,11 @@
 import pytest
 
 from netplugin.errors import DataplaneError, InvalidInput
-from policy import ipsets, iptables
+from netplugin.kernel import ipset as ipsets
+from netplugin.kernel import netfilter as iptables
+from netplugin.kernel.netfilter import NetfilterTable, hook_spec, numbered_context, rule_hash, tagged
+from netplugin.kernel.netns import NamespaceCommand
 from policy.compiler import IpSet
-from policy.iptables import IptablesTable, hook_spec, rule_hash, tagged
-from policy.nsexec import NamespaceCommand, numbered_context
 
 CHAINS = {"np-FORWARD": ("-i np+ -g np-fw-ep",), "np-fw-ep": ("-j ACCEPT",)}
 HOOKS = {"FORWARD": "np-FORWARD"}
@@ -25,7 +26,7 @@ def save_text(chains, hooks, extra=""):
 
 
 def table():
-    return IptablesTable(ns=None, family=4)
+    return NetfilterTable(ns=None, family=4)
 
 
 def test_parse_save_keeps_only_ours():

@@ -1,16 +1,18 @@
-"""Our chains in one table (``filter``; ``nat`` for NAT-outgoing) of one namespace: read back, plan, one atomic
-restore batch.
+"""The one writer of every netfilter table we own (filter, nat, raw; IPv4 and IPv6) in one namespace: read
+back, plan, one atomic ``iptables-restore --noflush --wait`` batch per table and family.
 
 Ownership is by name: chains starting ``np-`` are ours, and in a built-in chain we own only rules that jump or
 go to one of ours (the "hooks", one per built-in we use). Each rule we write carries ``-m comment --comment
 "np:<hash of its spec>"``, so reading back compares hashes, immune to how iptables-save re-spells a rule; a
-rule without our comment in our chain (or a missing one) is drift.
+rule without our comment in our chain (or a missing one) is drift. A hook is ``-j CHAIN`` unless the caller
+gives the whole jump spec (``-i np+ -j np-antispoof``).
 
 A batch declares every chain it rewrites (``:np-x - [0:0]``, which with ``--noflush`` empties it), writes its
 rules, removes hooks that should not be there, inserts missing hooks at the top, and deletes stale chains. It
 touches nothing else. ``iptables-restore`` applies a table atomically: a failing batch leaves the rules that
 were in force; the error log shows the numbered batch lines around the failing one. IPv4 and IPv6 are separate
-batches (each atomic, not both together).
+batches (each atomic, not both together). The binaries match the backend the host's ``iptables`` uses
+(nf_tables or legacy), so our rules land in the same tables as everyone else's.
 """
 import hashlib
 import logging
@@ -19,11 +21,15 @@ import shutil
 from dataclasses import dataclass, field
 
 from netplugin.errors import DataplaneError, InvalidInput
-from policy.compiler import PREFIX
-from policy.nsexec import first_line, numbered_context
+from netplugin.kernel.netns import first_line
 
 LOG = logging.getLogger(__name__)
-BUILTINS = {"filter": ("INPUT", "FORWARD", "OUTPUT"), "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING")}
+PREFIX = "np-"  # every chain and ipset whose name starts with this is ours
+BUILTINS = {
+    "filter": ("INPUT", "FORWARD", "OUTPUT"),
+    "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
+    "raw": ("PREROUTING", "OUTPUT"),
+}
 FAMILY_NAME = {4: "IPv4", 6: "IPv6"}
 _BASE = {4: "iptables", 6: "ip6tables"}
 _COMMENT = re.compile(r'--comment\s+"?np:([0-9a-f]{16})"?')
@@ -35,8 +41,14 @@ def rule_hash(spec):
     return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
-def hook_spec(chain):
-    return f"-j {chain}"
+def hook_spec(hook):
+    """The rule a hook is: ``-j CHAIN`` for a bare chain name, else the jump spec as given."""
+    return hook if " " in hook else f"-j {hook}"
+
+
+def hook_target(hook):
+    m = _TARGET.search(hook_spec(hook))
+    return m.group(1) if m else None
 
 
 def tagged(spec):
@@ -55,7 +67,7 @@ class TablePlan:
     family: int
     rewrite: list = field(default_factory=list)
     stale: list = field(default_factory=list)
-    hook_add: list = field(default_factory=list)   # (built-in, our chain)
+    hook_add: list = field(default_factory=list)   # (built-in, hook: our chain or jump spec)
     hook_del: list = field(default_factory=list)   # (built-in, saved spec)
     notes: list = field(default_factory=list)
 
@@ -63,8 +75,8 @@ class TablePlan:
         return not (self.rewrite or self.stale or self.hook_add or self.hook_del)
 
 
-class IptablesTable:
-    """One table (``filter`` unless told) of one family in one namespace."""
+class NetfilterTable:
+    """One table (``filter`` unless told) of one family in one namespace (a ``NamespaceCommand``)."""
 
     def __init__(self, ns, family, wait=5, backend=None, table="filter"):
         """``backend`` 'nf_tables' or 'legacy' overrides detection (tests; hosts known to differ)."""
@@ -72,6 +84,8 @@ class IptablesTable:
             raise InvalidInput(f"iptables backend {backend!r} is not nf_tables or legacy")
         if table not in BUILTINS:
             raise InvalidInput(f"iptables table {table!r} is not one of {', '.join(BUILTINS)}")
+        if family not in _BASE:
+            raise InvalidInput(f"address family {family!r} is not 4 or 6")
         self.ns = ns
         self.family = family
         self.table = table
@@ -81,7 +95,7 @@ class IptablesTable:
 
     @property
     def label(self):
-        return FAMILY_NAME[self.family]
+        return FAMILY_NAME[self.family] if self.table == "filter" else f"{FAMILY_NAME[self.family]} {self.table}"
 
     def backend(self):
         """'nf_tables' or 'legacy', as ``iptables -V`` reports it."""
@@ -93,7 +107,7 @@ class IptablesTable:
             base = _BASE[self.family]
             backend = self._backend
             if backend is None:
-                version = self.ns.run([base, "-V"], what=f"{base} -V").stdout
+                version = self.ns.run([base, "-V"], what=f"detect the iptables backend ({base} -V)").stdout
                 backend = "nf_tables" if "nf_tables" in version else "legacy"
             variant = "nft" if backend == "nf_tables" else "legacy"
             save, restore = f"{base}-{variant}-save", f"{base}-{variant}-restore"
@@ -104,11 +118,25 @@ class IptablesTable:
 
     def read(self):
         _, save, _ = self.binaries()
-        out = self.ns.run([save, "-t", self.table], what=f"{save} ({self.label})").stdout
+        out = self.ns.run([save, "-t", self.table], what=f"read the {self.label} table ({save})").stdout
         return parse_save(out, self.table)
 
+    def converge(self, chains, hooks, force=False):
+        """Read back, then write what differs; returns the plan (``plan.notes`` say what was wrong)."""
+        plan = self.plan(chains, hooks, self.read(), force=force)
+        self.restore(self.render(plan, chains))
+        return plan
+
     def plan(self, chains, hooks, current, force=False):
-        """What to change so the table holds ``chains`` ({name: specs}) and ``hooks`` ({built-in: chain})."""
+        """What to change so the table holds ``chains`` ({name: specs}) and ``hooks`` ({built-in: chain or jump
+        spec}); every chain named must start with PREFIX, every hook jump to one of them."""
+        for name in chains:
+            if not name.startswith(PREFIX):
+                raise InvalidInput(f"chain {name!r} is not ours: our chains start with {PREFIX!r}")
+        for builtin, hook in hooks.items():
+            if builtin not in BUILTINS[self.table] or hook_target(hook) not in chains:
+                raise InvalidInput(f"hook {builtin} -> {hook!r} must leave a built-in chain of the {self.table}"
+                                   " table for one of the chains written with it")
         plan = TablePlan(self.family)
         for name in sorted(chains):
             want = tuple(rule_hash(s) for s in chains[name])
@@ -129,14 +157,14 @@ class IptablesTable:
             want_hash = rule_hash(hook_spec(want)) if want else None
             kept = False
             for spec, target, h in current.hooks.get(builtin, []):
-                if want and target == want and h == want_hash and not kept:
+                if want and target == hook_target(want) and h == want_hash and not kept:
                     kept = True
                     continue
                 plan.hook_del.append((builtin, spec))
                 plan.notes.append(f"{self.label} {builtin}: unwanted rule to our chain: {spec}")
             if want and not kept:
                 plan.hook_add.append((builtin, want))
-                plan.notes.append(f"{self.label} {builtin}: jump to {want} missing")
+                plan.notes.append(f"{self.label} {builtin}: jump to {hook_target(want)} missing")
         return plan
 
     def render(self, plan, chains):
@@ -148,7 +176,7 @@ class IptablesTable:
         lines += [f"-D {builtin} {spec}" for builtin, spec in plan.hook_del]
         for name in plan.rewrite:
             lines += [f"-A {name} {tagged(spec)}" for spec in chains[name]]
-        lines += [f"-I {builtin} 1 {tagged(hook_spec(chain))}" for builtin, chain in plan.hook_add]
+        lines += [f"-I {builtin} 1 {tagged(hook_spec(hook))}" for builtin, hook in plan.hook_add]
         lines += [f"-X {name}" for name in plan.stale]
         lines.append("COMMIT")
         return lines
@@ -199,3 +227,12 @@ def parse_save(text, table="filter"):
                 if t and t.group(1).startswith(PREFIX):
                     state.hooks.setdefault(chain, []).append((spec, t.group(1), h))
     return state
+
+
+def numbered_context(lines, failed, radius=5):
+    """Neutron-style: the numbered batch lines around the one that failed, that one marked with '>'."""
+    if not failed:
+        lo, hi = 1, min(len(lines), 2 * radius + 1)
+    else:
+        lo, hi = max(1, failed - radius), min(len(lines), failed + radius)
+    return "\n".join(f"{'>' if n == failed else ' '}{n:6d}: {lines[n - 1]}" for n in range(lo, hi + 1))

@@ -1,4 +1,4 @@
-"""Our ipsets in one namespace: read them back, plan the change, write it with ``ipset restore``.
+"""Our ipsets (named ``np-*``, of type hash:net) in one namespace: read them back, plan the change, write it with ``ipset restore``.
 
 A set whose members changed is rebuilt in a temporary set and swapped in (``swap`` is atomic per set, so a
 packet never sees a half-filled set); a new set is created filled; a set nobody references any more is destroyed
@@ -13,10 +13,12 @@ import socket
 from dataclasses import dataclass, field
 
 from netplugin.errors import DataplaneError
-from policy.compiler import PREFIX, SET_FAMILY, SET_TYPE
-from policy.nsexec import first_line, numbered_context
+from netplugin.kernel.netfilter import PREFIX, numbered_context
+from netplugin.kernel.netns import first_line
 
 LOG = logging.getLogger(__name__)
+SET_FAMILY = {4: "inet", 6: "inet6"}
+SET_TYPE = "hash:net"
 TEMP_SETS = {4: "np-tmp-4", 6: "np-tmp-6"}
 _FAMILY_OF = {v: k for k, v in SET_FAMILY.items()}
 _V4_NET = re.compile(r"^(25[0-5]|2[0-4]\d|1?\d?\d)(\.(25[0-5]|2[0-4]\d|1?\d?\d)){3}(/(3[0-2]|[12]?\d))?$")
@@ -48,7 +50,7 @@ class Ipsets:
 
     def read(self):
         """{name: KernelSet} for our sets in the namespace."""
-        out = self.ns.run(["ipset", "save"], what="reading ipsets").stdout
+        out = self.ns.run(["ipset", "save"], what="read the ipsets").stdout
         return parse_save(out)
 
     def plan(self, desired, current):
