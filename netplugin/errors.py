@@ -76,3 +76,9 @@ class DataplaneError(NetpluginError):
     """A kernel operation failed; the message says which object and what was being done."""
 
     cni_code = 103
+
+
+class NamespaceNotFound(NotFound, DataplaneError):
+    """A network namespace named by path or name does not exist (we never create one)."""
+
+    cni_code = 103

@@ -10,7 +10,7 @@ test's thread) ever calls setns(2). There are exactly two ways in:
   stays in the namespace it was created in. pyroute2's ``IPRoute(netns=...)`` forks a child for this instead:
   about 8 ms per handle here, and forking a threaded process; the thread costs about 0.1 ms.
 
-A namespace that does not exist is an error (NotFound): we never create one and never fall back to the
+A namespace that does not exist is an error (NamespaceNotFound): we never create one and never fall back to the
 namespace the process happens to be in. A path that is not a network namespace (an nsfs inode) is refused
 before it is opened: the runtime's CNI_NETNS and Docker's SandboxKey are opened as root, and opening some device
 files has effects (``/dev/watchdog`` arms it). The host's own namespace is refused by ``NamespaceCommand``
@@ -27,7 +27,7 @@ import stat
 import subprocess
 import threading
 
-from netplugin.errors import AlreadyExists, DataplaneError, InvalidInput, NotFound
+from netplugin.errors import AlreadyExists, DataplaneError, InvalidInput, NamespaceNotFound, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,15 @@ def netns_path(netns: str) -> str:
     return f"/run/netns/{netns}"
 
 
+def missing(path: str) -> NamespaceNotFound:
+    return NamespaceNotFound(f"failed to open netns '{path}': it does not exist")
+
+
 def require(netns: str) -> str:
-    """The namespace's path, checked to exist (NotFound: "failed to open netns ...: it does not exist")."""
+    """The namespace's path, checked to exist (else NamespaceNotFound, both a NotFound and a DataplaneError)."""
     path = netns_path(netns)
     if not os.path.exists(path):
-        raise NotFound(f"failed to open netns '{path}': it does not exist")
+        raise missing(path)
     return path
 
 
@@ -95,13 +99,9 @@ class NamespaceCommand:
     """Runs commands inside one namespace, given once; every command is a child process (see the module)."""
 
     def __init__(self, netns, *, allow_host_namespace=False, timeout=60):
-        self.path = netns_path(netns)
+        self.path = require(netns)
         self.netns = netns
         self.timeout = timeout
-        try:
-            os.stat(self.path)
-        except OSError as err:
-            raise DataplaneError(f"failed to open netns {self.path!r}: {err.strerror}") from None
         if not allow_host_namespace and any(same_namespace(self.path, p) for p in HOST_NETNS):
             raise DataplaneError(f"refusing to program policy in netns {netns!r}: it is the host's own network"
                                  " namespace (pass allow_host_namespace=True to mean it)")
@@ -165,7 +165,7 @@ def open_netns(path: str) -> int:
             raise _not_a_netns(path, "not an nsfs file")
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError as e:
-        raise kernel_error(f"open netns '{path}'", e) from None
+        raise (missing(path) if e.errno == errno.ENOENT else kernel_error(f"open netns '{path}'", e)) from None
     try:
         if _fs_type(fd) != NSFS_MAGIC:
             raise _not_a_netns(path, "not an nsfs file")

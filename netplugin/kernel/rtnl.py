@@ -48,7 +48,7 @@ IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_LINKINFO, IFLA_AF_SPEC, IFL
 IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
 IFLA_INET_CONF, IFLA_INET6_ADDR_GEN_MODE = 1, 8
 IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
-RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_TABLE = 1, 4, 5, 6, 15
 NDA_DST, NDA_LLADDR = 1, 2
 NDTA_NAME, NDTA_PARMS, NDTPA_IFINDEX, NDTPA_PROXY_DELAY = 1, 6, 1, 13
 NETNSA_NSID, NETNSA_FD = 1, 3
@@ -223,6 +223,7 @@ class Batch:
         kind=RTN_UNICAST,
         onlink=False,
         table=254,
+        priority=None,
         ok=(),
         tag=None,
     ):
@@ -230,15 +231,18 @@ class Batch:
         net = ipaddress.ip_network(prefix)
         family = socket.AF_INET if net.version == 4 else socket.AF_INET6
         head = struct.pack(
-            "=BBBBBBBBI", family, net.prefixlen, 0, 0, table, proto, scope, kind, RTNH_F_ONLINK if onlink else 0
+            "=BBBBBBBBI", family, net.prefixlen, 0, 0, table if table < 256 else 252, proto, scope, kind,
+            RTNH_F_ONLINK if onlink else 0,
         )
-        body = head
+        body = head + (u32(RTA_TABLE, table) if table >= 256 else b"")  # 252: RT_TABLE_COMPAT
         if net.prefixlen:
             body += ip(RTA_DST, net.network_address)
         if oif is not None:
             body += u32(RTA_OIF, oif)
         if gateway is not None:
             body += ip(RTA_GATEWAY, gateway)
+        if priority is not None:
+            body += u32(RTA_PRIORITY, priority)
         if op == "del":
             return self.add(RTM_DELROUTE, 0, body, action, ok, tag)
         flags = F_CREATE | (F_REPLACE if op == "replace" else F_EXCL)

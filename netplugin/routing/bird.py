@@ -11,13 +11,17 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 
-from netplugin.errors import DataplaneError, InvalidInput
+from netplugin.errors import DataplaneError, InvalidInput, NamespaceNotFound
+from netplugin.kernel.netlink import netlink
+from netplugin.kernel.netns import command_prefix
+from netplugin.routing.constants import BIRD_PROTO, MAIN_TABLE
 from netplugin.routing.bird_config import PEER_GLOBAL, PEER_MESH, PEER_NODE, PEER_RR, PEER_RR_CLIENT
 
 log = logging.getLogger(__name__)
@@ -82,17 +86,12 @@ def birdc(sock, *command, birdc_bin="birdc", timeout=_CMD_TIMEOUT):
     return "\n".join(lines)
 
 
-def _ns_prefix(netns):
+def _ns_prefix(netns, what):
     """Command prefix running a program in ``netns`` (a name under /run/netns or a path), or none for None."""
-    if netns is None:
-        return []
-    if "/" in netns:
-        if not os.path.exists(netns):
-            raise BirdError(f"starting BIRD: network namespace {netns} does not exist")
-        return ["nsenter", f"--net={netns}", "--"]
-    if not os.path.exists(os.path.join("/run/netns", netns)):
-        raise BirdError(f"starting BIRD: network namespace {netns} does not exist")
-    return ["ip", "netns", "exec", netns]
+    try:
+        return command_prefix(netns)
+    except NamespaceNotFound:
+        raise BirdError(f"{what}: network namespace {netns} does not exist") from None
 
 
 class BirdProcess:
@@ -130,14 +129,15 @@ class BirdProcess:
     def left_routes(self):
         """True when the kernel of our namespace holds routes a BIRD wrote (``proto bird``): a BIRD was killed
         or stopped with ``birdc graceful restart`` and its forwarding state is still in place."""
-        for family in ("-4", "-6"):
-            p = _run(_ns_prefix(self.netns) + ["ip", family, "route", "show", "proto", "bird"],
-                     f"reading BIRD's routes in {self.netns or 'this namespace'}")
-            if p.returncode != 0:
-                raise BirdError(f"reading BIRD's routes in {self.netns or 'this namespace'}: {p.stderr.strip()}")
-            if p.stdout.strip():
-                return True
-        return False
+        what = f"reading BIRD's routes in {self.netns or 'this namespace'}"
+        try:
+            with netlink(self.netns) as nl:
+                return any(nl.routes(family=family, table=MAIN_TABLE, proto=BIRD_PROTO)
+                           for family in (socket.AF_INET, socket.AF_INET6))
+        except NamespaceNotFound:
+            raise BirdError(f"{what}: network namespace {self.netns} does not exist") from None
+        except DataplaneError as e:
+            raise BirdError(f"{what}: {e.msg}") from None
 
     def start(self, timeout=10.0, recover=None):
         """Start BIRD with the config at ``conf_path`` and wait until it answers; a running BIRD is kept.
@@ -157,7 +157,7 @@ class BirdProcess:
         check_config(self.conf_path, self.bird_bin)
         if recover is None:
             recover = self.left_routes()
-        cmd = _ns_prefix(self.netns) + [
+        cmd = _ns_prefix(self.netns, "starting BIRD") + [
             self.bird_bin, "-f", "-c", self.conf_path, "-s", self.sock_path, "-P", self.pid_path]
         if recover:
             cmd.append("-R")

@@ -5,26 +5,26 @@ protocol in the main table and only ever adds, replaces or deletes those, so rou
 dataplane's proto 80, BIRD's proto bird, an operator's static routes) are never touched. A prefix already
 held by someone else's route is reported as a conflict, not overwritten.
 
-Netlink goes through a short-lived pyroute2 handle bound to the namespace (a socket created there by a child
-process), so no thread of ours ever switches namespace.
+Netlink goes through the kernel layer's handle (netplugin.kernel.netlink: a socket made in the namespace by a
+throwaway thread, so no thread of ours switches namespace); all changes of one reconcile go in one batch, and
+the kernel acknowledges each, so one bad route does not stop the others.
 """
+import errno
 import ipaddress
 import logging
 import os
 import socket
 from dataclasses import dataclass, field
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
-
 from netplugin.errors import DataplaneError, InvalidInput
+from netplugin.kernel.netlink import netlink
+from netplugin.kernel.rtnl import Batch
 from netplugin.routing.constants import DIRECT_PROTO, MAIN_TABLE
 from netplugin.routing.model import parse_block
 
 log = logging.getLogger(__name__)
 
 _FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
-_DUMP_TRIES = 5
 
 
 @dataclass
@@ -70,41 +70,20 @@ class DirectRoutes:
         self.proto = proto
         self.table = table
 
-    def _open(self):
-        if self.netns is None:
-            return IPRoute()
-        path = self.netns if "/" in self.netns else os.path.join("/run/netns", self.netns)
-        if not os.path.exists(path):
-            raise DataplaneError(f"direct routes: network namespace {self.netns} does not exist")
-        try:
-            return IPRoute(netns=path, flags=0)  # flags=0: never create a namespace by mistake
-        except OSError as e:
-            raise DataplaneError(f"direct routes: failed to open network namespace {self.netns}: {e}") from None
-
     def current(self):
         """{network: gateway, or None when not a single gateway} for our routes in the kernel now."""
-        with self._open() as ipr:
-            return {net: gw for net, (gw, _prio) in self._kernel_routes(ipr).items()}
+        with netlink(self.netns) as nl:
+            return {net: gw for net, (gw, _prio) in self._kernel_routes(nl).items()}
 
-    def _kernel_routes(self, ipr):
+    def _kernel_routes(self, nl):
         found = {}
         for version, family in _FAMILIES.items():
-            for msg in self._dump(ipr, family):
-                if msg.get("table") != self.table or msg.get("proto") != self.proto:
-                    continue
-                dst = msg.get("dst") or ("0.0.0.0" if version == 4 else "::")
-                gw = msg.get("gateway")
-                found[ipaddress.ip_network(f"{dst}/{msg.get('dst_len')}")] = (
-                    ipaddress.ip_address(gw) if gw else None, msg.get("priority"))
+            for msg in nl.routes(family=family, table=self.table, proto=self.proto):
+                dst = msg.get("RTA_DST") or ("0.0.0.0" if version == 4 else "::")
+                gw = msg.get("RTA_GATEWAY")
+                found[ipaddress.ip_network(f"{dst}/{msg['dst_len']}")] = (
+                    ipaddress.ip_address(gw) if gw else None, msg.get("RTA_PRIORITY"))
         return found
-
-    def _dump(self, ipr, family):
-        for _ in range(_DUMP_TRIES):
-            try:
-                return list(ipr.route("dump", family=family, proto=self.proto, table=self.table))
-            except NetlinkDumpInterrupted:
-                continue
-        raise DataplaneError(f"direct routes: route dump in {self.netns} kept being interrupted")
 
     def reconcile(self, node_blocks):
         """Make our routes exactly ``node_blocks`` ({node address: [block CIDRs]}) and return the changes.
@@ -112,19 +91,30 @@ class DirectRoutes:
         All valid changes are made even if some fail; failures are then raised together as DataplaneError.
         """
         want = desired_routes(node_blocks)
-        changes, errors = RouteChanges(), []
-        with self._open() as ipr:
-            raw = self._kernel_routes(ipr)
+        batch = Batch()
+        with netlink(self.netns) as nl:
+            raw = self._kernel_routes(nl)
             have = {net: gw for net, (gw, _prio) in raw.items()}
             for net in sorted(set(have) - set(want), key=_key):
                 gw, prio = raw[net]
-                self._call(ipr, "del", net, gw, prio, changes.removed, errors)
+                self._request(batch, "del", net, gw, prio, "removed")
             for net in sorted(want, key=_key):
                 if net not in have:
-                    self._call(ipr, "add", net, want[net], None, changes.added, errors)
+                    self._request(batch, "add", net, want[net], None, "added")
                 elif have[net] != want[net]:
                     # The kernel keys a route by prefix and metric, not protocol: replace only our own.
-                    self._call(ipr, "replace", net, want[net], raw[net][1], changes.replaced, errors)
+                    self._request(batch, "replace", net, want[net], raw[net][1], "replaced")
+            failures, _ = nl.commit(batch)
+        failed = {id(f.request): f for f in failures}
+        changes, errors = RouteChanges(), []
+        for req in batch.requests:
+            done, text = req.tag
+            if id(req) not in failed:
+                getattr(changes, done).append(text)
+                continue
+            code = failed[id(req)].errno
+            reason = "a route for this prefix exists already (not ours)" if code == errno.EEXIST else os.strerror(code)
+            errors.append(f"{req.action}: {reason}")
         if changes:
             log.info("direct routes in %s: +%d ~%d -%d", self.netns or "this namespace",
                      len(changes.added), len(changes.replaced), len(changes.removed))
@@ -133,21 +123,11 @@ class DirectRoutes:
                                  + "; ".join(errors))
         return changes
 
-    def _call(self, ipr, op, net, gw, prio, done, errors):
-        spec = dict(dst=str(net), proto=self.proto, table=self.table)
-        if gw is not None:
-            spec["gateway"] = str(gw)
-        if prio is not None:
-            spec["priority"] = prio
+    def _request(self, batch, op, net, gw, prio, done):
         text = f"{net} via {gw}" if gw is not None else str(net)
-        try:
-            ipr.route(op, **spec)
-            done.append(text)
-        except NetlinkError as e:
-            if op == "del" and e.code == 3:  # ESRCH: already gone
-                return
-            reason = "a route for this prefix exists already (not ours)" if e.code == 17 else os.strerror(e.code)
-            errors.append(f"{op} {text}: {reason}")
+        ok = (errno.ESRCH,) if op == "del" else ()  # already gone
+        batch.route(op, str(net), f"{op} {text}", gateway=None if gw is None else str(gw), proto=self.proto,
+                    table=self.table, priority=prio, ok=ok, tag=(done, text))
 
 
 def _key(net):
