@@ -190,15 +190,22 @@ class NetfilterTable:
                            check=False, what=what)
         if proc.returncode == 0:
             return
-        m = _FAILED_LINE.search(proc.stderr or "")
-        failed = int(m.group(1)) if m else 0
-        context = numbered_context(lines, failed)
-        reason = " ".join(line.strip() for line in (proc.stderr or "").splitlines()
-                          if line.strip() and not line.startswith("Try `"))
-        LOG.error("%s in netns %s failed: %s\n%s", what, self.ns.netns, reason, context)
-        at = f" at line {failed}: {lines[failed - 1]}" if 0 < failed <= len(lines) else ""
-        raise DataplaneError(f"{what} in netns {self.ns.netns} failed{at} ({first_line(proc.stderr)});"
-                             " the previous rules stay in force", details=f"{reason}\n{context}")
+        err = restore_error(f"{what} in netns {self.ns.netns}", lines, proc.stderr)
+        LOG.error("%s\n%s", err.msg, err.details)
+        raise err
+
+
+def restore_error(what, lines, stderr):
+    """The DataplaneError for a failed restore of ``lines``: the failing line in the message, the numbered
+    lines around it (Neutron-style) and iptables' whole complaint in ``details``."""
+    m = _FAILED_LINE.search(stderr or "")
+    failed = int(m.group(1)) if m else 0
+    context = numbered_context(lines, failed)
+    reason = " ".join(line.strip() for line in (stderr or "").splitlines()
+                      if line.strip() and not line.startswith("Try `"))
+    at = f" at line {failed}: {lines[failed - 1]}" if 0 < failed <= len(lines) else ""
+    return DataplaneError(f"{what} failed{at} ({first_line(stderr)}); the previous rules stay in force",
+                          details=f"{reason}\n{context}")
 
 
 def parse_save(text, table="filter"):
