@@ -1,11 +1,16 @@
-"""rtnetlink over one raw socket: requests encoded here and sent as batches, replies decoded by pyroute2.
+"""rtnetlink over one raw socket: requests packed here and sent as batches, replies decoded by pyroute2.
 
 Why not ``IPRoute`` for everything: in pyroute2 0.9 each request pays 0.25-0.35 ms of Python (argument
-filters, an asyncio loop turn) and an ADD needs about twenty of them, which was most of ADD's time. Here the
+filters, an asyncio loop turn) and an ADD needs about thirteen of them, which was most of ADD's time. Here the
 handful of request kinds we send are packed with ``struct`` and a whole step (say, "configure the container
 side") goes to the kernel in one ``send``: the kernel handles the messages in order and acknowledges each, so
 every failure is still reported against the request that caused it. Replies (links, addresses, routes, ...)
 are decoded with pyroute2's message classes, so readers get the familiar ``msg.get("ifname")`` interface.
+
+pyroute2's message classes are also the reference for what we send: a unit test checks every request kind
+byte for byte against their ``encode()``. They are not the encoder itself because they cost 135 us (a route)
+to 330 us (a veth) per message against 13 us here, which would add about 2 ms to an ADD whose kernel work
+takes about 3 ms.
 
 The socket enables strict dump checking, so route and address dumps are filtered by the kernel (by table,
 protocol, device) instead of shipping every BGP route to Python; and extended acks, so a failure carries the
