@@ -187,7 +187,7 @@ class NetfilterTable:
         _, _, restore = self.binaries()
         what = f"{restore} ({self.label})"
         proc = self.ns.run([restore, "--noflush", "-w", str(self.wait)], input_text="\n".join(lines) + "\n",
-                           check=False, what=what)
+                           check=False, what=f"write the {self.label} table ({restore})")
         if proc.returncode == 0:
             return
         err = restore_error(f"{what} in netns {self.ns.netns}", lines, proc.stderr)
