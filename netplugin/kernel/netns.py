@@ -36,7 +36,7 @@ NSFS_MAGIC = 0x6E736673  # statfs f_type of namespace files
 NS_GET_NSTYPE = 0xB703  # ioctl on a namespace fd: its CLONE_NEW* type (Linux 4.11)
 HOST_NETNS = ("/proc/self/ns/net", "/proc/1/ns/net")
 _NS_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-_ERRNO_CLASS = {errno.ENODEV: NotFound, errno.ENOENT: NotFound, errno.EEXIST: AlreadyExists}
+ERRNO_CLASS = {errno.ENODEV: NotFound, errno.ENOENT: NotFound, errno.EEXIST: AlreadyExists}  # else DataplaneError
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
@@ -44,7 +44,7 @@ def kernel_error(action: str, err: OSError) -> Exception:
     """``failed to <action>: <strerror>`` as the matching netplugin error."""
     code = err.errno or 0
     reason = os.strerror(code) if code else str(err)
-    return _ERRNO_CLASS.get(code, DataplaneError)(f"failed to {action}: {reason}")
+    return ERRNO_CLASS.get(code, DataplaneError)(f"failed to {action}: {reason}")
 
 
 def netns_path(netns: str) -> str:

@@ -30,7 +30,8 @@ from pyroute2.netlink.rtnl.ndtmsg import ndtmsg
 from pyroute2.netlink.rtnl.nsidmsg import nsidmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
-from netplugin.errors import AlreadyExists, DataplaneError, NotFound
+from netplugin.errors import DataplaneError, NotFound
+from netplugin.kernel.netns import ERRNO_CLASS
 
 # netlink
 NLMSG_ERROR, NLMSG_DONE = 2, 3
@@ -143,10 +144,7 @@ class Failure:
         reason = os.strerror(self.errno)
         if self.detail:
             reason = f"{reason} ({self.detail})"
-        cls = {errno.EEXIST: AlreadyExists, errno.ENODEV: NotFound, errno.ENOENT: NotFound}.get(
-            self.errno, DataplaneError
-        )
-        return cls(f"failed to {self.request.action}: {reason}")
+        return ERRNO_CLASS.get(self.errno, DataplaneError)(f"failed to {self.request.action}: {reason}")
 
 
 @dataclass
