@@ -7,9 +7,14 @@ Errors: an operation that cannot be done answers ``{"Err": "<one line>"}`` (HTTP
 libnetwork shows the text to the user; the same text is also under ``Error``, the key IPAM answers use); a
 body that is not a JSON object answers 400 and an unknown method 404 (libnetwork reads 404 as "not
 implemented"), both with ``Err`` too; a bug answers 500 with ``Err`` and logs the traceback.
+
+The payload is checked before any handler runs: a JSON object of valid Unicode (no lone surrogates, which
+etcd keys and log lines cannot carry), not nested absurdly deep; ids are Docker-id-like words. The text of
+an error is one line of bounded length, however much of the input it quotes.
 """
 import json
 import logging
+import re
 
 from flask import Flask, Response, request
 
@@ -18,16 +23,48 @@ from netplugin.errors import InvalidInput, NetpluginError
 LOG = logging.getLogger(__name__)
 MEDIA_TYPE = "application/vnd.docker.plugins.v1.2+json"
 IMPLEMENTS = ["NetworkDriver", "IpamDriver"]
+ERR_HEAD, ERR_TAIL = 240, 160  # an error quoting a huge input keeps its start and its end (the hint)
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # Docker's ids are 64 hex digits
 
 
 def _reply(body, status=200):
     return Response(json.dumps(body), status=status, mimetype=MEDIA_TYPE)
 
 
+def one_line(msg):
+    """``msg`` as one line an operator can read, however much input it quotes."""
+    msg = " ".join(str(msg).splitlines())
+    if len(msg) > ERR_HEAD + ERR_TAIL:
+        msg = f"{msg[:ERR_HEAD]} ...({len(msg) - ERR_HEAD - ERR_TAIL} characters cut)... {msg[-ERR_TAIL:]}"
+    return msg
+
+
 def _error(msg, status=200):
     # NetworkDriver answers decode the message from "Err", IpamDriver answers from "Error" (libnetwork's two
     # api.Response types); Go's decoder ignores the other key, so both are sent.
+    msg = one_line(msg)
     return _reply({"Err": msg, "Error": msg}, status)
+
+
+def _decode(method, raw):
+    """The request body as a dict, or the error message saying why it is not one."""
+    try:
+        body = json.loads(raw) if raw.strip() else {}
+    except ValueError as e:
+        return None, f"{method}: the request body is not valid JSON ({e})"
+    except RecursionError:
+        return None, f"{method}: the request body is nested too deeply"
+    if body is None:
+        body = {}  # Docker sends "null" to methods without arguments
+    if not isinstance(body, dict):
+        return None, f"{method}: the request body must be a JSON object, not {type(body).__name__}"
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return None, f"{method}: the request body holds text that is not valid Unicode (a lone surrogate escape)"
+    except RecursionError:
+        return None, f"{method}: the request body is nested too deeply"
+    return body, None
 
 
 # --- payload checks ------------------------------------------------------------------------------------------------
@@ -46,10 +83,17 @@ def _field(body, key, kind, required=False, default=None):
     return value
 
 
+def _id(body, key):
+    value = _field(body, key, str, required=True)
+    if not ID_PATTERN.fullmatch(value):
+        raise InvalidInput(f"{key} {value!r} is not a Docker id (letters, digits, '_', '.', '-'; at most 128)")
+    return value
+
+
 def _ids(body, endpoint=True):
-    out = [_field(body, "NetworkID", str, required=True)]
+    out = [_id(body, "NetworkID")]
     if endpoint:
-        out.append(_field(body, "EndpointID", str, required=True))
+        out.append(_id(body, "EndpointID"))
     return out
 
 
@@ -148,7 +192,8 @@ def create_docker_app(driver):
     methods.update({f"NetworkDriver.{k}": v for k, v in _network_methods(driver).items()})
     methods.update({f"IpamDriver.{k}": v for k, v in _ipam_methods(driver).items()})
 
-    @app.route("/<path:method>", methods=["POST", "GET", "PUT", "DELETE"])
+    # No automatic OPTIONS answer: every answer is the plugin's JSON, also to a method nobody should use.
+    @app.route("/<path:method>", methods=["POST", "GET", "PUT", "DELETE"], provide_automatic_options=False)
     def call(method):
         handler = methods.get(method)
         if handler is None:
@@ -156,20 +201,14 @@ def create_docker_app(driver):
                           "NetworkDriver.* and IpamDriver.*)", 404)
         if request.method != "POST":
             return _error(f"{method} must be called with POST, not {request.method}", 405)
-        raw = request.get_data(cache=False)
-        try:
-            body = json.loads(raw) if raw.strip() else {}
-        except ValueError as e:
-            return _error(f"{method}: the request body is not valid JSON ({e})", 400)
-        if body is None:
-            body = {}  # Docker sends "null" to methods without arguments
-        if not isinstance(body, dict):
-            return _error(f"{method}: the request body must be a JSON object, not {type(body).__name__}", 400)
+        body, why = _decode(method, request.get_data(cache=False))
+        if why:
+            return _error(why, 400)
         LOG.debug("docker call %s %s", method, body)
         try:
             answer = handler(body)
         except NetpluginError as e:
-            LOG.warning("event=docker.call.failed method=%s error=%s", method, e.msg)
+            LOG.warning("event=docker.call.failed method=%s error=%s", method, one_line(e.msg))
             return _error(e.msg)
         except Exception as e:  # noqa: BLE001 -- a bug: answer something libnetwork can show, keep the trace
             LOG.exception("event=docker.call.crashed method=%s", method)
