@@ -110,6 +110,8 @@ class DockerIpam:
         if not address:
             return pool_gateway(ref.version)
         ip = _address(address)
+        if ip not in netaddr.IPNetwork(ref.subnet):  # also a gateway of the other family
+            raise AddressNotInPool(f"gateway {ip} is not in the network's subnet {ref.subnet}")
         return f"{ip}/{netaddr.IPNetwork(ref.subnet).prefixlen}"
 
     def holder(self, address):
