@@ -139,9 +139,8 @@ class DockerDriver:
         LOG.info("event=docker.network.created id=%s subnets=%s", network_id[:12], ",".join(net.subnets))
 
     def delete_network(self, network_id):
-        net = self.networks.forget(network_id)
         try:
-            self.networks.delete_record(net)
+            self.networks.remove(network_id)
         except NetpluginError as e:  # the record is metadata: never keep Docker from removing its network
             LOG.warning("event=docker.network.record_kept id=%s error=%s", network_id[:12], e.msg)
         LOG.info("event=docker.network.deleted id=%s", network_id[:12])
@@ -214,6 +213,11 @@ class DockerDriver:
         self.local.forget(endpoint_id)
         self.ds.delete(keys.endpoint(self.host, endpoint_id))
         docker_link.remove(self.dataplane.host_netns, endpoint_id)
+        if network_id is not None:
+            try:
+                self.networks.endpoint_gone(network_id)
+            except NetpluginError as e:  # metadata again: the endpoint is gone either way
+                LOG.warning("event=docker.network.record_kept id=%s error=%s", network_id[:12], e.msg)
         LOG.info("event=docker.endpoint.deleted id=%s", endpoint_id[:12])
 
     def collect(self, ep):

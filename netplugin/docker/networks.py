@@ -3,13 +3,17 @@
 libnetwork tells a driver only a network's id; its name, labels and driver options are read from dockerd's
 API (``--docker-api``). CreateNetwork cannot ask (dockerd stores the network only after the driver said yes),
 so the name is resolved in the background right after, and again on demand at CreateEndpoint (also after an
-agent restart, when this cache is empty). Without the API a network is named by its Docker id.
+agent restart, when this cache is empty). Without the API a network is named by its Docker id, and one this
+agent does not know (after a restart) is read back from the record it wrote; an id with no such record is
+refused, never recorded as a network without subnets.
 
 The record lives at ``keys.network(name)``: every host's dockerd that creates a network of that name shares
 it, with its containers' addresses coming from the same netplugin pool. The first host writes it; a host whose
 network of the same name uses other pools is refused while the record's network still has endpoints (a stale
 record, with none, is replaced). The record is deleted with the Docker network that wrote it once no endpoint
-on any host uses it; another host's next endpoint writes it again.
+on any host uses it; another host's next endpoint writes it again. A Docker network deleted while endpoints of
+this host still use its record (DeleteNetwork before their DeleteEndpoint) is remembered, and its record goes
+with the last of them.
 """
 import logging
 import threading
@@ -22,7 +26,7 @@ from netplugin.datastore.models import Endpoint, Network
 from netplugin.dataplane import GATEWAY_V4, GATEWAY_V6
 from netplugin.docker.dockerapi import DockerApiError, NotInDocker
 from netplugin.docker.pools import ADDRESS_SPACE, parse_cidr, place_subnet
-from netplugin.errors import Conflict, InvalidInput, NetpluginError
+from netplugin.errors import Conflict, InvalidInput, NetpluginError, NotFound
 
 LOG = logging.getLogger(__name__)
 GENERIC = "com.docker.network.generic"
@@ -89,11 +93,13 @@ class NetworkRegistry:
         self.ipam = ipam
         self.api = api
         self._nets = {}
+        self._retired = {}  # id -> DockerNetwork deleted by Docker whose record endpoints of this host still use
         self._lock = threading.Lock()
 
     def add(self, net):
         with self._lock:
             self._nets[net.id] = net
+            self._retired.pop(net.id, None)
         if self.api is not None:
             threading.Thread(target=self._resolve_soon, args=(net.id,), name="docker-network-name",
                              daemon=True).start()
@@ -101,6 +107,23 @@ class NetworkRegistry:
     def forget(self, network_id):
         with self._lock:
             return self._nets.pop(network_id, None)
+
+    def remove(self, network_id):
+        """DeleteNetwork: forget the network and delete its record, now or with the last endpoint using it."""
+        self.forget(network_id)
+        net = self._recorded(network_id)  # by its record: this cache may not know it (a restart, a re-create)
+        if net is None or self.delete_record(net):
+            return
+        with self._lock:
+            self._retired[network_id] = net
+
+    def endpoint_gone(self, network_id):
+        """After a DeleteEndpoint: the record of a network Docker deleted earlier goes once nothing uses it."""
+        with self._lock:
+            net = self._retired.get(network_id)
+        if net is not None and (self.delete_record(net) or self._own_record(net) is None):
+            with self._lock:
+                self._retired.pop(network_id, None)
 
     def get(self, network_id):
         """The network with its name resolved and its record ensured (reads dockerd when not yet known)."""
@@ -135,7 +158,7 @@ class NetworkRegistry:
 
     def _resolve(self, network_id, known):
         if self.api is None:
-            net = known or DockerNetwork(id=network_id)
+            net = known or self._from_record(network_id)
             net.name = net.name or network_id
             with self._lock:
                 self._nets.setdefault(network_id, net)
@@ -167,6 +190,29 @@ class NetworkRegistry:
         with self._lock:
             self._nets[network_id] = net
         LOG.info("event=docker.network.resolved id=%s name=%s", network_id[:12], net.name)
+        return net
+
+    def _from_record(self, network_id):
+        """A network this agent created before it restarted, read back from its record (no dockerd to ask)."""
+        net = self._recorded(network_id)
+        if net is None:
+            raise NotFound(f"network {network_id[:12]} is unknown to this agent and has no netplugin record: was it "
+                           "created with docker network create -d netplugin --ipam-driver netplugin?")
+        LOG.info("event=docker.network.restored id=%s subnets=%s", network_id[:12], ",".join(net.subnets))
+        return net
+
+    def _recorded(self, network_id):
+        """The network whose record names Docker network ``network_id`` (None: no record does)."""
+        record = next((r for r in (Network.from_dict(kv.value) for kv in self.ds.list(keys.NETWORKS))
+                       if r.docker_id == network_id), None)
+        if record is None:
+            return None
+        opts = record.options or {}
+        net = DockerNetwork(id=network_id, name=record.name, labels=dict(record.labels or {}), recorded=True,
+                            options={k: v for k, v in opts.items() if not k.startswith(RECORD_PREFIX)})
+        net.subnets = [s for s in opts.get(RECORD_PREFIX + "subnets", "").split(",") if s]
+        net.gateways = [g for g in opts.get(RECORD_PREFIX + "gateways", "").split(",") if g]
+        net.ip_ranges = [r for r in (record.ip_range, opts.get(RECORD_PREFIX + "ip-range6")) if r]
         return net
 
     # --- records --------------------------------------------------------------------------------------------------
@@ -233,13 +279,18 @@ class NetworkRegistry:
 
     def delete_record(self, net):
         """Delete the record this Docker network wrote, unless an endpoint on any host still uses the name."""
-        if net is None or net.name is None:
+        kv = self._own_record(net)
+        if kv is None or self.endpoints_of(net.name):
             return False
-        key = keys.network(net.name)
-        kv = self.ds.get(key)
-        if kv is None or Network.from_dict(kv.value).docker_id != net.id or self.endpoints_of(net.name):
-            return False
+        key = kv.key
         deleted = self.ds.txn([mod_is(key, kv.mod_revision)], [delete_op(key)]).succeeded
         if deleted:
             LOG.info("event=docker.network.unrecorded name=%s", net.name)
         return deleted
+
+    def _own_record(self, net):
+        """The KV of the record this Docker network wrote (None: no record, or another network's)."""
+        if net is None or net.name is None:
+            return None
+        kv = self.ds.get(keys.network(net.name))
+        return kv if kv is not None and Network.from_dict(kv.value).docker_id == net.id else None
