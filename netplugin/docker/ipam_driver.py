@@ -22,7 +22,7 @@ from netplugin.dataplane import GATEWAY_V4, GATEWAY_V6
 from netplugin.errors import AddressNotInPool, AlreadyExists, Conflict, InvalidInput, NotFound, PoolExhausted
 from netplugin.ipam import blocks as blockmath
 from netplugin.ipam.allocator import AssignRequest
-from netplugin.docker.pools import ADDRESS_SPACE, PoolRef, host_prefix_of, place_subnet, pool_ref
+from netplugin.docker.pools import ADDRESS_SPACE, PoolRef, host_prefix_of, place_subnet, pool_ref, usable_subnet
 
 LOG = logging.getLogger(__name__)
 GATEWAY_OPTION = "com.docker.network.gateway"  # Data key of RequestPool, and RequestAddressType's value
@@ -56,6 +56,9 @@ class DockerIpam:
         if not pool:
             ref = self._default_pool(6 if v6 else 4)
         else:
+            usable_subnet(pool, "subnet")
+            if sub_pool:
+                usable_subnet(sub_pool, "ip range")
             cidr, create = place_subnet(pool, [p.cidr for p in self.ipam.list_pools()])
             ref = pool_ref(pool, cidr, sub_pool or None)
             if create:

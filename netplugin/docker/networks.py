@@ -25,7 +25,7 @@ from netplugin.datastore.client import delete_op, mod_is, put_op
 from netplugin.datastore.models import Endpoint, Network
 from netplugin.dataplane import GATEWAY_V4, GATEWAY_V6
 from netplugin.docker.dockerapi import DockerApiError, NotInDocker
-from netplugin.docker.pools import ADDRESS_SPACE, parse_cidr, place_subnet
+from netplugin.docker.pools import ADDRESS_SPACE, parse_cidr, place_subnet, usable_subnet
 from netplugin.errors import Conflict, InvalidInput, NetpluginError, NotFound
 
 LOG = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def parse_create(network_id, options, ipv4_data, ipv6_data):
         if space != ADDRESS_SPACE:
             raise InvalidInput(f"network {network_id[:12]} takes addresses from {space!r}: netplugin networks need "
                                "netplugin IPAM (docker network create -d netplugin --ipam-driver netplugin ...)")
-        net.subnets.append(str(parse_cidr(data.get("Pool"), "subnet")))
+        net.subnets.append(str(usable_subnet(data.get("Pool"), "subnet")))
         gateway = str(data.get("Gateway") or "").split("/")[0]
         if gateway and gateway not in (GATEWAY_V4, GATEWAY_V6):
             net.gateways.append(gateway)
@@ -117,13 +117,15 @@ class NetworkRegistry:
         with self._lock:
             self._retired[network_id] = net
 
-    def endpoint_gone(self, network_id):
-        """After a DeleteEndpoint: the record of a network Docker deleted earlier goes once nothing uses it."""
+    def endpoint_gone(self):
+        """After a DeleteEndpoint: records of networks Docker deleted earlier go once nothing uses them."""
         with self._lock:
-            net = self._retired.get(network_id)
-        if net is not None and (self.delete_record(net) or self._own_record(net) is None):
-            with self._lock:
-                self._retired.pop(network_id, None)
+            retired = list(self._retired.values())
+        for net in retired:
+            if self.delete_record(net) or self._own_record(net) is None:
+                with self._lock:
+                    if self._retired.get(net.id) is net:
+                        del self._retired[net.id]
 
     def get(self, network_id):
         """The network with its name resolved and its record ensured (reads dockerd when not yet known)."""

@@ -29,6 +29,24 @@ def parse_cidr(value, what):
     return net.cidr
 
 
+# Space no container may hold, whatever a user asks: Docker subnets overlapping it are refused.
+RESERVED = {"0.0.0.0/8": "'this network'", "127.0.0.0/8": "loopback",
+            "169.254.0.0/16": "link-local, where the containers' gateway 169.254.1.1 lives",
+            "224.0.0.0/4": "multicast", "240.0.0.0/4": "reserved and broadcast", "::/128": "the unspecified address",
+            "::1/128": "loopback", "::ffff:0:0/96": "IPv4-mapped", "fe80::/10": "link-local, where the containers' "
+            "gateway lives", "ff00::/8": "multicast"}
+
+
+def usable_subnet(value, what):
+    """``parse_cidr`` that also refuses subnets overlapping RESERVED space (e.g. --subnet 169.254.0.0/16)."""
+    net = parse_cidr(value, what)
+    for cidr, why in RESERVED.items():
+        reserved = netaddr.IPNetwork(cidr)
+        if reserved.version == net.version and reserved.first <= net.last and net.first <= reserved.last:
+            raise InvalidInput(f"{what} {net} overlaps {cidr} ({why}): containers cannot have those addresses")
+    return net
+
+
 def contains(outer, inner):
     return outer.version == inner.version and outer.first <= inner.first and inner.last <= outer.last
 

@@ -2,7 +2,7 @@
 import pytest
 
 from netplugin.docker.driver import free_subnets, static_routes
-from netplugin.docker.pools import PoolRef, host_prefix_of, place_subnet, pool_ref
+from netplugin.docker.pools import PoolRef, host_prefix_of, place_subnet, pool_ref, usable_subnet
 from netplugin.errors import InvalidInput
 
 
@@ -21,6 +21,18 @@ def test_pool_id_round_trip_and_within():
 def test_pool_id_rejects_what_we_never_issued(bad):
     with pytest.raises(InvalidInput):
         PoolRef.decode(bad)
+
+
+@pytest.mark.parametrize("bad", ["169.254.0.0/16", "169.254.1.0/24", "0.0.0.0/0", "127.0.0.0/8", "224.0.0.0/24",
+                                 "240.0.0.0/4", "128.0.0.0/1", "fe80::/64", "::/0", "ff02::/16", "::ffff:0:0/96"])
+def test_reserved_space_is_no_docker_subnet(bad):
+    with pytest.raises(InvalidInput, match="containers cannot have those addresses"):
+        usable_subnet(bad, "subnet")
+
+
+def test_usable_subnets():
+    for good in ("10.0.0.0/8", "100.64.0.0/10", "192.168.0.0/16", "fd00::/8", "2001:db8::/32", "169.255.0.0/16"):
+        assert str(usable_subnet(good, "subnet")) == good
 
 
 def test_place_subnet():
