@@ -173,6 +173,9 @@ class DockerDriver:
 
     def join(self, network_id, endpoint_id, sandbox_key, options):
         pending = self._pending(endpoint_id)
+        if pending.network_id not in (None, network_id):
+            raise InvalidInput(f"endpoint {endpoint_id[:12]} was created on network {pending.network_id[:12]}, "
+                               f"not {network_id[:12]}")
         net = self.networks.get(network_id)
         if not sandbox_key or not sandbox_key.startswith("/"):
             raise InvalidInput(f"sandbox key {sandbox_key!r} of endpoint {endpoint_id[:12]} is not a path")
@@ -213,11 +216,10 @@ class DockerDriver:
         self.local.forget(endpoint_id)
         self.ds.delete(keys.endpoint(self.host, endpoint_id))
         docker_link.remove(self.dataplane.host_netns, endpoint_id)
-        if network_id is not None:
-            try:
-                self.networks.endpoint_gone(network_id)
-            except NetpluginError as e:  # metadata again: the endpoint is gone either way
-                LOG.warning("event=docker.network.record_kept id=%s error=%s", network_id[:12], e.msg)
+        try:
+            self.networks.endpoint_gone()
+        except NetpluginError as e:  # metadata again: the endpoint is gone either way
+            LOG.warning("event=docker.network.record_kept error=%s", e.msg)
         LOG.info("event=docker.endpoint.deleted id=%s", endpoint_id[:12])
 
     def collect(self, ep):
