@@ -129,6 +129,7 @@ class Model:
         self.networks = set()
         self.endpoints = {}  # EndpointID -> NetworkID
         self.ids = ["%064x" % i for i in range(1, 7)]  # the ids calls are drawn from: repeats and wrong orders
+        self.serial = 0  # numbers the lifecycles' fresh ids
 
     def learn(self, method, body, answer):
         """Remember what a call that answered without Err made (or undid)."""
@@ -176,11 +177,12 @@ weird_text = st.one_of(st.text(max_size=40), huge, st.sampled_from(
 cidr4 = st.builds(lambda a, b, plen: f"10.77.{a}.{b}/{plen}", st.integers(0, 255), st.sampled_from([0, 64, 128]),
                   st.sampled_from([16, 24, 25, 26, 30, 32]))
 bad_cidr = st.sampled_from(["10.77.0.0/33", "10.77.0.5/16", "10.77.0.0", "300.1.1.1/8", "::/200", "fd77::/64x",
-                            "0.0.0.0/0", "::/0", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "fe80::/10",
-                            "ff00::/8", "255.255.255.255/32", "10.77.0.0/-1", "10.77.0.0/016", " 10.77.0.0/24",
-                            "10.77.0.0/24 ", "1e1.0.0.0/8", "0x0a.0.0.0/8", "10.77/16", "fd77::/64/64", "10.78.0.0/24"])
+                            "10.77.0.0/-1", "10.77.0.0/016", " 10.77.0.0/24", "10.77.0.0/24 ", "1e1.0.0.0/8",
+                            "0x0a.0.0.0/8", "10.77/16", "fd77::/64/64", "10.78.0.0/24", "10.76.0.0/15"])
+reserved_cidr = st.sampled_from(["0.0.0.0/0", "::/0", "127.0.0.0/8", "169.254.0.0/16", "169.254.1.0/24",
+                                 "224.0.0.0/4", "fe80::/64", "ff00::/8", "255.255.255.255/32", "0.0.0.0/8"])
 subnet = st.one_of(cidr4.map(lambda c: str(netaddr.IPNetwork(c).cidr)), st.just(POOL4), st.just(POOL6),
-                   st.just("fd77::/80"), st.just("fd77:0:0:0:1::/80"), bad_cidr)
+                   st.just("fd77::/80"), st.just("fd77:0:0:0:1::/80"), bad_cidr, reserved_cidr)
 mac = st.one_of(st.just("02:42:0a:4d:00:07"), st.just(""), st.sampled_from(
     ["zz:zz:zz:zz:zz:zz", "02:42:0a", "ff:ff:ff:ff:ff:ff", "01:00:5e:00:00:01", "00:00:00:00:00:00",
      "02-42-0a-4d-00-07", "0242.0a4d.0007", "02:42:0a:4d:00:07:08"]), st.text(max_size=20))
@@ -188,6 +190,13 @@ sandbox_like = st.sampled_from(["", "relative/path", "/", "/nonexistent/netns", 
                                 "/etc/passwd", "/run/netns/", "/run/netns/../../etc"])
 mtu = st.one_of(st.sampled_from(["1500", "1400", "68", "67", "65536", "0", "-1", "1e3", " 1500", "1500.0", "",
                                  "9000", "1279"]), st.integers(-10, 70000))
+
+
+def chance(draw, p):
+    """True with about probability ``p``. Hypothesis favours extreme integers (0, 1, the maximum), so the draw is
+    scrambled first; a plain ``integers(0, 9) == 9`` would be true far more often than one time in ten."""
+    x = draw(st.integers(0, 2**16 - 1))
+    return (x * 40503 + 32768) % 65536 < p * 65536
 
 
 def pick(draw, seq):
@@ -215,7 +224,7 @@ def valid_body(draw, model, method):
     """A body dockerd could send for ``method``, its ids and values drawn from what earlier calls made."""
     net_id = pick(draw, [pick(draw, sorted(model.networks) or model.ids)] * 3 + [pick(draw, model.ids)])
     ep_id = pick(draw, [pick(draw, sorted(model.endpoints) or model.ids)] * 2 + [pick(draw, model.ids)])
-    if not draw(st.integers(0, 3)):
+    if chance(draw, 0.7):
         net_id = model.endpoints.get(ep_id, net_id)
     name = method.split(".", 1)[1]
     if name == "CreateNetwork":
@@ -237,7 +246,7 @@ def valid_body(draw, model, method):
                  "MacAddress": draw(mac)}
         return {"NetworkID": net_id, "EndpointID": ep_id, "Interface": iface, "Options": {}}
     if name == "Join":
-        key = pick(draw, [draw(sandbox_like)] + model.sandboxes * 2)
+        key = draw(sandbox_like) if chance(draw, 0.2) else pick(draw, model.sandboxes)
         return {"NetworkID": net_id, "EndpointID": ep_id, "SandboxKey": key, "Options": {}}
     if name == "DiscoverNew" or name == "DiscoverDelete":
         return {"DiscoveryType": 1, "DiscoveryData": {"Address": "10.99.0.2", "self": False}}
@@ -262,7 +271,7 @@ def valid_body(draw, model, method):
 
 def mutate(draw, body):
     """Drop, replace or add fields, at the top or one level down; or replace the whole body."""
-    replace_all = draw(st.integers(0, 9)) == 9  # (hypothesis draws 0, the simplest, most often)
+    replace_all = chance(draw, 0.1)
     if not isinstance(body, dict) or not body or replace_all:
         return draw(junk)
     body = json.loads(json.dumps(body))
@@ -288,11 +297,11 @@ def mutate(draw, body):
     return body
 
 
-def encode(draw, body):
-    """Bytes on the wire: mostly JSON, sometimes broken in the ways a buggy or hostile client breaks it."""
+def encode(draw, body, broken):
+    """Bytes on the wire: JSON, or (``broken``) JSON broken in the ways a buggy or hostile client breaks it."""
     text = json.dumps(body, ensure_ascii=draw(st.booleans()), allow_nan=True)
     raw = text.encode("utf-8", "surrogatepass")
-    kind = draw(st.sampled_from(["json"] * 12 + ["truncated", "bytes", "non-utf8", "deep", "empty", "nan"]))
+    kind = draw(st.sampled_from(["truncated", "bytes", "non-utf8", "deep", "empty", "nan"])) if broken else "json"
     cut = draw(st.integers(0, 1000)) * len(raw) // 1000
     if kind == "truncated" and len(raw) > 1:
         return raw[:max(1, min(cut, len(raw) - 1))]
@@ -331,32 +340,121 @@ CONTENT_TYPES = [MEDIA_TYPE] * 6 + [None, "application/json", "text/plain", "app
 
 
 def one_call(draw, plugin, model):
+    """Any method, its body drawn from what exists (ids, pools, addresses), often mutated."""
     method = draw(st.sampled_from(WEIGHTED))
-    body = valid_body(draw, model, method)
-    if draw(st.integers(0, 2)) == 2:
+    return send(draw, plugin, model, method, valid_body(draw, model, method), fuzz_rate=0.6)
+
+
+LIFECYCLE = ["RequestPool", "CreateNetwork", "RequestAddress", "CreateEndpoint", "Join", "EndpointOperInfo",
+             "Leave", "DeleteEndpoint", "ReleaseAddress", "ReleasePool", "DeleteNetwork"]
+
+
+def lifecycle(draw, plugin, model):
+    """One container's life as dockerd drives it, with fresh ids; steps sometimes shuffled, skipped, repeated."""
+    model.serial += 1
+    net_id, ep_id = "%064x" % (0x100000 + model.serial), "%064x" % (0x200000 + model.serial)
+    subnet = pick(draw, [f"10.77.{model.serial % 250 + 1}.0/24", POOL4, POOL6, "fd77::/80"])
+    steps = list(LIFECYCLE)
+    if chance(draw, 0.25):
+        steps = draw(st.permutations(steps))
+    script = []
+    for step in steps:
+        script += [step] * (1 if not chance(draw, 0.2) else draw(st.sampled_from([0, 2])))
+    ctx = {"PoolID": None, "Address": None}
+    for step in script:
+        body = _lifecycle_body(draw, model, step, net_id, ep_id, subnet, ctx)
+        answer = send(draw, plugin, model, ("IpamDriver." if step in IPAM_STEPS else "NetworkDriver.") + step, body,
+                      fuzz_rate=0.1)
+        if answer and "Err" not in answer and step in ("RequestPool", "RequestAddress"):
+            ctx.update({k: answer[k] for k in ("PoolID", "Address") if k in answer})
+
+
+IPAM_STEPS = {"RequestPool", "RequestAddress", "ReleaseAddress", "ReleasePool"}
+
+
+def _lifecycle_body(draw, model, step, net_id, ep_id, subnet, ctx):
+    pool_id = ctx["PoolID"] or f"{subnet}|{subnet}|"
+    ids = {"NetworkID": net_id, "EndpointID": ep_id}
+    if step == "RequestPool":
+        return {"AddressSpace": "netplugin", "Pool": subnet, "SubPool": "", "Options": {}, "V6": ":" in subnet}
+    if step == "CreateNetwork":
+        data = [{"AddressSpace": "netplugin", "Pool": subnet, "Gateway": "169.254.1.1/32"}]
+        v6 = ":" in subnet
+        return {"NetworkID": net_id, "Options": {"com.docker.network.generic": {}, "com.docker.network.enable_ipv6": v6},
+                "IPv4Data": [] if v6 else data, "IPv6Data": data if v6 else []}
+    if step == "RequestAddress":
+        return {"PoolID": pool_id, "Address": "", "Options": {"com.docker.network.endpoint.macaddress": draw(mac)}}
+    if step == "CreateEndpoint":
+        address = ctx["Address"] or _address(draw, model)
+        key = "AddressIPv6" if ":" in address else "Address"
+        return {**ids, "Interface": {key: address, "MacAddress": draw(mac)}, "Options": {}}
+    if step == "Join":
+        return {**ids, "SandboxKey": pick(draw, model.sandboxes), "Options": {}}
+    if step == "ReleaseAddress":
+        return {"PoolID": pool_id, "Address": ctx["Address"] or _address(draw, model)}
+    if step == "ReleasePool":
+        return {"PoolID": pool_id}
+    if step == "DeleteNetwork":
+        return {"NetworkID": net_id}
+    return ids
+
+
+def send(draw, plugin, model, method, body, fuzz_rate):
+    """Send ``body`` (with probability ``fuzz_rate`` mutated, broken, or to an odd path or with an odd method),
+    check the answer; returns the answer, or None when it was not a plain POST of ``method``."""
+    how = None
+    if chance(draw, fuzz_rate):
+        how = draw(st.sampled_from(["body", "body", "bytes", "both", "path", "method"]))
+    if how in ("body", "both"):
         body = mutate(draw, body)
-    raw = encode(draw, body)
-    path, http_method = f"/{method}", "POST"
-    if draw(st.integers(0, 30)) == 30:
-        path = draw(st.sampled_from(ODD_PATHS))
-    if draw(st.integers(0, 30)) == 30:
+    raw = encode(draw, body, broken=how in ("bytes", "both"))
+    path = draw(st.sampled_from(ODD_PATHS)) if how == "path" else f"/{method}"
+    http_method = "POST"
+    if how == "method":
         http_method = draw(st.sampled_from(["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]))
-    content_type = draw(st.sampled_from(CONTENT_TYPES))
+    content_type = MEDIA_TYPE if not chance(draw, 0.3) else draw(st.sampled_from(CONTENT_TYPES))
     status, ctype, data = plugin.call(path, raw, http_method, content_type)
     try:
         answer = check_answer(path.lstrip("/"), status, ctype, data, http_method)
+        if path == f"/{method}" and http_method == "POST":
+            check_meaning(method, _decoded(raw), answer, model)
     except (AssertionError, ValueError) as e:
         # Kept going: one run lists every distinct malformed answer, not just the first.
         why = (str(e).splitlines() or [type(e).__name__])[0][:160]
         plugin.failures.setdefault((path, http_method, status, why[:50]),
                                    f"{why} <- {http_method} {path} {content_type!r} {raw[:160]!r}")
+        return None
+    if path != f"/{method}" or http_method != "POST":
+        return None
+    counts = plugin.outcomes.setdefault(method, [0, 0])
+    counts["Err" in answer] += 1
+    if os.environ.get("NETPLUGIN_FUZZ_DEBUG") and "Err" in answer:
+        print(method, answer["Err"][:150])
+    model.learn(method, _decoded(raw), answer)
+    return answer
+
+
+# Never a container's subnet: the gateway every container routes via, loopback, multicast, "this network",
+# reserved and IPv4-mapped space.
+UNUSABLE = [netaddr.IPNetwork(c) for c in ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4",
+                                           "240.0.0.0/4", "::/128", "::1/128", "::ffff:0:0/96", "fe80::/10",
+                                           "ff00::/8")]
+
+
+def check_meaning(method, body, answer, model):
+    """Beyond the shape: what a successful answer promises (usable pools, addresses in them, no duplicates)."""
+    if "Err" in answer or not isinstance(body, dict):
         return
-    if path == f"/{method}" and http_method == "POST":
-        counts = plugin.outcomes.setdefault(method, [0, 0])
-        counts["Err" in answer] += 1
-        if os.environ.get("NETPLUGIN_FUZZ_DEBUG") and "Err" in answer:
-            print(method, answer["Err"][:150])
-        model.learn(method, _decoded(raw), answer)
+    if method == "IpamDriver.RequestPool":
+        pool = netaddr.IPNetwork(answer["Pool"])
+        bad = [str(u) for u in UNUSABLE if u.version == pool.version and u.first <= pool.last and pool.first <= u.last]
+        assert not bad, f"RequestPool answered {pool}, which overlaps {', '.join(bad)}"
+    if method == "IpamDriver.RequestAddress" and "RequestAddressType" not in (body.get("Options") or {}):
+        subnet = netaddr.IPNetwork(str(body.get("PoolID")).split("|")[1])
+        ip = netaddr.IPNetwork(answer["Address"])
+        assert ip.ip in subnet and ip.prefixlen == (32 if ip.version == 4 else 128), \
+            f"RequestAddress answered {ip} for subnet {subnet}"
+        assert not any(_same_ip(a, ip) for a in model.addresses), f"RequestAddress handed out {ip} twice"
 
 
 def _decoded(raw):
@@ -413,6 +511,8 @@ def test_fuzz_libnetwork(live_plugin, etcd, etcd_server, fuzz_examples):
               suppress_health_check=list(HealthCheck))
     @given(st.data())
     def sequences(data):
+        if data.draw(st.booleans()):
+            lifecycle(data.draw, plugin, model)
         for _ in range(data.draw(st.integers(1, 6))):
             one_call(data.draw, plugin, model)
 
