@@ -4,8 +4,8 @@ libnetwork tells a driver only a network's id; its name, labels and driver optio
 API (``--docker-api``). CreateNetwork cannot ask (dockerd stores the network only after the driver said yes),
 so the name is resolved in the background right after, and again on demand at CreateEndpoint (also after an
 agent restart, when this cache is empty). Without the API a network is named by its Docker id, and one this
-agent does not know (after a restart) is read back from the record it wrote; an id with no such record is
-refused, never recorded as a network without subnets.
+agent does not know (after a restart) is read back from the record CreateNetwork wrote; an id with no such
+record is refused, never recorded as a network without subnets.
 
 The record lives at ``keys.network(name)``: every host's dockerd that creates a network of that name shares
 it, with its containers' addresses coming from the same netplugin pool. The first host writes it; a host whose
@@ -97,6 +97,9 @@ class NetworkRegistry:
         self._lock = threading.Lock()
 
     def add(self, net):
+        if self.api is None:  # named by its id: record it now, so it survives an agent restart
+            net.name = net.id
+            self.ensure_record(net)
         with self._lock:
             self._nets[net.id] = net
             self._retired.pop(net.id, None)

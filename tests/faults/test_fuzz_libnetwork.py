@@ -32,6 +32,7 @@ from netplugin.ipam.allocator import IPAM
 from netplugin.routing.constants import ROUTE_PROTO
 from tests.functional.test_docker import ipam_check, our_links
 from tests.netns import nsexec
+from tests.waiting import poll
 
 pytestmark = pytest.mark.functional
 
@@ -301,7 +302,8 @@ def encode(draw, body, broken):
     """Bytes on the wire: JSON, or (``broken``) JSON broken in the ways a buggy or hostile client breaks it."""
     text = json.dumps(body, ensure_ascii=draw(st.booleans()), allow_nan=True)
     raw = text.encode("utf-8", "surrogatepass")
-    kind = draw(st.sampled_from(["truncated", "bytes", "non-utf8", "deep", "empty", "nan"])) if broken else "json"
+    kinds = ["truncated", "bytes", "non-utf8", "deep", "empty", "nan", "huge"]
+    kind = draw(st.sampled_from(kinds)) if broken else "json"
     cut = draw(st.integers(0, 1000)) * len(raw) // 1000
     if kind == "truncated" and len(raw) > 1:
         return raw[:max(1, min(cut, len(raw) - 1))]
@@ -315,6 +317,9 @@ def encode(draw, body, broken):
         return draw(st.sampled_from([b"[" * depth + b"]" * depth, b'{"a":' * depth + b"1" + b"}" * depth]))
     if kind == "empty":
         return draw(st.sampled_from([b"", b"null", b" ", b"\n", b"{}", b"[]", b'""', b"0"]))
+    if kind == "huge" and isinstance(body, dict):  # a valid body beside megabytes of padding
+        padded = {**body, "padding": "x" * draw(st.integers(1, 8)) * 1_000_000}
+        return json.dumps(padded).encode("utf-8", "surrogatepass")
     if kind == "nan":
         return draw(st.sampled_from([b"NaN", b'{"NetworkID": NaN}', b'{"V6": Infinity, "AddressSpace": "netplugin"}',
                                      b'{"PoolID": -Infinity}']))
@@ -336,7 +341,8 @@ WEIGHTED = METHODS + ["IpamDriver.RequestPool", "IpamDriver.RequestAddress", "Ne
 ODD_PATHS = ["/", "/Plugin.Activate/x", "/NetworkDriver.Teleport", "/IpamDriver.", "/%ff%fe", "/a" * 500,
              "/NetworkDriver.Join?x=1", "//NetworkDriver.Join", "/networkdriver.join", "/NetworkDriver.Join/"]
 CONTENT_TYPES = [MEDIA_TYPE] * 6 + [None, "application/json", "text/plain", "application/x-www-form-urlencoded",
-                                    "multipart/form-data; boundary=x", "application/json; charset=latin-1", "text/html; charset=utf-16"]
+                                    "multipart/form-data; boundary=x", "application/json; charset=latin-1",
+                                    "text/html; charset=utf-16"]
 
 
 def one_call(draw, plugin, model):
@@ -380,7 +386,8 @@ def _lifecycle_body(draw, model, step, net_id, ep_id, subnet, ctx):
     if step == "CreateNetwork":
         data = [{"AddressSpace": "netplugin", "Pool": subnet, "Gateway": "169.254.1.1/32"}]
         v6 = ":" in subnet
-        return {"NetworkID": net_id, "Options": {"com.docker.network.generic": {}, "com.docker.network.enable_ipv6": v6},
+        options = {"com.docker.network.generic": {}, "com.docker.network.enable_ipv6": v6}
+        return {"NetworkID": net_id, "Options": options,
                 "IPv4Data": [] if v6 else data, "IPv6Data": data if v6 else []}
     if step == "RequestAddress":
         return {"PoolID": pool_id, "Address": "", "Options": {"com.docker.network.endpoint.macaddress": draw(mac)}}
@@ -496,10 +503,17 @@ def live_plugin(etcd, host_factory, namespaces, tmp_path):
     IPAM(etcd).add_pool(POOL6)
     sock = str(tmp_path / "np-docker.sock")
     agent = host_factory(extra_args=["--docker-socket", sock])
-    deadline = time.monotonic() + 20
-    while not os.path.exists(sock) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    poll(lambda: os.path.exists(sock), timeout=20)
     return agent, Plugin(sock), [namespaces.add(), namespaces.add()]
+
+
+def restart(agent, plugin):
+    """The agent restarted between calls, as a package upgrade does: what it kept in memory is gone."""
+    agent.stop()
+    if os.path.exists(plugin.path):
+        os.unlink(plugin.path)
+    agent.start()
+    assert poll(lambda: os.path.exists(plugin.path), timeout=20), agent.log()
 
 
 def test_fuzz_libnetwork(live_plugin, etcd, etcd_server, fuzz_examples):
@@ -507,8 +521,8 @@ def test_fuzz_libnetwork(live_plugin, etcd, etcd_server, fuzz_examples):
     model = Model(sandboxes)
     started = time.monotonic()
 
-    @settings(max_examples=fuzz_examples, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
-              suppress_health_check=list(HealthCheck))
+    @settings(max_examples=max(1, fuzz_examples // 2), deadline=None, database=None,
+              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
     @given(st.data())
     def sequences(data):
         if data.draw(st.booleans()):
@@ -516,6 +530,8 @@ def test_fuzz_libnetwork(live_plugin, etcd, etcd_server, fuzz_examples):
         for _ in range(data.draw(st.integers(1, 6))):
             one_call(data.draw, plugin, model)
 
+    sequences()
+    restart(agent, plugin)  # halfway: the second half meets networks and endpoints the agent must read back
     sequences()
     fuzzed, took = plugin.requests, time.monotonic() - started
     print(f"\nfuzz: {fuzzed} requests in {took:.1f} s; left to undo: {len(model.endpoints)} endpoints, "
@@ -537,5 +553,44 @@ def test_fuzz_libnetwork(live_plugin, etcd, etcd_server, fuzz_examples):
     assert our_links(agent.netns) == []
     for family in ("-4", "-6"):  # a host route per address; the blackholes of the host's blocks stay
         assert nsexec(agent.netns, f"ip {family} route show proto {ROUTE_PROTO} type unicast").stdout.strip() == ""
+    for prefix in (keys.ENDPOINTS, keys.HANDLES, keys.NETWORKS):
+        assert [kv.key for kv in etcd.list(prefix)] == [], prefix
+
+
+def test_concurrent_containers(live_plugin, etcd, etcd_server):
+    """20 containers started and removed at once, as dockerd does on a busy host: every call succeeds, every
+    address is distinct, and nothing is left afterwards."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    agent, plugin, sandboxes = live_plugin
+    net = "%064x" % 0xC0FFEE
+    pool = plugin.json("IpamDriver.RequestPool", {"AddressSpace": "netplugin", "Pool": "10.77.9.0/24"})
+    assert plugin.json("NetworkDriver.CreateNetwork", {"NetworkID": net, "IPv4Data": [
+        {"AddressSpace": "netplugin", "Pool": "10.77.9.0/24", "Gateway": "169.254.1.1/32"}], "Options": {}}) == {}
+
+    def start(i):
+        ep = {"NetworkID": net, "EndpointID": "%064x" % (0xE000 + i)}
+        address = plugin.json("IpamDriver.RequestAddress", {"PoolID": pool["PoolID"], "Options": {}})["Address"]
+        assert plugin.json("NetworkDriver.CreateEndpoint", {**ep, "Interface": {"Address": address}}) == {}
+        joined = plugin.json("NetworkDriver.Join", {**ep, "SandboxKey": f"/run/netns/{sandboxes[i % 2]}"})
+        assert "Err" not in joined, joined
+        return address
+
+    def stop(i, address):
+        ep = {"NetworkID": net, "EndpointID": "%064x" % (0xE000 + i)}
+        for method, body in (("NetworkDriver.Leave", ep), ("NetworkDriver.DeleteEndpoint", ep),
+                             ("IpamDriver.ReleaseAddress", {"PoolID": pool["PoolID"], "Address": address})):
+            assert plugin.json(method, body) == {}, method
+
+    with ThreadPoolExecutor(max_workers=8) as workers:
+        addresses = list(workers.map(start, range(20)))
+        assert len(set(addresses)) == 20
+        assert len(our_links(agent.netns)) == 40  # host end and not-yet-moved container end of each
+        list(workers.map(stop, range(20), addresses))
+    assert plugin.json("NetworkDriver.DeleteNetwork", {"NetworkID": net}) == {}
+    assert "Traceback" not in open(agent.log_path).read()
+    check = ipam_check(etcd_server)
+    assert check.returncode == 0 and "clean" in check.stdout, check.stdout + check.stderr
+    assert our_links(agent.netns) == []
     for prefix in (keys.ENDPOINTS, keys.HANDLES, keys.NETWORKS):
         assert [kv.key for kv in etcd.list(prefix)] == [], prefix
