@@ -214,12 +214,14 @@ class DockerDriver:
         """Record first, then the veth: a reconcile in between deletes a veth no record names, never the reverse."""
         self.labeler.cancel(endpoint_id)
         self.local.forget(endpoint_id)
+        ep = self.service.get(endpoint_id)
         self.ds.delete(keys.endpoint(self.host, endpoint_id))
         docker_link.remove(self.dataplane.host_netns, endpoint_id)
         try:
-            self.networks.endpoint_gone()
+            if ep is not None:
+                self.networks.endpoint_gone(ep.network)
         except NetpluginError as e:  # metadata again: the endpoint is gone either way
-            LOG.warning("event=docker.network.record_kept error=%s", e.msg)
+            LOG.warning("event=docker.network.record_kept name=%s error=%s", ep.network, e.msg)
         LOG.info("event=docker.endpoint.deleted id=%s", endpoint_id[:12])
 
     def collect(self, ep):

@@ -11,9 +11,9 @@ The record lives at ``keys.network(name)``: every host's dockerd that creates a 
 it, with its containers' addresses coming from the same netplugin pool. The first host writes it; a host whose
 network of the same name uses other pools is refused while the record's network still has endpoints (a stale
 record, with none, is replaced). The record is deleted with the Docker network that wrote it once no endpoint
-on any host uses it; another host's next endpoint writes it again. A Docker network deleted while endpoints of
-this host still use its record (DeleteNetwork before their DeleteEndpoint) is remembered, and its record goes
-with the last of them.
+on any host uses it; another host's next endpoint writes it again. A Docker network deleted while endpoints
+still use its record (DeleteNetwork before their DeleteEndpoint) marks the record retired (in etcd, so an agent
+restart or another host keeps the promise), and the record goes with the last of them.
 """
 import logging
 import threading
@@ -32,6 +32,7 @@ LOG = logging.getLogger(__name__)
 GENERIC = "com.docker.network.generic"
 MTU_OPTION = "com.docker.network.driver.mtu"
 RECORD_PREFIX = "netplugin.io/"  # our own keys in Network.options, beside the user's -o options
+RETIRED = RECORD_PREFIX + "docker-deleted"  # set on a record whose Docker network is gone but endpoints remain
 
 
 @dataclass
@@ -93,7 +94,6 @@ class NetworkRegistry:
         self.ipam = ipam
         self.api = api
         self._nets = {}
-        self._retired = {}  # id -> DockerNetwork deleted by Docker whose record endpoints of this host still use
         self._lock = threading.Lock()
 
     def add(self, net):
@@ -102,7 +102,6 @@ class NetworkRegistry:
             self.ensure_record(net)
         with self._lock:
             self._nets[net.id] = net
-            self._retired.pop(net.id, None)
         if self.api is not None:
             threading.Thread(target=self._resolve_soon, args=(net.id,), name="docker-network-name",
                              daemon=True).start()
@@ -117,18 +116,21 @@ class NetworkRegistry:
         net = self._recorded(network_id)  # by its record: this cache may not know it (a restart, a re-create)
         if net is None or self.delete_record(net):
             return
-        with self._lock:
-            self._retired[network_id] = net
+        kv = self._own_record(net)
+        if kv is not None:
+            record = Network.from_dict(kv.value)
+            record.options = {**(record.options or {}), RETIRED: "true"}
+            self.ds.txn([mod_is(kv.key, kv.mod_revision)], [put_op(kv.key, record.to_dict())])
+            LOG.info("event=docker.network.retired name=%s", net.name)
 
-    def endpoint_gone(self):
-        """After a DeleteEndpoint: records of networks Docker deleted earlier go once nothing uses them."""
-        with self._lock:
-            retired = list(self._retired.values())
-        for net in retired:
-            if self.delete_record(net) or self._own_record(net) is None:
-                with self._lock:
-                    if self._retired.get(net.id) is net:
-                        del self._retired[net.id]
+    def endpoint_gone(self, name):
+        """After a DeleteEndpoint on network ``name``: a retired record goes once no endpoint uses it."""
+        kv = self.ds.get(keys.network(name))
+        record = Network.from_dict(kv.value) if kv else None
+        if record is None or not (record.options or {}).get(RETIRED) or self.endpoints_of(name):
+            return
+        if self.ds.txn([mod_is(kv.key, kv.mod_revision)], [delete_op(kv.key)]).succeeded:
+            LOG.info("event=docker.network.unrecorded name=%s retired=true", name)
 
     def get(self, network_id):
         """The network with its name resolved and its record ensured (reads dockerd when not yet known)."""
@@ -199,17 +201,18 @@ class NetworkRegistry:
 
     def _from_record(self, network_id):
         """A network this agent created before it restarted, read back from its record (no dockerd to ask)."""
-        net = self._recorded(network_id)
+        net = self._recorded(network_id, retired=False)
         if net is None:
             raise NotFound(f"network {network_id[:12]} is unknown to this agent and has no netplugin record: was it "
                            "created with docker network create -d netplugin --ipam-driver netplugin?")
         LOG.info("event=docker.network.restored id=%s subnets=%s", network_id[:12], ",".join(net.subnets))
         return net
 
-    def _recorded(self, network_id):
-        """The network whose record names Docker network ``network_id`` (None: no record does)."""
+    def _recorded(self, network_id, retired=True):
+        """The network whose record names Docker network ``network_id`` (None: no record does, or only a retired
+        one and ``retired`` is False)."""
         record = next((r for r in (Network.from_dict(kv.value) for kv in self.ds.list(keys.NETWORKS))
-                       if r.docker_id == network_id), None)
+                       if r.docker_id == network_id and (retired or not (r.options or {}).get(RETIRED))), None)
         if record is None:
             return None
         opts = record.options or {}
@@ -253,9 +256,10 @@ class NetworkRegistry:
                     break
                 continue
             have = Network.from_dict(kv.value)
-            if sorted(have.pools) == sorted(want.pools) and have.ip_range == want.ip_range:
+            same = sorted(have.pools) == sorted(want.pools) and have.ip_range == want.ip_range
+            if same and not (have.options or {}).get(RETIRED):
                 break  # the same network, written by this host earlier or by another host
-            users = self.endpoints_of(net.name)
+            users = [] if same else self.endpoints_of(net.name)  # (same but retired: created again, rewrite)
             if users:
                 raise InvalidInput(
                     f"network {net.name} already exists in netplugin with pool(s) {', '.join(have.pools) or 'any'}"

@@ -12,8 +12,8 @@ that cannot be done, 400 for a body that is not a JSON object, 404/405 for a wro
 500 and never a traceback in the agent's log. Afterwards everything that succeeded is undone in dockerd's
 order, and then ``netctl ipam check`` is clean and no veth, route or etcd record of ours is left.
 
-The number of examples is ``NETPLUGIN_FUZZ_EXAMPLES`` (tests/faults/conftest.py): a short run by default,
-10,000 for the long one.
+The number of requests is ``NETPLUGIN_FUZZ_EXAMPLES`` (tests/faults/conftest.py): a short run by default,
+10,000 for the long one; the agent is restarted halfway.
 """
 import json
 import os
@@ -421,9 +421,11 @@ def send(draw, plugin, model, method, body, fuzz_rate):
         http_method = draw(st.sampled_from(["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]))
     content_type = MEDIA_TYPE if not chance(draw, 0.3) else draw(st.sampled_from(CONTENT_TYPES))
     status, ctype, data = plugin.call(path, raw, http_method, content_type)
+    called = path.split("?")[0].lstrip("/")  # a query string changes nothing: the method is the path
+    plain = called == method and http_method == "POST"
     try:
-        answer = check_answer(path.lstrip("/"), status, ctype, data, http_method)
-        if path == f"/{method}" and http_method == "POST":
+        answer = check_answer(called, status, ctype, data, http_method)
+        if plain:
             check_meaning(method, _decoded(raw), answer, model)
     except (AssertionError, ValueError) as e:
         # Kept going: one run lists every distinct malformed answer, not just the first.
@@ -431,7 +433,7 @@ def send(draw, plugin, model, method, body, fuzz_rate):
         plugin.failures.setdefault((path, http_method, status, why[:50]),
                                    f"{why} <- {http_method} {path} {content_type!r} {raw[:160]!r}")
         return None
-    if path != f"/{method}" or http_method != "POST":
+    if not plain:
         return None
     counts = plugin.outcomes.setdefault(method, [0, 0])
     counts["Err" in answer] += 1
@@ -516,12 +518,15 @@ def restart(agent, plugin):
     assert poll(lambda: os.path.exists(plugin.path), timeout=20), agent.log()
 
 
+@pytest.mark.timeout(3600)  # the long run (10,000 requests) takes minutes
 def test_fuzz_libnetwork(live_plugin, etcd, etcd_server, fuzz_examples):
     agent, plugin, sandboxes = live_plugin
     model = Model(sandboxes)
     started = time.monotonic()
 
-    @settings(max_examples=max(1, fuzz_examples // 2), deadline=None, database=None,
+    # An example is a short sequence (about nine requests); rounds of examples run until the count of requests
+    # (NETPLUGIN_FUZZ_EXAMPLES) is reached.
+    @settings(max_examples=max(5, fuzz_examples // 40), deadline=None, database=None,
               phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
     @given(st.data())
     def sequences(data):
@@ -530,9 +535,11 @@ def test_fuzz_libnetwork(live_plugin, etcd, etcd_server, fuzz_examples):
         for _ in range(data.draw(st.integers(1, 6))):
             one_call(data.draw, plugin, model)
 
-    sequences()
+    while plugin.requests < fuzz_examples // 2:
+        sequences()
     restart(agent, plugin)  # halfway: the second half meets networks and endpoints the agent must read back
-    sequences()
+    while plugin.requests < fuzz_examples:
+        sequences()
     fuzzed, took = plugin.requests, time.monotonic() - started
     print(f"\nfuzz: {fuzzed} requests in {took:.1f} s; left to undo: {len(model.endpoints)} endpoints, "
           f"{len(model.addresses)} addresses, {len(model.pools)} pools, {len(model.networks)} networks")
