@@ -13,7 +13,8 @@ that cannot be done, 400 for a body that is not a JSON object, 404/405 for a wro
 order, and then ``netctl ipam check`` is clean and no veth, route or etcd record of ours is left.
 
 The number of requests is ``NETPLUGIN_FUZZ_EXAMPLES`` (tests/faults/conftest.py): a short run by default,
-10,000 for the long one; the agent is restarted halfway.
+10,000 for the long one; the agent is restarted halfway. ``NETPLUGIN_FUZZ_DEBUG=1`` prints every error answer
+(to see what the generator reaches).
 """
 import json
 import os
