@@ -10,7 +10,8 @@ fi
 
 APT_PACKAGES=(etcd-server etcd-client bird2 ipset iptables iproute2 socat iputils-ping netcat-openbsd tcpdump
               docker.io podman containernetworking-plugins busybox-static iperf3 sockperf nftables python3-venv
-              python3-pip golang-go golang-github-appc-cni-dev)  # the last two: tests build a libcni runtime (tests/libcni)
+              python3-pip golang-go golang-github-appc-cni-dev  # these two: tests build a libcni runtime (tests/libcni)
+              clang llvm libbpf-dev bpftool)  # the eBPF dataplane's tc programs (netplugin/kernel/bpf)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -34,4 +35,6 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
+# BPF objects are built here, never committed; vmlinux.h comes from this kernel's BTF.
+.venv/bin/python -m netplugin.kernel.bpf.build build/bpf --all-variants
 echo "setup: ready (.venv)"

@@ -1,0 +1,95 @@
+"""Byte layouts of the map keys and values in ``progs/netplugin.c`` (one place, checked against the maps).
+
+IPv4 addresses are stored IPv4-mapped (``::ffff:a.b.c.d``) so one map and one LPM trie serve both families.
+"""
+import ipaddress
+import struct
+
+MAX_ADDRS = 4
+MAX_RULES = 64
+MAX_PORT_RANGES = 8
+
+ACT_NONE, ACT_ALLOW, ACT_DENY, ACT_LOG = 0, 1, 2, 3
+DIR_EGRESS, DIR_INGRESS = 0, 1
+
+ENDPOINT = struct.Struct(f"<IIII{4 * MAX_ADDRS}s{16 * MAX_ADDRS}s")
+LOCAL = struct.Struct("<II6s6s")
+POL_KEY = struct.Struct("<I4s16s")  # prefixlen is host order (the LPM trie's rule); ep_dir network order
+RULE = struct.Struct(f"<BBBB{MAX_PORT_RANGES}H{MAX_PORT_RANGES}H")
+RULES_HEAD = struct.Struct("<II")
+COUNTERS = struct.Struct("<QQQQQ")
+COUNTER_NAMES = ("allowed", "denied", "spoofed", "logged", "to_stack")
+IFINDEX = struct.Struct("<I")
+
+# Byte sizes the maps must have; a mismatch means records.py and the C source disagree.
+SIZES = {"np_endpoints": (IFINDEX.size, ENDPOINT.size), "np_locals": (16, LOCAL.size),
+         "np_pol_peers": (POL_KEY.size, 8), "np_pol_rules": (4, RULES_HEAD.size + MAX_RULES * RULE.size),
+         "np_counters": (4, COUNTERS.size)}
+
+
+def addr16(ip):
+    """16 bytes for an address: IPv6 as is, IPv4 mapped."""
+    a = ipaddress.ip_address(ip)
+    if a.version == 4:
+        a = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + a.packed)
+    return a.packed
+
+
+def mac_bytes(mac):
+    return bytes.fromhex(mac.replace(":", ""))
+
+
+def ifindex_key(ifindex):
+    return IFINDEX.pack(ifindex)
+
+
+def endpoint(ep_id, addresses):
+    """np_endpoints value: the addresses an endpoint may send from (up to MAX_ADDRS per family)."""
+    v4 = [ipaddress.ip_address(a).packed for a in addresses if ipaddress.ip_address(a).version == 4]
+    v6 = [ipaddress.ip_address(a).packed for a in addresses if ipaddress.ip_address(a).version == 6]
+    if len(v4) > MAX_ADDRS or len(v6) > MAX_ADDRS:
+        raise ValueError(f"endpoint {ep_id}: more than {MAX_ADDRS} addresses of one family")
+    return ENDPOINT.pack(ep_id, len(v4), len(v6), 0, b"".join(v4), b"".join(v6))
+
+
+def local(ep_id, host_ifindex, container_mac, host_mac):
+    """np_locals value: where bpf_redirect_peer sends a packet for a local endpoint, and its MACs."""
+    return LOCAL.pack(ep_id, host_ifindex, mac_bytes(container_mac), mac_bytes(host_mac))
+
+
+def ep_dir(ep_id, direction):
+    return ep_id << 1 | direction
+
+
+def pol_key(ep_id, direction, network):
+    """np_pol_peers key: (endpoint, direction) matched in full, then the peer network's prefix."""
+    n = ipaddress.ip_network(network, strict=False)
+    bits = n.prefixlen + (96 if n.version == 4 else 0)
+    return POL_KEY.pack(32 + bits, struct.pack(">I", ep_dir(ep_id, direction)), addr16(n.network_address))
+
+
+def rule(action, proto=0, ports=(), any_peer=False):
+    """One rule: protocol number (0 any), port ranges [(lo, hi)] on the destination port (empty: any)."""
+    ports = list(ports)
+    if len(ports) > MAX_PORT_RANGES:
+        raise ValueError(f"a rule has more than {MAX_PORT_RANGES} port ranges")
+    lo = [p[0] for p in ports] + [0] * (MAX_PORT_RANGES - len(ports))
+    hi = [p[1] for p in ports] + [0] * (MAX_PORT_RANGES - len(ports))
+    return RULE.pack(proto, action, len(ports), int(any_peer), *lo, *hi)
+
+
+def rules(rule_list, default_action):
+    """np_pol_rules value: the ordered rules of one endpoint and direction."""
+    if len(rule_list) > MAX_RULES:
+        raise ValueError(f"more than {MAX_RULES} rules for one endpoint and direction")
+    body = b"".join(rule_list).ljust(MAX_RULES * RULE.size, b"\0")
+    return RULES_HEAD.pack(len(rule_list), default_action) + body
+
+
+def counters(per_cpu):
+    """Sum a per-CPU np_counters value into a dict."""
+    total = [0] * len(COUNTER_NAMES)
+    for raw in per_cpu:
+        for i, v in enumerate(COUNTERS.unpack(raw)):
+            total[i] += v
+    return dict(zip(COUNTER_NAMES, total))
