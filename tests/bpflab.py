@@ -90,14 +90,14 @@ class TwoHostLab:
 
     def load(self, obj, pin_root):
         """Load ``obj`` once per host under ``pin_root/<side>`` and attach it; returns {side: Pins}."""
-        pins = {}
-        for side in "ab":
-            d = pin_root / side
-            d.mkdir(exist_ok=True)
-            pins[side] = p = loader.load(obj, d)
-            loader.attach(p.prog("from_container"), "cveth", netns=self.hosts[side])
-            loader.attach(p.prog("to_container"), "fab0", netns=self.hosts[side])
+        pins = {side: loader.load(obj, pin_root / side) for side in "ab"}
+        self.attach(pins)
         return pins
+
+    def attach(self, pins):
+        for side in "ab":
+            loader.attach(pins[side].prog("from_container"), "cveth", netns=self.hosts[side])
+            loader.attach(pins[side].prog("to_container"), "fab0", netns=self.hosts[side])
 
     def detach(self):
         for side in "ab":
