@@ -3,8 +3,8 @@
 the data paths the eBPF design chooses between, in interleaved rounds (bounded in count and time).
 
 Paths: host (hostA -> hostB over the fabric), plain routing, iptables (FORWARD with conntrack, as today's
-policy), redirect (BPF redirects only), bpf-policy (redirects + per-packet policy in BPF over a 10,000-CIDR
-LPM trie), ct-gate (redirects only for flows conntrack marks accepted; iptables sees each flow's first
+policy), redirect (BPF redirects only), bpf-flows (redirects + policy in BPF once per flow, a flow table
+for the rest: the default build), bpf-policy (redirects + policy on every packet, over a 10,000-CIDR LPM trie), ct-gate (redirects only for flows conntrack marks accepted; iptables sees each flow's first
 packets).  Run from the repository root as root:  .venv/bin/python scripts/bpf_lab_measure.py
 """
 import argparse
@@ -21,7 +21,7 @@ from netplugin.kernel.bpf import build, records  # noqa: E402
 from tests.bpflab import BLOCK, CONTAINER, FABRIC, TwoHostLab, mounted_bpffs  # noqa: E402
 from tests.netns import NamespaceSet, nsexec, stop_process  # noqa: E402
 
-PATHS = ("host", "plain", "iptables", "redirect", "bpf-policy", "ct-gate")
+PATHS = ("host", "plain", "iptables", "redirect", "bpf-flows", "bpf-policy", "ct-gate")
 NCPU = 2
 MARK = "0x1000000"  # NP_CT_ACCEPTED in progs/netplugin.c
 
@@ -52,8 +52,9 @@ def iptables_rules(lab, mode, add):
 def policy_10k(lab, pins):
     """Rule 0 denies 10,000 /24s (not our peer: only the LPM size matters), rule 1 allows the peer blocks."""
     big = [f"100.{64 + i // 256}.{i % 256}.0/24" for i in range(10000)]
-    lab.program_policy(pins, [records.rule(records.ACT_DENY), records.rule(records.ACT_ALLOW)],
-                       {0: big, 1: ["10.252.0.0/16", "fd00:252::/32"]})
+    for side in "ab":
+        lab.program_policy(pins, side, [records.rule(records.ACT_DENY), records.rule(records.ACT_ALLOW)],
+                           {0: big, 1: ["10.252.0.0/16", "fd00:252::/32"]})
 
 
 def main():
@@ -72,10 +73,12 @@ def main():
             objs = {v: build.compile_one(src, Path(tmp) / "out", v) for src in build.PROGS.glob("*.c")
                     for v in build.VARIANTS}
             pins = {}
-            for path, variant in (("redirect", "noPolicy"), ("bpf-policy", ""), ("ct-gate", "ctGate")):
+            for path, variant in (("redirect", "noPolicy"), ("bpf-flows", ""), ("bpf-policy", "noFlows"),
+                                  ("ct-gate", "ctGate")):
                 pins[path] = lab.load(objs[variant], fs / path)
                 lab.program_endpoints(pins[path])
             policy_10k(lab, pins["bpf-policy"])
+            policy_10k(lab, pins["bpf-flows"])
             lab.detach()
 
             target = {"host": (lab.hosts["a"], lab.hosts["b"], FABRIC["b"][0])}

@@ -119,28 +119,37 @@ class TwoHostLab:
             with pins[side].map("np_counters") as m:
                 m.update(records.IFINDEX.pack(ep), bytes(records.COUNTERS.size))
 
-    def program_policy(self, pins, ingress_rules, peers, egress_allow_all=True, default=records.ACT_DENY):
-        """Ingress rules for each container (records.rule bytes, bit i = rule i) with ``peers``:
-        {rule index: [CIDR, ...]} folded into LPM entries; egress allows everything."""
-        for side in "ab":
-            ep = EP_ID[side]
-            with pins[side].map("np_pol_rules") as m:
-                m.update(records.IFINDEX.pack(records.ep_dir(ep, records.DIR_INGRESS)),
-                         records.rules(ingress_rules, default))
-                if egress_allow_all:
-                    m.update(records.IFINDEX.pack(records.ep_dir(ep, records.DIR_EGRESS)),
-                             records.rules([records.rule(records.ACT_ALLOW, any_peer=True)], default))
-            bits = {}
-            for i, cidrs in peers.items():
-                for cidr in cidrs:
-                    n = ipaddress.ip_network(cidr)
-                    bits[n] = bits.get(n, 0) | 1 << i
-            with pins[side].map("np_pol_peers") as m:
-                for n, b in bits.items():
-                    # the longest match must carry the rules of every covering prefix, as the compiler folds them
-                    for plen in range(n.prefixlen):
-                        b |= bits.get(n.supernet(new_prefix=plen), 0)
-                    m.update(records.pol_key(ep, records.DIR_INGRESS, n), b.to_bytes(8, "little"))
+    def program_policy(self, pins, side, ingress_rules, peers, default=records.ACT_DENY, egress_allow_all=True):
+        """``side``'s container gets ingress rules (records.rule bytes, bit i = rule i) with ``peers``:
+        {rule index: [CIDR, ...]} folded into LPM entries, and (by default) an egress rule allowing everything."""
+        ep = EP_ID[side]
+        with pins[side].map("np_pol_rules") as m:
+            m.update(records.IFINDEX.pack(records.ep_dir(ep, records.DIR_INGRESS)),
+                     records.rules(ingress_rules, default))
+            if egress_allow_all:
+                m.update(records.IFINDEX.pack(records.ep_dir(ep, records.DIR_EGRESS)),
+                         records.rules([records.rule(records.ACT_ALLOW, any_peer=True)], default))
+        bits = {}
+        for i, cidrs in peers.items():
+            for cidr in cidrs:
+                n = ipaddress.ip_network(cidr)
+                bits[n] = bits.get(n, 0) | 1 << i
+        with pins[side].map("np_pol_peers") as m:
+            mine = records.ep_dir(ep, records.DIR_INGRESS).to_bytes(4, "big")
+            for key in m.keys():  # a throwaway rewrite; the agent will double-buffer (docs/bpf-design.md)
+                if key[4:8] == mine:
+                    m.delete(key)
+            for n, b in bits.items():
+                # the longest match must carry the rules of every covering prefix, as the compiler folds them
+                for plen in range(n.prefixlen):
+                    b |= bits.get(n.supernet(new_prefix=plen), 0)
+                m.update(records.pol_key(ep, records.DIR_INGRESS, n), b.to_bytes(8, "little"))
+
+    def bump_generation(self, pins, side):
+        """Make ``side``'s host re-check every cached flow verdict (what the agent does after a policy write)."""
+        with pins[side].map("np_config") as m:
+            gen = records.CONFIG.unpack(m.lookup(records.IFINDEX.pack(0)))[0]
+            m.update(records.IFINDEX.pack(0), records.config(gen + 1))
 
     def counters(self, pins, side):
         with pins[side].map("np_counters") as m:

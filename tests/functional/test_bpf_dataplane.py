@@ -1,5 +1,6 @@
 """Two hosts, a container on each, the tc programs on the host veths and the fabric: real ping and TCP over
-the BPF redirects, ingress policy and anti-spoofing enforced in BPF, pins and filters outliving the loader."""
+the BPF redirects, policy and anti-spoofing enforced in BPF (this lab has no iptables rules at all), flows
+keeping their verdict, pins and filters outliving the loader."""
 import json
 import subprocess
 import sys
@@ -17,20 +18,16 @@ pytestmark = pytest.mark.functional
 
 REPO = Path(__file__).resolve().parents[2]
 PEERS = ["10.252.0.0/16", "fd00:252::/32"]
+DENY_7002 = [records.rule(records.ACT_DENY, proto=6, ports=[(7002, 7002)]), records.rule(records.ACT_ALLOW)]
 
-# Run in a child that exits before the test looks: load, attach, fill the maps.
+# Run in a child that exits before the test looks: load, attach, fill the endpoint maps.
 LOADER = textwrap.dedent("""
     import json, sys
     from pathlib import Path
-    from netplugin.kernel.bpf import records
     from tests.bpflab import TwoHostLab
     a = json.loads(sys.argv[1])
     lab = TwoHostLab(hosts=a["hosts"], containers=a["containers"])
-    pins = lab.load(a["obj"], Path(a["pins"]))
-    lab.program_endpoints(pins)
-    # rule 0: deny TCP 7002 from the peers; rule 1: allow anything from the peers; otherwise deny
-    lab.program_policy(pins, [records.rule(records.ACT_DENY, proto=6, ports=[(7002, 7002)]),
-                              records.rule(records.ACT_ALLOW)], {0: a["peers"], 1: a["peers"]})
+    lab.program_endpoints(lab.load(a["obj"], Path(a["pins"])))
 """)
 
 RECEIVER = r"""
@@ -57,6 +54,32 @@ for src in sys.argv[6:]:
     sendp(Ether(dst=gw_mac) / pkt, iface="eth0", count=3)
 """
 
+# One long-lived TCP connection: every line on stdin sends a byte; "ok" or "lost" comes back.
+SESSION = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3); s.settimeout(1)
+print("connected", flush=True)
+for line in sys.stdin:
+    try:
+        s.sendall(b"x"); print("ok" if s.recv(1) == b"x" else "lost", flush=True)
+    except OSError:
+        print("lost", flush=True)
+"""
+STREAM_ECHO = r"""
+import socket, sys, threading
+def serve(c):
+    while True:
+        d = c.recv(64)
+        if not d:
+            return
+        c.sendall(d)
+s = socket.socket(socket.AF_INET6); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0); s.bind(("::", int(sys.argv[1]))); s.listen(8)
+print("ready", flush=True)
+while True:
+    threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
+"""
+
 
 @pytest.fixture
 def lab(namespaces):
@@ -64,15 +87,14 @@ def lab(namespaces):
 
 
 def load_in_child(lab, obj, pins):
-    args = json.dumps({"hosts": lab.hosts, "containers": lab.containers, "obj": str(obj), "pins": str(pins),
-                       "peers": PEERS})
+    args = json.dumps({"hosts": lab.hosts, "containers": lab.containers, "obj": str(obj), "pins": str(pins)})
     p = subprocess.run([sys.executable, "-c", LOADER, args], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     return {side: loader.Pins(pins / side) for side in "ab"}
 
 
 def received_from(lab, senders):
-    """Sources cB's UDP 9999 saw while scapy in cA sent one forged-or-not datagram per ``senders`` address."""
+    """Sources cB's UDP 9999 saw while scapy in cA sent three datagrams from each of ``senders``."""
     recv = subprocess.Popen(["ip", "netns", "exec", lab.containers["b"], sys.executable, "-c", RECEIVER, "3"],
                             stdout=subprocess.PIPE, text=True)
     try:
@@ -87,6 +109,18 @@ def received_from(lab, senders):
     return set(json.loads(out.strip().splitlines()[-1]))
 
 
+def reach(lab, src, dst, checks):
+    """checks: (kind, port, passes?) toward both of ``dst``'s addresses, with an echo server there."""
+    ip_of = {"4": CONTAINER[dst][0], "6": CONTAINER[dst][1]}
+    server = start_echo_server(lab.containers[dst], [7001, 7002], 7003, f"container {dst}")
+    try:
+        assert_reachability(lab.containers[src], src, [(kind, fam, port, want) for fam in ("4", "6")
+                                                       for kind, port, want in checks], ip_of, timeout=3)
+    finally:
+        kill_pids([server.pid])
+        server.wait()
+
+
 def test_bpf_forwarding_policy_spoofing_and_pins(lab, bpf_objects, bpffs):  # noqa: F811
     pins = load_in_child(lab, bpf_objects[""], bpffs)
 
@@ -96,20 +130,12 @@ def test_bpf_forwarding_policy_spoofing_and_pins(lab, bpf_objects, bpffs):  # no
         assert loader.attached("fab0", netns=lab.hosts[side]) == ["to_container"]
         with pins[side].map("np_locals") as m:
             assert sorted(m.keys()) == sorted(records.addr16(a) for a in CONTAINER[side])
+        lab.program_policy(pins, side, DENY_7002, {0: PEERS, 1: PEERS})
 
-    server = start_echo_server(lab.containers["b"], [7001, 7002], 7003, "container b")
-    try:
-        ip_of = {"b4": CONTAINER["b"][0], "b6": CONTAINER["b"][1]}
-        checks = [(kind, dst, port, want) for dst in ("b4", "b6")
-                  for kind, port, want in (("icmp", 0, True), ("tcp", 7001, True), ("udp", 7003, True),
-                                           ("tcp", 7002, False))]
-        assert_reachability(lab.containers["a"], "a", checks, ip_of, timeout=3)
-    finally:
-        kill_pids([server.pid])
-        server.wait()
+    reach(lab, "a", "b", [("icmp", 0, True), ("tcp", 7001, True), ("udp", 7003, True), ("tcp", 7002, False)])
     a, b = lab.counters(pins, "a"), lab.counters(pins, "b")
     assert a["allowed"] > 0 and b["allowed"] > 0, (a, b)  # the redirects carried it, not the stack
-    assert b["denied"] > 0, b  # TCP 7002, in BPF: this lab has no iptables rules at all
+    assert b["denied"] > 0, b  # TCP 7002, denied in BPF
 
     spoofed_before = a["spoofed"]
     seen = received_from(lab, [CONTAINER["a"][0], "10.252.1.99", CONTAINER["a"][1], "fd00:252:1::99"])
@@ -121,3 +147,53 @@ def test_without_programs_the_forged_source_gets_through(lab):
     """The lab itself does not filter: the spoofing test above would fail without the BPF program."""
     seen = received_from(lab, [CONTAINER["a"][0], "10.252.1.99"])
     assert seen == {CONTAINER["a"][0], "10.252.1.99"}, seen
+
+
+def test_replies_ride_the_flow_and_new_flows_do_not(lab, bpf_objects, bpffs):  # noqa: F811
+    """a denies all ingress, b allows a: a opens flows to b (the replies are the flow's), b cannot open one to a."""
+    pins = lab.load(bpf_objects[""], bpffs)
+    lab.program_endpoints(pins)
+    lab.program_policy(pins, "a", [], {})
+    lab.program_policy(pins, "b", DENY_7002, {0: PEERS, 1: PEERS})
+    reach(lab, "a", "b", [("tcp", 7001, True), ("udp", 7003, True), ("icmp", 0, True)])
+    reach(lab, "b", "a", [("tcp", 7001, False), ("udp", 7003, False)])
+    with pins["a"].map("np_flows") as m:
+        flows = [records.flow(k, v) for k, v in m.items()]
+    assert any(f["dst"] == CONTAINER["b"][0] and f["dport"] == 7001 and f["orig"] and f["verdict"] == "allow"
+               for f in flows), flows
+
+
+def test_established_flow_survives_a_policy_change_until_revoked(lab, bpf_objects, bpffs):  # noqa: F811
+    pins = lab.load(bpf_objects[""], bpffs)
+    lab.program_endpoints(pins)
+    for side in "ab":
+        lab.program_policy(pins, side, DENY_7002, {0: PEERS, 1: PEERS})
+    server = subprocess.Popen(["ip", "netns", "exec", lab.containers["b"], sys.executable, "-c", STREAM_ECHO, "7001"],
+                              stdout=subprocess.PIPE, text=True)
+    session = None
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        session = subprocess.Popen(["ip", "netns", "exec", lab.containers["a"], sys.executable, "-c", SESSION,
+                                    CONTAINER["b"][0], "7001"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   text=True)
+        assert session.stdout.readline().strip() == "connected"
+
+        def exchange():
+            session.stdin.write("\n")
+            session.stdin.flush()
+            return session.stdout.readline().strip()
+        assert exchange() == "ok"
+        # a new policy that still allows the flow (now also denying UDP), then the re-check: it keeps flowing
+        lab.program_policy(pins, "b", DENY_7002[:1] + [records.rule(records.ACT_DENY, proto=17)] + DENY_7002[1:],
+                           {0: PEERS, 1: PEERS, 2: PEERS})
+        lab.bump_generation(pins, "b")
+        assert exchange() == "ok"
+        # revoke: b's ingress denies a; the established connection stops at its next packet
+        lab.program_policy(pins, "b", [records.rule(records.ACT_DENY)], {0: PEERS})
+        lab.bump_generation(pins, "b")
+        assert exchange() == "lost"
+    finally:
+        for p in (session, server):
+            if p is not None:
+                p.kill()
+                p.wait()

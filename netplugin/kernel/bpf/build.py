@@ -14,7 +14,7 @@ PROGS = Path(__file__).with_name("progs")
 KERNEL_BTF = "/sys/kernel/btf/vmlinux"
 
 # Variants the lab measures beside the default (full policy in BPF); see progs/netplugin.c.
-VARIANTS = {"": (), "noPolicy": ("-DNP_NO_POLICY",), "ctGate": ("-DNP_CT_GATE",)}
+VARIANTS = {"": (), "noFlows": ("-DNP_NO_FLOWS",), "noPolicy": ("-DNP_NO_POLICY",), "ctGate": ("-DNP_CT_GATE",)}
 
 
 class BuildError(RuntimeError):

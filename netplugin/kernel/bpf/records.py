@@ -20,11 +20,14 @@ RULES_HEAD = struct.Struct("<II")
 COUNTERS = struct.Struct("<QQQQQ")
 COUNTER_NAMES = ("allowed", "denied", "spoofed", "logged", "to_stack")
 IFINDEX = struct.Struct("<I")
+FLOW_KEY = struct.Struct("<16s16sHHB3x")
+FLOW = struct.Struct("<QIBB2x")
+CONFIG = struct.Struct("<II")
 
 # Byte sizes the maps must have; a mismatch means records.py and the C source disagree.
 SIZES = {"np_endpoints": (IFINDEX.size, ENDPOINT.size), "np_locals": (16, LOCAL.size),
          "np_pol_peers": (POL_KEY.size, 8), "np_pol_rules": (4, RULES_HEAD.size + MAX_RULES * RULE.size),
-         "np_counters": (4, COUNTERS.size)}
+         "np_counters": (4, COUNTERS.size), "np_flows": (FLOW_KEY.size, FLOW.size), "np_config": (4, CONFIG.size)}
 
 
 def addr16(ip):
@@ -93,3 +96,20 @@ def counters(per_cpu):
         for i, v in enumerate(COUNTERS.unpack(raw)):
             total[i] += v
     return dict(zip(COUNTER_NAMES, total))
+
+
+def config(policy_gen):
+    """np_config value: bumping ``policy_gen`` makes every cached flow verdict be re-checked at its next packet."""
+    return CONFIG.pack(policy_gen & 0xFFFFFFFF, 0)
+
+
+def flow(key, value):
+    """A readable np_flows entry: (src, dst, sport, dport, proto, verdict, originating direction?)."""
+    src, dst, sport, dport, proto = FLOW_KEY.unpack(key)
+    _, gen, verdict, orig = FLOW.unpack(value)
+
+    def show(a):
+        ip = ipaddress.IPv6Address(a)
+        return str(ip.ipv4_mapped or ip)
+    return {"src": show(src), "dst": show(dst), "sport": sport, "dport": dport, "proto": proto, "gen": gen,
+            "verdict": {ACT_ALLOW: "allow", ACT_DENY: "deny"}.get(verdict, verdict), "orig": bool(orig)}

@@ -11,7 +11,13 @@
  * Whenever the program is unsure (ARP, ND, IPv6 extension headers, fragments, no map entry, FIB lookup
  * not SUCCESS/NO_NEIGH) it returns TC_ACT_OK and the normal stack (routing + iptables) takes the packet.
  *
- * Build variants (the lab measures them; the dataplane uses the default, full policy in BPF):
+ * Policy (the default build) is evaluated once per flow: a flow table (LRU hash) caches the verdict of the
+ * first packet for both directions, stamped with the policy generation; when the agent bumps the generation
+ * (np_config) every flow is re-checked, from its originating direction, at its next packet, so established
+ * flows keep flowing after a policy change unless the new policy revokes them.
+ *
+ * Build variants (the lab measures them; the dataplane uses the default):
+ *   -DNP_NO_FLOWS    policy evaluated on every packet (no flow table)
  *   -DNP_NO_POLICY   redirect only
  *   -DNP_CT_GATE     no BPF policy: fast path only for flows conntrack marked accepted (iptables decides
  *                    each flow's first packets and sets NP_CT_ACCEPTED in ct->mark)
@@ -32,6 +38,7 @@
 #define NP_MAX_RULES 64
 #define NP_MAX_PORT_RANGES 8
 #define NP_CT_ACCEPTED 0x1000000
+#define NP_REMOTE 0xffffffff
 
 /* Rule actions; LOG counts and goes on to the next rule, like iptables' LOG target. */
 #define NP_ACT_NONE 0
@@ -133,6 +140,46 @@ struct {
 	__type(key, __u32); /* endpoint id */
 	__type(value, struct np_counters);
 } np_counters SEC(".maps");
+
+struct np_flow_key {
+	__u8 src[16];
+	__u8 dst[16];
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+struct np_flow {
+	__u64 seen_ns;
+	__u32 gen;    /* np_config.policy_gen when the verdict was reached */
+	__u8 verdict; /* NP_ACT_ALLOW or NP_ACT_DENY */
+	__u8 orig;    /* 1: this key is the direction that opened the flow */
+	__u8 pad[2];
+};
+
+struct np_config {
+	__u32 policy_gen;
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct np_flow_key);
+	__type(value, struct np_flow);
+} np_flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct np_config);
+} np_config SEC(".maps");
+
+/* A flow idle this long is new again (conntrack's view too); the stamp is refreshed at most once a second. */
+#define NP_FLOW_IDLE_NS (600ULL * 1000000000ULL)
+#define NP_FLOW_STAMP_NS 1000000000ULL
 
 struct np_pkt {
 	__u8 family;
@@ -236,8 +283,10 @@ static __always_inline void count(__u32 id, int what)
 struct np_eval {
 	struct np_rules *rules;
 	__u64 bits;
-	struct np_pkt *p;
 	__u32 id;
+	__u8 proto;
+	__u8 ports_ok;
+	__u16 dport;
 	int verdict;
 };
 
@@ -252,16 +301,16 @@ static long eval_rule(__u64 i, void *ctx)
 	r = &e->rules->r[i];
 	if (!r->any_peer && !(e->bits & (1ULL << i)))
 		return 0;
-	if (r->proto && r->proto != e->p->proto)
+	if (r->proto && r->proto != e->proto)
 		return 0;
 	if (r->nports) {
-		if (!e->p->ports_ok)
+		if (!e->ports_ok)
 			return 0;
 		hit = 0;
 		for (j = 0; j < NP_MAX_PORT_RANGES; j++) {
 			if (j >= r->nports)
 				break;
-			if (e->p->dport >= r->lo[j] && e->p->dport <= r->hi[j]) {
+			if (e->dport >= r->lo[j] && e->dport <= r->hi[j]) {
 				hit = 1;
 				break;
 			}
@@ -277,8 +326,8 @@ static long eval_rule(__u64 i, void *ctx)
 	return 1;
 }
 
-/* The verdict of an endpoint's rules for a packet: ALLOW, DENY, or NONE (no rules: leave to the stack). */
-static __always_inline int policy(__u32 id, int dir, struct np_pkt *p)
+/* One endpoint's rules for one direction: ALLOW, DENY, or NONE (no rules: leave to the stack). */
+static __always_inline int policy(__u32 id, int dir, const __u8 *peer, __u8 proto, __u16 dport, __u8 ports_ok)
 {
 	struct np_pol_key k = {};
 	struct np_eval e = {};
@@ -290,14 +339,96 @@ static __always_inline int policy(__u32 id, int dir, struct np_pkt *p)
 		return NP_ACT_NONE;
 	k.prefixlen = 32 + 128;
 	k.ep_dir = bpf_htonl(ep_dir);
-	__builtin_memcpy(k.addr, dir == NP_DIR_EGRESS ? p->dst : p->src, 16);
+	__builtin_memcpy(k.addr, peer, 16);
 	bits = bpf_map_lookup_elem(&np_pol_peers, &k);
 	e.bits = bits ? *bits : 0;
-	e.p = p;
 	e.id = id;
+	e.proto = proto;
+	e.dport = dport;
+	e.ports_ok = ports_ok;
 	e.verdict = e.rules->default_action;
 	bpf_loop(NP_MAX_RULES, eval_rule, &e, 0);
 	return e.verdict;
+}
+
+/* A flow from src to dst (either may be NP_REMOTE): the source's egress and the destination's ingress rules
+ * on this host.  ALLOW only when every local end allows; NONE when an end has no rules. */
+static __always_inline int eval_flow(__u32 src_id, __u32 dst_id, const __u8 *src, const __u8 *dst, __u8 proto,
+				     __u16 dport, __u8 ports_ok)
+{
+	int a = NP_ACT_ALLOW, b = NP_ACT_ALLOW;
+
+	if (src_id != NP_REMOTE)
+		a = policy(src_id, NP_DIR_EGRESS, dst, proto, dport, ports_ok);
+	if (a == NP_ACT_DENY)
+		return a;
+	if (dst_id != NP_REMOTE)
+		b = policy(dst_id, NP_DIR_INGRESS, src, proto, dport, ports_ok);
+	if (a == NP_ACT_NONE || b == NP_ACT_NONE)
+		return b == NP_ACT_DENY ? b : NP_ACT_NONE;
+	return b;
+}
+
+#ifndef NP_NO_FLOWS
+static __always_inline void flow_key(struct np_flow_key *k, struct np_pkt *p, int reverse)
+{
+	__builtin_memcpy(k->src, reverse ? p->dst : p->src, 16);
+	__builtin_memcpy(k->dst, reverse ? p->src : p->dst, 16);
+	k->sport = reverse ? p->dport : p->sport;
+	k->dport = reverse ? p->sport : p->dport;
+	k->proto = p->proto;
+}
+#endif
+
+/* The verdict for a packet from src_id to dst_id, through the flow table unless built without it. */
+static __always_inline int verdict(__u32 src_id, __u32 dst_id, struct np_pkt *p)
+{
+#ifdef NP_NO_FLOWS
+	return eval_flow(src_id, dst_id, p->src, p->dst, p->proto, p->dport, p->ports_ok);
+#else
+	struct np_flow_key k = {}, rk = {};
+	struct np_flow *f, nf = {};
+	struct np_config *cfg;
+	__u32 zero = 0, gen;
+	__u64 now = bpf_ktime_get_ns();
+	int v;
+
+	cfg = bpf_map_lookup_elem(&np_config, &zero);
+	gen = cfg ? cfg->policy_gen : 0;
+	flow_key(&k, p, 0);
+	f = bpf_map_lookup_elem(&np_flows, &k);
+	if (f && now - f->seen_ns < NP_FLOW_IDLE_NS) {
+		if (f->gen == gen) {
+			if (now - f->seen_ns > NP_FLOW_STAMP_NS)
+				f->seen_ns = now;
+			return f->verdict;
+		}
+		if (!f->orig) {
+			/* a reply after a policy change: re-check the direction that opened the flow */
+			v = eval_flow(dst_id, src_id, p->dst, p->src, p->proto, p->sport, p->ports_ok);
+			if (v == NP_ACT_NONE)
+				return v;
+			f->gen = gen;
+			f->verdict = v;
+			f->seen_ns = now;
+			return v;
+		}
+	}
+	v = eval_flow(src_id, dst_id, p->src, p->dst, p->proto, p->dport, p->ports_ok);
+	if (v == NP_ACT_NONE)
+		return v;
+	nf.seen_ns = now;
+	nf.gen = gen;
+	nf.verdict = v;
+	nf.orig = 1;
+	bpf_map_update_elem(&np_flows, &k, &nf, BPF_ANY);
+	if (v == NP_ACT_ALLOW) {
+		flow_key(&rk, p, 1);
+		nf.orig = 0;
+		bpf_map_update_elem(&np_flows, &rk, &nf, BPF_ANY);
+	}
+	return v;
+#endif
 }
 #endif
 
@@ -349,8 +480,9 @@ static __always_inline int ct_accepted(struct __sk_buff *skb, struct np_pkt *p)
 }
 #endif
 
-/* Allow or deny by policy (or the conntrack gate); -1 means hand the packet to the stack. */
-static __always_inline int decide(struct __sk_buff *skb, __u32 id, int dir, struct np_pkt *p)
+/* Allow (0) or deny (1) a packet from src_id to dst_id (NP_REMOTE: not on this host) by policy, or by the
+ * conntrack gate; -1 hands it to the stack. */
+static __always_inline int decide(struct __sk_buff *skb, __u32 src_id, __u32 dst_id, struct np_pkt *p)
 {
 #if defined(NP_CT_GATE)
 	return ct_accepted(skb, p) ? 0 : -1;
@@ -359,7 +491,7 @@ static __always_inline int decide(struct __sk_buff *skb, __u32 id, int dir, stru
 #else
 	if (!p->l4_ok)
 		return -1; /* a fragment: iptables reassembles */
-	switch (policy(id, dir, p)) {
+	switch (verdict(src_id, dst_id, p)) {
 	case NP_ACT_ALLOW:
 		return 0;
 	case NP_ACT_DENY:
@@ -454,7 +586,9 @@ int from_container(struct __sk_buff *skb)
 		count(ep->id, 2);
 		return TC_ACT_SHOT;
 	}
-	d = decide(skb, ep->id, NP_DIR_EGRESS, &p);
+	__builtin_memcpy(dk.addr, p.dst, 16);
+	l = bpf_map_lookup_elem(&np_locals, &dk);
+	d = decide(skb, ep->id, l ? l->id : NP_REMOTE, &p);
 	if (d > 0) {
 		count(ep->id, 1);
 		return TC_ACT_SHOT;
@@ -463,17 +597,8 @@ int from_container(struct __sk_buff *skb)
 		count(ep->id, 4);
 		return TC_ACT_OK;
 	}
-	__builtin_memcpy(dk.addr, p.dst, 16);
-	l = bpf_map_lookup_elem(&np_locals, &dk);
 	if (l) {
-		/* both ends on this host: the destination's ingress policy too */
-		d = decide(skb, l->id, NP_DIR_INGRESS, &p);
-		if (d > 0) {
-			count(l->id, 1);
-			return TC_ACT_SHOT;
-		}
-		if (d < 0)
-			return TC_ACT_OK;
+		/* both ends on this host: straight into the destination */
 		count(ep->id, 0);
 		return to_local(skb, &p, l);
 	}
@@ -534,7 +659,7 @@ int to_container(struct __sk_buff *skb)
 	l = bpf_map_lookup_elem(&np_locals, &dk);
 	if (!l)
 		return TC_ACT_OK;
-	d = decide(skb, l->id, NP_DIR_INGRESS, &p);
+	d = decide(skb, NP_REMOTE, l->id, &p);
 	if (d > 0) {
 		count(l->id, 1);
 		return TC_ACT_SHOT;
