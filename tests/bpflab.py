@@ -118,6 +118,9 @@ class TwoHostLab:
                     m.update(records.addr16(a), records.local(ep, host_idx, cont_mac, host_mac))
             with pins[side].map("np_counters") as m:
                 m.update(records.IFINDEX.pack(ep), bytes(records.COUNTERS.size))
+            with pins[side].map("np_fast_dsts") as m:  # the cluster's pools: both container blocks
+                for block in BLOCK["a"] + BLOCK["b"]:
+                    m.update(records.net_key(block), b"\1")
 
     def program_policy(self, pins, side, ingress_rules, peers, default=records.ACT_DENY, egress_allow_all=True):
         """``side``'s container gets ingress rules (records.rule bytes, bit i = rule i) with ``peers``:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from netplugin.kernel.bpf import loader, records
-from tests.bpflab import CONTAINER, TwoHostLab, bpf_objects, bpffs, link_info  # noqa: F401  (fixtures)
+from tests.bpflab import CONTAINER, FABRIC, TwoHostLab, bpf_objects, bpffs, link_info  # noqa: F401  (fixtures)
 from tests.netns import kill_pids, nsexec
 from tests.probes import assert_reachability, start_echo_server
 
@@ -136,6 +136,10 @@ def test_bpf_forwarding_policy_spoofing_and_pins(lab, bpf_objects, bpffs):  # no
     a, b = lab.counters(pins, "a"), lab.counters(pins, "b")
     assert a["allowed"] > 0 and b["allowed"] > 0, (a, b)  # the redirects carried it, not the stack
     assert b["denied"] > 0, b  # TCP 7002, denied in BPF
+
+    # outside the cluster's pools (the other host's fabric address): policy in BPF, then the stack (NAT lives there)
+    nsexec(lab.containers["a"], ["ping", "-c", "2", "-W", "2", "-i", "0.2", FABRIC["b"][0]])
+    assert lab.counters(pins, "a")["to_stack"] >= a["to_stack"] + 2
 
     spoofed_before = a["spoofed"]
     seen = received_from(lab, [CONTAINER["a"][0], "10.252.1.99", CONTAINER["a"][1], "fd00:252:1::99"])

@@ -134,9 +134,14 @@ class Map:
         self.close()
 
     @property
+    def _slot(self):
+        """A per-CPU value's stride: each CPU's copy is 8-byte aligned."""
+        return (self.value_size + 7) // 8 * 8
+
+    @property
     def _vsize(self):
-        """Bytes the kernel reads/writes for one value (per-CPU: one 8-byte aligned slot per CPU)."""
-        return ((self.value_size + 7) // 8 * 8) * self.ncpus if self.ncpus else self.value_size
+        """Bytes the kernel reads/writes for one value (per-CPU: one slot per CPU)."""
+        return self._slot * self.ncpus if self.ncpus else self.value_size
 
     def _key(self, key):
         if len(key) != self.key_size:
@@ -144,27 +149,29 @@ class Map:
         return ctypes.create_string_buffer(bytes(key), self.key_size)
 
     def _elem(self, cmd, key, value, flags, what):
+        """One element command; False when the kernel says the key is not there (ENOENT)."""
         kbuf = self._key(key)
         attr = _Elem(self.fd, 0, ctypes.addressof(kbuf), ctypes.addressof(value) if value is not None else 0, flags)
-        return bpf(cmd, attr, f"{what} in BPF map {self.name}")
+        try:
+            bpf(cmd, attr, f"{what} in BPF map {self.name}")
+        except BpfError as e:
+            if e.errno == errno.ENOENT and cmd != BPF_MAP_UPDATE_ELEM:
+                return False
+            raise
+        return True
 
     def lookup(self, key):
         """The value for ``key`` (per-CPU maps: a list of one value per CPU), or None."""
         vbuf = ctypes.create_string_buffer(self._vsize)
-        try:
-            self._elem(BPF_MAP_LOOKUP_ELEM, key, vbuf, 0, "looking up a key")
-        except BpfError as e:
-            if e.errno == errno.ENOENT:
-                return None
-            raise
+        if not self._elem(BPF_MAP_LOOKUP_ELEM, key, vbuf, 0, "looking up a key"):
+            return None
         return self._split(vbuf.raw)
 
     def update(self, key, value, flags=BPF_ANY):
         """Set ``key`` to ``value`` (per-CPU maps: one value, written to every CPU, or a list per CPU)."""
         if self.ncpus:
-            slot = (self.value_size + 7) // 8 * 8
             values = value if isinstance(value, list) else [value] * self.ncpus
-            raw = b"".join(bytes(v).ljust(slot, b"\0") for v in values)
+            raw = b"".join(bytes(v).ljust(self._slot, b"\0") for v in values)
         else:
             raw = bytes(value)
         if len(raw) != self._vsize or (not self.ncpus and len(value) != self.value_size):
@@ -174,13 +181,7 @@ class Map:
 
     def delete(self, key):
         """Remove ``key``; False when it was not there."""
-        try:
-            self._elem(BPF_MAP_DELETE_ELEM, key, None, 0, "deleting a key")
-        except BpfError as e:
-            if e.errno == errno.ENOENT:
-                return False
-            raise
-        return True
+        return self._elem(BPF_MAP_DELETE_ELEM, key, None, 0, "deleting a key")
 
     def keys(self):
         """Every key (a snapshot walk: keys deleted meanwhile may restart the walk, as the kernel does)."""
@@ -209,5 +210,4 @@ class Map:
     def _split(self, raw):
         if not self.ncpus:
             return raw
-        slot = (self.value_size + 7) // 8 * 8
-        return [raw[i * slot:i * slot + self.value_size] for i in range(self.ncpus)]
+        return [raw[i * self._slot:i * self._slot + self.value_size] for i in range(self.ncpus)]

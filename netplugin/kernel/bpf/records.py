@@ -23,11 +23,13 @@ IFINDEX = struct.Struct("<I")
 FLOW_KEY = struct.Struct("<16s16sHHB3x")
 FLOW = struct.Struct("<QIBB2x")
 CONFIG = struct.Struct("<II")
+NET_KEY = struct.Struct("<I16s")
 
 # Byte sizes the maps must have; a mismatch means records.py and the C source disagree.
 SIZES = {"np_endpoints": (IFINDEX.size, ENDPOINT.size), "np_locals": (16, LOCAL.size),
          "np_pol_peers": (POL_KEY.size, 8), "np_pol_rules": (4, RULES_HEAD.size + MAX_RULES * RULE.size),
-         "np_counters": (4, COUNTERS.size), "np_flows": (FLOW_KEY.size, FLOW.size), "np_config": (4, CONFIG.size)}
+         "np_counters": (4, COUNTERS.size), "np_flows": (FLOW_KEY.size, FLOW.size), "np_config": (4, CONFIG.size),
+         "np_fast_dsts": (NET_KEY.size, 1)}
 
 
 def addr16(ip):
@@ -69,6 +71,12 @@ def pol_key(ep_id, direction, network):
     n = ipaddress.ip_network(network, strict=False)
     bits = n.prefixlen + (96 if n.version == 4 else 0)
     return POL_KEY.pack(32 + bits, struct.pack(">I", ep_dir(ep_id, direction)), addr16(n.network_address))
+
+
+def net_key(network):
+    """np_fast_dsts key: a network (IPv4 mapped into the same trie)."""
+    n = ipaddress.ip_network(network, strict=False)
+    return NET_KEY.pack(n.prefixlen + (96 if n.version == 4 else 0), addr16(n.network_address))
 
 
 def rule(action, proto=0, ports=(), any_peer=False):

@@ -3,8 +3,9 @@
  *
  * from_container: tc ingress of a container's host-side veth (packets the container sends).
  *   anti-spoofing (source must be one of the endpoint's addresses), egress policy, then a local
- *   destination goes straight into its container (bpf_redirect_peer), anything else through a FIB
- *   lookup and bpf_redirect / bpf_redirect_neigh out of the host.
+ *   destination goes straight into its container (bpf_redirect_peer), one in the cluster's pools
+ *   (np_fast_dsts) through a FIB lookup and bpf_redirect / bpf_redirect_neigh out of the host, and any
+ *   other to the stack (NAT-outgoing happens there).
  * to_container: tc ingress of a fabric (uplink) interface.  A destination in the local-endpoint map
  *   gets ingress policy and bpf_redirect_peer into the container's veth.
  *
@@ -133,6 +134,21 @@ struct {
 	__type(key, __u32); /* ep_dir, as in np_pol_key */
 	__type(value, struct np_rules);
 } np_pol_rules SEC(".maps");
+
+/* Destinations the redirect may carry (the cluster's pools).  Anything else goes to the stack after policy,
+ * so NAT-outgoing (MASQUERADE in POSTROUTING, which a redirect would skip) stays correct. */
+struct np_net_key {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct np_net_key);
+	__type(value, __u8);
+} np_fast_dsts SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
@@ -570,6 +586,7 @@ SEC("tc")
 int from_container(struct __sk_buff *skb)
 {
 	struct bpf_fib_lookup fib = {};
+	struct np_net_key fk = {};
 	struct np_addr_key dk;
 	struct np_endpoint *ep;
 	struct np_local *l;
@@ -601,6 +618,12 @@ int from_container(struct __sk_buff *skb)
 		/* both ends on this host: straight into the destination */
 		count(ep->id, 0);
 		return to_local(skb, &p, l);
+	}
+	fk.prefixlen = 128;
+	__builtin_memcpy(fk.addr, p.dst, 16);
+	if (!bpf_map_lookup_elem(&np_fast_dsts, &fk)) {
+		count(ep->id, 4); /* outside the cluster: NAT-outgoing and the rest of the stack apply */
+		return TC_ACT_OK;
 	}
 
 	fib.ifindex = ifindex;
