@@ -21,7 +21,10 @@ from netplugin.kernel.bpf import build, records  # noqa: E402
 from tests.bpflab import BLOCK, CONTAINER, FABRIC, TwoHostLab, mounted_bpffs  # noqa: E402
 from tests.netns import NamespaceSet, nsexec, stop_process  # noqa: E402
 
-PATHS = ("host", "plain", "iptables", "redirect", "bpf-flows", "bpf-policy", "ct-gate")
+# BPF paths: (build variant, rules that never match placed before the allowing one)
+BPF_PATHS = {"redirect": ("noPolicy", 0), "bpf-flows": ("", 0), "bpf-policy": ("noFlows", 0),
+             "bpf-flows-62r": ("", 62), "bpf-policy-62r": ("noFlows", 62), "ct-gate": ("ctGate", 0)}
+PATHS = ("host", "plain", "iptables", *BPF_PATHS)
 NCPU = 2
 MARK = "0x1000000"  # NP_CT_ACCEPTED in progs/netplugin.c
 
@@ -49,12 +52,15 @@ def iptables_rules(lab, mode, add):
             nsexec(h, ["sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_be_liberal=1"])
 
 
-def policy_10k(lab, pins):
-    """Rule 0 denies 10,000 /24s (not our peer: only the LPM size matters), rule 1 allows the peer blocks."""
+def policy_10k(lab, pins, filler=0):
+    """Rule 0 denies 10,000 /24s (not our peer: only the LPM size matters), then ``filler`` SCTP rules that
+    match the peer but never the protocol, then the rule allowing the peer blocks."""
     big = [f"100.{64 + i // 256}.{i % 256}.0/24" for i in range(10000)]
+    peers = ["10.252.0.0/16", "fd00:252::/32"]
+    rules = ([records.rule(records.ACT_DENY)] + [records.rule(records.ACT_DENY, proto=132)] * filler
+             + [records.rule(records.ACT_ALLOW)])
     for side in "ab":
-        lab.program_policy(pins, side, [records.rule(records.ACT_DENY), records.rule(records.ACT_ALLOW)],
-                           {0: big, 1: ["10.252.0.0/16", "fd00:252::/32"]})
+        lab.program_policy(pins, side, rules, {0: big, **{i: peers for i in range(1, filler + 2)}})
 
 
 def main():
@@ -63,7 +69,9 @@ def main():
     ap.add_argument("--duration", type=int, default=2, help="seconds per sockperf run")
     ap.add_argument("--budget", type=float, default=1200, help="stop starting rounds after this many seconds")
     ap.add_argument("--out", default="-")
+    ap.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset (host is always measured)")
     args = ap.parse_args()
+    paths = ["host"] + [p for p in PATHS if p in args.paths.split(",") and p != "host"]
 
     nss = NamespaceSet()
     servers = []
@@ -73,16 +81,17 @@ def main():
             objs = {v: build.compile_one(src, Path(tmp) / "out", v) for src in build.PROGS.glob("*.c")
                     for v in build.VARIANTS}
             pins = {}
-            for path, variant in (("redirect", "noPolicy"), ("bpf-flows", ""), ("bpf-policy", "noFlows"),
-                                  ("ct-gate", "ctGate")):
+            for path, (variant, filler) in BPF_PATHS.items():
+                if path not in paths:
+                    continue
                 pins[path] = lab.load(objs[variant], fs / path)
                 lab.program_endpoints(pins[path])
-            policy_10k(lab, pins["bpf-policy"])
-            policy_10k(lab, pins["bpf-flows"])
+                if variant in ("", "noFlows"):
+                    policy_10k(lab, pins[path], filler)
             lab.detach()
 
             target = {"host": (lab.hosts["a"], lab.hosts["b"], FABRIC["b"][0])}
-            for p in PATHS[1:]:
+            for p in paths[1:]:
                 target[p] = (lab.containers["a"], lab.containers["b"], CONTAINER["b"][0])
             srv = {}
             for ns, bind in ((lab.hosts["b"], FABRIC["b"][0]), (lab.containers["b"], CONTAINER["b"][0])):
@@ -101,14 +110,14 @@ def main():
                 if path in ("iptables", "ct-gate"):
                     iptables_rules(lab, path, False)
 
-            samples = {p: [None] * args.rounds for p in PATHS}
+            samples = {p: [None] * args.rounds for p in paths}
             start = time.monotonic()
             done = 0
             for r in range(args.rounds):
                 if time.monotonic() - start > args.budget:
                     break
                 cpu = r % NCPU
-                for path in stats.rotated(PATHS, r):
+                for path in stats.rotated(paths, r):
                     client, server_ns, dst = target[path]
                     select(path)
                     try:
@@ -120,7 +129,7 @@ def main():
                     finally:
                         unselect(path)
                 done = r + 1
-                print(f"round {r}: " + " ".join(f"{p}={samples[p][r]}" for p in PATHS), file=sys.stderr)
+                print(f"round {r}: " + " ".join(f"{p}={samples[p][r]}" for p in paths), file=sys.stderr)
             # counters prove the BPF paths carried the traffic (allowed) rather than handing it to the stack
             counters = {p: lab.counters(pins[p], "a") for p in pins}
         finally:
@@ -129,8 +138,8 @@ def main():
             nss.close()
 
     result = {"rounds": done, "duration_s": args.duration, "p50_us": samples, "counters_a": counters,
-              "median_p50_us": {p: stats.summarize(samples[p]).median for p in PATHS if stats.summarize(samples[p])},
-              "ratio_to_host": {p: vars(stats.ratio_summary(samples[p], samples["host"])) for p in PATHS
+              "median_p50_us": {p: stats.summarize(samples[p]).median for p in paths if stats.summarize(samples[p])},
+              "ratio_to_host": {p: vars(stats.ratio_summary(samples[p], samples["host"])) for p in paths
                                 if stats.ratio_summary(samples[p], samples["host"])}}
     text = json.dumps(result, indent=1)
     if args.out == "-":
@@ -138,7 +147,7 @@ def main():
     else:
         Path(args.out).write_text(text)
     print("| path | median p50 (µs) | ratio to host (median, min–max) |", file=sys.stderr)
-    for p in PATHS:
+    for p in paths:
         rs = result["ratio_to_host"].get(p)
         print(f"| {p} | {result['median_p50_us'].get(p, '-'):.2f} | "
               f"{rs['median']:.2f} ({rs['lo']:.2f}–{rs['hi']:.2f}) |" if rs else f"| {p} | - | - |", file=sys.stderr)

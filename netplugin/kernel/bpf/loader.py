@@ -10,6 +10,7 @@ Namespaces: ``IPRoute(netns=...)`` opens its netlink socket inside the namespace
 setns in a short-lived child), while requests go out from this process, so a program fd of ours is valid
 in them.  Never use ``ip netns exec`` or ``tc -n`` around pins: both remount /sys privately and hide them.
 """
+import ctypes
 import errno
 import os
 import subprocess
@@ -30,20 +31,16 @@ class LoadError(RuntimeError):
     pass
 
 
+class _Statfs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 120)]  # struct statfs, f_type first
+
+
 def is_bpffs(path):
     """True when ``path`` is on a bpf filesystem (pins anywhere else fail with EPERM)."""
-    try:
-        import ctypes
-
-        class _Statfs(ctypes.Structure):
-            _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 120)]
-        st = _Statfs()
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.statfs(os.fsencode(str(path)), ctypes.byref(st)) != 0:
-            return False
-        return st.f_type & 0xFFFFFFFF == BPF_FS_MAGIC
-    except OSError:
+    st = _Statfs()
+    if ctypes.CDLL(None, use_errno=True).statfs(os.fsencode(str(path)), ctypes.byref(st)) != 0:
         return False
+    return st.f_type & 0xFFFFFFFF == BPF_FS_MAGIC
 
 
 class Pins:
