@@ -4,8 +4,9 @@ the data paths the eBPF design chooses between, in interleaved rounds (bounded i
 
 Paths: host (hostA -> hostB over the fabric), plain routing, iptables (FORWARD with conntrack, as today's
 policy), redirect (BPF redirects only), bpf-flows (redirects + policy in BPF once per flow, a flow table
-for the rest: the default build), bpf-policy (redirects + policy on every packet, over a 10,000-CIDR LPM trie), ct-gate (redirects only for flows conntrack marks accepted; iptables sees each flow's first
-packets).  Run from the repository root as root:  .venv/bin/python scripts/bpf_lab_measure.py
+for the rest: the default build), bpf-policy (redirects + policy on every packet), both over a 10,000-CIDR
+LPM trie and, in the -62r cases, matching only at the 64th rule, and ct-gate (redirects only for flows
+conntrack marks accepted; iptables sees each flow's first packets).  Run from the repository root as root:  .venv/bin/python scripts/bpf_lab_measure.py
 """
 import argparse
 import json

@@ -6,7 +6,6 @@ addresses made here are used.  Pins live on a bpffs the caller mounts (``bpffs``
 process without ``ip netns exec`` (which would remount /sys and hide them).
 """
 import ipaddress
-import subprocess
 from contextlib import contextmanager
 
 import pytest
@@ -158,7 +157,3 @@ class TwoHostLab:
         with pins[side].map("np_counters") as m:
             return records.counters(m.lookup(records.IFINDEX.pack(EP_ID[side])))
 
-
-def nsenter_run(netns, args, **kw):
-    """Run in a namespace keeping this mount namespace (so bpffs pins stay visible): nsenter --net only."""
-    return subprocess.run(["nsenter", f"--net=/run/netns/{netns}", *args], capture_output=True, text=True, **kw)
