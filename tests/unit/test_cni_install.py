@@ -118,3 +118,21 @@ def test_bad_input_is_refused_and_writes_nothing(dirs, kwargs):
     with pytest.raises(InvalidInput):
         install_cni(bin_dir, conf_dir, **kwargs)
     assert not os.path.exists(bin_dir) and not os.path.exists(conf_dir)
+
+
+def test_installed_plugin_loads_no_heavy_module_and_compiles_nothing(dirs):
+    """Start-up is most of a VERSION and a large part of an ADD: the binary must not pay for json (re, enum),
+    socket (enum, selectors) or compiling its own source on every run."""
+    bin_path, conf_path = install_cni(*dirs, agent_socket="/run/np-test/agent.sock")
+    conflist = json.load(open(conf_path))
+    env = {"CNI_COMMAND": "ADD", "CNI_PATH": dirs[0], "CNI_CONTAINERID": "c1", "CNI_NETNS": "/run/netns/none",
+           "CNI_IFNAME": "eth0"}
+    # -X importtime lists every module imported; the code runs as the shebang would run it (-IS)
+    proc = subprocess.run([sys.executable, "-IS", "-X", "importtime", bin_path], env=env, capture_output=True,
+                          input=json.dumps(plugin_config(conflist)).encode(), timeout=20)
+    assert json.loads(proc.stdout)["code"] == 11
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.decode().splitlines() if "|" in line}
+    assert "_socket" in imported  # it did reach for the agent
+    assert not imported & {"json", "socket", "re", "enum", "http.client", "ipaddress"}
+    with open(bin_path, "rb") as f:
+        assert len(f.read().splitlines()) == 4  # shebang, comment, imports, the code object: no source to compile

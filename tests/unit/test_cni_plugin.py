@@ -657,3 +657,41 @@ def test_plugin_talks_to_a_waitress_served_flask_app(sockdir):
     assert status == 0, out
     assert out["ips"][0] == {"version": "4", "address": "10.1.0.5/32", "gateway": "169.254.1.1", "interface": 0}
     assert received[0]["container_id"] == "c0ffee-1"
+
+
+@pytest.mark.parametrize("text", [
+    '{"a": [1, 2.5, -0.0, 1e400, NaN, -Infinity, "\\u00e9\\ud800", null, true, false, {}]}', ' \t\n{"a": 1}\r\n',
+    '"x"', "[]", "", " ", "{", '{"a": }', "[1,", '{"a" 1}', "1 2", "nul", '"\x01"', "\x0c{}", '{"a": 1}}',
+    "[" * 5000 + "]" * 5000,
+])
+def test_json_loads_agrees_with_the_json_module_on_values_and_errors(text):
+    from cni import plugin
+
+    def outcome(fn):
+        try:
+            return "ok", json.dumps(fn(text))  # dumps: NaN compares unequal to itself
+        except RecursionError:
+            return "recursion", ""
+        except ValueError as e:
+            return type(e).__name__, str(e)
+
+    assert outcome(plugin.json_loads) == outcome(json.loads)
+
+
+@pytest.mark.parametrize("value", [
+    {"a": [1, 2.5, float("nan"), float("-inf"), "é\u2028", None, True, {"b": {}}], "c": ""}, [], "x", {1: 2},
+])
+def test_json_dumps_writes_what_the_json_module_writes(value):
+    from cni import plugin
+
+    assert plugin.json_dumps(value) == json.dumps(value)
+
+
+def test_json_dumps_refuses_what_json_refuses():
+    from cni import plugin
+
+    for value in ({"a": object()}, {(1, 2): 3}):
+        with pytest.raises(TypeError):
+            plugin.json_dumps(value)
+        with pytest.raises(TypeError):
+            json.dumps(value)
