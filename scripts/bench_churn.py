@@ -243,7 +243,13 @@ def main(argv=None):
     began = time.monotonic()
     deadline = began + args.timeout
     # One bound on the whole run: SIGTERM to ourselves, which the cleanup stack turns into a clean exit.
-    watchdog = threading.Timer(args.timeout, os.kill, (os.getpid(), signal.SIGTERM))
+    timed_out = threading.Event()
+
+    def time_up():
+        timed_out.set()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    watchdog = threading.Timer(args.timeout, time_up)
     watchdog.daemon = True
     try:
         with CleanupStack(log) as cleanup:
@@ -257,7 +263,8 @@ def main(argv=None):
             log(f"  up in {time.monotonic() - began:.1f}s")
             result = churn(lab, args, deadline, log)
     except Interrupted as e:
-        log(f"bench_churn: {e}; the lab was removed")
+        why = f"--timeout of {args.timeout:g} s used up" if timed_out.is_set() else str(e)
+        log(f"bench_churn: {why}; the lab was removed")
         return 2
     except NetpluginError as e:
         log(f"bench_churn: {e.msg}")
