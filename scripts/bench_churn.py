@@ -34,6 +34,7 @@ sys.path.insert(0, ROOT)
 
 from netplugin.benchlib.churn import ChurnResult, check_limits, clean, proc_usage, render  # noqa: E402
 from netplugin.benchlib.cleanup import CleanupStack, Interrupted  # noqa: E402
+from netplugin.benchlib.reach import stop  # noqa: E402
 from netplugin.dataplane.model import is_host_ifname  # noqa: E402
 from netplugin.errors import NetpluginError  # noqa: E402
 from netplugin.lab import Lab, LabSpec  # noqa: E402
@@ -99,16 +100,7 @@ class Probers:
                 self.cond.wait(min(left, 1.0))
 
     def close(self):
-        for p in self.procs.values():
-            try:
-                p.stdin.close()
-            except OSError:
-                pass
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop(self.procs.values())
 
 
 def agent_pids(lab):

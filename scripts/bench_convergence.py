@@ -34,6 +34,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from netplugin.benchlib.reach import stop  # noqa: E402
 from netplugin.benchlib.stats import percentile  # noqa: E402
 from netplugin.errors import NetpluginError  # noqa: E402
 from netplugin.lab import Lab, LabSpec  # noqa: E402
@@ -89,16 +90,7 @@ class Probers:
         return out
 
     def close(self):
-        for p in self.procs.values():
-            try:
-                p.stdin.close()
-            except OSError:
-                pass
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop(self.procs.values())
 
 
 def memory(lab):

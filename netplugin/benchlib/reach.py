@@ -9,6 +9,7 @@ import os
 import select
 import socket
 import struct
+import subprocess
 import sys
 import time
 
@@ -69,6 +70,21 @@ def serve(inp, out):
                 if len(parts) == 2:
                     pending[parts[0]] = time.monotonic() + min(float(parts[1]), 600.0)
     out.flush()
+
+
+def stop(procs):
+    """End prober processes (this one or netplugin/lab/prober.py) as they expect, by closing their input;
+    one that has not exited 5 s later is killed."""
+    for p in procs:
+        try:
+            p.stdin.close()
+        except OSError:
+            pass
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 if __name__ == "__main__":
