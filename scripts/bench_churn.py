@@ -3,9 +3,11 @@
 host (as a kubelet starts pods), timed until every container answers a ping from a container on another host;
 then all deleted, and nothing may be left behind.
 
-A lab (netplugin/lab: BGP full mesh, one etcd) is built first. Each host gets one probe container running a
-many-target prober (netplugin/benchlib/reach.py); container i on host k is pinged from the probe container of
-host k+1, starting as soon as its ADD returns. Its time to reachable runs from the start of its ADD (namespace
+A lab (netplugin/lab: BGP full mesh, one etcd) is built first, its fabric's ARP entries pinned (see
+netplugin/benchlib/neighbours.py: all hosts share one kernel's neighbour table; the hosts' entries for their
+containers stay dynamic, as on real hosts, about one per container, under the table's 1,024). Each host gets
+one probe container running a many-target prober (netplugin/benchlib/reach.py); container i on host k is pinged
+from the probe container of host k+1, starting as soon as its ADD returns. Its time to reachable runs from the start of its ADD (namespace
 creation included) to the first echo reply. The run's total is from the first ADD to the last reply.
 
 Reported: total, ADD p50/p99/max under load, time to reachable p50/p99, the DEL phase, agent CPU seconds (the
@@ -34,6 +36,7 @@ sys.path.insert(0, ROOT)
 
 from netplugin.benchlib.churn import ChurnResult, check_limits, clean, proc_usage, render  # noqa: E402
 from netplugin.benchlib.cleanup import CleanupStack, Interrupted  # noqa: E402
+from netplugin.benchlib.neighbours import pin_neighbours  # noqa: E402
 from netplugin.benchlib.reach import stop  # noqa: E402
 from netplugin.dataplane.model import is_host_ifname  # noqa: E402
 from netplugin.errors import NetpluginError  # noqa: E402
@@ -252,6 +255,7 @@ def main(argv=None):
             log(f"building a {args.hosts}-host lab (BGP mesh, one etcd)")
             lab = Lab.up(LabSpec(name=LAB_NAME, hosts=args.hosts, routing="bgp"), out=log,
                          converge_timeout=max(60, 3 * args.hosts))
+            pin_neighbours(lab)
             log(f"  up in {time.monotonic() - began:.1f}s")
             result = churn(lab, args, deadline, log)
     except Interrupted as e:

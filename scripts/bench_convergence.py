@@ -34,6 +34,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from netplugin.benchlib.neighbours import pin_neighbours  # noqa: E402
 from netplugin.benchlib.reach import stop  # noqa: E402
 from netplugin.benchlib.stats import percentile  # noqa: E402
 from netplugin.errors import NetpluginError  # noqa: E402
@@ -224,28 +225,6 @@ def _size(path):
 
 def _slug(label):
     return "".join(c if c.isalnum() else "-" for c in label).strip("-")
-
-
-def pin_neighbours(lab):
-    """Make every host's neighbours on its rack segment permanent entries.
-
-    The lab's hosts are namespaces of one kernel, and the kernel's ARP table is shared by all namespaces: past
-    ``gc_thresh3`` (1,024 by default, a root-namespace sysctl we must not change) it refuses new entries
-    ("neighbour: arp_cache: neighbor table overflow!" in dmesg) and ARP fails until garbage collection frees
-    some. Every host pinging a new container on every other host needs about two entries per pair of hosts, so
-    a 50-host lab overflows after about ten hosts have a container, and convergence then measures ARP retries
-    (seconds to tens of seconds), not netplugin. Real hosts each have their own table. Permanent entries are not
-    counted against the limit, so the bench pins the fabric's neighbours up front."""
-    by_rack = {}
-    for h in lab.live_hosts():
-        mac = system.ns_run(h.namespace, ["cat", "/sys/class/net/eth0/address"],
-                            f"reading the MAC address of {h.name}").stdout.strip()
-        by_rack.setdefault(h.rack, []).append((h, mac))
-    for members in by_rack.values():
-        for h, _ in members:
-            system.ip_batch(h.namespace, [f"neigh replace {o.address} lladdr {mac} dev eth0 nud permanent"
-                                          for o, mac in members if o.name != h.name],
-                            f"pinning the neighbours of {h.name}")
 
 
 def run_scenario(sc, containers, probe_timeout, budget, log, profile_dir=None, pin=True):
