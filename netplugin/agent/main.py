@@ -5,6 +5,7 @@ import sys
 
 import click
 
+from netplugin.agent.config_file import config_option
 from netplugin.config import AgentConfig, EtcdConfig, resolve_password
 from netplugin.errors import NetpluginError
 
@@ -31,11 +32,13 @@ def _labels(values):
 
 
 @click.group()
+@click.version_option(package_name="netplugin", prog_name="netplugin")
 def main():
     """netplugin: routed container networking with etcd-backed IPAM and policy."""
 
 
 @main.command()
+@config_option
 @click.option("--hostname", required=True, help="This node's name in the cluster.")
 @click.option("--etcd-endpoints", envvar="NETPLUGIN_ETCD_ENDPOINTS", default="http://127.0.0.1:2379",
               show_default=True)

@@ -33,6 +33,7 @@ class Cli(click.Group):
 
 
 @click.group(cls=Cli)
+@click.version_option(package_name="netplugin", prog_name="netctl")
 @click.option("--etcd-endpoints", envvar="NETPLUGIN_ETCD_ENDPOINTS", default="http://127.0.0.1:2379",
               show_default=True, help="Comma-separated etcd URLs (env NETPLUGIN_ETCD_ENDPOINTS).")
 @click.option("--etcd-ca", envvar="NETPLUGIN_ETCD_CA_CERT", default=None, help="CA certificate for etcd TLS.")
