@@ -7,6 +7,7 @@ config key): an option ``--run-dir`` is ``run_dir``; the ``--etcd-*`` options li
 then environment, then file, then built-in default. Unknown keys and wrong types fail in one line naming
 ``file:key``, before anything starts.
 """
+import json
 import os
 import tomllib
 
@@ -116,22 +117,24 @@ def config_option(command):
                              "exists); flags and environment override it.")(command)
 
 
-def render_default(hostname, etcd_endpoints, password_file=None, run_dir="/run/netplugin", docker_socket=None):
-    """A starting config file for ``netplugin install`` (strings quoted as TOML basic strings)."""
-    lines = ["# netplugin agent configuration; every `netplugin agent --help` option is a key (--run-dir: run_dir).",
-             "# Flags and NETPLUGIN_* environment variables override what is here.",
-             f"hostname = {_quote(hostname)}",
-             f"run_dir = {_quote(run_dir)}"]
+def render_default(hostname, etcd, run_dir="/run/netplugin", docker_socket=None):
+    """A starting config file for ``netctl install``; ``etcd`` is the [etcd] table (never a password in clear)."""
+    lines = ["# netplugin agent configuration: every `netplugin agent --help` option is a key (--run-dir: run_dir;",
+             "# --etcd-* in [etcd]; --label in [labels]). Flags and NETPLUGIN_* environment variables override it.",
+             f"hostname = {_toml(hostname)}",
+             f"run_dir = {_toml(run_dir)}"]
     if docker_socket:
-        lines.append(f"docker_socket = {_quote(docker_socket)}")
-    lines += ["", "[etcd]", f"endpoints = [{', '.join(_quote(e) for e in etcd_endpoints)}]"]
-    if password_file:
-        lines.append(f"password_file = {_quote(password_file)}")
-    lines += ["# user = \"netplugin\"", "# password_file = \"/etc/netplugin/etcd-password\"  (mode 0600; never put",
-              "# the password itself here: `password = ...` works but is discouraged)", "",
-              "[labels]", "# rack = \"r1\"", ""]
+        lines.append(f"docker_socket = {_toml(docker_socket)}")
+    lines += ["", "[etcd]"] + [f"{k} = {_toml(v)}" for k, v in etcd.items() if k != "password"]
+    if "password_file" not in etcd:
+        lines += ['# user = "netplugin"', '# password_file = "/etc/netplugin/etcd-password"  # mode 0600']
+    lines += ["# (`password = \"...\"` works too but is discouraged: prefer password_file)", "",
+              "[labels]", '# rack = "r1"', ""]
     return "\n".join(lines)
 
 
-def _quote(s):
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+def _toml(value):
+    """A TOML basic string or array of them: JSON's string escapes are all valid TOML escapes."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False)

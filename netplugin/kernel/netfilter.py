@@ -15,6 +15,7 @@ batches (each atomic, not both together). The binaries match the backend the hos
 (nf_tables or legacy), so our rules land in the same tables as everyone else's.
 """
 import hashlib
+import json
 import logging
 import re
 import shutil
@@ -181,6 +182,22 @@ class NetfilterTable:
         lines.append("COMMIT")
         return lines
 
+    def remove_ours(self):
+        """Every chain and hook of ours removed (uninstall); returns the plan. On nf_tables the table itself goes
+        too when nothing at all is left in it (only base chains, no rule, every policy accept): iptables-nft
+        created it for our first write, and an empty table filters nothing."""
+        plan = self.converge({}, {})
+        if self.backend() != "nf_tables" or not shutil.which("nft"):
+            return plan
+        family = {4: "ip", 6: "ip6"}[self.family]
+        proc = self.ns.run(["nft", "-j", "list", "table", family, self.table], check=False,
+                           what=f"read the nf_tables table {family} {self.table}")
+        if proc.returncode == 0 and nft_table_is_empty(proc.stdout):
+            self.ns.run(["nft", "delete", "table", family, self.table],
+                        what=f"delete the empty nf_tables table {family} {self.table}")
+            plan.notes.append(f"{self.label}: deleted the empty table")
+        return plan
+
     def restore(self, lines):
         if not lines:
             return
@@ -206,6 +223,21 @@ def restore_error(what, lines, stderr):
     at = f" at line {failed}: {lines[failed - 1]}" if 0 < failed <= len(lines) else ""
     return DataplaneError(f"{what} failed{at} ({first_line(stderr)}); the previous rules stay in force",
                           details=f"{reason}\n{context}")
+
+
+def nft_table_is_empty(listing):
+    """True when ``nft -j list table`` shows only base chains with policy accept and not one rule or set."""
+    try:
+        items = json.loads(listing).get("nftables", [])
+    except ValueError:
+        return False
+    for item in items:
+        if "metainfo" in item or "table" in item:
+            continue
+        chain = item.get("chain")
+        if chain is None or "hook" not in chain or chain.get("policy", "accept") != "accept":
+            return False
+    return True
 
 
 def parse_save(text, table="filter"):
