@@ -13,6 +13,7 @@ import click
 
 from cni.install import install_cni
 from netplugin.agent.config_file import DEFAULT_PATH as CONFIG_PATH, render_default
+from netplugin.errors import NetpluginError
 from netplugin.install.files import Manifest, target_of, under
 from netplugin.install.kernel import DEFAULT_BPFFS_DIR, remove_kernel_state
 from netplugin.install.systemd import UNIT_NAME, UNIT_PATH, render_unit, systemctl, systemd_running
@@ -21,6 +22,14 @@ from netplugin.lab.console import console_script
 DOCKER_SOCKET = "/run/docker/plugins/netplugin.sock"
 _ETCD_KEYS = {"etcd_endpoints": "endpoints", "etcd_ca": "ca", "etcd_cert": "cert", "etcd_key": "key",
               "etcd_user": "user", "etcd_password_file": "password_file"}  # never etcd_password: not in clear
+
+
+def _agent_binary():
+    """The ``netplugin`` program of this installation, for the unit's ExecStart."""
+    try:
+        return console_script("netplugin")
+    except FileNotFoundError as e:
+        raise NetpluginError(str(e)) from None
 
 
 def _etcd_settings(ctx):
@@ -54,13 +63,13 @@ def install(ctx, root, hostname, run_dir, docker_socket, cni_bin_dir, cni_conf_d
                                 agent_socket=f"{run_dir.rstrip('/')}/agent.sock", mtu=mtu)
             for path in paths:
                 manifest.record(target_of(root, path))
-        if not os.path.exists(under(root, CONFIG_PATH)) or CONFIG_PATH in manifest.files:
+        if not os.path.exists(under(root, CONFIG_PATH)):
             text = render_default(hostname or socket.gethostname(), _etcd_settings(ctx), run_dir=run_dir,
                                   docker_socket=docker_socket or None)
             manifest.write(CONFIG_PATH, text.encode(), 0o644)
         else:
-            click.echo(f"kept the existing {under(root, CONFIG_PATH)}")
-        manifest.write(UNIT_PATH, render_unit(console_script("netplugin"), CONFIG_PATH).encode(), 0o644)
+            click.echo(f"kept the existing {under(root, CONFIG_PATH)}")  # an operator's edits survive reinstalls
+        manifest.write(UNIT_PATH, render_unit(_agent_binary(), CONFIG_PATH).encode(), 0o644)
     finally:
         manifest.save()
     for target in sorted(manifest.files):

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 
 from cni.install import _write_atomic as write_atomic
-from netplugin.errors import NetpluginError
+from netplugin.errors import InvalidInput, NetpluginError
 
 MANIFEST_PATH = "/var/lib/netplugin/install-manifest.json"
 
@@ -43,6 +43,8 @@ class Manifest:
 
     @classmethod
     def load(cls, root):
+        if not os.path.isdir(root):
+            raise InvalidInput(f"the install root {root} is not a directory")
         path = under(root, MANIFEST_PATH)
         try:
             with open(path) as f:

@@ -137,6 +137,7 @@ def test_uninstall_keeps_an_installed_file_the_operator_changed_and_a_config_it_
         f.write('hostname = "mine"\n')
     out = netctl("http://127.0.0.1:1", "install", "--root", root, "--no-systemctl")
     assert f"kept the existing {conf}" in out, out
+    assert netctl("http://127.0.0.1:1", "install", "--root", root, "--no-systemctl") == out  # idempotent
     conflist = os.path.join(root, "etc/cni/net.d/10-netplugin.conflist")
     with open(conflist, "a") as f:
         f.write("\n")
@@ -147,3 +148,16 @@ def test_uninstall_keeps_an_installed_file_the_operator_changed_and_a_config_it_
     out = netctl("http://127.0.0.1:1", "uninstall", "--root", root, "--keep-kernel-state", "--force",
                  "--no-systemctl")
     assert not os.path.exists(conflist) and os.path.exists(conf), out
+
+
+def test_reinstall_keeps_the_operators_edits_of_the_installed_config(tmp_path):
+    root = str(tmp_path / "root")
+    os.mkdir(root)
+    conf = os.path.join(root, "etc/netplugin/agent.toml")
+    netctl("http://127.0.0.1:1", "install", "--root", root, "--no-systemctl")
+    with open(conf, "a") as f:
+        f.write('mtu = 1400\n')
+    netctl("http://127.0.0.1:1", "install", "--root", root, "--no-systemctl")
+    assert open(conf).read().endswith("mtu = 1400\n")
+    out = netctl("http://127.0.0.1:1", "uninstall", "--root", root, "--keep-kernel-state", "--no-systemctl")
+    assert f"kept {conf} (changed since install" in out and os.listdir(root) == ["etc", "var"], out
