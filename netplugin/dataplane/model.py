@@ -8,7 +8,6 @@ import re
 from dataclasses import dataclass, field
 
 from netplugin.errors import InvalidInput
-from netplugin.routing.constants import MAIN_TABLE, ROUTE_PROTO
 
 __all__ = [
     "ROUTE_PROTO",
@@ -25,6 +24,12 @@ __all__ = [
     "parse_blocks",
     "validate_spec",
 ]
+
+# Container /32 (/128) routes and owned-block blackholes carry this kernel route protocol number: it is how
+# the reconciler knows its own routes, and how BIRD's kernel protocol learns them and advertises the ones
+# outside our blocks ("borrowed" addresses). The routing writers' numbers are in netplugin/routing/constants.py.
+ROUTE_PROTO = 80
+MAIN_TABLE = 254  # the kernel's main routing table
 
 # Every host veth carries this MAC, so the IPv6 gateway link-local derived from it is the same everywhere
 # (fe80::ecee:eeff:feee:eeee) and containers can hold a permanent neighbour entry for both gateways.

@@ -1,12 +1,13 @@
-"""Kernel route protocol numbers shared by the dataplane and routing.
+"""Kernel route protocol numbers of the routing writers, beside the dataplane's own.
 
 The protocol number is how each writer recognises its own routes in the kernel table (``ip route show proto
 N``): a reconciler only ever deletes routes carrying its own number, so several writers share one table safely.
+The dataplane's number (ROUTE_PROTO) and the main table are defined by the dataplane, the lower layer, and
+imported here because BIRD's kernel protocol and direct mode must know them.
 """
+from netplugin.dataplane.model import MAIN_TABLE, ROUTE_PROTO
 
-# Container /32 (/128) routes and owned-block blackholes written by the dataplane. BIRD's kernel protocol
-# learns routes with this number and advertises the ones outside our blocks ("borrowed" addresses).
-ROUTE_PROTO = 80
+__all__ = ["ROUTE_PROTO", "MAIN_TABLE", "DIRECT_PROTO", "BIRD_PROTO", "BIRD_KERNEL_METRIC"]
 
 # Routes to other hosts' blocks written by direct mode (netplugin/routing/direct.py), no BGP daemon involved.
 DIRECT_PROTO = 81
@@ -18,6 +19,3 @@ BIRD_PROTO = 12
 # Kernel metric of routes BIRD installs. Above the dataplane's metric 0 so that, should the same IPv4 prefix
 # ever exist twice, the dataplane's own route wins.
 BIRD_KERNEL_METRIC = 32
-
-# The kernel's main routing table.
-MAIN_TABLE = 254
