@@ -1,15 +1,10 @@
 """Configuration objects, built once in the composition root (the agent's main or netctl) and passed down.
 
-Nothing here reads the environment at import time; ``from_env`` is called explicitly by the entry points.
+Nothing here reads the environment: the entry points' options do (click's ``envvar``), then build these.
 """
-import os
 from dataclasses import dataclass, field
 
 from netplugin.errors import InvalidInput
-
-ENV_ENDPOINTS = "NETPLUGIN_ETCD_ENDPOINTS"
-ENV_PASSWORD_FILE = "NETPLUGIN_ETCD_PASSWORD_FILE"
-
 
 def read_password_file(path: str) -> str:
     """The etcd password kept in a file: the preferred way (a command-line flag shows in ``ps`` to every user;
@@ -63,18 +58,6 @@ class EtcdConfig:
         object.__setattr__(self, "endpoints", eps)
         if bool(self.cert) != bool(self.key):
             raise InvalidInput("etcd client certificate and key must be given together")
-
-    @classmethod
-    def from_env(cls, endpoints=None, **kw):
-        eps = endpoints or os.environ.get(ENV_ENDPOINTS) or "http://127.0.0.1:2379"
-        kw = {k: v for k, v in kw.items() if v is not None}
-        for name in ("ca_cert", "cert", "key", "username", "password"):
-            env = os.environ.get("NETPLUGIN_ETCD_" + name.upper())
-            if env and name not in kw:
-                kw[name] = env
-        if "password" not in kw and os.environ.get(ENV_PASSWORD_FILE):
-            kw["password"] = read_password_file(os.environ[ENV_PASSWORD_FILE])
-        return cls(endpoints=eps, **kw)
 
 
 @dataclass(frozen=True)

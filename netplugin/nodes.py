@@ -79,7 +79,3 @@ class Liveness:
         except NetpluginError as e:
             LOG.warning("liveness heartbeat for %s failed: %s", self.host, e)
             return False
-
-    def stop(self):
-        """Drop liveness at a clean shutdown? No: a restart must not start the reclaim clock. Just stop beating."""
-        self.lease = None

@@ -13,10 +13,9 @@ import threading
 from netplugin.errors import InvalidInput
 from netplugin.dataplane import endpoint, host, reconcile as _reconcile, sysctl
 from netplugin.dataplane.antispoof import AntiSpoof
-from netplugin.dataplane.model import EndpointSpec, EndpointState, host_ifname, validate_spec
+from netplugin.dataplane.model import EndpointSpec, EndpointState, validate_spec
 from netplugin.kernel.netlink import netlink
 from netplugin.kernel.netns import NamespaceCommand, own_netns
-from netplugin.kernel.rtnl import IFF_UP
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +49,6 @@ class Dataplane:
             ns = NamespaceCommand(self.host_netns or own_netns(), allow_host_namespace=True)
             self._antispoof_writer = AntiSpoof(ns)
         return self._antispoof_writer
-
-    host_ifname = staticmethod(host_ifname)
 
     def _spec(self, spec: EndpointSpec):
         # An MTU of 0/None in the spec means "the dataplane's default".
@@ -135,29 +132,3 @@ class Dataplane:
                 self.host_netns, desired, blocks, lambda spec, addrs: endpoint.add(self.host_netns, spec, addrs),
                 deletable=frozenset(deletable),
             )
-
-    def list_endpoints(self) -> dict:
-        """host ifname -> what the kernel has for it (our routes, link settings, sysctls)."""
-        with netlink(self.host_netns) as hnl:
-            view = host.snapshot(hnl)
-        out = {}
-        for name, msg in sorted(view.links.items()):
-            idx = msg["index"]
-            out[name] = {
-                "ifindex": idx,
-                "peer_ifindex": msg.get("link"),
-                "mac": msg.get("address"),
-                "mtu": msg.get("mtu"),
-                "up": bool(msg["flags"] & IFF_UP),
-                "routes": sorted(str(r) for r in view.routes.get(idx, ())),
-                "sysctls": {
-                    k.replace("/", "."): v for k, v in sysctl.link_sysctls(msg, view.proxy_delay.get(idx)).items()
-                },
-            }
-        return out
-
-    def blackholes(self) -> list:
-        """Owned-block blackhole routes we wrote, as strings."""
-        with netlink(self.host_netns) as hnl:
-            _, holes = host.read_routes(hnl)
-        return sorted(str(n) for n in holes)

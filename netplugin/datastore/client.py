@@ -87,10 +87,6 @@ def absent(key):
     return {"key": _b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": 0}
 
 
-def present(key):
-    return {"key": _b64(key), "target": "CREATE", "result": "GREATER", "create_revision": 0}
-
-
 def prefix_unchanged_since(prefix, revision):
     """Guard: no key under ``prefix`` was created or modified after ``revision``."""
     return {"key": _b64(prefix), "range_end": _prefix_end(prefix), "target": "MOD", "result": "LESS",

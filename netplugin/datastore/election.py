@@ -33,8 +33,3 @@ class Election:
         except NetpluginError as e:
             LOG.warning("leader election for %s: %s", self.key, e)
             return False
-
-    def resign(self):
-        if self.lease:
-            self.ds.revoke_lease(self.lease)
-            self.lease = None

@@ -87,10 +87,6 @@ class IPAM:
         self._pool_revs = {p.cidr: kv.mod_revision for kv, p in decoded}
         return list(self._pools)
 
-    def get_pool(self, cidr):
-        kv = self.ds.get(keys.pool(cidr))
-        return Pool.from_dict(kv.value) if kv else None
-
     def add_pool(self, cidr, block_size=None, nat_outgoing=False):
         pool = new_pool(cidr, block_size=block_size, nat_outgoing=nat_outgoing)
         for _ in range(10):

@@ -16,6 +16,7 @@ from netplugin.dataplane import container as container_side
 from netplugin.dataplane.model import is_host_ifname
 from netplugin.errors import AlreadyExists, InvalidInput, NotFound
 from netplugin.lab.netns import nsexec, run
+from tests.hostview import host_veths
 
 pytestmark = pytest.mark.functional
 
@@ -132,7 +133,7 @@ def test_two_containers_reach_each_other_and_the_host_dual_stack(lab):
     assert "default via 169.254.1.1 dev eth0" in routes(a)
     assert "169.254.1.1 dev eth0" in routes(a)
     assert "default via fe80::ecee:eeff:feee:eeee dev eth0" in routes(a, v6=True)
-    listed = lab.dp.list_endpoints()
+    listed = host_veths(lab.dp.host_netns)
     entry = listed[a_state.host_ifname]
     assert entry["routes"] == ["10.0.0.5/32", "fd00::5/128"] and entry["mac"] == "ee:ee:ee:ee:ee:ee"
     assert entry["up"] and entry["sysctls"][f"net.ipv4.conf.{a_state.host_ifname}.rp_filter"] == 1
@@ -144,10 +145,10 @@ def test_two_containers_reach_each_other_and_the_host_dual_stack(lab):
 def test_add_is_idempotent_and_keeps_the_running_pair(lab):
     spec, ns, first = lab.add("10.0.1.5", mtu=1400, mac="02:00:00:00:01:05")
     assert first.mac == "02:00:00:00:01:05"
-    host_index = lab.dp.list_endpoints()[first.host_ifname]["ifindex"]
+    host_index = host_veths(lab.dp.host_netns)[first.host_ifname]["ifindex"]
     again = lab.dp.add_endpoint(spec)
     assert again == first
-    assert lab.dp.list_endpoints()[first.host_ifname]["ifindex"] == host_index  # not recreated
+    assert host_veths(lab.dp.host_netns)[first.host_ifname]["ifindex"] == host_index  # not recreated
     assert "mtu 1400" in nsexec(ns, "ip link show dev eth0").stdout
     assert lab.dp.check_endpoint(spec) == []
     assert reaches(ns, HOST_V4)

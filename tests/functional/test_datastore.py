@@ -12,7 +12,7 @@ import pytest
 from netplugin.config import EtcdConfig
 from netplugin.datastore import keys
 from netplugin.datastore.client import (Datastore, absent, delete_op, get_op, mod_is, prefix_unchanged_since,
-                                        present, put_op)
+                                        put_op)
 from netplugin.datastore.election import Election
 from netplugin.datastore.watch import PrefixWatch
 from netplugin.errors import DatastoreUnavailable
@@ -106,11 +106,10 @@ def test_mod_is_zero_means_absent(etcd):
     assert etcd.get(A).value == 1
 
 
-def test_absent_and_present(etcd):
-    assert not etcd.txn([present(A)], [put_op(B, "x")]).succeeded
+def test_absent(etcd):
     assert etcd.txn([absent(A)], [put_op(A, "a")]).succeeded
     assert not etcd.txn([absent(A)], [put_op(B, "x")]).succeeded
-    assert etcd.txn([present(A)], [delete_op(A), put_op(B, "b")]).succeeded
+    assert etcd.txn([absent(B)], [delete_op(A), put_op(B, "b")]).succeeded
     assert etcd.dump() == {B: "b"}
 
 
@@ -159,16 +158,16 @@ def test_lease_expires_without_keepalive(etcd):
     assert poll(lambda: etcd.get(A) is None, timeout=8)
 
 
-def test_election_one_leader_until_it_resigns_or_lapses(etcd):
+def test_election_one_leader_until_its_lease_ends_or_lapses(etcd):
     a, b = Election(etcd, "reclaimer", "a", ttl=2), Election(etcd, "reclaimer", "b", ttl=2)
     assert a.campaign() and not b.campaign()
     assert a.campaign() and not b.campaign()  # leading is sticky while the lease is kept alive
     assert etcd.get(keys.leader("reclaimer")).value == {"holder": "a"}
-    a.resign()
+    etcd.revoke_lease(a.lease)  # a's lease ends (revoked, as by an operator or etcd's lease expiry)
     assert b.campaign() and not a.campaign()
     b.lease = None  # b "dies": it stops refreshing; its lease lapses after the TTL
     assert poll(lambda: a.campaign(), timeout=8)
-    a.resign()
+    etcd.revoke_lease(a.lease)
 
 
 # --- watches ---------------------------------------------------------------------------------------------------
@@ -386,7 +385,7 @@ def test_user_password_auth(server):
     ds = Datastore(EtcdConfig(endpoints=[server.endpoint], username="root", password="rootpw"))
     ds.put(A, "secret")
     assert ds.get(A).value == "secret"
-    assert ds.txn([present(A)], [put_op(B, "b")]).succeeded
+    assert ds.txn([absent(B)], [put_op(B, "b")]).succeeded
 
     # Watches carry a token too, on a Datastore used for nothing else (so no call refreshes it for them).
     watch_ds = Datastore(EtcdConfig(endpoints=[server.endpoint], username="root", password="rootpw"))

@@ -25,6 +25,7 @@ from netplugin.lab.console import console_script
 from netplugin.lab.dockerd import DockerHost, IMAGE
 from netplugin.lab.netns import nsexec
 from netplugin.service.endpoints import NETWORK_LABEL, EndpointService
+from tests.hostview import host_veths
 from tests.waiting import poll
 
 pytestmark = pytest.mark.functional
@@ -150,7 +151,7 @@ def test_protocol_pools_and_addresses(plugin):
     assert "no IPv4 netplugin pool" in plugin("IpamDriver.RequestPool", {"AddressSpace": "netplugin"})["Err"]
     whole = plugin("IpamDriver.RequestPool", {"AddressSpace": "netplugin", "Pool": "10.30.0.0/16"})
     assert whole["Pool"] == "10.30.0.0/16" and whole["Data"] == {"com.docker.network.gateway": "169.254.1.1/32"}
-    assert ipam.get_pool("10.30.0.0/16") is not None  # --subnet created the pool
+    assert "10.30.0.0/16" in {p.cidr for p in ipam.list_pools()}  # --subnet created the pool
     again = plugin("IpamDriver.RequestPool", {"AddressSpace": "netplugin", "Pool": "10.30.0.0/16"})
     assert again["PoolID"] == whole["PoolID"]
     part = plugin("IpamDriver.RequestPool", {"AddressSpace": "netplugin", "Pool": "10.30.1.0/24",
@@ -186,7 +187,7 @@ def test_protocol_pools_and_addresses(plugin):
     assert plugin.driver.ipam.holder("10.30.0.50")[0] == "cni-owner"
     assert plugin("IpamDriver.RequestAddress", {"PoolID": part["PoolID"], "Address": "10.30.1.20"})["Address"]
     assert plugin("IpamDriver.ReleasePool", {"PoolID": part["PoolID"]}) == {}
-    assert ipam.get_pool("10.30.0.0/16") is not None  # pools are shared cluster configuration: kept
+    assert "10.30.0.0/16" in {p.cidr for p in ipam.list_pools()}  # pools are shared cluster configuration: kept
 
 
 def test_protocol_endpoint_lifecycle(plugin, etcd, namespaces):
@@ -222,7 +223,7 @@ def test_protocol_endpoint_lifecycle(plugin, etcd, namespaces):
     # Both ends are in the host namespace until libnetwork moves one; the host end is wired as for CNI.
     peer = json.loads(nsexec(ns, f"ip -j link show {src}").stdout)[0]
     assert peer["address"] == mac and peer["mtu"] == 1500 and "UP" not in peer["flags"]
-    (name, info), = plugin.driver.dataplane.list_endpoints().items()
+    (name, info), = host_veths(plugin.driver.dataplane.host_netns).items()
     assert info["mac"] == "ee:ee:ee:ee:ee:ee" and info["mtu"] == 1500 and info["up"]
     assert info["routes"] == sorted([a4, a6])
     assert info["sysctls"]["net.ipv4.conf.%s.proxy_arp" % name] == 1
@@ -233,7 +234,7 @@ def test_protocol_endpoint_lifecycle(plugin, etcd, namespaces):
     assert plugin("NetworkDriver.EndpointOperInfo", ep)["Value"]["host_ifname"] == name
     # Join again (a retry) converges the same pair.
     again = plugin("NetworkDriver.Join", {**ep, "SandboxKey": f"/run/netns/{sandbox}"})
-    assert again["InterfaceName"]["SrcName"] == src and plugin.driver.dataplane.list_endpoints()[name] == info
+    assert again["InterfaceName"]["SrcName"] == src and host_veths(plugin.driver.dataplane.host_netns)[name] == info
 
     # A second netplugin network in the same sandbox: only its subnet as a connected route.
     pool2 = plugin("IpamDriver.RequestPool", {"AddressSpace": "netplugin", "Pool": "10.41.0.0/24"})
@@ -249,7 +250,7 @@ def test_protocol_endpoint_lifecycle(plugin, etcd, namespaces):
     assert json.loads(nsexec(ns, f"ip -j link show {second['InterfaceName']['SrcName']}").stdout)[0]["mtu"] == 1400
     record2 = endpoint_record(etcd, "h1", "ep2")
     assert record2.mtu == 1400 and endpoint_record(etcd, "h1", "ep1").mtu is None
-    assert plugin.driver.dataplane.list_endpoints()[record2.host_ifname]["mtu"] == 1400
+    assert host_veths(plugin.driver.dataplane.host_netns)[record2.host_ifname]["mtu"] == 1400
     assert plugin.driver.service.spec_of(record2).mtu == 1400  # what the agent's reconciler holds it to
 
     for e in (ep, ep2):

@@ -1,7 +1,7 @@
 """The etcd password from a file or the environment, never only from a flag that shows in ps."""
 import pytest
 
-from netplugin.config import EtcdConfig, read_password_file, resolve_password
+from netplugin.config import read_password_file, resolve_password
 from netplugin.errors import InvalidInput
 
 
@@ -36,12 +36,3 @@ def test_resolve_password(tmp_path):
     assert resolve_password(None, None) is None
     with pytest.raises(InvalidInput, match="given twice"):
         resolve_password("from-flag", str(path))
-
-
-def test_from_env_reads_the_password_file(tmp_path, monkeypatch):
-    path = tmp_path / "pw"
-    path.write_text("from-file\n")
-    monkeypatch.delenv("NETPLUGIN_ETCD_PASSWORD", raising=False)
-    monkeypatch.setenv("NETPLUGIN_ETCD_PASSWORD_FILE", str(path))
-    assert EtcdConfig.from_env().password == "from-file"
-    assert EtcdConfig.from_env(password="explicit").password == "explicit"

@@ -161,15 +161,3 @@ def test_etcd_config_parses_comma_separated_endpoints():
 def test_etcd_config_errors(kwargs, message):
     with pytest.raises(InvalidInput, match=message):
         EtcdConfig(**kwargs)
-
-
-def test_etcd_config_from_env(monkeypatch):
-    monkeypatch.setenv("NETPLUGIN_ETCD_ENDPOINTS", "http://e1:2379,http://e2:2379")
-    monkeypatch.setenv("NETPLUGIN_ETCD_USERNAME", "root")
-    monkeypatch.setenv("NETPLUGIN_ETCD_PASSWORD", "pw")
-    cfg = EtcdConfig.from_env()
-    assert cfg.endpoints == ("http://e1:2379", "http://e2:2379")
-    assert (cfg.username, cfg.password) == ("root", "pw")
-    # Explicit arguments win over the environment.
-    cfg = EtcdConfig.from_env(endpoints="http://x:1", username="other")
-    assert cfg.endpoints == ("http://x:1",) and cfg.username == "other"
