@@ -17,16 +17,14 @@ same hash), the MAC Docker chose (its IPAM asked for one), and the endpoint's MT
 brings it up inside the sandbox. Creation is idempotent (a repeated Join converges the pair it finds) and
 all-or-nothing (a failure deletes the pair, which takes the routes with it).
 """
-import errno
 import logging
 import os
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 
-from netplugin.dataplane import host
-from netplugin.dataplane.model import HOST_VETH_MAC, host_ifname, validate_spec
-from netplugin.dataplane.undo import quietly
+from netplugin.dataplane import host, veth
+from netplugin.dataplane.model import host_ifname, validate_spec
 from netplugin.kernel.netlink import netlink
 from netplugin.kernel.netns import open_netns
 from netplugin.kernel.rtnl import Batch
@@ -57,48 +55,22 @@ def _own_netns_fd(host_netns):
     return open_netns(host_netns or "/proc/self/ns/net")
 
 
-def _create_pair(hnl, name, peer, mtu, mac, host_fd, what):
-    batch = Batch()
-    req = batch.veth(name, HOST_VETH_MAC, mtu, peer, host_fd, mtu, mac, f"create veth {name} ({peer}) for {what}")
-    failures, echoes = hnl.commit(batch)
-    if failures:
-        if failures[0].errno == errno.EEXIST:
-            return None
-        raise failures[0].error()
-    return echoes.get(id(req)) or hnl.link(name=name)
-
-
-def _delete(hnl, name, what):
-    batch = Batch()
-    batch.link_del(f"delete {what}", name=name)
-    hnl.run(batch)
-
-
 def _find_or_create(hnl, name, peer, mtu, mac, host_fd, what, undo):
     """(host link message, fresh). An existing pair of exactly these two names is converged, not recreated."""
-    msg = _create_pair(hnl, name, peer, mtu, mac, host_fd, what)
+    msg = veth.create(hnl, name, peer, host_fd, mtu, mac, what, undo)
     if msg is not None:
-        undo.callback(quietly, _delete, hnl, name, f"veth {name}")
         return msg, True
     host_msg, peer_msg = hnl.link(name=name), hnl.link(name=peer)
-    if (host_msg is not None and peer_msg is not None and host_msg.get("link") == peer_msg["index"]
-            and peer_msg.get("link") == host_msg["index"] and host_msg.get(("linkinfo", "kind")) == "veth"):
+    if host_msg is not None and peer_msg is not None and veth.is_pair(host_msg, peer_msg):
         if mac and (peer_msg.get("address") or "").lower() != mac.lower():
             batch = Batch()
             batch.link_set(peer_msg["index"], f"set MAC {mac} on {peer} for {what}", address=mac.lower())
             hnl.run(batch)
         return host_msg, False
-    # A leftover of an earlier incarnation (a Join whose answer never arrived, a crash): of use to no one.
-    for stale in (n for n, m in ((name, host_msg), (peer, peer_msg)) if m is not None):
-        if stale == peer and peer_msg.get(("linkinfo", "kind")) != "veth":
-            raise AlreadyExists(f"failed to create veth {name} for {what}: {peer} exists and is not a veth")
-        log.info("replacing stale link %s of %s", stale, what)
-        _delete(hnl, stale, f"stale link {stale} of {what}")
-    msg = _create_pair(hnl, name, peer, mtu, mac, host_fd, what)
-    if msg is None:
-        raise AlreadyExists(f"failed to create veth {name} for {what}: a link by that name keeps reappearing")
-    undo.callback(quietly, _delete, hnl, name, f"veth {name}")
-    return msg, True
+    if peer_msg is not None and peer_msg.get(("linkinfo", "kind")) != "veth":
+        raise AlreadyExists(f"failed to create veth {name} for {what}: {peer} exists and is not a veth")
+    stale = [n for n, m in ((name, host_msg), (peer, peer_msg)) if m is not None]
+    return veth.replace(hnl, stale, name, peer, host_fd, mtu, mac, what, undo), True
 
 
 def create(host_netns, spec) -> DockerLink:

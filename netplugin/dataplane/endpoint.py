@@ -19,8 +19,8 @@ import time
 from contextlib import ExitStack
 
 from netplugin.errors import AlreadyExists, DataplaneError, InvalidInput, NotFound
-from netplugin.dataplane import container, host, sysctl
-from netplugin.dataplane.model import HOST_VETH_MAC, EndpointState, host_ifname
+from netplugin.dataplane import container, host, sysctl, veth
+from netplugin.dataplane.model import EndpointState, host_ifname
 from netplugin.dataplane.undo import quietly
 from netplugin.kernel.netlink import netlink, netlink_fd
 from netplugin.kernel.netns import open_netns
@@ -31,46 +31,17 @@ log = logging.getLogger(__name__)
 
 def paired(hnl, host_msg, cont_msg, cont_fd) -> bool:
     """True when the host veth and the container interface are the two ends of one veth pair."""
-    if host_msg.get(("linkinfo", "kind")) != "veth" or cont_msg.get(("linkinfo", "kind")) != "veth":
-        return False
-    if host_msg.get("link") != cont_msg["index"] or cont_msg.get("link") != host_msg["index"]:
+    if not veth.is_pair(host_msg, cont_msg):
         return False
     # Interface indexes repeat across namespaces; the peer's namespace id settles it.
     nsid = hnl.nsid_of(cont_fd)
     return nsid >= 0 and host_msg.get("link_netnsid") == nsid
 
 
-def _create(hnl, name, spec, cont_fd, what):
-    """Create the pair; returns the host link as the kernel echoed it, or None if a name is taken."""
-    batch = Batch()
-    req = batch.veth(
-        name, HOST_VETH_MAC, spec.mtu, spec.ifname, cont_fd, spec.mtu, spec.mac and spec.mac.lower(),
-        f"create veth {name} for {what}",
-    )
-    failures, echoes = hnl.commit(batch)
-    if failures:
-        if failures[0].errno == errno.EEXIST:  # our host name or the container's ifname is taken
-            return None
-        raise failures[0].error()
-    msg = echoes.get(id(req))
-    if msg is None:
-        msg = hnl.link(name=name)
-    if msg is None:
-        raise NotFound(f"failed to create veth {name} for {what}: it vanished right after creation")
-    return msg
-
-
-def _delete_host_link(hnl, name):
-    batch = Batch()
-    batch.link_del(f"delete veth {name}", name=name)
-    hnl.run(batch)
-
-
 def _find_or_create(hnl, cnl, name, spec, cont_fd, what, undo):
     """(host link, container link or None, fresh). Registers the undo of anything it creates."""
-    msg = _create(hnl, name, spec, cont_fd, what)
+    msg = veth.create(hnl, name, spec.ifname, cont_fd, spec.mtu, spec.mac, what, undo)
     if msg is not None:
-        undo.callback(quietly, _delete_host_link, hnl, name)
         return msg, None, True
     where = f"netns '{spec.netns}'"
     host_msg = hnl.link(name=name)
@@ -81,15 +52,8 @@ def _find_or_create(hnl, cnl, name, spec, cont_fd, what, undo):
         raise AlreadyExists(f"failed to create veth {name} for {what}: {spec.ifname} already exists in {where}")
     if host_msg is None:
         raise DataplaneError(f"failed to create veth {name} for {what}: the kernel says it exists, but it does not")
-    # Our name, but its peer is not this container's interface: a leftover of an earlier incarnation of this
-    # endpoint, serving no one. Replace it (this deletion is not undone: the link was of no use).
-    log.info("replacing stale veth %s of %s", name, what)
-    _delete_host_link(hnl, name)
-    msg = _create(hnl, name, spec, cont_fd, what)
-    if msg is None:
-        raise AlreadyExists(f"failed to create veth {name} for {what}: a link by that name keeps reappearing")
-    undo.callback(quietly, _delete_host_link, hnl, name)
-    return msg, None, True
+    # Our name, but its peer is not this container's interface: a leftover of an earlier incarnation.
+    return veth.replace(hnl, [name], name, spec.ifname, cont_fd, spec.mtu, spec.mac, what, undo), None, True
 
 
 def add(host_netns, spec, addrs) -> EndpointState:

@@ -204,13 +204,22 @@ def converge_endpoint(hnl, host_netns, msg, fresh: bool, mtu: int, addrs, what: 
     raise_failures(hnl, failures)
 
 
-def raise_failures(hnl, failures) -> None:
-    """Raise the first real failure of a committed batch (a route add that finds its own route is none)."""
+def failure_errors(hnl, failures) -> list:
+    """The errors of a committed batch's failures, in order; a route add that finds its own route is none."""
+    out = []
     for failure in failures:
         tag = failure.request.tag
         err = route_conflict(hnl, failure) if tag and tag[0] == "route" else failure.error()
         if err is not None:
-            raise err
+            out.append(err)
+    return out
+
+
+def raise_failures(hnl, failures) -> None:
+    """Raise the first real failure of a committed batch."""
+    errors = failure_errors(hnl, failures)
+    if errors:
+        raise errors[0]
 
 
 def _undo_route(hnl, addr, idx, name):

@@ -141,11 +141,7 @@ def reconcile(host_netns, desired, blocks, add_endpoint, deletable=frozenset()) 
         except NetpluginError as e:
             summary["errors"].append(str(e))
         failures, _ = hnl.commit(plan.batch)
-        for failure in failures:
-            tag = failure.request.tag
-            err = host.route_conflict(hnl, failure) if tag and tag[0] == "route" else failure.error()
-            if err is not None:
-                summary["errors"].append(str(err))
+        summary["errors"] += [str(err) for err in host.failure_errors(hnl, failures)]
         plan.record(failures, summary)
 
         for spec, addrs in missing:

@@ -17,7 +17,8 @@ import netaddr
 from netplugin.datastore import keys
 from netplugin.datastore.models import Endpoint, Network
 from netplugin.dataplane import EndpointSpec, GATEWAY_V4, GATEWAY_V6, host_ifname
-from netplugin.errors import InvalidInput, NetpluginError, NotFound
+from netplugin.dataplane.undo import quietly
+from netplugin.errors import InvalidInput, NotFound
 from netplugin.ipam.allocator import AssignRequest
 from netplugin.ipam.blocks import host_prefix
 
@@ -110,14 +111,13 @@ class EndpointService:
             addresses, new = self._allocate(req)
             clock.mark("ipam")
             if new:
-                undo.callback(self._quietly, "release addresses of", ep_id, self._release_new, ep_id, new)
+                undo.callback(quietly, self._release_new, ep_id, new)
             spec = EndpointSpec(endpoint_id=ep_id, netns=req.netns, ifname=req.ifname, addresses=tuple(addresses),
                                 mtu=req.mtu or self.mtu)
             state = self.dataplane.add_endpoint(spec)
             clock.mark("dataplane")
             if state.created:
-                undo.callback(self._quietly, "remove interface of", ep_id, self.dataplane.remove_endpoint, ep_id,
-                              req.netns, req.ifname)
+                undo.callback(quietly, self.dataplane.remove_endpoint, ep_id, req.netns, req.ifname)
             ep = Endpoint(id=ep_id, host=self.host, network=req.network, container_id=req.container_id,
                           netns=req.netns, ifname=req.ifname, host_ifname=state.host_ifname, addresses=addresses,
                           mac=state.mac, labels={**req.labels, NETWORK_LABEL: req.network}, handle=ep_id,
@@ -186,13 +186,6 @@ class EndpointService:
         """What the kernel should hold for a recorded endpoint: its network's MTU when it asked for one."""
         return EndpointSpec(endpoint_id=ep.id, netns=ep.netns, ifname=ep.ifname, addresses=tuple(ep.addresses),
                             mtu=ep.mtu or self.mtu)
-
-    @staticmethod
-    def _quietly(what, ep_id, fn, *args):
-        try:
-            fn(*args)
-        except NetpluginError as e:
-            LOG.error("rollback: failed to %s %s: %s", what, ep_id, e)
 
 
 class _PhaseClock:

@@ -72,7 +72,7 @@ def test_dead_host_is_reclaimed_after_grace_and_live_host_is_untouched(etcd, ipa
 
     reclaimer = Reclaimer(etcd, IPAM(etcd), grace=GRACE)
     election = Election(etcd, "reclaimer", "live", ttl=5)
-    dead.stop()  # the dead host stops heartbeating: its lease lapses after TTL seconds
+    # The dead host beats no more from here on: its lease lapses after TTL seconds.
     t_stop = time.monotonic()
     lapsed_at = reclaimed_at = None
     reports = []
@@ -119,7 +119,7 @@ def test_host_back_before_grace_keeps_everything(etcd, ipam, lives):
     assert len(addrs) == 2
     held = under(etcd, keys.affinity_prefix("flaky"), keys.HANDLES, keys.BLOCKS)
     reclaimer = Reclaimer(etcd, IPAM(etcd), grace=GRACE)
-    flaky.stop()
+    # flaky stops beating (a partition, a paused agent); its lease lapses after TTL seconds.
     deadline = time.monotonic() + TTL + 10
     while time.monotonic() < deadline:  # until the reclaimer's clock runs for flaky
         if "flaky" in reclaimer.run_once()["waiting"]:
