@@ -27,6 +27,7 @@ import threading
 import time
 
 from netplugin import loops
+from netplugin.agent.locked import LockedService
 from netplugin.agent.rwlock import RWLock
 from netplugin.agent.view import EVERYTHING, ViewCache
 from netplugin.datastore import keys
@@ -34,7 +35,7 @@ from netplugin.datastore.client import Datastore
 from netplugin.datastore.election import Election
 from netplugin.datastore.models import Node
 from netplugin.datastore.watch import PrefixWatch
-from netplugin.errors import DatastoreUnavailable, NetpluginError, NotReady, PoolExhausted
+from netplugin.errors import DatastoreUnavailable, NetpluginError, PoolExhausted
 from netplugin.ipam.allocator import IPAM
 from netplugin.ipam.reclaim import Reclaimer
 from netplugin.nodes import Liveness, NodeRegistry, autodetect_address
@@ -47,68 +48,17 @@ SYNC_BACKOFF = (0.5, 5.0)  # retry of a failed pass: soon, so that etcd coming b
 START_BACKOFF = (0.5, 10.0)  # start-up attempts while etcd does not answer
 
 
-class LockedService:
-    """The EndpointService as the front doors see it inside the agent.
-
-    ADD/DEL hold the shared side of the host lock (see rwlock.py). After ADD, the new interface is only useful
-    once this host's policy knows it (our chains drop traffic of unknown ``np*`` interfaces), so ADD waits, up to
-    ``policy_wait`` seconds, for a sync pass whose view holds the endpoint's record (``revision(endpoint_id)``: the
-    store revision that wrote it). Concurrent ADDs share one pass. 0 turns the wait off (Calico's default, where a
-    new pod can lose its first packets).
-    """
-
-    def __init__(self, service, lock, wait_for_sync=None, policy_wait=0.0, revision=None, trouble=None):
-        self._service = service
-        self._lock = lock
-        self._wait_for_sync = wait_for_sync
-        self._policy_wait = policy_wait
-        self._revision = revision
-        self._trouble = trouble  # () -> None, or why the sync is failing or stalled
-
-    def __getattr__(self, name):
-        return getattr(self._service, name)
-
-    def shared(self):
-        """The shared side of the host lock, for front doors that wire endpoints themselves (Docker Join)."""
-        return self._lock.shared()
-
-    def policy_ready(self, what):
-        """Wait (bounded) until policy covers an endpoint just recorded. A slow sync never fails the request;
-        a failing or stalled one (the agent's ``sync_trouble``) raises NotReady (CNI code 11)."""
-        if self._wait_for_sync and self._policy_wait > 0:
-            revision = None  # unknown: the pass reads everything from etcd
-            if self._revision:
-                try:
-                    revision = self._revision(what)
-                except NetpluginError as e:
-                    LOG.warning("event=policy.wait_revision endpoint=%s error=%s", what, e.msg)
-            done = self._wait_for_sync(self._policy_wait, revision)
-            trouble = self._trouble() if self._trouble else None
-            if trouble:
-                LOG.warning("event=policy.not_ready endpoint=%s reason=%s", what, trouble)
-                raise NotReady(f"policy for {what} is not in place: {trouble}; try again later")
-            if not done:
-                LOG.warning("event=policy.wait_timeout endpoint=%s after_s=%s", what, self._policy_wait)
-
-    def add(self, req):
-        with self._lock.shared():
-            ep = self._service.add(req)
-        self.policy_ready(ep.id)
-        return ep
-
-    def delete(self, *args, **kw):
-        with self._lock.shared():
-            return self._service.delete(*args, **kw)
-
-
 class Agent:
+    """Builds every part once and passes each its collaborators (STYLE.md #8); ``dataplane`` is the backend
+    (netplugin.dataplane.backend.Backend), today's iptables one unless another is given."""
+
     def __init__(self, config, dataplane=None):
-        from netplugin.dataplane import Dataplane
+        from netplugin.agent.backend import iptables_backend
         self.config = config
         self.host = config.hostname
         self.ds = Datastore(config.etcd)
         self.ipam = IPAM(self.ds)
-        self.dataplane = dataplane or Dataplane(mtu=config.mtu)
+        self.dataplane = dataplane or iptables_backend(config.mtu)
         self.host_lock = RWLock()
         self.service = LockedService(EndpointService(self.ds, self.ipam, self.dataplane, self.host, config.mtu),
                                      self.host_lock, self.wait_for_sync, config.policy_setup_timeout,
@@ -325,7 +275,11 @@ class Agent:
 
     def _build_reconcilers(self):
         from netplugin.agent.reconcilers import build_reconcilers
-        return build_reconcilers(self)
+        from netplugin.agent.routing import RoutingReconciler
+        c = self.config
+        routing = RoutingReconciler.for_mode(self.host, c.routing, c.run_dir) if c.routing in ("bgp", "direct") \
+            else None
+        return build_reconcilers(c, self.dataplane, self.service, self.host_lock, routing)
 
     def _on_events(self, events):
         if self.cache.add_events(events):

@@ -3,8 +3,9 @@ host's address (Calico's ``natOutgoing``), for pools the rest of the network doe
 
 One chain of ours in the ``nat`` table per family, hooked from POSTROUTING: traffic to any pool is left alone
 (container to container stays routed, with its real source), then traffic from a NAT pool is masqueraded.
-Pools are few, so a short chain needs no ipset. Only this reconciler writes the chain; the policy applier owns
-the ``filter`` table and never reads ``nat``.
+Pools are few, so a short chain needs no ipset. Only ``NatOutgoing`` (the iptables backend's nat writer) writes
+the chain; the policy applier owns the ``filter`` table and never reads ``nat``. The reconciler only decides
+when to ask the dataplane backend (``set_nat_outgoing``): the rules are the iptables backend's business.
 """
 import ipaddress
 import logging
@@ -31,9 +32,10 @@ def nat_rules(pools):
     return out
 
 
-class NatReconciler:
-    """Keeps the host's nat table holding ``nat_rules(view.pools)``. Pools change rarely, so event-driven syncs
-    only write when the wanted rules changed; the periodic full resync reads the kernel back and repairs drift."""
+class NatOutgoing:
+    """The nat table holding ``nat_rules(pools)`` in one namespace (a name or a path; the agent's own). Pools
+    change rarely, so an incremental call only writes when the wanted rules changed; a full one reads the
+    kernel back and repairs drift."""
 
     def __init__(self, netns=None):
         # The agent programs the namespace it runs in: the host's (a test host namespace in the tests).
@@ -41,12 +43,11 @@ class NatReconciler:
         self.tables = {family: NetfilterTable(ns, family, table="nat") for family in FAMILIES}
         self._written = None  # the rules of our last successful write
 
-    def sync(self, view, full=False, changes=EVERYTHING):
-        if not full and not changes.touches(keys.POOLS):
-            return
-        want = nat_rules(view.pools)
+    def apply(self, pools, full=False) -> list:
+        want = nat_rules(pools)
         if not full and want == self._written:
-            return
+            return []
+        notes = []
         for family, table in self.tables.items():
             if not want[family] and not full and not (self._written or {}).get(family):
                 continue  # nothing wanted, nothing written: don't even load the family's nat table
@@ -56,4 +57,17 @@ class NatReconciler:
             if not plan.empty():
                 LOG.info("event=nat_outgoing.applied family=%d rules=%d changes=%s", family, len(want[family]),
                          "; ".join(plan.notes))
+                notes += plan.notes
         self._written = want
+        return notes
+
+
+class NatReconciler:
+    """Asks the dataplane for NAT-outgoing of the view's pools when the pools changed, and on every full resync."""
+
+    def __init__(self, dataplane):
+        self.dataplane = dataplane
+
+    def sync(self, view, full=False, changes=EVERYTHING):
+        if full or changes.touches(keys.POOLS):
+            self.dataplane.set_nat_outgoing(view.pools, full=full)

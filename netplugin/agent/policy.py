@@ -6,13 +6,11 @@ Event-driven syncs plan against what the applier last wrote instead of reading t
 most of a small change's cost, and drift is the full resync's job.
 """
 import logging
-import os
 import time
 
 from netplugin.agent.view import EVERYTHING
 from netplugin.datastore import keys
 from netplugin.errors import InvalidInput
-from policy.applier import PolicyDataplane
 from policy.compiler import compile_ruleset
 from policy.k8s import policy_labels
 from policy.model import Endpoint, Policy
@@ -30,10 +28,9 @@ def policy_endpoint(ep):
 class PolicyReconciler:
     covers_new_endpoints = True  # ADD waits for this part: while it fails, a new pod would be cut off
 
-    def __init__(self, agent, netns=None):
-        self.host = agent.host
-        # The agent programs the namespace it runs in: the host's (a test host namespace in the tests).
-        self.dp = PolicyDataplane(netns or f"/proc/{os.getpid()}/ns/net", allow_host_namespace=True)
+    def __init__(self, host, dataplane):
+        self.host = host
+        self.dataplane = dataplane  # a netplugin.dataplane.backend.Backend: apply_policy
         self._last = None
         self._parsed = {}        # name -> (stored document, its Selector, Policy or None if not parsed yet)
         self._compiled = (None, None)  # (inputs, Ruleset) of the last compilation
@@ -101,10 +98,10 @@ class PolicyReconciler:
         compiled = time.monotonic() - started
         if not full and ruleset == self._last:
             return
-        diffs = self.dp.apply(ruleset, trust_cache=not full)
+        diffs, timings = self.dataplane.apply_policy(ruleset, full=full)
         self._last = ruleset
         if diffs:
-            timings = {"compile": compiled, **self.dp.last_timings}
+            timings = {"compile": compiled, **timings}
             LOG.info("event=policy.applied changes=%d timings=%s", len(diffs),
                      {k: round(v * 1000, 1) for k, v in timings.items()})
 

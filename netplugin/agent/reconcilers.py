@@ -25,8 +25,11 @@ class DataplaneReconciler:
     ``report()`` (``netctl`` shows that; ``ip link del NAME`` removes one that is really stale).
     """
 
-    def __init__(self, agent):
-        self.agent = agent
+    def __init__(self, host, dataplane, service, host_lock):
+        self.host = host
+        self.dataplane = dataplane  # a netplugin.dataplane.backend.Backend
+        self.service = service  # the endpoint records: list, spec_of
+        self.host_lock = host_lock
         self._blocks = None
         self._deleted = set()  # host ifnames whose records watch events deleted since the last kernel pass
         self._unaccounted = []  # veths of ours with no record, kept (as of the last kernel pass)
@@ -35,8 +38,8 @@ class DataplaneReconciler:
     def _learn_deletions(self, view, changes):
         if changes.everything:
             return  # a full read says what exists now, not what was deleted
-        prefix = keys.endpoint_prefix(self.agent.host)
-        present = {ep.id for ep in view.endpoints_of(self.agent.host)}
+        prefix = keys.endpoint_prefix(self.host)
+        present = {ep.id for ep in view.endpoints_of(self.host)}
         for key in changes.keys:
             if key.startswith(prefix) and key[len(prefix):] not in present:
                 self._deleted.add(host_ifname(key[len(prefix):]))
@@ -44,18 +47,18 @@ class DataplaneReconciler:
     def sync(self, view, full=False, changes=EVERYTHING):
         self._learn_deletions(view, changes)
         if changes.touches(keys.POOLS) and any(p.version == 6 for p in view.pools):
-            self.agent.dataplane.enable_ipv6(recheck=full)  # host IPv6 forwarding only once it is needed
-        if not full and not changes.touches(keys.affinity_prefix(self.agent.host)):
+            self.dataplane.enable_ipv6(recheck=full)  # host IPv6 forwarding only once it is needed
+        if not full and not changes.touches(keys.affinity_prefix(self.host)):
             return
-        blocks = sorted(view.blocks.get(self.agent.host, []))
+        blocks = sorted(view.blocks.get(self.host, []))
         if not full and blocks == self._blocks:
             return
-        with self.agent.host_lock.exclusive():
+        with self.host_lock.exclusive():
             # Re-read this host's endpoints under the lock: the view may predate an ADD that just finished.
-            eps = self.agent.service.list(self.agent.host)
-            desired = [self.agent.service.spec_of(ep) for ep in eps]
+            eps = self.service.list(self.host)
+            desired = [self.service.spec_of(ep) for ep in eps]
             deletable = self._deleted - {host_ifname(ep.id) for ep in eps}
-            done = self.agent.dataplane.reconcile(desired, blocks, deletable=deletable)
+            done = self.dataplane.reconcile(desired, blocks, deletable=deletable)
             self._deleted.clear()  # removed now, or already gone; a failed removal shows up as unaccounted
         self._blocks = blocks
         self._note_unaccounted(done.get("unaccounted", []))
@@ -68,7 +71,7 @@ class DataplaneReconciler:
             if name not in self._logged:
                 LOG.warning("event=dataplane.unaccounted host_if=%s host=%s reason=no endpoint record of this host"
                             " names it; kept (delete it with 'ip link del %s' if no container uses it)", name,
-                            self.agent.host, name)
+                            self.host, name)
         self._logged = set(self._unaccounted)
 
     def report(self):
@@ -90,8 +93,11 @@ class RoutingGate:
         self.own_blocks = keys.affinity_prefix(host)
         self.mode = mode
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+    def report(self):
+        return self.inner.report()
+
+    def close(self):
+        self.inner.close()
 
     def _matters(self, key):
         if key.startswith(self.IGNORED):
@@ -103,13 +109,14 @@ class RoutingGate:
             self.inner.sync(view, full=full)
 
 
-def build_reconcilers(agent):
+def build_reconcilers(config, dataplane, service, host_lock, routing=None):
+    """The agent's reconcilers in the order a pass runs them; ``routing`` (a RoutingReconciler) only in bgp or
+    direct mode. Each gets its collaborators, never the agent."""
     from netplugin.agent.nat import NatReconciler
     from netplugin.agent.policy import PolicyReconciler
-    from netplugin.agent.routing import RoutingReconciler
-    parts = [DataplaneReconciler(agent)]
-    if agent.config.routing in ("bgp", "direct"):
-        parts.append(RoutingGate(RoutingReconciler(agent), agent.host, agent.config.routing))
-    parts.append(PolicyReconciler(agent))
-    parts.append(NatReconciler())
+    parts = [DataplaneReconciler(config.hostname, dataplane, service, host_lock)]
+    if routing is not None:
+        parts.append(RoutingGate(routing, config.hostname, config.routing))
+    parts.append(PolicyReconciler(config.hostname, dataplane))
+    parts.append(NatReconciler(dataplane))
     return parts

@@ -93,12 +93,15 @@ def direct_routes(view, host):
 
 
 class RoutingReconciler:
-    def __init__(self, agent):
-        self.host = agent.host
-        self.mode = agent.config.routing
-        self.bird = None
-        self.writer = None
-        self.direct = None
+    """bgp mode: ``bird`` (a BirdProcess) and ``writer`` (its BirdConfigWriter); direct mode: ``direct`` (the
+    DirectRoutes writer). Built by the composition root (``for_mode``), which owns where BIRD runs."""
+
+    def __init__(self, host, mode, bird=None, writer=None, direct=None):
+        self.host = host
+        self.mode = mode
+        self.bird = bird
+        self.writer = writer
+        self.direct = direct
         self._started = False
         self._lock = threading.Lock()  # one BGP pass at a time: the sync thread's or the watcher's
         self._view = None  # the last view synced, for the watcher's passes
@@ -108,11 +111,16 @@ class RoutingReconciler:
         self._restart_delay = RESTART_BACKOFF[0]
         self._stop = threading.Event()
         self._watcher = None
-        if self.mode == "bgp":
-            self.bird = BirdProcess(os.path.join(agent.config.run_dir, "bird"), netns=None)
-            self.writer = BirdConfigWriter(self.bird)
-        elif self.mode == "direct":
-            self.direct = DirectRoutes(netns=None)
+
+    @classmethod
+    def for_mode(cls, host, mode, run_dir):
+        """The reconciler of ``mode`` (bgp or direct) for the namespace the agent runs in."""
+        if mode == "bgp":
+            bird = BirdProcess(os.path.join(run_dir, "bird"), netns=None)
+            return cls(host, mode, bird=bird, writer=BirdConfigWriter(bird))
+        if mode == "direct":
+            return cls(host, mode, direct=DirectRoutes(netns=None))
+        raise InvalidInput(f"no routing reconciler for routing mode {mode!r}")
 
     def sync(self, view, full=False):
         if self.mode == "bgp":

@@ -11,7 +11,7 @@ import os
 import threading
 
 from netplugin.errors import InvalidInput
-from netplugin.dataplane import endpoint, host, reconcile as _reconcile, sysctl
+from netplugin.dataplane import docker_link, endpoint, host, reconcile as _reconcile, sysctl
 from netplugin.dataplane.antispoof import AntiSpoof
 from netplugin.dataplane.model import EndpointSpec, EndpointState, validate_spec
 from netplugin.kernel.netlink import netlink
@@ -34,6 +34,8 @@ def kernel_has_ipv6() -> bool:
 
 
 class Dataplane:
+    """The host side of every endpoint (one veth builder for CNI and Docker) and the host-wide settings."""
+
     def __init__(self, host_netns: str | None = None, mtu: int = 1500):
         if host_netns is not None and (not isinstance(host_netns, str) or not host_netns.startswith("/")):
             raise InvalidInput(f"host netns must be an absolute path such as /run/netns/NAME, got {host_netns!r}")
@@ -116,6 +118,18 @@ class Dataplane:
             raise InvalidInput("endpoint id must be a non-empty string")
         with self._lock:
             endpoint.remove(self.host_netns, endpoint_id, netns, ifname)
+
+    def add_docker_endpoint(self, spec: EndpointSpec) -> docker_link.DockerLink:
+        """Both ends in the host namespace; libnetwork moves the container end into the sandbox (docker_link.py)."""
+        spec, _ = self._spec(spec)
+        with self._lock:
+            return docker_link.create(self.host_netns, spec)
+
+    def remove_docker_endpoint(self, endpoint_id: str) -> bool:
+        if not endpoint_id:
+            raise InvalidInput("endpoint id must be a non-empty string")
+        with self._lock:
+            return docker_link.remove(self.host_netns, endpoint_id)
 
     def check_endpoint(self, spec: EndpointSpec) -> list:
         spec, addrs = self._spec(spec)

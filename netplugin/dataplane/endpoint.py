@@ -19,7 +19,7 @@ import time
 from contextlib import ExitStack
 
 from netplugin.errors import AlreadyExists, DataplaneError, InvalidInput, NotFound
-from netplugin.dataplane import container, host, sysctl, veth
+from netplugin.dataplane import container, host, veth
 from netplugin.dataplane.model import EndpointState, host_ifname
 from netplugin.dataplane.undo import quietly
 from netplugin.kernel.netlink import netlink, netlink_fd

@@ -40,7 +40,7 @@ def add(agent):
 
 def test_deletes_only_what_it_saw_go_and_reports_the_rest_once(agent, caplog):
     a, b, c = add(agent), add(agent), add(agent)
-    first = DataplaneReconciler(agent)
+    first = DataplaneReconciler(HOST, agent.dataplane, agent.service, agent.host_lock)
     first.sync(read_view(agent.ds), full=True)
     assert first.report() == {"unaccounted_interfaces": []}
 
@@ -60,7 +60,7 @@ def test_deletes_only_what_it_saw_go_and_reports_the_rest_once(agent, caplog):
 
     # c's record deleted while the agent was down: a new reconciler never saw it go.
     agent.ds.delete(keys.endpoint(HOST, c.id))
-    restarted = DataplaneReconciler(agent)
+    restarted = DataplaneReconciler(HOST, agent.dataplane, agent.service, agent.host_lock)
     with caplog.at_level(logging.WARNING, logger="netplugin.agent.reconcilers"):
         for _ in range(3):
             restarted.sync(read_view(agent.ds), full=True)

@@ -4,6 +4,7 @@ is followed by the reconciler."""
 
 import pytest
 
+from netplugin.agent.backend import iptables_backend
 from netplugin.agent.nat import CHAIN, NatReconciler
 from netplugin.agent.view import ClusterView
 from netplugin.datastore.models import Pool
@@ -49,7 +50,7 @@ def view(nat):
 def test_nat_pool_reaches_outside_and_other_pools_keep_the_real_source(lab):
     host, container = lab
     assert not pings(container, OUTSIDE_IP)  # no route back to the pool: only NAT makes this work
-    nat = NatReconciler(netns=host)
+    nat = NatReconciler(iptables_backend(netns=f"/run/netns/{host}"))
     nat.sync(view(nat=True), full=True)
     assert pings(container, OUTSIDE_IP)
     assert not pings(container, OTHER_POOL_IP)  # another pool: routed with its real source, so no answer here

@@ -160,21 +160,16 @@ def test_endpoint_list_shows_selecting_policies_with_cni_namespace_labels(etcd, 
 
 
 class _NoKernel:
-    """Stands in for PolicyDataplane: these tests look at what the agent compiles, never touch a kernel."""
+    """Stands in for the dataplane backend: these tests look at what the agent compiles, never touch a kernel."""
 
-    def __init__(self, *args, **kw):
-        pass
-
-    def apply(self, *args, **kw):
+    def apply_policy(self, *args, **kw):
         raise AssertionError("no kernel here")
 
 
 def test_agent_parses_only_the_stored_policies_that_select_its_endpoints(etcd, web, monkeypatch, caplog):
-    from types import SimpleNamespace
 
     from netplugin.agent import policy as agent_policy
     from netplugin.agent.view import read_view
-    monkeypatch.setattr(agent_policy, "PolicyDataplane", _NoKernel)
     parsed = []
     real = Policy.from_dict
     monkeypatch.setattr(agent_policy.Policy, "from_dict", classmethod(lambda cls, doc: parsed.append(
@@ -185,7 +180,7 @@ def test_agent_parses_only_the_stored_policies_that_select_its_endpoints(etcd, w
     rec = EndpointRecord(id="a", host="h1", network="blue", container_id="a", netns="/x", ifname="eth0",
                          host_ifname="np00000000a01", addresses=["10.0.0.1/32"], labels={"app": "web"})
     etcd.put(keys.endpoint("h1", "a"), rec.to_dict())
-    reconciler = agent_policy.PolicyReconciler(SimpleNamespace(host="h1"), netns="unused")
+    reconciler = agent_policy.PolicyReconciler("h1", _NoKernel())
     rs = reconciler._ruleset(read_view(etcd))
     assert sorted(parsed) == ["broken", "web"]  # k8s.prod.api selects nothing on h1: selector only
     assert "event=policy.invalid name=broken" in caplog.text

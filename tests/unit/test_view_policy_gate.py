@@ -1,6 +1,5 @@
 """The policy reconciler skips passes whose changes cannot touch its ruleset, and converts each endpoint record
 once (the view model hands back the same record object until its key changes)."""
-from types import SimpleNamespace
 
 import pytest
 
@@ -11,15 +10,14 @@ from netplugin.datastore.models import Endpoint, Node
 
 
 class _Recording:
-    """Stands in for PolicyDataplane: records what would be applied, touches no kernel."""
+    """Stands in for the dataplane backend: records the rulesets it is asked to enforce, touches no kernel."""
 
-    def __init__(self, *args, **kw):
+    def __init__(self):
         self.applied = []
-        self.last_timings = {}
 
-    def apply(self, ruleset, trust_cache=False):
-        self.applied.append((ruleset, trust_cache))
-        return []
+    def apply_policy(self, ruleset, full=False):
+        self.applied.append((ruleset, full))
+        return [], {}
 
 
 def _ep(host, n):
@@ -33,14 +31,13 @@ def _changed(*ks):
 
 @pytest.fixture
 def reconciler(monkeypatch):
-    monkeypatch.setattr(agent_policy, "PolicyDataplane", _Recording)
     compiled = []
     real = agent_policy.compile_ruleset
     monkeypatch.setattr(agent_policy, "compile_ruleset", lambda *a: compiled.append(a) or real(*a))
     converted = []
     real_convert = agent_policy.policy_endpoint
     monkeypatch.setattr(agent_policy, "policy_endpoint", lambda e: converted.append(e.id) or real_convert(e))
-    r = agent_policy.PolicyReconciler(SimpleNamespace(host="h1"), netns="unused")
+    r = agent_policy.PolicyReconciler("h1", _Recording())
     return r, compiled, converted
 
 
@@ -49,19 +46,19 @@ def test_only_endpoint_and_policy_changes_reach_the_compiler(reconciler):
     local, remote = _ep("h1", 1), _ep("h2", 2)
     view = ClusterView(nodes={"h1": Node("h1")}, endpoints=[local, remote])
     r.sync(view, changes=EVERYTHING)
-    assert len(r.dp.applied) == 1 and len(compiled) == 1 and sorted(converted) == ["ep1", "ep2"]
+    assert len(r.dataplane.applied) == 1 and len(compiled) == 1 and sorted(converted) == ["ep1", "ep2"]
 
     # Nodes, liveness, blocks of other hosts: no compile, no apply.
     r.sync(view, changes=_changed(keys.node("h9"), keys.liveness("h2"), keys.affinity("h2", "10.0.1.0/26")))
-    assert len(r.dp.applied) == 1 and len(compiled) == 1
+    assert len(r.dataplane.applied) == 1 and len(compiled) == 1
 
     # Another host's endpoint appears: recompiled and applied; the unchanged records are not converted again.
     view = ClusterView(nodes=view.nodes, endpoints=[local, remote, _ep("h3", 3)])
     r.sync(view, changes=_changed(keys.endpoint("h3", "ep3")))
-    assert len(r.dp.applied) == 2 and converted == ["ep1", "ep2", "ep3"]
-    ruleset, trusted = r.dp.applied[-1]
-    assert trusted and any("10.0.0.3/32" in s.members for s in ruleset.ipsets)
+    assert len(r.dataplane.applied) == 2 and converted == ["ep1", "ep2", "ep3"]
+    ruleset, full = r.dataplane.applied[-1]
+    assert not full and any("10.0.0.3/32" in s.members for s in ruleset.ipsets)
 
     # A periodic full resync always applies (reading the kernel back), whatever changed.
     r.sync(view, full=True, changes=_changed())
-    assert r.dp.applied[-1] == (ruleset, False)
+    assert r.dataplane.applied[-1] == (ruleset, True)

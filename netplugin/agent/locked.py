@@ -1,0 +1,74 @@
+"""The endpoint service as the agent's front doors (CNI API, Docker plugin) see it: under the host lock, and
+with ADD waiting for policy to cover the new endpoint."""
+import logging
+
+from netplugin.errors import NetpluginError, NotReady
+
+LOG = logging.getLogger(__name__)
+
+
+class LockedService:
+    """The EndpointService as the front doors see it inside the agent.
+
+    ADD/DEL hold the shared side of the host lock (see rwlock.py). After ADD, the new interface is only useful
+    once this host's policy knows it (our chains drop traffic of unknown ``np*`` interfaces), so ADD waits, up to
+    ``policy_wait`` seconds, for a sync pass whose view holds the endpoint's record (``revision(endpoint_id)``: the
+    store revision that wrote it). Concurrent ADDs share one pass. 0 turns the wait off (Calico's default, where a
+    new pod can lose its first packets).
+    """
+
+    def __init__(self, service, lock, wait_for_sync=None, policy_wait=0.0, revision=None, trouble=None):
+        self._service = service
+        self._lock = lock
+        self._wait_for_sync = wait_for_sync
+        self._policy_wait = policy_wait
+        self._revision = revision
+        self._trouble = trouble  # () -> None, or why the sync is failing or stalled
+
+    @property
+    def host(self):
+        return self._service.host
+
+    def get(self, ep_id):
+        return self._service.get(ep_id)
+
+    def list(self, host=None):
+        return self._service.list(host)
+
+    def check(self, ep_id, netns=None, expected=None):
+        return self._service.check(ep_id, netns, expected)
+
+    def spec_of(self, ep):
+        return self._service.spec_of(ep)
+
+    def shared(self):
+        """The shared side of the host lock, for front doors that wire endpoints themselves (Docker Join)."""
+        return self._lock.shared()
+
+    def policy_ready(self, what):
+        """Wait (bounded) until policy covers an endpoint just recorded. A slow sync never fails the request;
+        a failing or stalled one (the agent's ``sync_trouble``) raises NotReady (CNI code 11)."""
+        if self._wait_for_sync and self._policy_wait > 0:
+            revision = None  # unknown: the pass reads everything from etcd
+            if self._revision:
+                try:
+                    revision = self._revision(what)
+                except NetpluginError as e:
+                    LOG.warning("event=policy.wait_revision endpoint=%s error=%s", what, e.msg)
+            done = self._wait_for_sync(self._policy_wait, revision)
+            trouble = self._trouble() if self._trouble else None
+            if trouble:
+                LOG.warning("event=policy.not_ready endpoint=%s reason=%s", what, trouble)
+                raise NotReady(f"policy for {what} is not in place: {trouble}; try again later")
+            if not done:
+                LOG.warning("event=policy.wait_timeout endpoint=%s after_s=%s", what, self._policy_wait)
+
+    def add(self, req):
+        with self._lock.shared():
+            ep = self._service.add(req)
+        self.policy_ready(ep.id)
+        return ep
+
+    def delete(self, *args, **kw):
+        with self._lock.shared():
+            return self._service.delete(*args, **kw)
