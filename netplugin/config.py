@@ -80,3 +80,4 @@ class AgentConfig:
     etcd_start_timeout: float = 0.0  # how long start-up waits for etcd to answer (0: until it does)
     docker_socket: str | None = None  # where the libnetwork plugin listens; None = do not serve Docker
     docker_api: str | None = None  # dockerd's API socket, to read container labels on Join
+    docker_gc_interval: float = 60.0  # seconds between collections of endpoints Docker lost (0: none)

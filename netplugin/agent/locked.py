@@ -72,3 +72,13 @@ class LockedService:
     def delete(self, *args, **kw):
         with self._lock.shared():
             return self._service.delete(*args, **kw)
+
+    def join_docker(self, spec, network, labels, mtu=None):
+        """Under the shared lock across "make the veth" and "put the record": the dataplane reconciler, which
+        holds the exclusive side, would otherwise see a veth no record names and delete it as a stray."""
+        with self._lock.shared():
+            return self._service.join_docker(spec, network, labels, mtu)
+
+    def leave_docker(self, ep_id):
+        with self._lock.shared():
+            return self._service.leave_docker(ep_id)

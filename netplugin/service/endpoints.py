@@ -157,6 +157,29 @@ class EndpointService:
         LOG.info("endpoint deleted id=%s released=%s %s", ep_id, ",".join(released) or "-", clock)
         return released
 
+    # --- Docker: libnetwork configures the sandbox; we wire the host side and keep the record ------------------
+
+    def join_docker(self, spec, network, labels, mtu=None):
+        """Wire a Docker endpoint (both veth ends in the host namespace) and record it; all-or-nothing.
+        Returns (Endpoint, DockerLink). The addresses are Docker's IPAM's, held by no handle of ours."""
+        with contextlib.ExitStack() as undo:
+            link = self.dataplane.add_docker_endpoint(spec)
+            undo.callback(quietly, self.dataplane.remove_docker_endpoint, spec.endpoint_id)
+            ep = Endpoint(id=spec.endpoint_id, host=self.host, network=network, container_id="", netns=spec.netns,
+                          ifname=spec.ifname, host_ifname=link.host_ifname, addresses=list(spec.addresses),
+                          mac=link.mac, labels=labels, handle=None, orchestrator="docker", mtu=mtu)
+            self.ds.put(keys.endpoint(self.host, spec.endpoint_id), ep.to_dict())
+            undo.pop_all()
+        return ep, link
+
+    def leave_docker(self, ep_id):
+        """Record first, then the veth: a reconcile in between deletes a veth no record names, never the reverse."""
+        self.ds.delete(keys.endpoint(self.host, ep_id))
+        self.dataplane.remove_docker_endpoint(ep_id)
+
+    def policy_ready(self, what):
+        """Outside the agent nothing enforces policy, so there is nothing to wait for (see agent/locked.py)."""
+
     def get(self, ep_id):
         kv = self.ds.get(keys.endpoint(self.host, ep_id))
         return Endpoint.from_dict(kv.value) if kv else None
