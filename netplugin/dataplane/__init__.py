@@ -1,6 +1,9 @@
 """Host dataplane: one veth per container, routed host addresses, proxy-ARP gateway, anti-spoofing.
 
-See dataplane.py for the entry point and README-style notes in each module's docstring.
+backend.py is the interface the agent programs against (endpoints, host setup, policy, NAT-outgoing);
+dataplane.py is the host side of today's implementation, veth.py its one veth builder (CNI and Docker),
+endpoint.py/docker_link.py the two ways a container end is placed, reconcile.py the level-triggered repair.
+This package imports only netplugin.kernel and netplugin.errors (tests/unit/test_layering.py).
 """
 from netplugin.dataplane.dataplane import Dataplane
 from netplugin.dataplane.model import (
