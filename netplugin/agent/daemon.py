@@ -79,6 +79,7 @@ class Agent:
         self._threads = []
         self._servers = []
         self.watch = None
+        self.docker = None  # the Docker driver, when the agent serves Docker
         self.last_view = None
         self.sync_count = 0
         self.progress = loops.Progress()
@@ -147,6 +148,8 @@ class Agent:
 
     def stop(self):
         self._stop.set()
+        if self.docker is not None:
+            self.docker.stop()
         self._dirty.set()
         for server in self._servers:
             server.close()
@@ -202,10 +205,10 @@ class Agent:
 
     def _serve_docker(self):
         from netplugin.docker.app import create_docker_app
-        from netplugin.docker.driver import DockerDriver
-        driver = DockerDriver(self.ds, self.ipam, self.service, self.dataplane, self.host, self.config,
-                              progress=self.progress)
-        self._serve_unix(create_docker_app(driver), self.config.docker_socket, "docker-plugin")
+        from netplugin.docker.driver import build_driver
+        self.docker = build_driver(self.ds, self.ipam, self.service, self.host, self.config, progress=self.progress)
+        self.docker.start()
+        self._serve_unix(create_docker_app(self.docker), self.config.docker_socket, "docker-plugin")
 
     def status(self):
         """CNI STATUS: ready when etcd answers and some pool exists."""

@@ -41,10 +41,6 @@ class LockedService:
     def spec_of(self, ep):
         return self._service.spec_of(ep)
 
-    def shared(self):
-        """The shared side of the host lock, for front doors that wire endpoints themselves (Docker Join)."""
-        return self._lock.shared()
-
     def policy_ready(self, what):
         """Wait (bounded) until policy covers an endpoint just recorded. A slow sync never fails the request;
         a failing or stalled one (the agent's ``sync_trouble``) raises NotReady (CNI code 11)."""

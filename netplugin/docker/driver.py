@@ -18,19 +18,15 @@ cluster store (what Calico's old driver required). What spans hosts lives in etc
 records and the Network record shared by name; ConnectivityScope "global" says containers of one network on
 different hosts reach each other.
 
-Join holds the shared side of the agent's host lock (when it has one) across "make the veth" and "put the
-record": the dataplane reconciler, which holds the exclusive side, would otherwise see a veth no record
-names and delete it as a stray.
+The endpoint record and the veth are the service's (EndpointService.join_docker/leave_docker), as for CNI;
+in the agent they run under the shared side of the host lock (agent/locked.py), so the dataplane reconciler
+never sees a veth no record names.
 """
-import contextlib
 import logging
 
 import netaddr
 
-from netplugin.datastore import keys
-from netplugin.datastore.models import Endpoint
 from netplugin.dataplane import GATEWAY_V4, GATEWAY_V6, EndpointSpec
-from netplugin.dataplane import docker_link
 from netplugin.docker.dockerapi import DockerApi
 from netplugin.docker.gc import StaleEndpointCollector
 from netplugin.docker.ipam_driver import DockerIpam
@@ -81,28 +77,31 @@ def free_subnets(subnets, taken):
 
 
 class DockerDriver:
-    def __init__(self, ds, ipam, service, dataplane, host, config, progress=None):
-        self.ds = ds
-        self.service = service
-        self.dataplane = dataplane
+    """libnetwork's calls on this host's endpoint service, which keeps the records and wires the veths through
+    the dataplane backend. Built with its collaborators by ``build_driver``; ``start`` starts its one thread
+    (the stale-endpoint collector), ``stop`` ends it."""
+
+    def __init__(self, service, host, mtu, ipam, networks, labeler, local, api=None, gc_interval=60.0,
+                 progress=None):
+        self.service = service  # an EndpointService (the agent's LockedService)
         self.host = host
-        self.mtu = getattr(config, "mtu", 1500)
-        api_socket = getattr(config, "docker_api", None)
-        self.api = DockerApi(api_socket) if api_socket else None
-        self.ipam = DockerIpam(ipam, host)
-        self.networks = NetworkRegistry(ds, ipam, self.api)
-        self.labeler = EndpointLabeler(ds, self.api, host, progress=progress)  # progress: the agent's health
-        self.local = LocalEndpoints(lambda: self.service.list(self.host))
-        self.collector = None
-        gc_interval = getattr(config, "docker_gc_interval", 60.0)  # 0: no background collection (tests)
-        if self.api is not None:
-            self.collector = StaleEndpointCollector(self.api, lambda: self.service.list(self.host), self.collect,
-                                                    interval=gc_interval or 60.0, progress=progress)
-            if gc_interval:
-                self.collector.start()
-        if self.api is None:
-            LOG.warning("event=docker.no_api: networks are named by their Docker id and container labels are not "
-                        "copied to endpoints (give the agent --docker-api)")
+        self.mtu = mtu
+        self.ipam = ipam  # DockerIpam
+        self.networks = networks  # NetworkRegistry
+        self.labeler = labeler  # EndpointLabeler
+        self.local = local  # LocalEndpoints
+        self.api = api  # DockerApi or None
+        self.gc_interval = gc_interval  # 0: no background collection (tests run the collector by hand)
+        self.collector = None if api is None else StaleEndpointCollector(
+            api, lambda: service.list(host), self.collect, interval=gc_interval or 60.0, progress=progress)
+
+    def start(self):
+        if self.collector is not None and self.gc_interval:
+            self.collector.start()
+
+    def stop(self):
+        if self.collector is not None:
+            self.collector.stop()
 
     # --- capabilities ---------------------------------------------------------------------------------------------
 
@@ -187,20 +186,10 @@ class DockerDriver:
         others = self.local.peers(sandbox_key, endpoint_id)
         routes = static_routes(pending.addresses, primary=not others, subnets=free_subnets(
             net.subnets, [s for name in others for s in self.networks.subnets_of(name)]))
-        with _shared_host_lock(self.service), contextlib.ExitStack() as undo:
-            link = docker_link.create(self.dataplane.host_netns, spec)
-            undo.callback(_quietly, "unwire", endpoint_id, docker_link.remove, self.dataplane.host_netns,
-                          endpoint_id)
-            ep = Endpoint(id=endpoint_id, host=self.host, network=net.name, container_id="", netns=sandbox_key,
-                          ifname=spec.ifname, host_ifname=link.host_ifname, addresses=list(pending.addresses),
-                          mac=link.mac, labels=base_labels, handle=None, orchestrator="docker", mtu=net.mtu)
-            self.ds.put(keys.endpoint(self.host, endpoint_id), ep.to_dict())
-            undo.pop_all()
+        _, link = self.service.join_docker(spec, net.name, base_labels, net.mtu)
         self.local.joined(endpoint_id, sandbox_key, net.name, link.host_ifname, pending.addresses)
         self.labeler.submit(network_id, endpoint_id, base_labels)
-        ready = getattr(self.service, "policy_ready", None)
-        if ready:
-            ready(endpoint_id)
+        self.service.policy_ready(endpoint_id)
         LOG.info("event=docker.endpoint.joined id=%s network=%s host_if=%s primary=%s", endpoint_id[:12], net.name,
                  link.host_ifname, not others)
         return {"InterfaceName": {"SrcName": link.container_ifname, "DstPrefix": DST_PREFIX},
@@ -215,8 +204,7 @@ class DockerDriver:
         self.labeler.cancel(endpoint_id)
         self.local.forget(endpoint_id)
         ep = self.service.get(endpoint_id)
-        self.ds.delete(keys.endpoint(self.host, endpoint_id))
-        docker_link.remove(self.dataplane.host_netns, endpoint_id)
+        self.service.leave_docker(endpoint_id)
         try:
             if ep is not None:
                 self.networks.endpoint_gone(ep.network)
@@ -239,14 +227,12 @@ class DockerDriver:
         return info
 
 
-def _shared_host_lock(service):
-    """The agent's host lock, shared side (LockedService.shared); none outside the agent."""
-    shared = getattr(service, "shared", None)
-    return shared() if shared is not None else contextlib.nullcontext()
-
-
-def _quietly(what, endpoint_id, fn, *args):
-    try:
-        fn(*args)
-    except NetpluginError as e:
-        LOG.error("rollback: failed to %s %s: %s", what, endpoint_id[:12], e.msg)
+def build_driver(ds, ipam, service, host, config, progress=None) -> DockerDriver:
+    """The driver and its collaborators for ``config`` (an AgentConfig: mtu, docker_api, docker_gc_interval)."""
+    api = DockerApi(config.docker_api) if config.docker_api else None
+    if api is None:
+        LOG.warning("event=docker.no_api: networks are named by their Docker id and container labels are not "
+                    "copied to endpoints (give the agent --docker-api)")
+    return DockerDriver(service, host, config.mtu, DockerIpam(ipam, host), NetworkRegistry(ds, ipam, api),
+                        EndpointLabeler(ds, api, host, progress=progress), LocalEndpoints(lambda: service.list(host)),
+                        api, config.docker_gc_interval, progress)

@@ -9,7 +9,6 @@ Traffic goes only between the test's own namespaces and containers.
 import json
 import os
 import subprocess
-from types import SimpleNamespace
 
 import netaddr
 import pytest
@@ -19,7 +18,7 @@ from netplugin.dataplane import Dataplane
 from netplugin.datastore import keys
 from netplugin.datastore.models import Endpoint, Network
 from netplugin.docker.app import MEDIA_TYPE, create_docker_app
-from netplugin.docker.driver import DockerDriver
+from netplugin.docker.driver import build_driver
 from netplugin.ipam.allocator import IPAM
 from netplugin.lab.console import console_script
 from netplugin.lab.dockerd import DockerHost, IMAGE
@@ -110,7 +109,7 @@ def plugin(etcd, etcd_server, namespaces):
     ipam = IPAM(etcd)
     dataplane = Dataplane(host_netns=f"/run/netns/{ns}")
     service = EndpointService(etcd, ipam, dataplane, "h1")
-    driver = DockerDriver(etcd, ipam, service, dataplane, "h1", config)
+    driver = build_driver(etcd, ipam, service, "h1", config)
     client = create_docker_app(driver).test_client()
 
     def call(method, body=None, raw=None, status=200):
@@ -223,7 +222,7 @@ def test_protocol_endpoint_lifecycle(plugin, etcd, namespaces):
     # Both ends are in the host namespace until libnetwork moves one; the host end is wired as for CNI.
     peer = json.loads(nsexec(ns, f"ip -j link show {src}").stdout)[0]
     assert peer["address"] == mac and peer["mtu"] == 1500 and "UP" not in peer["flags"]
-    (name, info), = host_veths(plugin.driver.dataplane.host_netns).items()
+    (name, info), = host_veths(f"/run/netns/{plugin.ns}").items()
     assert info["mac"] == "ee:ee:ee:ee:ee:ee" and info["mtu"] == 1500 and info["up"]
     assert info["routes"] == sorted([a4, a6])
     assert info["sysctls"]["net.ipv4.conf.%s.proxy_arp" % name] == 1
@@ -234,7 +233,7 @@ def test_protocol_endpoint_lifecycle(plugin, etcd, namespaces):
     assert plugin("NetworkDriver.EndpointOperInfo", ep)["Value"]["host_ifname"] == name
     # Join again (a retry) converges the same pair.
     again = plugin("NetworkDriver.Join", {**ep, "SandboxKey": f"/run/netns/{sandbox}"})
-    assert again["InterfaceName"]["SrcName"] == src and host_veths(plugin.driver.dataplane.host_netns)[name] == info
+    assert again["InterfaceName"]["SrcName"] == src and host_veths(f"/run/netns/{plugin.ns}")[name] == info
 
     # A second netplugin network in the same sandbox: only its subnet as a connected route.
     pool2 = plugin("IpamDriver.RequestPool", {"AddressSpace": "netplugin", "Pool": "10.41.0.0/24"})
@@ -250,7 +249,7 @@ def test_protocol_endpoint_lifecycle(plugin, etcd, namespaces):
     assert json.loads(nsexec(ns, f"ip -j link show {second['InterfaceName']['SrcName']}").stdout)[0]["mtu"] == 1400
     record2 = endpoint_record(etcd, "h1", "ep2")
     assert record2.mtu == 1400 and endpoint_record(etcd, "h1", "ep1").mtu is None
-    assert host_veths(plugin.driver.dataplane.host_netns)[record2.host_ifname]["mtu"] == 1400
+    assert host_veths(f"/run/netns/{plugin.ns}")[record2.host_ifname]["mtu"] == 1400
     assert plugin.driver.service.spec_of(record2).mtu == 1400  # what the agent's reconciler holds it to
 
     for e in (ep, ep2):
@@ -394,9 +393,9 @@ def test_stale_docker_endpoints_are_collected(docker_hosts, namespaces, etcd, et
     live = attachment(h, "live", "n")
     # The stale endpoint, made through the driver's own calls as Docker would, then forgotten by Docker.
     ipam = IPAM(etcd)
-    config = SimpleNamespace(mtu=1500, docker_api=h.dockerd.socket, docker_gc_interval=0)
-    driver = DockerDriver(etcd, ipam, EndpointService(etcd, ipam, None, ns), Dataplane(host_netns=f"/run/netns/{ns}"),
-                          ns, config)
+    config = AgentConfig(hostname=ns, docker_api=h.dockerd.socket, docker_gc_interval=0)
+    driver = build_driver(etcd, ipam, EndpointService(etcd, ipam, Dataplane(host_netns=f"/run/netns/{ns}"), ns), ns,
+                          config)
     net_id = h.docker("network", "inspect", "-f", "{{.Id}}", "n").stdout.strip()
     pool_id, _, _ = driver.request_pool("netplugin", "10.8.0.0/24", "", {}, False)
     address, _ = driver.request_address(pool_id, "", {})
