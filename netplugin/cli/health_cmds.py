@@ -4,8 +4,6 @@
 it lists is exactly what every agent skips and reports in its health answer. Both exit 1 when something is wrong,
 so they serve as probes in scripts.
 """
-import json
-import os
 import sys
 
 import click
@@ -14,8 +12,7 @@ from netplugin.agent.view import PREFIXES, decode
 from netplugin.cli.output import emit, output_option
 from netplugin.datastore import keys
 from netplugin.datastore.models import BadRecord, Block, Handle
-from netplugin.docker.dockerapi import _UnixConnection
-from netplugin.errors import NetpluginError, NotFound
+from netplugin.diags.health import agent_health
 
 IPAM_RECORDS = {keys.BLOCKS: Block, keys.HANDLES: Handle}
 
@@ -44,25 +41,6 @@ def check(obj, fmt):
     emit(rows, fmt, ["key", "revision", "error"], empty="every record decodes")
     if rows:
         sys.exit(1)
-
-
-def agent_health(run_dir, timeout=5.0):
-    """The local agent's health answer (a dict), read from its socket."""
-    path = os.path.join(run_dir, "agent.sock")
-    if not os.path.exists(path):
-        raise NotFound(f"no agent socket at {path}: is the agent running here (--run-dir)?")
-    conn = _UnixConnection(path, timeout)
-    try:
-        conn.request("GET", "/v1/health")
-        body = conn.getresponse().read()
-    except OSError as e:
-        raise NetpluginError(f"asking the agent at {path} for its health: {e}") from None
-    finally:
-        conn.close()
-    try:
-        return json.loads(body)
-    except ValueError:
-        raise NetpluginError(f"the agent at {path} answered its health with something that is not JSON") from None
 
 
 def format_health(answer):

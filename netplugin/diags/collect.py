@@ -16,6 +16,7 @@ import tempfile
 import time
 from importlib.metadata import version
 
+from netplugin.diags.health import agent_health
 from netplugin.diags.redact import redact_bird_config, redact_json, scrub
 from netplugin.errors import NetpluginError
 from netplugin.kernel.netns import NamespaceCommand, own_netns
@@ -81,7 +82,6 @@ class Collector:
         self.add("bird.conf", config)
 
     def health(self, run_dir):
-        from netplugin.cli.health_cmds import agent_health
         self.add("health.json", lambda: json.dumps(redact_json(agent_health(run_dir), self.secrets), indent=2) + "\n")
 
     def logs(self, log_file, use_journal):

@@ -35,7 +35,10 @@ ALLOWED = {
 # The composition root and the tools above it may import any layer below, never each other's insides.
 _LOW = set(ALLOWED)
 ALLOWED["netplugin.agent"] = _LOW
-ALLOWED["netplugin.cli"] = _LOW | {"netplugin.agent"}
+ALLOWED["netplugin.install"] = _LOW
+ALLOWED["netplugin.diags"] = _LOW
+# netctl install finds the installed console scripts through netplugin.lab.console.
+ALLOWED["netplugin.cli"] = _LOW | {"netplugin.agent", "netplugin.install", "netplugin.diags", "netplugin.lab"}
 ALLOWED["netplugin.lab"] = _LOW
 ALLOWED["netplugin.benchlib"] = _LOW | {"netplugin.agent", "netplugin.lab"}
 
