@@ -1,13 +1,9 @@
-"""The agent and CNI helpers live in netplugin/lab/agents.py (re-exported here for the test suite), where the
-benchmarks use them too; what only the tests need stays here."""
+"""What only the tests need beside netplugin/lab/agents.py (the agent and CNI helpers the benchmarks use too)."""
 import json
 import os
 
-from netplugin.lab.agents import AgentProcess, CniBinary, rmtree, tempdir
 from netplugin.lab.console import console_script
 from netplugin.lab.netns import run
-
-__all__ = ["AgentProcess", "CniBinary", "netctl_install_cni", "rmtree", "tempdir"]
 
 
 def netctl_install_cni(bin_dir, conf_dir, network, agent_socket, *options):

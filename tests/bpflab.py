@@ -12,7 +12,7 @@ import pytest
 from pyroute2 import IPRoute
 
 from netplugin.kernel.bpf import build, loader, records
-from tests.netns import NamespaceSet, nsexec, run
+from netplugin.lab.netns import NamespaceSet, nsexec, run
 
 FABRIC = {"a": ("10.251.0.1", "fd00:251::1"), "b": ("10.251.0.2", "fd00:251::2")}
 CONTAINER = {"a": ("10.252.1.2", "fd00:252:1::2"), "b": ("10.252.2.2", "fd00:252:2::2")}

@@ -19,9 +19,9 @@ from netplugin.datastore import keys
 from netplugin.errors import NotReady
 from netplugin.ipam.allocator import IPAM
 from netplugin.ipam.reclaim import check
-from tests.agents import AgentProcess, CniBinary, rmtree, tempdir
-from tests.etcd import EtcdServer
-from tests.netns import nsexec
+from netplugin.lab.agents import AgentProcess, CniBinary, rmtree, tempdir
+from netplugin.lab.etcd import EtcdServer
+from netplugin.lab.netns import nsexec
 from tests.probes import pings_during
 from tests.waiting import poll, wait_until
 

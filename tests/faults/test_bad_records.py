@@ -14,10 +14,10 @@ import pytest
 
 from netplugin.datastore import keys
 from netplugin.ipam.allocator import IPAM
-from tests.agents import CniBinary
+from netplugin.lab.agents import CniBinary
 from tests.badrecords import bad_records, put_raw
-from tests.console import console_script
-from tests.netns import nsexec
+from netplugin.lab.console import console_script
+from netplugin.lab.netns import nsexec
 from tests.waiting import poll
 
 pytestmark = pytest.mark.functional

@@ -19,10 +19,10 @@ from netplugin.dataplane import host_ifname
 from netplugin.datastore import keys
 from netplugin.ipam.allocator import IPAM
 from netplugin.service.endpoints import endpoint_id
-from tests.agents import CniBinary
+from netplugin.lab.agents import CniBinary
 from tests.functional.test_agent import NETWORK, POOL, RESYNC, Setup
 from tests.functional.test_netctl import netctl
-from tests.netns import nsexec
+from netplugin.lab.netns import nsexec
 from tests.probes import steady_ping
 from tests.waiting import poll, wait_until
 

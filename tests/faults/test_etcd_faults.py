@@ -18,10 +18,10 @@ from netplugin.datastore import keys
 from netplugin.datastore.client import Datastore
 from netplugin.datastore.watch import IDLE_TIMEOUT
 from netplugin.ipam.allocator import IPAM
-from tests.agents import AgentProcess, CniBinary
-from tests.console import console_script
-from tests.etcd import EtcdCluster, EtcdServer
-from tests.netns import NamespaceSet, nsexec
+from netplugin.lab.agents import AgentProcess, CniBinary
+from netplugin.lab.console import console_script
+from netplugin.lab.etcd import EtcdCluster, EtcdServer
+from netplugin.lab.netns import NamespaceSet, nsexec
 from tests.probes import assert_reachability, start_echo_server
 from tests.waiting import wait_until
 

@@ -31,10 +31,10 @@ from pyroute2 import NetNS
 
 from cni import plugin
 from netplugin.datastore import keys
-from tests.agents import rmtree, tempdir
-from tests.console import console_script
+from netplugin.lab.agents import rmtree, tempdir
+from netplugin.lab.console import console_script
 from tests.functional.test_cni_e2e import NETWORK, host  # noqa: F401 - the live agent of test_cni_e2e
-from tests.netns import NamespaceSet, nsexec
+from netplugin.lab.netns import NamespaceSet, nsexec
 
 pytestmark = [pytest.mark.functional, pytest.mark.timeout(3600)]
 

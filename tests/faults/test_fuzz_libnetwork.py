@@ -32,7 +32,7 @@ from netplugin.docker.dockerapi import _UnixConnection
 from netplugin.ipam.allocator import IPAM
 from netplugin.routing.constants import ROUTE_PROTO
 from tests.functional.test_docker import ipam_check, our_links
-from tests.netns import nsexec
+from netplugin.lab.netns import nsexec
 from tests.waiting import poll
 
 pytestmark = pytest.mark.functional

@@ -16,9 +16,9 @@ from netplugin.datastore import keys
 from netplugin.ipam.allocator import IPAM
 from netplugin.ipam.reclaim import Reclaimer, check
 from netplugin.nodes import Liveness
-from tests.agents import AgentProcess, CniBinary
-from tests.etcd import EtcdServer
-from tests.netns import nsexec
+from netplugin.lab.agents import AgentProcess, CniBinary
+from netplugin.lab.etcd import EtcdServer
+from netplugin.lab.netns import nsexec
 from tests.waiting import poll, wait_until
 
 pytestmark = pytest.mark.functional

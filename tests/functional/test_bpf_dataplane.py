@@ -11,7 +11,7 @@ import pytest
 
 from netplugin.kernel.bpf import loader, records
 from tests.bpflab import CONTAINER, FABRIC, TwoHostLab, bpf_objects, bpffs, link_info  # noqa: F401  (fixtures)
-from tests.netns import kill_pids, nsexec
+from netplugin.lab.netns import kill_pids, nsexec
 from tests.probes import assert_reachability, start_echo_server
 
 pytestmark = pytest.mark.functional

@@ -21,9 +21,9 @@ from netplugin.datastore.client import Datastore
 from netplugin.dataplane import host_ifname
 from netplugin.ipam.allocator import IPAM
 from netplugin.service.endpoints import endpoint_id
-from tests.agents import AgentProcess, CniBinary, rmtree, tempdir
-from tests.console import console_script
-from tests.netns import NamespaceSet, nsexec, run
+from netplugin.lab.agents import AgentProcess, CniBinary, rmtree, tempdir
+from netplugin.lab.console import console_script
+from netplugin.lab.netns import NamespaceSet, nsexec, run
 
 pytestmark = pytest.mark.functional
 

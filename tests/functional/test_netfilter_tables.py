@@ -4,7 +4,7 @@ import pytest
 
 from netplugin.kernel.netfilter import NetfilterTable
 from netplugin.kernel.netns import NamespaceCommand
-from tests.netns import nsexec
+from netplugin.lab.netns import nsexec
 
 pytestmark = pytest.mark.functional
 

@@ -30,9 +30,9 @@ from policy.applier import PolicyDataplane, written_state
 from policy.compiler import compile_ruleset, endpoint_chains, policy_chain
 from policy.loader import load_text
 from policy.model import Endpoint
-from tests.agents import AgentProcess, CniBinary, rmtree, tempdir
-from tests.console import console_script
-from tests.netns import NamespaceSet, nsexec
+from netplugin.lab.agents import AgentProcess, CniBinary, rmtree, tempdir
+from netplugin.lab.console import console_script
+from netplugin.lab.netns import NamespaceSet, nsexec
 from tests.probes import assert_reachability, start_echo_server
 
 pytestmark = [pytest.mark.functional, pytest.mark.timeout(180)]
