@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 import netaddr
 
 from netplugin.errors import InvalidInput
-from netplugin.kernel.ipset import SET_FAMILY, SET_TYPE
+from netplugin.kernel.ipset import SET_FAMILY
 from netplugin.kernel.netfilter import PREFIX
 
 FAMILIES = (4, 6)

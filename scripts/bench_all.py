@@ -23,8 +23,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from netplugin.benchlib import machine, suite  # noqa: E402
-from netplugin.benchlib.cleanup import CleanupStack, Interrupted  # noqa: E402
+from netplugin.benchlib import machine, suite
+from netplugin.benchlib.cleanup import CleanupStack, Interrupted
 
 OUT_DIR = os.path.join(REPO, "docs", "benchmarks")
 STOP_GRACE_S = 60.0

@@ -34,14 +34,14 @@ from concurrent.futures import ThreadPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from netplugin.benchlib.churn import ChurnResult, check_limits, clean, proc_usage, render  # noqa: E402
-from netplugin.benchlib.cleanup import CleanupStack, Interrupted  # noqa: E402
-from netplugin.benchlib.neighbours import pin_neighbours  # noqa: E402
-from netplugin.benchlib.reach import stop  # noqa: E402
-from netplugin.dataplane.model import is_host_ifname  # noqa: E402
-from netplugin.errors import NetpluginError  # noqa: E402
-from netplugin.lab import Lab, LabSpec  # noqa: E402
-from netplugin.lab import system  # noqa: E402
+from netplugin.benchlib.churn import ChurnResult, check_limits, clean, proc_usage, render
+from netplugin.benchlib.cleanup import CleanupStack, Interrupted
+from netplugin.benchlib.neighbours import pin_neighbours
+from netplugin.benchlib.reach import stop
+from netplugin.dataplane.model import is_host_ifname
+from netplugin.errors import NetpluginError
+from netplugin.lab import Lab, LabSpec
+from netplugin.lab import system
 
 LAB_NAME = "churn"
 PROBE_RUNNER = f"import sys; sys.path.insert(0, {ROOT!r}); from netplugin.benchlib.reach import serve; " \
@@ -234,7 +234,8 @@ def leftovers(lab, ips):
 
 def main(argv=None):
     args = parse_args(argv)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
     began = time.monotonic()
     deadline = began + args.timeout
     # One bound on the whole run: SIGTERM to ourselves, which the cleanup stack turns into a clean exit.

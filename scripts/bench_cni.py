@@ -26,13 +26,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from netplugin.benchlib.stats import median, percentile  # noqa: E402
-from netplugin.config import EtcdConfig  # noqa: E402
-from netplugin.datastore.client import Datastore  # noqa: E402
-from netplugin.ipam.allocator import IPAM  # noqa: E402
-from netplugin.lab.agents import AgentProcess, CniBinary, rmtree, tempdir  # noqa: E402
-from netplugin.lab.etcd import EtcdServer  # noqa: E402
-from netplugin.lab.netns import NamespaceSet  # noqa: E402
+from netplugin.benchlib.stats import median, percentile
+from netplugin.config import EtcdConfig
+from netplugin.datastore.client import Datastore
+from netplugin.ipam.allocator import IPAM
+from netplugin.lab.agents import AgentProcess, CniBinary, rmtree, tempdir
+from netplugin.lab.etcd import EtcdServer
+from netplugin.lab.netns import NamespaceSet
 
 NP_POOL = "10.78.0.0/16"
 PTP_SUBNET = "10.79.0.0/16"

@@ -34,12 +34,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from netplugin.benchlib.neighbours import pin_neighbours  # noqa: E402
-from netplugin.benchlib.reach import stop  # noqa: E402
-from netplugin.benchlib.stats import percentile  # noqa: E402
-from netplugin.errors import NetpluginError  # noqa: E402
-from netplugin.lab import Lab, LabSpec  # noqa: E402
-from netplugin.lab import system  # noqa: E402
+from netplugin.benchlib.neighbours import pin_neighbours
+from netplugin.benchlib.reach import stop
+from netplugin.benchlib.stats import percentile
+from netplugin.errors import NetpluginError
+from netplugin.lab import Lab, LabSpec
+from netplugin.lab import system
 
 PROBER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "netplugin", "lab", "prober.py")
 BLOCK_PREFIX = 26  # the pool's default block size

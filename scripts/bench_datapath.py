@@ -28,14 +28,14 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from netplugin.benchlib import datapath_metrics, datapath_report, machine, stats, tools  # noqa: E402
-from netplugin.benchlib.cleanup import CleanupStack, Interrupted  # noqa: E402
-from netplugin.benchlib.datapath_paths import (BUILDERS, Testbed, build_host, build_netplugin,  # noqa: E402
+from netplugin.benchlib import datapath_metrics, datapath_report, machine, stats, tools
+from netplugin.benchlib.cleanup import CleanupStack, Interrupted
+from netplugin.benchlib.datapath_paths import (BUILDERS, Testbed, build_host, build_netplugin,
                                                build_ptp, log)
-from netplugin.benchlib.datapath_states import (DIAG_STATE_IDS, DIAG_STATES, ct_mark_hits,  # noqa: E402
+from netplugin.benchlib.datapath_states import (DIAG_STATE_IDS, DIAG_STATES, ct_mark_hits,
                                                 flowtable_support)
-from netplugin.benchlib.markdown import fmt_num  # noqa: E402
-from netplugin.errors import NetpluginError  # noqa: E402
+from netplugin.benchlib.markdown import fmt_num
+from netplugin.errors import NetpluginError
 
 MAX_CONSECUTIVE_FAILURES = 4
 NCPU = len(os.sched_getaffinity(0))

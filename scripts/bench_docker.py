@@ -30,10 +30,10 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from netplugin.benchlib import stats  # noqa: E402
-from netplugin.lab.dockerd import DOCKER, IMAGE, DockerHost  # noqa: E402
-from netplugin.lab.etcd import EtcdServer  # noqa: E402
-from netplugin.lab.netns import NamespaceSet, nsexec  # noqa: E402
+from netplugin.benchlib import stats
+from netplugin.lab.dockerd import DOCKER, IMAGE, DockerHost
+from netplugin.lab.etcd import EtcdServer
+from netplugin.lab.netns import NamespaceSet, nsexec
 
 HOST_ADDRESS = "10.99.0.1"
 DEFAULT_GATEWAY = "172.17.0.1"  # docker0: the host as default-bridge containers see it

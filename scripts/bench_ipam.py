@@ -18,11 +18,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from netplugin.benchlib.stats import median, percentile  # noqa: E402
-from netplugin.config import EtcdConfig  # noqa: E402
-from netplugin.datastore.client import Datastore  # noqa: E402
-from netplugin.ipam.allocator import IPAM  # noqa: E402
-from netplugin.lab.etcd import EtcdServer  # noqa: E402
+from netplugin.benchlib.stats import median, percentile
+from netplugin.config import EtcdConfig
+from netplugin.datastore.client import Datastore
+from netplugin.ipam.allocator import IPAM
+from netplugin.lab.etcd import EtcdServer
 
 POOL = "10.128.0.0/16"
 PHASE_TIMEOUT = 120.0

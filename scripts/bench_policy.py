@@ -42,12 +42,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from netplugin.benchlib.policy_bench import PolicyBench  # noqa: E402
-from netplugin.benchlib.stats import median, percentile  # noqa: E402
-from netplugin.errors import NetpluginError  # noqa: E402
-from netplugin.lab import Lab, LabSpec, system  # noqa: E402
-from netplugin.lab.netns import stop_process  # noqa: E402
-from policy.compiler import policy_chain  # noqa: E402
+from netplugin.benchlib.policy_bench import PolicyBench
+from netplugin.benchlib.stats import median, percentile
+from netplugin.errors import NetpluginError
+from netplugin.lab import Lab, LabSpec, system
+from netplugin.lab.netns import stop_process
+from policy.compiler import policy_chain
 
 POOL = "10.30.0.0/16"
 LINEAR = "bench-linear"  # not np-: the agent must neither own nor remove it

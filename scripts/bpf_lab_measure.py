@@ -17,10 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from netplugin.benchlib import stats, tools  # noqa: E402
-from netplugin.kernel.bpf import build, records  # noqa: E402
-from tests.bpflab import BLOCK, CONTAINER, FABRIC, TwoHostLab, mounted_bpffs  # noqa: E402
-from netplugin.lab.netns import NamespaceSet, nsexec, stop_process  # noqa: E402
+from netplugin.benchlib import stats, tools
+from netplugin.kernel.bpf import build, records
+from tests.bpflab import BLOCK, CONTAINER, FABRIC, TwoHostLab, mounted_bpffs
+from netplugin.lab.netns import NamespaceSet, nsexec, stop_process
 
 # BPF paths: (build variant, rules that never match placed before the allowing one)
 BPF_PATHS = {"redirect": ("noPolicy", 0), "bpf-flows": ("", 0), "bpf-policy": ("noFlows", 0),

@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from netplugin.lab.cli import main  # noqa: E402
+from netplugin.lab.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+.venv/bin/ruff check --quiet .   # the lint configured in pyproject.toml
 exec .venv/bin/python -m pytest -p no:cacheprovider -q -ra "$@"

@@ -66,7 +66,7 @@ def add(host_netns, spec, addrs) -> EndpointState:
     try:
         with netlink(host_netns) as hnl, netlink_fd(cont_fd, spec.netns) as cnl, ExitStack() as undo:
             host_msg, cont_msg, fresh = _find_or_create(hnl, cnl, name, spec, cont_fd, what, undo)
-            idx, peer = host_msg["index"], host_msg.get("link")
+            peer = host_msg.get("link")
             if cont_msg is None and ipv6:
                 cont_msg = cnl.link(index=peer)
             if cont_msg is not None:

@@ -18,7 +18,6 @@ The number of requests is ``NETPLUGIN_FUZZ_EXAMPLES`` (tests/faults/conftest.py)
 """
 import json
 import os
-import subprocess
 import time
 
 import netaddr

@@ -14,7 +14,7 @@ from tests.functional.test_secrets import auth_etcd  # noqa: F401 (fixture)
 pytestmark = pytest.mark.functional
 
 
-def test_agent_reads_its_config_file_and_flags_override_it(auth_etcd, namespaces, tmp_path):  # noqa: F811
+def test_agent_reads_its_config_file_and_flags_override_it(auth_etcd, namespaces, tmp_path):
     pw = tmp_path / "etcd-password"
     pw.write_text("pw-in-a-file\n")
     pw.chmod(0o600)

@@ -20,7 +20,7 @@ char LICENSE[] SEC("license") = "GPL";
 
 
 @pytest.mark.parametrize("variant", sorted(build.VARIANTS))
-def test_programs_compile_and_load(bpf_objects, bpffs, variant):  # noqa: F811
+def test_programs_compile_and_load(bpf_objects, bpffs, variant):
     pins = loader.load(bpf_objects[variant], bpffs / (variant or "default"))
     assert sorted(p.name for p in pins.progs.iterdir()) == ["from_container", "to_container"]
     for name in records.SIZES:
@@ -28,14 +28,14 @@ def test_programs_compile_and_load(bpf_objects, bpffs, variant):  # noqa: F811
             pass
 
 
-def test_load_is_idempotent(bpf_objects, bpffs):  # noqa: F811
+def test_load_is_idempotent(bpf_objects, bpffs):
     first = loader.load(bpf_objects[""], bpffs)
     before = sorted(p.stat().st_ino for p in first.progs.iterdir())
     second = loader.load(bpf_objects[""], bpffs)
     assert sorted(p.stat().st_ino for p in second.progs.iterdir()) == before
 
 
-def test_verifier_refusal_is_reported(tmp_path, bpffs):  # noqa: F811
+def test_verifier_refusal_is_reported(tmp_path, bpffs):
     src = tmp_path / "broken.c"
     src.write_text(BROKEN)
     obj = build.compile_one(src, tmp_path / "out")
@@ -51,6 +51,6 @@ def test_compile_error_names_the_source(tmp_path):
         build.compile_one(src, tmp_path / "out")
 
 
-def test_load_refuses_a_directory_off_bpffs(bpf_objects, tmp_path):  # noqa: F811
+def test_load_refuses_a_directory_off_bpffs(bpf_objects, tmp_path):
     with pytest.raises(loader.LoadError, match="not on a bpf filesystem"):
         loader.load(bpf_objects[""], tmp_path)

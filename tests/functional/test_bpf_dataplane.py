@@ -121,7 +121,7 @@ def reach(lab, src, dst, checks):
         server.wait()
 
 
-def test_bpf_forwarding_policy_spoofing_and_pins(lab, bpf_objects, bpffs):  # noqa: F811
+def test_bpf_forwarding_policy_spoofing_and_pins(lab, bpf_objects, bpffs):
     pins = load_in_child(lab, bpf_objects[""], bpffs)
 
     # the loader has exited: the programs are still attached and the maps still pinned and filled
@@ -153,7 +153,7 @@ def test_without_programs_the_forged_source_gets_through(lab):
     assert seen == {CONTAINER["a"][0], "10.252.1.99"}, seen
 
 
-def test_replies_ride_the_flow_and_new_flows_do_not(lab, bpf_objects, bpffs):  # noqa: F811
+def test_replies_ride_the_flow_and_new_flows_do_not(lab, bpf_objects, bpffs):
     """a denies all ingress, b allows a: a opens flows to b (the replies are the flow's), b cannot open one to a."""
     pins = lab.load(bpf_objects[""], bpffs)
     lab.program_endpoints(pins)
@@ -167,7 +167,7 @@ def test_replies_ride_the_flow_and_new_flows_do_not(lab, bpf_objects, bpffs):  #
                for f in flows), flows
 
 
-def test_established_flow_survives_a_policy_change_until_revoked(lab, bpf_objects, bpffs):  # noqa: F811
+def test_established_flow_survives_a_policy_change_until_revoked(lab, bpf_objects, bpffs):
     pins = lab.load(bpf_objects[""], bpffs)
     lab.program_endpoints(pins)
     for side in "ab":

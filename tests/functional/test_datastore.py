@@ -422,7 +422,8 @@ def _make_certs(d):
         sh("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
         sh("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
            "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext")
-    path = lambda f: os.path.join(d, f)  # noqa: E731
+    def path(f):
+        return os.path.join(d, f)
     return {"ca": path("ca.pem"), "server_cert": path("server.pem"), "server_key": path("server.key"),
             "cert": path("client.pem"), "key": path("client.key")}
 

@@ -23,7 +23,7 @@ PARTS = ("agent.log", "etcd.json", "iptables-save.txt", "ip6tables-save.txt", "i
          "health.json", "versions.txt")
 
 
-def test_diags_tarball_holds_every_part_and_no_secret(auth_etcd, namespaces, tmp_path):  # noqa: F811
+def test_diags_tarball_holds_every_part_and_no_secret(auth_etcd, namespaces, tmp_path):
     pw = tmp_path / "etcd-password"
     pw.write_text(ETCD_PASSWORD + "\n")
     pw.chmod(0o600)

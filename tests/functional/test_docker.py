@@ -7,7 +7,6 @@ host's would); ``test_docker_on_hosts_without_a_default_route`` has none, only l
 Traffic goes only between the test's own namespaces and containers.
 """
 import json
-import os
 import subprocess
 
 import netaddr

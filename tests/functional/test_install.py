@@ -54,7 +54,7 @@ def kernel(ns):
     out["ipsets"] = sorted(nsexec(ns, "ipset list -n").stdout.split())
     for fam in ("-4", "-6"):
         out[f"routes{fam}"] = sorted(nsexec(ns, f"ip {fam} route show table all").stdout.splitlines())
-    out["links"] = sorted(l.split(":")[1].strip().split("@")[0] for l in nsexec(ns, "ip -o link").stdout.splitlines())
+    out["links"] = sorted(line.split(":")[1].strip().split("@")[0] for line in nsexec(ns, "ip -o link").stdout.splitlines())
     return out
 
 
@@ -109,7 +109,7 @@ def test_install_agent_uninstall_leaves_files_tables_and_routes_as_they_were(etc
     # The agent leaves its state when it stops (containers keep working): uninstall is what removes it.
     assert any(":np-" in line for line in made["iptables-save"]), made["iptables-save"]
     assert any("proto 80" in r for r in made["routes-4"]), made["routes-4"]
-    assert any(l.startswith("np") for l in made["links"]), made["links"]
+    assert any(link.startswith("np") for link in made["links"]), made["links"]
     assert made != kernel_before
 
     bpffs = tmp_path / "bpf"  # a stand-in for the agent's bpffs directory (a plain one: pins are files in it)

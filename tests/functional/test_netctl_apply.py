@@ -200,7 +200,8 @@ def test_get_apply_get_round_trip(etcd, nodes, run, tmp_path):
 def test_get_kind_words_and_namespaces(etcd, nodes, run, fails, tmp_path):
     (tmp_path / "c.yaml").write_text(EVERY_KIND)
     run("apply", "-f", str(tmp_path / "c.yaml"))
-    names = lambda out: [d["metadata"]["name"] for d in yaml.safe_load(out)["items"]]  # noqa: E731
+    def names(out):
+        return [d["metadata"]["name"] for d in yaml.safe_load(out)["items"]]
     for word in ("policy", "policies", "Policy", "POLICIES", "pol"):
         assert names(run("get", word)) == ["deny-bad", "k8s.prod.web-allow"]
     for word in ("networkpolicy", "NetworkPolicies", "netpol"):

@@ -140,7 +140,7 @@ def test_podman_runs_a_container_on_a_netplugin_network_with_the_address_it_aske
     assert f"{NETWORK} netplugin" in listed
 
     cid = _run(podman, "web", "--ip", "10.74.0.77")
-    other = _run(podman, "db")
+    _run(podman, "db")
     inet = podman("exec", "web", "/bin/ip", "-o", "-4", "addr", "show", "dev", "eth0").stdout
     assert "inet 10.74.0.77/32" in inet, inet
     route = podman("exec", "web", "/bin/ip", "route").stdout

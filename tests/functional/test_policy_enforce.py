@@ -117,7 +117,7 @@ def iptables_rules(lab, family=4):
     """Our chains and hooks as iptables-save prints them, without counters."""
     save = "iptables-save" if family == 4 else "ip6tables-save"
     lines = nsexec(lab.host, [save, "-t", "filter"]).stdout.splitlines()
-    return [l for l in lines if re.match(r"^(:np-|-A np-|-A (INPUT|FORWARD|OUTPUT) .*np-)", l)]
+    return [line for line in lines if re.match(r"^(:np-|-A np-|-A (INPUT|FORWARD|OUTPUT) .*np-)", line)]
 
 
 def test_default_same_network_talks_other_networks_do_not(lab):
@@ -341,7 +341,7 @@ def test_failed_batch_leaves_previous_rules(lab, caplog):
         lab.dp.apply(bad)
     assert "line" in str(err.value) and "--dport 99999" in str(err.value)
     assert "the previous rules stay in force" in str(err.value)
-    failing = [l for l in err.value.details.splitlines() if l.startswith(">")]
+    failing = [line for line in err.value.details.splitlines() if line.startswith(">")]
     assert len(failing) == 1 and "99999" in failing[0]  # numbered context, failing line marked
     assert failing[0] in caplog.text
     assert iptables_rules(lab, 4) == before[4]

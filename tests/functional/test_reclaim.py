@@ -50,7 +50,7 @@ def under(ds, *prefixes):
 
 
 def test_dead_host_is_reclaimed_after_grace_and_live_host_is_untouched(etcd, ipam, lives):
-    live, dead = lives("live"), lives("dead")
+    live, _dead = lives("live"), lives("dead")  # the dead host beats until the test lets its lease lapse
     # The dead-to-be host: a block, a dual-stack handle, an endpoint record, and a leaked allocation (no handle).
     dead_addrs = [ipam.auto_assign(f"d{i}", "dead") for i in range(3)]
     ipam.auto_assign("d-v6", "dead", version=6)
@@ -62,7 +62,8 @@ def test_dead_host_is_reclaimed_after_grace_and_live_host_is_untouched(etcd, ipa
     block.next_seq += 1
     etcd.put(keys.block("10.10.0.0/26"), block.to_dict())
     # The live host: its own block, and one address borrowed inside the dead host's block.
-    live_addrs = [ipam.auto_assign(f"l{i}", "live") for i in range(2)]
+    for i in range(2):
+        ipam.auto_assign(f"l{i}", "live")
     borrowed = ipam.assign_ip("l-borrowed", "live", "10.10.0.50")
     assert all(a.startswith("10.10.0.") for a in dead_addrs) and borrowed == "10.10.0.50"
     live_keys = (keys.affinity_prefix("live"), keys.handle("l0"), keys.handle("l1"), keys.handle("l-borrowed"),

@@ -6,7 +6,7 @@ import json
 from click.testing import CliRunner
 
 from netplugin.cli.bgp_cmds import node_status
-from netplugin.routing.bird import BgpStatusRow, parse_protocols
+from netplugin.routing.bird import parse_protocols
 
 SAMPLE = """\
 BIRD 2.0.12 ready.

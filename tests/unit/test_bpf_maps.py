@@ -85,7 +85,7 @@ def test_lpm_policy_key_gives_the_longest_prefix():
         assert match(5, records.DIR_INGRESS, "fe80::1") is None
 
 
-def test_pin_and_reopen(bpffs):  # noqa: F811
+def test_pin_and_reopen(bpffs):
     with maps.Map.create(maps.MAP_HASH, 4, 8, 4, name="t_pin") as m:
         m.update(k(9), b"z" * 8)
         m.pin(bpffs / "t_pin")

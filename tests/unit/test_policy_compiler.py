@@ -139,7 +139,8 @@ def test_not_cidr_is_exact_and_whole_space_needs_no_set():
     rs = compile_ruleset([A], [], ps)
     [(name, members)] = sets_of(rs, "cidr").items()
     covered = {ipaddress.ip_network(m) for m in members}
-    inside = lambda ip: any(ipaddress.ip_address(ip) in n for n in covered)  # noqa: E731
+    def inside(ip):
+        return any(ipaddress.ip_address(ip) in n for n in covered)
     assert inside("10.0.0.1") and inside("10.255.0.1") and inside("10.1.2.5")
     assert not inside("10.1.0.1") and not inside("10.1.2.200") and not inside("11.0.0.1")
     pi = policy_chain("x", "Ingress")
