@@ -4,6 +4,7 @@ each bounded by TIMEOUT seconds. ``python -c SERVER TCP_PORTS UDP_PORT [LIFETIME
 (IPv4 and IPv6) and prints "ready"."""
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -94,25 +95,48 @@ def start_echo_server(netns, tcp_ports, udp_port, what):
     return proc
 
 
+class Pinger:
+    """``ping`` from ``netns`` every ``interval`` s: ``count`` echoes, or (None) until ``result()``, which is
+    (transmitted, received); ``output`` keeps ping's summary. The one ping-during-a-fault helper of the suites."""
+
+    def __init__(self, netns, address, interval=0.01, count=None):
+        self.interval, self.count, self.output = interval, count, ""
+        self.proc = subprocess.Popen(["ip", "netns", "exec", netns, "ping", "-q", "-n", "-i", str(interval), "-W", "1",
+                                      *(["-c", str(count)] if count else []), address],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def running(self):
+        return self.proc.poll() is None
+
+    def result(self, timeout=None):
+        if self.count is None:
+            assert self.running(), "ping ended early: the test proved nothing"
+            self.proc.send_signal(signal.SIGINT)  # ping prints its summary
+        self.output = self.proc.communicate(timeout=timeout or (self.count or 0) * self.interval + 30)[0]
+        m = re.search(r"(\d+) packets transmitted, (\d+) received", self.output)
+        assert m, self.output
+        return int(m.group(1)), int(m.group(2))
+
+    def stop(self):
+        if self.running():
+            self.proc.kill()
+            self.proc.wait()
+
+
 @contextmanager
 def steady_ping(netns, address, count, interval=0.01):
-    """``ping`` every ``interval`` s from ``netns`` while the block runs (a fault happens inside it); on exit the
-    yielded dict holds ``transmitted`` and ``received``. The block must end before the ping does, or the
-    measurement would not span the fault: that is asserted."""
-    proc = subprocess.Popen(["ip", "netns", "exec", netns, "ping", "-i", str(interval), "-c", str(count), "-W", "1",
-                             "-q", address], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    """``count`` pings ``interval`` s apart from ``netns`` while the block runs (a fault happens inside it); on exit
+    the yielded dict holds ``transmitted``, ``received`` and ``output``. The block must end before the ping does,
+    or the measurement would not span the fault: that is asserted."""
+    pinger = Pinger(netns, address, interval, count)
     result = {}
     try:
         yield result
-        assert proc.poll() is None, "the ping ended before the fault did: the measurement proved nothing"
-        out, _ = proc.communicate(timeout=count * interval + 30)
-        m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
-        assert m, out
-        result.update(transmitted=int(m.group(1)), received=int(m.group(2)), output=out)
+        assert pinger.running(), "the ping ended before the fault did: the measurement proved nothing"
+        sent, received = pinger.result()
+        result.update(transmitted=sent, received=received, output=pinger.output)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        pinger.stop()
 
 
 def pings_during(netns, dst, action, count=400, interval=0.01, lead=0.5):

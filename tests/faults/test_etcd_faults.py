@@ -22,7 +22,7 @@ from netplugin.lab.agents import AgentProcess, CniBinary
 from netplugin.lab.console import console_script
 from netplugin.lab.etcd import EtcdCluster, EtcdServer
 from netplugin.lab.netns import NamespaceSet, nsexec
-from tests.probes import assert_reachability, start_echo_server
+from tests.probes import Pinger, assert_reachability, start_echo_server
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.functional
@@ -39,27 +39,6 @@ spec:
   selector: {matchLabels: {app: web}}
   ingress: [{action: allow, protocol: icmp}]
 """
-
-
-class Pinger:
-    """``ping`` from a container every PING_INTERVAL until ``result()``: (sent, received)."""
-
-    def __init__(self, ns, address):
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, "ping", "-q", "-n", "-i", str(PING_INTERVAL),
-                                      "-W", "1", address], stdout=subprocess.PIPE, text=True)
-
-    def result(self):
-        assert self.proc.poll() is None, "ping ended early: the test proved nothing"
-        self.proc.send_signal(2)  # SIGINT: ping prints its summary
-        out = self.proc.communicate(timeout=10)[0]
-        m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
-        assert m, out
-        return int(m.group(1)), int(m.group(2))
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 class Rig:
@@ -106,7 +85,7 @@ class Rig:
     def ping(self, ns, address):
         wait_until(f"{ns} to reach {address}",
                    lambda: nsexec(ns, f"ping -c1 -W0.3 {address}", check=False).returncode == 0, 10)
-        p = Pinger(ns, address)
+        p = Pinger(ns, address, PING_INTERVAL)
         self.pingers.append(p)
         return p
 

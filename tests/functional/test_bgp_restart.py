@@ -5,7 +5,6 @@ A restart is watched the way an operator would: ``ip monitor route`` in the peer
 namespaces records every route deleted, and a container pings one behind the restarting host every 20 ms.
 """
 import os
-import re
 import signal
 import subprocess
 import time
@@ -17,6 +16,7 @@ from netplugin.agent.routing import RECHECK_INTERVAL
 from netplugin.lab import Lab, LabSpec, system
 from netplugin.lab.netns import nsexec
 from netplugin.routing.bird import BirdError, BirdProcess, birdc
+from tests.probes import Pinger
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.functional
@@ -91,27 +91,6 @@ class RouteMonitor:
             return [line.strip() for line in f if line.startswith("Deleted")]
 
 
-class Pinger:
-    """A container pinging an address every PING_INTERVAL seconds for ``seconds``; ``result()`` is (sent, received)."""
-
-    def __init__(self, lab, src, address, seconds):
-        count = int(seconds / PING_INTERVAL)
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", system.check_ns(lab.container(src)["netns"]), "ping", "-q", "-n", "-i",
-             str(PING_INTERVAL), "-c", str(count), "-W", "1", address], stdout=subprocess.PIPE, text=True)
-
-    def result(self, timeout=60):
-        out = self.proc.communicate(timeout=timeout)[0]
-        m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
-        assert m, out
-        return int(m.group(1)), int(m.group(2))
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
 def bird_pid(lab, host):
     try:
         with open(os.path.join(lab.plan.host(host).run_dir, "bird", "bird.pid")) as f:
@@ -133,7 +112,8 @@ def assert_restart_withdraws_nothing(lab, tmp_path, restart, seconds=6):
     """Run ``restart()`` on h3 while h1c0 pings h3c0; no route may leave h1, h2 or h3, hardly a ping may be lost,
     and h3's sessions must come back."""
     with RouteMonitor(lab, ("h1", "h2", "h3"), str(tmp_path)) as mon:
-        pinger = Pinger(lab, "h1c0", lab.container("h3c0")["ip"], seconds)
+        pinger = Pinger(system.check_ns(lab.container("h1c0")["netns"]), lab.container("h3c0")["ip"],
+                        PING_INTERVAL, int(seconds / PING_INTERVAL))
         try:
             time.sleep(0.5)
             restart()
