@@ -11,6 +11,7 @@ import time
 from contextlib import contextmanager
 
 from netplugin.lab.netns import nsexec
+from netplugin.lab.system import ns_argv
 
 SERVER = r"""
 import socket, sys, threading
@@ -88,8 +89,8 @@ def assert_reachability(netns, src, checks, ip_of, timeout):
 def start_echo_server(netns, tcp_ports, udp_port, what):
     """The SERVER script in ``netns``, echoing on ``tcp_ports`` and ``udp_port``; returns once it is ready.
     The caller kills the process (it is not bounded in time)."""
-    proc = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", SERVER,
-                             ",".join(map(str, tcp_ports)), str(udp_port)],
+    proc = subprocess.Popen(ns_argv(netns, [sys.executable, "-c", SERVER, ",".join(map(str, tcp_ports)),
+                                            str(udp_port)]),
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout.readline().strip() == "ready", f"server in {what} did not start"
     return proc
@@ -101,8 +102,8 @@ class Pinger:
 
     def __init__(self, netns, address, interval=0.01, count=None):
         self.interval, self.count, self.output = interval, count, ""
-        self.proc = subprocess.Popen(["ip", "netns", "exec", netns, "ping", "-q", "-n", "-i", str(interval), "-W", "1",
-                                      *(["-c", str(count)] if count else []), address],
+        self.proc = subprocess.Popen(ns_argv(netns, ["ping", "-q", "-n", "-i", str(interval), "-W", "1",
+                                                     *(["-c", str(count)] if count else []), address]),
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def running(self):

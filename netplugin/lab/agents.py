@@ -12,6 +12,7 @@ import time
 
 from netplugin.lab.console import console_script
 from netplugin.lab.netns import stop_process
+from netplugin.lab.system import ns_argv
 
 
 def agent_argv(hostname, etcd_endpoints, run_dir, routing, extra_args=(), program=None):
@@ -43,8 +44,8 @@ class AgentProcess:
         os.makedirs(self.run_dir, exist_ok=True)
         if os.path.exists(self.socket):
             os.unlink(self.socket)
-        cmd = ["ip", "netns", "exec", self.netns] + agent_argv(self.hostname, [self.etcd_endpoint], self.run_dir,
-                                                               "none", self.extra_args)
+        cmd = ns_argv(self.netns, agent_argv(self.hostname, [self.etcd_endpoint], self.run_dir, "none",
+                                             self.extra_args))
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout

@@ -21,7 +21,7 @@ import urllib.request
 
 from netplugin.lab import system
 from netplugin.lab.netns import stop_process
-from netplugin.lab.system import LabError
+from netplugin.lab.system import LabError, ns_argv
 
 HOST = "127.0.0.1"
 LAB_PROGRESS_INTERVAL = "3s"  # keeps a quiet watch from reaching the agents' read deadline (datastore/watch.py)
@@ -100,7 +100,7 @@ class EtcdServer:
         if self.progress_interval:
             cmd += ["--experimental-watch-progress-notify-interval", self.progress_interval]
         if self.netns:
-            cmd = ["ip", "netns", "exec", self.netns] + cmd
+            cmd = ns_argv(self.netns, cmd)
         with open(os.path.join(self.data_dir, "etcd.log"), "a") as log:
             try:
                 self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -189,15 +189,15 @@ class EtcdServer:
         """Make ``self.endpoint`` (127.0.0.1:port) work inside ``netns`` too: socat there forwards to our unix
         socket. Waits until the bridge answers; returns its Popen."""
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", netns, "socat",
-             f"TCP-LISTEN:{self.port},bind={HOST},reuseaddr,fork", f"UNIX-CONNECT:{self.unix_socket}"],
+            ns_argv(netns, ["socat", f"TCP-LISTEN:{self.port},bind={HOST},reuseaddr,fork",
+                            f"UNIX-CONNECT:{self.unix_socket}"]),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=self.detached)
         self.bridges.append(proc)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            probe = subprocess.run(["ip", "netns", "exec", netns, "socat", "-u", "OPEN:/dev/null",
-                                    f"TCP:{HOST}:{self.port}"], capture_output=True)
+            probe = subprocess.run(ns_argv(netns, ["socat", "-u", "OPEN:/dev/null", f"TCP:{HOST}:{self.port}"]),
+                                   capture_output=True)
             if probe.returncode == 0:
                 return proc
             time.sleep(0.05)

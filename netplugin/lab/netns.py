@@ -11,7 +11,7 @@ import signal
 import subprocess
 import uuid
 
-from netplugin.lab.system import LabError
+from netplugin.lab.system import LabError, ns_argv
 
 
 class CommandFailed(LabError):
@@ -51,7 +51,7 @@ def kill_pids(pids):
 def nsexec(ns, cmd, check=True, **kw):
     """Run a command inside a namespace made by a test or a benchmark."""
     args = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
-    return run(["ip", "netns", "exec", ns] + args, check=check, **kw)
+    return run(ns_argv(ns, args), check=check, **kw)
 
 
 def unique(prefix="npt"):

@@ -39,9 +39,16 @@ def check_ns(ns):
     return ns
 
 
+def ns_argv(ns, args):
+    """argv that runs ``args`` in namespace ``ns``: the one way the lab, the benchmarks and the tests enter one.
+    Unlike the agent's ``nsenter --net`` (netplugin/kernel/netns.py), ``ip netns exec`` also mounts the
+    namespace's own /sys, so a lab or test command sees /sys/class/net as an operator inside that namespace would."""
+    return ["ip", "netns", "exec", ns, *args]
+
+
 def in_ns(ns, args):
     """``args`` run inside lab namespace ``ns``."""
-    return ["ip", "netns", "exec", check_ns(ns)] + list(args)
+    return ns_argv(check_ns(ns), args)
 
 
 def ns_run(ns, args, what, **kw):
