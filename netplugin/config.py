@@ -81,3 +81,4 @@ class AgentConfig:
     docker_socket: str | None = None  # where the libnetwork plugin listens; None = do not serve Docker
     docker_api: str | None = None  # dockerd's API socket, to read container labels on Join
     docker_gc_interval: float = 60.0  # seconds between collections of endpoints Docker lost (0: none)
+    metrics_listen: str | None = None  # ADDR:PORT of /metrics, /livez and /readyz; None = not served

@@ -11,7 +11,8 @@ fi
 APT_PACKAGES=(etcd-server etcd-client bird2 ipset iptables iproute2 socat iputils-ping netcat-openbsd tcpdump
               docker.io podman containernetworking-plugins busybox-static iperf3 sockperf nftables python3-venv
               python3-pip golang-go golang-github-appc-cni-dev  # these two: tests build a libcni runtime (tests/libcni)
-              clang llvm libbpf-dev bpftool)  # the eBPF dataplane's tc programs (netplugin/kernel/bpf)
+              clang llvm libbpf-dev bpftool  # the eBPF dataplane's tc programs (netplugin/kernel/bpf)
+              prometheus)  # tests/functional/test_metrics.py scrapes the agents' metrics listeners
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

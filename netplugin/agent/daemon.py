@@ -28,6 +28,7 @@ import time
 
 from netplugin import loops
 from netplugin.agent.locked import LockedService
+from netplugin.agent.metrics import Metrics, StateCollector, WatchLag
 from netplugin.agent.rwlock import RWLock
 from netplugin.agent.view import EVERYTHING, ViewCache
 from netplugin.datastore import keys
@@ -60,9 +61,12 @@ class Agent:
         self.ipam = IPAM(self.ds)
         self.dataplane = dataplane or iptables_backend(config.mtu)
         self.host_lock = RWLock()
+        self.metrics = Metrics()  # this agent's registry and instruments, handed to the parts that observe
+        self.metrics.registry.register(StateCollector(self))
+        self.watch_lag = WatchLag(self.metrics.watch_lag_seconds)
         self.service = LockedService(EndpointService(self.ds, self.ipam, self.dataplane, self.host, config.mtu),
                                      self.host_lock, self.wait_for_sync, config.policy_setup_timeout,
-                                     self._endpoint_revision, self.sync_trouble)
+                                     self._endpoint_revision, self.sync_trouble, self.metrics)
         self.nodes = NodeRegistry(self.ds)
         self.liveness = Liveness(self.ds, self.host, config.liveness_ttl)
         self.election = Election(self.ds, "reclaimer", self.host, config.liveness_ttl)
@@ -99,6 +103,7 @@ class Agent:
         """Build and start everything. While etcd does not answer, wait and retry (one line per attempt) rather
         than exit: at a cluster's start-up etcd is often busy or not there yet. Returns early if stopped."""
         os.makedirs(self.config.run_dir, mode=0o700, exist_ok=True)
+        self._serve_ops()  # first: /readyz answers (false) while start-up waits for etcd
         self._until_etcd_answers("register node", self._register_node)
         if self._stop.is_set():
             return
@@ -203,6 +208,13 @@ class Agent:
         self._serve_unix(create_cni_app(self.service, self.status, self.health),
                          os.path.join(self.config.run_dir, "agent.sock"), "cni-api")
 
+    def _serve_ops(self):
+        """``/metrics``, ``/livez`` and ``/readyz`` on ``--metrics-listen`` (off without it)."""
+        listen = getattr(self.config, "metrics_listen", None)
+        if listen:
+            from netplugin.agent.ops_http import OpsServer
+            self._servers.append(OpsServer(listen, self.metrics.registry, self.health).start())
+
     def _serve_docker(self):
         from netplugin.docker.app import create_docker_app
         from netplugin.docker.driver import build_driver
@@ -269,7 +281,9 @@ class Agent:
             sync = {"passes": self.sync_count, "recent_ok": list(self._passes), "last_errors": dict(self._pass_errors),
                     "running_for_s": None if began is None else round(now - began, 3),
                     "last_finished_s_ago": None if ended is None else round(now - ended, 3)}
+        dead = sorted(t.name for t in self._threads if not t.is_alive()) if not self._stop.is_set() else []
         return {"ok": not problems, "host": self.host, "problems": problems, "loops": loops_now, "sync": sync,
+                "threads_dead": dead, "metrics_listen": getattr(c, "metrics_listen", None),
                 "leader": self.leading, "skipped_records": self.cache.skipped.snapshot(),
                 "skipped_total": self.cache.skipped.total,
                 "watch": {"reconnects": getattr(self.watch, "reconnects", None)}, "reports": reports}
@@ -280,16 +294,18 @@ class Agent:
         from netplugin.agent.reconcilers import build_reconcilers
         from netplugin.agent.routing import RoutingReconciler
         c = self.config
-        routing = RoutingReconciler.for_mode(self.host, c.routing, c.run_dir) if c.routing in ("bgp", "direct") \
-            else None
-        return build_reconcilers(c, self.dataplane, self.service, self.host_lock, routing)
+        routing = RoutingReconciler.for_mode(self.host, c.routing, c.run_dir, self.metrics) \
+            if c.routing in ("bgp", "direct") else None
+        return build_reconcilers(c, self.dataplane, self.service, self.host_lock, routing, self.metrics)
 
     def _on_events(self, events):
+        self.watch_lag.received(max(e.kv.mod_revision for e in events))
         if self.cache.add_events(events):
             self._dirty.set()
 
     def _on_resync(self):
         revision = self.ds.revision()
+        self.metrics.fallbacks.labels("watch_resync").inc()
         self.cache.invalidate(revision)
         self._dirty.set()
         return revision
@@ -310,6 +326,7 @@ class Agent:
             return revision
         except Exception as e:
             errors = {"view": loops.describe(e)}
+            self.metrics.error("sync.view", e)
             raise
         finally:
             with self._sync_cond:
@@ -339,8 +356,11 @@ class Agent:
     def _sync_pass(self, started, full, want=0):
         if want and not full:
             # The watch normally delivers our own write within milliseconds; reading everything is the fallback.
-            self.cache.wait_seen(want, WATCH_LAG)
+            if not self.cache.wait_seen(want, WATCH_LAG):
+                self.metrics.fallbacks.labels("etcd_read").inc()
+        clock = self.metrics.sync_clock()
         view, changes = self.cache.view(reload=full or want is None, min_revision=want or 0)
+        clock.mark("read")
         errors = {}
         for r in self.reconcilers:
             part = type(r).__name__
@@ -349,6 +369,7 @@ class Agent:
                 self._failed.discard(r)
                 self._logged.pop(part, None)
             except Exception as e:  # noqa: BLE001 - one part failing never stops the others
+                self.metrics.error(f"sync.{part}", e)
                 self._failed.add(r)
                 errors[part] = why = loops.describe(e)
                 if isinstance(e, NetpluginError) or self._logged.get(part) == why:
@@ -356,8 +377,12 @@ class Agent:
                 else:  # a bug: its traceback once, then one line per repeat
                     LOG.exception("event=sync.failed part=%s error=%s", part, why)
                 self._logged[part] = why
+            finally:
+                clock.mark(part)
         self.last_view = view
         self.sync_count += 1
+        self.metrics.sync_seconds.labels(str(bool(full)).lower()).observe(time.monotonic() - started)
+        self.watch_lag.applied(view.revision)
         LOG.info("event=sync revision=%d full=%s took_ms=%.1f reload=%s changed=%d", view.revision, full,
                  (time.monotonic() - started) * 1000, changes.everything, len(changes.keys))
         return view.revision, errors
@@ -405,5 +430,6 @@ class Agent:
         if not self.leading:
             return
         report = self.reclaimer.run_once(budget=self._reclaim_budget(), still_leader=lambda: self.leading)
+        self.metrics.reclaimed.inc(sum(report["reclaimed"].values()))
         if report["reclaimed"] or report["waiting"] or report.get("truncated"):
             LOG.info("event=reclaim %s", report)

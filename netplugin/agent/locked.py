@@ -2,6 +2,7 @@
 with ADD waiting for policy to cover the new endpoint."""
 import logging
 
+from netplugin.agent.metrics import Metrics
 from netplugin.errors import NetpluginError, NotReady
 
 LOG = logging.getLogger(__name__)
@@ -17,8 +18,10 @@ class LockedService:
     new pod can lose its first packets).
     """
 
-    def __init__(self, service, lock, wait_for_sync=None, policy_wait=0.0, revision=None, trouble=None):
+    def __init__(self, service, lock, wait_for_sync=None, policy_wait=0.0, revision=None, trouble=None,
+                 metrics=None):
         self._service = service
+        self._metrics = metrics or Metrics()  # ADD/DEL phases and errors (netplugin/agent/metrics.py)
         self._lock = lock
         self._wait_for_sync = wait_for_sync
         self._policy_wait = policy_wait
@@ -60,14 +63,28 @@ class LockedService:
                 LOG.warning("event=policy.wait_timeout endpoint=%s after_s=%s", what, self._policy_wait)
 
     def add(self, req):
-        with self._lock.shared():
-            ep = self._service.add(req)
-        self.policy_ready(ep.id)
+        clock = self._metrics.clock("add")
+        try:
+            with self._lock.shared():
+                ep = self._service.add(req, clock=clock)
+            self.policy_ready(ep.id)
+        except Exception as e:
+            self._metrics.error("add", e)
+            raise
+        clock.mark("policy_wait")
+        clock.done()
         return ep
 
     def delete(self, *args, **kw):
-        with self._lock.shared():
-            return self._service.delete(*args, **kw)
+        clock = self._metrics.clock("del")
+        try:
+            with self._lock.shared():
+                released = self._service.delete(*args, clock=clock, **kw)
+        except Exception as e:
+            self._metrics.error("del", e)
+            raise
+        clock.done()
+        return released
 
     def join_docker(self, spec, network, labels, mtu=None):
         """Under the shared lock across "make the veth" and "put the record": the dataplane reconciler, which

@@ -70,11 +70,14 @@ def main():
               help="Seconds ADD waits for policy to cover a new container (0: return at once).")
 @click.option("--etcd-start-timeout", type=float, default=0.0, show_default=True,
               help="Seconds start-up waits for etcd to answer, retrying with back-off (0: until it does).")
+@click.option("--metrics-listen", default=None,
+              help="Serve Prometheus /metrics and the /livez and /readyz probes on ADDR:PORT (default: off).")
 @click.option("--log-level", default="INFO", show_default=True)
 def agent(hostname, etcd_endpoints, etcd_ca, etcd_cert, etcd_key, etcd_user, etcd_password,
           etcd_password_file, run_dir,
           node_address, node_address6, as_number, labels, mtu, routing, docker_socket, docker_api, liveness_ttl,
-          reclaim_grace, reclaim_interval, resync_interval, policy_setup_timeout, etcd_start_timeout, log_level):
+          reclaim_grace, reclaim_interval, resync_interval, policy_setup_timeout, etcd_start_timeout, metrics_listen,
+          log_level):
     """Run the per-host agent until SIGTERM."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Logfmt())
@@ -90,7 +93,7 @@ def agent(hostname, etcd_endpoints, etcd_ca, etcd_cert, etcd_key, etcd_user, etc
             labels=_labels(labels), mtu=mtu, routing=routing, docker_socket=docker_socket, docker_api=docker_api,
             liveness_ttl=liveness_ttl, reclaim_grace=reclaim_grace, reclaim_interval=reclaim_interval,
             resync_interval=resync_interval, policy_setup_timeout=policy_setup_timeout,
-            etcd_start_timeout=etcd_start_timeout)
+            etcd_start_timeout=etcd_start_timeout, metrics_listen=metrics_listen)
         the_agent = Agent(cfg)
         signal.signal(signal.SIGTERM, lambda *_: the_agent._stop.set())
         signal.signal(signal.SIGINT, lambda *_: the_agent._stop.set())

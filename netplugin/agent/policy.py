@@ -28,8 +28,9 @@ def policy_endpoint(ep):
 class PolicyReconciler:
     covers_new_endpoints = True  # ADD waits for this part: while it fails, a new pod would be cut off
 
-    def __init__(self, host, dataplane):
+    def __init__(self, host, dataplane, metrics=None):
         self.host = host
+        self.metrics = metrics  # netplugin.agent.metrics.Metrics, or None
         self.dataplane = dataplane  # a netplugin.dataplane.backend.Backend: apply_policy
         self._last = None
         self._parsed = {}        # name -> (stored document, its Selector, Policy or None if not parsed yet)
@@ -100,8 +101,10 @@ class PolicyReconciler:
             return
         diffs, timings = self.dataplane.apply_policy(ruleset, full=full)
         self._last = ruleset
+        timings = {"compile": compiled, **timings}
+        if self.metrics is not None:
+            self.metrics.policy_applied(timings)
         if diffs:
-            timings = {"compile": compiled, **timings}
             LOG.info("event=policy.applied changes=%d timings=%s", len(diffs),
                      {k: round(v * 1000, 1) for k, v in timings.items()})
 

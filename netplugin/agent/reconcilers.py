@@ -109,7 +109,7 @@ class RoutingGate:
             self.inner.sync(view, full=full)
 
 
-def build_reconcilers(config, dataplane, service, host_lock, routing=None):
+def build_reconcilers(config, dataplane, service, host_lock, routing=None, metrics=None):
     """The agent's reconcilers in the order a pass runs them; ``routing`` (a RoutingReconciler) only in bgp or
     direct mode. Each gets its collaborators, never the agent."""
     from netplugin.agent.nat import NatReconciler
@@ -117,6 +117,6 @@ def build_reconcilers(config, dataplane, service, host_lock, routing=None):
     parts = [DataplaneReconciler(config.hostname, dataplane, service, host_lock)]
     if routing is not None:
         parts.append(RoutingGate(routing, config.hostname, config.routing))
-    parts.append(PolicyReconciler(config.hostname, dataplane))
+    parts.append(PolicyReconciler(config.hostname, dataplane, metrics))
     parts.append(NatReconciler(dataplane))
     return parts

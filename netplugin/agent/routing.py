@@ -28,6 +28,7 @@ from netplugin.routing.bird import BirdConfigWriter, BirdError, BirdProcess, bgp
 from netplugin.routing.bird_config import render_bird_config
 from netplugin.routing.direct import DirectRoutes
 from netplugin.routing.model import BgpNode, BgpPeer, BgpSettings, RoutingInput
+from netplugin.service.endpoints import PhaseClock
 
 LOG = logging.getLogger(__name__)
 
@@ -96,9 +97,10 @@ class RoutingReconciler:
     """bgp mode: ``bird`` (a BirdProcess) and ``writer`` (its BirdConfigWriter); direct mode: ``direct`` (the
     DirectRoutes writer). Built by the composition root (``for_mode``), which owns where BIRD runs."""
 
-    def __init__(self, host, mode, bird=None, writer=None, direct=None):
+    def __init__(self, host, mode, bird=None, writer=None, direct=None, metrics=None):
         self.host = host
         self.mode = mode
+        self.metrics = metrics  # netplugin.agent.metrics.Metrics, or None
         self.bird = bird
         self.writer = writer
         self.direct = direct
@@ -113,13 +115,13 @@ class RoutingReconciler:
         self._watcher = None
 
     @classmethod
-    def for_mode(cls, host, mode, run_dir):
+    def for_mode(cls, host, mode, run_dir, metrics=None):
         """The reconciler of ``mode`` (bgp or direct) for the namespace the agent runs in."""
         if mode == "bgp":
             bird = BirdProcess(os.path.join(run_dir, "bird"), netns=None)
-            return cls(host, mode, bird=bird, writer=BirdConfigWriter(bird))
+            return cls(host, mode, bird=bird, writer=BirdConfigWriter(bird), metrics=metrics)
         if mode == "direct":
-            return cls(host, mode, direct=DirectRoutes(netns=None))
+            return cls(host, mode, direct=DirectRoutes(netns=None), metrics=metrics)
         raise InvalidInput(f"no routing reconciler for routing mode {mode!r}")
 
     def sync(self, view, full=False):
@@ -153,8 +155,13 @@ class RoutingReconciler:
     def _sync_bgp(self, view, ask_bird):
         lease_less = lease_less_nodes(view, self.host)
         kept = self._established(view, lease_less)
+        clock = PhaseClock(self._observe)
         try:
-            changed = self.writer.apply(render_bird_config(routing_input(view, self.host, kept)))
+            text = render_bird_config(routing_input(view, self.host, kept))
+            clock.mark("render")
+            changed = self.writer.apply(text)
+            if changed:
+                clock.mark("reload")  # check with bird -p, rename, birdc configure
         except InvalidInput:
             if self._started:
                 self._ensure_bird(ask_bird, False)  # a dead BIRD comes back with the last good config
@@ -165,6 +172,10 @@ class RoutingReconciler:
                      ",".join(sorted(dropped)) or "-")
         self._kept, self._dropped = kept, dropped
         self._ensure_bird(ask_bird, changed)
+
+    def _observe(self, phase, seconds):
+        if self.metrics is not None:
+            self.metrics.bird_seconds.labels(phase).observe(seconds)
 
     def _ensure_bird(self, ask_bird, changed):
         dead = not self.bird.running() if ask_bird else self.bird.pid() is None

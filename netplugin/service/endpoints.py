@@ -96,8 +96,9 @@ class EndpointService:
 
     # --- whole workload -------------------------------------------------------------------------------------------
 
-    def add(self, req):
-        """Allocate, wire and record one container interface. Returns the Endpoint.
+    def add(self, req, clock=None):
+        """Allocate, wire and record one container interface. Returns the Endpoint. ``clock``: the caller's
+        PhaseClock, when it goes on timing phases after this one (the agent's policy wait).
 
         A repeated ADD (runtimes retry) converges what exists; if it fails, only what this call made is undone:
         the addresses the handle did not hold before, the veth pair if it did not exist. A working container
@@ -106,7 +107,7 @@ class EndpointService:
         if not req.netns:
             raise InvalidInput("no network namespace given for the container")
         ep_id = req.id()
-        clock = _PhaseClock()
+        clock = clock or PhaseClock()
         with contextlib.ExitStack() as undo:
             addresses, new = self._allocate(req)
             clock.mark("ipam")
@@ -139,9 +140,9 @@ class EndpointService:
         for address, seq in sorted(new.items()):
             self.ipam.release_address(address, seq)
 
-    def delete(self, ep_id, netns=None, ifname="eth0"):
+    def delete(self, ep_id, netns=None, ifname="eth0", clock=None):
         """Release, unwire, forget. Unknown endpoints are fine (DEL twice, or for a container never seen)."""
-        clock = _PhaseClock()
+        clock = clock or PhaseClock()
         released = self.ipam.release_handle(ep_id)
         clock.mark("ipam")
         kv = self.ds.get(keys.endpoint(self.host, ep_id))
@@ -211,18 +212,27 @@ class EndpointService:
                             mtu=ep.mtu or self.mtu)
 
 
-class _PhaseClock:
-    """Milliseconds spent in each phase of one ADD or DEL, logged as ``<phase>_ms=...`` (scripts/bench_cni.py
-    reads them to say where the time goes)."""
+class PhaseClock:
+    """Time spent in each phase of one ADD, DEL or sync pass, logged as ``<phase>_ms=...`` (scripts/bench_cni.py
+    reads them to say where the time goes) and, given ``on_phase(phase, seconds)`` and ``on_done(seconds)``,
+    fed to the agent's histograms (netplugin/agent/metrics.py): one timer for both."""
 
-    def __init__(self):
-        self._last = time.monotonic()
+    def __init__(self, on_phase=None, on_done=None):
+        self._began = self._last = time.monotonic()
         self.phases = []
+        self._on_phase, self._on_done = on_phase, on_done
 
     def mark(self, phase):
         now = time.monotonic()
         self.phases.append((phase, (now - self._last) * 1000))
+        if self._on_phase:
+            self._on_phase(phase, now - self._last)
         self._last = now
+
+    def done(self):
+        """The operation succeeded: observe its whole time."""
+        if self._on_done:
+            self._on_done(time.monotonic() - self._began)
 
     def __str__(self):
         return " ".join(f"{phase}_ms={ms:.1f}" for phase, ms in self.phases)
