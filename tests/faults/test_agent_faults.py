@@ -22,6 +22,7 @@ from netplugin.ipam.reclaim import check
 from netplugin.lab.agents import AgentProcess, CniBinary, rmtree, tempdir
 from netplugin.lab.etcd import EtcdServer
 from netplugin.lab.netns import nsexec
+from tests.nshttp import get as ns_get
 from tests.probes import pings_during
 from tests.waiting import poll, wait_until
 
@@ -118,7 +119,8 @@ def test_bird_killed_health_goes_false_then_true(etcd_server, etcd, namespaces):
     etcd_server.bridge_into(ns)
     nsexec(ns, "ip addr add 10.254.77.1/32 dev lo")
     agent = AgentProcess(ns, "birdhost", etcd_server.endpoint, os.path.join(run_dir, "run"),
-                         extra_args=["--routing", "bgp", "--node-address", "10.254.77.1"])
+                         extra_args=["--routing", "bgp", "--node-address", "10.254.77.1",
+                                     "--metrics-listen", "10.254.77.1:9469"])
     try:
         agent.start()
         wait_until("BIRD running and the agent healthy",
@@ -130,12 +132,16 @@ def test_bird_killed_health_goes_false_then_true(etcd_server, etcd, namespaces):
 
         def sample():
             answer = agent_health(agent.run_dir)
-            seen.append((time.monotonic() - killed, answer["ok"], answer["problems"]))
+            status, body = ns_get(ns, "10.254.77.1", 9469, "/readyz")
+            seen.append((time.monotonic() - killed, answer["ok"], answer["problems"], status, body))
             return seen[-1]
 
         down = wait_until("health false", lambda: not sample()[1] and sample(), timeout=5, step=0.01)
         assert any("BIRD is not running" in p for p in down[2]), down
+        wait_until("/readyz 503 too", lambda: sample()[3] == 503 and "BIRD is not running" in seen[-1][4],
+                   timeout=5, step=0.01)
         wait_until("health true again", lambda: sample()[1], timeout=10, step=0.02)
+        wait_until("/readyz 200 again", lambda: sample()[3] == 200, timeout=5, step=0.02)
         recovered = seen[-1][0]
         wait_until("a new BIRD's pid file", lambda: bird_pid(agent.run_dir) not in (None, pid), timeout=5)
         print(f"\nBIRD kill -9: health false {down[0]:.2f}s after the kill, true again after {recovered:.2f}s")
@@ -234,10 +240,15 @@ def test_etcd_unreachable_past_the_liveness_ttl_makes_health_false_until_it_answ
         server.start()
         ns = namespaces.add()
         server.bridge_into(ns)
+        nsexec(ns, "ip addr add 10.254.78.1/32 dev lo")
         agent = AgentProcess(ns, "cutoff", server.endpoint, str(tmp_path / "run"),
-                             extra_args=["--liveness-ttl", str(ttl)])
+                             extra_args=["--liveness-ttl", str(ttl), "--metrics-listen", "10.254.78.1:9469"])
         agent.start()
-        wait_until("healthy", lambda: agent_health(agent.run_dir)["ok"], timeout=10)
+
+        def readyz():
+            return ns_get(ns, "10.254.78.1", 9469, "/readyz")
+
+        wait_until("healthy", lambda: agent_health(agent.run_dir)["ok"] and readyz()[0] == 200, timeout=10)
         server.stop()
         stopped = time.monotonic()
         down = wait_until("health false", lambda: not agent_health(agent.run_dir)["ok"] and agent_health(agent.run_dir),
@@ -245,9 +256,13 @@ def test_etcd_unreachable_past_the_liveness_ttl_makes_health_false_until_it_answ
         false_after = time.monotonic() - stopped
         assert any("etcd unreachable" in p for p in down["problems"]), down
         assert false_after >= ttl * 0.9, f"unhealthy after {false_after:.1f}s: before the threshold"
+        status, body = readyz()
+        assert status == 503 and "etcd unreachable" in body, (status, body)
+        assert ns_get(ns, "10.254.78.1", 9469, "/livez")[0] == 200  # alive, just not ready
         server.start()
         back = time.monotonic()
         wait_until("healthy again", lambda: agent_health(agent.run_dir)["ok"], timeout=15, step=0.1)
+        wait_until("/readyz 200 again", lambda: readyz()[0] == 200, timeout=5, step=0.1)
         print(f"\netcd stopped: health false {false_after:.1f}s later (threshold {ttl}s); true again "
               f"{time.monotonic() - back:.1f}s after etcd answered")
     finally:
