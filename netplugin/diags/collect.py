@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -34,6 +35,8 @@ HOST_COMMANDS = {  # part -> command run in the host namespace
     "ip-rule-4.txt": ["ip", "-4", "rule"],
     "ip-rule-6.txt": ["ip", "-6", "rule"],
 }
+# Run in the host's namespace by the one namespace runner: print the body of a URL (exit 1 on failure).
+_FETCH = "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())"
 VERSIONS = {"bird": ["bird", "--version"], "iptables": ["iptables", "-V"], "ipset": ["ipset", "version"],
             "iproute2": ["ip", "-V"]}
 
@@ -82,7 +85,18 @@ class Collector:
         self.add("bird.conf", config)
 
     def health(self, run_dir):
-        self.add("health.json", lambda: json.dumps(redact_json(agent_health(run_dir), self.secrets), indent=2) + "\n")
+        """The agent's health answer and, when it names a metrics listener (``--metrics-listen``), a snapshot
+        of ``/metrics`` fetched from inside the host's namespace (the listener may be bound to an address only
+        that namespace reaches)."""
+        answer = {}
+
+        def health():
+            answer.update(agent_health(run_dir))
+            return json.dumps(redact_json(answer, self.secrets), indent=2) + "\n"
+        self.add("health.json", health)
+        listen = answer.get("metrics_listen")
+        if listen:
+            self.add("metrics.txt", lambda: self._run([sys.executable, "-c", _FETCH, f"http://{listen}/metrics"]))
 
     def logs(self, log_file, use_journal):
         if log_file:

@@ -20,7 +20,7 @@ ETCD_PASSWORD = "pw-in-a-file"
 BGP_PASSWORD = "bgp-Secret-42"
 PARTS = ("agent.log", "etcd.json", "iptables-save.txt", "ip6tables-save.txt", "ipset-list.txt", "ip-addr.txt",
          "ip-route-4.txt", "ip-route-6.txt", "ip-rule-4.txt", "ip-rule-6.txt", "bird-protocols.txt", "bird.conf",
-         "health.json", "versions.txt")
+         "health.json", "versions.txt", "metrics.txt")
 
 
 def test_diags_tarball_holds_every_part_and_no_secret(auth_etcd, namespaces, tmp_path):
@@ -45,7 +45,7 @@ def test_diags_tarball_holds_every_part_and_no_secret(auth_etcd, namespaces, tmp
     run_dir = str(tmp_path / "run")
     agent = AgentProcess(ns, ns, auth_etcd.endpoint, run_dir,
                          extra_args=["--etcd-user", "root", "--etcd-password-file", str(pw), "--routing", "bgp",
-                                     "--node-address", "10.96.0.1"])
+                                     "--node-address", "10.96.0.1", "--metrics-listen", "10.96.0.1:9469"])
     try:
         agent.start()
         conf = os.path.join(run_dir, "bird", "bird.conf")
@@ -71,6 +71,7 @@ def test_diags_tarball_holds_every_part_and_no_secret(auth_etcd, namespaces, tmp
     assert 'password "***"' in got["bird.conf"] and "10.96.0.254" in got["bird.conf"], got["bird.conf"]
     assert "np-" in got["iptables-save.txt"] and "BGP" in got["bird-protocols.txt"]
     assert json.loads(got["health.json"]).get("host") == ns
+    assert "netplugin_sync_seconds_count" in got["metrics.txt"], got["metrics.txt"][:500]
     assert got["versions.txt"].startswith("netplugin ") and "bird" in got["versions.txt"]
     assert "10.96.0.1" in got["ip-addr.txt"] and "Name: diag-probe" in got["ipset-list.txt"]
     for secret in (ETCD_PASSWORD, BGP_PASSWORD):
