@@ -255,6 +255,9 @@ class Agent:
         trouble = self.sync_trouble()
         if trouble:
             problems.append(f"sync: {trouble}")
+        dead = sorted(t.name for t in self._threads if not t.is_alive()) if not self._stop.is_set() else []
+        if dead:  # /livez answers from this too
+            problems.append(f"threads not running: {', '.join(dead)}")
         loops_now = self.progress.snapshot()
         limits = {"liveness": c.liveness_ttl, "election": 2 * c.liveness_ttl,
                   "reclaim": 2 * c.reclaim_interval + self._reclaim_budget() + c.liveness_ttl}
@@ -281,7 +284,6 @@ class Agent:
             sync = {"passes": self.sync_count, "recent_ok": list(self._passes), "last_errors": dict(self._pass_errors),
                     "running_for_s": None if began is None else round(now - began, 3),
                     "last_finished_s_ago": None if ended is None else round(now - ended, 3)}
-        dead = sorted(t.name for t in self._threads if not t.is_alive()) if not self._stop.is_set() else []
         return {"ok": not problems, "host": self.host, "problems": problems, "loops": loops_now, "sync": sync,
                 "threads_dead": dead, "metrics_listen": getattr(c, "metrics_listen", None),
                 "leader": self.leading, "skipped_records": self.cache.skipped.snapshot(),

@@ -134,7 +134,7 @@ class StateCollector:
             eps.add_metric(["cluster"], len(view.endpoints))
             yield eps
             yield GaugeMetricFamily("netplugin_policies", "Policies in the last synced view", len(view.policies))
-        yield GaugeMetricFamily("netplugin_skipped_records", "Records skipped as undecodable (now)",
+        yield GaugeMetricFamily("netplugin_skipped_records_current", "Records skipped as undecodable (now)",
                                 len(a.cache.skipped.snapshot()))
         yield _counter_family("netplugin_skipped_records_total", "Records skipped as undecodable, ever",
                               a.cache.skipped.total)
@@ -180,7 +180,11 @@ def _bgp_sessions(agent):
 
 
 def _ipam(agent):
+    """Blocks and free addresses per pool: one read of the blocks per scrape, skipped while the liveness beat
+    fails (etcd unreachable), so a scrape never waits out etcd's timeout."""
     from netplugin.errors import NetpluginError
+    if agent.progress.failures("liveness"):
+        return
     try:
         rows = agent.ipam.usage()
         pools = agent.ipam.list_pools()

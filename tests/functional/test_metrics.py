@@ -90,6 +90,11 @@ def test_add_histogram_after_containers_are_added(lab, prometheus):
     phases = value(prometheus, 'sum by (instance) (netplugin_cni_add_phase_seconds_count{phase="ipam"})')
     assert len(p90) == 2 and all(0 < s < 30 for s in p90.values()), p90
     assert phases == counts, (phases, counts)
+    local = wait_until("2 local endpoints per agent", lambda: (lambda v: set(v.values()) == {2.0} and v)(
+        value(prometheus, 'netplugin_endpoints{scope="local"}')), timeout=10, step=0.5)
+    blocks = value(prometheus, "sum by (instance) (netplugin_ipam_blocks)")
+    print(f"\nlocal endpoints {local}, IPAM blocks {blocks}")
+    assert len(blocks) == 2 and all(n >= 2 for n in blocks.values()), blocks  # h1's and h2's blocks at least
     print(f"\nADD count per agent {counts}; p90 {p90}")
 
 
