@@ -61,8 +61,8 @@ class Metrics:
         self.reclaimed = Counter("netplugin_reclaimed_addresses_total", "Addresses reclaimed from dead hosts",
                                  registry=r)
         self.fallbacks = Counter("netplugin_fallbacks_total",
-                                 "Slow paths taken: policy_read_back (an incremental batch failed), watch_resync"
-                                 " (the watch lost history), etcd_read (the watch was late for a wanted revision)",
+                                 "Slow paths taken: watch_resync (the watch lost history and the view is read"
+                                 " again), etcd_read (the watch was late for a revision ADD waits for)",
                                  ["kind"], registry=r)
 
     def clock(self, op):
