@@ -36,7 +36,7 @@ class Metrics:
             return Histogram(name, doc, labels, registry=r, buckets=BUCKETS)
 
         self.op_seconds = {
-            "add": hist("netplugin_cni_add_seconds", "Whole ADD (CNI or Docker), policy wait included"),
+            "add": hist("netplugin_cni_add_seconds", "Whole CNI ADD, policy wait included (Docker Join is not timed here)"),
             "del": hist("netplugin_cni_del_seconds", "Whole DEL"),
         }
         self.op_phase_seconds = {
