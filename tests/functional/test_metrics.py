@@ -13,7 +13,7 @@ import pytest
 from netplugin.errors import NetpluginError
 from netplugin.lab import Lab, LabSpec
 from netplugin.lab.netns import stop_process
-from tests.agents import rmtree, tempdir
+from netplugin.lab.agents import rmtree, tempdir
 from tests.nshttp import get, promql
 from tests.waiting import wait_until
 
