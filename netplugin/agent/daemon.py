@@ -66,7 +66,8 @@ class Agent:
         self.watch_lag = WatchLag(self.metrics.watch_lag_seconds)
         self.service = LockedService(EndpointService(self.ds, self.ipam, self.dataplane, self.host, config.mtu),
                                      self.host_lock, self.wait_for_sync, config.policy_setup_timeout,
-                                     self._endpoint_revision, self.sync_trouble, self.metrics)
+                                     self._endpoint_revision, self.sync_trouble, self.metrics,
+                                     install=self._install_policy, forget=self._forget_policy)
         self.nodes = NodeRegistry(self.ds)
         self.liveness = Liveness(self.ds, self.host, config.liveness_ttl)
         self.election = Election(self.ds, "reclaimer", self.host, config.liveness_ttl)
@@ -349,6 +350,19 @@ class Agent:
                 self._want_revision = max(self._want_revision, revision)
             self._dirty.set()
             return self._sync_cond.wait_for(lambda: self._sync_done >= target or self._stop.is_set(), timeout)
+
+    def _policy_part(self):
+        return next((r for r in self.reconcilers if callable(getattr(r, "install", None))), None)
+
+    def _install_policy(self, ep, revision):
+        """ADD's fast path (agent/policy.py install); False before the reconcilers exist."""
+        part = self._policy_part()
+        return part.install(ep, revision) if part else False
+
+    def _forget_policy(self, ep_id):
+        part = self._policy_part()
+        if part:
+            part.forget(ep_id)
 
     def _endpoint_revision(self, endpoint_id):
         """The store revision that recorded this host's endpoint, or None when it is not recorded."""

@@ -40,9 +40,11 @@ class Metrics:
             "del": hist("netplugin_cni_del_seconds", "Whole DEL"),
         }
         self.op_phase_seconds = {
-            "add": hist("netplugin_cni_add_phase_seconds", "One phase of ADD (ipam, dataplane, record, policy_wait)",
+            "add": hist("netplugin_cni_add_phase_seconds", "One phase of ADD (ipam, dataplane, record, policy_install"
+                        " or policy_wait)",
                         ["phase"]),
-            "del": hist("netplugin_cni_del_phase_seconds", "One phase of DEL (ipam, lookup, dataplane, record)",
+            "del": hist("netplugin_cni_del_phase_seconds", "One phase of DEL (lookup, ipam: the release with the"
+                        " record, dataplane)",
                         ["phase"]),
         }
         self.sync_seconds = hist("netplugin_sync_seconds", "One sync pass", ["full"])

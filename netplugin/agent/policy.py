@@ -4,8 +4,16 @@ Compilation is pure and cheap; the kernel is only written when the compiled rule
 resync, where the applier reads our chains and sets back and repairs any drift (someone flushing a chain).
 Event-driven syncs plan against what the applier last wrote instead of reading the kernel back: that read is
 most of a small change's cost, and drift is the full resync's job.
+
+ADD's fast path (``install``): the endpoint just recorded is compiled in with the last view this reconciler
+synced, and applied on the ADD thread, without waiting for the record to come back through the watch. The
+applier writes only what differs: the endpoint's set members, its two chains and the dispatch entries; every
+other chain is left alone. Until a view holds the record, each pass keeps compiling it in (``_fresh``), so the
+watch-driven pass that brings it finds the ruleset unchanged and runs no process (``stats["applies"]``).
+Concurrent ADDs share one apply: whoever holds the lock installs every endpoint waiting.
 """
 import logging
+import threading
 import time
 
 from netplugin.agent.view import EVERYTHING
@@ -37,6 +45,13 @@ class PolicyReconciler:
         self._compiled = (None, None)  # (inputs, Ruleset) of the last compilation
         self._converted = {}     # (host, endpoint id) -> (view record, its policy.model.Endpoint)
         self._invalid = {}       # name -> (stored document, why) of selected policies that do not validate
+        self._lock = threading.Lock()  # one writer of the ruleset: the sync thread or an ADD's install
+        self._view = None        # the last view a pass compiled (install compiles against it)
+        self._fresh = {}         # endpoint id -> (record, store revision of its put) not in a view yet
+        self._fresh_lock = threading.Lock()
+        self._compiling = {}     # the fresh records the last _ruleset compiled in
+        self._covered = {}       # endpoint id -> the fresh record the kernel's ruleset was compiled with
+        self.stats = {"applies": 0, "unchanged": 0, "installs": 0, "installed_by_other": 0}
 
     def _policies(self, view, local):
         """The policies that select a local endpoint, parsed and validated. Only those shape this host's rules,
@@ -73,19 +88,62 @@ class PolicyReconciler:
 
     def report(self):
         """For the agent's health answer: stored policies this host skipped because they do not validate."""
-        return {"invalid_policies": {name: why for name, (_, why) in sorted(self._invalid.items())}}
+        return {"invalid_policies": {name: why for name, (_, why) in sorted(self._invalid.items())},
+                "stats": dict(self.stats), "revision": self._view.revision if self._view else 0}
+
+    def install(self, ep, revision):
+        """ADD's fast path: make the kernel hold policy for ``ep`` (recorded at store ``revision``) now, from the
+        last synced view plus every endpoint waiting. False when there is no view yet (the caller waits for a
+        sync instead). Raises what the applier raises."""
+        with self._fresh_lock:
+            self._fresh[ep.id] = (ep, revision)
+        with self._lock:
+            if self._view is None:
+                return False
+            with self._fresh_lock:
+                waiting = self._fresh.get(ep.id)
+            if waiting is None or waiting[0] is not ep:
+                # A pass whose view holds the record took it over (or DEL forgot it, or a retry replaced it).
+                self.stats["installed_by_other"] += 1
+                return self._last is not None
+            if self._covered.get(ep.id) is ep:
+                self.stats["installed_by_other"] += 1
+                return True
+            self.stats["installs"] += 1
+            self._sync_locked(self._view, False, EVERYTHING)
+            return True
+
+    def forget(self, ep_id):
+        """DEL: an endpoint installed by ``install`` is not compiled in any more (its record is gone)."""
+        with self._fresh_lock:
+            self._fresh.pop(ep_id, None)
+
+    def _with_fresh(self, view):
+        """The view's endpoints plus the installed ones it does not hold yet; drops those a view now has (or
+        that a view at or past their revision lacks: deleted meanwhile)."""
+        with self._fresh_lock:
+            self._compiling = {}
+            if not self._fresh:
+                return view.endpoints
+            known = {(e.host, e.id) for e in view.endpoints}
+            for ep_id, (ep, revision) in list(self._fresh.items()):
+                if (ep.host, ep.id) in known or view.revision >= revision:
+                    del self._fresh[ep_id]
+            self._compiling = {ep.id: ep for ep, _ in self._fresh.values()}
+            return list(view.endpoints) + list(self._compiling.values())
 
     def _ruleset(self, view):
         """Compile, unless the inputs equal the last ones (the same Policy objects come back from the cache, so
         comparing is cheap): compiling thousands of CIDRs costs more than every other step of a resync."""
         converted = {}
-        for e in view.endpoints:
+        endpoints = self._with_fresh(view)
+        for e in endpoints:
             known = self._converted.get((e.host, e.id))
             # The view model hands back the same record object until its key changes: convert it once.
             converted[e.host, e.id] = known if known is not None and known[0] is e else (e, policy_endpoint(e))
         self._converted = converted
-        everyone = [converted[e.host, e.id][1] for e in view.endpoints]
-        local = [converted[e.host, e.id][1] for e in view.endpoints if e.host == self.host]
+        everyone = [converted[e.host, e.id][1] for e in endpoints]
+        local = [converted[e.host, e.id][1] for e in endpoints if e.host == self.host]
         inputs = (local, everyone, self._policies(view, local))
         if inputs != self._compiled[0]:
             self._compiled = (inputs, compile_ruleset(*inputs))
@@ -94,13 +152,23 @@ class PolicyReconciler:
     def sync(self, view, full=False, changes=EVERYTHING):
         if not full and not changes.touches(keys.ENDPOINTS, keys.POLICIES):
             return  # the ruleset depends on endpoints and policies only
+        with self._lock:
+            self._sync_locked(view, full, changes)
+
+    def _sync_locked(self, view, full, changes):
         started = time.monotonic()
         ruleset = self._ruleset(view)
+        self._view = view
         compiled = time.monotonic() - started
         if not full and ruleset == self._last:
+            self._covered = self._compiling
+            self.stats["unchanged"] += 1
+            LOG.debug("event=policy.unchanged revision=%d", view.revision)
             return
+        self._last = None  # unknown until this apply went through
         diffs, timings = self.dataplane.apply_policy(ruleset, full=full)
-        self._last = ruleset
+        self.stats["applies"] += 1
+        self._last, self._covered = ruleset, self._compiling
         timings = {"compile": compiled, **timings}
         if self.metrics is not None:
             self.metrics.policy_applied(timings)

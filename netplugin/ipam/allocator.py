@@ -295,19 +295,22 @@ class IPAM:
             self._handles.clear()
         self._handles[handle.handle] = (handle, revision)
 
-    def release_handle(self, handle_id, guard=()):
+    def release_handle(self, handle_id, guard=(), also=()):
         """Release every address of a handle in one transaction. Unknown handle: nothing to do, returns [].
 
         ``guard`` adds compares to the transaction (the reclaimer passes "the owner's liveness key is absent"):
-        if a guard fails the release is abandoned and Conflict raised, never half-done.
+        if a guard fails the release is abandoned and Conflict raised, never half-done. ``also`` adds operations
+        done in the same transaction (DEL removes the endpoint record with it), even when there is no handle.
         """
         hkey = keys.handle(handle_id)
         for attempt in range(MAX_ATTEMPTS):
             handle, hrev = self.get_handle(handle_id, cached=attempt == 0)
             self._handles.pop(handle_id, None)
             if handle is None:
+                if also and not self.ds.txn(list(guard), list(also)).succeeded:
+                    raise Conflict(f"release of {handle_id} abandoned: its guard no longer holds")
                 return []
-            compare, success = [mod_is(hkey, hrev)] + list(guard), [delete_op(hkey)]
+            compare, success = [mod_is(hkey, hrev)] + list(guard), [delete_op(hkey)] + list(also)
             touched = {}
             for addr, info in sorted(handle.addresses.items()):
                 cidr = info["block"]

@@ -4,7 +4,7 @@ ADD's critical path is one IPAM transaction, local netlink work and one endpoint
 lock across etcd round trips. Every step registers its undo first (STYLE.md #6), so a failure half-way leaves
 neither an allocation nor a veth nor a record behind; the undo covers only what that call made, so a failed
 repeated ADD leaves the working container it re-converged alone. DEL releases IPAM first and tolerates a missing
-link or namespace, so it is idempotent.
+link or namespace, so it is idempotent; it releases and forgets the record in one transaction.
 """
 import contextlib
 import logging
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import netaddr
 
 from netplugin.datastore import keys
+from netplugin.datastore.client import delete_op
 from netplugin.datastore.models import Endpoint, Network
 from netplugin.dataplane import EndpointSpec, GATEWAY_V4, GATEWAY_V6, host_ifname
 from netplugin.dataplane.undo import quietly
@@ -97,8 +98,12 @@ class EndpointService:
     # --- whole workload -------------------------------------------------------------------------------------------
 
     def add(self, req, clock=None):
-        """Allocate, wire and record one container interface. Returns the Endpoint. ``clock``: the caller's
-        PhaseClock, when it goes on timing phases after this one (the agent's policy wait).
+        return self.add_recorded(req, clock)[0]
+
+    def add_recorded(self, req, clock=None):
+        """Allocate, wire and record one container interface. Returns (the Endpoint, the store revision that
+        recorded it). ``clock``: the caller's PhaseClock, when it goes on timing phases after this one (the
+        agent's policy install or wait).
 
         A repeated ADD (runtimes retry) converges what exists; if it fails, only what this call made is undone:
         the addresses the handle did not hold before, the veth pair if it did not exist. A working container
@@ -123,12 +128,12 @@ class EndpointService:
                           netns=req.netns, ifname=req.ifname, host_ifname=state.host_ifname, addresses=addresses,
                           mac=state.mac, labels={**req.labels, NETWORK_LABEL: req.network}, handle=ep_id,
                           orchestrator=req.orchestrator, mtu=req.mtu)
-            self.ds.put(keys.endpoint(self.host, ep_id), ep.to_dict())
+            revision = self.ds.put(keys.endpoint(self.host, ep_id), ep.to_dict())
             clock.mark("record")
             undo.pop_all()
         LOG.info("endpoint added id=%s netns=%s addresses=%s host_if=%s %s", ep_id, req.netns, ",".join(addresses),
                  state.host_ifname, clock)
-        return ep
+        return ep, revision
 
     def _release_new(self, ep_id, new):
         """Undo of one ADD's allocation: the whole handle when it holds only what this call allocated (a fresh
@@ -143,18 +148,18 @@ class EndpointService:
     def delete(self, ep_id, netns=None, ifname="eth0", clock=None):
         """Release, unwire, forget. Unknown endpoints are fine (DEL twice, or for a container never seen)."""
         clock = clock or PhaseClock()
-        released = self.ipam.release_handle(ep_id)
-        clock.mark("ipam")
-        kv = self.ds.get(keys.endpoint(self.host, ep_id))
+        key = keys.endpoint(self.host, ep_id)
+        kv = self.ds.get(key)
         if kv:
             ep = Endpoint.from_dict(kv.value)
             netns, ifname = netns or ep.netns, ep.ifname or ifname
         clock.mark("lookup")
+        # One transaction releases the addresses and forgets the record; then the veth (record first, as in
+        # leave_docker: a reconcile in between deletes a veth no record names, never the reverse).
+        released = self.ipam.release_handle(ep_id, also=[delete_op(key)] if kv else ())
+        clock.mark("ipam")
         self.dataplane.remove_endpoint(ep_id, netns, ifname)
         clock.mark("dataplane")
-        if kv:
-            self.ds.delete(keys.endpoint(self.host, ep_id))
-        clock.mark("record")
         LOG.info("endpoint deleted id=%s released=%s %s", ep_id, ",".join(released) or "-", clock)
         return released
 

@@ -565,3 +565,62 @@ def test_policy_covers_a_container_when_add_returns(host, containers):
     rules = nsexec(host.ns, "iptables-save -t filter").stdout
     assert veth in rules, f"{veth} not in our chains right after ADD"
     assert pings(a, address(rb), count=1), "the first ping after ADD was lost"
+
+
+def _netctl(host, *args, stdin=None):
+    return subprocess.run([console_script("netctl"), "--etcd-endpoints", host.agent.etcd_endpoint, *args],
+                          input=stdin, capture_output=True, text=True, timeout=30)
+
+
+def _policy_stats(host):
+    from netplugin.diags.health import agent_health
+    report = agent_health(host.agent.run_dir)["reports"]["PolicyReconciler"]
+    return {**report["stats"], "revision": report["revision"]}
+
+
+def test_20_concurrent_adds_first_packet_passes_and_the_watch_sync_then_changes_nothing(host, containers):
+    """A policy selects the new containers (egress allowed only to the peer): each ADD installs its endpoint's
+    policy on the ADD path, so each container's first ping right after its ADD returns is answered; and once the
+    watch has brought every record back, the reconciler's passes found nothing to apply (no iptables-restore,
+    no ipset change)."""
+    peer, rpeer = containers.add(config=dict(host.cni.config, args={"labels": {"app": "peer"}}))
+    text = ("apiVersion: netplugin/v1\nkind: Policy\nmetadata: {name: burst-out}\nspec:\n"
+            "  selector: {matchLabels: {app: burst}}\n  types: [Egress]\n"
+            "  egress: [{action: allow, to: [{selector: {matchLabels: {app: peer}}}]}]\n")
+    p = _netctl(host, "policy", "apply", "-f", "-", stdin=text)
+    assert p.returncode == 0, p.stderr
+    try:
+        rev = host.ds.revision()
+        deadline = time.monotonic() + 10
+        while _policy_stats(host)["revision"] < rev:
+            assert time.monotonic() < deadline, "the agent did not sync the policy"
+            time.sleep(0.05)
+        config = dict(host.cni.config, args={"labels": {"app": "burst"}})
+        nss = [containers.new() for _ in range(20)]
+        before = _policy_stats(host)
+
+        def add_then_ping(ns):
+            _, result = containers.add(ns, config=config)
+            return address(result), pings(ns, address(rpeer), count=1)
+
+        with concurrent.futures.ThreadPoolExecutor(20) as pool:
+            outcomes = list(pool.map(add_then_ping, nss))
+        lost = [addr for addr, ok in outcomes if not ok]
+        assert not lost, f"first packet lost from {lost}\n{host.agent.log()[-3000:]}"
+        installed = _policy_stats(host)
+        assert installed["installs"] + installed["installed_by_other"] - before["installs"] \
+            - before["installed_by_other"] == 20, (before, installed)
+        # One more pass that must compile (a policy selecting nothing here), after the watch brought every record.
+        nothing = text.replace("burst-out", "selects-nothing").replace("app: burst", "app: nobody")
+        p = _netctl(host, "policy", "apply", "-f", "-", stdin=nothing)
+        assert p.returncode == 0, p.stderr
+        rev = host.ds.revision()
+        deadline = time.monotonic() + 10
+        while (after := _policy_stats(host))["revision"] < rev:
+            assert time.monotonic() < deadline, "the agent did not sync the new records"
+            time.sleep(0.05)
+        assert after["applies"] == installed["applies"], (installed, after)
+        assert after["unchanged"] > installed["unchanged"], (installed, after)
+    finally:
+        for name in ("burst-out", "selects-nothing"):
+            _netctl(host, "policy", "delete", name)
