@@ -557,8 +557,8 @@ def test_200_adds_20_at_a_time_then_200_dels_leave_nothing(host, containers):
 
 
 def test_policy_covers_a_container_when_add_returns(host, containers):
-    """ADD waits for a policy sync that knows the new veth (--policy-setup-timeout), so the very first packet
-    passes: right after ADD, the host veth is already in our dispatch chains and one ping answers at once."""
+    """ADD installs the new veth's policy before it returns (or waits, up to --policy-setup-timeout, for a sync
+    pass that knows it), so the very first packet passes: right after ADD, the host veth is already in our dispatch chains and one ping answers at once."""
     a, ra = containers.add()
     b, rb = containers.add()
     veth = host.endpoint(f"{host.cni.config['name']}.{b}.eth0")["host_ifname"]
