@@ -6,6 +6,7 @@ reclaimer starts the grace clock for that host.
 """
 import logging
 import socket
+import time
 
 from netplugin.datastore import keys
 from netplugin.datastore.models import Node
@@ -55,21 +56,33 @@ class NodeRegistry:
 
 
 class Liveness:
-    """Holds ``liveness/<host>`` on a lease; ``beat`` is called periodically (every ttl/3)."""
+    """Holds ``liveness/<host>`` on a lease; ``beat`` is called periodically (every ttl/3). The reclaimer
+    leadership's key rides on the same lease (netplugin.datastore.election)."""
 
     def __init__(self, datastore, host, ttl=10):
         self.ds = datastore
         self.host = host
         self.ttl = ttl
         self.lease = None
+        self._alive_until = 0.0  # monotonic: the lease lasts at least until then (from the last good beat)
 
     def renew(self):
         """Keep (or take anew) the lease and the key on it; raises NetpluginError when etcd does not answer."""
-        if self.lease and self.ds.refresh_lease(self.lease) > 0:
-            return
-        self.lease = self.ds.grant_lease(self.ttl)
-        self.ds.put(keys.liveness(self.host), {"host": self.host}, lease=self.lease)
+        sent = time.monotonic()
+        if self.lease:
+            ttl = self.ds.refresh_lease(self.lease)
+            if ttl > 0:
+                self._alive_until = sent + ttl
+                return
+        lease = self.ds.grant_lease(self.ttl)
+        self.ds.put(keys.liveness(self.host), {"host": self.host}, lease=lease)
+        self.lease, self._alive_until = lease, sent + self.ttl  # only once the key is on it
         LOG.info("liveness for %s held on lease %x", self.host, self.lease)
+
+    def holds(self, lease):
+        """``lease`` is ours and certainly alive for another third of the TTL: keys on it are still there
+        (a beat may be late by up to a third of the TTL before this turns False, well before the lease lapses)."""
+        return lease == self.lease and time.monotonic() < self._alive_until - self.ttl / 3.0
 
     def beat(self):
         """``renew``, logging a failure instead of raising; True when the key is held."""

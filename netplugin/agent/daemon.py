@@ -7,7 +7,9 @@ Threads:
   ClusterView from the in-memory model the watch keeps current (view.ViewCache; a full resync reads etcd again)
   and hands it, with what changed since the previous pass, to every reconciler (dataplane, routing, policy);
 - liveness: the lease beat every ttl/3, alone on its thread so nothing slow can make a live host look dead;
-- election: the reclaimer leadership refreshed every ttl/3 (its lease has the liveness TTL);
+- election: the reclaimer leadership, its key on the liveness lease (the beat keeps both). The leader checks each
+  beat without a request; the others campaign (one transaction) when the watch sees the key deleted, at start
+  and every CAMPAIGN_TTLS lease TTLs (jittered) in case an event was missed;
 - reclaim: as leader, reclamation of dead hosts every reclaim_interval, each pass bounded in time.
 Every loop runs through netplugin.loops.run_forever: no exception ends one, and ``health`` reports a loop that
 stopped making progress.
@@ -47,6 +49,7 @@ WATCH_LAG = 0.25  # seconds a pass waits for the watch to deliver a revision it 
 SYNC_FAILING_PASSES = 3  # this many failed passes in a row make the sync "failing" (see the module docstring)
 SYNC_BACKOFF = (0.5, 5.0)  # retry of a failed pass: soon, so that etcd coming back is noticed within seconds
 START_BACKOFF = (0.5, 10.0)  # start-up attempts while etcd does not answer
+CAMPAIGN_TTLS = 3  # lease TTLs between safety-net campaigns: a missed delete event delays a takeover by this much
 
 
 class Agent:
@@ -70,7 +73,7 @@ class Agent:
                                      install=self._install_policy, forget=self._forget_policy)
         self.nodes = NodeRegistry(self.ds)
         self.liveness = Liveness(self.ds, self.host, config.liveness_ttl)
-        self.election = Election(self.ds, "reclaimer", self.host, config.liveness_ttl)
+        self.election = Election(self.ds, "reclaimer", self.host, self.liveness)
         self.reclaimer = Reclaimer(self.ds, self.ipam, config.reclaim_grace)
         self.reconcilers = []  # objects with .sync(view, full, changes); the dataplane's is built in start()
         self.cache = ViewCache(self.ds)
@@ -89,6 +92,8 @@ class Agent:
         self.sync_count = 0
         self.progress = loops.Progress()
         self.leading = False  # this agent holds the reclaimer leadership (the election thread keeps it)
+        self._leader_gone = threading.Event()  # the watch saw the leader key deleted (or lost events): campaign
+        self._next_campaign = 0.0  # monotonic time of the next safety-net campaign
         self._started_at = time.monotonic()
         self._next_full = 0.0
         self._passes = collections.deque(maxlen=SYNC_FAILING_PASSES)  # True per recent pass that went well
@@ -127,10 +132,10 @@ class Agent:
         """One thread per loop, so a slow one (a reclaim pass listing every handle) never delays another."""
         c = self.config
         self._next_full = time.monotonic() + c.resync_interval * random.uniform(0.8, 1.0)
-        beat = max(0.2, c.liveness_ttl / 3.0)
+        beat = self._beat_s()
         self._loop("sync", self._sync_round, 0, backoff=SYNC_BACKOFF)
         self._loop("liveness", self._beat, beat, backoff=(beat, beat))
-        self._loop("election", self._campaign, beat, backoff=(beat, beat))
+        self._loop("election", self._campaign, 0, backoff=(beat, beat))
         self._loop("reclaim", self._reclaim_round, c.reclaim_interval)
 
     def _until_etcd_answers(self, what, fn):
@@ -157,6 +162,7 @@ class Agent:
         if self.docker is not None:
             self.docker.stop()
         self._dirty.set()
+        self._leader_gone.set()
         for server in self._servers:
             server.close()
         if self.watch:
@@ -303,6 +309,8 @@ class Agent:
 
     def _on_events(self, events):
         self.watch_lag.received(max(e.kv.mod_revision for e in events))
+        if any(e.kind == "delete" and e.kv.key == self.election.key for e in events):
+            self._leader_gone.set()
         if self.cache.add_events(events):
             self._dirty.set()
 
@@ -311,6 +319,7 @@ class Agent:
         self.metrics.fallbacks.labels("watch_resync").inc()
         self.cache.invalidate(revision)
         self._dirty.set()
+        self._leader_gone.set()  # events were lost: the leader key's delete may be among them
         return revision
 
     def sync(self, full=False):
@@ -433,10 +442,25 @@ class Agent:
         self.liveness.renew()
 
     def _campaign(self):
-        leading = self.election.campaign()
+        """One beat of the election loop; a transaction only when the leader key went (watch), when leading
+        lapsed, or when the safety-net campaign is due."""
+        now = time.monotonic()
+        if self._leader_gone.is_set() or now >= self._next_campaign or \
+                (self.leading and not self.election.still_leading()):
+            self._leader_gone.clear()
+            self.election.campaign()
+            ttl = self.config.liveness_ttl
+            self._next_campaign = now + (self._beat_s() if self.election.error else
+                                         CAMPAIGN_TTLS * ttl * random.uniform(0.8, 1.2))
+        leading = self.election.still_leading()
         if leading != self.leading:
             LOG.info("event=election.%s role=reclaimer host=%s", "won" if leading else "lost", self.host)
         self.leading = leading
+        self._leader_gone.wait(self._beat_s())
+        return 0
+
+    def _beat_s(self):
+        return max(0.2, self.config.liveness_ttl / 3.0)
 
     def _reclaim_budget(self):
         """Seconds one reclaim pass may take: it yields before its next release once past them."""
@@ -445,7 +469,7 @@ class Agent:
     def _reclaim_round(self):
         if not self.leading:
             return
-        report = self.reclaimer.run_once(budget=self._reclaim_budget(), still_leader=lambda: self.leading)
+        report = self.reclaimer.run_once(budget=self._reclaim_budget(), still_leader=self.election.still_leading)
         self.metrics.reclaimed.inc(sum(report["reclaimed"].values()))
         if report["reclaimed"] or report["waiting"] or report.get("truncated"):
             LOG.info("event=reclaim %s", report)

@@ -149,3 +149,62 @@ def test_an_agent_started_before_etcd_waits_then_serves(namespaces, tmp_path):
         if agent:
             agent.stop()
         server.close()
+
+
+def etcd_requests(endpoint):
+    """Requests etcd has answered so far (its /metrics ``grpc_server_handled_total``, every method but the
+    long-lived Watch; the HTTP gateway the agents use turns each call into one): (total, {method: count})."""
+    import urllib.request
+    with urllib.request.urlopen(endpoint + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    by_method = {}
+    for line in text.splitlines():
+        if line.startswith("grpc_server_handled_total{") and 'grpc_method="Watch"' not in line:
+            method = line.split('grpc_method="', 1)[1].split('"', 1)[0]
+            by_method[method] = by_method.get(method, 0) + float(line.rsplit(" ", 1)[1])
+    return sum(by_method.values()), by_method
+
+
+def test_an_idle_agent_costs_etcd_little_more_than_its_liveness_beat(etcd, etcd_server, host_factory):
+    args = ["--liveness-ttl", str(TTL), "--reclaim-interval", "30"]
+    a, b = host_factory(extra_args=args), host_factory(extra_args=args)
+    key = keys.leader("reclaimer")
+    wait_until("a reclaimer leader", lambda: etcd.get(key), timeout=10)
+    time.sleep(TTL)  # past the start-up requests
+    seconds = 6 * TTL
+    before, by_before = etcd_requests(etcd_server.endpoint)
+    time.sleep(seconds)
+    after, by_after = etcd_requests(etcd_server.endpoint)
+    rate = (after - before) / seconds / 2
+    by = {m: round((by_after[m] - by_before.get(m, 0)) / seconds / 2, 3) for m in by_after
+          if by_after[m] != by_before.get(m, 0)}
+    beat = 1 / (TTL / 3.0)  # one lease keep-alive per beat is the floor: liveness must be refreshed
+    print(f"\nidle etcd requests per agent: {rate:.2f}/s (one keep-alive per beat: {beat:.2f}/s) {by}")
+    assert etcd.get(key).value["holder"] in (a.hostname, b.hostname)
+    # Two keep-alives and a campaign per beat (the old loops) are three requests a beat per agent.
+    assert rate < 1.35 * beat, by
+
+
+def test_a_killed_leaders_successor_takes_over_within_the_lease_ttl(etcd, host_factory):
+    args = ["--liveness-ttl", str(TTL), "--reclaim-interval", "30"]
+    agents = {x.hostname: x for x in (host_factory(extra_args=args), host_factory(extra_args=args))}
+    key = keys.leader("reclaimer")
+    wait_until("a reclaimer leader", lambda: etcd.get(key), timeout=10)
+    leader = etcd.get(key).value["holder"]
+    killed_at = time.monotonic()
+    agents[leader].proc.kill()  # -9: no lease revoked, no goodbye
+    agents[leader].proc.wait()
+    gone = taken = None
+    while time.monotonic() < killed_at + 3 * TTL and taken is None:
+        kv = etcd.get(key)
+        if kv is None and gone is None:
+            gone = time.monotonic()
+        if kv is not None and kv.value["holder"] != leader:
+            taken = time.monotonic()
+        time.sleep(0.05)
+    assert taken is not None, agents[leader].log()
+    print(f"\nleader killed; its key lapsed after {(gone or taken) - killed_at:.2f}s, successor leading after "
+          f"{taken - killed_at:.2f}s (TTL {TTL}s)")
+    # The lease runs its course (at most TTL after the last beat), then the watch's delete event wakes the other.
+    assert taken - killed_at < TTL + 1.0
+    assert taken - (gone or taken) < 0.35  # the old loops waited for their next beat (up to TTL/3)

@@ -17,6 +17,7 @@ from netplugin.datastore.election import Election
 from netplugin.datastore.watch import PrefixWatch
 from netplugin.errors import DatastoreUnavailable
 from netplugin.lab.etcd import EtcdServer, free_port
+from netplugin.nodes import Liveness
 from tests.waiting import poll
 
 pytestmark = pytest.mark.functional
@@ -158,16 +159,21 @@ def test_lease_expires_without_keepalive(etcd):
     assert poll(lambda: etcd.get(A) is None, timeout=8)
 
 
-def test_election_one_leader_until_its_lease_ends_or_lapses(etcd):
-    a, b = Election(etcd, "reclaimer", "a", ttl=2), Election(etcd, "reclaimer", "b", ttl=2)
+def test_election_one_leader_until_its_liveness_lease_ends_or_lapses(etcd):
+    live_a, live_b = Liveness(etcd, "a", ttl=2), Liveness(etcd, "b", ttl=2)
+    a, b = Election(etcd, "reclaimer", "a", live_a), Election(etcd, "reclaimer", "b", live_b)
+    assert live_a.beat() and live_b.beat()
     assert a.campaign() and not b.campaign()
     assert a.campaign() and not b.campaign()  # leading is sticky while the lease is kept alive
+    assert a.still_leading() and not b.still_leading()
     assert etcd.get(keys.leader("reclaimer")).value == {"holder": "a"}
-    etcd.revoke_lease(a.lease)  # a's lease ends (revoked, as by an operator or etcd's lease expiry)
+    etcd.revoke_lease(live_a.lease)  # a's lease ends (revoked, as by an operator or etcd's lease expiry)
     assert b.campaign() and not a.campaign()
-    b.lease = None  # b "dies": it stops refreshing; its lease lapses after the TTL
-    assert poll(lambda: a.campaign(), timeout=8)
-    etcd.revoke_lease(a.lease)
+    assert live_a.beat() and not a.still_leading()  # a fresh liveness lease does not bring the leadership back
+    # b "dies": it beats no more; its lease lapses after the TTL, and with it its leadership
+    assert poll(lambda: live_a.beat() and a.campaign(), timeout=8)
+    assert not b.still_leading()
+    etcd.revoke_lease(live_a.lease)
 
 
 # --- watches ---------------------------------------------------------------------------------------------------
