@@ -9,7 +9,8 @@ prober (one long-lived process per host namespace, netplugin/lab/prober.py) star
 Only the first container on a host claims a new address block, so only those ADDs wait for BGP (or direct
 routes) to carry a new route; later containers fall inside a block every host already routes. The table reports
 both kinds separately, and how much of the time passed after the ADD had returned (the rest is the ADD itself).
-It also gives the resident memory of the agent and of BIRD per host. The hosts' neighbours on the fabric are pinned
+It also gives the resident memory of the agent and of BIRD per host, and, once the containers are up, the etcd
+requests per second per agent while nothing happens (--idle seconds; the liveness beat and the election). The hosts' neighbours on the fabric are pinned
 as permanent ARP entries first (``pin_neighbours``: the lab's hosts share one kernel's ARP table, which overflows
 at 50 hosts); ``--dynamic-neighbours`` measures without that.
 
@@ -39,6 +40,7 @@ from netplugin.benchlib.reach import stop
 from netplugin.benchlib.stats import percentile
 from netplugin.errors import NetpluginError
 from netplugin.lab import Lab, LabSpec
+from netplugin.lab.etcd import requests_served
 from netplugin.lab import system
 
 PROBER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "netplugin", "lab", "prober.py")
@@ -227,7 +229,16 @@ def _slug(label):
     return "".join(c if c.isalnum() else "-" for c in label).strip("-")
 
 
-def run_scenario(sc, containers, probe_timeout, budget, log, profile_dir=None, pin=True):
+def idle_requests(lab, seconds):
+    """etcd requests per second per agent over ``seconds`` in which nobody starts anything (all members)."""
+    def total():
+        return sum(sum(requests_served(ep).values()) for ep in lab.endpoints)
+    before, t0 = total(), time.monotonic()
+    time.sleep(seconds)
+    return (total() - before) / (time.monotonic() - t0) / len(lab.live_hosts())
+
+
+def run_scenario(sc, containers, probe_timeout, budget, log, profile_dir=None, pin=True, idle_s=0.0):
     name = f"bench{sc['hosts']}"
     if Lab.exists(name):
         Lab.destroy(name)
@@ -276,11 +287,12 @@ def run_scenario(sc, containers, probe_timeout, budget, log, profile_dir=None, p
             (conv_new if new_block else conv_old).append(c)
         if profile:
             log(profile.report(profile_dir, sc["label"]))
+        idle = idle_requests(lab, idle_s) if idle_s > 0 else None
         agent_kib, bird_kib = memory(lab)
         return {"label": sc["label"], "hosts": sc["hosts"], "containers": containers, "up_s": up_s,
                 "add": adds, "conv": conv, "after_add": after_add, "conv_new": conv_new, "conv_old": conv_old,
                 "failures": failures,
-                "agent_kib": agent_kib, "bird_kib": bird_kib, "sessions": _sessions(lab)}
+                "agent_kib": agent_kib, "bird_kib": bird_kib, "sessions": _sessions(lab), "idle_rps": idle}
     finally:
         if probers:
             probers.close()
@@ -310,7 +322,7 @@ def table(results):
     head = ["scenario", "BGP sessions", "lab up (s)", "ADD p50/p99 (ms)", "pingable p50/p99 (ms)",
             "after ADD returned p50/p99 (ms)",
             "new block p50/max (ms) [n]", "in block p50/p99 (ms) [n]", "unreached",
-            "agent RSS mean/max (MiB)", "BIRD RSS mean/max (MiB)"]
+            "agent RSS mean/max (MiB)", "BIRD RSS mean/max (MiB)", "etcd req/s per agent, idle"]
     rows = []
     for r in results:
         rows.append([
@@ -323,6 +335,7 @@ def table(results):
             f"{r['failures']}/{r['containers']}",
             f"{mib(r['agent_kib'], statistics.mean)} / {mib(r['agent_kib'], max)}",
             f"{mib(r['bird_kib'], statistics.mean)} / {mib(r['bird_kib'], max)}",
+            "-" if r["idle_rps"] is None else f"{r['idle_rps']:.2f}",
         ])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -339,6 +352,8 @@ def main(argv=None):
     p.add_argument("--dynamic-neighbours", action="store_true",
                    help="Do not pin the fabric's ARP entries (see pin_neighbours: past ~10 hosts with containers the "
                         "shared kernel's ARP table overflows and convergence measures ARP retries).")
+    p.add_argument("--idle", type=float, default=30.0, metavar="SECONDS",
+                   help="After the containers, count etcd's requests this long with nothing happening (0: skip).")
     p.add_argument("--profile", metavar="DIR", help="Write where CPU went during the container phase to DIR.")
     args = p.parse_args(argv)
     scenarios = args.scenario or [parse_scenario(s) for s in ("mesh:5", "mesh:20", "rr:50:2")]
@@ -359,7 +374,7 @@ def main(argv=None):
             log(f"{sc['label']}:")
             try:
                 results.append(run_scenario(sc, args.containers, args.probe_timeout, args.scenario_timeout, log,
-                                            args.profile, pin=not args.dynamic_neighbours))
+                                            args.profile, pin=not args.dynamic_neighbours, idle_s=args.idle))
             except (NetpluginError, ScenarioTimeout, RuntimeError) as e:
                 log(f"  failed: {getattr(e, 'msg', e)}")
     except KeyboardInterrupt:

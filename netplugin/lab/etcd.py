@@ -27,6 +27,19 @@ HOST = "127.0.0.1"
 LAB_PROGRESS_INTERVAL = "3s"  # keeps a quiet watch from reaching the agents' read deadline (datastore/watch.py)
 
 
+def requests_served(endpoint, timeout=5.0):
+    """{method: count} of the requests one etcd member has answered (its /metrics ``grpc_server_handled_total``,
+    every code), the long-lived Watch left out: each HTTP gateway call an agent makes counts once."""
+    with urllib.request.urlopen(endpoint + "/metrics", timeout=timeout) as r:
+        text = r.read().decode()
+    by_method = {}
+    for line in text.splitlines():
+        if line.startswith("grpc_server_handled_total{") and 'grpc_method="Watch"' not in line:
+            method = line.split('grpc_method="', 1)[1].split('"', 1)[0]
+            by_method[method] = by_method.get(method, 0) + float(line.rsplit(" ", 1)[1])
+    return by_method
+
+
 def free_port():
     with socket.socket() as s:
         s.bind((HOST, 0))

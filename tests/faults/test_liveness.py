@@ -15,6 +15,7 @@ from netplugin.config import AgentConfig, EtcdConfig
 from netplugin.datastore import keys
 from netplugin.ipam.allocator import IPAM
 from netplugin.ipam.reclaim import Reclaimer, check
+from netplugin.lab.etcd import requests_served
 from netplugin.nodes import Liveness
 from netplugin.lab.agents import AgentProcess, CniBinary
 from netplugin.lab.etcd import EtcdServer
@@ -151,20 +152,6 @@ def test_an_agent_started_before_etcd_waits_then_serves(namespaces, tmp_path):
         server.close()
 
 
-def etcd_requests(endpoint):
-    """Requests etcd has answered so far (its /metrics ``grpc_server_handled_total``, every method but the
-    long-lived Watch; the HTTP gateway the agents use turns each call into one): (total, {method: count})."""
-    import urllib.request
-    with urllib.request.urlopen(endpoint + "/metrics", timeout=5) as r:
-        text = r.read().decode()
-    by_method = {}
-    for line in text.splitlines():
-        if line.startswith("grpc_server_handled_total{") and 'grpc_method="Watch"' not in line:
-            method = line.split('grpc_method="', 1)[1].split('"', 1)[0]
-            by_method[method] = by_method.get(method, 0) + float(line.rsplit(" ", 1)[1])
-    return sum(by_method.values()), by_method
-
-
 def test_an_idle_agent_costs_etcd_little_more_than_its_liveness_beat(etcd, etcd_server, host_factory):
     args = ["--liveness-ttl", str(TTL), "--reclaim-interval", "30"]
     a, b = host_factory(extra_args=args), host_factory(extra_args=args)
@@ -172,10 +159,10 @@ def test_an_idle_agent_costs_etcd_little_more_than_its_liveness_beat(etcd, etcd_
     wait_until("a reclaimer leader", lambda: etcd.get(key), timeout=10)
     time.sleep(TTL)  # past the start-up requests
     seconds = 6 * TTL
-    before, by_before = etcd_requests(etcd_server.endpoint)
+    by_before = requests_served(etcd_server.endpoint)
     time.sleep(seconds)
-    after, by_after = etcd_requests(etcd_server.endpoint)
-    rate = (after - before) / seconds / 2
+    by_after = requests_served(etcd_server.endpoint)
+    rate = (sum(by_after.values()) - sum(by_before.values())) / seconds / 2
     by = {m: round((by_after[m] - by_before.get(m, 0)) / seconds / 2, 3) for m in by_after
           if by_after[m] != by_before.get(m, 0)}
     beat = 1 / (TTL / 3.0)  # one lease keep-alive per beat is the floor: liveness must be refreshed
