@@ -82,3 +82,6 @@ class AgentConfig:
     docker_api: str | None = None  # dockerd's API socket, to read container labels on Join
     docker_gc_interval: float = 60.0  # seconds between collections of endpoints Docker lost (0: none)
     metrics_listen: str | None = None  # ADDR:PORT of /metrics, /livez and /readyz; None = not served
+    dataplane: str = "iptables"  # iptables | bpf (falls back to iptables, in one log line, if the host can't)
+    bpffs: str = "/sys/fs/bpf/netplugin"  # where the bpf dataplane pins its programs and maps
+    bpf_objects: str | None = None  # the built BPF objects' directory; None: build/bpf beside the source

@@ -10,6 +10,8 @@ from policy.applier import PolicyDataplane
 
 
 class IptablesBackend:
+    name = "iptables"  # what health reports as the active dataplane
+
     def __init__(self, endpoints: Dataplane, policy: PolicyDataplane, nat: NatOutgoing):
         self.endpoints = endpoints  # veths, host routes, blackholes, host sysctls, anti-spoofing
         self.policy = policy  # the filter table and ipsets

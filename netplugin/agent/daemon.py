@@ -57,12 +57,16 @@ class Agent:
     (netplugin.dataplane.backend.Backend), today's iptables one unless another is given."""
 
     def __init__(self, config, dataplane=None):
-        from netplugin.agent.backend import iptables_backend
+        from netplugin.agent.bpf_backend import select_backend
         self.config = config
         self.host = config.hostname
         self.ds = Datastore(config.etcd)
         self.ipam = IPAM(self.ds)
-        self.dataplane = dataplane or iptables_backend(config.mtu)
+        if dataplane is None:
+            dataplane, self.dataplane_name, self.dataplane_reason = select_backend(config)
+        else:
+            self.dataplane_name, self.dataplane_reason = getattr(dataplane, "name", "iptables"), "given by the caller"
+        self.dataplane = dataplane
         self.host_lock = RWLock()
         self.metrics = Metrics()  # this agent's registry and instruments, handed to the parts that observe
         self.metrics.registry.register(StateCollector(self))
@@ -293,6 +297,7 @@ class Agent:
                     "last_finished_s_ago": None if ended is None else round(now - ended, 3)}
         return {"ok": not problems, "host": self.host, "problems": problems, "loops": loops_now, "sync": sync,
                 "threads_dead": dead, "metrics_listen": getattr(c, "metrics_listen", None),
+                "dataplane": {"active": self.dataplane_name, "reason": self.dataplane_reason},
                 "leader": self.leading, "skipped_records": self.cache.skipped.snapshot(),
                 "skipped_total": self.cache.skipped.total,
                 "watch": {"reconnects": getattr(self.watch, "reconnects", None)}, "reports": reports}

@@ -72,12 +72,18 @@ def main():
               help="Seconds start-up waits for etcd to answer, retrying with back-off (0: until it does).")
 @click.option("--metrics-listen", default=None,
               help="Serve Prometheus /metrics and the /livez and /readyz probes on ADDR:PORT (default: off).")
+@click.option("--dataplane", type=click.Choice(["iptables", "bpf"]), default="iptables", show_default=True,
+              help="bpf: tc programs for anti-spoofing and redirects (iptables if the host cannot run them).")
+@click.option("--bpffs", default="/sys/fs/bpf/netplugin", show_default=True,
+              help="Directory on a bpf filesystem for the bpf dataplane's pinned programs and maps.")
+@click.option("--bpf-objects", envvar="NETPLUGIN_BPF_OBJECTS", default=None,
+              help="Directory of the built BPF objects (default: build/bpf beside the source).")
 @click.option("--log-level", default="INFO", show_default=True)
 def agent(hostname, etcd_endpoints, etcd_ca, etcd_cert, etcd_key, etcd_user, etcd_password,
           etcd_password_file, run_dir,
           node_address, node_address6, as_number, labels, mtu, routing, docker_socket, docker_api, liveness_ttl,
           reclaim_grace, reclaim_interval, resync_interval, policy_setup_timeout, etcd_start_timeout, metrics_listen,
-          log_level):
+          dataplane, bpffs, bpf_objects, log_level):
     """Run the per-host agent until SIGTERM."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Logfmt())
@@ -93,7 +99,8 @@ def agent(hostname, etcd_endpoints, etcd_ca, etcd_cert, etcd_key, etcd_user, etc
             labels=_labels(labels), mtu=mtu, routing=routing, docker_socket=docker_socket, docker_api=docker_api,
             liveness_ttl=liveness_ttl, reclaim_grace=reclaim_grace, reclaim_interval=reclaim_interval,
             resync_interval=resync_interval, policy_setup_timeout=policy_setup_timeout,
-            etcd_start_timeout=etcd_start_timeout, metrics_listen=metrics_listen)
+            etcd_start_timeout=etcd_start_timeout, metrics_listen=metrics_listen, dataplane=dataplane,
+            bpffs=bpffs, bpf_objects=bpf_objects)
         the_agent = Agent(cfg)
         signal.signal(signal.SIGTERM, lambda *_: the_agent._stop.set())
         signal.signal(signal.SIGINT, lambda *_: the_agent._stop.set())

@@ -47,6 +47,9 @@ def format_health(answer):
     """Plain lines for people: the verdict, problems, loops, skipped records, reconciler reports."""
     lines = [f"host {answer.get('host', '?')}: {'healthy' if answer.get('ok') else 'NOT HEALTHY'}"]
     lines += [f"  problem: {p}" for p in answer.get("problems") or ()]
+    dp = answer.get("dataplane")
+    if dp:
+        lines.append(f"dataplane: {dp.get('active')} ({dp.get('reason')})")
     loops = answer.get("loops") or {}
     if loops:
         lines.append("loops (seconds since the last good round, failures in a row):")

@@ -2,7 +2,10 @@
 second backend (eBPF) can be checked against the same list and the agent never needs more than it names."""
 import inspect
 
+import pytest
+
 from netplugin.agent.backend import IptablesBackend
+from netplugin.agent.bpf_backend import BpfBackend
 from netplugin.dataplane.backend import Backend
 
 
@@ -16,11 +19,13 @@ def test_the_interface_names_the_jobs_the_agent_has():
         "remove_docker_endpoint", "check_endpoint", "reconcile", "apply_policy", "set_nat_outgoing"}
 
 
-def test_iptables_backend_implements_every_method_with_the_same_parameters():
-    backend = IptablesBackend(None, None, None)
+@pytest.mark.parametrize("cls", [IptablesBackend, BpfBackend])
+def test_each_backend_implements_every_method_with_the_same_parameters(cls):
+    backend = IptablesBackend(None, None, None) if cls is IptablesBackend \
+        else BpfBackend(IptablesBackend(None, None, None), None)
     assert isinstance(backend, Backend)
     for name, fn in _methods(Backend).items():
-        mine = getattr(IptablesBackend, name)
+        mine = getattr(cls, name)
         assert list(inspect.signature(mine).parameters) == list(inspect.signature(fn).parameters), name
 
 
