@@ -82,7 +82,7 @@ def spoofed(host, ifindex):
 
 
 def test_the_agent_says_it_runs_bpf_and_programs_every_endpoint(bpf_host, containers):
-    assert "event=dataplane.selected dataplane=bpf" in bpf_host.agent.log()
+    assert "event=dataplane.selected dataplane=bpf" in bpf_host.agent.log_text()
     a, ra = containers.add()
     b, rb = containers.add()
     assert pings_within(a, address(rb), 5) and pings_within(b, address(ra), 5)
@@ -140,7 +140,7 @@ def test_bpf_without_objects_falls_back_in_one_line(etcd_server):
                              extra_args=["--dataplane", "bpf", "--bpffs", os.path.join(workdir, "pins"),
                                          "--bpf-objects", empty])
         agent.start()
-        lines = [line for line in agent.log().splitlines() if "event=dataplane.selected" in line]
+        lines = [line for line in agent.log_text().splitlines() if "event=dataplane.selected" in line]
         assert len(lines) == 1, lines
         assert "dataplane=iptables" in lines[0] and "bpf requested but no BPF object" in lines[0], lines[0]
         assert "falling back" in lines[0]

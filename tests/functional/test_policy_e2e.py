@@ -9,6 +9,7 @@ then probes TCP, UDP and ICMP from the containers' own namespaces::
       |- host1 .1:  W1 blue {app: web}      C1 red {role: client}
       |- host2 .2:  D2 blue {app: db}       C2 red {role: client, zone: b}
 """
+import contextlib
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -33,6 +35,7 @@ from policy.model import Endpoint
 from netplugin.lab.agents import AgentProcess, CniBinary, rmtree, tempdir
 from netplugin.lab.console import console_script
 from netplugin.lab.netns import NamespaceSet, nsexec
+from tests.bpflab import mounted_bpffs
 from tests.probes import assert_reachability, start_echo_server
 
 pytestmark = [pytest.mark.functional, pytest.mark.timeout(180)]
@@ -93,8 +96,9 @@ class ChangeLog:
 class Cluster:
     """Fabric, hosts with agents, containers made by the CNI plugin, servers in each container."""
 
-    def __init__(self, etcd_server, nss, workdir):
+    def __init__(self, etcd_server, nss, workdir, bpffs=None):
         self.etcd_server = etcd_server
+        self.bpffs = bpffs  # None: the iptables dataplane; else bpf, pinned in a directory per host here
         self.nss = nss
         self.workdir = workdir
         self.ds = Datastore(EtcdConfig(endpoints=[etcd_server.endpoint]))
@@ -118,7 +122,7 @@ class Cluster:
             self.etcd_server.bridge_into(h)
             agent = AgentProcess(h, f"host{i}", self.etcd_server.endpoint, os.path.join(self.workdir, f"run{i}"),
                                  extra_args=["--routing", "direct", "--node-address", f"{FABRIC}.{i}",
-                                             "--resync-interval", str(RESYNC)])
+                                             "--resync-interval", str(RESYNC), *self._dataplane_args(i)])
             self.agents.append(agent)  # registered before start: stopped by close() even if start fails
             agent.start()
             self.hosts.append(h)
@@ -127,6 +131,9 @@ class Cluster:
         nsexec(self.fabric, "ip link set po master br0")
         self.ns["O"], self.ip["O"] = self.outside, OUTSIDE
         self._serve("O")
+
+    def _dataplane_args(self, i):
+        return ["--dataplane", "bpf", "--bpffs", str(self.bpffs / f"host{i}")] if self.bpffs else []
 
     def add_container(self, key, host, network, labels, cni_args="", config_args=None):
         """A container on host index ``host`` (1-based) via the CNI plugin, with an echo server. ``config_args``
@@ -251,23 +258,28 @@ class Cluster:
         return [line for line in lines if re.match(r"^(:np-|-A np-|-A (INPUT|FORWARD|OUTPUT) .*np-)", line)]
 
 
-@pytest.fixture(scope="module")
-def cluster(etcd_server):
-    nss = NamespaceSet()
-    workdir = tempdir()
-    c = Cluster(etcd_server, nss, workdir)
-    try:
+@pytest.fixture(scope="module", params=["iptables", "bpf"])
+def cluster(etcd_server, request):
+    """The same cluster on each dataplane (bpf: programs pinned on a bpffs of its own, a directory per host)."""
+    with contextlib.ExitStack() as stack:
+        workdir = tempdir()
+        stack.callback(rmtree, workdir)
+        nss = stack.enter_context(contextlib.closing(NamespaceSet()))
+        fs = stack.enter_context(mounted_bpffs(Path(workdir) / "bpffs")) if request.param == "bpf" else None
+        c = stack.enter_context(contextlib.closing(Cluster(etcd_server, nss, workdir, fs)))
         c.build()
         c.add_container("W1", 1, "blue", {"app": "web"})
         c.add_container("C1", 1, "red", {"role": "client"})
         c.add_container("D2", 2, "blue", {"app": "db"})
         c.add_container("C2", 2, "red", {"role": "client", "zone": "b"})
         c.settle()
+        c.dataplane = request.param
         yield c
-    finally:
-        c.close()
-        nss.close()
-        rmtree(workdir)
+
+
+def test_every_agent_runs_the_dataplane_of_the_run(cluster):
+    for agent in cluster.agents:
+        assert f"event=dataplane.selected dataplane={cluster.dataplane} " in agent.log_text(), agent.log()[-2000:]
 
 
 @pytest.fixture
