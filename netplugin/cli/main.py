@@ -60,10 +60,10 @@ def cli(ctx, etcd_endpoints, etcd_ca, etcd_cert, etcd_key, etcd_user, etcd_passw
 
 
 def _register():
-    from netplugin.cli import (bgp_cmds, cni_cmds, diags, health_cmds, install_cmds, ipam_cmds, node_cmds,
-                               policy_cmds, resource_cmds)
+    from netplugin.cli import (bgp_cmds, bpf_cmds, cni_cmds, diags, health_cmds, install_cmds, ipam_cmds,
+                               node_cmds, policy_cmds, resource_cmds)
     for mod in (ipam_cmds, node_cmds, cni_cmds, bgp_cmds, health_cmds, policy_cmds, resource_cmds, install_cmds,
-                diags):
+                diags, bpf_cmds):
         for command in mod.COMMANDS:
             cli.add_command(command)
     for command in bgp_cmds.NODE_COMMANDS + health_cmds.NODE_COMMANDS:

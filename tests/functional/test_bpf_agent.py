@@ -1,5 +1,6 @@
 """The agent with ``--dataplane bpf``: a real agent in a test host namespace, its programs pinned on a bpffs
 the test mounts, CNI containers wired by it. Traffic goes only between namespaces made here."""
+import json
 import os
 import subprocess
 import sys
@@ -152,3 +153,24 @@ def test_bpf_without_objects_falls_back_in_one_line(etcd_server):
             agent.stop()
         nss.close()
         rmtree(workdir)
+
+
+def netctl_bpf(host, what):
+    out = subprocess.run(["ip", "netns", "exec", host.ns, console_script("netctl"), "bpf", what, "--bpffs",
+                          str(host.pins.root), "-o", "json"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_netctl_shows_the_endpoints_and_counters_in_the_maps(bpf_host, containers):
+    a, ra = containers.add()
+    b, rb = containers.add()
+    idx = bpf_host.ifindex(veth_of(a))
+    gw_mac = nsexec(bpf_host.ns, f"cat /sys/class/net/{veth_of(a)}/address").stdout.strip()
+    nsexec(a, [sys.executable, "-c", SPOOF, gw_mac, "10.70.0.251", address(rb)], timeout=60)
+    rows = {r["interface"]: r for r in netctl_bpf(bpf_host, "endpoints")}
+    assert rows[veth_of(a)]["addresses"] == address(ra) and rows[veth_of(a)]["ifindex"] == idx
+    assert rows[veth_of(a)]["ingress_rules"] == "-"  # policy is still the filter table's (see bpf_backend.py)
+    assert veth_of(b) in rows
+    counters = {r["interface"]: r for r in netctl_bpf(bpf_host, "counters")}
+    assert counters[veth_of(a)]["spoofed"] >= 5

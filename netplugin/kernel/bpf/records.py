@@ -121,3 +121,17 @@ def flow(key, value):
         return str(ip.ipv4_mapped or ip)
     return {"src": show(src), "dst": show(dst), "sport": sport, "dport": dport, "proto": proto, "gen": gen,
             "verdict": {ACT_ALLOW: "allow", ACT_DENY: "deny"}.get(verdict, verdict), "orig": bool(orig)}
+
+
+def endpoint_entry(key, value):
+    """A readable np_endpoints entry: the host veth's ifindex, the endpoint id, the addresses it may send from."""
+    (ifindex,) = IFINDEX.unpack(key)
+    ep_id, n4, n6, _, v4, v6 = ENDPOINT.unpack(value)
+    addrs = [str(ipaddress.IPv4Address(v4[4 * i:4 * i + 4])) for i in range(n4)]
+    addrs += [str(ipaddress.IPv6Address(v6[16 * i:16 * i + 16])) for i in range(n6)]
+    return {"ifindex": ifindex, "id": ep_id, "addresses": addrs}
+
+
+def rules_count(value):
+    """How many rules an np_pol_rules value holds."""
+    return RULES_HEAD.unpack(value[:RULES_HEAD.size])[0]
