@@ -23,6 +23,15 @@ def _open(pins, name):
                                    f"--dataplane bpf and this --bpffs?)") from None
 
 
+def _entries(pins, name):
+    """(key, value) of every entry of a pinned map, skipping keys deleted while we walk."""
+    with _open(pins, name) as m:
+        for key in m.keys():
+            value = m.lookup(key)
+            if value is not None:
+                yield key, value
+
+
 def _ifname(ifindex):
     try:
         return socket.if_indextoname(ifindex)
@@ -46,16 +55,12 @@ def endpoints(bpffs, fmt):
     """Endpoints in np_endpoints (anti-spoofing), and the policy rules each has in BPF ('-': the stack's)."""
     pins = loader.Pins(bpffs)
     rows = []
-    with _open(pins, "np_endpoints") as m:
-        for key in m.keys():
-            value = m.lookup(key)
-            if value is None:
-                continue
-            e = records.endpoint_entry(key, value)
-            pol = _policy_rules(pins, e["id"])
-            rows.append({"interface": _ifname(e["ifindex"]), "ifindex": e["ifindex"], "id": e["id"],
-                         "addresses": " ".join(e["addresses"]), "ingress_rules": pol["ingress"],
-                         "egress_rules": pol["egress"]})
+    for key, value in _entries(pins, "np_endpoints"):
+        e = records.endpoint_entry(key, value)
+        pol = _policy_rules(pins, e["id"])
+        rows.append({"interface": _ifname(e["ifindex"]), "ifindex": e["ifindex"], "id": e["id"],
+                     "addresses": " ".join(e["addresses"]), "ingress_rules": pol["ingress"],
+                     "egress_rules": pol["egress"]})
     rows.sort(key=lambda r: r["ifindex"])
     emit(rows, fmt, ["interface", "ifindex", "id", "addresses", "ingress_rules", "egress_rules"],
          empty="no endpoint in the BPF maps")
@@ -66,15 +71,10 @@ def endpoints(bpffs, fmt):
 @output_option
 def counters(bpffs, fmt):
     """Per-endpoint packet counters of the programs: allowed, denied, spoofed, logged, to_stack."""
-    pins = loader.Pins(bpffs)
     rows = []
-    with _open(pins, "np_counters") as m:
-        for key in m.keys():
-            raw = m.lookup(key)
-            if raw is None:
-                continue
-            (ep_id,) = records.IFINDEX.unpack(key)
-            rows.append({"id": ep_id, "interface": _ifname(ep_id), **records.counters(raw)})
+    for key, raw in _entries(loader.Pins(bpffs), "np_counters"):
+        (ep_id,) = records.IFINDEX.unpack(key)
+        rows.append({"id": ep_id, "interface": _ifname(ep_id), **records.counters(raw)})
     rows.sort(key=lambda r: r["id"])
     emit(rows, fmt, ["interface", "id", *records.COUNTER_NAMES], empty="no counters in the BPF maps")
 

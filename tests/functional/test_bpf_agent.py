@@ -9,16 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from netplugin.config import EtcdConfig
-from netplugin.datastore.client import Datastore
 from netplugin.dataplane import host_ifname
-from netplugin.ipam.allocator import IPAM
 from netplugin.kernel.bpf import loader, records
 from netplugin.service.endpoints import endpoint_id
 from tests.agents import AgentProcess, rmtree, tempdir
 from tests.bpflab import mounted_bpffs
 from tests.console import console_script
-from tests.functional.test_cni_e2e import NETWORK, POOL, Containers, Host, address, pings_within
+from tests.functional.test_cni_e2e import NETWORK, POOL, Containers, address, agent_host, pings_within
 from tests.netns import NamespaceSet, nsexec
 from tests.probes import steady_ping
 from tests.waiting import wait_until
@@ -37,30 +34,15 @@ sendp(Ether(dst=gw_mac) / IP(src=src, dst=dst) / UDP(sport=4242, dport=9999) / b
 
 @pytest.fixture(scope="module")
 def bpf_host(etcd_server):
-    nss = NamespaceSet()
     workdir = tempdir()
-    ds = Datastore(EtcdConfig(endpoints=[etcd_server.endpoint]))
-    agent = None
-    with mounted_bpffs(Path(workdir) / "bpffs") as fs:
-        try:
-            ds.delete_prefix("/netplugin/")
-            IPAM(ds).add_pool(POOL)
-            ns = nss.add()
-            etcd_server.bridge_into(ns)
-            nsexec(ns, f"ip addr add {HOST_ADDR}/32 dev lo")
-            agent = AgentProcess(ns, "bpf-host", etcd_server.endpoint, os.path.join(workdir, "run"),
-                                 extra_args=["--dataplane", "bpf", "--bpffs", str(fs / "np"),
-                                             "--resync-interval", "1"])
-            agent.start()
-            host = Host(ns, agent, ds, workdir)
+    try:
+        with mounted_bpffs(Path(workdir) / "bpffs") as fs, \
+                agent_host(etcd_server, "bpf-host", [POOL], HOST_ADDR, os.path.join(workdir, "host"),
+                           ["--dataplane", "bpf", "--bpffs", str(fs / "np"), "--resync-interval", "1"]) as host:
             host.pins = loader.Pins(fs / "np")
             yield host
-        finally:
-            if agent:
-                agent.stop()
-            nss.close()
-            ds.delete_prefix("/netplugin/")
-            rmtree(workdir)
+    finally:
+        rmtree(workdir)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ One agent serves the whole module (starting one costs about a second); every tes
 namespaces and DELs whatever it ADDed when it ends, so tests do not see each other's containers.
 """
 import concurrent.futures
+import contextlib
 import ipaddress
 import json
 import os
@@ -97,22 +98,23 @@ class Host:
         return out
 
 
-@pytest.fixture(scope="module")
-def host(etcd_server):
+@contextlib.contextmanager
+def agent_host(etcd_server, name, pools, host_addr=HOST_ADDR, workdir=None, extra_args=()):
+    """A host namespace with an agent (``extra_args`` on its command line) and ``pools`` in a cleared etcd."""
     nss = NamespaceSet()
-    workdir = tempdir()
+    workdir = workdir or tempdir()
     ds = Datastore(EtcdConfig(endpoints=[etcd_server.endpoint]))
     agent = None
     try:
         ds.delete_prefix("/netplugin/")
         ipam = IPAM(ds)
-        for pool in (POOL, TINY_POOL, OTHER_POOL):
+        for pool in pools:
             ipam.add_pool(pool)
         ns = nss.add()
         etcd_server.bridge_into(ns)
         # The host's own address sits on lo: this kernel has no dummy link type ("Unknown device type").
-        nsexec(ns, f"ip addr add {HOST_ADDR}/32 dev lo")
-        agent = AgentProcess(ns, "cni-host", etcd_server.endpoint, os.path.join(workdir, "run"))
+        nsexec(ns, f"ip addr add {host_addr}/32 dev lo")
+        agent = AgentProcess(ns, name, etcd_server.endpoint, os.path.join(workdir, "run"), extra_args=extra_args)
         agent.start()
         yield Host(ns, agent, ds, workdir)
     finally:
@@ -121,6 +123,12 @@ def host(etcd_server):
         nss.close()
         ds.delete_prefix("/netplugin/")
         rmtree(workdir)
+
+
+@pytest.fixture(scope="module")
+def host(etcd_server):
+    with agent_host(etcd_server, "cni-host", (POOL, TINY_POOL, OTHER_POOL)) as h:
+        yield h
 
 
 class Containers:
