@@ -58,10 +58,10 @@ def veth_of(ns):
     return host_ifname(endpoint_id(NETWORK, ns, "eth0"))
 
 
-def spoofed(host, ifindex):
+def counter(host, ifindex, name="spoofed"):
     with host.pins.map("np_counters") as m:
         raw = m.lookup(records.ifindex_key(ifindex))
-    return records.counters(raw)["spoofed"] if raw else 0
+    return records.counters(raw)[name] if raw else 0
 
 
 def test_the_agent_says_it_runs_bpf_and_programs_every_endpoint(bpf_host, containers):
@@ -82,9 +82,9 @@ def test_a_forged_source_is_dropped_by_the_program(bpf_host, containers):
     b, rb = containers.add()
     idx = bpf_host.ifindex(veth_of(a))
     gw_mac = nsexec(bpf_host.ns, f"cat /sys/class/net/{veth_of(a)}/address").stdout.strip()
-    before = spoofed(bpf_host, idx)
+    before = counter(bpf_host, idx)
     nsexec(a, [sys.executable, "-c", SPOOF, gw_mac, "10.70.0.250", address(rb)], timeout=60)
-    assert spoofed(bpf_host, idx) - before == 5
+    assert counter(bpf_host, idx) - before == 5
 
 
 def test_a_detached_program_is_reattached_by_the_next_resync(bpf_host, containers):
@@ -100,6 +100,8 @@ def test_an_agent_restart_loses_no_ping(bpf_host, containers):
     a, _ = containers.add()
     b, rb = containers.add()
     assert pings_within(a, address(rb), 5)
+    idx = bpf_host.ifindex(veth_of(a))
+    seen = counter(bpf_host, idx, "to_stack")
 
     with steady_ping(a, address(rb), 500) as result:
         time.sleep(0.3)
@@ -107,6 +109,8 @@ def test_an_agent_restart_loses_no_ping(bpf_host, containers):
         bpf_host.agent.start()
         time.sleep(0.3)
     assert result["received"] == result["transmitted"], result["output"]
+    # the pinned program saw every echo while the agent was away and back: its counters were not reset
+    assert counter(bpf_host, idx, "to_stack") - seen >= result["transmitted"]
     assert loader.attached(veth_of(a), netns=f"/run/netns/{bpf_host.ns}") == ["from_container"]
 
 
