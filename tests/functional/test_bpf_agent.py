@@ -12,11 +12,11 @@ import pytest
 from netplugin.dataplane import host_ifname
 from netplugin.kernel.bpf import loader, records
 from netplugin.service.endpoints import endpoint_id
-from tests.agents import AgentProcess, rmtree, tempdir
+from netplugin.lab.agents import AgentProcess, rmtree, tempdir
+from netplugin.lab.console import console_script
+from netplugin.lab.netns import NamespaceSet, nsexec
 from tests.bpflab import mounted_bpffs
-from tests.console import console_script
 from tests.functional.test_cni_e2e import NETWORK, POOL, Containers, address, agent_host, pings_within
-from tests.netns import NamespaceSet, nsexec
 from tests.probes import steady_ping
 from tests.waiting import wait_until
 
