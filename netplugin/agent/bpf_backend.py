@@ -169,8 +169,8 @@ def _probe(bpffs, object_dir) -> str | None:
 
 
 def select_backend(config):
-    """The backend ``config.dataplane`` asks for if this host can run it, else iptables; and ONE log line
-    saying which runs and why (never a silent fallback). Returns (backend, name, reason)."""
+    """The backend ``config.dataplane`` asks for if this host can run it, else iptables: (backend, name, why).
+    The agent logs ``why`` in one line (``log_selection``) when it starts: never a silent fallback."""
     inner = iptables_backend(config.mtu)
     if config.dataplane != "bpf":
         reason = "iptables requested"
@@ -190,6 +190,10 @@ def select_backend(config):
         else:
             name, backend = "iptables", inner
             reason = f"bpf requested but {why}: falling back"
-    level = logging.WARNING if name != config.dataplane else logging.INFO
-    LOG.log(level, "event=dataplane.selected dataplane=%s reason=%r", name, reason)
     return backend, name, reason
+
+
+def log_selection(wanted, name, reason):
+    """The one line saying which dataplane runs and why (a fallback at WARNING)."""
+    LOG.log(logging.WARNING if name != wanted else logging.INFO,
+            "event=dataplane.selected dataplane=%s reason=%r", name, reason)

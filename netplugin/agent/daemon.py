@@ -29,6 +29,7 @@ import threading
 import time
 
 from netplugin import loops
+from netplugin.agent.bpf_backend import log_selection, select_backend
 from netplugin.agent.locked import LockedService
 from netplugin.agent.metrics import Metrics, StateCollector, WatchLag
 from netplugin.agent.rwlock import RWLock
@@ -57,7 +58,6 @@ class Agent:
     (netplugin.dataplane.backend.Backend), today's iptables one unless another is given."""
 
     def __init__(self, config, dataplane=None):
-        from netplugin.agent.bpf_backend import select_backend
         self.config = config
         self.host = config.hostname
         self.ds = Datastore(config.etcd)
@@ -118,6 +118,7 @@ class Agent:
         if self._stop.is_set():
             return
         self.liveness.beat()
+        log_selection(self.config.dataplane, self.dataplane_name, self.dataplane_reason)
         setup = self.dataplane.setup_host()
         LOG.info("event=host.setup %s", setup)
         self.reconcilers = self._build_reconcilers()
