@@ -18,8 +18,9 @@ import shutil
 from pathlib import Path
 
 from netplugin.agent.backend import IptablesBackend, iptables_backend
-from netplugin.dataplane.model import host_ifname, is_host_ifname
 from netplugin.dataplane.docker_link import CONTAINER_END_PREFIX
+from netplugin.dataplane.model import host_ifname, is_host_ifname
+from netplugin.errors import NetpluginError
 from netplugin.kernel.bpf import build, loader, records
 from netplugin.kernel.netlink import netlink
 
@@ -81,26 +82,39 @@ class BpfBackend(IptablesBackend):
         summary["bpf"]["fabric_attached"] = self._attach_fabric()
         return summary
 
+    def _known_macs(self) -> dict:
+        """Container MACs np_locals already holds, by host veth ifindex: a resync need not open every netns."""
+        with self.pins.map("np_locals") as m:
+            out = {}
+            for key in m.keys():
+                value = m.lookup(key)
+                if value is not None:
+                    _, idx, cmac, _ = records.LOCAL.unpack(value)
+                    out[idx] = cmac.hex(":")
+            return out
+
+    def _container_mac(self, spec):
+        try:
+            with netlink(spec.netns) as cnl:
+                cont = cnl.link(name=spec.ifname)
+        except (OSError, NetpluginError):  # a namespace that vanished has no endpoint to program
+            return None
+        return cont.get("address") if cont else None
+
     def _wanted(self, specs) -> tuple:
         """(np_endpoints, np_locals, host veths) wanted for ``specs``: computed from the kernel's links."""
         eps, locs, veths = {}, {}, {}
+        known = self._known_macs()
         with netlink(self.host_netns) as hnl:
             for spec in specs:
                 host = hnl.link(name=host_ifname(spec.endpoint_id))
                 if host is None or not spec.addresses:
                     continue
-                addrs = [str(a).split("/")[0] for a in spec.addresses]
-                mac = spec.mac
-                if not mac:
-                    try:
-                        with netlink(spec.netns) as cnl:
-                            cont = cnl.link(name=spec.ifname)
-                    except Exception:  # noqa: BLE001 - a namespace that vanished has no endpoint to program
-                        continue
-                    mac = cont.get("address") if cont else None
+                idx = host["index"]  # the endpoint's id in the maps: unique on this host while its veth lives
+                mac = spec.mac or known.get(idx) or self._container_mac(spec)
                 if not mac:
                     continue
-                idx = host["index"]  # the endpoint's id in the maps: unique on this host while its veth lives
+                addrs = [str(a).split("/")[0] for a in spec.addresses]
                 eps[records.ifindex_key(idx)] = records.endpoint(idx, addrs)
                 for a in addrs:
                     locs[records.addr16(a)] = records.local(idx, idx, mac, host.get("address"))
