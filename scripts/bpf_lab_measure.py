@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from netplugin.benchlib import stats, tools
 from netplugin.kernel.bpf import build, records
-from tests.bpflab import BLOCK, CONTAINER, FABRIC, TwoHostLab, mounted_bpffs
+from netplugin.lab.bpflab import BLOCK, CONTAINER, FABRIC, TwoHostLab, mounted_bpffs
 from netplugin.lab.netns import NamespaceSet, nsexec, stop_process
 
 # BPF paths: (build variant, rules that never match placed before the allowing one)

@@ -3,6 +3,8 @@ import os
 
 import pytest
 
+from netplugin.kernel.bpf import build
+from netplugin.lab.bpflab import mounted_bpffs
 from netplugin.lab.etcd import EtcdServer
 from netplugin.lab.netns import NamespaceSet
 
@@ -66,3 +68,16 @@ def host_factory(etcd_server, namespaces, tmp_path):
     finally:
         for agent in agents:
             agent.stop()
+
+
+@pytest.fixture
+def bpffs(tmp_path):
+    with mounted_bpffs(tmp_path / "bpffs") as p:
+        yield p
+
+
+@pytest.fixture(scope="session")
+def bpf_objects(tmp_path_factory):
+    """Every program variant, compiled once per session from the sources (not the set-up's build dir)."""
+    out = tmp_path_factory.mktemp("bpf-build")
+    return {v: build.compile_one(src, out, v) for src in build.PROGS.glob("*.c") for v in build.VARIANTS}

@@ -15,7 +15,7 @@ from netplugin.service.endpoints import endpoint_id
 from netplugin.lab.agents import AgentProcess, rmtree, tempdir
 from netplugin.lab.console import console_script
 from netplugin.lab.netns import NamespaceSet, nsexec
-from tests.bpflab import mounted_bpffs
+from netplugin.lab.bpflab import mounted_bpffs
 from tests.functional.test_cni_e2e import NETWORK, POOL, Containers, address, agent_host, pings_within
 from tests.probes import steady_ping
 from tests.waiting import wait_until

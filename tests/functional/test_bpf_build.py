@@ -2,7 +2,6 @@
 import pytest
 
 from netplugin.kernel.bpf import build, loader, records
-from tests.bpflab import bpf_objects, bpffs  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.functional
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from netplugin.kernel.bpf import loader, records
-from tests.bpflab import CONTAINER, FABRIC, TwoHostLab, bpf_objects, bpffs, link_info  # noqa: F401  (fixtures)
+from netplugin.lab.bpflab import CONTAINER, FABRIC, TwoHostLab, link_info
 from netplugin.lab.netns import kill_pids, nsexec
 from tests.probes import assert_reachability, start_echo_server
 
@@ -24,7 +24,7 @@ DENY_7002 = [records.rule(records.ACT_DENY, proto=6, ports=[(7002, 7002)]), reco
 LOADER = textwrap.dedent("""
     import json, sys
     from pathlib import Path
-    from tests.bpflab import TwoHostLab
+    from netplugin.lab.bpflab import TwoHostLab
     a = json.loads(sys.argv[1])
     lab = TwoHostLab(hosts=a["hosts"], containers=a["containers"])
     lab.program_endpoints(lab.load(a["obj"], Path(a["pins"])))

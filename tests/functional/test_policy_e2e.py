@@ -35,7 +35,7 @@ from policy.model import Endpoint
 from netplugin.lab.agents import AgentProcess, CniBinary, rmtree, tempdir
 from netplugin.lab.console import console_script
 from netplugin.lab.netns import NamespaceSet, nsexec
-from tests.bpflab import mounted_bpffs
+from netplugin.lab.bpflab import mounted_bpffs
 from tests.probes import assert_reachability, start_echo_server
 
 pytestmark = [pytest.mark.functional, pytest.mark.timeout(180)]

@@ -5,7 +5,6 @@ import ipaddress
 import pytest
 
 from netplugin.kernel.bpf import maps, records
-from tests.bpflab import bpffs  # noqa: F401  (fixture)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""A two-host namespace lab for the BPF dataplane's tests and its measurement script.
+"""A two-host namespace lab for the BPF dataplane's tests and its measurement script (scripts/bpf_lab_measure.py).
 
 hostA and hostB are namespaces joined by a veth "fabric"; each holds one container namespace on a veth,
 routed /32 (/128) with the gateways 169.254.1.1 and fe80::1 on the host veth, the way netplugin wires endpoints.  Only
@@ -8,10 +8,9 @@ process without ``ip netns exec`` (which would remount /sys and hide them).
 import ipaddress
 from contextlib import contextmanager
 
-import pytest
 from pyroute2 import IPRoute
 
-from netplugin.kernel.bpf import build, loader, records
+from netplugin.kernel.bpf import loader, records
 from netplugin.lab.netns import NamespaceSet, nsexec, run
 
 FABRIC = {"a": ("10.251.0.1", "fd00:251::1"), "b": ("10.251.0.2", "fd00:251::2")}
@@ -29,19 +28,6 @@ def mounted_bpffs(path):
         yield path
     finally:
         run(["umount", "-l", str(path)], check=False)
-
-
-@pytest.fixture
-def bpffs(tmp_path):
-    with mounted_bpffs(tmp_path / "bpffs") as p:
-        yield p
-
-
-@pytest.fixture(scope="session")
-def bpf_objects(tmp_path_factory):
-    """Every program variant, compiled once per session from the sources (not the set-up's build dir)."""
-    out = tmp_path_factory.mktemp("bpf-build")
-    return {v: build.compile_one(src, out, v) for src in build.PROGS.glob("*.c") for v in build.VARIANTS}
 
 
 def link_info(netns, ifname):
