@@ -4,6 +4,7 @@ Both files are written to a temporary name in their target directory and renamed
 scanning ``/etc/cni/net.d`` or executing ``/opt/cni/bin/netplugin`` never sees half a file. Running it again
 rewrites identical content: installing is idempotent.
 """
+
 import json
 import os
 import subprocess
@@ -17,8 +18,10 @@ from netplugin.errors import InvalidInput, NetpluginError
 PLUGIN_TYPE = "netplugin"
 PLUGIN_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugin.py")
 # Run by the plugin's interpreter: plugin.py (on stdin) compiled, its code object printed base64-encoded.
-_COMPILE = ("import binascii, marshal, sys; code = compile(sys.stdin.buffer.read(), 'cni/plugin.py', 'exec'); "
-            "sys.stdout.write(binascii.b2a_base64(marshal.dumps(code), newline=False).decode())")
+_COMPILE = (
+    "import binascii, marshal, sys; code = compile(sys.stdin.buffer.read(), 'cni/plugin.py', 'exec'); "
+    "sys.stdout.write(binascii.b2a_base64(marshal.dumps(code), newline=False).decode())"
+)
 CNI_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 # The newest version today's runtimes read: libcni before 1.2 (Debian 12's 1.1.2, hence its podman 4.3, containerd
 # and cri-o) refuses a 1.1.0 conflist ("unsupported CNI result version"). 1.1.0 (STATUS, GC) stays on request.
@@ -26,8 +29,17 @@ DEFAULT_CNI_VERSION = "1.0.0"
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
-def install_cni(bin_dir, conf_dir, network="netplugin", agent_socket="/run/netplugin/agent.sock", mtu=1500,
-                python=None, pools=None, cni_version=DEFAULT_CNI_VERSION, ipv6=False):
+def install_cni(
+    bin_dir,
+    conf_dir,
+    network="netplugin",
+    agent_socket="/run/netplugin/agent.sock",
+    mtu=1500,
+    python=None,
+    pools=None,
+    cni_version=DEFAULT_CNI_VERSION,
+    ipv6=False,
+):
     """Write ``bin_dir/netplugin`` and ``conf_dir/10-<network>.conflist``; return their paths.
 
     ``python`` is the interpreter named in the plugin's shebang (default: the one running this). ``pools`` are
@@ -45,8 +57,13 @@ def install_cni(bin_dir, conf_dir, network="netplugin", agent_socket="/run/netpl
 
 def render_conflist(network, agent_socket, mtu, pools=None, cni_version=DEFAULT_CNI_VERSION, ipv6=False):
     """The network config list as a dict, after checking every input."""
-    if not isinstance(network, str) or not network or not network[0].isalnum() or not network.isascii() \
-            or not set(network) <= _NAME_CHARS:
+    if (
+        not isinstance(network, str)
+        or not network
+        or not network[0].isalnum()
+        or not network.isascii()
+        or not set(network) <= _NAME_CHARS
+    ):
         raise InvalidInput(f"invalid CNI network name {network!r}: use letters, digits, '_', '.', '-'")
     if not isinstance(agent_socket, str) or not os.path.isabs(agent_socket):
         raise InvalidInput(f"agent socket {agent_socket!r} must be an absolute path")
@@ -89,10 +106,18 @@ def render_plugin(python):
         raise NetpluginError(f"plugin interpreter {python} could not be run: {err}") from err
     if p.returncode != 0 or not p.stdout:
         why = (p.stderr.decode(errors="replace").strip().splitlines() or [f"exit status {p.returncode}"])[-1]
-        raise NetpluginError(f"plugin interpreter {python} could not compile the CNI plugin: {why}",
-                             "the plugin needs Python 3.10 or later")
-    return (f"#!{python} -IS\n# netplugin's CNI plugin, compiled from cni/plugin.py by netctl install-cni\n"
-            "import binascii, marshal\nexec(marshal.loads(binascii.a2b_base64(b'").encode() + p.stdout + b"')))\n"
+        raise NetpluginError(
+            f"plugin interpreter {python} could not compile the CNI plugin: {why}",
+            "the plugin needs Python 3.10 or later",
+        )
+    return (
+        (
+            f"#!{python} -IS\n# netplugin's CNI plugin, compiled from cni/plugin.py by netctl install-cni\n"
+            "import binascii, marshal\nexec(marshal.loads(binascii.a2b_base64(b'"
+        ).encode()
+        + p.stdout
+        + b"')))\n"
+    )
 
 
 def _cidr(value):

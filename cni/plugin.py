@@ -19,6 +19,7 @@ Agent unreachable (socket missing, refused, or no sign of life within CONNECT_TI
 from a socket nobody accepts on (a unix ``connect()`` succeeds as soon as the listener's backlog has room). Once
 the agent has answered, the real call may take up to ``agent_timeout`` seconds (default 120).
 """
+
 import os
 import sys
 
@@ -133,7 +134,7 @@ def json_dumps(value):
 
 
 def _cut(text, limit):
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def shown(value, limit=80):
@@ -163,8 +164,13 @@ def parse_version(text):
 
 def valid_name(text):
     """The spec's rule for container ids and network names: alphanumeric first, then [alnum _ . -]."""
-    return (isinstance(text, str) and text != "" and text.isascii() and text[0].isalnum()
-            and all(c in _NAME_CHARS for c in text))
+    return (
+        isinstance(text, str)
+        and text != ""
+        and text.isascii()
+        and text[0].isalnum()
+        and all(c in _NAME_CHARS for c in text)
+    )
 
 
 def ifname_problem(name):
@@ -207,8 +213,11 @@ def parse_cni_args(text):
         key, sep, value = pair.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise CniError(E_INVALID_ENV, f"invalid CNI_ARGS: {shown(pair)} is not KEY=VALUE",
-                           "CNI_ARGS must be KEY=VALUE pairs separated by ';'")
+            raise CniError(
+                E_INVALID_ENV,
+                f"invalid CNI_ARGS: {shown(pair)} is not KEY=VALUE",
+                "CNI_ARGS must be KEY=VALUE pairs separated by ';'",
+            )
         args[key] = value.strip()
     return args
 
@@ -233,8 +242,11 @@ def read_params(command, environ):
     container_id = environ.get("CNI_CONTAINERID", "")
     ifname = environ.get("CNI_IFNAME", "")
     if container_id and not valid_name(container_id):
-        raise CniError(E_INVALID_ENV, f"invalid CNI_CONTAINERID {shown(container_id)}",
-                       "it must start with a letter or digit, followed by letters, digits, '_', '.' or '-'")
+        raise CniError(
+            E_INVALID_ENV,
+            f"invalid CNI_CONTAINERID {shown(container_id)}",
+            "it must start with a letter or digit, followed by letters, digits, '_', '.' or '-'",
+        )
     if ifname:
         problem = ifname_problem(ifname)
         if problem:
@@ -278,14 +290,20 @@ def config_version(conf):
     """The config's cniVersion, if we speak it (code 1 otherwise)."""
     if "cniVersion" not in conf:
         # libcni reads an absent cniVersion as 0.1.0, which we do not speak.
-        raise CniError(E_INCOMPATIBLE_VERSION, "incompatible CNI version: the config has no cniVersion (so 0.1.0)",
-                       "supported versions: " + ", ".join(SUPPORTED_VERSIONS))
+        raise CniError(
+            E_INCOMPATIBLE_VERSION,
+            "incompatible CNI version: the config has no cniVersion (so 0.1.0)",
+            "supported versions: " + ", ".join(SUPPORTED_VERSIONS),
+        )
     version = conf["cniVersion"]
     if not isinstance(version, str):
         raise CniError(E_INVALID_CONFIG, f"invalid network config: cniVersion must be a string, not {shown(version)}")
     if version not in SUPPORTED_VERSIONS:
-        raise CniError(E_INCOMPATIBLE_VERSION, f"incompatible CNI version {shown(version)}",
-                       "supported versions: " + ", ".join(SUPPORTED_VERSIONS))
+        raise CniError(
+            E_INCOMPATIBLE_VERSION,
+            f"incompatible CNI version {shown(version)}",
+            "supported versions: " + ", ".join(SUPPORTED_VERSIONS),
+        )
     return version
 
 
@@ -293,14 +311,20 @@ def check_config(conf, command, version):
     """Check that ``command`` exists in ``version`` and the fields every command relies on."""
     minimum = MIN_VERSION.get(command)
     if minimum and parse_version(version) < minimum:
-        raise CniError(E_INCOMPATIBLE_VERSION, f"config version {version} does not allow {command}",
-                       f"{command} needs cniVersion {'.'.join(map(str, minimum))} or later")
+        raise CniError(
+            E_INCOMPATIBLE_VERSION,
+            f"config version {version} does not allow {command}",
+            f"{command} needs cniVersion {'.'.join(map(str, minimum))} or later",
+        )
     name = conf.get("name")
     if not name:
         raise CniError(E_INVALID_CONFIG, "invalid network config: missing network name")
     if not valid_name(name):
-        raise CniError(E_INVALID_CONFIG, f"invalid network config: invalid network name {shown(name)}",
-                       "it must start with a letter or digit, followed by letters, digits, '_', '.' or '-'")
+        raise CniError(
+            E_INVALID_CONFIG,
+            f"invalid network config: invalid network name {shown(name)}",
+            "it must start with a letter or digit, followed by letters, digits, '_', '.' or '-'",
+        )
     plugin_type = conf.get("type")
     if not plugin_type or not isinstance(plugin_type, str):
         raise CniError(E_INVALID_CONFIG, "invalid network config: missing plugin type")
@@ -309,8 +333,11 @@ def check_config(conf, command, version):
         if not isinstance(ipam, dict):
             raise CniError(E_INVALID_CONFIG, "invalid network config: ipam must be an object")
         if ipam.get("type") not in (None, "", "netplugin"):
-            raise CniError(E_UNSUPPORTED_FIELD, f"unsupported field ipam.type={shown(ipam['type'])}",
-                           "netplugin allocates addresses itself; leave ipam.type out")
+            raise CniError(
+                E_UNSUPPORTED_FIELD,
+                f"unsupported field ipam.type={shown(ipam['type'])}",
+                "netplugin allocates addresses itself; leave ipam.type out",
+            )
     for field in ("args", "runtimeConfig"):
         if field in conf and not isinstance(conf[field], dict):
             raise CniError(E_INVALID_CONFIG, f"invalid network config: {field} must be an object")
@@ -323,8 +350,10 @@ def agent_settings(conf, environ):
         raise CniError(E_INVALID_CONFIG, f"invalid network config: agent_socket must be a path, not {shown(path)}")
     timeout = conf.get("agent_timeout", DEFAULT_AGENT_TIMEOUT)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise CniError(E_INVALID_CONFIG, "invalid network config: agent_timeout must be a positive number of"
-                                         f" seconds, not {shown(timeout)}")
+        raise CniError(
+            E_INVALID_CONFIG,
+            f"invalid network config: agent_timeout must be a positive number of seconds, not {shown(timeout)}",
+        )
     return path, float(timeout)
 
 
@@ -338,8 +367,9 @@ def _check_addresses(values, source, code):
         try:
             ipaddress.ip_interface(value)
         except ValueError:
-            raise CniError(code, f"invalid address {shown(value)} in {source}",
-                           "give an IP address or an address/prefix")
+            raise CniError(
+                code, f"invalid address {shown(value)} in {source}", "give an IP address or an address/prefix"
+            )
 
 
 def requested_ips(conf, args):
@@ -371,16 +401,22 @@ def _labels_from(value, source):
     """
     if isinstance(value, dict):
         items = list(value.items())
-    elif isinstance(value, list) and all(isinstance(e, dict) and "key" in e and set(e) <= {"key", "value"}
-                                         for e in value):
+    elif isinstance(value, list) and all(
+        isinstance(e, dict) and "key" in e and set(e) <= {"key", "value"} for e in value
+    ):
         items = [(e["key"], e.get("value", "")) for e in value]
     else:
-        raise CniError(E_INVALID_CONFIG, f"invalid network config: {source} must be an object or a list of"
-                                         " {\"key\": ..., \"value\": ...}")
+        raise CniError(
+            E_INVALID_CONFIG,
+            f'invalid network config: {source} must be an object or a list of {{"key": ..., "value": ...}}',
+        )
     for key, val in items:
         if not isinstance(key, str) or not key or not isinstance(val, str):
-            raise CniError(E_INVALID_CONFIG, f"invalid network config: label {shown(key)}={shown(val)} in {source}",
-                           "label keys must be non-empty strings and values strings")
+            raise CniError(
+                E_INVALID_CONFIG,
+                f"invalid network config: label {shown(key)}={shown(val)} in {source}",
+                "label keys must be non-empty strings and values strings",
+            )
     return dict(items)
 
 
@@ -402,8 +438,10 @@ def _mesos_labels(conf_args):
     if labels is None:
         return {}
     if not isinstance(labels, dict) or not isinstance(labels.get("labels", []), list):
-        raise CniError(E_INVALID_CONFIG, f"invalid network config: {source}.labels must be"
-                                         ' {"labels": [{"key": ..., "value": ...}, ...]}')
+        raise CniError(
+            E_INVALID_CONFIG,
+            f'invalid network config: {source}.labels must be {{"labels": [{{"key": ..., "value": ...}}, ...]}}',
+        )
     return _labels_from(labels.get("labels", []), source + ".labels.labels")
 
 
@@ -437,10 +475,16 @@ def valid_attachments(conf):
         raise CniError(E_INVALID_CONFIG, f"invalid network config: {key} must be a list")
     out = []
     for entry in value:
-        if (not isinstance(entry, dict) or not isinstance(entry.get("containerID"), str)
-                or not isinstance(entry.get("ifname", ""), str)):
-            raise CniError(E_INVALID_CONFIG, f"invalid network config: bad entry {shown(entry)} in {key}",
-                           "each entry needs a containerID and an ifname")
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("containerID"), str)
+            or not isinstance(entry.get("ifname", ""), str)
+        ):
+            raise CniError(
+                E_INVALID_CONFIG,
+                f"invalid network config: bad entry {shown(entry)} in {key}",
+                "each entry needs a containerID and an ifname",
+            )
         out.append({"containerID": entry["containerID"], "ifname": entry.get("ifname", "")})
     return out
 
@@ -450,6 +494,7 @@ def valid_attachments(conf):
 
 def normalize_result(result, what, code):
     """Any version's result -> our internal shape (1.1.0 without cniVersion). Bad shapes raise ``code``."""
+
     def bad(why):
         return CniError(code, f"malformed {what}: {why}")
 
@@ -469,8 +514,9 @@ def normalize_result(result, what, code):
         if not isinstance(ip.get("address"), str):
             raise bad("an ips entry has no address")
         index = ip.get("interface")
-        if index is not None and (isinstance(index, bool) or not isinstance(index, int)
-                                  or not 0 <= index < len(out["interfaces"])):
+        if index is not None and (
+            isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(out["interfaces"])
+        ):
             raise bad(f"ips entry {ip['address']} points at interface {shown(index)}, which does not exist")
     for route in out["routes"]:
         if not isinstance(route.get("dst"), str):
@@ -515,8 +561,10 @@ def shape_result(result, version):
 def chain_results(prev, ours):
     """Append our interfaces, addresses and routes to an earlier plugin's result, re-pointing our indexes."""
     offset = len(prev["interfaces"])
-    ips = [dict(ip, interface=ip["interface"] + offset) if ip.get("interface") is not None else dict(ip)
-           for ip in ours["ips"]]
+    ips = [
+        dict(ip, interface=ip["interface"] + offset) if ip.get("interface") is not None else dict(ip)
+        for ip in ours["ips"]
+    ]
     return {
         "interfaces": prev["interfaces"] + ours["interfaces"],
         "ips": prev["ips"] + ips,
@@ -541,13 +589,18 @@ def call_agent(path, body, read_timeout, connect_timeout=CONNECT_TIMEOUT):
     where = path if len(path) <= 200 else shown(path)
 
     def unreachable(why):
-        return CniError(E_TRY_AGAIN, f"netplugin agent at {where} is not reachable: {why}",
-                        "is the netplugin agent running? try again later")
+        return CniError(
+            E_TRY_AGAIN,
+            f"netplugin agent at {where} is not reachable: {why}",
+            "is the netplugin agent running? try again later",
+        )
 
     deadline = time.monotonic() + connect_timeout
     payload = json_dumps(body).encode()
-    head = (f"POST {AGENT_PATH} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(payload)}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n").encode()
+    head = (
+        f"POST {AGENT_PATH} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+    ).encode()
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         reader = _HttpReader(sock)
@@ -569,8 +622,11 @@ def call_agent(path, body, read_timeout, connect_timeout=CONNECT_TIMEOUT):
                     status, headers = reader.head(None)
             raw = reader.body(headers)
         except TimeoutError:
-            raise CniError(E_TRY_AGAIN, f"netplugin agent at {where} gave no answer within {read_timeout:g} s",
-                           "raise agent_timeout in the network config if the agent is just slow")
+            raise CniError(
+                E_TRY_AGAIN,
+                f"netplugin agent at {where} gave no answer within {read_timeout:g} s",
+                "raise agent_timeout in the network config if the agent is just slow",
+            )
         except (OSError, ValueError) as err:
             raise CniError(E_TRY_AGAIN, f"lost the connection to the netplugin agent at {where}: {err}")
     finally:
@@ -654,8 +710,11 @@ def _agent_reply(status, raw):
     except (ValueError, RecursionError):
         reply = None
     if not isinstance(reply, dict) or not ("result" in reply or "error" in reply):
-        raise CniError(E_INTERNAL, f"netplugin agent answered HTTP {status} without a CNI reply",
-                       raw[:200].decode("utf-8", "replace"))
+        raise CniError(
+            E_INTERNAL,
+            f"netplugin agent answered HTTP {status} without a CNI reply",
+            raw[:200].decode("utf-8", "replace"),
+        )
     if "error" in reply:
         err = reply["error"]
         if not isinstance(err, dict):
@@ -698,8 +757,9 @@ def cmd_add(params, conf, version, agent):
         "labels": endpoint_labels(conf, params["args"]),
         "prev_result": prev,
     }
-    ours = normalize_result(agent(agent_request("ADD", params, conf, extra)), "result from the netplugin agent",
-                            E_INTERNAL)
+    ours = normalize_result(
+        agent(agent_request("ADD", params, conf, extra)), "result from the netplugin agent", E_INTERNAL
+    )
     if not ours["interfaces"] or not ours["ips"]:
         raise CniError(E_INTERNAL, "malformed result from the netplugin agent: no interface or no address")
     return shape_result(chain_results(prev, ours) if prev else ours, version)
@@ -753,8 +813,11 @@ def run(environ, stdin):
         if command == "VERSION":
             return 0, version_info()  # stdin is not read: the spec passes nothing we need
         if command not in COMMANDS:
-            raise CniError(E_INVALID_ENV, f"unknown CNI_COMMAND {shown(command)}",
-                           "expected one of ADD, DEL, CHECK, STATUS, GC, VERSION")
+            raise CniError(
+                E_INVALID_ENV,
+                f"unknown CNI_COMMAND {shown(command)}",
+                "expected one of ADD, DEL, CHECK, STATUS, GC, VERSION",
+            )
         params = read_params(command, environ)
         conf = read_config(stdin)
         version = error_version = config_version(conf)

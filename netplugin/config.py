@@ -2,9 +2,11 @@
 
 Nothing here reads the environment: the entry points' options do (click's ``envvar``), then build these.
 """
+
 from dataclasses import dataclass, field
 
 from netplugin.errors import InvalidInput
+
 
 def read_password_file(path: str) -> str:
     """The etcd password kept in a file: the preferred way (a command-line flag shows in ``ps`` to every user;
@@ -28,8 +30,10 @@ def resolve_password(password: str | None = None, password_file: str | None = No
     """The password from ``--etcd-password`` (or NETPLUGIN_ETCD_PASSWORD) or ``--etcd-password-file`` (or
     NETPLUGIN_ETCD_PASSWORD_FILE); both at once is a mistake an operator should hear about."""
     if password and password_file:
-        raise InvalidInput("the etcd password is given twice: use --etcd-password-file (preferred) or "
-                           "--etcd-password / NETPLUGIN_ETCD_PASSWORD, not both")
+        raise InvalidInput(
+            "the etcd password is given twice: use --etcd-password-file (preferred) or "
+            "--etcd-password / NETPLUGIN_ETCD_PASSWORD, not both"
+        )
     return read_password_file(password_file) if password_file else password
 
 
@@ -70,7 +74,9 @@ class AgentConfig:
     as_number: int | None = None
     labels: dict = field(default_factory=dict)
     mtu: int = 1500
-    liveness_ttl: int = 8  # under the BGP hold time (9 s): a dead host with its links up leaves as fast as a vanished one
+    liveness_ttl: int = (
+        8  # under the BGP hold time (9 s): a dead host with its links up leaves as fast as a vanished one
+    )
     reclaim_grace: float = 600.0
     reclaim_interval: float = 30.0
     resync_interval: float = 60.0

@@ -6,6 +6,7 @@ each repeat), counted, and followed by a jittered, doubling back-off, so a bug o
 never the thread. ``Progress`` keeps, per loop, when its last round succeeded and its run of failures: the
 agent's health answer reads it, so a loop that stopped making progress is visible rather than silent.
 """
+
 import logging
 import random
 import threading
@@ -26,8 +27,7 @@ class Progress:
         self._loops = {}  # name -> {"ok_at", "failures", "error"}
 
     def _entry(self, name):
-        return self._loops.setdefault(name, {"ok_at": None, "failures": 0, "error": None,
-                                             "started_at": self.clock()})
+        return self._loops.setdefault(name, {"ok_at": None, "failures": 0, "error": None, "started_at": self.clock()})
 
     def started(self, name):
         with self._lock:
@@ -61,9 +61,15 @@ class Progress:
         """{name: {"age_s", "failures", "error"}} for the health answer."""
         now = self.clock()
         with self._lock:
-            return {name: {"age_s": round(now - (e["ok_at"] if e["ok_at"] is not None else e["started_at"]), 3),
-                           "ever_ok": e["ok_at"] is not None, "failures": e["failures"], "error": e["error"]}
-                    for name, e in sorted(self._loops.items())}
+            return {
+                name: {
+                    "age_s": round(now - (e["ok_at"] if e["ok_at"] is not None else e["started_at"]), 3),
+                    "ever_ok": e["ok_at"] is not None,
+                    "failures": e["failures"],
+                    "error": e["error"],
+                }
+                for name, e in sorted(self._loops.items())
+            }
 
 
 def describe(exc):
@@ -101,7 +107,8 @@ def run_forever(name, body, stop, interval=1.0, progress=None, backoff=BACKOFF, 
 
 def spawn(name, body, stop, interval=1.0, progress=None, **kw):
     """``run_forever`` on a daemon thread named ``name``; returns the started thread."""
-    t = threading.Thread(target=run_forever, args=(name, body, stop, interval, progress), kwargs=kw, name=name,
-                         daemon=True)
+    t = threading.Thread(
+        target=run_forever, args=(name, body, stop, interval, progress), kwargs=kw, name=name, daemon=True
+    )
     t.start()
     return t

@@ -4,6 +4,7 @@ A node record (``nodes/<host>``) is permanent configuration; liveness (``livenes
 etcd lease the agent keeps alive. When the agent (or its host) dies the lease lapses, the key vanishes, and the
 reclaimer starts the grace clock for that host.
 """
+
 import logging
 import socket
 import time

@@ -6,6 +6,7 @@
 
 Semantics are described in ``policy.compiler``; the Kubernetes NetworkPolicy mapping in ``policy.k8s``.
 """
+
 from policy.applier import PolicyDataplane
 from policy.compiler import CompileOptions, IpSet, Ruleset, compile_ruleset
 from policy.loader import load_file, load_text
@@ -13,5 +14,19 @@ from policy.model import Endpoint, Peer, Policy, Rule
 from policy.selector import Requirement, Selector
 from policy.validation import PolicyValidationError
 
-__all__ = ["CompileOptions", "Endpoint", "IpSet", "Peer", "Policy", "PolicyDataplane", "PolicyValidationError",
-           "Requirement", "Rule", "Ruleset", "Selector", "compile_ruleset", "load_file", "load_text"]
+__all__ = [
+    "CompileOptions",
+    "Endpoint",
+    "IpSet",
+    "Peer",
+    "Policy",
+    "PolicyDataplane",
+    "PolicyValidationError",
+    "Requirement",
+    "Rule",
+    "Ruleset",
+    "Selector",
+    "compile_ruleset",
+    "load_file",
+    "load_text",
+]

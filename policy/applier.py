@@ -15,6 +15,7 @@ change's time. So the applier remembers what its last successful apply left in t
 event-driven syncs, which must be fast, and reads back on its periodic full resync, which repairs drift. If an
 incremental batch fails (the kernel was changed behind our back), the applier reads back and tries once more.
 """
+
 import logging
 from concurrent.futures import ThreadPoolExecutor
 import time
@@ -31,8 +32,8 @@ LOG = logging.getLogger(__name__)
 
 @dataclass
 class KernelState:
-    ipsets: dict = field(default_factory=dict)   # name -> KernelSet
-    tables: dict = field(default_factory=dict)   # family -> TableState
+    ipsets: dict = field(default_factory=dict)  # name -> KernelSet
+    tables: dict = field(default_factory=dict)  # family -> TableState
 
 
 class PolicyDataplane:
@@ -43,9 +44,9 @@ class PolicyDataplane:
         self.ipsets = Ipsets(self.ns)
         self.tables = {family: NetfilterTable(self.ns, family, wait=wait, backend=backend) for family in FAMILIES}
         self.last_timings = {}
-        self.last_processes = []   # the processes the last apply ran ("ipset", "IPv4 restore", ...)
+        self.last_processes = []  # the processes the last apply ran ("ipset", "IPv4 restore", ...)
         self._pool = ThreadPoolExecutor(max_workers=len(FAMILIES), thread_name_prefix="iptables-restore")
-        self._written = None    # KernelState our last successful apply left (None: unknown, read back)
+        self._written = None  # KernelState our last successful apply left (None: unknown, read back)
 
     def backend(self):
         return self.tables[4].backend()
@@ -72,8 +73,11 @@ class PolicyDataplane:
             try:
                 return self._apply(ruleset, self._written, force)
             except DataplaneError as err:
-                LOG.warning("policy sync netns=%s: incremental batch failed (%s); reading the kernel back",
-                            self.ns.netns, err.msg)
+                LOG.warning(
+                    "policy sync netns=%s: incremental batch failed (%s); reading the kernel back",
+                    self.ns.netns,
+                    err.msg,
+                )
         return self._apply(ruleset, None, force)
 
     def _apply(self, ruleset, state, force):
@@ -82,8 +86,9 @@ class PolicyDataplane:
         source = "cache" if state is not None else "kernel"
         state = state or self.read_back()
         set_plan = self.ipsets.plan(ruleset.ipset_map(), state.ipsets)
-        plans = {f: t.plan(ruleset.chains[f], ruleset.hooks[f], state.tables[f], force=force)
-                 for f, t in self.tables.items()}
+        plans = {
+            f: t.plan(ruleset.chains[f], ruleset.hooks[f], state.tables[f], force=force) for f, t in self.tables.items()
+        }
         timings = {"read": time.monotonic() - started}
         processes = []
         lines = self._set_lines(set_plan, state, delta=source == "cache")
@@ -103,11 +108,23 @@ class PolicyDataplane:
         self.last_processes = processes
         self._written = written_state(ruleset)
         notes = set_plan.notes + [n for f in FAMILIES for n in plans[f].notes]
-        LOG.info("policy sync netns=%s: %d difference(s) from the %s; sets +%d ~%d -%d; chains v4 %d/%d v6 %d/%d"
-                 " rewritten; %d process(es); %.3f s (%s)", self.ns.netns, len(notes), source, len(set_plan.create),
-                 len(set_plan.refill), len(set_plan.stale), len(plans[4].rewrite), len(ruleset.chains[4]),
-                 len(plans[6].rewrite), len(ruleset.chains[6]), len(processes), time.monotonic() - started,
-                 ", ".join(f"{k} {v:.3f}" for k, v in timings.items()))
+        LOG.info(
+            "policy sync netns=%s: %d difference(s) from the %s; sets +%d ~%d -%d; chains v4 %d/%d v6 %d/%d"
+            " rewritten; %d process(es); %.3f s (%s)",
+            self.ns.netns,
+            len(notes),
+            source,
+            len(set_plan.create),
+            len(set_plan.refill),
+            len(set_plan.stale),
+            len(plans[4].rewrite),
+            len(ruleset.chains[4]),
+            len(plans[6].rewrite),
+            len(ruleset.chains[6]),
+            len(processes),
+            time.monotonic() - started,
+            ", ".join(f"{k} {v:.3f}" for k, v in timings.items()),
+        )
         for note in notes:
             LOG.debug("policy sync netns=%s: %s", self.ns.netns, note)
         return notes
@@ -120,8 +137,9 @@ class PolicyDataplane:
         the cache says, a line fails and ``apply`` reads back and rebuilds."""
         if not delta or not plan.refill:
             return self.ipsets.update_lines(plan, state.ipsets)
-        lines = self.ipsets.update_lines(IpsetPlan(create=plan.create, replace=plan.replace, stale=plan.stale),
-                                         state.ipsets)
+        lines = self.ipsets.update_lines(
+            IpsetPlan(create=plan.create, replace=plan.replace, stale=plan.stale), state.ipsets
+        )
         for want in plan.refill:
             have = set(state.ipsets[want.name].members)
             wanted = set(want.members)
@@ -160,7 +178,9 @@ def written_state(ruleset):
     tables = {}
     for family in FAMILIES:
         chains = {name: tuple(rule_hash(spec) for spec in specs) for name, specs in ruleset.chains[family].items()}
-        hooks = {builtin: [(tagged(hook_spec(hook)), hook_target(hook), rule_hash(hook_spec(hook)))]
-                 for builtin, hook in ruleset.hooks[family].items()}
+        hooks = {
+            builtin: [(tagged(hook_spec(hook)), hook_target(hook), rule_hash(hook_spec(hook)))]
+            for builtin, hook in ruleset.hooks[family].items()
+        }
         tables[family] = TableState(chains=chains, hooks=hooks)
     return KernelState(ipsets=ipsets, tables=tables)

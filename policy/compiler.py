@@ -41,6 +41,7 @@ endpoints), ``np-sel-<h>`` (a selector's endpoints, named from its canonical for
 ``np-cidr-<h>`` (the union of one rule's CIDR peers minus their notCIDRs, computed exactly; named from its
 content). A rule costs a packet one set lookup per peer kind however many addresses it covers.
 """
+
 import functools
 import hashlib
 import ipaddress
@@ -84,7 +85,7 @@ class CompileOptions:
 
     def __post_init__(self):
         for mark in (self.allow_mark, self.deny_mark, self.accepted_mark):
-            if not isinstance(mark, int) or mark <= 0 or mark > 0xffffffff or mark & (mark - 1):
+            if not isinstance(mark, int) or mark <= 0 or mark > 0xFFFFFFFF or mark & (mark - 1):
                 raise InvalidInput(f"policy mark {mark!r} is not a single bit of a 32-bit fwmark")
         if self.allow_mark == self.deny_mark:
             raise InvalidInput("policy allow and deny marks must be different bits")
@@ -152,8 +153,8 @@ class _Compiler:
         self.endpoints = _merge_endpoints(all_endpoints, self.local)
         self.addresses = {ep.id: _endpoint_networks(ep) for ep in self.endpoints.values()}
         self.policies = _check_policies(policies)
-        self.sets = {}      # name -> IpSet
-        self.owners = {}    # generated name -> what it stands for, to catch hash collisions
+        self.sets = {}  # name -> IpSet
+        self.owners = {}  # generated name -> what it stands for, to catch hash collisions
         self.cidr_spaces = {}  # id(rule) -> its CIDR peers merged (the rules live as long as this compiler)
 
     def run(self):
@@ -172,9 +173,11 @@ class _Compiler:
         clear = f"-j MARK --set-xmark 0x0/{o.mask:#x}"
         accepted = f"{o.accepted_mark:#x}/{o.accepted_mark:#x}"
         chains = {
-            FORWARD_CHAIN: (f"-m connmark --mark {accepted} -j ACCEPT",
-                            f"-i {IFACE_WILDCARD} -g {FORWARD_EP_CHAIN}",
-                            f"-o {IFACE_WILDCARD} -g {FORWARD_EP_CHAIN}"),
+            FORWARD_CHAIN: (
+                f"-m connmark --mark {accepted} -j ACCEPT",
+                f"-i {IFACE_WILDCARD} -g {FORWARD_EP_CHAIN}",
+                f"-o {IFACE_WILDCARD} -g {FORWARD_EP_CHAIN}",
+            ),
             FORWARD_EP_CHAIN: (
                 "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
                 "-m conntrack --ctstate INVALID -j DROP",
@@ -222,8 +225,7 @@ class _Compiler:
 
     def _default_ingress(self, ep, family):
         same = self._network_set(ep.network, family)
-        everyone = self._set("all", family, "",
-                             lambda: [n for nets in self.addresses.values() for n in nets[family]])
+        everyone = self._set("all", family, "", lambda: [n for nets in self.addresses.values() for n in nets[family]])
         return (f"-m set --match-set {same} src -j RETURN", f"-m set --match-set {everyone} src -j DROP")
 
     def _policy_dispatch(self, declared, direction):
@@ -270,8 +272,9 @@ class _Compiler:
         matches = []
         for peer in rule.peers:
             if peer.selector is not None:
-                name = self._set("sel", family, peer.selector.key(),
-                                 lambda sel=peer.selector: self._selected(sel, family))
+                name = self._set(
+                    "sel", family, peer.selector.key(), lambda sel=peer.selector: self._selected(sel, family)
+                )
             elif peer.network is not None:
                 name = self._network_set(peer.network, family)
             else:
@@ -305,12 +308,19 @@ class _Compiler:
     # -- sets -----------------------------------------------------------------------------------------------
 
     def _selected(self, selector, family):
-        return [n for ep in self.endpoints.values() if selector.matches(ep.labels)
-                for n in self.addresses[ep.id][family]]
+        return [
+            n for ep in self.endpoints.values() if selector.matches(ep.labels) for n in self.addresses[ep.id][family]
+        ]
 
     def _network_set(self, network, family):
-        return self._set("net", family, network, lambda: [
-            n for ep in self.endpoints.values() if ep.network == network for n in self.addresses[ep.id][family]])
+        return self._set(
+            "net",
+            family,
+            network,
+            lambda: [
+                n for ep in self.endpoints.values() if ep.network == network for n in self.addresses[ep.id][family]
+            ],
+        )
 
     def _set(self, kind, family, key, members):
         """The set's name; ``members`` (a callable) runs only the first time a set is named."""
@@ -323,8 +333,9 @@ class _Compiler:
 
     def _claim(self, name, owner):
         if self.owners.setdefault(name, owner) != owner:
-            raise InvalidInput(f"compiling policy: name {name} stands for both {self.owners[name]} and {owner}"
-                               " (hash collision)")
+            raise InvalidInput(
+                f"compiling policy: name {name} stands for both {self.owners[name]} and {owner} (hash collision)"
+            )
 
 
 def log_prefix(policy_name):
@@ -389,7 +400,10 @@ def _merge_endpoints(all_endpoints, local):
     for ep in list(all_endpoints) + list(local):
         known = merged.get(ep.id)
         if known is not None and (known.network, sorted(known.addresses), known.labels) != (
-                ep.network, sorted(ep.addresses), ep.labels):
+            ep.network,
+            sorted(ep.addresses),
+            ep.labels,
+        ):
             raise InvalidInput(f"compiling policy: endpoint {ep.id} is given twice with different contents")
         merged.setdefault(ep.id, ep)
     return dict(sorted(merged.items()))
@@ -399,11 +413,14 @@ def _check_local(local):
     seen = {}
     for ep in local:
         if not isinstance(ep.host_ifname, str) or not HOST_IFNAME.match(ep.host_ifname):
-            raise InvalidInput(f"compiling policy: local endpoint {ep.id} has host interface {ep.host_ifname!r},"
-                               " expected 'np' and 11 hex digits")
+            raise InvalidInput(
+                f"compiling policy: local endpoint {ep.id} has host interface {ep.host_ifname!r},"
+                " expected 'np' and 11 hex digits"
+            )
         if ep.host_ifname in seen:
-            raise InvalidInput(f"compiling policy: endpoints {seen[ep.host_ifname]} and {ep.id} share host"
-                               f" interface {ep.host_ifname}")
+            raise InvalidInput(
+                f"compiling policy: endpoints {seen[ep.host_ifname]} and {ep.id} share host interface {ep.host_ifname}"
+            )
         seen[ep.host_ifname] = ep.id
 
 

@@ -33,12 +33,13 @@ onto the endpoint under that prefix. An empty namespaceSelector ``{}`` becomes `
 Kubernetes pod). The result has Kubernetes semantics because ours are a superset: a selected endpoint's
 declared directions are default-deny, and every translated rule allows.
 """
+
 import ipaddress
 import re
 
 from policy.model import DEFAULT_ORDER, DIRECTIONS, Peer, Policy, Rule
 from policy.selector import Requirement, Selector, check_label_key, parse_selector
-from policy.validation import (FieldError, expect_list, expect_mapping, expect_str, reject_unknown, show)
+from policy.validation import FieldError, expect_list, expect_mapping, expect_str, reject_unknown, show
 
 API_VERSION = "networking.k8s.io/v1"
 KIND = "NetworkPolicy"
@@ -96,14 +97,19 @@ def translate(doc, path, problems):
         if raw is None or problems.attempt(expect_list, raw, spath + (key,)) is None:
             continue
         for i, item in enumerate(raw):
-            translated = problems.attempt(_rule, item, peer_key, in_namespace, namespace, spath + (key, i),
-                                          problems)
+            translated = problems.attempt(_rule, item, peer_key, in_namespace, namespace, spath + (key, i), problems)
             rules[direction].extend(translated or [])
     types = problems.attempt(_types, spec, spath + ("policyTypes",))
     if len(problems.items) != before or pods is None:
         return None
-    return Policy(name=policy_name(namespace, name), selector=pods.merged(in_namespace), order=DEFAULT_ORDER,
-                  types=types, ingress=tuple(rules["Ingress"]), egress=tuple(rules["Egress"]))
+    return Policy(
+        name=policy_name(namespace, name),
+        selector=pods.merged(in_namespace),
+        order=DEFAULT_ORDER,
+        types=types,
+        ingress=tuple(rules["Ingress"]),
+        egress=tuple(rules["Egress"]),
+    )
 
 
 def _metadata(meta, path):

@@ -9,6 +9,7 @@ YAML is composed to nodes (not loaded) so each value keeps its line. Two YAML 1.
 an unquoted ``22:25`` is a port range here, not the sexagesimal integer 1345, and duplicate keys are errors
 instead of the last one silently winning.
 """
+
 import datetime
 import sys
 from dataclasses import dataclass
@@ -81,8 +82,10 @@ def load_resources(text, source, parse, key, name):
             if resource is None:
                 continue
             if key(resource) in seen:
-                problems.add(path + ("metadata", "name"),
-                             f"{show(name(resource))} is defined twice (first at line {seen[key(resource)]})")
+                problems.add(
+                    path + ("metadata", "name"),
+                    f"{show(name(resource))} is defined twice (first at line {seen[key(resource)]})",
+                )
                 continue
             seen[key(resource)] = line_of(marks, path + ("metadata", "name"))
             items.append(resource)
@@ -121,8 +124,10 @@ def _parse_any(doc, path, problems):
     if kind == k8s.KIND:
         return k8s.translate(doc, path, problems)
     if kind is None:
-        problems.add(path + ("kind",), f"required ({KIND} with apiVersion {API_VERSION}, or {k8s.KIND}"
-                                       f" with apiVersion {k8s.API_VERSION})")
+        problems.add(
+            path + ("kind",),
+            f"required ({KIND} with apiVersion {API_VERSION}, or {k8s.KIND} with apiVersion {k8s.API_VERSION})",
+        )
     else:
         problems.add(path + ("kind",), f"{show(kind)} is not {KIND} or {k8s.KIND} (apiVersion {show(api)})")
     return None
@@ -175,8 +180,7 @@ def _to_python(node, path, marks, problems, depth):
         if not isinstance(key_node, yaml.ScalarNode):
             problems.add(path, f"line {key_node.start_mark.line + 1}: mapping keys must be plain text")
             continue
-        key = key_node.value if key_node.tag == "tag:yaml.org,2002:merge" else _constructor.construct_object(
-            key_node)
+        key = key_node.value if key_node.tag == "tag:yaml.org,2002:merge" else _constructor.construct_object(key_node)
         if key_node.tag == "tag:yaml.org,2002:merge":
             problems.add(path + (key,), "YAML merge keys ('<<') are not supported")
             continue
@@ -184,8 +188,9 @@ def _to_python(node, path, marks, problems, depth):
             key = key_node.value  # e.g. "80: x" or "on:" read as text; validation then judges the name
         kpath = path + (key,)
         if key in out:
-            problems.items.append(FieldError(kpath, f"duplicate key (first at line {marks[kpath]})",
-                                             line=key_node.start_mark.line + 1))
+            problems.items.append(
+                FieldError(kpath, f"duplicate key (first at line {marks[kpath]})", line=key_node.start_mark.line + 1)
+            )
             continue
         marks[kpath] = key_node.start_mark.line + 1
         out[key] = _to_python(value_node, kpath, marks, problems, depth + 1)

@@ -16,13 +16,13 @@ Resource shape::
       ingress: [{action: allow, protocol: tcp, ports: [80, "8000:8080"], from: [{selector: {...}}]}]
       egress:  [{action: deny, to: [{cidr: 192.0.2.0/24, notCIDR: [192.0.2.0/28]}]}]
 """
+
 import ipaddress
 import re
 from dataclasses import dataclass, field
 
 from policy.selector import Selector, parse_selector
-from policy.validation import (FieldError, Problems, expect_list, expect_mapping, expect_str, reject_unknown,
-                               show)
+from policy.validation import FieldError, Problems, expect_list, expect_mapping, expect_str, reject_unknown, show
 
 API_VERSION = "netplugin/v1"
 KIND = "Policy"
@@ -162,8 +162,9 @@ def parse_policy(doc, path, problems):
     types = problems.attempt(_parse_types, spec, spath)
     if len(problems.items) != before:
         return None
-    return Policy(name=name, selector=selector, order=order, types=types, ingress=rules["Ingress"],
-                  egress=rules["Egress"])
+    return Policy(
+        name=name, selector=selector, order=order, types=types, ingress=rules["Ingress"], egress=rules["Egress"]
+    )
 
 
 def _parse_metadata(meta, path):
@@ -181,8 +182,11 @@ def check_policy_name(name, path):
         raise FieldError(path, "required")
     expect_str(name, path)
     if len(name) > 253 or not _POLICY_NAME.match(name):
-        raise FieldError(path, f"{show(name)} is not a valid name (lower-case letters, digits, '-', '.', '_';"
-                               " starting and ending with a letter or digit; at most 253)")
+        raise FieldError(
+            path,
+            f"{show(name)} is not a valid name (lower-case letters, digits, '-', '.', '_';"
+            " starting and ending with a letter or digit; at most 253)",
+        )
     return name
 
 
@@ -222,8 +226,11 @@ def parse_rule(raw, direction, path, problems):
     wrong_key = "to" if direction == "Ingress" else "from"
     if wrong_key in raw:
         problems.add(path + (wrong_key,), f"{direction.lower()} rules name their peers under '{peer_key}'")
-    problems.items.extend(reject_unknown({k: v for k, v in raw.items() if k != wrong_key},
-                                         ("action", "protocol", "ports", peer_key), path))
+    problems.items.extend(
+        reject_unknown(
+            {k: v for k, v in raw.items() if k != wrong_key}, ("action", "protocol", "ports", peer_key), path
+        )
+    )
     action = raw.get("action")
     if action is None:
         problems.add(path + ("action",), f"required ({', '.join(ACTIONS)})")
@@ -321,8 +328,9 @@ def _parse_peer(raw, path, problems):
     problems.items.extend(reject_unknown(raw, ("selector", "network", "cidr", "notCIDR"), path))
     kinds = [k for k in ("selector", "network", "cidr") if k in raw]
     if len(kinds) != 1:
-        problems.add(path, "needs exactly one of selector, network, cidr" +
-                     (f" (has {', '.join(kinds)})" if kinds else ""))
+        problems.add(
+            path, "needs exactly one of selector, network, cidr" + (f" (has {', '.join(kinds)})" if kinds else "")
+        )
         return None
     if "notCIDR" in raw and kinds != ["cidr"]:
         problems.add(path + ("notCIDR",), "only goes with cidr")

@@ -5,13 +5,13 @@ match endpoints that lack the key, as in Kubernetes. A selector has one canonica
 {a: x}`` and ``matchExpressions [{key: a, operator: In, values: [x]}]`` are the same selector, so they share one
 ipset.
 """
+
 import functools
 import json
 import re
 from dataclasses import dataclass
 
-from policy.validation import (FieldError, Problems, expect_list, expect_mapping, expect_str, reject_unknown,
-                               show)
+from policy.validation import FieldError, Problems, expect_list, expect_mapping, expect_str, reject_unknown, show
 
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 
@@ -26,16 +26,22 @@ def check_label_key(key, path):
     if "/" in key and (not prefix or len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
         raise FieldError(path, f"{show(key)} is not a valid label key: bad prefix {show(prefix)}")
     if not name or len(name) > 63 or not _NAME.match(name):
-        raise FieldError(path, f"{show(key)} is not a valid label key (at most 63 letters, digits, '-', '_', '.',"
-                               " starting and ending with a letter or digit, optionally after 'prefix/')")
+        raise FieldError(
+            path,
+            f"{show(key)} is not a valid label key (at most 63 letters, digits, '-', '_', '.',"
+            " starting and ending with a letter or digit, optionally after 'prefix/')",
+        )
     return key
 
 
 def check_label_value(value, path):
     expect_str(value, path, "a string label value")
     if value and (len(value) > 63 or not _NAME.match(value)):
-        raise FieldError(path, f"{show(value)} is not a valid label value (at most 63 letters, digits, '-', '_',"
-                               " '.', starting and ending with a letter or digit)")
+        raise FieldError(
+            path,
+            f"{show(value)} is not a valid label value (at most 63 letters, digits, '-', '_',"
+            " '.', starting and ending with a letter or digit)",
+        )
     return value
 
 
@@ -149,8 +155,10 @@ def parse_selector(value, path, problems):
     if problems.attempt(expect_mapping, raw_labels, path + ("matchLabels",)) is not None:
         for key, val in raw_labels.items():
             kpath = path + ("matchLabels", key)
-            if problems.attempt(check_label_key, key, kpath) and problems.attempt(check_label_value, val,
-                                                                                  kpath) is not None:
+            if (
+                problems.attempt(check_label_key, key, kpath)
+                and problems.attempt(check_label_value, val, kpath) is not None
+            ):
                 labels[key] = val
     exprs = []
     raw_exprs = value.get("matchExpressions") or []

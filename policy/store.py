@@ -3,6 +3,7 @@
 A file is stored all-or-nothing: every policy it holds goes into one transaction, after every document has been
 validated, so a bad file changes nothing.
 """
+
 from netplugin.datastore import keys
 from netplugin.datastore.client import put_op
 from netplugin.errors import InvalidInput, NotFound

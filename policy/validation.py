@@ -4,6 +4,7 @@ Validation walks plain dicts (what etcd stores as JSON) and reports *every* prob
 field path (``spec.ingress[0].ports[1]``). The YAML loader records the line of every node by path, so the same
 problems can then be shown as ``policy.yaml:12: spec.ingress[0].ports[1]: "80x" is not a port or range``.
 """
+
 from dataclasses import dataclass
 
 from netplugin.errors import InvalidInput
@@ -143,6 +144,7 @@ def reject_unknown(mapping, allowed, path):
     errors = []
     for key in mapping:
         if key not in allowed:
-            errors.append(FieldError(tuple(path) + (key,),
-                                     f"unknown field (expected one of: {', '.join(sorted(allowed))})"))
+            errors.append(
+                FieldError(tuple(path) + (key,), f"unknown field (expected one of: {', '.join(sorted(allowed))})")
+            )
     return errors

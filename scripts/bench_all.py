@@ -10,6 +10,7 @@ writes the index of what finished, and exits.
 
     sudo .venv/bin/python scripts/bench_all.py [--quick] [--only datapath,cni] [--timeout-minutes 30]
 """
+
 import argparse
 import datetime
 import os
@@ -91,8 +92,9 @@ def run_one(name, path, args, cleanup, logdir, progress, step, total, started_al
     with open(out_path, "w") as out, open(err_path, "w") as err:
         # A session of its own: our SIGTERM reaches every process it started, and a terminal's Ctrl-C reaches only
         # us, so the benchmark is stopped once, in order.
-        holder.append(subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                       start_new_session=True))
+        holder.append(
+            subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)
+        )
     proc = holder[0]
     deadline = t0 + args.timeout_minutes * 60
     status = None
@@ -107,8 +109,10 @@ def run_one(name, path, args, cleanup, logdir, progress, step, total, started_al
                 break
             now = time.monotonic()
             tail = last_line(err_path) or last_line(out_path)
-            progress.show(f"[{step}/{total}] bench_{name}{' --quick' if quick else ''}  "
-                          f"{suite.fmt_duration(now - t0)} (total {suite.fmt_duration(now - started_all)})  {tail}")
+            progress.show(
+                f"[{step}/{total}] bench_{name}{' --quick' if quick else ''}  "
+                f"{suite.fmt_duration(now - t0)} (total {suite.fmt_duration(now - started_all)})  {tail}"
+            )
     seconds = time.monotonic() - t0
     progress.done(f"[{step}/{total}] bench_{name}: {status} in {suite.fmt_duration(seconds)}")
     report_md, report_name = None, None
@@ -120,8 +124,14 @@ def run_one(name, path, args, cleanup, logdir, progress, step, total, started_al
         stdout = f.read()
     if status != "ok" and report_md is None:
         stdout += "\n--- stderr (last lines) ---\n" + "\n".join(open(err_path).read().splitlines()[-30:])
-    return {"name": name, "status": status, "seconds": seconds, "quick": quick, "report": report_name,
-            "body": suite.section_body(report_md, stdout)}
+    return {
+        "name": name,
+        "status": status,
+        "seconds": seconds,
+        "quick": quick,
+        "report": report_name,
+        "body": suite.section_body(report_md, stdout),
+    }
 
 
 def main(argv=None):
@@ -164,15 +174,19 @@ def main(argv=None):
         notes.append(f"**Interrupted** ({e}) after {len(runs)} of {len(benches)} benchmarks.")
         rc = 130
     info["loadavg_end"] = machine.load_average()
-    notes.append("Other engineers' tests may share the 2 cores while these run; absolute figures wander, ratios "
-                 f"within one benchmark hold better. Load average at the end: "
-                 f"{' '.join(str(x) for x in info['loadavg_end'] or ())}.")
+    notes.append(
+        "Other engineers' tests may share the 2 cores while these run; absolute figures wander, ratios "
+        f"within one benchmark hold better. Load average at the end: "
+        f"{' '.join(str(x) for x in info['loadavg_end'] or ())}."
+    )
     os.makedirs(OUT_DIR, exist_ok=True)
     index = suite.render_index(runs, date, machine.describe(info), args.quick, notes)
     with open(os.path.join(OUT_DIR, "README.md"), "w") as f:
         f.write(index)
-    print(f"bench_all: {sum(r['status'] == 'ok' for r in runs)}/{len(benches)} ok in "
-          f"{suite.fmt_duration(time.monotonic() - started_all)}; index: {os.path.relpath(OUT_DIR, REPO)}/README.md")
+    print(
+        f"bench_all: {sum(r['status'] == 'ok' for r in runs)}/{len(benches)} ok in "
+        f"{suite.fmt_duration(time.monotonic() - started_all)}; index: {os.path.relpath(OUT_DIR, REPO)}/README.md"
+    )
     return rc
 
 

@@ -20,6 +20,7 @@ DELs ``netctl ipam check``, the hosts' veths, container routes and ipset members
 Bounded by --timeout for the whole run (the lab's build included); on any exit, Ctrl-C or SIGTERM the lab is
 removed. Exit status 0 when every container was reachable and nothing leaked, 1 otherwise.
 """
+
 import argparse
 import json
 import os
@@ -44,8 +45,10 @@ from netplugin.lab import Lab, LabSpec
 from netplugin.lab import system
 
 LAB_NAME = "churn"
-PROBE_RUNNER = f"import sys; sys.path.insert(0, {ROOT!r}); from netplugin.benchlib.reach import serve; " \
-               "serve(sys.stdin, sys.stdout)"
+PROBE_RUNNER = (
+    f"import sys; sys.path.insert(0, {ROOT!r}); from netplugin.benchlib.reach import serve; "
+    "serve(sys.stdin, sys.stdout)"
+)
 
 
 def parse_args(argv=None):
@@ -54,8 +57,9 @@ def parse_args(argv=None):
     ap.add_argument("--containers", type=int, default=1000)
     ap.add_argument("--per-host-concurrency", type=int, default=4, help="ADDs (and DELs) in flight per host")
     ap.add_argument("--timeout", type=float, default=900, help="seconds for the whole run, lab build included")
-    ap.add_argument("--probe-timeout", type=float, default=60,
-                    help="seconds a container may take to answer after its ADD returned")
+    ap.add_argument(
+        "--probe-timeout", type=float, default=60, help="seconds a container may take to answer after its ADD returned"
+    )
     args = ap.parse_args(argv)
     try:
         check_limits(args.hosts, args.containers, args.per_host_concurrency, args.timeout)
@@ -71,8 +75,13 @@ class Probers:
         self.procs, self.arrived, self.lost = {}, {}, set()
         self.cond = threading.Condition()
         for host, rec in probe_containers.items():
-            p = subprocess.Popen(system.in_ns(rec["netns"], [sys.executable, "-I", "-c", PROBE_RUNNER]),
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+            p = subprocess.Popen(
+                system.in_ns(rec["netns"], [sys.executable, "-I", "-c", PROBE_RUNNER]),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                bufsize=1,
+            )
             self.procs[host] = p
             if p.stdout.readline().strip() != "ready":
                 raise RuntimeError(f"prober on {host} did not start")
@@ -150,8 +159,13 @@ def churn(lab, args, deadline, log):
             if time.monotonic() > deadline:
                 r.failed.append((name, "run timeout"))
                 return
-            rec = {"name": name, "host": h.name, "netns": lab.plan.container_namespace(name),
-                   "container_id": f"{LAB_NAME}-{name}", "labels": {}}
+            rec = {
+                "name": name,
+                "host": h.name,
+                "netns": lab.plan.container_namespace(name),
+                "container_id": f"{LAB_NAME}-{name}",
+                "labels": {},
+            }
             t0 = time.monotonic()
             try:
                 system.add_netns(rec["netns"])
@@ -166,8 +180,10 @@ def churn(lab, args, deadline, log):
             started[rec["ip"]] = t0
             probers.ask(prober_host, rec["ip"], args.probe_timeout)
 
-        log(f"starting {args.containers} containers on {len(hosts)} hosts, "
-            f"{args.per_host_concurrency} ADDs in flight per host")
+        log(
+            f"starting {args.containers} containers on {len(hosts)} hosts, "
+            f"{args.per_host_concurrency} ADDs in flight per host"
+        )
         t_start = time.monotonic()
         run_parallel(lab, jobs, args.per_host_concurrency, add)
         log(f"  ADDs done in {time.monotonic() - t_start:.1f}s ({len(r.failed)} failed); waiting for pings")
@@ -176,7 +192,7 @@ def churn(lab, args, deadline, log):
             arrived = dict(probers.arrived)
         r.reach_s = [arrived[ip] - t0 for ip, t0 in started.items() if ip in arrived]
         r.unreachable = sorted(ip for ip in started if ip not in arrived)
-        r.total_s = (max(arrived.values(), default=t_start) - t_start)
+        r.total_s = max(arrived.values(), default=t_start) - t_start
         r.etcd_db_bytes["full"] = etcd_db_bytes(lab)
 
         def delete(job):
@@ -220,22 +236,25 @@ def leftovers(lab, ips):
     for h in lab.live_hosts():
         links = json.loads(system.ns_run(h.namespace, ["ip", "-j", "link", "show"], "listing links").stdout or "[]")
         leaks["veths"] += [f"{h.name}:{link['ifname']}" for link in links if is_host_ifname(link.get("ifname"))]
-        routes = json.loads(system.ns_run(h.namespace, ["ip", "-j", "route", "show", "table", "all"],
-                                          "listing routes").stdout or "[]")
+        routes = json.loads(
+            system.ns_run(h.namespace, ["ip", "-j", "route", "show", "table", "all"], "listing routes").stdout or "[]"
+        )
         # A container's route is a host route (``ip -j`` prints its dst without a prefix length); a block's
         # route may start at an address a container had.
-        leaks["routes"] += [f"{h.name}:{rt['dst']}" for rt in routes
-                            if rt.get("dst", "").removesuffix("/32") in ips]
+        leaks["routes"] += [f"{h.name}:{rt['dst']}" for rt in routes if rt.get("dst", "").removesuffix("/32") in ips]
         sets = system.ns_run(h.namespace, ["ipset", "list"], "listing ipsets", check=False).stdout
-        leaks["ipset members"] += [f"{h.name}:{w}" for line in sets.splitlines() for w in line.split()[:1]
-                                   if w.split("/")[0] in ips]
+        leaks["ipset members"] += [
+            f"{h.name}:{w}" for line in sets.splitlines() for w in line.split()[:1] if w.split("/")[0] in ips
+        ]
     return leaks
 
 
 def main(argv=None):
     args = parse_args(argv)
+
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
+
     began = time.monotonic()
     deadline = began + args.timeout
     # One bound on the whole run: SIGTERM to ourselves, which the cleanup stack turns into a clean exit.
@@ -254,8 +273,11 @@ def main(argv=None):
                 Lab.destroy(LAB_NAME)
             cleanup.push(f"removing lab {LAB_NAME}", Lab.destroy, LAB_NAME)
             log(f"building a {args.hosts}-host lab (BGP mesh, one etcd)")
-            lab = Lab.up(LabSpec(name=LAB_NAME, hosts=args.hosts, routing="bgp"), out=log,
-                         converge_timeout=max(60, 3 * args.hosts))
+            lab = Lab.up(
+                LabSpec(name=LAB_NAME, hosts=args.hosts, routing="bgp"),
+                out=log,
+                converge_timeout=max(60, 3 * args.hosts),
+            )
             pin_neighbours(lab)
             log(f"  up in {time.monotonic() - began:.1f}s")
             result = churn(lab, args, deadline, log)

@@ -10,6 +10,7 @@ end, also on Ctrl-C or SIGTERM. Prints a Markdown table; ``--profile`` adds wher
 
     .venv/bin/python scripts/bench_cni.py [-n 100] [--deadline 300] [--profile]
 """
+
 import argparse
 import ctypes
 import ctypes.util
@@ -62,15 +63,28 @@ class Plugin:
         os.close(fd)
 
     def call(self, command, container_ns, record=True):
-        env = {"CNI_COMMAND": command, "CNI_CONTAINERID": container_ns, "CNI_NETNS": f"/run/netns/{container_ns}",
-               "CNI_IFNAME": "eth0", "CNI_PATH": self.cni_path, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+        env = {
+            "CNI_COMMAND": command,
+            "CNI_CONTAINERID": container_ns,
+            "CNI_NETNS": f"/run/netns/{container_ns}",
+            "CNI_IFNAME": "eth0",
+            "CNI_PATH": self.cni_path,
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        }
         started = time.perf_counter()
-        p = subprocess.run([self.path], input=json.dumps(self.config).encode(), env=env, capture_output=True,
-                           timeout=CALL_TIMEOUT, preexec_fn=self._enter_host)
+        p = subprocess.run(
+            [self.path],
+            input=json.dumps(self.config).encode(),
+            env=env,
+            capture_output=True,
+            timeout=CALL_TIMEOUT,
+            preexec_fn=self._enter_host,
+        )
         took = (time.perf_counter() - started) * 1000
         if p.returncode != 0:
-            raise RuntimeError(f"{self.name} {command} {container_ns} failed: {p.stdout.decode()} "
-                               f"{p.stderr.decode()[-500:]}")
+            raise RuntimeError(
+                f"{self.name} {command} {container_ns} failed: {p.stdout.decode()} {p.stderr.decode()[-500:]}"
+            )
         if record:
             self.times[command].append(took)
         return took
@@ -97,15 +111,29 @@ class Bench:
         self.etcd.bridge_into(np_host)
         self.agent = AgentProcess(np_host, "bench-cni", self.etcd.endpoint, os.path.join(self.workdir, "run"))
         self.agent.start()
-        binary = CniBinary(os.path.join(self.workdir, "np"), self.agent.socket, network="benchnp",
-                           pools=[NP_POOL], cni_version=CNI_VERSION)
+        binary = CniBinary(
+            os.path.join(self.workdir, "np"),
+            self.agent.socket,
+            network="benchnp",
+            pools=[NP_POOL],
+            cni_version=CNI_VERSION,
+        )
         netplugin = Plugin("netplugin", binary.bin_path, binary.config, np_host, binary.bin_dir)
 
         ptp_host = self.nss.add()
-        ptp_config = {"cniVersion": CNI_VERSION, "name": "benchptp", "type": "ptp", "ipMasq": False, "mtu": 1500,
-                      "ipam": {"type": "host-local", "ranges": [[{"subnet": PTP_SUBNET}]],
-                               "routes": [{"dst": "0.0.0.0/0"}],
-                               "dataDir": os.path.join(self.workdir, "host-local")}}
+        ptp_config = {
+            "cniVersion": CNI_VERSION,
+            "name": "benchptp",
+            "type": "ptp",
+            "ipMasq": False,
+            "mtu": 1500,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{"subnet": PTP_SUBNET}]],
+                "routes": [{"dst": "0.0.0.0/0"}],
+                "dataDir": os.path.join(self.workdir, "host-local"),
+            },
+        }
         ptp = Plugin("ptp + host-local", os.path.join(REFERENCE_DIR, "ptp"), ptp_config, ptp_host, REFERENCE_DIR)
         self.plugins = [netplugin, ptp]
 
@@ -136,8 +164,10 @@ class Bench:
             add, dele = p.times["ADD"], p.times["DEL"]
             if not add or not dele:
                 continue
-            rows.append(f"| {p.name} | {percentile(add, 50):.1f} ms | {percentile(add, 99):.1f} ms | "
-                        f"{percentile(dele, 50):.1f} ms | {percentile(dele, 99):.1f} ms | {len(add)} |")
+            rows.append(
+                f"| {p.name} | {percentile(add, 50):.1f} ms | {percentile(add, 99):.1f} ms | "
+                f"{percentile(dele, 50):.1f} ms | {percentile(dele, 99):.1f} ms | {len(add)} |"
+            )
         return "\n".join(rows)
 
     # --- where the time goes --------------------------------------------------------------------------------------
@@ -147,8 +177,7 @@ class Bench:
         imports), the agent's answer over its socket (HTTP + service), and inside the service its phases as the
         agent logs them (IPAM transaction, netlink work, endpoint record put)."""
         netplugin = self.plugins[0]
-        startup = [self._timed([netplugin.path], {"CNI_COMMAND": "VERSION"})
-                   for _ in range(rounds)]
+        startup = [self._timed([netplugin.path], {"CNI_COMMAND": "VERSION"}) for _ in range(rounds)]
         interp = self._interpreter(netplugin.path)
         bare = [self._timed([interp, "-IS", "-c", "pass"], {}) for _ in range(rounds)]
         direct = []
@@ -156,8 +185,17 @@ class Bench:
         for _ in range(rounds):
             ns = self.nss.add()
             self.added.append((netplugin, ns))
-            body = {"command": "ADD", "container_id": ns, "netns": f"/run/netns/{ns}", "ifname": "eth0", "args": {},
-                    "config": netplugin.config, "ips": [], "labels": {}, "prev_result": None}
+            body = {
+                "command": "ADD",
+                "container_id": ns,
+                "netns": f"/run/netns/{ns}",
+                "ifname": "eth0",
+                "args": {},
+                "config": netplugin.config,
+                "ips": [],
+                "labels": {},
+                "prev_result": None,
+            }
             started = time.perf_counter()
             reply = post_unix(self.agent.socket, "/v1/cni", body)
             direct.append((time.perf_counter() - started) * 1000)
@@ -169,10 +207,12 @@ class Bench:
                 for phase, ms in re.findall(r"(\w+)_ms=([\d.]+)", line):
                     phases.setdefault(phase, []).append(float(ms))
         add_p50 = percentile(netplugin.times["ADD"], 50)
-        rows = [("whole ADD through the binary (from the run above)", add_p50),
-                ("  bare interpreter start-up (`python3 -IS -c pass`)", median(bare)),
-                ("  plugin process without the agent (VERSION)", median(startup)),
-                ("  agent's answer over its socket, from a warm client", median(direct))]
+        rows = [
+            ("whole ADD through the binary (from the run above)", add_p50),
+            ("  bare interpreter start-up (`python3 -IS -c pass`)", median(bare)),
+            ("  plugin process without the agent (VERSION)", median(startup)),
+            ("  agent's answer over its socket, from a warm client", median(direct)),
+        ]
         rows += [(f"    of which {phase} (agent log)", median(v)) for phase, v in sorted(phases.items())]
         rest = add_p50 - median(startup) - median(direct)
         rows.append(("  rest: the plugin's request path (imports, connect, JSON, result shaping)", rest))
@@ -213,8 +253,11 @@ def post_unix(path, url, body, timeout=30):
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(timeout)
         s.connect(path)
-        s.sendall(f"POST {url} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                  f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload)
+        s.sendall(
+            f"POST {url} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
+            + payload
+        )
         data = b""
         while chunk := s.recv(65536):
             data += chunk
@@ -243,8 +286,10 @@ def main():
     try:
         bench.setup()
         bench.run()
-        print(f"CNI latency, {args.n} containers per plugin, interleaved, cniVersion {CNI_VERSION}, "
-              f"{os.cpu_count()} CPUs\n")
+        print(
+            f"CNI latency, {args.n} containers per plugin, interleaved, cniVersion {CNI_VERSION}, "
+            f"{os.cpu_count()} CPUs\n"
+        )
         print(bench.table())
         if args.profile:
             print()

@@ -25,6 +25,7 @@ duration, policy applies, BIRD reconfigurations), plus the agents' logs of that 
 Bounded: every probe gives up after --probe-timeout, each scenario after --scenario-timeout, and Ctrl-C or SIGTERM
 removes the lab being measured.
 """
+
 import argparse
 import os
 import signal
@@ -56,14 +57,21 @@ def parse_scenario(text):
     parts = text.split(":")
     try:
         if parts[0] == "mesh" and len(parts) == 2:
-            return {"label": f"mesh, {parts[1]} hosts", "hosts": int(parts[1]), "route_reflectors": 0,
-                    "routing": "bgp"}
+            return {"label": f"mesh, {parts[1]} hosts", "hosts": int(parts[1]), "route_reflectors": 0, "routing": "bgp"}
         if parts[0] == "rr" and len(parts) == 3:
-            return {"label": f"{parts[2]} RRs, {parts[1]} hosts", "hosts": int(parts[1]),
-                    "route_reflectors": int(parts[2]), "routing": "bgp"}
+            return {
+                "label": f"{parts[2]} RRs, {parts[1]} hosts",
+                "hosts": int(parts[1]),
+                "route_reflectors": int(parts[2]),
+                "routing": "bgp",
+            }
         if parts[0] == "direct" and len(parts) == 2:
-            return {"label": f"direct, {parts[1]} hosts", "hosts": int(parts[1]), "route_reflectors": 0,
-                    "routing": "direct"}
+            return {
+                "label": f"direct, {parts[1]} hosts",
+                "hosts": int(parts[1]),
+                "route_reflectors": 0,
+                "routing": "direct",
+            }
     except ValueError:
         pass
     raise argparse.ArgumentTypeError(f"scenario {text!r}: use mesh:N, rr:N:K or direct:N")
@@ -76,8 +84,12 @@ class Probers:
         self.procs = {}
         for h in lab.live_hosts():
             self.procs[h.name] = subprocess.Popen(
-                system.in_ns(h.namespace, [sys.executable, "-I", PROBER]), stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, text=True, bufsize=1)
+                system.in_ns(h.namespace, [sys.executable, "-I", PROBER]),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                bufsize=1,
+            )
         for name, p in self.procs.items():
             if p.stdout.readline().strip() != "ready":
                 raise RuntimeError(f"prober on {name} did not start")
@@ -115,9 +127,14 @@ def memory(lab):
 class Profile:
     """CPU ticks of the lab's processes and the agents' log offsets at the start of the container phase."""
 
-    LOG_EVENTS = {"sync": "event=sync ", "policy_applied": "event=policy.applied", "bird_reconfigured":
-                  "BIRD reconfigured", "bird_check": "event=bird.reconfigured", "dataplane": "event=dataplane.",
-                  "sync_failed": "event=sync.failed"}
+    LOG_EVENTS = {
+        "sync": "event=sync ",
+        "policy_applied": "event=policy.applied",
+        "bird_reconfigured": "BIRD reconfigured",
+        "bird_check": "event=bird.reconfigured",
+        "dataplane": "event=dataplane.",
+        "sync_failed": "event=sync.failed",
+    }
 
     def __init__(self, lab):
         self.lab = lab
@@ -202,8 +219,10 @@ class Profile:
                     continue
         lines.append("  agent log events: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
         if took:
-            lines.append(f"  sync took_ms p50 {percentile(took, 50):.1f} p99 {percentile(took, 99):.1f} "
-                         f"max {max(took):.1f}; total {sum(took) / 1000:.1f} s over {len(took)} passes")
+            lines.append(
+                f"  sync took_ms p50 {percentile(took, 50):.1f} p99 {percentile(took, 99):.1f} "
+                f"max {max(took):.1f}; total {sum(took) / 1000:.1f} s over {len(took)} passes"
+            )
         text = "\n".join(lines)
         with open(os.path.join(out_dir, f"{_slug(label)}-cpu.txt"), "w") as f:
             f.write(text + "\n")
@@ -231,8 +250,10 @@ def _slug(label):
 
 def idle_requests(lab, seconds):
     """etcd requests per second per agent over ``seconds`` in which nobody starts anything (all members)."""
+
     def total():
         return sum(sum(requests_served(ep).values()) for ep in lab.endpoints)
+
     before, t0 = total(), time.monotonic()
     time.sleep(seconds)
     return (total() - before) / (time.monotonic() - t0) / len(lab.live_hosts())
@@ -244,15 +265,16 @@ def run_scenario(sc, containers, probe_timeout, budget, log, profile_dir=None, p
         Lab.destroy(name)
     started = time.monotonic()
     deadline = started + budget
-    lab = Lab.up(LabSpec(name=name, hosts=sc["hosts"], route_reflectors=sc["route_reflectors"],
-                         routing=sc["routing"]), converge_timeout=max(60, 3 * sc["hosts"]))
+    lab = Lab.up(
+        LabSpec(name=name, hosts=sc["hosts"], route_reflectors=sc["route_reflectors"], routing=sc["routing"]),
+        converge_timeout=max(60, 3 * sc["hosts"]),
+    )
     probers = None
     try:
         up_s = time.monotonic() - started
         if pin:
             pin_neighbours(lab)
-        log(f"  lab up in {up_s:.1f}s; starting {containers} containers"
-            f"{'' if pin else ' (neighbour entries dynamic)'}")
+        log(f"  lab up in {up_s:.1f}s; starting {containers} containers{'' if pin else ' (neighbour entries dynamic)'}")
         probers = Probers(lab)
         hosts = [h.name for h in lab.live_hosts()]
         adds, conv, after_add, conv_new, conv_old, failures = [], [], [], [], [], 0
@@ -273,15 +295,19 @@ def run_scenario(sc, containers, probe_timeout, budget, log, profile_dir=None, p
             adds.append(t_add)
             if any(t is None for t in arrivals.values()):
                 failures += 1
-                log(f"  {rec['name']} ({rec['ip']} on {host}): not reachable from "
-                    f"{sorted(h for h, t in arrivals.items() if t is None)} within {probe_timeout}s")
+                log(
+                    f"  {rec['name']} ({rec['ip']} on {host}): not reachable from "
+                    f"{sorted(h for h, t in arrivals.items() if t is None)} within {probe_timeout}s"
+                )
                 continue
             c = max(arrivals.values()) - t0 if arrivals else t_add
             if profile:
                 slowest = sorted(arrivals, key=arrivals.get, reverse=True)[:3]
-                log(f"  {rec['name']} on {host} ({rec['ip']}, {'new' if new_block else 'old'} block): ADD "
+                log(
+                    f"  {rec['name']} on {host} ({rec['ip']}, {'new' if new_block else 'old'} block): ADD "
                     f"{t_add * 1000:.0f} ms, pingable from all {c * 1000:.0f} ms; slowest "
-                    + ", ".join(f"{h} {(arrivals[h] - t0) * 1000:.0f}" for h in slowest))
+                    + ", ".join(f"{h} {(arrivals[h] - t0) * 1000:.0f}" for h in slowest)
+                )
             conv.append(c)
             after_add.append(c - t_add)
             (conv_new if new_block else conv_old).append(c)
@@ -289,10 +315,22 @@ def run_scenario(sc, containers, probe_timeout, budget, log, profile_dir=None, p
             log(profile.report(profile_dir, sc["label"]))
         idle = idle_requests(lab, idle_s) if idle_s > 0 else None
         agent_kib, bird_kib = memory(lab)
-        return {"label": sc["label"], "hosts": sc["hosts"], "containers": containers, "up_s": up_s,
-                "add": adds, "conv": conv, "after_add": after_add, "conv_new": conv_new, "conv_old": conv_old,
-                "failures": failures,
-                "agent_kib": agent_kib, "bird_kib": bird_kib, "sessions": _sessions(lab), "idle_rps": idle}
+        return {
+            "label": sc["label"],
+            "hosts": sc["hosts"],
+            "containers": containers,
+            "up_s": up_s,
+            "add": adds,
+            "conv": conv,
+            "after_add": after_add,
+            "conv_new": conv_new,
+            "conv_old": conv_old,
+            "failures": failures,
+            "agent_kib": agent_kib,
+            "bird_kib": bird_kib,
+            "sessions": _sessions(lab),
+            "idle_rps": idle,
+        }
     finally:
         if probers:
             probers.close()
@@ -301,6 +339,7 @@ def run_scenario(sc, containers, probe_timeout, budget, log, profile_dir=None, p
 
 def _block(ip):
     import ipaddress
+
     return str(ipaddress.ip_network(f"{ip}/{BLOCK_PREFIX}", strict=False))
 
 
@@ -319,24 +358,38 @@ def mib(values, fn):
 
 
 def table(results):
-    head = ["scenario", "BGP sessions", "lab up (s)", "ADD p50/p99 (ms)", "pingable p50/p99 (ms)",
-            "after ADD returned p50/p99 (ms)",
-            "new block p50/max (ms) [n]", "in block p50/p99 (ms) [n]", "unreached",
-            "agent RSS mean/max (MiB)", "BIRD RSS mean/max (MiB)", "etcd req/s per agent, idle"]
+    head = [
+        "scenario",
+        "BGP sessions",
+        "lab up (s)",
+        "ADD p50/p99 (ms)",
+        "pingable p50/p99 (ms)",
+        "after ADD returned p50/p99 (ms)",
+        "new block p50/max (ms) [n]",
+        "in block p50/p99 (ms) [n]",
+        "unreached",
+        "agent RSS mean/max (MiB)",
+        "BIRD RSS mean/max (MiB)",
+        "etcd req/s per agent, idle",
+    ]
     rows = []
     for r in results:
-        rows.append([
-            r["label"], str(r["sessions"]), f"{r['up_s']:.1f}",
-            f"{ms(percentile(r['add'], 50))} / {ms(percentile(r['add'], 99))}",
-            f"{ms(percentile(r['conv'], 50))} / {ms(percentile(r['conv'], 99))}",
-            f"{ms(percentile(r['after_add'], 50))} / {ms(percentile(r['after_add'], 99))}",
-            f"{ms(percentile(r['conv_new'], 50))} / {ms(max(r['conv_new'], default=None))} [{len(r['conv_new'])}]",
-            f"{ms(percentile(r['conv_old'], 50))} / {ms(percentile(r['conv_old'], 99))} [{len(r['conv_old'])}]",
-            f"{r['failures']}/{r['containers']}",
-            f"{mib(r['agent_kib'], statistics.mean)} / {mib(r['agent_kib'], max)}",
-            f"{mib(r['bird_kib'], statistics.mean)} / {mib(r['bird_kib'], max)}",
-            "-" if r["idle_rps"] is None else f"{r['idle_rps']:.2f}",
-        ])
+        rows.append(
+            [
+                r["label"],
+                str(r["sessions"]),
+                f"{r['up_s']:.1f}",
+                f"{ms(percentile(r['add'], 50))} / {ms(percentile(r['add'], 99))}",
+                f"{ms(percentile(r['conv'], 50))} / {ms(percentile(r['conv'], 99))}",
+                f"{ms(percentile(r['after_add'], 50))} / {ms(percentile(r['after_add'], 99))}",
+                f"{ms(percentile(r['conv_new'], 50))} / {ms(max(r['conv_new'], default=None))} [{len(r['conv_new'])}]",
+                f"{ms(percentile(r['conv_old'], 50))} / {ms(percentile(r['conv_old'], 99))} [{len(r['conv_old'])}]",
+                f"{r['failures']}/{r['containers']}",
+                f"{mib(r['agent_kib'], statistics.mean)} / {mib(r['agent_kib'], max)}",
+                f"{mib(r['bird_kib'], statistics.mean)} / {mib(r['bird_kib'], max)}",
+                "-" if r["idle_rps"] is None else f"{r['idle_rps']:.2f}",
+            ]
+        )
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
@@ -344,16 +397,28 @@ def table(results):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--scenario", action="append", type=parse_scenario,
-                   help="mesh:N, rr:N:K or direct:N (repeatable; default mesh:5, mesh:20, rr:50:2)")
+    p.add_argument(
+        "--scenario",
+        action="append",
+        type=parse_scenario,
+        help="mesh:N, rr:N:K or direct:N (repeatable; default mesh:5, mesh:20, rr:50:2)",
+    )
     p.add_argument("--containers", type=int, default=50)
     p.add_argument("--probe-timeout", type=float, default=30.0, help="Seconds one reachability probe may take.")
     p.add_argument("--scenario-timeout", type=float, default=600.0, help="Seconds one scenario may take.")
-    p.add_argument("--dynamic-neighbours", action="store_true",
-                   help="Do not pin the fabric's ARP entries (see pin_neighbours: past ~10 hosts with containers the "
-                        "shared kernel's ARP table overflows and convergence measures ARP retries).")
-    p.add_argument("--idle", type=float, default=30.0, metavar="SECONDS",
-                   help="After the containers, count etcd's requests this long with nothing happening (0: skip).")
+    p.add_argument(
+        "--dynamic-neighbours",
+        action="store_true",
+        help="Do not pin the fabric's ARP entries (see pin_neighbours: past ~10 hosts with containers the "
+        "shared kernel's ARP table overflows and convergence measures ARP retries).",
+    )
+    p.add_argument(
+        "--idle",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="After the containers, count etcd's requests this long with nothing happening (0: skip).",
+    )
     p.add_argument("--profile", metavar="DIR", help="Write where CPU went during the container phase to DIR.")
     args = p.parse_args(argv)
     scenarios = args.scenario or [parse_scenario(s) for s in ("mesh:5", "mesh:20", "rr:50:2")]
@@ -363,6 +428,7 @@ def main(argv=None):
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
+
     signal.signal(signal.SIGTERM, on_term)
 
     def log(line):
@@ -373,8 +439,18 @@ def main(argv=None):
         for sc in scenarios:
             log(f"{sc['label']}:")
             try:
-                results.append(run_scenario(sc, args.containers, args.probe_timeout, args.scenario_timeout, log,
-                                            args.profile, pin=not args.dynamic_neighbours, idle_s=args.idle))
+                results.append(
+                    run_scenario(
+                        sc,
+                        args.containers,
+                        args.probe_timeout,
+                        args.scenario_timeout,
+                        log,
+                        args.profile,
+                        pin=not args.dynamic_neighbours,
+                        idle_s=args.idle,
+                    )
+                )
             except (NetpluginError, ScenarioTimeout, RuntimeError) as e:
                 log(f"  failed: {getattr(e, 'msg', e)}")
     except KeyboardInterrupt:

@@ -16,6 +16,7 @@ Run as root with the project's virtualenv: ``.venv/bin/python scripts/bench_data
 short smoke run, ``--render docs/benchmarks/datapath.json`` to redraw the report from saved results). Every
 namespace, process and file it makes is removed at the end, also on Ctrl-C or SIGTERM.
 """
+
 import argparse
 import datetime
 import json
@@ -30,10 +31,8 @@ sys.path.insert(0, REPO)
 
 from netplugin.benchlib import datapath_metrics, datapath_report, machine, stats, tools
 from netplugin.benchlib.cleanup import CleanupStack, Interrupted
-from netplugin.benchlib.datapath_paths import (BUILDERS, Testbed, build_host, build_netplugin,
-                                               build_ptp, log)
-from netplugin.benchlib.datapath_states import (DIAG_STATE_IDS, DIAG_STATES, ct_mark_hits,
-                                                flowtable_support)
+from netplugin.benchlib.datapath_paths import BUILDERS, Testbed, build_host, build_netplugin, build_ptp, log
+from netplugin.benchlib.datapath_states import DIAG_STATE_IDS, DIAG_STATES, ct_mark_hits, flowtable_support
 from netplugin.benchlib.markdown import fmt_num
 from netplugin.errors import NetpluginError
 
@@ -43,8 +42,11 @@ NCPU = len(os.sched_getaffinity(0))
 
 # --- measurement -------------------------------------------------------------------------------------------------
 
-TESTS = [("tcp", n) for n in datapath_metrics.TCP_SIZES] + [("udp", n) for n in datapath_metrics.UDP_SIZES] \
+TESTS = (
+    [("tcp", n) for n in datapath_metrics.TCP_SIZES]
+    + [("udp", n) for n in datapath_metrics.UDP_SIZES]
     + [("lat", None)]
+)
 
 
 class Servers:
@@ -57,15 +59,17 @@ class Servers:
 
     def start(self, path):
         self.start_iperf(path)
-        self.sockperf[path.id] = self.lab.spawn(f"sockperf server for {path.id}",
-                                                lambda: tools.start_sockperf_server(path.server_ns, path.bind))
+        self.sockperf[path.id] = self.lab.spawn(
+            f"sockperf server for {path.id}", lambda: tools.start_sockperf_server(path.server_ns, path.bind)
+        )
         for port in (tools.IPERF3_PORT, tools.SOCKPERF_PORT):
             if not tools.wait_listening(path.server_ns, port):
                 raise RuntimeError(f"server on port {port} for path {path.id} did not start")
 
     def start_iperf(self, path):
-        self.iperf[path.id] = self.lab.spawn(f"iperf3 server for {path.id}",
-                                             lambda: tools.start_iperf3_server(path.server_ns, path.bind))
+        self.iperf[path.id] = self.lab.spawn(
+            f"iperf3 server for {path.id}", lambda: tools.start_iperf3_server(path.server_ns, path.bind)
+        )
 
     def restart_iperf(self, path):
         proc = self.iperf.get(path.id)
@@ -80,8 +84,7 @@ def run_one(path, kind, size, args, servers=None, cpu=None):
     """One test: returns {metric_id: value}. A latency test pins both ends to ``cpu`` (see tools.pin)."""
     if kind == "tcp":
         r = tools.iperf3_tcp(path.client_ns, path.target, size, args.duration)
-        out = {f"tcp_{size}": r["bps"] / 1e9,
-               f"cpu_tcp_{size}": stats.seconds_per_gb(r["cpu_busy_s"], r["bytes"])}
+        out = {f"tcp_{size}": r["bps"] / 1e9, f"cpu_tcp_{size}": stats.seconds_per_gb(r["cpu_busy_s"], r["bytes"])}
         if size == 131072:
             procs = None
             if r["cpu_host_pct"] is not None and r["cpu_remote_pct"] is not None:
@@ -130,8 +133,10 @@ def measure(paths, servers, args, doc, started):
                 failures[path.id] = 0
                 for mid, v in values.items():
                     samples[path.id][mid][r] = v
-                log(f"[{fmt_elapsed(time.monotonic() - started)}] round {r + 1}/{rounds} {name:<9} "
-                    f"{path.id:<13} {short(values)}")
+                log(
+                    f"[{fmt_elapsed(time.monotonic() - started)}] round {r + 1}/{rounds} {name:<9} "
+                    f"{path.id:<13} {short(values)}"
+                )
     return rounds
 
 
@@ -149,15 +154,17 @@ def fmt_elapsed(seconds):
     return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
 
 
-
 def diagnose(args):
     """Host, netplugin across hosts and ptp, with netplugin's hosts switched between DIAG_STATES each round."""
     import signal
+
     started = time.monotonic()
-    doc = {"date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-           "machine": machine.machine_info(tools=("iperf3", "sockperf")),
-           "settings": {"rounds": args.rounds, "duration_s": args.duration, "latency_pinned": True},
-           "baseline": "host"}
+    doc = {
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": machine.machine_info(tools=("iperf3", "sockperf")),
+        "settings": {"rounds": args.rounds, "duration_s": args.duration, "latency_pinned": True},
+        "baseline": "host",
+    }
     with CleanupStack() as cleanup:
         lab = Testbed(cleanup)
         paths = [p for p in build_host(lab) + build_netplugin(lab, cleanup) + build_ptp(lab) if p.id != "netplugin-1h"]
@@ -176,8 +183,10 @@ def diagnose(args):
         cleanup.push("resume agents", lambda: [os.kill(pid, signal.SIGCONT) for pid in agent_pids])
         for pid in agent_pids:
             os.kill(pid, signal.SIGSTOP)  # so they do not put back what a state removes
-        saved = {ns: (lab.sh(ns, "iptables-save").stdout, lab.sh(ns, "ip6tables-save").stdout)
-                 for ns in lab.netplugin["hosts"]}
+        saved = {
+            ns: (lab.sh(ns, "iptables-save").stdout, lab.sh(ns, "ip6tables-save").stdout)
+            for ns in lab.netplugin["hosts"]
+        }
         doc["paths"] = [{"id": p.id, "label": p.label, "description": p.description} for p in paths]
         metrics = ("tcp_131072", "lat_avg", "lat_p50", "lat_p99")
         samples = {st.id: {p.id: {m: [None] * args.rounds for m in metrics} for p in paths} for st in states}
@@ -200,13 +209,16 @@ def diagnose(args):
                         for mid in metrics:
                             if mid in values:
                                 samples[st.id][path.id][mid][r] = values[mid]
-                        log(f"[{fmt_elapsed(time.monotonic() - started)}] round {r + 1}/{args.rounds} {st.id:<11} "
-                            f"{path.id:<13} {short({k: v for k, v in values.items() if k in metrics})}")
+                        log(
+                            f"[{fmt_elapsed(time.monotonic() - started)}] round {r + 1}/{args.rounds} {st.id:<11} "
+                            f"{path.id:<13} {short({k: v for k, v in values.items() if k in metrics})}"
+                        )
                 if st.id == "ct-mark":  # read before the next state resets the counters
                     doc["ct_mark_hits"] = ct_mark_hits(lab)
         if "flowtable" in samples:
-            doc["flowtable"]["offloaded"] = {ns: lab.sh(ns, "nft list flowtable inet npdiag ft", check=False).stdout
-                                             for ns in lab.netplugin["hosts"]}
+            doc["flowtable"]["offloaded"] = {
+                ns: lab.sh(ns, "nft list flowtable inet npdiag ft", check=False).stdout for ns in lab.netplugin["hosts"]
+            }
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "datapath-diagnosis.json"), "w") as f:
         json.dump(doc, f, indent=1)
@@ -245,19 +257,28 @@ def parse_args(argv):
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     ap.add_argument("--duration", type=int, default=2, help="seconds per test (default 2)")
     ap.add_argument("--udp-bandwidth", default="1G", help="offered UDP rate, iperf3 -b syntax (default 1G)")
-    ap.add_argument("--paths", default=",".join(BUILDERS),
-                    help=f"comma-separated subset of {','.join(BUILDERS)} (host is always included)")
+    ap.add_argument(
+        "--paths",
+        default=",".join(BUILDERS),
+        help=f"comma-separated subset of {','.join(BUILDERS)} (host is always included)",
+    )
     ap.add_argument("--max-minutes", type=float, default=20.0, help="stop measuring after this long (default 20)")
     ap.add_argument("--output-dir", default=os.path.join(REPO, "docs", "benchmarks"))
     ap.add_argument("--quick", action="store_true", help="2 rounds of 1 s tests: a smoke run")
     ap.add_argument("--render", metavar="JSON", help="only redraw datapath.md/.png from saved results")
-    ap.add_argument("--diagnose", action="store_true",
-                    help="instead: host, netplugin (2 hosts) and ptp with netplugin's hosts switched between states "
-                         "from as built to no netfilter at all (see --states; writes datapath-diagnosis.md; default "
-                         "6 rounds)")
-    ap.add_argument("--states", default=",".join(DIAG_STATE_IDS),
-                    help=f"with --diagnose: comma-separated subset of {','.join(DIAG_STATE_IDS)} (in that order; "
-                         f"flowtable is skipped when the kernel lacks flowtables)")
+    ap.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="instead: host, netplugin (2 hosts) and ptp with netplugin's hosts switched between states "
+        "from as built to no netfilter at all (see --states; writes datapath-diagnosis.md; default "
+        "6 rounds)",
+    )
+    ap.add_argument(
+        "--states",
+        default=",".join(DIAG_STATE_IDS),
+        help=f"with --diagnose: comma-separated subset of {','.join(DIAG_STATE_IDS)} (in that order; "
+        f"flowtable is skipped when the kernel lacks flowtables)",
+    )
     args = ap.parse_args(argv)
     args.states = [s.strip() for s in args.states.split(",") if s.strip()]
     bad = [s for s in args.states if s not in DIAG_STATE_IDS]
@@ -309,9 +330,18 @@ def main(argv=None):
     doc = {
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "machine": machine.machine_info(tools=("iperf3", "sockperf")),
-        "settings": {"rounds": args.rounds, "duration_s": args.duration, "udp_bandwidth": args.udp_bandwidth,
-                     "quick": args.quick, "latency_pinned": True},
-        "baseline": "host", "complete": True, "errors": [], "paths": [], "samples": {},
+        "settings": {
+            "rounds": args.rounds,
+            "duration_s": args.duration,
+            "udp_bandwidth": args.udp_bandwidth,
+            "quick": args.quick,
+            "latency_pinned": True,
+        },
+        "baseline": "host",
+        "complete": True,
+        "errors": [],
+        "paths": [],
+        "samples": {},
     }
     lab = None
     try:

@@ -18,6 +18,7 @@ down on exit, on error and on Ctrl-C (containers, dockerd, agent, etcd, namespac
 
     sudo .venv/bin/python scripts/bench_docker.py [-n 10] [--json]
 """
+
 import argparse
 import json
 import os
@@ -39,14 +40,24 @@ HOST_ADDRESS = "10.99.0.1"
 DEFAULT_GATEWAY = "172.17.0.1"  # docker0: the host as default-bridge containers see it
 BRIDGE_GATEWAY = "172.30.0.1"  # the user-defined bridge network's gateway
 NETWORKS = ("netplugin", "bridge", "default-bridge")
-PROBE = ("i=0; until ping -c1 -W1 {target} >/dev/null 2>&1; do i=$((i+1)); "
-         "[ $i -gt 300 ] && exit 1; done; echo ok $i")
+PROBE = "i=0; until ping -c1 -W1 {target} >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 300 ] && exit 1; done; echo ok $i"
 
 
 def sample(host, network, target, timeout):
     """Seconds from starting ``docker run`` until the container has pinged ``target``."""
-    cmd = [DOCKER, "-H", f"unix://{host.dockerd.socket}", "run", "--rm", "--net", network, IMAGE,
-           "sh", "-c", PROBE.format(target=target)]
+    cmd = [
+        DOCKER,
+        "-H",
+        f"unix://{host.dockerd.socket}",
+        "run",
+        "--rm",
+        "--net",
+        network,
+        IMAGE,
+        "sh",
+        "-c",
+        PROBE.format(target=target),
+    ]
     started = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -73,8 +84,13 @@ def sample(host, network, target, timeout):
 
 def summarize(values):
     ms = [v * 1000 for v in values]
-    return {"n": len(ms), "median_ms": round(stats.median(ms), 1), "min_ms": round(min(ms), 1),
-            "p90_ms": round(stats.percentile(ms, 90), 1), "max_ms": round(max(ms), 1)}
+    return {
+        "n": len(ms),
+        "median_ms": round(stats.median(ms), 1),
+        "min_ms": round(min(ms), 1),
+        "p90_ms": round(stats.percentile(ms, 90), 1),
+        "max_ms": round(max(ms), 1),
+    }
 
 
 def main():
@@ -100,16 +116,20 @@ def main():
         etcd.bridge_into(ns)
         host = DockerHost(ns, etcd.endpoint, bridge=True)
         host.start()
-        host.docker("network", "create", "-d", "netplugin", "--ipam-driver", "netplugin", "--subnet", "10.1.0.0/16",
-                    "np")
+        host.docker(
+            "network", "create", "-d", "netplugin", "--ipam-driver", "netplugin", "--subnet", "10.1.0.0/16", "np"
+        )
         host.docker("network", "create", "-d", "bridge", "--subnet", "172.30.0.0/24", "br")
-        targets = {"netplugin": ("np", HOST_ADDRESS), "bridge": ("br", BRIDGE_GATEWAY),
-                   "default-bridge": ("bridge", DEFAULT_GATEWAY)}
+        targets = {
+            "netplugin": ("np", HOST_ADDRESS),
+            "bridge": ("br", BRIDGE_GATEWAY),
+            "default-bridge": ("bridge", DEFAULT_GATEWAY),
+        }
         for name, (network, target) in targets.items():  # warm-up: plugin activation, image layers, caches
             sample(host, network, target, args.timeout)
         deadline = time.monotonic() + args.time_limit
         for i in range(args.samples):
-            for name in NETWORKS[i % 3:] + NETWORKS[:i % 3]:
+            for name in NETWORKS[i % 3 :] + NETWORKS[: i % 3]:
                 results[name].append(sample(host, *targets[name], args.timeout))
             if time.monotonic() > deadline:
                 print(f"bench_docker: time limit reached after {i + 1} rounds", file=sys.stderr)
@@ -127,7 +147,8 @@ def main():
     report = {name: summarize(values) for name, values in results.items()}
     for other in ("bridge", "default-bridge"):
         report[f"netplugin_minus_{other.replace('-', '_')}_median_ms"] = round(
-            report["netplugin"]["median_ms"] - report[other]["median_ms"], 1)
+            report["netplugin"]["median_ms"] - report[other]["median_ms"], 1
+        )
     if args.json:
         print(json.dumps(report, indent=2))
         return

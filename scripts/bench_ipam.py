@@ -7,6 +7,7 @@ Datastore and IPAM, as separate agents would, and all processes of a phase start
 
     .venv/bin/python scripts/bench_ipam.py [--ops 1000] [--hosts 4] [--rounds 3]
 """
+
 import argparse
 import multiprocessing
 import os
@@ -56,8 +57,10 @@ def run_round(endpoint, hosts, ops):
     ctx = multiprocessing.get_context("spawn")
     barrier, out = ctx.Barrier(hosts), ctx.Queue()
     per_host = ops // hosts
-    procs = [ctx.Process(target=_worker, args=(endpoint, f"bench{i}", per_host, barrier, out), daemon=True)
-             for i in range(hosts)]
+    procs = [
+        ctx.Process(target=_worker, args=(endpoint, f"bench{i}", per_host, barrier, out), daemon=True)
+        for i in range(hosts)
+    ]
     try:
         for p in procs:
             p.start()
@@ -79,9 +82,14 @@ def run_round(endpoint, hosts, ops):
         return total / (end - start)
 
     lat = [x for r in results for x in r["lat"]]
-    return {"alloc": rate("alloc"), "release": rate("release"),
-            "p50": percentile(lat, 50) * 1000, "p99": percentile(lat, 99) * 1000,
-            "conflicts": sum(r["stats"]["cas_conflicts"] for r in results), "ops": total}
+    return {
+        "alloc": rate("alloc"),
+        "release": rate("release"),
+        "p50": percentile(lat, 50) * 1000,
+        "p99": percentile(lat, 99) * 1000,
+        "conflicts": sum(r["stats"]["cas_conflicts"] for r in results),
+        "ops": total,
+    }
 
 
 def main():
@@ -107,17 +115,23 @@ def main():
                 ds.delete_prefix("/netplugin/")
                 IPAM(ds).add_pool(POOL)
                 rounds.append(run_round(server.endpoint, hosts, ops))
-                print(f"  {hosts} host(s): {rounds[-1]['alloc']:.0f} alloc/s, {rounds[-1]['release']:.0f} release/s",
-                      file=sys.stderr)
+                print(
+                    f"  {hosts} host(s): {rounds[-1]['alloc']:.0f} alloc/s, {rounds[-1]['release']:.0f} release/s",
+                    file=sys.stderr,
+                )
             med = {k: median(r[k] for r in rounds) for k in rounds[0]}
             rows.append((hosts, med, rounds))
-        print(f"\nIPAM on etcd {server.endpoint} (one etcd on tmpfs, {os.cpu_count()} CPUs), pool {POOL}, "
-              f"medians of {args.rounds} rounds\n")
+        print(
+            f"\nIPAM on etcd {server.endpoint} (one etcd on tmpfs, {os.cpu_count()} CPUs), pool {POOL}, "
+            f"medians of {args.rounds} rounds\n"
+        )
         print("| hosts (processes) | allocations | alloc/s | release/s | alloc p50 ms | alloc p99 ms | CAS conflicts |")
         print("|---|---|---|---|---|---|---|")
         for hosts, med, rounds in rows:
-            print(f"| {hosts} | {int(med['ops'])} | {med['alloc']:.0f} | {med['release']:.0f} | {med['p50']:.2f} | "
-                  f"{med['p99']:.2f} | {med['conflicts']:.0f} |")
+            print(
+                f"| {hosts} | {int(med['ops'])} | {med['alloc']:.0f} | {med['release']:.0f} | {med['p50']:.2f} | "
+                f"{med['p99']:.2f} | {med['conflicts']:.0f} |"
+            )
         return 0
     except KeyboardInterrupt:
         print("interrupted; stopping etcd", file=sys.stderr)

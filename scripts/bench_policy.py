@@ -26,6 +26,7 @@ cleans up (agents, namespaces, etcd, temp files).
 
     sudo .venv/bin/python scripts/bench_policy.py [--rounds 3] [--applies 20] [--rules 1000,10000]
 """
+
 import argparse
 import ast
 import contextlib
@@ -53,15 +54,19 @@ POOL = "10.30.0.0/16"
 LINEAR = "bench-linear"  # not np-: the agent must neither own nor remove it
 IPERF_PORT, CONN_PORT, PROBE_PORT = 5201, 5002, 9000
 
-CONN_SERVER = r"""
+CONN_SERVER = (
+    r"""
 import socket
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", %d)); s.listen(4096)
 print("ready", flush=True)
 while True:
     c, _ = s.accept(); c.close()
-""" % CONN_PORT
+"""
+    % CONN_PORT
+)
 
-CONN_CLIENT = r"""
+CONN_CLIENT = (
+    r"""
 import json, socket, struct, sys, time
 dst, seconds, limit = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
 reset = struct.pack("ii", 1, 0)  # close with RST: no TIME_WAIT piling up across runs
@@ -75,7 +80,9 @@ while done + failed < limit and time.monotonic() < end:
         failed += 1
     s.close()
 print(json.dumps({"done": done, "failed": failed, "seconds": time.monotonic() - t0}))
-""" % CONN_PORT
+"""
+    % CONN_PORT
+)
 
 ECHO = r"""
 import select, socket, sys
@@ -136,9 +143,18 @@ def cidrs(n):
 
 def deny_policy(name, n):
     rule = {"action": "deny", "from": [{"cidr": c} for c in cidrs(n)]}
-    return json.dumps({"apiVersion": "netplugin/v1", "kind": "Policy", "metadata": {"name": name},
-                       "spec": {"order": 10, "selector": {"matchLabels": {"role": "server"}},
-                                "ingress": [rule, {"action": "allow"}]}})
+    return json.dumps(
+        {
+            "apiVersion": "netplugin/v1",
+            "kind": "Policy",
+            "metadata": {"name": name},
+            "spec": {
+                "order": 10,
+                "selector": {"matchLabels": {"role": "server"}},
+                "ingress": [rule, {"action": "allow"}],
+            },
+        }
+    )
 
 
 def policy_file(lab, n):
@@ -155,7 +171,7 @@ class Configs:
         self.lab = lab
         self.sizes = sizes
         self.current = "none"
-        self.apply_times = {}   # n -> [(seconds from netctl start to enforced, agent sync ms, {phase: ms})]
+        self.apply_times = {}  # n -> [(seconds from netctl start to enforced, agent sync ms, {phase: ms})]
         self.policy_files = {n: policy_file(lab, n) for n in sizes}
 
     @property
@@ -178,8 +194,11 @@ class Configs:
             t0 = time.time()
             lab.netctl("policy", "apply", "-f", self.policy_files[n])
             enforced, took_ms, lines = lab.wait_sync(2, lab.changes.last_relevant())
-            phases = [ast.literal_eval(m.group(1)) for m in
-                      (re.search(r"event=policy.applied .*timings=(\{.*\})", line) for line in lines) if m]
+            phases = [
+                ast.literal_eval(m.group(1))
+                for m in (re.search(r"event=policy.applied .*timings=(\{.*\})", line) for line in lines)
+                if m
+            ]
             self.apply_times.setdefault(n, []).append((enforced - t0, took_ms, phases[-1] if phases else {}))
             # Confirm the kernel holds it: one set of n members behind the server's ingress.
             sets = lab.sh(2, ["ipset", "list", "-t"]).stdout
@@ -194,14 +213,22 @@ class Configs:
 
 
 def iperf(lab, seconds):
-    p = system.ns_run(lab.ns["C"], ["iperf3", "-c", lab.ip["S"], "-p", str(IPERF_PORT), "-t", str(seconds),
-                                    "-l", "128K", "-J"], "iperf3 in C", timeout=seconds + 20)
+    p = system.ns_run(
+        lab.ns["C"],
+        ["iperf3", "-c", lab.ip["S"], "-p", str(IPERF_PORT), "-t", str(seconds), "-l", "128K", "-J"],
+        "iperf3 in C",
+        timeout=seconds + 20,
+    )
     return json.loads(p.stdout)["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
 def conn_rate(lab, seconds, limit=20000):
-    p = system.ns_run(lab.ns["C"], [sys.executable, "-c", CONN_CLIENT, lab.ip["S"], str(seconds), str(limit)],
-                      "the connection client in C", timeout=seconds + 30)
+    p = system.ns_run(
+        lab.ns["C"],
+        [sys.executable, "-c", CONN_CLIENT, lab.ip["S"], str(seconds), str(limit)],
+        "the connection client in C",
+        timeout=seconds + 30,
+    )
     r = json.loads(p.stdout)
     if r["failed"]:
         raise RuntimeError(f"{r['failed']} connections failed: the benchmark traffic must not be denied")
@@ -213,13 +240,17 @@ def packet_cost(lab, args, sizes):
     results = {name: {"gbps": [], "cps": []} for name in configs.names}
     order = configs.names
     for r in range(args.rounds):
-        rotated = order[r % len(order):] + order[:r % len(order)]
+        rotated = order[r % len(order) :] + order[: r % len(order)]
         for name in rotated:
             configs.switch(name)
             results[name]["gbps"].append(iperf(lab, args.iperf_seconds))
             results[name]["cps"].append(conn_rate(lab, args.conn_seconds))
-            print(f"  round {r + 1} {name:13s} {results[name]['gbps'][-1]:6.2f} Gbit/s"
-                  f" {results[name]['cps'][-1]:7.0f} conn/s", file=sys.stderr, flush=True)
+            print(
+                f"  round {r + 1} {name:13s} {results[name]['gbps'][-1]:6.2f} Gbit/s"
+                f" {results[name]['cps'][-1]:7.0f} conn/s",
+                file=sys.stderr,
+                flush=True,
+            )
     configs.switch("none")
     return results, configs.apply_times
 
@@ -256,10 +287,12 @@ def propagation(lab, applies):
         from_commit, from_cli = [], []
         for i in range(applies + 1):  # the first one warms caches and is not counted
             port = PROBE_PORT + i
-            text = ("apiVersion: netplugin/v1\nkind: Policy\nmetadata: {name: prop}\nspec:\n"
-                    "  selector: {matchLabels: {role: target}}\n"
-                    f"  ingress: [{{action: allow, protocol: udp, ports: [{port}],"
-                    " from: [{selector: {matchLabels: {role: prober}}}]}]\n")
+            text = (
+                "apiVersion: netplugin/v1\nkind: Policy\nmetadata: {name: prop}\nspec:\n"
+                "  selector: {matchLabels: {role: target}}\n"
+                f"  ingress: [{{action: allow, protocol: udp, ports: [{port}],"
+                " from: [{selector: {matchLabels: {role: prober}}}]}]\n"
+            )
             prober.stdin.write(f"{port} 10\n")
             prober.stdin.flush()
             if prober.stdout.readline().strip() != "sending":
@@ -290,45 +323,82 @@ def report_packets(results, apply_times, rounds, aims):
         g, c = median(r["gbps"]), median(r["cps"])
         paired_g = median([x / b for x, b in zip(r["gbps"], base["gbps"])])
         paired_c = median([x / b for x, b in zip(r["cps"], base["cps"])])
-        rows.append([name, f"{g:.2f}", f"{g / median(base['gbps']):.2f}", f"{paired_g:.2f}",
-                     f"{c:.0f}", f"{c / median(base['cps']):.2f}", f"{paired_c:.2f}"])
+        rows.append(
+            [
+                name,
+                f"{g:.2f}",
+                f"{g / median(base['gbps']):.2f}",
+                f"{paired_g:.2f}",
+                f"{c:.0f}",
+                f"{c / median(base['cps']):.2f}",
+                f"{paired_c:.2f}",
+            ]
+        )
     most = max(apply_times)
     ratio = median(results[f"policy-{most}"]["gbps"]) / median(base["gbps"])
     aims.append((f"TCP throughput with {most} rules >= 0.95 of no policy", f"{ratio:.2f}", ratio >= 0.95))
-    out = [f"### Packet cost (host1 -> host2, medians of {rounds} interleaved rounds)\n\n"
-           "ratio: median / median of no policy; paired: median over rounds of the run / the same round's no-policy"
-           " run.\n\n" + table(rows, ["configuration", "TCP Gbit/s", "ratio", "paired", "new conn/s", "ratio",
-                                      "paired"])]
+    out = [
+        f"### Packet cost (host1 -> host2, medians of {rounds} interleaved rounds)\n\n"
+        "ratio: median / median of no policy; paired: median over rounds of the run / the same round's no-policy"
+        " run.\n\n" + table(rows, ["configuration", "TCP Gbit/s", "ratio", "paired", "new conn/s", "ratio", "paired"])
+    ]
     rows = []
     for n, v in sorted(apply_times.items()):
         phases = {k: median([p.get(k, 0.0) for _, _, p in v]) for k in ("compile", "ipset", "IPv4")}
-        rows.append([n, len(v), f"{median([a for a, _, _ in v]) * 1000:.0f}", f"{median([b for _, b, _ in v]):.0f}",
-                     " / ".join(f"{phases[k]:.0f}" for k in ("compile", "ipset", "IPv4"))])
-    out.append("### Apply (netctl start -> host2 enforced; medians)\n\n"
-               + table(rows, ["CIDRs", "applies", "ms", "agent sync ms",
-                              "of which parse+compile / ipset / iptables ms"]))
+        rows.append(
+            [
+                n,
+                len(v),
+                f"{median([a for a, _, _ in v]) * 1000:.0f}",
+                f"{median([b for _, b, _ in v]):.0f}",
+                " / ".join(f"{phases[k]:.0f}" for k in ("compile", "ipset", "IPv4")),
+            ]
+        )
+    out.append(
+        "### Apply (netctl start -> host2 enforced; medians)\n\n"
+        + table(rows, ["CIDRs", "applies", "ms", "agent sync ms", "of which parse+compile / ipset / iptables ms"])
+    )
     return out
 
 
 def report_resync(rs, n, aims):
     worst = max(median(rs["steady"]), rs["repair"])
     aims.append((f"full resync of {n} rules < 2 s", f"{worst:.0f} ms (slower of steady, repair)", worst < 2000))
-    return [f"### Full resync with {n} rules in the kernel (host2's agent, whole sync pass)\n\n"
-            + table([["agent start-up (full)", f"{rs['startup']:.0f}"],
-                     ["periodic, nothing to repair (median of 4)", f"{median(rs['steady']):.0f}"],
-                     ["periodic, after chain + set flushed by hand", f"{rs['repair']:.0f}"]], ["sync", "ms"])
-            + f"\n\nrepair: `{rs['repair_log'].split(' logger=')[1]}`"]
+    return [
+        f"### Full resync with {n} rules in the kernel (host2's agent, whole sync pass)\n\n"
+        + table(
+            [
+                ["agent start-up (full)", f"{rs['startup']:.0f}"],
+                ["periodic, nothing to repair (median of 4)", f"{median(rs['steady']):.0f}"],
+                ["periodic, after chain + set flushed by hand", f"{rs['repair']:.0f}"],
+            ],
+            ["sync", "ms"],
+        )
+        + f"\n\nrepair: `{rs['repair_log'].split(' logger=')[1]}`"
+    ]
 
 
 def report_propagation(from_commit, from_cli, hosts, aims):
     p99 = percentile(from_commit, 99) * 1000
     aims.append((f"propagation p99 <= 200 ms ({hosts} hosts, from the etcd commit)", f"{p99:.0f} ms", p99 <= 200))
-    rows = [["etcd commit -> last host enforcing", f"{percentile(from_commit, 50) * 1000:.0f}", f"{p99:.0f}",
-             f"{max(from_commit) * 1000:.0f}"],
-            ["`netctl policy apply` start -> last host", f"{percentile(from_cli, 50) * 1000:.0f}",
-             f"{percentile(from_cli, 99) * 1000:.0f}", f"{max(from_cli) * 1000:.0f}"]]
-    return [f"### Propagation to {hosts} hosts ({len(from_commit)} applies)\n\n"
-            + table(rows, ["measured from", "p50 ms", "p99 ms", "max ms"])]
+    rows = [
+        [
+            "etcd commit -> last host enforcing",
+            f"{percentile(from_commit, 50) * 1000:.0f}",
+            f"{p99:.0f}",
+            f"{max(from_commit) * 1000:.0f}",
+        ],
+        [
+            "`netctl policy apply` start -> last host",
+            f"{percentile(from_cli, 50) * 1000:.0f}",
+            f"{percentile(from_cli, 99) * 1000:.0f}",
+            f"{max(from_cli) * 1000:.0f}",
+        ],
+    ]
+    return [
+        f"### Propagation to {hosts} hosts ({len(from_commit)} applies)\n\n"
+        + table(rows, ["measured from", "p50 ms", "p99 ms", "max ms"])
+    ]
 
 
 def table(rows, header):
@@ -351,8 +421,11 @@ def build_lab(stack, args, workdir):
         lab.container(f"T{i}", i, "tgt", {"role": "target"})
         lab.daemon(f"T{i}", [sys.executable, "-c", ECHO, str(PROBE_PORT), str(PROBE_PORT + args.applies + 1)])
     lab.daemon("S", [sys.executable, "-c", CONN_SERVER])
-    iperf_server = subprocess.Popen(system.in_ns(lab.ns["S"], ["iperf3", "-s", "-p", str(IPERF_PORT)]),
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    iperf_server = subprocess.Popen(
+        system.in_ns(lab.ns["S"], ["iperf3", "-s", "-p", str(IPERF_PORT)]),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     stack.callback(stop_process, iperf_server, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while f":{IPERF_PORT} " not in system.ns_run(lab.ns["S"], ["ss", "-ltnH"], "listing sockets in S").stdout:
@@ -407,8 +480,10 @@ def main():
             print(f"bench_policy: {e}; cleaning up", file=sys.stderr)
             raise SystemExit(1) from None
     if aims:
-        report.append("### Aims\n\n" + table([[a, m, "met" if ok else "**missed**"] for a, m, ok in aims],
-                                              ["aim", "measured", ""]))
+        report.append(
+            "### Aims\n\n"
+            + table([[a, m, "met" if ok else "**missed**"] for a, m, ok in aims], ["aim", "measured", ""])
+        )
     print("\n\n".join(report))
     print(f"\n(total {time.monotonic() - started:.0f} s; load average {os.getloadavg()[0]:.1f} at the end)")
 

@@ -8,6 +8,7 @@ for the rest: the default build), bpf-policy (redirects + policy on every packet
 LPM trie and, in the -62r cases, matching only at the 64th rule, and ct-gate (redirects only for flows
 conntrack marks accepted; iptables sees each flow's first packets).  Run from the repository root as root:  .venv/bin/python scripts/bpf_lab_measure.py
 """
+
 import argparse
 import json
 import sys
@@ -23,8 +24,14 @@ from netplugin.lab.bpflab import BLOCK, CONTAINER, FABRIC, TwoHostLab, mounted_b
 from netplugin.lab.netns import NamespaceSet, nsexec, stop_process
 
 # BPF paths: (build variant, rules that never match placed before the allowing one)
-BPF_PATHS = {"redirect": ("noPolicy", 0), "bpf-flows": ("", 0), "bpf-policy": ("noFlows", 0),
-             "bpf-flows-62r": ("", 62), "bpf-policy-62r": ("noFlows", 62), "ct-gate": ("ctGate", 0)}
+BPF_PATHS = {
+    "redirect": ("noPolicy", 0),
+    "bpf-flows": ("", 0),
+    "bpf-policy": ("noFlows", 0),
+    "bpf-flows-62r": ("", 62),
+    "bpf-policy-62r": ("noFlows", 62),
+    "ct-gate": ("ctGate", 0),
+}
 PATHS = ("host", "plain", "iptables", *BPF_PATHS)
 NCPU = 2
 MARK = "0x1000000"  # NP_CT_ACCEPTED in progs/netplugin.c
@@ -38,15 +45,17 @@ def iptables_rules(lab, mode, add):
         for cmd in ("iptables", "ip6tables"):
             fam = 0 if cmd == "iptables" else 1
             if mode == "iptables":
-                rules = [["FORWARD", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
-                         ["FORWARD", "-s", BLOCK[peer][fam], "-d", BLOCK[side][fam], "-j", "ACCEPT"],
-                         ["FORWARD", "-s", BLOCK[side][fam], "-j", "ACCEPT"],
-                         ["FORWARD", "-j", "DROP"]]
+                rules = [
+                    ["FORWARD", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
+                    ["FORWARD", "-s", BLOCK[peer][fam], "-d", BLOCK[side][fam], "-j", "ACCEPT"],
+                    ["FORWARD", "-s", BLOCK[side][fam], "-j", "ACCEPT"],
+                    ["FORWARD", "-j", "DROP"],
+                ]
                 table = "filter"
             else:
                 rules = [["FORWARD", "-j", "CONNMARK", "--set-xmark", f"{MARK}/{MARK}"]]
                 table = "mangle"
-            for r in (rules if add else reversed(rules)):
+            for r in rules if add else reversed(rules):
                 nsexec(h, [cmd, "-w", "-t", table, op, *r])
         if mode == "ct-gate" and add:
             # the fast path never shows conntrack a fast-pathed segment: loose window tracking or FIN is INVALID
@@ -58,8 +67,11 @@ def policy_10k(lab, pins, filler=0):
     match the peer but never the protocol, then the rule allowing the peer blocks."""
     big = [f"100.{64 + i // 256}.{i % 256}.0/24" for i in range(10000)]
     peers = ["10.252.0.0/16", "fd00:252::/32"]
-    rules = ([records.rule(records.ACT_DENY)] + [records.rule(records.ACT_DENY, proto=132)] * filler
-             + [records.rule(records.ACT_ALLOW)])
+    rules = (
+        [records.rule(records.ACT_DENY)]
+        + [records.rule(records.ACT_DENY, proto=132)] * filler
+        + [records.rule(records.ACT_ALLOW)]
+    )
     for side in "ab":
         lab.program_policy(pins, side, rules, {0: big, **{i: peers for i in range(1, filler + 2)}})
 
@@ -79,8 +91,11 @@ def main():
     with tempfile.TemporaryDirectory() as tmp, mounted_bpffs(Path(tmp) / "bpffs") as fs:
         try:
             lab = TwoHostLab(nss).build()
-            objs = {v: build.compile_one(src, Path(tmp) / "out", v) for src in build.PROGS.glob("*.c")
-                    for v in build.VARIANTS}
+            objs = {
+                v: build.compile_one(src, Path(tmp) / "out", v)
+                for src in build.PROGS.glob("*.c")
+                for v in build.VARIANTS
+            }
             pins = {}
             for path, (variant, filler) in BPF_PATHS.items():
                 if path not in paths:
@@ -138,10 +153,18 @@ def main():
                 stop_process(s)
             nss.close()
 
-    result = {"rounds": done, "duration_s": args.duration, "p50_us": samples, "counters_a": counters,
-              "median_p50_us": {p: stats.summarize(samples[p]).median for p in paths if stats.summarize(samples[p])},
-              "ratio_to_host": {p: vars(stats.ratio_summary(samples[p], samples["host"])) for p in paths
-                                if stats.ratio_summary(samples[p], samples["host"])}}
+    result = {
+        "rounds": done,
+        "duration_s": args.duration,
+        "p50_us": samples,
+        "counters_a": counters,
+        "median_p50_us": {p: stats.summarize(samples[p]).median for p in paths if stats.summarize(samples[p])},
+        "ratio_to_host": {
+            p: vars(stats.ratio_summary(samples[p], samples["host"]))
+            for p in paths
+            if stats.ratio_summary(samples[p], samples["host"])
+        },
+    }
     text = json.dumps(result, indent=1)
     if args.out == "-":
         print(text)
@@ -150,8 +173,12 @@ def main():
     print("| path | median p50 (µs) | ratio to host (median, min–max) |", file=sys.stderr)
     for p in paths:
         rs = result["ratio_to_host"].get(p)
-        print(f"| {p} | {result['median_p50_us'].get(p, '-'):.2f} | "
-              f"{rs['median']:.2f} ({rs['lo']:.2f}–{rs['hi']:.2f}) |" if rs else f"| {p} | - | - |", file=sys.stderr)
+        print(
+            f"| {p} | {result['median_p50_us'].get(p, '-'):.2f} | {rs['median']:.2f} ({rs['lo']:.2f}–{rs['hi']:.2f}) |"
+            if rs
+            else f"| {p} | - | - |",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":

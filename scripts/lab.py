@@ -9,6 +9,7 @@
 
 The logic lives in netplugin/lab/ so tests and benchmarks build the same labs.
 """
+
 import os
 import sys
 

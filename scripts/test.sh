@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-.venv/bin/ruff check --quiet .   # the lint configured in pyproject.toml
+.venv/bin/ruff check --quiet .            # the lint and the formatter configured in pyproject.toml
+.venv/bin/ruff format --check --quiet .
 exec .venv/bin/python -m pytest -p no:cacheprovider -q -ra "$@"

@@ -1,4 +1,5 @@
 """Shared fixtures: real etcd, throwaway namespaces. Cleanup is registered before anything is made."""
+
 import os
 
 import pytest
@@ -13,8 +14,10 @@ def pytest_configure(config):
     """Refuse to start unless root, in one line: skipping the functional half would report green for a run that
     tested nothing of the dataplane, and the unit half assumes root's view of the machine too."""
     if os.geteuid() != 0:
-        raise pytest.UsageError("netplugin's test suite must run as root (it makes network namespaces, iptables "
-                                "rules, real etcd, BIRD, dockerd and podman): run sudo scripts/test.sh")
+        raise pytest.UsageError(
+            "netplugin's test suite must run as root (it makes network namespaces, iptables "
+            "rules, real etcd, BIRD, dockerd and podman): run sudo scripts/test.sh"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -52,13 +55,13 @@ def namespaces():
 def host_factory(etcd_server, namespaces, tmp_path):
     """Make host namespaces each running a real agent that reaches the session's etcd."""
     from netplugin.lab.agents import AgentProcess
+
     agents = []
 
     def make(name=None, extra_args=()):
         ns = namespaces.add()
         etcd_server.bridge_into(ns)
-        agent = AgentProcess(ns, name or ns, etcd_server.endpoint, str(tmp_path / f"run-{ns}"),
-                             extra_args=extra_args)
+        agent = AgentProcess(ns, name or ns, etcd_server.endpoint, str(tmp_path / f"run-{ns}"), extra_args=extra_args)
         agents.append(agent)
         agent.start()
         return agent

@@ -1,4 +1,5 @@
 """What the kernel of a test "host" namespace holds for our veths, read the way the reconciler reads it."""
+
 from netplugin.dataplane import host, sysctl
 from netplugin.kernel.netlink import netlink
 from netplugin.kernel.rtnl import IFF_UP
@@ -18,8 +19,6 @@ def host_veths(host_netns) -> dict:
             "mtu": msg.get("mtu"),
             "up": bool(msg["flags"] & IFF_UP),
             "routes": sorted(str(r) for r in view.routes.get(idx, ())),
-            "sysctls": {
-                k.replace("/", "."): v for k, v in sysctl.link_sysctls(msg, view.proxy_delay.get(idx)).items()
-            },
+            "sysctls": {k.replace("/", "."): v for k, v in sysctl.link_sysctls(msg, view.proxy_delay.get(idx)).items()},
         }
     return out

@@ -1,5 +1,6 @@
 """HTTP GET to an address reachable only inside a test's network namespace, without a process per request: the
 socket is connected on a short-lived thread that entered the namespace (netplugin.kernel.netns.in_netns)."""
+
 import http.client
 import json
 import os

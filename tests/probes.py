@@ -2,6 +2,7 @@
 [kind, dst, port] (kind tcp, udp or icmp; IPv4 or IPv6); prints a JSON list of booleans. All probes run at once,
 each bounded by TIMEOUT seconds. ``python -c SERVER TCP_PORTS UDP_PORT [LIFETIME]`` echoes on those ports
 (IPv4 and IPv6) and prints "ready"."""
+
 import json
 import re
 import signal
@@ -81,17 +82,23 @@ def assert_reachability(netns, src, checks, ip_of, timeout):
     probes = [(kind, ip_of[dst], port) for kind, dst, port, _ in checks]
     out = nsexec(netns, [sys.executable, "-c", PROBE, json.dumps(probes), str(timeout)], timeout=30)
     got = json.loads(out.stdout)
-    wrong = [f"{src}->{dst} {kind}/{port}: want {'pass' if want else 'blocked'}, got {'pass' if ok else 'blocked'}"
-             for (kind, dst, port, want), ok in zip(checks, got) if ok != want]
+    wrong = [
+        f"{src}->{dst} {kind}/{port}: want {'pass' if want else 'blocked'}, got {'pass' if ok else 'blocked'}"
+        for (kind, dst, port, want), ok in zip(checks, got)
+        if ok != want
+    ]
     assert not wrong, "\n".join(wrong)
 
 
 def start_echo_server(netns, tcp_ports, udp_port, what):
     """The SERVER script in ``netns``, echoing on ``tcp_ports`` and ``udp_port``; returns once it is ready.
     The caller kills the process (it is not bounded in time)."""
-    proc = subprocess.Popen(ns_argv(netns, [sys.executable, "-c", SERVER, ",".join(map(str, tcp_ports)),
-                                            str(udp_port)]),
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        ns_argv(netns, [sys.executable, "-c", SERVER, ",".join(map(str, tcp_ports)), str(udp_port)]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "ready", f"server in {what} did not start"
     return proc
 
@@ -102,9 +109,15 @@ class Pinger:
 
     def __init__(self, netns, address, interval=0.01, count=None):
         self.interval, self.count, self.output = interval, count, ""
-        self.proc = subprocess.Popen(ns_argv(netns, ["ping", "-q", "-n", "-i", str(interval), "-W", "1",
-                                                     *(["-c", str(count)] if count else []), address]),
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(
+            ns_argv(
+                netns,
+                ["ping", "-q", "-n", "-i", str(interval), "-W", "1", *(["-c", str(count)] if count else []), address],
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
     def running(self):
         return self.proc.poll() is None

@@ -1,4 +1,5 @@
 """Bounded polling for functional tests: every wait has a deadline, and a timeout says what did not happen."""
+
 import time
 
 

@@ -3,6 +3,7 @@ anti-spoofing. It implements netplugin.dataplane.backend.Backend by handing each
 agent (the composition root) builds it with ``iptables_backend`` and passes it to every reconciler and front
 door, which see only the Backend methods.
 """
+
 from netplugin.agent.nat import NatOutgoing
 from netplugin.dataplane import Dataplane, docker_link
 from netplugin.kernel.netns import own_netns
@@ -58,5 +59,6 @@ def iptables_backend(mtu: int = 1500, netns: str | None = None) -> IptablesBacke
     """The backend for one host namespace: ``netns`` a path such as /run/netns/NAME (a test "host"), or None
     for the namespace the agent runs in (the host's), which this process never leaves."""
     where = netns or own_netns()
-    return IptablesBackend(Dataplane(host_netns=netns, mtu=mtu),
-                           PolicyDataplane(where, allow_host_namespace=True), NatOutgoing(where))
+    return IptablesBackend(
+        Dataplane(host_netns=netns, mtu=mtu), PolicyDataplane(where, allow_host_namespace=True), NatOutgoing(where)
+    )

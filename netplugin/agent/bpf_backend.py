@@ -12,6 +12,7 @@ Policy and NAT-outgoing: still written by the iptables writers. The programs wri
 (``np_pol_*`` stay empty), and a packet of an endpoint without lists goes to the stack after anti-spoofing,
 where the filter table enforces the compiled policy exactly as with the iptables backend.
 """
+
 import logging
 import os
 import shutil
@@ -50,8 +51,13 @@ class BpfBackend(IptablesBackend):
         return out
 
     def _fabric_links(self, nl):
-        return [m for m in nl.links() if m.get("ifname") not in (None, "lo")
-                and not is_host_ifname(m.get("ifname")) and not m.get("ifname").startswith(CONTAINER_END_PREFIX)]
+        return [
+            m
+            for m in nl.links()
+            if m.get("ifname") not in (None, "lo")
+            and not is_host_ifname(m.get("ifname"))
+            and not m.get("ifname").startswith(CONTAINER_END_PREFIX)
+        ]
 
     def _attach_fabric(self) -> list:
         """``to_container`` on every interface that is neither loopback nor an endpoint's veth; names attached."""
@@ -123,8 +129,10 @@ class BpfBackend(IptablesBackend):
 
     def _converge(self, specs, prune=False) -> dict:
         eps, locs, veths = self._wanted(specs)
-        changed = {"np_endpoints": self._sync_map("np_endpoints", eps, prune),
-                   "np_locals": self._sync_map("np_locals", locs, prune)}
+        changed = {
+            "np_endpoints": self._sync_map("np_endpoints", eps, prune),
+            "np_locals": self._sync_map("np_locals", locs, prune),
+        }
         attached = []
         for idx, name in veths.items():
             if FROM_CONTAINER not in loader.attached(idx, netns=self.host_netns):
@@ -141,8 +149,10 @@ class BpfBackend(IptablesBackend):
         """Drop the map entries whose host veth is gone."""
         with netlink(self.host_netns) as hnl:
             alive = {m["index"] for m in hnl.links()}
-        for name, owner in (("np_endpoints", lambda k, v: records.IFINDEX.unpack(k)[0]),
-                            ("np_locals", lambda k, v: records.LOCAL.unpack(v)[1])):
+        for name, owner in (
+            ("np_endpoints", lambda k, v: records.IFINDEX.unpack(k)[0]),
+            ("np_locals", lambda k, v: records.LOCAL.unpack(v)[1]),
+        ):
             with self.pins.map(name) as m:
                 for key in list(m.keys()):
                     v = m.lookup(key)
@@ -209,5 +219,9 @@ def select_backend(config):
 
 def log_selection(wanted, name, reason):
     """The one line saying which dataplane runs and why (a fallback at WARNING)."""
-    LOG.log(logging.WARNING if name != wanted else logging.INFO,
-            "event=dataplane.selected dataplane=%s reason=%r", name, reason)
+    LOG.log(
+        logging.WARNING if name != wanted else logging.INFO,
+        "event=dataplane.selected dataplane=%s reason=%r",
+        name,
+        reason,
+    )

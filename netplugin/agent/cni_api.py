@@ -4,6 +4,7 @@ The binary (cni/plugin.py) validates the runtime's environment and config and sh
 this side turns a request into service calls and answers 1.1.0-shaped results or ``{"error": {code, msg}}``.
 Handlers only parse and validate, then call the EndpointService (STYLE.md #8).
 """
+
 import logging
 
 import netaddr
@@ -17,8 +18,10 @@ from policy.validation import FieldError
 
 LOG = logging.getLogger(__name__)
 CNI_COMMANDS = {"ADD", "DEL", "CHECK", "STATUS", "GC"}
-LABEL_RULES = ("a label key is [prefix/]name (prefix a DNS subdomain); name and value have at most 63 letters,"
-               " digits, '-', '_' or '.', starting and ending with a letter or digit (the value may be empty)")
+LABEL_RULES = (
+    "a label key is [prefix/]name (prefix a DNS subdomain); name and value have at most 63 letters,"
+    " digits, '-', '_' or '.', starting and ending with a letter or digit (the value may be empty)"
+)
 
 
 def _error(code, msg, details=""):
@@ -60,8 +63,7 @@ def _labels(raw):
         try:
             check_label_value(value, ())
         except FieldError:
-            raise InvalidInput(f"invalid endpoint label {shown(key)}={shown(value)}: bad value",
-                               LABEL_RULES) from None
+            raise InvalidInput(f"invalid endpoint label {shown(key)}={shown(value)}: bad value", LABEL_RULES) from None
     return dict(raw)
 
 
@@ -113,9 +115,19 @@ def _workload(body):
     mtu = config.get("mtu")
     if mtu is not None and (isinstance(mtu, bool) or not isinstance(mtu, int) or not 576 <= mtu <= 65535):
         raise InvalidInput(f"mtu {shown(mtu)} must be an integer from 576 to 65535")
-    return WorkloadRequest(network=network, container_id=container_id, netns=netns, ifname=ifname,
-                           addresses=addresses, labels=_labels(body.get("labels")), pools=pools, ipv4=want4,
-                           ipv6=want6, mtu=mtu, orchestrator="cni")
+    return WorkloadRequest(
+        network=network,
+        container_id=container_id,
+        netns=netns,
+        ifname=ifname,
+        addresses=addresses,
+        labels=_labels(body.get("labels")),
+        pools=pools,
+        ipv4=want4,
+        ipv6=want6,
+        mtu=mtu,
+        orchestrator="cni",
+    )
 
 
 def result_of(ep):
@@ -126,8 +138,13 @@ def result_of(ep):
         default = "0.0.0.0/0" if netaddr.IPNetwork(addr).version == 4 else "::/0"
         if not any(r["dst"] == default for r in routes):
             routes.append({"dst": default, "gw": gw})
-    return {"cniVersion": "1.1.0", "interfaces": [{"name": ep.ifname, "mac": ep.mac, "sandbox": ep.netns}],
-            "ips": ips, "routes": routes, "dns": {}}
+    return {
+        "cniVersion": "1.1.0",
+        "interfaces": [{"name": ep.ifname, "mac": ep.mac, "sandbox": ep.netns}],
+        "ips": ips,
+        "routes": routes,
+        "dns": {},
+    }
 
 
 def create_cni_app(service, status_check, health=None):
@@ -200,8 +217,11 @@ def _gc(service, body):
     attachments = body.get("valid_attachments")
     if not isinstance(attachments, list):
         raise InvalidInput("GC needs the list of valid attachments")
-    valid = {(a.get("containerID"), a.get("ifname")) for a in attachments
-             if isinstance(a, dict) and isinstance(a.get("containerID"), str) and isinstance(a.get("ifname"), str)}
+    valid = {
+        (a.get("containerID"), a.get("ifname"))
+        for a in attachments
+        if isinstance(a, dict) and isinstance(a.get("containerID"), str) and isinstance(a.get("ifname"), str)
+    }
     removed = []
     for ep in service.list(service.host):
         if ep.network == network and ep.orchestrator == "cni" and (ep.container_id, ep.ifname) not in valid:

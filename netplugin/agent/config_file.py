@@ -7,6 +7,7 @@ config key): an option ``--run-dir`` is ``run_dir``; the ``--etcd-*`` options li
 then environment, then file, then built-in default. Unknown keys and wrong types fail in one line naming
 ``file:key``, before anything starts.
 """
+
 import json
 import os
 import tomllib
@@ -24,7 +25,7 @@ _NOT_IN_FILE = {"config"}
 def file_key(param):
     """The config-file key of a click option: (table or None, key)."""
     if param.name.startswith("etcd_"):
-        return ETCD_TABLE, param.name[len("etcd_"):]
+        return ETCD_TABLE, param.name[len("etcd_") :]
     if param.name == "labels":
         return None, LABELS_TABLE
     return None, param.name
@@ -66,7 +67,7 @@ def _check(param, value, where):
     """``value`` as click would take it from the command line, or InvalidInput saying what ``where`` must be."""
     if param.name == "labels":
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-            raise InvalidInput(f"{where}: must be a table of strings (labels: KEY = \"VALUE\")")
+            raise InvalidInput(f'{where}: must be a table of strings (labels: KEY = "VALUE")')
         return [f"{k}={v}" for k, v in value.items()]
     if param.name == "etcd_endpoints" and isinstance(value, list):
         if not value or not all(isinstance(v, str) for v in value):
@@ -111,25 +112,39 @@ def apply(ctx, param, value):
 
 def config_option(command):
     """The ``--config FILE`` option, processed before every other option."""
-    return click.option("--config", "config", default=None, is_eager=True, expose_value=False, callback=apply,
-                        metavar="FILE",
-                        help=f"TOML config file with any of these options (default: {DEFAULT_PATH} if it "
-                             "exists); flags and environment override it.")(command)
+    return click.option(
+        "--config",
+        "config",
+        default=None,
+        is_eager=True,
+        expose_value=False,
+        callback=apply,
+        metavar="FILE",
+        help=f"TOML config file with any of these options (default: {DEFAULT_PATH} if it "
+        "exists); flags and environment override it.",
+    )(command)
 
 
 def render_default(hostname, etcd, run_dir="/run/netplugin", docker_socket=None):
     """A starting config file for ``netctl install``; ``etcd`` is the [etcd] table (never a password in clear)."""
-    lines = ["# netplugin agent configuration: every `netplugin agent --help` option is a key (--run-dir: run_dir;",
-             "# --etcd-* in [etcd]; --label in [labels]). Flags and NETPLUGIN_* environment variables override it.",
-             f"hostname = {_toml(hostname)}",
-             f"run_dir = {_toml(run_dir)}"]
+    lines = [
+        "# netplugin agent configuration: every `netplugin agent --help` option is a key (--run-dir: run_dir;",
+        "# --etcd-* in [etcd]; --label in [labels]). Flags and NETPLUGIN_* environment variables override it.",
+        f"hostname = {_toml(hostname)}",
+        f"run_dir = {_toml(run_dir)}",
+    ]
     if docker_socket:
         lines.append(f"docker_socket = {_toml(docker_socket)}")
     lines += ["", "[etcd]"] + [f"{k} = {_toml(v)}" for k, v in etcd.items() if k != "password"]
     if "password_file" not in etcd:
         lines += ['# user = "netplugin"', '# password_file = "/etc/netplugin/etcd-password"  # mode 0600']
-    lines += ["# (`password = \"...\"` works too but is discouraged: prefer password_file)", "",
-              "[labels]", '# rack = "r1"', ""]
+    lines += [
+        '# (`password = "..."` works too but is discouraged: prefer password_file)',
+        "",
+        "[labels]",
+        '# rack = "r1"',
+        "",
+    ]
     return "\n".join(lines)
 
 

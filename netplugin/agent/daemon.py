@@ -21,6 +21,7 @@ reconciler raised. Stalled: a pass has been running longer than ``sync_deadline`
 ``resync_interval + sync_deadline`` seconds. A pass that is merely slow (under the deadline, the previous ones
 good) keeps ADD's behaviour of returning after ``policy_setup_timeout``, so heavy load never stops pods starting.
 """
+
 import collections
 import logging
 import os
@@ -71,10 +72,17 @@ class Agent:
         self.metrics = Metrics()  # this agent's registry and instruments, handed to the parts that observe
         self.metrics.registry.register(StateCollector(self))
         self.watch_lag = WatchLag(self.metrics.watch_lag_seconds)
-        self.service = LockedService(EndpointService(self.ds, self.ipam, self.dataplane, self.host, config.mtu),
-                                     self.host_lock, self.wait_for_sync, config.policy_setup_timeout,
-                                     self._endpoint_revision, self.sync_trouble, self.metrics,
-                                     install=self._install_policy, forget=self._forget_policy)
+        self.service = LockedService(
+            EndpointService(self.ds, self.ipam, self.dataplane, self.host, config.mtu),
+            self.host_lock,
+            self.wait_for_sync,
+            config.policy_setup_timeout,
+            self._endpoint_revision,
+            self.sync_trouble,
+            self.metrics,
+            install=self._install_policy,
+            forget=self._forget_policy,
+        )
         self.nodes = NodeRegistry(self.ds)
         self.liveness = Liveness(self.ds, self.host, config.liveness_ttl)
         self.election = Election(self.ds, "reclaimer", self.host, self.liveness)
@@ -156,8 +164,13 @@ class Agent:
                 if limit and time.monotonic() - began >= limit:
                     raise
                 wait = delay * random.uniform(0.5, 1.5)
-                LOG.warning("event=agent.waiting_for_etcd step=%r attempt=%d error=%s retry_in_s=%.1f", what,
-                            attempt, e.msg, wait)
+                LOG.warning(
+                    "event=agent.waiting_for_etcd step=%r attempt=%d error=%s retry_in_s=%.1f",
+                    what,
+                    attempt,
+                    e.msg,
+                    wait,
+                )
                 self._stop.wait(wait)
                 delay = min(delay * 2, START_BACKOFF[1])
         return None
@@ -197,8 +210,14 @@ class Agent:
     def _register_node(self):
         c = self.config
         address = c.node_address or autodetect_address()
-        node = Node(name=self.host, address=address, address6=c.node_address6, as_number=c.as_number,
-                    labels=dict(c.labels), address_autodetected=not c.node_address and bool(address))
+        node = Node(
+            name=self.host,
+            address=address,
+            address6=c.node_address6,
+            as_number=c.as_number,
+            labels=dict(c.labels),
+            address_autodetected=not c.node_address and bool(address),
+        )
         self.nodes.register(node)
         LOG.info("event=node.registered host=%s address=%s", self.host, address)
 
@@ -206,30 +225,44 @@ class Agent:
 
     def _serve_unix(self, app, path, name):
         from waitress.server import create_server
+
         os.makedirs(os.path.dirname(path), exist_ok=True)
         if os.path.exists(path):
             os.unlink(path)  # a socket left by a previous run
-        server = create_server(app, unix_socket=path, unix_socket_perms="600", threads=8, channel_timeout=300,
-                               ident=None, clear_untrusted_proxy_headers=True)
+        server = create_server(
+            app,
+            unix_socket=path,
+            unix_socket_perms="600",
+            threads=8,
+            channel_timeout=300,
+            ident=None,
+            clear_untrusted_proxy_headers=True,
+        )
         self._servers.append(server)
         self._spawn(server.run, name)
         LOG.info("event=api.listening name=%s socket=%s", name, path)
 
     def _serve_cni(self):
         from netplugin.agent.cni_api import create_cni_app
-        self._serve_unix(create_cni_app(self.service, self.status, self.health),
-                         os.path.join(self.config.run_dir, "agent.sock"), "cni-api")
+
+        self._serve_unix(
+            create_cni_app(self.service, self.status, self.health),
+            os.path.join(self.config.run_dir, "agent.sock"),
+            "cni-api",
+        )
 
     def _serve_ops(self):
         """``/metrics``, ``/livez`` and ``/readyz`` on ``--metrics-listen`` (off without it)."""
         listen = getattr(self.config, "metrics_listen", None)
         if listen:
             from netplugin.agent.ops_http import OpsServer
+
             self._servers.append(OpsServer(listen, self.metrics.registry, self.health).start())
 
     def _serve_docker(self):
         from netplugin.docker.app import create_docker_app
         from netplugin.docker.driver import build_driver
+
         self.docker = build_driver(self.ds, self.ipam, self.service, self.host, self.config, progress=self.progress)
         self.docker.start()
         self._serve_unix(create_docker_app(self.docker), self.config.docker_socket, "docker-plugin")
@@ -271,14 +304,19 @@ class Agent:
         if dead:  # /livez answers from this too
             problems.append(f"threads not running: {', '.join(dead)}")
         loops_now = self.progress.snapshot()
-        limits = {"liveness": c.liveness_ttl, "election": 2 * c.liveness_ttl,
-                  "reclaim": 2 * c.reclaim_interval + self._reclaim_budget() + c.liveness_ttl}
+        limits = {
+            "liveness": c.liveness_ttl,
+            "election": 2 * c.liveness_ttl,
+            "reclaim": 2 * c.reclaim_interval + self._reclaim_budget() + c.liveness_ttl,
+        }
         for name, limit in limits.items():
             state = loops_now.get(name)
             if state and state["age_s"] > limit:
                 what = "etcd unreachable" if name == "liveness" else f"{name} loop not making progress"
-                problems.append(f"{what}: no good {name} round for {state['age_s']:.0f}s (threshold {limit:.0f}s;"
-                                f" last error: {state['error']})")
+                problems.append(
+                    f"{what}: no good {name} round for {state['age_s']:.0f}s (threshold {limit:.0f}s;"
+                    f" last error: {state['error']})"
+                )
         reports = {}
         for r in self.reconcilers:
             report = getattr(r, "report", None)
@@ -293,24 +331,41 @@ class Agent:
         now = time.monotonic()
         with self._sync_cond:
             began, ended = self._pass_began, self._pass_ended
-            sync = {"passes": self.sync_count, "recent_ok": list(self._passes), "last_errors": dict(self._pass_errors),
-                    "running_for_s": None if began is None else round(now - began, 3),
-                    "last_finished_s_ago": None if ended is None else round(now - ended, 3)}
-        return {"ok": not problems, "host": self.host, "problems": problems, "loops": loops_now, "sync": sync,
-                "threads_dead": dead, "metrics_listen": getattr(c, "metrics_listen", None),
-                "dataplane": {"active": self.dataplane_name, "reason": self.dataplane_reason},
-                "leader": self.leading, "skipped_records": self.cache.skipped.snapshot(),
-                "skipped_total": self.cache.skipped.total,
-                "watch": {"reconnects": getattr(self.watch, "reconnects", None)}, "reports": reports}
+            sync = {
+                "passes": self.sync_count,
+                "recent_ok": list(self._passes),
+                "last_errors": dict(self._pass_errors),
+                "running_for_s": None if began is None else round(now - began, 3),
+                "last_finished_s_ago": None if ended is None else round(now - ended, 3),
+            }
+        return {
+            "ok": not problems,
+            "host": self.host,
+            "problems": problems,
+            "loops": loops_now,
+            "sync": sync,
+            "threads_dead": dead,
+            "metrics_listen": getattr(c, "metrics_listen", None),
+            "dataplane": {"active": self.dataplane_name, "reason": self.dataplane_reason},
+            "leader": self.leading,
+            "skipped_records": self.cache.skipped.snapshot(),
+            "skipped_total": self.cache.skipped.total,
+            "watch": {"reconnects": getattr(self.watch, "reconnects", None)},
+            "reports": reports,
+        }
 
     # --- sync -----------------------------------------------------------------------------------------------------
 
     def _build_reconcilers(self):
         from netplugin.agent.reconcilers import build_reconcilers
         from netplugin.agent.routing import RoutingReconciler
+
         c = self.config
-        routing = RoutingReconciler.for_mode(self.host, c.routing, c.run_dir, self.metrics) \
-            if c.routing in ("bgp", "direct") else None
+        routing = (
+            RoutingReconciler.for_mode(self.host, c.routing, c.run_dir, self.metrics)
+            if c.routing in ("bgp", "direct")
+            else None
+        )
         return build_reconcilers(c, self.dataplane, self.service, self.host_lock, routing, self.metrics)
 
     def _on_events(self, events):
@@ -339,8 +394,9 @@ class Agent:
         good, errors = False, {}
         try:
             revision, errors = self._sync_pass(started, full, want)
-            good = not any(getattr(r, "covers_new_endpoints", False) and type(r).__name__ in errors
-                           for r in self.reconcilers)
+            good = not any(
+                getattr(r, "covers_new_endpoints", False) and type(r).__name__ in errors for r in self.reconcilers
+            )
             return revision
         except Exception as e:
             errors = {"view": loops.describe(e)}
@@ -414,8 +470,14 @@ class Agent:
         self.sync_count += 1
         self.metrics.sync_seconds.labels(str(bool(full)).lower()).observe(time.monotonic() - started)
         self.watch_lag.applied(view.revision)
-        LOG.info("event=sync revision=%d full=%s took_ms=%.1f reload=%s changed=%d", view.revision, full,
-                 (time.monotonic() - started) * 1000, changes.everything, len(changes.keys))
+        LOG.info(
+            "event=sync revision=%d full=%s took_ms=%.1f reload=%s changed=%d",
+            view.revision,
+            full,
+            (time.monotonic() - started) * 1000,
+            changes.everything,
+            len(changes.keys),
+        )
         return view.revision, errors
 
     def _sync_round(self):
@@ -438,8 +500,10 @@ class Agent:
         # A part failed (already logged): it gets the whole view again soon, with the same back-off as a failed
         # read, rather than at the next event or full resync.
         self._dirty.set()
-        wait, self._retry_delay = self._retry_delay * random.uniform(0.5, 1.5), min(self._retry_delay * 2,
-                                                                                    SYNC_BACKOFF[1])
+        wait, self._retry_delay = (
+            self._retry_delay * random.uniform(0.5, 1.5),
+            min(self._retry_delay * 2, SYNC_BACKOFF[1]),
+        )
         return wait
 
     # --- liveness, election and reclamation: one thread each --------------------------------------------------
@@ -451,13 +515,17 @@ class Agent:
         """One beat of the election loop; a transaction only when the leader key went (watch), when leading
         lapsed, or when the safety-net campaign is due."""
         now = time.monotonic()
-        if self._leader_gone.is_set() or now >= self._next_campaign or \
-                (self.leading and not self.election.still_leading()):
+        if (
+            self._leader_gone.is_set()
+            or now >= self._next_campaign
+            or (self.leading and not self.election.still_leading())
+        ):
             self._leader_gone.clear()
             self.election.campaign()
             ttl = self.config.liveness_ttl
-            self._next_campaign = now + (self._beat_s() if self.election.error else
-                                         CAMPAIGN_TTLS * ttl * random.uniform(0.8, 1.2))
+            self._next_campaign = now + (
+                self._beat_s() if self.election.error else CAMPAIGN_TTLS * ttl * random.uniform(0.8, 1.2)
+            )
         leading = self.election.still_leading()
         if leading != self.leading:
             LOG.info("event=election.%s role=reclaimer host=%s", "won" if leading else "lost", self.host)

@@ -1,5 +1,6 @@
 """The endpoint service as the agent's front doors (CNI API, Docker plugin) see it: under the host lock, and
 with ADD waiting for policy to cover the new endpoint."""
+
 import logging
 import time
 
@@ -24,8 +25,18 @@ class LockedService:
     the sync is failing or stalled (then it answers NotReady as before).
     """
 
-    def __init__(self, service, lock, wait_for_sync=None, policy_wait=0.0, revision=None, trouble=None,
-                 metrics=None, install=None, forget=None):
+    def __init__(
+        self,
+        service,
+        lock,
+        wait_for_sync=None,
+        policy_wait=0.0,
+        revision=None,
+        trouble=None,
+        metrics=None,
+        install=None,
+        forget=None,
+    ):
         self._service = service
         self._metrics = metrics or Metrics()  # ADD/DEL phases and errors (netplugin/agent/metrics.py)
         self._lock = lock
@@ -97,8 +108,12 @@ class LockedService:
         except Exception as e:  # noqa: BLE001 - the fast path failing falls back to waiting for a sync pass
             LOG.warning("event=policy.install_failed endpoint=%s error=%s", ep.id, getattr(e, "msg", e))
             return False
-        LOG.info("event=policy.installed endpoint=%s fast=%s policy_ms=%.1f", ep.id, done,
-                 (time.monotonic() - started) * 1000)
+        LOG.info(
+            "event=policy.installed endpoint=%s fast=%s policy_ms=%.1f",
+            ep.id,
+            done,
+            (time.monotonic() - started) * 1000,
+        )
         return done
 
     def delete(self, ep_id, *args, **kw):

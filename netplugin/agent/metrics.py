@@ -10,6 +10,7 @@ Watch lag: from the moment the watch thread handed the agent an event (``_on_eve
 pass whose view includes that event's revision. It covers the agent's queueing and work, not etcd's own commit
 to delivery time (the etcd revision carries no wall-clock time).
 """
+
 import ipaddress
 import logging
 import threading
@@ -36,36 +37,54 @@ class Metrics:
             return Histogram(name, doc, labels, registry=r, buckets=BUCKETS)
 
         self.op_seconds = {
-            "add": hist("netplugin_cni_add_seconds", "Whole CNI ADD, policy wait included (Docker Join is not timed here)"),
+            "add": hist(
+                "netplugin_cni_add_seconds", "Whole CNI ADD, policy wait included (Docker Join is not timed here)"
+            ),
             "del": hist("netplugin_cni_del_seconds", "Whole DEL"),
         }
         self.op_phase_seconds = {
-            "add": hist("netplugin_cni_add_phase_seconds", "One phase of ADD (ipam, dataplane, record, policy_install"
-                        " or policy_wait)",
-                        ["phase"]),
-            "del": hist("netplugin_cni_del_phase_seconds", "One phase of DEL (lookup, ipam: the release with the"
-                        " record, dataplane)",
-                        ["phase"]),
+            "add": hist(
+                "netplugin_cni_add_phase_seconds",
+                "One phase of ADD (ipam, dataplane, record, policy_install or policy_wait)",
+                ["phase"],
+            ),
+            "del": hist(
+                "netplugin_cni_del_phase_seconds",
+                "One phase of DEL (lookup, ipam: the release with the record, dataplane)",
+                ["phase"],
+            ),
         }
         self.sync_seconds = hist("netplugin_sync_seconds", "One sync pass", ["full"])
-        self.sync_phase_seconds = hist("netplugin_sync_phase_seconds",
-                                       "One phase of a sync pass: read (the view) or a reconciler's name", ["phase"])
+        self.sync_phase_seconds = hist(
+            "netplugin_sync_phase_seconds",
+            "One phase of a sync pass: read (the view) or a reconciler's name",
+            ["phase"],
+        )
         self.policy_sync_seconds = hist("netplugin_policy_sync_seconds", "Policy sync that wrote the kernel")
         self.policy_phase_seconds = hist(
             "netplugin_policy_sync_phase_seconds",
-            "Phase of a policy sync: compile, read, ipset, ipset_destroy, iptables_restore_ipv4/_ipv6", ["phase"])
-        self.bird_seconds = hist("netplugin_bird_seconds", "BIRD config render, and check+reload when it changed",
-                                 ["phase"])
-        self.watch_lag_seconds = hist("netplugin_watch_lag_seconds",
-                                      "From the watch delivering an event to the end of the sync that applied it")
-        self.errors = Counter("netplugin_errors_total", "Failures by where and kind (exception class)",
-                              ["where", "kind"], registry=r)
-        self.reclaimed = Counter("netplugin_reclaimed_addresses_total", "Addresses reclaimed from dead hosts",
-                                 registry=r)
-        self.fallbacks = Counter("netplugin_fallbacks_total",
-                                 "Slow paths taken: watch_resync (the watch lost history and the view is read"
-                                 " again), etcd_read (the watch was late for a revision ADD waits for)",
-                                 ["kind"], registry=r)
+            "Phase of a policy sync: compile, read, ipset, ipset_destroy, iptables_restore_ipv4/_ipv6",
+            ["phase"],
+        )
+        self.bird_seconds = hist(
+            "netplugin_bird_seconds", "BIRD config render, and check+reload when it changed", ["phase"]
+        )
+        self.watch_lag_seconds = hist(
+            "netplugin_watch_lag_seconds", "From the watch delivering an event to the end of the sync that applied it"
+        )
+        self.errors = Counter(
+            "netplugin_errors_total", "Failures by where and kind (exception class)", ["where", "kind"], registry=r
+        )
+        self.reclaimed = Counter(
+            "netplugin_reclaimed_addresses_total", "Addresses reclaimed from dead hosts", registry=r
+        )
+        self.fallbacks = Counter(
+            "netplugin_fallbacks_total",
+            "Slow paths taken: watch_resync (the watch lost history and the view is read"
+            " again), etcd_read (the watch was late for a revision ADD waits for)",
+            ["kind"],
+            registry=r,
+        )
 
     def clock(self, op):
         """A PhaseClock feeding ``op``'s phase histogram (op: add, del)."""
@@ -136,10 +155,12 @@ class StateCollector:
             eps.add_metric(["cluster"], len(view.endpoints))
             yield eps
             yield GaugeMetricFamily("netplugin_policies", "Policies in the last synced view", len(view.policies))
-        yield GaugeMetricFamily("netplugin_skipped_records_current", "Records skipped as undecodable (now)",
-                                len(a.cache.skipped.snapshot()))
-        yield _counter_family("netplugin_skipped_records_total", "Records skipped as undecodable, ever",
-                              a.cache.skipped.total)
+        yield GaugeMetricFamily(
+            "netplugin_skipped_records_current", "Records skipped as undecodable (now)", len(a.cache.skipped.snapshot())
+        )
+        yield _counter_family(
+            "netplugin_skipped_records_total", "Records skipped as undecodable, ever", a.cache.skipped.total
+        )
         members = _ipset_members(a)
         if members is not None:
             yield GaugeMetricFamily("netplugin_ipset_members", "Members of this host's policy ipsets", members)
@@ -153,7 +174,7 @@ class StateCollector:
 
 
 def _counter_family(name, doc, value):
-    return CounterMetricFamily(name[:-len("_total")], doc, value)
+    return CounterMetricFamily(name[: -len("_total")], doc, value)
 
 
 def _ipset_members(agent):
@@ -166,6 +187,7 @@ def _ipset_members(agent):
 
 def _bgp_sessions(agent):
     from netplugin.routing.bird import BirdError, bgp_status
+
     for r in agent.reconcilers:
         bird = getattr(getattr(r, "inner", r), "bird", None)
         if bird is None:
@@ -185,6 +207,7 @@ def _ipam(agent):
     """Blocks and free addresses per pool: one read of the blocks per scrape, skipped while the liveness beat
     fails (etcd unreachable), so a scrape never waits out etcd's timeout."""
     from netplugin.errors import NetpluginError
+
     if agent.progress.failures("liveness"):
         return
     try:
@@ -194,9 +217,11 @@ def _ipam(agent):
         LOG.debug("event=metrics.ipam_unreadable error=%s", e.msg)
         return
     blocks = GaugeMetricFamily("netplugin_ipam_blocks", "Blocks claimed from each pool", labels=["pool"])
-    free = GaugeMetricFamily("netplugin_ipam_free_addresses",
-                             "Addresses of each pool not allocated (in claimed blocks and unclaimed ones)",
-                             labels=["pool"])
+    free = GaugeMetricFamily(
+        "netplugin_ipam_free_addresses",
+        "Addresses of each pool not allocated (in claimed blocks and unclaimed ones)",
+        labels=["pool"],
+    )
     for pool in pools:
         mine = [row for row in rows if row["pool"] == pool.cidr]
         blocks.add_metric([pool.cidr], len(mine))

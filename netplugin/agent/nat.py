@@ -7,6 +7,7 @@ Pools are few, so a short chain needs no ipset. Only ``NatOutgoing`` (the iptabl
 the chain; the policy applier owns the ``filter`` table and never reads ``nat``. The reconciler only decides
 when to ask the dataplane backend (``set_nat_outgoing``): the rules are the iptables backend's business.
 """
+
 import ipaddress
 import logging
 
@@ -27,8 +28,9 @@ def nat_rules(pools):
     for family in FAMILIES:
         mine = sorted((p for p in pools if ipaddress.ip_network(p.cidr).version == family), key=lambda p: p.cidr)
         masq = [p.cidr for p in mine if p.nat_outgoing]
-        out[family] = ([f"-d {p.cidr} -j RETURN" for p in mine] + [f"-s {cidr} -j MASQUERADE" for cidr in masq]
-                       if masq else [])
+        out[family] = (
+            [f"-d {p.cidr} -j RETURN" for p in mine] + [f"-s {cidr} -j MASQUERADE" for cidr in masq] if masq else []
+        )
     return out
 
 
@@ -55,8 +57,12 @@ class NatOutgoing:
             hooks = {HOOK: CHAIN} if want[family] else {}
             plan = table.converge(chains, hooks)
             if not plan.empty():
-                LOG.info("event=nat_outgoing.applied family=%d rules=%d changes=%s", family, len(want[family]),
-                         "; ".join(plan.notes))
+                LOG.info(
+                    "event=nat_outgoing.applied family=%d rules=%d changes=%s",
+                    family,
+                    len(want[family]),
+                    "; ".join(plan.notes),
+                )
                 notes += plan.notes
         self._written = want
         return notes

@@ -7,6 +7,7 @@ socket and shown by ``netctl node health``): ``/readyz`` is its ``ok`` (synced, 
 the health answer as the JSON body. Served by the standard library's WSGI server, one thread per request on a
 thread of its own: a slow scrape never touches the agent's loops or its CNI socket.
 """
+
 import json
 import logging
 import socket
@@ -38,10 +39,13 @@ def create_ops_app(registry, health):
             answer = health()
             ok = not answer.get("threads_dead") if path == "/livez" else answer["ok"]
             body = json.dumps(dict(answer, probe=path[1:], probe_ok=ok), default=str).encode()
-            start_response("200 OK" if ok else "503 Service Unavailable",
-                           [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            start_response(
+                "200 OK" if ok else "503 Service Unavailable",
+                [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
+            )
             return [body]
         return metrics(environ, start_response)
+
     return app
 
 
@@ -64,8 +68,9 @@ class OpsServer:
         if ":" in addr:
             server_class = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
         try:
-            self._httpd = make_server(addr, port, create_ops_app(registry, health), server_class=server_class,
-                                      handler_class=_QuietHandler)
+            self._httpd = make_server(
+                addr, port, create_ops_app(registry, health), server_class=server_class, handler_class=_QuietHandler
+            )
         except OSError as e:
             raise InvalidInput(f"cannot listen for metrics on {listen}: {e.strerror}") from None
         self.url = f"http://{listen}"

@@ -12,6 +12,7 @@ other chain is left alone. Until a view holds the record, each pass keeps compil
 watch-driven pass that brings it finds the ruleset unchanged and runs no process (``stats["applies"]``).
 Concurrent ADDs share one apply: whoever holds the lock installs every endpoint waiting.
 """
+
 import logging
 import threading
 import time
@@ -29,8 +30,13 @@ LOG = logging.getLogger(__name__)
 
 
 def policy_endpoint(ep):
-    return Endpoint(id=ep.id, host_ifname=ep.host_ifname, addresses=[a.split("/")[0] for a in ep.addresses],
-                    network=ep.network, labels=policy_labels(ep.labels))
+    return Endpoint(
+        id=ep.id,
+        host_ifname=ep.host_ifname,
+        addresses=[a.split("/")[0] for a in ep.addresses],
+        network=ep.network,
+        labels=policy_labels(ep.labels),
+    )
 
 
 class PolicyReconciler:
@@ -41,16 +47,16 @@ class PolicyReconciler:
         self.metrics = metrics  # netplugin.agent.metrics.Metrics, or None
         self.dataplane = dataplane  # a netplugin.dataplane.backend.Backend: apply_policy
         self._last = None
-        self._parsed = {}        # name -> (stored document, its Selector, Policy or None if not parsed yet)
+        self._parsed = {}  # name -> (stored document, its Selector, Policy or None if not parsed yet)
         self._compiled = (None, None)  # (inputs, Ruleset) of the last compilation
-        self._converted = {}     # (host, endpoint id) -> (view record, its policy.model.Endpoint)
-        self._invalid = {}       # name -> (stored document, why) of selected policies that do not validate
+        self._converted = {}  # (host, endpoint id) -> (view record, its policy.model.Endpoint)
+        self._invalid = {}  # name -> (stored document, why) of selected policies that do not validate
         self._lock = threading.Lock()  # one writer of the ruleset: the sync thread or an ADD's install
-        self._view = None        # the last view a pass compiled (install compiles against it)
-        self._fresh = {}         # endpoint id -> (record, store revision of its put) not in a view yet
+        self._view = None  # the last view a pass compiled (install compiles against it)
+        self._fresh = {}  # endpoint id -> (record, store revision of its put) not in a view yet
         self._fresh_lock = threading.Lock()
-        self._compiling = {}     # the fresh records the last _ruleset compiled in
-        self._covered = {}       # endpoint id -> the fresh record the kernel's ruleset was compiled with
+        self._compiling = {}  # the fresh records the last _ruleset compiled in
+        self._covered = {}  # endpoint id -> the fresh record the kernel's ruleset was compiled with
         self.stats = {"applies": 0, "unchanged": 0, "installs": 0, "installed_by_other": 0}
 
     def _policies(self, view, local):
@@ -88,8 +94,11 @@ class PolicyReconciler:
 
     def report(self):
         """For the agent's health answer: stored policies this host skipped because they do not validate."""
-        return {"invalid_policies": {name: why for name, (_, why) in sorted(self._invalid.items())},
-                "stats": dict(self.stats), "revision": self._view.revision if self._view else 0}
+        return {
+            "invalid_policies": {name: why for name, (_, why) in sorted(self._invalid.items())},
+            "stats": dict(self.stats),
+            "revision": self._view.revision if self._view else 0,
+        }
 
     def install(self, ep, revision):
         """ADD's fast path: make the kernel hold policy for ``ep`` (recorded at store ``revision``) now, from the
@@ -173,8 +182,11 @@ class PolicyReconciler:
         if self.metrics is not None:
             self.metrics.policy_applied(timings)
         if diffs:
-            LOG.info("event=policy.applied changes=%d timings=%s", len(diffs),
-                     {k: round(v * 1000, 1) for k, v in timings.items()})
+            LOG.info(
+                "event=policy.applied changes=%d timings=%s",
+                len(diffs),
+                {k: round(v * 1000, 1) for k, v in timings.items()},
+            )
 
 
 def _name_of(doc):

@@ -3,6 +3,7 @@
 Each ``sync(view, full=False, changes=EVERYTHING)`` also gets what changed since the previous pass
 (view.ViewChanges) and skips when nothing it depends on did: at 50 hosts most events concern one other host.
 """
+
 import logging
 
 from netplugin.agent.view import EVERYTHING
@@ -41,8 +42,8 @@ class DataplaneReconciler:
         prefix = keys.endpoint_prefix(self.host)
         present = {ep.id for ep in view.endpoints_of(self.host)}
         for key in changes.keys:
-            if key.startswith(prefix) and key[len(prefix):] not in present:
-                self._deleted.add(host_ifname(key[len(prefix):]))
+            if key.startswith(prefix) and key[len(prefix) :] not in present:
+                self._deleted.add(host_ifname(key[len(prefix) :]))
 
     def sync(self, view, full=False, changes=EVERYTHING):
         self._learn_deletions(view, changes)
@@ -69,9 +70,13 @@ class DataplaneReconciler:
         self._unaccounted = sorted(names)
         for name in self._unaccounted:
             if name not in self._logged:
-                LOG.warning("event=dataplane.unaccounted host_if=%s host=%s reason=no endpoint record of this host"
-                            " names it; kept (delete it with 'ip link del %s' if no container uses it)", name,
-                            self.host, name)
+                LOG.warning(
+                    "event=dataplane.unaccounted host_if=%s host=%s reason=no endpoint record of this host"
+                    " names it; kept (delete it with 'ip link del %s' if no container uses it)",
+                    name,
+                    self.host,
+                    name,
+                )
         self._logged = set(self._unaccounted)
 
     def report(self):
@@ -114,6 +119,7 @@ def build_reconcilers(config, dataplane, service, host_lock, routing=None, metri
     direct mode. Each gets its collaborators, never the agent."""
     from netplugin.agent.nat import NatReconciler
     from netplugin.agent.policy import PolicyReconciler
+
     parts = [DataplaneReconciler(config.hostname, dataplane, service, host_lock)]
     if routing is not None:
         parts.append(RoutingGate(routing, config.hostname, config.routing))

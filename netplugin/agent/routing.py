@@ -17,6 +17,7 @@ that vanishes silently is dropped by the hold timer as before: BIRD applies grac
 connection, not to a hold timer expiry. Route reflectors apply the same rule to their clients, so a dead client's
 reflected routes leave everywhere.
 """
+
 import ipaddress
 import logging
 import os
@@ -46,16 +47,27 @@ def routing_input(view, host, established=frozenset()):
     me = view.nodes.get(host)
     if me is None or not me.address:
         raise InvalidInput(f"node {host} has no IPv4 address for BGP: start the agent with --node-address")
-    nodes = tuple(BgpNode(name=n.name, address=n.address, address6=n.address6, as_number=n.as_number,
-                          route_reflector=n.route_reflector)
-                  for n in sorted(view.nodes.values(), key=lambda n: n.name)
-                  if n.address and (n.name == host or n.name in view.alive or n.name in established))
-    peers = tuple(BgpPeer(name=p.name, address=p.address, as_number=p.as_number, node=p.node, password=p.password)
-                  for p in sorted(view.peers, key=lambda p: p.name) if p.node in (None, host))
+    nodes = tuple(
+        BgpNode(
+            name=n.name,
+            address=n.address,
+            address6=n.address6,
+            as_number=n.as_number,
+            route_reflector=n.route_reflector,
+        )
+        for n in sorted(view.nodes.values(), key=lambda n: n.name)
+        if n.address and (n.name == host or n.name in view.alive or n.name in established)
+    )
+    peers = tuple(
+        BgpPeer(name=p.name, address=p.address, as_number=p.as_number, node=p.node, password=p.password)
+        for p in sorted(view.peers, key=lambda p: p.name)
+        if p.node in (None, host)
+    )
     settings = BgpSettings(mesh=view.config.mesh, default_as=view.config.as_number)
     node = next(n for n in nodes if n.name == host)
-    return RoutingInput(node=node, nodes=nodes, peers=peers, settings=settings,
-                        blocks=tuple(sorted(view.blocks.get(host, []))))
+    return RoutingInput(
+        node=node, nodes=nodes, peers=peers, settings=settings, blocks=tuple(sorted(view.blocks.get(host, [])))
+    )
 
 
 def lease_less_nodes(view, host):
@@ -66,8 +78,9 @@ def lease_less_nodes(view, host):
 def established_nodes(view, names, rows):
     """Which of the nodes ``names`` have at least one Established session among BGP status ``rows``."""
     up = {_canonical(r.peer_address) for r in rows if r.state == "Established"}
-    return frozenset(n for n in names
-                     if {_canonical(a) for a in (view.nodes[n].address, view.nodes[n].address6) if a} & up)
+    return frozenset(
+        n for n in names if {_canonical(a) for a in (view.nodes[n].address, view.nodes[n].address6) if a} & up
+    )
 
 
 def _canonical(address):
@@ -142,8 +155,9 @@ class RoutingReconciler:
         if self.mode != "bgp":
             return {"mode": self.mode}
         running = self.bird.pid() is not None
-        problems = [] if running or not self._started else [f"BIRD is not running (control socket "
-                                                              f"{self.bird.sock_path})"]
+        problems = (
+            [] if running or not self._started else [f"BIRD is not running (control socket {self.bird.sock_path})"]
+        )
         return {"mode": self.mode, "bird_running": running, "problems": problems}
 
     def close(self):
@@ -168,8 +182,11 @@ class RoutingReconciler:
             raise
         dropped = lease_less - kept
         if (kept, dropped) != (self._kept, self._dropped):
-            LOG.info("event=bgp.lease_less kept=%s dropped=%s", ",".join(sorted(kept)) or "-",
-                     ",".join(sorted(dropped)) or "-")
+            LOG.info(
+                "event=bgp.lease_less kept=%s dropped=%s",
+                ",".join(sorted(kept)) or "-",
+                ",".join(sorted(dropped)) or "-",
+            )
         self._kept, self._dropped = kept, dropped
         self._ensure_bird(ask_bird, changed)
 

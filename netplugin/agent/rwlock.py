@@ -4,6 +4,7 @@ A reconcile reads etcd and then the kernel; an ADD that wrote its veth between t
 a stray to the reconcile and be deleted. Holding the lock shared keeps ADDs concurrent with each other while
 the (rare, milliseconds long) reconcile sees a quiet host.
 """
+
 import threading
 
 

@@ -11,6 +11,7 @@ is read (full read or watch event), logged once per (key, revision) with why, co
 (``SkippedRecords``: the agent's health answer; ``netctl check`` finds the same with ``decode``). It never fails a
 view, so one stray ``etcdctl put`` cannot stop every agent's sync.
 """
+
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -21,8 +22,17 @@ from netplugin.errors import DatastoreUnavailable, InvalidInput
 
 LOG = logging.getLogger(__name__)
 
-PREFIXES = (keys.CLUSTER_CONFIG, keys.NODES, keys.LIVENESS, keys.BGP_PEERS, keys.AFFINITY, keys.ENDPOINTS,
-            keys.POLICIES, keys.NETWORKS, keys.POOLS)
+PREFIXES = (
+    keys.CLUSTER_CONFIG,
+    keys.NODES,
+    keys.LIVENESS,
+    keys.BGP_PEERS,
+    keys.AFFINITY,
+    keys.ENDPOINTS,
+    keys.POLICIES,
+    keys.NETWORKS,
+    keys.POOLS,
+)
 
 
 @dataclass
@@ -76,18 +86,18 @@ def _decode(key, value):
     if key.startswith(keys.NODES):
         return _named(Node.from_dict(value), "name", name)
     if key.startswith(keys.LIVENESS):
-        if "/" in key[len(keys.LIVENESS):]:
+        if "/" in key[len(keys.LIVENESS) :]:
             raise BadRecord("a liveness key is liveness/<host>")
         return name  # only the key (and its lease) matters
     if key.startswith(keys.BGP_PEERS):
         return _named(BgpPeer.from_dict(value), "name", name)
     if key.startswith(keys.AFFINITY):
-        host, _, segment = key[len(keys.AFFINITY):].partition("/")
+        host, _, segment = key[len(keys.AFFINITY) :].partition("/")
         if not host or not segment or "/" in segment:
             raise BadRecord("an affinity key is ipam/affinity/<host>/<block>")
         return (host, keys.segment_cidr(segment))
     if key.startswith(keys.ENDPOINTS):
-        host, _, ep_id = key[len(keys.ENDPOINTS):].partition("/")
+        host, _, ep_id = key[len(keys.ENDPOINTS) :].partition("/")
         return _named(_named(Endpoint.from_dict(value), "host", host), "id", ep_id)
     if key.startswith(keys.POLICIES):
         # Validated by the policy reconciler, and only where it selects a local endpoint (policy.py).
@@ -219,13 +229,13 @@ class ViewCache:
     def __init__(self, ds):
         self.ds = ds
         self._cond = threading.Condition()
-        self._pending = []      # (revision, [Event]) not applied yet
-        self._seen = 0          # the highest revision the watch has delivered
-        self._records = None    # key -> decoded record; None: read everything at the next view()
-        self._revision = 0      # the revision _records reflects
-        self._changed = set()   # keys changed since the last view handed out
-        self._floor = 0         # a full read must reach this revision (the watch resumes after it)
-        self.reloads = 0        # full reads done (a metric and a test hook)
+        self._pending = []  # (revision, [Event]) not applied yet
+        self._seen = 0  # the highest revision the watch has delivered
+        self._records = None  # key -> decoded record; None: read everything at the next view()
+        self._revision = 0  # the revision _records reflects
+        self._changed = set()  # keys changed since the last view handed out
+        self._floor = 0  # a full read must reach this revision (the watch resumes after it)
+        self.reloads = 0  # full reads done (a metric and a test hook)
         self.skipped = SkippedRecords()
         self._last_records = None  # the model before an invalidate: what a bad record stands for meanwhile
 
@@ -276,8 +286,10 @@ class ViewCache:
                 self.reloads += 1
                 self._apply_pending()
                 return self._take(EVERYTHING)
-        raise DatastoreUnavailable(f"reading the cluster state: etcd answered at revision {revision}, older than"
-                                   f" revision {self._floor} it reported before")
+        raise DatastoreUnavailable(
+            f"reading the cluster state: etcd answered at revision {revision}, older than"
+            f" revision {self._floor} it reported before"
+        )
 
     def _take(self, changes):
         self._changed.clear()

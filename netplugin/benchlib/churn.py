@@ -1,5 +1,6 @@
 """The pure parts of the churn benchmark (scripts/bench_churn.py): its limits, what it reads of a process from
 /proc, and the report it prints. Kept apart so they are unit-tested without a lab."""
+
 import os
 from dataclasses import dataclass, field
 
@@ -71,20 +72,28 @@ def render(r):
     rows = [
         ("hosts / containers / ADDs in flight per host", f"{r.hosts} / {r.containers} / {r.per_host}"),
         ("end to end: first ADD to last reachable (s)", f"{r.total_s:.1f}"),
-        ("ADD p50 / p99 / max under load (ms)",
-         f"{_ms(percentile(r.add_s, 50))} / {_ms(percentile(r.add_s, 99))} / {_ms(max(r.add_s, default=None))}"),
-        ("time to reachable p50 / p99 / max (ms)",
-         f"{_ms(percentile(r.reach_s, 50))} / {_ms(percentile(r.reach_s, 99))} / "
-         f"{_ms(max(r.reach_s, default=None))}"),
-        ("delete all (s); DEL p50 / p99 (ms)",
-         f"{r.delete_s:.1f}; {_ms(percentile(r.del_s, 50))} / {_ms(percentile(r.del_s, 99))}"),
-        ("agent CPU s per host, mean / max",
-         f"{sum(cpu) / len(cpu):.1f} / {max(cpu):.1f}" if cpu else "-"),
-        ("agent peak RSS per host MiB, mean / max",
-         f"{_mib(sum(mem) / len(mem))} / {_mib(max(mem))}" if mem else "-"),
-        ("etcd DB size before / full / after (MiB)",
-         " / ".join(_mib(r.etcd_db_bytes[k] / 1024) if r.etcd_db_bytes.get(k) is not None else "-"
-                    for k in ("before", "full", "after"))),
+        (
+            "ADD p50 / p99 / max under load (ms)",
+            f"{_ms(percentile(r.add_s, 50))} / {_ms(percentile(r.add_s, 99))} / {_ms(max(r.add_s, default=None))}",
+        ),
+        (
+            "time to reachable p50 / p99 / max (ms)",
+            f"{_ms(percentile(r.reach_s, 50))} / {_ms(percentile(r.reach_s, 99))} / "
+            f"{_ms(max(r.reach_s, default=None))}",
+        ),
+        (
+            "delete all (s); DEL p50 / p99 (ms)",
+            f"{r.delete_s:.1f}; {_ms(percentile(r.del_s, 50))} / {_ms(percentile(r.del_s, 99))}",
+        ),
+        ("agent CPU s per host, mean / max", f"{sum(cpu) / len(cpu):.1f} / {max(cpu):.1f}" if cpu else "-"),
+        ("agent peak RSS per host MiB, mean / max", f"{_mib(sum(mem) / len(mem))} / {_mib(max(mem))}" if mem else "-"),
+        (
+            "etcd DB size before / full / after (MiB)",
+            " / ".join(
+                _mib(r.etcd_db_bytes[k] / 1024) if r.etcd_db_bytes.get(k) is not None else "-"
+                for k in ("before", "full", "after")
+            ),
+        ),
         ("failed ADDs / unreachable", f"{len(r.failed)} / {len(r.unreachable)}"),
     ]
     lines = ["| figure | value |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in rows]
@@ -101,5 +110,6 @@ def render(r):
 
 def clean(r):
     """True when nothing failed, everything was reachable and nothing was left behind."""
-    return (not r.failed and not r.unreachable and not any(r.leaks.values())
-            and r.ipam_check.strip() == "ipam check: clean")
+    return (
+        not r.failed and not r.unreachable and not any(r.leaks.values()) and r.ipam_check.strip() == "ipam check: clean"
+    )

@@ -4,6 +4,7 @@ A benchmark registers the undo step *before* it creates the thing (a namespace, 
 interruption at any point removes whatever exists. While the steps run, further signals are ignored: a second
 Ctrl-C must not leave half the namespaces behind.
 """
+
 import signal
 import sys
 

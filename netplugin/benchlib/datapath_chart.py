@@ -1,4 +1,5 @@
 """The data path report's PNG chart (matplotlib, optional: without it the Markdown report is still written)."""
+
 from netplugin.benchlib.datapath_metrics import TCP_SIZES, metric_ratio, metric_summary
 from netplugin.benchlib.machine import describe
 
@@ -7,6 +8,7 @@ def render_chart(doc, png_path):
     """Write the PNG chart; returns None on success or a one-line reason (e.g. matplotlib is missing)."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:

@@ -2,8 +2,19 @@
 netplugin's hosts between states from as built to no netfilter at all. Every sentence is built from the measured
 ratios and left out when a state was not measured.
 """
-from netplugin.benchlib.datapath_metrics import (CROSS_HOST, DIAG_METRICS, LEVEL, METRIC_BY_ID, diag_view,
-                                                 metric_ratio, metric_summary, pinning_note, ratio_median, spread)
+
+from netplugin.benchlib.datapath_metrics import (
+    CROSS_HOST,
+    DIAG_METRICS,
+    LEVEL,
+    METRIC_BY_ID,
+    diag_view,
+    metric_ratio,
+    metric_summary,
+    pinning_note,
+    ratio_median,
+    spread,
+)
 from netplugin.benchlib.machine import describe
 from netplugin.benchlib.markdown import fmt_num, fmt_range, table
 
@@ -24,18 +35,25 @@ def render_diagnosis(doc):
         f"the routes. Ratios are medians of per-round ratios to host networking measured in the same state and "
         f"round.{_steadiest_note(doc)} {pinning_note(s)}",
         "",
-        table(["state of netplugin's hosts", "what it is"], [[st["label"], st["description"]] for st in doc["states"]],
-              align=["l", "l"]),
+        table(
+            ["state of netplugin's hosts", "what it is"],
+            [[st["label"], st["description"]] for st in doc["states"]],
+            align=["l", "l"],
+        ),
     ]
-    header = ["state", "path"] + [f"{METRIC_BY_ID[m].label} ({METRIC_BY_ID[m].unit})" for m in DIAG_METRICS] \
+    header = (
+        ["state", "path"]
+        + [f"{METRIC_BY_ID[m].label} ({METRIC_BY_ID[m].unit})" for m in DIAG_METRICS]
         + [f"ratio {METRIC_BY_ID[m].label}" for m in DIAG_METRICS]
+    )
     rows = []
     for st in doc["states"]:
         view = diag_view(doc, st["id"])
         for p in doc["paths"]:
             cells = [fmt_range(metric_summary(view, p["id"], m)) for m in DIAG_METRICS]
-            ratios = ["1" if p["id"] == doc["baseline"] else fmt_range(metric_ratio(view, p["id"], m))
-                      for m in DIAG_METRICS]
+            ratios = [
+                "1" if p["id"] == doc["baseline"] else fmt_range(metric_ratio(view, p["id"], m)) for m in DIAG_METRICS
+            ]
             rows.append([st["label"], p["label"]] + cells + ratios)
     out += ["", table(header, rows, align=["l", "l"] + ["r"] * (len(header) - 2)), "", "## Reading", ""]
     out += diagnosis_lines(doc)
@@ -51,8 +69,10 @@ def _steadiest_note(doc):
     if not spreads:
         return ""
     sp, m = min(spreads)
-    return (f" Of the figures below, {METRIC_BY_ID[m].label} varied least across rounds here (netplugin as built, "
-            f"max / min {fmt_num(sp)}×).")
+    return (
+        f" Of the figures below, {METRIC_BY_ID[m].label} varied least across rounds here (netplugin as built, "
+        f"max / min {fmt_num(sp)}×)."
+    )
 
 
 def _diag_p50_us(doc, state):
@@ -66,14 +86,18 @@ def flowtable_line(doc):
     if not ft:
         return None
     if not ft.get("supported"):
-        return (f"- The flowtable fast path (established, policy-accepted flows skipping routing, the forward hooks "
-                f"and conntrack's per-packet work on both hosts) could not be measured: {ft.get('reason')}.")
+        return (
+            f"- The flowtable fast path (established, policy-accepted flows skipping routing, the forward hooks "
+            f"and conntrack's per-packet work on both hosts) could not be measured: {ft.get('reason')}."
+        )
     lat = ratio_median(diag_view(doc, "flowtable"), CROSS_HOST, "lat_p50") if "flowtable" in doc["samples"] else None
     tput = ratio_median(diag_view(doc, "flowtable"), CROSS_HOST, "tcp_131072") if lat is not None else None
     if lat is None or tput is None:
         return "- The kernel accepts flowtables, but the flowtable state has no complete samples."
-    return (f"- With a flowtable for established, policy-accepted flows: netplugin {fmt_num(lat)}× host latency "
-            f"(p50), {fmt_num(tput)}× host throughput.")
+    return (
+        f"- With a flowtable for established, policy-accepted flows: netplugin {fmt_num(lat)}× host latency "
+        f"(p50), {fmt_num(tput)}× host throughput."
+    )
 
 
 def fast_accept_line(doc):
@@ -88,49 +112,72 @@ def fast_accept_line(doc):
         return None
     hits = doc.get("ct_mark_hits") or {}
     counted = [h for h in hits.values() if h is not None]
-    proof = (f"; the fast-accept rule took {', '.join(str(h) for h in counted)} packets on the two hosts in the "
-             f"last round") if counted else ""
-    return (f"- The policy's fast-accept rule (packets of connections it accepted, by conntrack mark) moved from "
-            f"np-FORWARD to the top of FORWARD: netplugin {fmt_num(lat)}× host "
-            f"latency (p50) against {fmt_num(lat0)}× as built ({fmt_num(us0 - us)} µs less per one-way trip), "
-            f"{fmt_num(tput)}× host throughput against {fmt_num(tput0)}×{proof}.")
+    proof = (
+        (f"; the fast-accept rule took {', '.join(str(h) for h in counted)} packets on the two hosts in the last round")
+        if counted
+        else ""
+    )
+    return (
+        f"- The policy's fast-accept rule (packets of connections it accepted, by conntrack mark) moved from "
+        f"np-FORWARD to the top of FORWARD: netplugin {fmt_num(lat)}× host "
+        f"latency (p50) against {fmt_num(lat0)}× as built ({fmt_num(us0 - us)} µs less per one-way trip), "
+        f"{fmt_num(tput)}× host throughput against {fmt_num(tput0)}×{proof}."
+    )
 
 
-_STEPS = (("no-rules", None), ("empty-chain", "one empty forward chain"),
-          ("ct-only", "conntrack with no filter chain"), ("ct-first", "conntrack and one established-accept rule"),
-          ("as-built", "as built (FORWARD → np-FORWARD, whose first rule accepts connections the policy accepted "
-                       "before)"))
+_STEPS = (
+    ("no-rules", None),
+    ("empty-chain", "one empty forward chain"),
+    ("ct-only", "conntrack with no filter chain"),
+    ("ct-first", "conntrack and one established-accept rule"),
+    ("as-built", "as built (FORWARD → np-FORWARD, whose first rule accepts connections the policy accepted before)"),
+)
 
 
 def decomposition_lines(doc):
     """Step by step from no netfilter to as built, in p50 µs of the cross-host path; [] if a step is missing."""
-    values = [(what, _diag_p50_us(doc, sid), ratio_median(diag_view(doc, sid), CROSS_HOST, "lat_p50"))
-              for sid, what in _STEPS if sid in doc["samples"]]
+    values = [
+        (what, _diag_p50_us(doc, sid), ratio_median(diag_view(doc, sid), CROSS_HOST, "lat_p50"))
+        for sid, what in _STEPS
+        if sid in doc["samples"]
+    ]
     if len(values) != len(_STEPS) or any(v is None or r is None for _, v, r in values):
         return []
     base_us, base_r = values[0][1], values[0][2]
-    steps = "; ".join(f"{what}: {fmt_num(us)} µs ({fmt_num(r)}×, +{fmt_num(max(us - base_us, 0.0))} µs)"
-                      for what, us, r in values[1:])
+    steps = "; ".join(
+        f"{what}: {fmt_num(us)} µs ({fmt_num(r)}×, +{fmt_num(max(us - base_us, 0.0))} µs)" for what, us, r in values[1:]
+    )
     deltas = [(values[i][0], values[i][1] - values[i - 1][1]) for i in range(1, len(values))]
     biggest, cost = max(deltas, key=lambda d: d[1])
-    lines = [f"- Where the as-built latency goes (p50 of the cross-host path, each state against no netfilter at "
-             f"all, {fmt_num(base_us)} µs, {fmt_num(base_r)}× host): {steps}. A one-way trip crosses the netfilter "
-             f"of both hosts, so each figure is two hosts' worth. The largest single step is to {biggest} "
-             f"(+{fmt_num(cost)} µs over the state before it)."]
+    lines = [
+        f"- Where the as-built latency goes (p50 of the cross-host path, each state against no netfilter at "
+        f"all, {fmt_num(base_us)} µs, {fmt_num(base_r)}× host): {steps}. A one-way trip crosses the netfilter "
+        f"of both hosts, so each figure is two hosts' worth. The largest single step is to {biggest} "
+        f"(+{fmt_num(cost)} µs over the state before it)."
+    ]
     if "notrack" in doc["samples"]:
         nt = ratio_median(diag_view(doc, "notrack"), CROSS_HOST, "lat_p50")
         full = values[-1][2]
         if nt is not None:
             verdict = "slower" if nt > full + 0.01 else "no faster" if nt > full - 0.01 else "faster"
-            why = (", because every packet then walks the whole policy (the dispatch chains and the ipset match) "
-                   "instead of stopping at the established rule") if verdict != "faster" else ""
-            lines.append(f"- Keeping traffic out of conntrack with today's chains is {verdict}: {fmt_num(nt)}× host "
-                         f"with NOTRACK against {fmt_num(full)}× as built{why}.")
+            why = (
+                (
+                    ", because every packet then walks the whole policy (the dispatch chains and the ipset match) "
+                    "instead of stopping at the established rule"
+                )
+                if verdict != "faster"
+                else ""
+            )
+            lines.append(
+                f"- Keeping traffic out of conntrack with today's chains is {verdict}: {fmt_num(nt)}× host "
+                f"with NOTRACK against {fmt_num(full)}× as built{why}."
+            )
     return lines
 
 
 def diagnosis_lines(doc):
     """Plain statements: how much of netplugin's gap its netfilter work explains, and what the shape costs."""
+
     def med(state, path, metric):
         return ratio_median(diag_view(doc, state), path, metric)
 
@@ -142,8 +189,10 @@ def diagnosis_lines(doc):
         ptp_bare = med(last, "ptp", metric)
         if None in (full, bare, ptp_bare):
             continue
-        lines.append(f"- {what}: netplugin {fmt_num(full)}× host as built, {fmt_num(bare)}× "
-                     f"with its iptables rules and rp_filter removed; ptp {fmt_num(ptp_bare)}× meanwhile.")
+        lines.append(
+            f"- {what}: netplugin {fmt_num(full)}× host as built, {fmt_num(bare)}× "
+            f"with its iptables rules and rp_filter removed; ptp {fmt_num(ptp_bare)}× meanwhile."
+        )
     for line in (flowtable_line(doc), fast_accept_line(doc)):
         if line:
             lines.append(line)
@@ -154,14 +203,18 @@ def diagnosis_lines(doc):
     bare, ptp_bare = med(last, CROSS_HOST, "lat_p50"), med(last, "ptp", "lat_p50")
     if bare is not None and ptp_bare is not None:
         if abs(bare - ptp_bare) <= LEVEL:
-            lines.append(f"- With no netfilter at all netplugin ({fmt_num(bare)}× host latency, p50) is level with "
-                         f"ptp ({fmt_num(ptp_bare)}×): what remains is the routed-veth shape they share, two more "
-                         f"veth crossings and two forwarding passes per packet than host networking.")
+            lines.append(
+                f"- With no netfilter at all netplugin ({fmt_num(bare)}× host latency, p50) is level with "
+                f"ptp ({fmt_num(ptp_bare)}×): what remains is the routed-veth shape they share, two more "
+                f"veth crossings and two forwarding passes per packet than host networking."
+            )
         else:
-            lines.append(f"- With no netfilter at all netplugin ({fmt_num(bare)}× host latency, p50) is still "
-                         f"{fmt_num(abs(bare - ptp_bare))} {'above' if bare > ptp_bare else 'below'} ptp "
-                         f"({fmt_num(ptp_bare)}×), which has the same routed-veth shape: more than the shape "
-                         f"explains.")
+            lines.append(
+                f"- With no netfilter at all netplugin ({fmt_num(bare)}× host latency, p50) is still "
+                f"{fmt_num(abs(bare - ptp_bare))} {'above' if bare > ptp_bare else 'below'} ptp "
+                f"({fmt_num(ptp_bare)}×), which has the same routed-veth shape: more than the shape "
+                f"explains."
+            )
     return lines
 
 
@@ -172,5 +225,7 @@ def rp_filter_line(doc):
     strict, loose = _diag_p50_us(doc, "no-rules"), _diag_p50_us(doc, "bare")
     if strict is None or loose is None:
         return None
-    return (f"- Strict rp_filter on the host veths: {fmt_num(strict)} µs p50 with it, {fmt_num(loose)} µs without "
-            f"({fmt_num(strict - loose)} µs per one-way trip).")
+    return (
+        f"- Strict rp_filter on the host veths: {fmt_num(strict)} µs p50 with it, {fmt_num(loose)} µs without "
+        f"({fmt_num(strict - loose)} µs per one-way trip)."
+    )

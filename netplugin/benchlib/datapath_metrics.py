@@ -4,6 +4,7 @@ A results document (``datapath.json``) holds per-round samples per path and metr
 one such set per host state (``diag_view`` turns one state into an ordinary document). Figures are medians over
 rounds with min–max; ratios are medians of per-round ratios to the baseline measured in the same round.
 """
+
 from dataclasses import dataclass
 
 from netplugin.benchlib.stats import ratio_summary, summarize
@@ -24,14 +25,22 @@ class Metric:
 
 METRICS = (
     [Metric(f"tcp_{n}", f"TCP {n} B writes", "Gbit/s", "higher") for n in TCP_SIZES]
-    + [m for n in UDP_SIZES for m in (Metric(f"udp_{n}_rate", f"UDP {n} B received", "Gbit/s", "higher"),
-                                      Metric(f"udp_{n}_loss", f"UDP {n} B loss", "%", "lower"))]
-    + [Metric("lat_avg", "TCP ping-pong avg", "µs", "lower"),
-       Metric("lat_p50", "TCP ping-pong p50", "µs", "lower"),
-       Metric("lat_p99", "TCP ping-pong p99", "µs", "lower"),
-       Metric("cpu_tcp_131072", "CPU, all cores, TCP 131072 B", "s/GB", "lower"),
-       Metric("cpu_iperf_tcp_131072", "CPU, iperf3 processes, TCP 131072 B", "s/GB", "lower"),
-       Metric("retrans_tcp_131072", "TCP 131072 B retransmits", "segments", "lower")]
+    + [
+        m
+        for n in UDP_SIZES
+        for m in (
+            Metric(f"udp_{n}_rate", f"UDP {n} B received", "Gbit/s", "higher"),
+            Metric(f"udp_{n}_loss", f"UDP {n} B loss", "%", "lower"),
+        )
+    ]
+    + [
+        Metric("lat_avg", "TCP ping-pong avg", "µs", "lower"),
+        Metric("lat_p50", "TCP ping-pong p50", "µs", "lower"),
+        Metric("lat_p99", "TCP ping-pong p99", "µs", "lower"),
+        Metric("cpu_tcp_131072", "CPU, all cores, TCP 131072 B", "s/GB", "lower"),
+        Metric("cpu_iperf_tcp_131072", "CPU, iperf3 processes, TCP 131072 B", "s/GB", "lower"),
+        Metric("retrans_tcp_131072", "TCP 131072 B retransmits", "segments", "lower"),
+    ]
     + [Metric(f"cpu_tcp_{n}", f"CPU, all cores, TCP {n} B", "s/GB", "lower") for n in TCP_SIZES if n != 131072]
 )
 METRIC_BY_ID = {m.id: m for m in METRICS}
@@ -72,8 +81,9 @@ def aims(doc):
     for path_id, metric_id, op, bound, text in AIMS:
         r = metric_ratio(doc, path_id, metric_id)
         met = None if r is None else (r.median >= bound if op == ">=" else r.median <= bound)
-        out.append({"text": text, "path": path_id, "metric": metric_id, "bound": bound, "op": op,
-                    "ratio": r, "met": met})
+        out.append(
+            {"text": text, "path": path_id, "metric": metric_id, "bound": bound, "op": op, "ratio": r, "met": met}
+        )
     return out
 
 
@@ -109,8 +119,10 @@ def diag_view(doc, state):
 
 def pinning_note(settings):
     if settings.get("latency_pinned"):
-        return ("Throughput tests are not pinned. Both ends of a latency test are pinned to the same CPU (CPU = "
-                "round number modulo the CPU count, the same for every path in a round): unpinned, a ping-pong "
-                "between two processes is bimodal (both ends on one CPU, or an inter-processor interrupt per "
-                "wake-up), and which mode a sample landed in would swamp the difference between paths.")
+        return (
+            "Throughput tests are not pinned. Both ends of a latency test are pinned to the same CPU (CPU = "
+            "round number modulo the CPU count, the same for every path in a round): unpinned, a ping-pong "
+            "between two processes is bimodal (both ends on one CPU, or an inter-processor interrupt per "
+            "wake-up), and which mode a sample landed in would swamp the difference between paths."
+        )
     return "Nothing is pinned to a CPU."

@@ -2,6 +2,7 @@
 endpoint (scripts/bench_datapath.py measures them). netplugin is a real two-host lab (netplugin/lab); the others
 are built by hand beside it, each on its own hosts so no technology's rules tax another's traffic.
 """
+
 import json
 import os
 import shlex
@@ -32,8 +33,8 @@ class Path:
     description: str
     client_ns: str
     server_ns: str
-    bind: str     # the address the servers listen on (inside server_ns)
-    target: str   # the address the client connects to (differs from bind behind NAT)
+    bind: str  # the address the servers listen on (inside server_ns)
+    target: str  # the address the client connects to (differs from bind behind NAT)
 
 
 def log(msg):
@@ -103,6 +104,7 @@ class Testbed:
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait(5)
+
         self.cleanup.push(f"stop {what}", stop)
         holder.append(start())
         return holder[0]
@@ -110,12 +112,22 @@ class Testbed:
 
 # --- paths -------------------------------------------------------------------------------------------------------
 
+
 def build_host(lab):
     b1, _ = lab.host(1, forward=False)
     b2, ip2 = lab.host(2, forward=False)
-    return [Path("host", "host ↔ host (host networking)",
-                 "iperf3/sockperf between the fabric addresses of two host namespaces: one veth pair each into the "
-                 "fabric bridge, no container, no rules.", b1, b2, ip2, ip2)]
+    return [
+        Path(
+            "host",
+            "host ↔ host (host networking)",
+            "iperf3/sockperf between the fabric addresses of two host namespaces: one veth pair each into the "
+            "fabric bridge, no container, no rules.",
+            b1,
+            b2,
+            ip2,
+            ip2,
+        )
+    ]
 
 
 def build_netplugin(lab, cleanup):
@@ -124,21 +136,39 @@ def build_netplugin(lab, cleanup):
     spec = LabSpec(name=lab.name + "n", hosts=2, routing="bgp", pool=NETPLUGIN_POOL)
     cleanup.push(f"remove lab {spec.name}", Lab.destroy, spec.name, log)
     cluster = Lab.up(spec, out=log)
-    (c1, ip1), (c2, ip2), (c3, _) = [(rec["netns"], rec["ip"]) for rec in (
-        cluster.run_container(host, name) for host, name in (("h1", "c1"), ("h2", "c2"), ("h1", "c3")))]
-    lab.netplugin = {"hosts": [h.namespace for h in cluster.plan.hosts],
-                     "agents": [cluster.agent_pid(h.name) for h in cluster.plan.hosts]}  # for --diagnose
+    (c1, ip1), (c2, ip2), (c3, _) = [
+        (rec["netns"], rec["ip"])
+        for rec in (cluster.run_container(host, name) for host, name in (("h1", "c1"), ("h2", "c2"), ("h1", "c3")))
+    ]
+    lab.netplugin = {
+        "hosts": [h.namespace for h in cluster.plan.hosts],
+        "agents": [cluster.agent_pid(h.name) for h in cluster.plan.hosts],
+    }  # for --diagnose
     if not wait_ping(lab, c1, ip2, timeout=60):
-        raise RuntimeError(f"netplugin containers on two hosts cannot reach each other after 60 s; see "
-                           f"{cluster.plan.state_dir}/hosts/*/agent.log")
+        raise RuntimeError(
+            f"netplugin containers on two hosts cannot reach each other after 60 s; see "
+            f"{cluster.plan.state_dir}/hosts/*/agent.log"
+        )
     return [
-        Path("netplugin-2h", "netplugin, 2 hosts (BGP)",
-             "Containers on two hosts: a veth per container with a /32 route, proxy-ARP gateway, per-endpoint "
-             "policy chains (the default allow within the network), host blocks learned over BGP from BIRD.",
-             c1, c2, ip2, ip2),
-        Path("netplugin-1h", "netplugin, 1 host",
-             "Two containers on the same host: veth → host routing → veth, policy chains as above.",
-             c3, c1, ip1, ip1),
+        Path(
+            "netplugin-2h",
+            "netplugin, 2 hosts (BGP)",
+            "Containers on two hosts: a veth per container with a /32 route, proxy-ARP gateway, per-endpoint "
+            "policy chains (the default allow within the network), host blocks learned over BGP from BIRD.",
+            c1,
+            c2,
+            ip2,
+            ip2,
+        ),
+        Path(
+            "netplugin-1h",
+            "netplugin, 1 host",
+            "Two containers on the same host: veth → host routing → veth, policy chains as above.",
+            c3,
+            c1,
+            ip1,
+            ip1,
+        ),
     ]
 
 
@@ -154,8 +184,12 @@ def wait_ping(lab, ns, target, timeout):
 def docker_rules(container_ip):
     """The iptables rules Docker 20.10 writes for docker0 and a container publishing our ports."""
     filt = [
-        "*filter", ":FORWARD DROP [0:0]", ":DOCKER - [0:0]", ":DOCKER-ISOLATION-STAGE-1 - [0:0]",
-        ":DOCKER-ISOLATION-STAGE-2 - [0:0]", ":DOCKER-USER - [0:0]",
+        "*filter",
+        ":FORWARD DROP [0:0]",
+        ":DOCKER - [0:0]",
+        ":DOCKER-ISOLATION-STAGE-1 - [0:0]",
+        ":DOCKER-ISOLATION-STAGE-2 - [0:0]",
+        ":DOCKER-USER - [0:0]",
         "-A FORWARD -j DOCKER-USER",
         "-A FORWARD -j DOCKER-ISOLATION-STAGE-1",
         "-A FORWARD -o docker0 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
@@ -163,8 +197,10 @@ def docker_rules(container_ip):
         "-A FORWARD -i docker0 ! -o docker0 -j ACCEPT",
         "-A FORWARD -i docker0 -o docker0 -j ACCEPT",
     ]
-    filt += [f"-A DOCKER -d {container_ip}/32 ! -i docker0 -o docker0 -p {proto} -m {proto} --dport {port} -j ACCEPT"
-             for port, proto in PUBLISHED]
+    filt += [
+        f"-A DOCKER -d {container_ip}/32 ! -i docker0 -o docker0 -p {proto} -m {proto} --dport {port} -j ACCEPT"
+        for port, proto in PUBLISHED
+    ]
     filt += [
         "-A DOCKER-ISOLATION-STAGE-1 -i docker0 ! -o docker0 -j DOCKER-ISOLATION-STAGE-2",
         "-A DOCKER-ISOLATION-STAGE-1 -j RETURN",
@@ -174,16 +210,21 @@ def docker_rules(container_ip):
         "COMMIT",
     ]
     nat = [
-        "*nat", ":DOCKER - [0:0]",
+        "*nat",
+        ":DOCKER - [0:0]",
         "-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER",
         "-A OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j DOCKER",
         f"-A POSTROUTING -s {DOCKER_NET}.0/16 ! -o docker0 -j MASQUERADE",
     ]
-    nat += [f"-A POSTROUTING -s {container_ip}/32 -d {container_ip}/32 -p {proto} -m {proto} --dport {port} "
-            f"-j MASQUERADE" for port, proto in PUBLISHED]
+    nat += [
+        f"-A POSTROUTING -s {container_ip}/32 -d {container_ip}/32 -p {proto} -m {proto} --dport {port} -j MASQUERADE"
+        for port, proto in PUBLISHED
+    ]
     nat += ["-A DOCKER -i docker0 -j RETURN"]
-    nat += [f"-A DOCKER ! -i docker0 -p {proto} -m {proto} --dport {port} -j DNAT "
-            f"--to-destination {container_ip}:{port}" for port, proto in PUBLISHED]
+    nat += [
+        f"-A DOCKER ! -i docker0 -p {proto} -m {proto} --dport {port} -j DNAT --to-destination {container_ip}:{port}"
+        for port, proto in PUBLISHED
+    ]
     nat += ["COMMIT"]
     return "\n".join(filt + nat) + "\n"
 
@@ -203,12 +244,20 @@ def build_docker_nat(lab):
         lab.sh(host, "iptables-restore -w 5 --noflush", input=docker_rules(container_ip))
         out.append((host, host_ip, ctr))
     (_, _, client), (_, server_host_ip, server) = out
-    return [Path("docker-nat", "Docker bridge + published port (emulated)",
-                 "Emulation of `docker run -p`: docker0 bridge and a veth per container on each host, with the "
-                 "filter and nat rules Docker 20.10 writes (DOCKER chains, DNAT of the published ports, MASQUERADE "
-                 "of the client container's traffic). Client container → server host's fabric address → DNAT → "
-                 "server container. Not real dockerd; no br_netfilter (the path is routed, not bridged).",
-                 client, server, container_ip, server_host_ip)]
+    return [
+        Path(
+            "docker-nat",
+            "Docker bridge + published port (emulated)",
+            "Emulation of `docker run -p`: docker0 bridge and a veth per container on each host, with the "
+            "filter and nat rules Docker 20.10 writes (DOCKER chains, DNAT of the published ports, MASQUERADE "
+            "of the client container's traffic). Client container → server host's fabric address → DNAT → "
+            "server container. Not real dockerd; no br_netfilter (the path is routed, not bridged).",
+            client,
+            server,
+            container_ip,
+            server_host_ip,
+        )
+    ]
 
 
 def build_vxlan(lab):
@@ -227,20 +276,46 @@ def build_vxlan(lab):
         lab.sh(host, "ip link set vh0 mtu 1450")
         lab.sh(host, "ip link set vh0 master vxbr0")
         ctrs.append(ctr)
-    return [Path("vxlan", "kernel VXLAN overlay",
-                 "Containers on a Linux bridge with a vxlan device (VNI 42, UDP 4789, unicast to the other host) "
-                 "on each host: one L2 segment over the fabric, container MTU 1450, as Docker overlay and flannel "
-                 "vxlan use.", ctrs[0], ctrs[1], f"{VXLAN_NET}.2", f"{VXLAN_NET}.2")]
+    return [
+        Path(
+            "vxlan",
+            "kernel VXLAN overlay",
+            "Containers on a Linux bridge with a vxlan device (VNI 42, UDP 4789, unicast to the other host) "
+            "on each host: one L2 segment over the fabric, container MTU 1450, as Docker overlay and flannel "
+            "vxlan use.",
+            ctrs[0],
+            ctrs[1],
+            f"{VXLAN_NET}.2",
+            f"{VXLAN_NET}.2",
+        )
+    ]
 
 
 def cni_ptp_add(lab, host, ctr, subnet, data_dir):
-    conf = {"cniVersion": "1.0.0", "name": "benchptp", "type": "ptp", "ipMasq": False, "mtu": 1500,
-            "ipam": {"type": "host-local", "subnet": subnet, "dataDir": data_dir,
-                     "routes": [{"dst": "0.0.0.0/0"}]}}
-    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": ctr, "CNI_NETNS": f"/run/netns/{ctr}", "CNI_IFNAME": "eth0",
-           "CNI_PATH": CNI_DIR, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-    p = system.run(system.in_ns(host, [os.path.join(CNI_DIR, "ptp")]), f"CNI ptp ADD in {host}", check=False,
-                   input=json.dumps(conf), env=env, timeout=30)
+    conf = {
+        "cniVersion": "1.0.0",
+        "name": "benchptp",
+        "type": "ptp",
+        "ipMasq": False,
+        "mtu": 1500,
+        "ipam": {"type": "host-local", "subnet": subnet, "dataDir": data_dir, "routes": [{"dst": "0.0.0.0/0"}]},
+    }
+    env = {
+        "CNI_COMMAND": "ADD",
+        "CNI_CONTAINERID": ctr,
+        "CNI_NETNS": f"/run/netns/{ctr}",
+        "CNI_IFNAME": "eth0",
+        "CNI_PATH": CNI_DIR,
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+    }
+    p = system.run(
+        system.in_ns(host, [os.path.join(CNI_DIR, "ptp")]),
+        f"CNI ptp ADD in {host}",
+        check=False,
+        input=json.dumps(conf),
+        env=env,
+        timeout=30,
+    )
     if p.returncode != 0:
         raise RuntimeError(f"CNI ptp ADD in {host} failed (rc={p.returncode}): {(p.stdout + p.stderr).strip()[-300:]}")
     return json.loads(p.stdout)["ips"][0]["address"].split("/")[0]
@@ -259,10 +334,19 @@ def build_ptp(lab):
         lab.sh(host, f"ip route add {PTP_SUBNETS[1 - i]} via {hosts[1 - i][1]}")
     if not wait_ping(lab, ctrs[0], ips[1], timeout=10):
         raise RuntimeError("ptp containers on two hosts cannot reach each other")
-    return [Path("ptp", "CNI ptp + host-local",
-                 "The reference CNI `ptp` plugin with `host-local` IPAM (Debian's containernetworking-plugins): a "
-                 "veth per container with a /32 on the host side, one /24 per host, routes between hosts set by "
-                 "hand, no iptables (ipMasq off).", ctrs[0], ctrs[1], ips[1], ips[1])]
+    return [
+        Path(
+            "ptp",
+            "CNI ptp + host-local",
+            "The reference CNI `ptp` plugin with `host-local` IPAM (Debian's containernetworking-plugins): a "
+            "veth per container with a /32 on the host side, one /24 per host, routes between hosts set by "
+            "hand, no iptables (ipMasq off).",
+            ctrs[0],
+            ctrs[1],
+            ips[1],
+            ips[1],
+        )
+    ]
 
 
 BUILDERS = {

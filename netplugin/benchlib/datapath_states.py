@@ -2,14 +2,14 @@
 netfilter at all, one step at a time, so the report can say what each step costs (datapath_diagnosis.py).
 Each state's ``apply(lab, saved)`` starts from the rules saved as built; the agents are paused meanwhile.
 """
+
 from dataclasses import dataclass
 
 from policy.compiler import CompileOptions
 
 
 # nft texts for the states below (nft 1.0.6 wants ';' after a one-line chain's closing brace).
-CT_ONLY_NFT = ("table ip npdiag { chain out { type filter hook output priority 0; "
-               "ct state established accept; }; }\n")
+CT_ONLY_NFT = "table ip npdiag { chain out { type filter hook output priority 0; ct state established accept; }; }\n"
 EMPTY_CHAIN_NFT = "table ip npdiag { chain forward { type filter hook forward priority 0; }; }\n"
 FLOWTABLE_PROBE_DEV = "npdiagprobe0"
 
@@ -18,9 +18,11 @@ def flowtable_nft(devices):
     """The candidate fast path: a flowtable on the host's veths and uplink, fed by a forward chain that runs after
     iptables' filter chain, so only flows the policy accepted (and conntrack saw established) are offloaded."""
     devs = ", ".join(f'"{d}"' for d in sorted(devices))
-    return (f"table inet npdiag {{\n  flowtable ft {{ hook ingress priority 0; devices = {{ {devs} }}; }}\n"
-            f"  chain forward {{ type filter hook forward priority filter + 10; policy accept;\n"
-            f"    ct state established flow add @ft\n  }}\n}}\n")
+    return (
+        f"table inet npdiag {{\n  flowtable ft {{ hook ingress priority 0; devices = {{ {devs} }}; }}\n"
+        f"  chain forward {{ type filter hook forward priority filter + 10; policy accept;\n"
+        f"    ct state established flow add @ft\n  }}\n}}\n"
+    )
 
 
 def flowtable_support(lab, ns):
@@ -41,6 +43,7 @@ def flowtable_support(lab, ns):
 def kernel_config_note(option):
     """', and the kernel is built without OPTION' when /proc/config.gz says so; else ''."""
     import gzip
+
     try:
         with gzip.open("/proc/config.gz", "rt") as f:
             unset = f"# {option} is not set" in f.read()
@@ -133,29 +136,70 @@ class DiagState:
 
 # Ordered from the full cost to none: the first is as built, the last has nothing of netplugin's per-packet work.
 DIAG_STATES = (
-    DiagState("as-built", "as built", "netplugin's iptables rules (policy chains, the conntrack they use) and strict "
-              "rp_filter on the host veths, as the agent made them", _reset),
-    DiagState("flowtable", "as built + flowtable", "as built, plus an nftables flowtable on the host's veths and "
-              "uplink, fed by a forward chain after iptables' filter chain (`ct state established flow add`): the "
-              "software fast path for established, policy-accepted flows", _flowtable),
-    DiagState("ct-mark", "fast accept in FORWARD", "as built, with the policy's fast-accept rule (packets of "
-              "connections its chains accepted before, by their conntrack mark; today the first rule of np-FORWARD) "
-              "also at the top of FORWARD itself, one jump earlier (others' traffic untouched)", _ct_mark),
-    DiagState("ct-first", "conntrack + one rule", "as built, plus one rule at the top of FORWARD accepting "
-              "established flows: the least per-packet work a conntrack-based policy can do (a layout for "
-              "comparison, not what the policy writes)", _ct_first),
-    DiagState("notrack", "as built, untracked", "as built, plus NOTRACK for every IPv4 packet in the raw table: "
-              "the policy chains run in full for every packet (no established shortcut) and conntrack does nothing "
-              "(what keeping traffic out of conntrack costs with today's chains)", _notrack),
-    DiagState("ct-only", "conntrack, no filter chain", "every rule removed, conntrack kept on (its hooks held by "
-              "one rule on the output hook, which forwarded packets never reach)",
-              lambda lab, saved: _flush(lab, nft=CT_ONLY_NFT)),
-    DiagState("empty-chain", "one empty forward chain", "every rule removed and no conntrack, but one empty filter "
-              "chain on the forward hook: what one netfilter hook costs by itself",
-              lambda lab, saved: _flush(lab, nft=EMPTY_CHAIN_NFT)),
-    DiagState("no-rules", "no netfilter rules", "every netfilter table flushed on both hosts (no conntrack, no "
-              "hooks); rp_filter still strict", lambda lab, saved: _flush(lab)),
-    DiagState("bare", "no rules, no rp_filter", "as above, and rp_filter off on the host veths",
-              lambda lab, saved: _flush(lab, strict_rpf=False)),
+    DiagState(
+        "as-built",
+        "as built",
+        "netplugin's iptables rules (policy chains, the conntrack they use) and strict "
+        "rp_filter on the host veths, as the agent made them",
+        _reset,
+    ),
+    DiagState(
+        "flowtable",
+        "as built + flowtable",
+        "as built, plus an nftables flowtable on the host's veths and "
+        "uplink, fed by a forward chain after iptables' filter chain (`ct state established flow add`): the "
+        "software fast path for established, policy-accepted flows",
+        _flowtable,
+    ),
+    DiagState(
+        "ct-mark",
+        "fast accept in FORWARD",
+        "as built, with the policy's fast-accept rule (packets of "
+        "connections its chains accepted before, by their conntrack mark; today the first rule of np-FORWARD) "
+        "also at the top of FORWARD itself, one jump earlier (others' traffic untouched)",
+        _ct_mark,
+    ),
+    DiagState(
+        "ct-first",
+        "conntrack + one rule",
+        "as built, plus one rule at the top of FORWARD accepting "
+        "established flows: the least per-packet work a conntrack-based policy can do (a layout for "
+        "comparison, not what the policy writes)",
+        _ct_first,
+    ),
+    DiagState(
+        "notrack",
+        "as built, untracked",
+        "as built, plus NOTRACK for every IPv4 packet in the raw table: "
+        "the policy chains run in full for every packet (no established shortcut) and conntrack does nothing "
+        "(what keeping traffic out of conntrack costs with today's chains)",
+        _notrack,
+    ),
+    DiagState(
+        "ct-only",
+        "conntrack, no filter chain",
+        "every rule removed, conntrack kept on (its hooks held by "
+        "one rule on the output hook, which forwarded packets never reach)",
+        lambda lab, saved: _flush(lab, nft=CT_ONLY_NFT),
+    ),
+    DiagState(
+        "empty-chain",
+        "one empty forward chain",
+        "every rule removed and no conntrack, but one empty filter "
+        "chain on the forward hook: what one netfilter hook costs by itself",
+        lambda lab, saved: _flush(lab, nft=EMPTY_CHAIN_NFT),
+    ),
+    DiagState(
+        "no-rules",
+        "no netfilter rules",
+        "every netfilter table flushed on both hosts (no conntrack, no hooks); rp_filter still strict",
+        lambda lab, saved: _flush(lab),
+    ),
+    DiagState(
+        "bare",
+        "no rules, no rp_filter",
+        "as above, and rp_filter off on the host veths",
+        lambda lab, saved: _flush(lab, strict_rpf=False),
+    ),
 )
 DIAG_STATE_IDS = tuple(st.id for st in DIAG_STATES)

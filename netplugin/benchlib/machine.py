@@ -1,4 +1,5 @@
 """What machine a figure came from, and how busy its CPUs were (``/proc/stat``)."""
+
 import os
 import platform
 import subprocess

@@ -8,7 +8,7 @@ def fmt_num(value, digits=3):
     if value == 0:
         return "0"
     magnitude = abs(value)
-    if magnitude >= 10 ** digits:
+    if magnitude >= 10**digits:
         return f"{value:.0f}"
     decimals = 0
     while magnitude < 10 ** (digits - 1) and decimals < 6:

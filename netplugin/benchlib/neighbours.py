@@ -1,5 +1,6 @@
 """Permanent ARP entries for a lab's fabric, so that a benchmark measures netplugin and not the shared kernel's
 neighbour table overflowing."""
+
 from netplugin.lab import system
 
 
@@ -15,11 +16,18 @@ def pin_neighbours(lab):
     counted against the limit, so the bench pins the fabric's neighbours up front."""
     by_rack = {}
     for h in lab.live_hosts():
-        mac = system.ns_run(h.namespace, ["cat", "/sys/class/net/eth0/address"],
-                            f"reading the MAC address of {h.name}").stdout.strip()
+        mac = system.ns_run(
+            h.namespace, ["cat", "/sys/class/net/eth0/address"], f"reading the MAC address of {h.name}"
+        ).stdout.strip()
         by_rack.setdefault(h.rack, []).append((h, mac))
     for members in by_rack.values():
         for h, _ in members:
-            system.ip_batch(h.namespace, [f"neigh replace {o.address} lladdr {mac} dev eth0 nud permanent"
-                                          for o, mac in members if o.name != h.name],
-                            f"pinning the neighbours of {h.name}")
+            system.ip_batch(
+                h.namespace,
+                [
+                    f"neigh replace {o.address} lladdr {mac} dev eth0 nud permanent"
+                    for o, mac in members
+                    if o.name != h.name
+                ],
+                f"pinning the neighbours of {h.name}",
+            )

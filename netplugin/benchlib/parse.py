@@ -4,6 +4,7 @@ Each parser raises ``ValueError`` with a one-line reason when the tool's output 
 prints (a server that went away, an error object in the JSON), so a failed sample is recorded as missing rather
 than as zero.
 """
+
 import json
 import re
 

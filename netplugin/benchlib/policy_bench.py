@@ -1,6 +1,7 @@
 """The policy benchmark's view of its lab (scripts/bench_policy.py): containers by name, host commands, the
 agents' logs read incrementally for the sync passes they report, and a watch of our own on etcd that says when a
 change was committed and which revision the agents must reach."""
+
 import os
 import re
 import signal
@@ -62,8 +63,13 @@ class PolicyBench:
 
     def daemon(self, key, argv):
         """A long-running process in a container that prints 'ready'; killed with its namespace."""
-        proc = subprocess.Popen(system.in_ns(self.ns[key], argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True)
+        proc = subprocess.Popen(
+            system.in_ns(self.ns[key], argv),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         self.stack.callback(stop_process, proc, signal.SIGKILL)
         line = proc.stdout.readline().strip()
         if line != "ready":

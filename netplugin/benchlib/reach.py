@@ -5,6 +5,7 @@ echo every 50 ms until its first reply (``ok ADDRESS T``, T on CLOCK_MONOTONIC, 
 until its timeout (``timeout ADDRESS``). One process serves any number of targets at once, so a churn of a
 thousand containers costs a handful of probers, not a thousand ``ping`` processes. End of input stops it.
 """
+
 import os
 import select
 import socket
@@ -28,7 +29,7 @@ def _replies(sock, ident, pending, out):
         arrived = time.monotonic()
         ihl = (data[0] & 0x0F) * 4
         if src in pending and len(data) >= ihl + 8:
-            kind, _, _, rid, _ = struct.unpack("!BBHHH", data[ihl:ihl + 8])
+            kind, _, _, rid, _ = struct.unpack("!BBHHH", data[ihl : ihl + 8])
             if kind == ECHO_REPLY and rid == ident:
                 del pending[src]
                 out.write(f"ok {src} {arrived:.6f}\n")

@@ -12,6 +12,7 @@ Per-round samples are lists indexed by round (``None`` where a measurement faile
 *r* can be paired with the baseline's value in the same round: interleaved rounds make such paired ratios robust
 to the drift that other load on a shared machine causes.
 """
+
 import math
 import statistics
 from dataclasses import dataclass

@@ -4,6 +4,7 @@ Conventions a benchmark script follows (all optional): it is ``scripts/bench_<na
 stdout (Markdown if it likes) and progress on stderr; it may write ``docs/benchmarks/<name>.md`` instead, which
 then takes precedence; it accepts ``--quick`` if it has a short mode; it cleans up on SIGTERM.
 """
+
 import os
 import re
 
@@ -65,18 +66,35 @@ def render_index(runs, date, machine_line, quick, notes=()):
     ``runs``: dicts with name, status ('ok', 'failed (rc=N)', 'timed out', 'interrupted'), seconds, quick
     (whether --quick was passed), body (from ``section_body``), report (file name of its own report or None).
     """
-    out = ["# Benchmarks", "",
-           f"Collected by `scripts/bench_all.py` on {date}{' with --quick' if quick else ''}.",
-           f"Machine: {machine_line}.", ""]
+    out = [
+        "# Benchmarks",
+        "",
+        f"Collected by `scripts/bench_all.py` on {date}{' with --quick' if quick else ''}.",
+        f"Machine: {machine_line}.",
+        "",
+    ]
     out += list(notes) + ([""] if notes else [])
     rows = []
     for r in runs:
         report = f"[{r['report']}]({r['report']})" if r.get("report") else "below"
-        rows.append([f"[{r['name']}](#{r['name']})", r["status"], fmt_duration(r["seconds"]),
-                     "yes" if r.get("quick") else "no", report])
+        rows.append(
+            [
+                f"[{r['name']}](#{r['name']})",
+                r["status"],
+                fmt_duration(r["seconds"]),
+                "yes" if r.get("quick") else "no",
+                report,
+            ]
+        )
     out.append(table(["benchmark", "status", "took (m:ss)", "--quick", "report"], rows))
     for r in runs:
-        out += ["", f"## {r['name']}", "",
-                f"`scripts/bench_{r['name']}.py{' --quick' if r.get('quick') else ''}`: {r['status']} in "
-                f"{fmt_duration(r['seconds'])}.", "", r["body"]]
+        out += [
+            "",
+            f"## {r['name']}",
+            "",
+            f"`scripts/bench_{r['name']}.py{' --quick' if r.get('quick') else ''}`: {r['status']} in "
+            f"{fmt_duration(r['seconds'])}.",
+            "",
+            r["body"],
+        ]
     return "\n".join(out) + "\n"

@@ -5,6 +5,7 @@ Servers are long-lived ``Popen`` objects the caller registers for cleanup; clien
 ``subprocess.run`` each (timeout = test length + slack), so a hung peer costs one sample, never the run.
 Every client call also reads /proc/stat before and after, giving the CPU time all cores spent while it ran.
 """
+
 import subprocess
 import time
 
@@ -18,13 +19,17 @@ CLIENT_SLACK_S = 15.0
 
 
 def start_iperf3_server(ns, bind, port=IPERF3_PORT):
-    return subprocess.Popen(in_ns(ns, ["iperf3", "-s", "-B", bind, "-p", str(port)]),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        in_ns(ns, ["iperf3", "-s", "-B", bind, "-p", str(port)]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
 
 
 def start_sockperf_server(ns, bind, port=SOCKPERF_PORT):
-    return subprocess.Popen(in_ns(ns, ["sockperf", "server", "--tcp", "-i", bind, "-p", str(port)]),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        in_ns(ns, ["sockperf", "server", "--tcp", "-i", bind, "-p", str(port)]),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def _run_client(ns, argv, duration):
@@ -36,8 +41,20 @@ def _run_client(ns, argv, duration):
 
 def iperf3_tcp(ns, target, length, duration, port=IPERF3_PORT):
     """One TCP test with ``-l length`` writes; adds ``cpu_busy_s`` (all CPUs) to the parsed result."""
-    argv = ["iperf3", "-c", target, "-p", str(port), "-t", str(duration), "-l", str(length), "--json",
-            "--connect-timeout", "3000"]
+    argv = [
+        "iperf3",
+        "-c",
+        target,
+        "-p",
+        str(port),
+        "-t",
+        str(duration),
+        "-l",
+        str(length),
+        "--json",
+        "--connect-timeout",
+        "3000",
+    ]
     p, busy = _run_client(ns, argv, duration)
     result = parse.parse_iperf3_tcp(p.stdout)
     result["cpu_busy_s"] = busy
@@ -46,8 +63,23 @@ def iperf3_tcp(ns, target, length, duration, port=IPERF3_PORT):
 
 def iperf3_udp(ns, target, length, duration, bandwidth, port=IPERF3_PORT):
     """One UDP test offering ``bandwidth`` (iperf3 syntax, e.g. '1G') in ``length``-byte datagrams."""
-    argv = ["iperf3", "-c", target, "-p", str(port), "-u", "-b", str(bandwidth), "-t", str(duration),
-            "-l", str(length), "--json", "--connect-timeout", "3000"]
+    argv = [
+        "iperf3",
+        "-c",
+        target,
+        "-p",
+        str(port),
+        "-u",
+        "-b",
+        str(bandwidth),
+        "-t",
+        str(duration),
+        "-l",
+        str(length),
+        "--json",
+        "--connect-timeout",
+        "3000",
+    ]
     p, busy = _run_client(ns, argv, duration)
     result = parse.parse_iperf3_udp(p.stdout)
     result["cpu_busy_s"] = busy
@@ -78,8 +110,9 @@ def wait_listening(ns, port, timeout=5.0):
     """True once something in ``ns`` listens on TCP ``port`` (polled with ``ss``; bounded by ``timeout``)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        probe = subprocess.run(in_ns(ns, ["ss", "-Hltn", f"sport = :{port}"]), capture_output=True, text=True,
-                               timeout=5)
+        probe = subprocess.run(
+            in_ns(ns, ["ss", "-Hltn", f"sport = :{port}"]), capture_output=True, text=True, timeout=5
+        )
         if probe.returncode == 0 and probe.stdout.strip():
             return True
         time.sleep(0.05)

@@ -1,4 +1,5 @@
 """``netctl bgp ...`` and the BGP side of ``netctl node``: peers, cluster AS and mesh, route reflectors."""
+
 import dataclasses
 import os
 
@@ -114,6 +115,7 @@ def node_set(obj, name, route_reflector, as_number, address, labels):
 def node_status(run_dir, fmt):
     """This host's BGP sessions, read from the local BIRD."""
     from netplugin.routing.bird import bgp_status
+
     sock = os.path.join(run_dir, "bird", "bird.ctl")
     if not os.path.exists(sock):
         raise NotFound(f"no BIRD control socket at {sock}: is the agent running here in bgp mode?")

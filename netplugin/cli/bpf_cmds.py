@@ -1,4 +1,5 @@
 """``netctl bpf``: what the eBPF dataplane holds on this host, read from its pinned maps (no agent needed)."""
+
 import socket
 
 import click
@@ -6,8 +7,12 @@ import click
 from netplugin.cli.output import emit, output_option
 from netplugin.kernel.bpf import loader, maps, records
 
-bpffs_option = click.option("--bpffs", default="/sys/fs/bpf/netplugin", show_default=True,
-                            help="The agent's --bpffs: where its programs and maps are pinned.")
+bpffs_option = click.option(
+    "--bpffs",
+    default="/sys/fs/bpf/netplugin",
+    show_default=True,
+    help="The agent's --bpffs: where its programs and maps are pinned.",
+)
 
 
 @click.group("bpf")
@@ -19,8 +24,9 @@ def _open(pins, name):
     try:
         return pins.map(name)
     except (OSError, maps.BpfError, loader.LoadError) as e:
-        raise click.ClickException(f"cannot open {pins.maps / name}: {e} (is the agent running with "
-                                   f"--dataplane bpf and this --bpffs?)") from None
+        raise click.ClickException(
+            f"cannot open {pins.maps / name}: {e} (is the agent running with --dataplane bpf and this --bpffs?)"
+        ) from None
 
 
 def _entries(pins, name):
@@ -58,12 +64,23 @@ def endpoints(bpffs, fmt):
     for key, value in _entries(pins, "np_endpoints"):
         e = records.endpoint_entry(key, value)
         pol = _policy_rules(pins, e["id"])
-        rows.append({"interface": _ifname(e["ifindex"]), "ifindex": e["ifindex"], "id": e["id"],
-                     "addresses": " ".join(e["addresses"]), "ingress_rules": pol["ingress"],
-                     "egress_rules": pol["egress"]})
+        rows.append(
+            {
+                "interface": _ifname(e["ifindex"]),
+                "ifindex": e["ifindex"],
+                "id": e["id"],
+                "addresses": " ".join(e["addresses"]),
+                "ingress_rules": pol["ingress"],
+                "egress_rules": pol["egress"],
+            }
+        )
     rows.sort(key=lambda r: r["ifindex"])
-    emit(rows, fmt, ["interface", "ifindex", "id", "addresses", "ingress_rules", "egress_rules"],
-         empty="no endpoint in the BPF maps")
+    emit(
+        rows,
+        fmt,
+        ["interface", "ifindex", "id", "addresses", "ingress_rules", "egress_rules"],
+        empty="no endpoint in the BPF maps",
+    )
 
 
 @bpf.command("counters")

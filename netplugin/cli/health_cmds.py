@@ -4,6 +4,7 @@
 it lists is exactly what every agent skips and reports in its health answer. Both exit 1 when something is wrong,
 so they serve as probes in scripts.
 """
+
 import sys
 
 import click

@@ -6,6 +6,7 @@ what it wrote in a manifest. uninstall stops and disables the service, removes t
 (install/kernel.py) and exactly the recorded files. ``--root`` puts every path under a directory (a staging root;
 tests); systemctl runs only for the real root of a systemd host, and never with ``--no-systemctl``.
 """
+
 import os
 import socket
 
@@ -20,8 +21,14 @@ from netplugin.install.systemd import UNIT_NAME, UNIT_PATH, render_unit, systemc
 from netplugin.lab.console import console_script
 
 DOCKER_SOCKET = "/run/docker/plugins/netplugin.sock"
-_ETCD_KEYS = {"etcd_endpoints": "endpoints", "etcd_ca": "ca", "etcd_cert": "cert", "etcd_key": "key",
-              "etcd_user": "user", "etcd_password_file": "password_file"}  # never etcd_password: not in clear
+_ETCD_KEYS = {
+    "etcd_endpoints": "endpoints",
+    "etcd_ca": "ca",
+    "etcd_cert": "cert",
+    "etcd_key": "key",
+    "etcd_user": "user",
+    "etcd_password_file": "password_file",
+}  # never etcd_password: not in clear
 
 
 def _agent_binary():
@@ -44,8 +51,12 @@ def _etcd_settings(ctx):
 @click.option("--root", default="/", show_default=True, help="Install under this directory (a staging root).")
 @click.option("--hostname", default=None, help="The node name put in a new config file (default: this host's).")
 @click.option("--run-dir", default="/run/netplugin", show_default=True)
-@click.option("--docker-socket", default=DOCKER_SOCKET, show_default=True,
-              help="Where the agent serves Docker's plugin API ('' for no Docker).")
+@click.option(
+    "--docker-socket",
+    default=DOCKER_SOCKET,
+    show_default=True,
+    help="Where the agent serves Docker's plugin API ('' for no Docker).",
+)
 @click.option("--cni-bin-dir", default="/opt/cni/bin", show_default=True)
 @click.option("--cni-conf-dir", default="/etc/cni/net.d", show_default=True)
 @click.option("--mtu", default=1500, show_default=True, help="MTU in the CNI conflist.")
@@ -59,13 +70,21 @@ def install(ctx, root, hostname, run_dir, docker_socket, cni_bin_dir, cni_conf_d
         if not no_cni:
             manifest.makedirs(cni_bin_dir)
             manifest.makedirs(cni_conf_dir)
-            paths = install_cni(under(root, cni_bin_dir), under(root, cni_conf_dir),
-                                agent_socket=f"{run_dir.rstrip('/')}/agent.sock", mtu=mtu)
+            paths = install_cni(
+                under(root, cni_bin_dir),
+                under(root, cni_conf_dir),
+                agent_socket=f"{run_dir.rstrip('/')}/agent.sock",
+                mtu=mtu,
+            )
             for path in paths:
                 manifest.record(target_of(root, path))
         if not os.path.exists(under(root, CONFIG_PATH)):
-            text = render_default(hostname or socket.gethostname(), _etcd_settings(ctx), run_dir=run_dir,
-                                  docker_socket=docker_socket or None)
+            text = render_default(
+                hostname or socket.gethostname(),
+                _etcd_settings(ctx),
+                run_dir=run_dir,
+                docker_socket=docker_socket or None,
+            )
             manifest.write(CONFIG_PATH, text.encode(), 0o644)
         else:
             click.echo(f"kept the existing {under(root, CONFIG_PATH)}")  # an operator's edits survive reinstalls

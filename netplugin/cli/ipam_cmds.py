@@ -1,4 +1,5 @@
 """``netctl pool ...`` and ``netctl ipam ...``."""
+
 import click
 
 from netplugin.cli.output import emit, output_option
@@ -27,8 +28,12 @@ def pool_add(obj, cidr, block_size, nat_outgoing, fmt):
 @pool.command("set")
 @click.argument("cidr")
 @click.option("--nat-outgoing/--no-nat-outgoing", default=None, help="Masquerade traffic leaving every pool.")
-@click.option("--disable/--enable", "disabled", default=None,
-              help="A disabled pool hands out nothing new; its allocated addresses stay.")
+@click.option(
+    "--disable/--enable",
+    "disabled",
+    default=None,
+    help="A disabled pool hands out nothing new; its allocated addresses stay.",
+)
 @output_option
 @click.pass_obj
 def pool_set(obj, cidr, nat_outgoing, disabled, fmt):
@@ -48,8 +53,16 @@ def pool_list(obj, fmt):
     rows = []
     for p in ipam.list_pools():
         used = sum(r["used"] for r in usage if r["pool"] == p.cidr)
-        rows.append({"cidr": p.cidr, "block_size": p.block_size, "blocks": sum(1 for r in usage if r["pool"] == p.cidr),
-                     "used": used, "nat_outgoing": p.nat_outgoing, "disabled": p.disabled})
+        rows.append(
+            {
+                "cidr": p.cidr,
+                "block_size": p.block_size,
+                "blocks": sum(1 for r in usage if r["pool"] == p.cidr),
+                "used": used,
+                "nat_outgoing": p.nat_outgoing,
+                "disabled": p.disabled,
+            }
+        )
     emit(rows, fmt, ["cidr", "block_size", "blocks", "used", "nat_outgoing", "disabled"], empty="no pools")
 
 

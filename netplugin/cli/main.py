@@ -1,4 +1,5 @@
 """``netctl``: the operator's CLI. Every expected failure is one line on stderr and a non-zero exit."""
+
 import logging
 import sys
 
@@ -19,6 +20,7 @@ class Context:
     def ds(self):
         if self._ds is None:
             from netplugin.datastore.client import Datastore
+
             self._ds = Datastore(self.etcd_config)
         return self._ds
 
@@ -34,36 +36,78 @@ class Cli(click.Group):
 
 @click.group(cls=Cli)
 @click.version_option(package_name="netplugin", prog_name="netctl")
-@click.option("--etcd-endpoints", envvar="NETPLUGIN_ETCD_ENDPOINTS", default="http://127.0.0.1:2379",
-              show_default=True, help="Comma-separated etcd URLs (env NETPLUGIN_ETCD_ENDPOINTS).")
+@click.option(
+    "--etcd-endpoints",
+    envvar="NETPLUGIN_ETCD_ENDPOINTS",
+    default="http://127.0.0.1:2379",
+    show_default=True,
+    help="Comma-separated etcd URLs (env NETPLUGIN_ETCD_ENDPOINTS).",
+)
 @click.option("--etcd-ca", envvar="NETPLUGIN_ETCD_CA_CERT", default=None, help="CA certificate for etcd TLS.")
 @click.option("--etcd-cert", envvar="NETPLUGIN_ETCD_CERT", default=None, help="Client certificate for etcd.")
 @click.option("--etcd-key", envvar="NETPLUGIN_ETCD_KEY", default=None, help="Client key for etcd.")
 @click.option("--etcd-user", envvar="NETPLUGIN_ETCD_USERNAME", default=None, help="etcd user name.")
-@click.option("--etcd-password", envvar="NETPLUGIN_ETCD_PASSWORD", default=None,
-              help="etcd password (env NETPLUGIN_ETCD_PASSWORD); shows in ps: prefer --etcd-password-file.")
-@click.option("--etcd-password-file", envvar="NETPLUGIN_ETCD_PASSWORD_FILE", default=None,
-              help="File holding the etcd password (env NETPLUGIN_ETCD_PASSWORD_FILE; preferred).")
+@click.option(
+    "--etcd-password",
+    envvar="NETPLUGIN_ETCD_PASSWORD",
+    default=None,
+    help="etcd password (env NETPLUGIN_ETCD_PASSWORD); shows in ps: prefer --etcd-password-file.",
+)
+@click.option(
+    "--etcd-password-file",
+    envvar="NETPLUGIN_ETCD_PASSWORD_FILE",
+    default=None,
+    help="File holding the etcd password (env NETPLUGIN_ETCD_PASSWORD_FILE; preferred).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log debug output to stderr.")
 @click.pass_context
-def cli(ctx, etcd_endpoints, etcd_ca, etcd_cert, etcd_key, etcd_user, etcd_password, etcd_password_file,
-        verbose):
+def cli(ctx, etcd_endpoints, etcd_ca, etcd_cert, etcd_key, etcd_user, etcd_password, etcd_password_file, verbose):
     """Operate a netplugin cluster: pools, IPAM, nodes, BGP peers, policy; apply/delete/get resource files."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
-        cfg = EtcdConfig(endpoints=etcd_endpoints, ca_cert=etcd_ca, cert=etcd_cert, key=etcd_key,
-                         username=etcd_user, password=resolve_password(etcd_password, etcd_password_file))
+        cfg = EtcdConfig(
+            endpoints=etcd_endpoints,
+            ca_cert=etcd_ca,
+            cert=etcd_cert,
+            key=etcd_key,
+            username=etcd_user,
+            password=resolve_password(etcd_password, etcd_password_file),
+        )
     except NetpluginError as e:
         raise click.UsageError(e.msg)
     ctx.obj = Context(cfg)
 
 
 def _register():
-    from netplugin.cli import (bgp_cmds, bpf_cmds, cni_cmds, diags, health_cmds, install_cmds, ipam_cmds,
-                               node_cmds, policy_cmds, resource_cmds)
-    for mod in (ipam_cmds, node_cmds, cni_cmds, bgp_cmds, health_cmds, policy_cmds, resource_cmds, install_cmds,
-                diags, bpf_cmds):
+    from netplugin.cli import (
+        bgp_cmds,
+        bpf_cmds,
+        cni_cmds,
+        diags,
+        health_cmds,
+        install_cmds,
+        ipam_cmds,
+        node_cmds,
+        policy_cmds,
+        resource_cmds,
+    )
+
+    for mod in (
+        ipam_cmds,
+        node_cmds,
+        cni_cmds,
+        bgp_cmds,
+        health_cmds,
+        policy_cmds,
+        resource_cmds,
+        install_cmds,
+        diags,
+        bpf_cmds,
+    ):
         for command in mod.COMMANDS:
             cli.add_command(command)
     for command in bgp_cmds.NODE_COMMANDS + health_cmds.NODE_COMMANDS:

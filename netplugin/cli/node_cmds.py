@@ -1,4 +1,5 @@
 """``netctl node ...``."""
+
 import click
 
 from netplugin.cli.output import emit, output_option
@@ -24,11 +25,19 @@ def node_list(obj, fmt):
         addr = n.address or ""
         if n.address and n.address_autodetected:
             addr += " (autodetected)"
-        rows.append({"name": n.name, "alive": n.name in alive, "address": addr, "address6": n.address6,
-                     "as": n.as_number, "route_reflector": n.route_reflector, "labels": n.labels,
-                     "dead_since": (dead.get(n.name) or {}).get("since")})
-    emit(rows, fmt, ["name", "alive", "address", "address6", "as", "route_reflector", "labels"],
-         empty="no nodes")
+        rows.append(
+            {
+                "name": n.name,
+                "alive": n.name in alive,
+                "address": addr,
+                "address6": n.address6,
+                "as": n.as_number,
+                "route_reflector": n.route_reflector,
+                "labels": n.labels,
+                "dead_since": (dead.get(n.name) or {}).get("since"),
+            }
+        )
+    emit(rows, fmt, ["name", "alive", "address", "address6", "as", "route_reflector", "labels"], empty="no nodes")
 
 
 COMMANDS = [node]

@@ -1,4 +1,5 @@
 """Rendering of CLI results: aligned tables for people, JSON or YAML for scripts."""
+
 import json
 
 import click
@@ -37,5 +38,12 @@ def _cell(value):
     return str(value)
 
 
-output_option = click.option("-o", "--output", "fmt", type=click.Choice(["table", "json", "yaml"]),
-                             default="table", show_default=True, help="Output format.")
+output_option = click.option(
+    "-o",
+    "--output",
+    "fmt",
+    type=click.Choice(["table", "json", "yaml"]),
+    default="table",
+    show_default=True,
+    help="Output format.",
+)

@@ -3,6 +3,7 @@
 ``policy apply/delete -f`` are ``netctl apply/delete -f`` restricted to Policy and NetworkPolicy documents; a
 NetworkPolicy is stored as ``k8s.<namespace>.<name>``, which ``-n NAMESPACE NAME`` names.
 """
+
 import click
 
 from netplugin.errors import InvalidInput
@@ -16,8 +17,9 @@ from policy import store
 from policy.k8s import policy_labels
 
 POLICY = POLICY_KINDS[0]
-namespace_option = click.option("-n", "--namespace", default=None,
-                                help="Kubernetes namespace: NAME is the NetworkPolicy's (stored as k8s.NS.NAME).")
+namespace_option = click.option(
+    "-n", "--namespace", default=None, help="Kubernetes namespace: NAME is the NetworkPolicy's (stored as k8s.NS.NAME)."
+)
 
 
 @click.group()
@@ -26,8 +28,14 @@ def policy():
 
 
 @policy.command("apply")
-@click.option("-f", "--filename", "--file", "path", required=True,
-              help="YAML file ('-' for stdin): netplugin Policy or Kubernetes NetworkPolicy documents.")
+@click.option(
+    "-f",
+    "--filename",
+    "--file",
+    "path",
+    required=True,
+    help="YAML file ('-' for stdin): netplugin Policy or Kubernetes NetworkPolicy documents.",
+)
 @click.pass_obj
 def policy_apply(obj, path):
     """Validate every document, then store them all in one transaction."""
@@ -41,8 +49,16 @@ def policy_apply(obj, path):
 def policy_list(obj, fmt):
     rows = []
     for p in sorted(store.list_policies(obj.ds), key=lambda p: (p.order, p.name)):
-        rows.append({"name": p.name, "order": p.order, "selector": p.selector.to_dict(), "types": list(p.types),
-                     "ingress_rules": len(p.ingress), "egress_rules": len(p.egress)})
+        rows.append(
+            {
+                "name": p.name,
+                "order": p.order,
+                "selector": p.selector.to_dict(),
+                "types": list(p.types),
+                "ingress_rules": len(p.ingress),
+                "egress_rules": len(p.egress),
+            }
+        )
     emit(rows, fmt, ["name", "order", "types", "ingress_rules", "egress_rules", "selector"], empty="no policies")
 
 
@@ -59,8 +75,14 @@ def policy_get(obj, name, namespace, fmt):
 @policy.command("delete")
 @click.argument("name", required=False)
 @namespace_option
-@click.option("-f", "--filename", "--file", "path", default=None,
-              help="Delete every policy this YAML file defines ('-' for stdin), as kubectl delete -f.")
+@click.option(
+    "-f",
+    "--filename",
+    "--file",
+    "path",
+    default=None,
+    help="Delete every policy this YAML file defines ('-' for stdin), as kubectl delete -f.",
+)
 @click.option("--ignore-not-found", is_flag=True, help="Not an error when a policy does not exist.")
 @click.pass_obj
 def policy_delete(obj, name, namespace, path, ignore_not_found):
@@ -95,8 +117,17 @@ def endpoint_list(obj, host, fmt):
         ep = EndpointRecord.from_dict(kv.value)
         labels = policy_labels(ep.labels)
         selected = [p.name for p in sorted(policies, key=lambda p: (p.order, p.name)) if p.selector.matches(labels)]
-        rows.append({"host": ep.host, "network": ep.network, "id": ep.id, "addresses": ep.addresses,
-                     "labels": ep.labels, "policies": selected, "host_ifname": ep.host_ifname})
+        rows.append(
+            {
+                "host": ep.host,
+                "network": ep.network,
+                "id": ep.id,
+                "addresses": ep.addresses,
+                "labels": ep.labels,
+                "policies": selected,
+                "host_ifname": ep.host_ifname,
+            }
+        )
     emit(rows, fmt, ["host", "network", "addresses", "labels", "policies", "id"], empty="no endpoints")
 
 

@@ -3,14 +3,16 @@
 Kinds: Policy, NetworkPolicy (Kubernetes), Pool, BGPPeer, BGPConfig, Node (see ``netplugin.resources.kinds``).
 ``get KIND [NAME] -o yaml`` prints what ``apply -f`` takes back unchanged.
 """
+
 import click
 
 from netplugin.cli.output import emit
 from netplugin.resources import writer
 from netplugin.resources.kinds import kind_named
 
-_file_option = click.option("-f", "--filename", "path", required=True, metavar="FILE",
-                            help="Multi-document YAML ('-' for stdin).")
+_file_option = click.option(
+    "-f", "--filename", "path", required=True, metavar="FILE", help="Multi-document YAML ('-' for stdin)."
+)
 
 
 def _report(results):
@@ -40,8 +42,9 @@ def delete_cmd(obj, path, ignore_not_found):
 @click.command("get")
 @click.argument("kind")
 @click.argument("name", required=False)
-@click.option("-n", "--namespace", default=None, help="Kubernetes namespace (policies; NAME is then the "
-                                                      "NetworkPolicy's).")
+@click.option(
+    "-n", "--namespace", default=None, help="Kubernetes namespace (policies; NAME is then the NetworkPolicy's)."
+)
 @click.option("-o", "--output", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True)
 @click.pass_obj
 def get_cmd(obj, kind, name, namespace, fmt):
@@ -50,8 +53,9 @@ def get_cmd(obj, kind, name, namespace, fmt):
     doc, bad = writer.get(obj.ds, kind_named(kind), name, namespace)
     emit(doc, fmt)
     if bad:
-        click.echo(f"netctl: warning: skipped {len(bad)} stored record(s) that do not decode: {', '.join(bad)}",
-                   err=True)
+        click.echo(
+            f"netctl: warning: skipped {len(bad)} stored record(s) that do not decode: {', '.join(bad)}", err=True
+        )
 
 
 COMMANDS = [apply_cmd, delete_cmd, get_cmd]

@@ -5,6 +5,7 @@ dataplane.py is the host side of today's implementation, veth.py its one veth bu
 endpoint.py/docker_link.py the two ways a container end is placed, reconcile.py the level-triggered repair.
 This package imports only netplugin.kernel and netplugin.errors (tests/unit/test_layering.py).
 """
+
 from netplugin.dataplane.dataplane import Dataplane
 from netplugin.dataplane.model import (
     GATEWAY_V4,

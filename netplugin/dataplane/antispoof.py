@@ -10,6 +10,7 @@ If the host runs IPv4 rp_filter loose host-wide (``net.ipv4.conf.all.rp_filter=2
 maximum of "all" and the interface value, so our strict per-veth setting would be weakened; then the same
 chain is installed for IPv4 too (see ``Dataplane.setup_host``).
 """
+
 from netplugin.kernel.netfilter import NetfilterTable
 
 CHAIN = "np-antispoof"

@@ -7,6 +7,7 @@ a compiled ruleset, the pools to masquerade), never how a kernel table holds it,
 front doors do not change with the backend. Every method is idempotent and level-triggered: called again
 with the same input it changes nothing, and a full call (``full=True``) reads the kernel back and repairs drift.
 """
+
 from typing import Protocol, runtime_checkable
 
 

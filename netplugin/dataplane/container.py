@@ -7,6 +7,7 @@ MAC, so the first packet needs no ARP/ND round trip. It is only that: the host v
 addresses and answers for them itself (host.py), which is what Docker containers, whose neighbour table we
 never write, rely on.
 """
+
 import errno
 import ipaddress
 import socket
@@ -63,7 +64,12 @@ def plan(batch: Batch, idx: int, spec, addrs, msg=None, have=frozenset()):
         if family == 4:
             batch.route("replace", f"{gateway}/32", f"add route to {gateway} on {where}", oif=idx, scope=RT_SCOPE_LINK)
             batch.route(
-                "replace", "0.0.0.0/0", f"add default route via {gateway} on {where}", oif=idx, gateway=gateway, onlink=True
+                "replace",
+                "0.0.0.0/0",
+                f"add default route via {gateway} on {where}",
+                oif=idx,
+                gateway=gateway,
+                onlink=True,
             )
         else:
             batch.route("replace", "::/0", f"add default route via {gateway} on {where}", oif=idx, gateway=gateway)

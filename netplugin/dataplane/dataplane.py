@@ -6,6 +6,7 @@ how tests drive a throwaway "host" namespace. Mutations are serialised by one lo
 kernel work (milliseconds), never across datastore round trips, so a periodic reconcile cannot delete a veth
 that a concurrent ADD has just made.
 """
+
 import logging
 import os
 import threading
@@ -62,8 +63,9 @@ class Dataplane:
         """IPv4 forwarding on and, if the host's rp_filter is loose, the IPv4 anti-spoofing rule; idempotent.
         Nothing IPv6: see ``enable_ipv6``. Returns what it found and did."""
         with self._lock:
-            have = sysctl.read(self.host_netns, list(HOST_SYSCTLS_V4) + [ALL_RP_FILTER, ALL_ARP_IGNORE],
-                               "read host sysctls")
+            have = sysctl.read(
+                self.host_netns, list(HOST_SYSCTLS_V4) + [ALL_RP_FILTER, ALL_ARP_IGNORE], "read host sysctls"
+            )
             todo = {k: v for k, v in HOST_SYSCTLS_V4.items() if have.get(k) != str(v)}
             sysctl.write(self.host_netns, todo, "enable IPv4 forwarding in the host netns")
             families = []
@@ -75,11 +77,17 @@ class Dataplane:
             warnings = []
             if have[ALL_ARP_IGNORE] not in ("0", "1"):
                 # "all" overrides our per-veth 0 with its maximum: the host veths' gateway address goes unanswered.
-                warnings.append(f"{ALL_ARP_IGNORE.replace('/', '.')} is {have[ALL_ARP_IGNORE]}: the host will not "
-                                "answer containers' ARP for their gateway 169.254.1.1; set it to 0 or 1")
+                warnings.append(
+                    f"{ALL_ARP_IGNORE.replace('/', '.')} is {have[ALL_ARP_IGNORE]}: the host will not "
+                    "answer containers' ARP for their gateway 169.254.1.1; set it to 0 or 1"
+                )
                 log.error("%s", warnings[-1])
-            return {"sysctls": sorted(todo), "antispoof_families": families, "antispoof_written": written,
-                    "warnings": warnings}
+            return {
+                "sysctls": sorted(todo),
+                "antispoof_families": families,
+                "antispoof_written": written,
+                "warnings": warnings,
+            }
 
     def enable_ipv6(self, recheck=False) -> dict:
         """IPv6 forwarding and the IPv6 anti-spoofing rule, for when an IPv6 pool is in use; idempotent, and
@@ -100,8 +108,10 @@ class Dataplane:
                     todo = sysctl.keep_accepting_ra(hnl.links(), host.is_our_link)
                 todo[sysctl.ALL_FORWARDING_V6] = 1  # last: RA acceptance is kept before forwarding starts
                 sysctl.write(self.host_netns, todo, "enable IPv6 forwarding in the host netns")
-                log.info("event=host.ipv6_forwarding enabled=1 accept_ra_2=%s",
-                         ",".join(k.split("/")[3] for k in todo if k.endswith(sysctl.ACCEPT_RA)) or "-")
+                log.info(
+                    "event=host.ipv6_forwarding enabled=1 accept_ra_2=%s",
+                    ",".join(k.split("/")[3] for k in todo if k.endswith(sysctl.ACCEPT_RA)) or "-",
+                )
             written = self._antispoof().ensure(6)
             self._ipv6_ready = True
             return {"sysctls": list(todo), "antispoof_written": [6] if written else []}
@@ -143,6 +153,9 @@ class Dataplane:
         desired = [self._spec(s)[0] for s in desired]
         with self._lock:
             return _reconcile.reconcile(
-                self.host_netns, desired, blocks, lambda spec, addrs: endpoint.add(self.host_netns, spec, addrs),
+                self.host_netns,
+                desired,
+                blocks,
+                lambda spec, addrs: endpoint.add(self.host_netns, spec, addrs),
                 deletable=frozenset(deletable),
             )

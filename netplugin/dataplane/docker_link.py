@@ -17,6 +17,7 @@ same hash), the MAC Docker chose (its IPAM asked for one), and the endpoint's MT
 brings it up inside the sandbox. Creation is idempotent (a repeated Join converges the pair it finds) and
 all-or-nothing (a failure deletes the pair, which takes the routes with it).
 """
+
 import logging
 import os
 import time
@@ -87,13 +88,21 @@ def create(host_netns, spec) -> DockerLink:
             peer_msg = hnl.link(name=peer)
             if peer_msg is None:
                 raise DataplaneError(f"failed to create veth {name} for {what}: its peer {peer} vanished")
-            link = DockerLink(spec.endpoint_id, name, peer, (peer_msg.get("address") or "").lower(),
-                              [str(a) for a in addrs])
+            link = DockerLink(
+                spec.endpoint_id, name, peer, (peer_msg.get("address") or "").lower(), [str(a) for a in addrs]
+            )
             undo.pop_all()
     finally:
         os.close(host_fd)
-    log.info("docker endpoint %s %s as %s/%s (%s) in %.1f ms", spec.endpoint_id, "wired" if fresh else "converged",
-             name, peer, ", ".join(link.addresses), (time.monotonic() - started) * 1000)
+    log.info(
+        "docker endpoint %s %s as %s/%s (%s) in %.1f ms",
+        spec.endpoint_id,
+        "wired" if fresh else "converged",
+        name,
+        peer,
+        ", ".join(link.addresses),
+        (time.monotonic() - started) * 1000,
+    )
     return link
 
 

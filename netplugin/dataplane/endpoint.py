@@ -12,6 +12,7 @@ addresses; then the routes: host.converge_endpoint, shared with the Docker path)
 in one batch. Plus one sysctl child for IPv6 settings when the host
 namespace is given by path (none when the agent runs in the host namespace, none for IPv4-only endpoints).
 """
+
 import errno
 import logging
 import os

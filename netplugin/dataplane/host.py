@@ -23,6 +23,7 @@ which silences every gateway (proxy-ARP does not help then either). The same add
 fine (the reference CNI ``ptp`` plugin does it as well): its local route stays while any veth has it.
 Proxy-ARP stays on for the other addresses a container may ask for (the subnet peers of a second interface).
 """
+
 import errno
 import ipaddress
 import socket
@@ -32,8 +33,15 @@ from netplugin.errors import AlreadyExists
 from netplugin.dataplane import sysctl
 from netplugin.dataplane.undo import quietly
 from netplugin.dataplane.model import GATEWAY_V4, GATEWAY_V6, HOST_VETH_MAC, MAIN_TABLE, ROUTE_PROTO, is_host_ifname
-from netplugin.kernel.rtnl import (IFF_UP, RT_SCOPE_HOST, RT_SCOPE_LINK, RT_SCOPE_UNIVERSE, RTN_BLACKHOLE,
-                                     RTN_UNICAST, Batch)
+from netplugin.kernel.rtnl import (
+    IFF_UP,
+    RT_SCOPE_HOST,
+    RT_SCOPE_LINK,
+    RT_SCOPE_UNIVERSE,
+    RTN_BLACKHOLE,
+    RTN_UNICAST,
+    Batch,
+)
 
 IN6_ADDR_GEN_MODE_NONE = 1
 # ``proxy_delay`` of a link we just created: the kernel default, so ours must be written (no dump needed).
@@ -152,7 +160,9 @@ def plan_link(batch: Batch, msg, mtu: int, ipv6: bool, what: str, proxy_delay=No
     name, idx = msg.get("ifname"), msg["index"]
     changes = []
     want = sysctl.desired_host_sysctls(name, ipv6)
-    fixes = sysctl.drift(want, sysctl.link_sysctls(msg, proxy_delay), skip_unknown=[sysctl.neigh_key(name, "proxy_delay")])
+    fixes = sysctl.drift(
+        want, sysctl.link_sysctls(msg, proxy_delay), skip_unknown=[sysctl.neigh_key(name, "proxy_delay")]
+    )
     inet_conf = {k: v for k in sysctl.V4_CONF if (v := fixes.get(sysctl.conf_key(4, name, k))) is not None}
     gen_mode = IN6_ADDR_GEN_MODE_NONE if ipv6 and _addr_gen_mode(msg) != IN6_ADDR_GEN_MODE_NONE else None
     if inet_conf or gen_mode is not None:
@@ -169,8 +179,15 @@ def plan_link(batch: Batch, msg, mtu: int, ipv6: bool, what: str, proxy_delay=No
     for family in gateway_families(ipv6):
         gateway = GATEWAY_IFACES[family]
         if addresses is None or gateway not in addresses:
-            batch.address("add", idx, gateway, f"add IPv{family} gateway address {gateway.ip} to {what}",
-                          nodad=family == 6, scope=GATEWAY_SCOPES[family], ok=(errno.EEXIST,))
+            batch.address(
+                "add",
+                idx,
+                gateway,
+                f"add IPv{family} gateway address {gateway.ip} to {what}",
+                nodad=family == 6,
+                scope=GATEWAY_SCOPES[family],
+                ok=(errno.EEXIST,),
+            )
             changes.append(f"{name}: address {gateway.ip}")
     mac = HOST_VETH_MAC if (msg.get("address") or "").lower() != HOST_VETH_MAC else None
     new_mtu = mtu if msg.get("mtu") != mtu else None
@@ -192,9 +209,15 @@ def converge_endpoint(hnl, host_netns, msg, fresh: bool, mtu: int, addrs, what: 
     name, idx = msg.get("ifname"), msg["index"]
     ipv6 = any(a.version == 6 for a in addrs)
     batch = Batch()
-    _, v6_sysctls = plan_link(batch, msg, mtu, ipv6, f"{name} for {what}",
-                              proxy_delay=PROXY_DELAY_FRESH if fresh else None,
-                              addresses=set() if fresh else read_addresses(hnl, idx).get(idx, set()))
+    _, v6_sysctls = plan_link(
+        batch,
+        msg,
+        mtu,
+        ipv6,
+        f"{name} for {what}",
+        proxy_delay=PROXY_DELAY_FRESH if fresh else None,
+        addresses=set() if fresh else read_addresses(hnl, idx).get(idx, set()),
+    )
     sysctl.write(host_netns, v6_sysctls, f"configure IPv6 settings of {name} for {what}")
     have = set() if fresh else read_routes(hnl, oif=idx)[0].get(idx, set())
     plan_routes(batch, idx, name, addrs, have, what)

@@ -2,6 +2,7 @@
 
 Everything here is pure (no kernel calls) so it can be unit tested and shared by add, check and reconcile.
 """
+
 import hashlib
 import ipaddress
 import re

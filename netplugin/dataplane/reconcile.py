@@ -12,6 +12,7 @@ the caller says its endpoint is known to be deleted (``deletable``: a watch even
 Any other is kept and listed under ``unaccounted``: a host renamed, a typo in ``--hostname`` or an etcd restored
 from an old snapshot must not cut every container on the host off (Felix keeps unknown workload interfaces too).
 """
+
 import logging
 import time
 
@@ -86,8 +87,13 @@ def _plan_endpoint(plan, view, name, spec, addrs, v6_sysctls):
     ipv6 = any(a.version == 6 for a in addrs)
     start = len(plan.batch)
     changes, v6 = host.plan_link(
-        plan.batch, msg, spec.mtu, ipv6, what,
-        proxy_delay=view.proxy_delay.get(idx), addresses=view.addresses.get(idx, set()),
+        plan.batch,
+        msg,
+        spec.mtu,
+        ipv6,
+        what,
+        proxy_delay=view.proxy_delay.get(idx),
+        addresses=view.addresses.get(idx, set()),
     )
     v6_sysctls.update(v6)
     plan.mark(start, "repaired", [c for c in changes if "net.ipv6." not in c])

@@ -11,6 +11,7 @@ are written directly: that is this process's own namespace and no thread of ours
 
 Keys use the slash form (``net/ipv4/conf/<ifname>/rp_filter``) so interface names containing dots are safe.
 """
+
 from netplugin.errors import DataplaneError
 from netplugin.kernel.netns import NamespaceCommand
 

@@ -1,4 +1,5 @@
 """Undo steps of a half-done dataplane change (pushed on an ``ExitStack`` before the step they undo)."""
+
 import logging
 
 log = logging.getLogger(__name__)

@@ -6,6 +6,7 @@ libnetwork moves it into the sandbox). Creation is exclusive: a name already tak
 caller decides whether what it finds is its own pair (converge) or a leftover (``replace``). Every link this
 module creates is deleted again by the caller's undo stack (an ExitStack) if a later step of the ADD fails.
 """
+
 import errno
 import logging
 
@@ -19,16 +20,28 @@ log = logging.getLogger(__name__)
 
 def is_pair(a, b) -> bool:
     """True when links ``a`` and ``b`` (of one namespace's view) are the two ends of one veth pair."""
-    return (a.get(("linkinfo", "kind")) == "veth" and b.get(("linkinfo", "kind")) == "veth"
-            and a.get("link") == b["index"] and b.get("link") == a["index"])
+    return (
+        a.get(("linkinfo", "kind")) == "veth"
+        and b.get(("linkinfo", "kind")) == "veth"
+        and a.get("link") == b["index"]
+        and b.get("link") == a["index"]
+    )
 
 
 def create(hnl, name, peer, peer_fd, mtu, peer_mac, what, undo):
     """Create the pair; the host link as the kernel echoed it (its delete pushed on ``undo``), or None if
     either name is taken. ``peer_mac`` None lets the kernel choose."""
     batch = Batch()
-    req = batch.veth(name, HOST_VETH_MAC, mtu, peer, peer_fd, mtu, peer_mac and peer_mac.lower(),
-                     f"create veth {name} ({peer}) for {what}")
+    req = batch.veth(
+        name,
+        HOST_VETH_MAC,
+        mtu,
+        peer,
+        peer_fd,
+        mtu,
+        peer_mac and peer_mac.lower(),
+        f"create veth {name} ({peer}) for {what}",
+    )
     failures, echoes = hnl.commit(batch)
     if failures:
         if failures[0].errno == errno.EEXIST:

@@ -4,6 +4,7 @@ etcd3gw gives us the HTTP session, TLS, API-path discovery and error classes; we
 its ``post`` so every answer keeps the revisions (the header revision after a list is where a watch resumes).
 Values are JSON documents. Every error reaching etcd becomes ``DatastoreUnavailable`` naming the endpoints.
 """
+
 import base64
 import json
 import logging
@@ -42,9 +43,12 @@ def _prefix_end(prefix):
 def _reason(err):
     """A few words on why a connection failed (etcd3gw keeps requests' long message in ``detail_text``)."""
     text = str(getattr(err, "detail_text", "") or err)
-    for marker, reason in (("CERTIFICATE_VERIFY_FAILED", "TLS certificate verification failed"),
-                           ("SSL", "TLS handshake failed"), ("Connection refused", "connection refused"),
-                           ("timed out", "timed out")):
+    for marker, reason in (
+        ("CERTIFICATE_VERIFY_FAILED", "TLS certificate verification failed"),
+        ("SSL", "TLS handshake failed"),
+        ("Connection refused", "connection refused"),
+        ("timed out", "timed out"),
+    ):
         if marker in text:
             return reason
     return type(err).__name__
@@ -76,6 +80,7 @@ class KV:
 
 # --- transaction building blocks -------------------------------------------------------------------------------
 
+
 def mod_is(key, revision):
     """Guard: the key is unchanged since we read it at ``revision`` (0 means: the key must not exist)."""
     if not revision:
@@ -89,8 +94,13 @@ def absent(key):
 
 def prefix_unchanged_since(prefix, revision):
     """Guard: no key under ``prefix`` was created or modified after ``revision``."""
-    return {"key": _b64(prefix), "range_end": _prefix_end(prefix), "target": "MOD", "result": "LESS",
-            "mod_revision": revision + 1}
+    return {
+        "key": _b64(prefix),
+        "range_end": _prefix_end(prefix),
+        "target": "MOD",
+        "result": "LESS",
+        "mod_revision": revision + 1,
+    }
 
 
 def put_op(key, value, lease=None):
@@ -134,8 +144,12 @@ class Datastore:
     def _make_client(self, url):
         u = urllib.parse.urlparse(url)
         client = etcd3gw.Etcd3Client(
-            host=u.hostname, port=u.port or 2379, protocol=u.scheme,
-            ca_cert=self.config.ca_cert, cert_cert=self.config.cert, cert_key=self.config.key,
+            host=u.hostname,
+            port=u.port or 2379,
+            protocol=u.scheme,
+            ca_cert=self.config.ca_cert,
+            cert_cert=self.config.cert,
+            cert_key=self.config.key,
             timeout=self.config.timeout,
         )
         if self.config.ca_cert:
@@ -164,8 +178,9 @@ class Datastore:
                 raise DatastoreUnavailable(f"etcd unreachable at {self.config.endpoints[idx]} ({_reason(e)})") from None
             except etcd_exc.Etcd3Exception as e:
                 detail = getattr(e, "detail_text", "") or str(e) or type(e).__name__
-                raise DatastoreUnavailable(f"etcd at {self.config.endpoints[idx]} refused authentication: "
-                                           f"{str(detail).strip()[:200]}") from None
+                raise DatastoreUnavailable(
+                    f"etcd at {self.config.endpoints[idx]} refused authentication: {str(detail).strip()[:200]}"
+                ) from None
 
     def describe(self):
         return ",".join(self.config.endpoints)
@@ -200,7 +215,8 @@ class Datastore:
             except etcd_exc.Etcd3Exception as e:
                 detail = getattr(e, "detail_text", "") or str(e) or type(e).__name__  # never an empty reason
                 raise DatastoreUnavailable(
-                    f"etcd at {self.config.endpoints[idx]} refused {path}: {str(detail).strip()[:200]}") from None
+                    f"etcd at {self.config.endpoints[idx]} refused {path}: {str(detail).strip()[:200]}"
+                ) from None
         raise DatastoreUnavailable(f"etcd unreachable at {self.describe()} ({'; '.join(errors)})")
 
     # --- reads ----------------------------------------------------------------------------------------------------
@@ -212,8 +228,7 @@ class Datastore:
 
     def get_prefix(self, prefix, keys_only=False):
         """All KVs under ``prefix`` sorted by key, plus the store revision they were read at."""
-        body = {"key": _b64(prefix), "range_end": _prefix_end(prefix), "sort_order": "ASCEND",
-                "sort_target": "KEY"}
+        body = {"key": _b64(prefix), "range_end": _prefix_end(prefix), "sort_order": "ASCEND", "sort_target": "KEY"}
         if keys_only:
             body["keys_only"] = True
         resp = self.call("/kv/range", body)
@@ -248,10 +263,8 @@ class Datastore:
         return int(resp.get("deleted", 0))
 
     def txn(self, compare, success, failure=()):
-        resp = self.call("/kv/txn", {"compare": list(compare), "success": list(success),
-                                     "failure": list(failure)})
-        return TxnResult(bool(resp.get("succeeded", False)), int(resp["header"]["revision"]),
-                         resp.get("responses", []))
+        resp = self.call("/kv/txn", {"compare": list(compare), "success": list(success), "failure": list(failure)})
+        return TxnResult(bool(resp.get("succeeded", False)), int(resp["header"]["revision"]), resp.get("responses", []))
 
     def create(self, key, value, lease=None):
         """Put only if absent; returns True when created."""
@@ -283,8 +296,14 @@ class Datastore:
         self.authenticate()
         with self._lock:
             client = self._clients[self._index]
-        body = {"create_request": {"key": _b64(prefix), "range_end": _prefix_end(prefix),
-                                   "start_revision": start_revision, "progress_notify": True}}
+        body = {
+            "create_request": {
+                "key": _b64(prefix),
+                "range_end": _prefix_end(prefix),
+                "start_revision": start_revision,
+                "progress_notify": True,
+            }
+        }
         # Its own connection, never one from the calls' pool: a pooled connection may be dead already (half-open),
         # and a reused one would cost a whole read deadline to find out.
         session = requests.Session()
@@ -294,8 +313,9 @@ class Datastore:
         # ends the watch with "no leader" instead of serving a history that stopped moving.
         session.headers = dict(client.session.headers, Connection="close", **{"Grpc-Metadata-hasleader": "true"})
         try:
-            return session.post(client.get_url("/watch"), json=body, stream=True,
-                                timeout=(self.config.timeout, read_timeout))
+            return session.post(
+                client.get_url("/watch"), json=body, stream=True, timeout=(self.config.timeout, read_timeout)
+            )
         except Exception as e:  # requests' connection errors: the loop retries with backoff, on the next member
             self.rotate()
             raise DatastoreUnavailable(f"etcd unreachable at {self.describe()}: cannot watch ({type(e).__name__})")

@@ -4,6 +4,7 @@ The key rides on the candidate's liveness lease (netplugin.nodes.Liveness), so t
 keeps the host alive also keeps its leadership, and a host whose liveness lapses (dead to its peers) loses the
 leadership with it: it must not reclaim. A campaign is one transaction; the leader needs none to stay leader.
 """
+
 import logging
 
 from netplugin.datastore import keys
@@ -29,8 +30,7 @@ class Election:
         if lease is None:
             return False
         try:
-            res = self.ds.txn([absent(self.key)], [put_op(self.key, {"holder": self.me}, lease)],
-                              [get_op(self.key)])
+            res = self.ds.txn([absent(self.key)], [put_op(self.key, {"holder": self.me}, lease)], [get_op(self.key)])
         except NetpluginError as e:
             LOG.warning("leader election for %s: %s", self.key, e)
             self.error = e.msg

@@ -3,6 +3,7 @@
 CIDRs appear in keys with ``/`` replaced by ``-`` (``10.1.0.0-26``, ``fd00::-122``) so each resource is one path
 segment. Liveness lives beside, not below, the node record so listing nodes never returns liveness keys.
 """
+
 import netaddr
 
 from netplugin.errors import InvalidInput
@@ -65,10 +66,10 @@ def pool_blocks_prefix(cidr):
     fixes; IPv6: the fixed groups before the first zero one, as a zero group may print as ``::``."""
     net = netaddr.IPNetwork(cidr).cidr
     if net.version == 4:
-        fixed = str(net.network).split(".")[:min(net.prefixlen // 8, 3)]
+        fixed = str(net.network).split(".")[: min(net.prefixlen // 8, 3)]
         return BLOCKS + "".join(f"{octet}." for octet in fixed)
     lead = []
-    for group in net.network.words[:min(net.prefixlen // 16, 7)]:
+    for group in net.network.words[: min(net.prefixlen // 16, 7)]:
         if group == 0:
             break
         lead.append(f"{group:x}:")

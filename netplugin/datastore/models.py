@@ -4,6 +4,7 @@ Unknown fields in stored documents are ignored on read so an older agent can rea
 of the wrong type, a missing required one, or a document that is not a JSON object raises BadRecord (saying
 which), so a reader can skip that one record instead of failing later on a half-built object.
 """
+
 import functools
 import logging
 import types
@@ -79,8 +80,10 @@ class Record:
                 if required:
                     raise BadRecord(f"{cls.__name__} record has no {name!r}")
             elif not isinstance(d[name], kinds):
-                raise BadRecord(f"{cls.__name__} field {name!r} is {type(d[name]).__name__} "
-                                f"{str(d[name])[:40]!r}, not {'/'.join(k.__name__ for k in kinds)}")
+                raise BadRecord(
+                    f"{cls.__name__} field {name!r} is {type(d[name]).__name__} "
+                    f"{str(d[name])[:40]!r}, not {'/'.join(k.__name__ for k in kinds)}"
+                )
         try:
             return cls(**{k: v for k, v in d.items() if k in schema}).check()
         except BadRecord:
@@ -168,7 +171,8 @@ class Pool(Record):
         maxlen = 32 if net.version == 4 else 128
         if not (net.prefixlen <= self.block_size <= maxlen):
             raise InvalidInput(
-                f"block size /{self.block_size} does not fit pool {self.cidr} (must be /{net.prefixlen}../{maxlen})")
+                f"block size /{self.block_size} does not fit pool {self.cidr} (must be /{net.prefixlen}../{maxlen})"
+            )
         if self.block_size < maxlen - 12:
             raise InvalidInput(f"block size /{self.block_size} is too large (at most 4096 addresses per block)")
         return self
@@ -193,19 +197,32 @@ class Block(Record):
     next_seq: int = 1
 
     def __post_init__(self):
-        self.allocations = {str(k): (v if isinstance(v, Allocation) else Allocation.from_dict(v))
-                            for k, v in self.allocations.items()}
+        self.allocations = {
+            str(k): (v if isinstance(v, Allocation) else Allocation.from_dict(v)) for k, v in self.allocations.items()
+        }
 
     def to_dict(self):
         # Hand-written: blocks are (de)serialised on every allocation and dataclasses.asdict deep-copies.
-        allocs = {k: {"handle": a.handle, "host": a.host, "seq": a.seq}
-                  for k, a in sorted(self.allocations.items(), key=lambda kv: int(kv[0]))}
-        return {"cidr": self.cidr, "pool": self.pool, "affinity": self.affinity, "allocations": allocs,
-                "next_seq": self.next_seq}
+        allocs = {
+            k: {"handle": a.handle, "host": a.host, "seq": a.seq}
+            for k, a in sorted(self.allocations.items(), key=lambda kv: int(kv[0]))
+        }
+        return {
+            "cidr": self.cidr,
+            "pool": self.pool,
+            "affinity": self.affinity,
+            "allocations": allocs,
+            "next_seq": self.next_seq,
+        }
 
     def copy(self):
-        return Block(cidr=self.cidr, pool=self.pool, affinity=self.affinity, allocations=dict(self.allocations),
-                     next_seq=self.next_seq)
+        return Block(
+            cidr=self.cidr,
+            pool=self.pool,
+            affinity=self.affinity,
+            allocations=dict(self.allocations),
+            next_seq=self.next_seq,
+        )
 
     @property
     def network(self):

@@ -19,6 +19,7 @@ revision is below what we have already seen is checked with a linearizable read:
 lower too, the history we knew is gone and we resync (``on_resync``); otherwise the member we watch lags behind
 its cluster and we move to another one.
 """
+
 import json
 import logging
 import socket
@@ -54,8 +55,9 @@ class _Idle(Exception):
 class PrefixWatch:
     """Runs ``on_events(list[Event])`` for every change under ``prefix`` after ``start_revision``."""
 
-    def __init__(self, datastore, prefix, start_revision, on_events, on_resync, name="watch",
-                 idle_timeout=IDLE_TIMEOUT):
+    def __init__(
+        self, datastore, prefix, start_revision, on_events, on_resync, name="watch", idle_timeout=IDLE_TIMEOUT
+    ):
         self.ds = datastore
         self.prefix = prefix
         self.next_revision = start_revision + 1
@@ -103,8 +105,13 @@ class PrefixWatch:
             except Exception as e:  # a broken HTTP stream surfaces as many exception types
                 if self._stop.is_set():
                     return
-                LOG.warning("watch %s broke (%s: %s); resuming from revision %d", self.prefix,
-                            type(e).__name__, e, self.next_revision)
+                LOG.warning(
+                    "watch %s broke (%s: %s); resuming from revision %d",
+                    self.prefix,
+                    type(e).__name__,
+                    e,
+                    self.next_revision,
+                )
                 self.ds.rotate()
             self.reconnects += 1
             self._stop.wait(backoff)
@@ -115,9 +122,15 @@ class PrefixWatch:
             LOG.debug("watch %s: %s; reconnecting from revision %d", self.prefix, e, self.next_revision)
             return
         self._warned_idle = True
-        LOG.info("watch %s: %s; reconnecting from revision %d (a quiet etcd without "
-                 "--experimental-watch-progress-notify-interval of a few seconds does this every %.0f s; "
-                 "said once)", self.prefix, e, self.next_revision, self.idle_timeout)
+        LOG.info(
+            "watch %s: %s; reconnecting from revision %d (a quiet etcd without "
+            "--experimental-watch-progress-notify-interval of a few seconds does this every %.0f s; "
+            "said once)",
+            self.prefix,
+            e,
+            self.next_revision,
+            self.idle_timeout,
+        )
 
     def _stream_once(self):
         if self._reauth:
@@ -157,16 +170,16 @@ class PrefixWatch:
                 return
             except Exception as e:  # requests wraps urllib3's ReadTimeoutError in a ConnectionError
                 if "timed out" in str(e) and not self._stop.is_set():
-                    raise _Idle(f"no data for {self.idle_timeout:g} s (stream open for "
-                                f"{time.monotonic() - started:.0f} s)") from None
+                    raise _Idle(
+                        f"no data for {self.idle_timeout:g} s (stream open for {time.monotonic() - started:.0f} s)"
+                    ) from None
                 raise
             yield line
 
     def _handle(self, result):
         compact = int(result.get("compact_revision", 0) or 0)
         if compact:
-            LOG.info("watch %s: revision %d compacted (now %d); resyncing", self.prefix, self.next_revision,
-                     compact)
+            LOG.info("watch %s: revision %d compacted (now %d); resyncing", self.prefix, self.next_revision, compact)
             self.next_revision = self.on_resync() + 1
             return True
         if result.get("canceled"):
@@ -194,13 +207,21 @@ class PrefixWatch:
         seen = self.next_revision - 1
         current = self.ds.revision()  # linearizable: the cluster's revision, not this member's
         if current >= seen:
-            LOG.info("watch %s: member at revision %d lags behind the cluster (%d); trying another member",
-                     self.prefix, header_rev, current)
+            LOG.info(
+                "watch %s: member at revision %d lags behind the cluster (%d); trying another member",
+                self.prefix,
+                header_rev,
+                current,
+            )
             self.ds.rotate()
             return True
         self.backwards += 1
-        LOG.warning("event=watch.revision_backwards prefix=%s revision=%d seen=%d: etcd's revision went backwards "
-                    "(restored from an older snapshot?); the history after it is gone, resyncing everything",
-                    self.prefix, current, seen)
+        LOG.warning(
+            "event=watch.revision_backwards prefix=%s revision=%d seen=%d: etcd's revision went backwards "
+            "(restored from an older snapshot?); the history after it is gone, resyncing everything",
+            self.prefix,
+            current,
+            seen,
+        )
         self.next_revision = self.on_resync() + 1
         return True

@@ -6,6 +6,7 @@ one given, for tests) through the one namespace runner; BIRD's control socket an
 its run directory. Everything is written to a private temporary directory and scrubbed of secrets (redact.py)
 before it is packed.
 """
+
 import io
 import json
 import os
@@ -37,8 +38,12 @@ HOST_COMMANDS = {  # part -> command run in the host namespace
 }
 # Run in the host's namespace by the one namespace runner: print the body of a URL (exit 1 on failure).
 _FETCH = "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())"
-VERSIONS = {"bird": ["bird", "--version"], "iptables": ["iptables", "-V"], "ipset": ["ipset", "version"],
-            "iproute2": ["ip", "-V"]}
+VERSIONS = {
+    "bird": ["bird", "--version"],
+    "iptables": ["iptables", "-V"],
+    "ipset": ["ipset", "version"],
+    "iproute2": ["ip", "-V"],
+}
 
 
 class Collector:
@@ -71,17 +76,20 @@ class Collector:
             kvs = ds.list(ETCD_PREFIX)
             doc = {kv.key: redact_json(kv.value, self.secrets) for kv in kvs}
             return json.dumps(doc, indent=2, sort_keys=True) + "\n"
+
         self.add("etcd.json", dump)
 
     def bird(self, run_dir):
         """BIRD's sessions and config; the agent runs it in ``<run_dir>/bird`` (agent/routing.py)."""
         from netplugin.routing.bird import CONF_NAME, SOCK_NAME, birdc
+
         bird_dir = os.path.join(run_dir, "bird")
         self.add("bird-protocols.txt", lambda: birdc(os.path.join(bird_dir, SOCK_NAME), "show", "protocols", "all"))
 
         def config():
             with open(os.path.join(bird_dir, CONF_NAME)) as f:
                 return redact_bird_config(f.read(), self.secrets)
+
         self.add("bird.conf", config)
 
     def health(self, run_dir):
@@ -93,6 +101,7 @@ class Collector:
         def health():
             answer.update(agent_health(run_dir))
             return json.dumps(redact_json(answer, self.secrets), indent=2) + "\n"
+
         self.add("health.json", health)
         listen = answer.get("metrics_listen")
         if listen:
@@ -107,8 +116,11 @@ class Collector:
             self.errors.append("agent.log: no journal (systemd is not running) and no --log-file given")
 
     def versions(self):
-        lines = [f"netplugin {version('netplugin')}", f"python {platform.python_version()}",
-                 f"kernel {' '.join(platform.uname()[2:4])}"]
+        lines = [
+            f"netplugin {version('netplugin')}",
+            f"python {platform.python_version()}",
+            f"kernel {' '.join(platform.uname()[2:4])}",
+        ]
         for name, argv in VERSIONS.items():
             try:
                 out = self._run(argv)

@@ -1,5 +1,6 @@
 """The local agent's health answer, read from its CNI API socket: for ``netctl health --local`` and the diags
 tarball (here, below the CLI, so that diags never imports the CLI that imports it)."""
+
 import json
 import os
 

@@ -4,6 +4,7 @@ Two nets, because a secret missed is a secret published with a bug report: by st
 field of etcd's JSON, BIRD's ``password "..."`` statements) and by value (each secret found that way, plus the
 etcd password netctl logged in with, is then replaced wherever else it appears: logs, command output).
 """
+
 import re
 
 MASK = "***"
@@ -29,9 +30,11 @@ def redact_json(value, found):
 
 def redact_bird_config(text, found):
     """BIRD's config with each ``password "..."`` masked; the passwords go in ``found``."""
+
     def mask(m):
         found.add(m.group(2))
         return f'{m.group(1)}"{MASK}"'
+
     return _BIRD_PASSWORD.sub(mask, text)
 
 

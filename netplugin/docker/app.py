@@ -12,6 +12,7 @@ The payload is checked before any handler runs: a JSON object of valid Unicode (
 etcd keys and log lines cannot carry), not nested absurdly deep; ids are Docker-id-like words. The text of
 an error is one line of bounded length, however much of the input it quotes.
 """
+
 import json
 import logging
 import re
@@ -69,6 +70,7 @@ def _decode(method, raw):
 
 # --- payload checks ------------------------------------------------------------------------------------------------
 
+
 def _field(body, key, kind, required=False, default=None):
     value = body.get(key)
     if value is None:
@@ -111,6 +113,7 @@ def _options(body):
 
 # --- the methods ---------------------------------------------------------------------------------------------------
 
+
 def _network_methods(driver):
     def create_network(b):
         driver.create_network(*_ids(b, False), _options(b), _ip_data(b, "IPv4Data"), _ip_data(b, "IPv6Data"))
@@ -133,6 +136,7 @@ def _network_methods(driver):
         def handler(b):
             fn(*_ids(b, endpoint))
             return {}
+
         return handler
 
     def nothing(b):
@@ -159,13 +163,18 @@ def _network_methods(driver):
 def _ipam_methods(driver):
     def request_pool(b):
         pool_id, pool, data = driver.request_pool(
-            _field(b, "AddressSpace", str, required=True), _field(b, "Pool", str, default=""),
-            _field(b, "SubPool", str, default=""), _options(b), _field(b, "V6", bool, default=False))
+            _field(b, "AddressSpace", str, required=True),
+            _field(b, "Pool", str, default=""),
+            _field(b, "SubPool", str, default=""),
+            _options(b),
+            _field(b, "V6", bool, default=False),
+        )
         return {"PoolID": pool_id, "Pool": pool, "Data": data}
 
     def request_address(b):
-        address, data = driver.request_address(_field(b, "PoolID", str, required=True),
-                                               _field(b, "Address", str, default=""), _options(b))
+        address, data = driver.request_address(
+            _field(b, "PoolID", str, required=True), _field(b, "Address", str, default=""), _options(b)
+        )
         return {"Address": address, "Data": data}
 
     def release_address(b):
@@ -197,8 +206,11 @@ def create_docker_app(driver):
     def call(method):
         handler = methods.get(method)
         if handler is None:
-            return _error(f"netplugin does not implement {method!r} (it implements Plugin.Activate, "
-                          "NetworkDriver.* and IpamDriver.*)", 404)
+            return _error(
+                f"netplugin does not implement {method!r} (it implements Plugin.Activate, "
+                "NetworkDriver.* and IpamDriver.*)",
+                404,
+            )
         if request.method != "POST":
             return _error(f"{method} must be called with POST, not {request.method}", 405)
         body, why = _decode(method, request.get_data(cache=False))
@@ -218,8 +230,9 @@ def create_docker_app(driver):
 
     @app.errorhandler(404)
     def not_found(_):
-        return _error("netplugin does not implement this path (POST /Plugin.Activate, /NetworkDriver.*, "
-                      "/IpamDriver.*)", 404)
+        return _error(
+            "netplugin does not implement this path (POST /Plugin.Activate, /NetworkDriver.*, /IpamDriver.*)", 404
+        )
 
     @app.errorhandler(405)
     def not_allowed(_):

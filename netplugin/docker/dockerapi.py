@@ -4,6 +4,7 @@ The remote driver protocol tells us ids, never names or labels: a network's name
 behind an endpoint are read here. Every call is short (one GET, a few seconds' timeout) and failures become
 ``DockerApiError`` so callers can retry or fall back; nothing here ever writes to Docker.
 """
+
 import http.client
 import json
 import socket
@@ -39,7 +40,7 @@ class _UnixConnection(http.client.HTTPConnection):
 class DockerApi:
     def __init__(self, socket_path, timeout=3.0):
         if socket_path.startswith("unix://"):
-            socket_path = socket_path[len("unix://"):]
+            socket_path = socket_path[len("unix://") :]
         self.socket_path = socket_path
         self.timeout = timeout
 

@@ -22,6 +22,7 @@ The endpoint record and the veth are the service's (EndpointService.join_docker/
 in the agent they run under the shared side of the host lock (agent/locked.py), so the dataplane reconciler
 never sees a veth no record names.
 """
+
 import logging
 
 import netaddr
@@ -71,9 +72,16 @@ def static_routes(addresses, primary=True, subnets=()):
 def free_subnets(subnets, taken):
     """``subnets`` that overlap none of ``taken`` (a connected route for an overlapping one would collide)."""
     taken = [netaddr.IPNetwork(t) for t in taken]
-    return [s for s in subnets
-            if not any(t.version == netaddr.IPNetwork(s).version and t.first <= netaddr.IPNetwork(s).last
-                       and netaddr.IPNetwork(s).first <= t.last for t in taken)]
+    return [
+        s
+        for s in subnets
+        if not any(
+            t.version == netaddr.IPNetwork(s).version
+            and t.first <= netaddr.IPNetwork(s).last
+            and netaddr.IPNetwork(s).first <= t.last
+            for t in taken
+        )
+    ]
 
 
 class DockerDriver:
@@ -81,8 +89,7 @@ class DockerDriver:
     the dataplane backend. Built with its collaborators by ``build_driver``; ``start`` starts its one thread
     (the stale-endpoint collector), ``stop`` ends it."""
 
-    def __init__(self, service, host, mtu, ipam, networks, labeler, local, api=None, gc_interval=60.0,
-                 progress=None):
+    def __init__(self, service, host, mtu, ipam, networks, labeler, local, api=None, gc_interval=60.0, progress=None):
         self.service = service  # an EndpointService (the agent's LockedService)
         self.host = host
         self.mtu = mtu
@@ -92,8 +99,13 @@ class DockerDriver:
         self.local = local  # LocalEndpoints
         self.api = api  # DockerApi or None
         self.gc_interval = gc_interval  # 0: no background collection (tests run the collector by hand)
-        self.collector = None if api is None else StaleEndpointCollector(
-            api, lambda: service.list(host), self.collect, interval=gc_interval or 60.0, progress=progress)
+        self.collector = (
+            None
+            if api is None
+            else StaleEndpointCollector(
+                api, lambda: service.list(host), self.collect, interval=gc_interval or 60.0, progress=progress
+            )
+        )
 
     def start(self):
         if self.collector is not None and self.gc_interval:
@@ -149,15 +161,22 @@ class DockerDriver:
     def create_endpoint(self, network_id, endpoint_id, interface, options):
         """Remember addresses and MAC for Join; answer an empty Interface (libnetwork gave us one)."""
         interface = interface or {}
-        addresses = [host_prefix_of(interface[k], "endpoint address") for k in ("Address", "AddressIPv6")
-                     if interface.get(k)]
+        addresses = [
+            host_prefix_of(interface[k], "endpoint address") for k in ("Address", "AddressIPv6") if interface.get(k)
+        ]
         if not addresses:
-            raise InvalidInput(f"endpoint {endpoint_id[:12]} has no address: netplugin networks need netplugin IPAM "
-                               "(docker network create -d netplugin --ipam-driver netplugin ...)")
+            raise InvalidInput(
+                f"endpoint {endpoint_id[:12]} has no address: netplugin networks need netplugin IPAM "
+                "(docker network create -d netplugin --ipam-driver netplugin ...)"
+            )
         net = self.networks.get(network_id)  # name and record now, so Join does not wait on dockerd
         self.local.created(endpoint_id, network_id, addresses, interface.get("MacAddress") or None)
-        LOG.info("event=docker.endpoint.created id=%s network=%s addresses=%s", endpoint_id[:12], net.name,
-                 ",".join(addresses))
+        LOG.info(
+            "event=docker.endpoint.created id=%s network=%s addresses=%s",
+            endpoint_id[:12],
+            net.name,
+            ",".join(addresses),
+        )
         return {}
 
     def _pending(self, endpoint_id):
@@ -167,33 +186,53 @@ class DockerDriver:
         ep = self.service.get(endpoint_id)
         if ep is not None:  # joined before (a repeated Join): the record has it all
             return Created(None, list(ep.addresses), ep.mac)
-        raise NotFound(f"endpoint {endpoint_id[:12]} is unknown to this agent (was it created before the agent "
-                       "restarted?); start the container again")
+        raise NotFound(
+            f"endpoint {endpoint_id[:12]} is unknown to this agent (was it created before the agent "
+            "restarted?); start the container again"
+        )
 
     def join(self, network_id, endpoint_id, sandbox_key, options):
         pending = self._pending(endpoint_id)
         if pending.network_id not in (None, network_id):
-            raise InvalidInput(f"endpoint {endpoint_id[:12]} was created on network {pending.network_id[:12]}, "
-                               f"not {network_id[:12]}")
+            raise InvalidInput(
+                f"endpoint {endpoint_id[:12]} was created on network {pending.network_id[:12]}, not {network_id[:12]}"
+            )
         net = self.networks.get(network_id)
         if not sandbox_key or not sandbox_key.startswith("/"):
             raise InvalidInput(f"sandbox key {sandbox_key!r} of endpoint {endpoint_id[:12]} is not a path")
         # libnetwork names the interface in the sandbox (eth0, eth1, ...); the record says eth0, which only the
         # reconciler's "recreate a lost veth" path would use.
-        spec = EndpointSpec(endpoint_id=endpoint_id, netns=sandbox_key, ifname="eth0",
-                            addresses=tuple(pending.addresses), mtu=net.mtu or self.mtu, mac=pending.mac)
+        spec = EndpointSpec(
+            endpoint_id=endpoint_id,
+            netns=sandbox_key,
+            ifname="eth0",
+            addresses=tuple(pending.addresses),
+            mtu=net.mtu or self.mtu,
+            mac=pending.mac,
+        )
         base_labels = {**net.labels, NETWORK_LABEL: net.name}
         others = self.local.peers(sandbox_key, endpoint_id)
-        routes = static_routes(pending.addresses, primary=not others, subnets=free_subnets(
-            net.subnets, [s for name in others for s in self.networks.subnets_of(name)]))
+        routes = static_routes(
+            pending.addresses,
+            primary=not others,
+            subnets=free_subnets(net.subnets, [s for name in others for s in self.networks.subnets_of(name)]),
+        )
         _, link = self.service.join_docker(spec, net.name, base_labels, net.mtu)
         self.local.joined(endpoint_id, sandbox_key, net.name, link.host_ifname, pending.addresses)
         self.labeler.submit(network_id, endpoint_id, base_labels)
         self.service.policy_ready(endpoint_id)
-        LOG.info("event=docker.endpoint.joined id=%s network=%s host_if=%s primary=%s", endpoint_id[:12], net.name,
-                 link.host_ifname, not others)
-        return {"InterfaceName": {"SrcName": link.container_ifname, "DstPrefix": DST_PREFIX},
-                "StaticRoutes": routes, "DisableGatewayService": True}
+        LOG.info(
+            "event=docker.endpoint.joined id=%s network=%s host_if=%s primary=%s",
+            endpoint_id[:12],
+            net.name,
+            link.host_ifname,
+            not others,
+        )
+        return {
+            "InterfaceName": {"SrcName": link.container_ifname, "DstPrefix": DST_PREFIX},
+            "StaticRoutes": routes,
+            "DisableGatewayService": True,
+        }
 
     def leave(self, network_id, endpoint_id):
         """libnetwork moves the interface back to the host netns itself; DeleteEndpoint removes it."""
@@ -231,8 +270,19 @@ def build_driver(ds, ipam, service, host, config, progress=None) -> DockerDriver
     """The driver and its collaborators for ``config`` (an AgentConfig: mtu, docker_api, docker_gc_interval)."""
     api = DockerApi(config.docker_api) if config.docker_api else None
     if api is None:
-        LOG.warning("event=docker.no_api: networks are named by their Docker id and container labels are not "
-                    "copied to endpoints (give the agent --docker-api)")
-    return DockerDriver(service, host, config.mtu, DockerIpam(ipam, host), NetworkRegistry(ds, ipam, api),
-                        EndpointLabeler(ds, api, host, progress=progress), LocalEndpoints(lambda: service.list(host)),
-                        api, config.docker_gc_interval, progress)
+        LOG.warning(
+            "event=docker.no_api: networks are named by their Docker id and container labels are not "
+            "copied to endpoints (give the agent --docker-api)"
+        )
+    return DockerDriver(
+        service,
+        host,
+        config.mtu,
+        DockerIpam(ipam, host),
+        NetworkRegistry(ds, ipam, api),
+        EndpointLabeler(ds, api, host, progress=progress),
+        LocalEndpoints(lambda: service.list(host)),
+        api,
+        config.docker_gc_interval,
+        progress,
+    )

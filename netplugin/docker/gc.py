@@ -10,6 +10,7 @@ an endpoint must be missing in two passes at least ``interval`` apart (a Join in
 Docker's listing within a second); only records of this host with orchestrator "docker" are considered;
 addresses are released only if a Docker handle of this host holds them (DockerIpam.release_host_address).
 """
+
 import logging
 import threading
 import time
@@ -74,8 +75,7 @@ class StaleEndpointCollector:
     def start(self):
         """Collect every ``interval`` seconds on a thread no exception ends (netplugin.loops)."""
         if self._thread is None:
-            self._thread = loops.spawn("docker-gc", self._round, self._stop, self.interval, self.progress,
-                                       log=LOG)
+            self._thread = loops.spawn("docker-gc", self._round, self._stop, self.interval, self.progress, log=LOG)
 
     def _round(self):
         if self._rounds:  # the first round only waits: the agent has just started

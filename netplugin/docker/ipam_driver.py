@@ -11,6 +11,7 @@ Gateways: containers always route via 169.254.1.1 / fe80::ecee:eeff:feee:eeee, s
 that as the gateway and nothing is allocated for it. A ``--gateway`` is accepted, answered as asked and not
 reserved (Docker shows it in ``network inspect``; the driver records it on the network).
 """
+
 import logging
 import uuid
 
@@ -67,11 +68,15 @@ class DockerIpam:
         return ref.encode(), ref.subnet, {GATEWAY_OPTION: pool_gateway(ref.version)}
 
     def _default_pool(self, version):
-        pools = sorted((p for p in self.ipam.list_pools() if p.version == version and not p.disabled),
-                       key=lambda p: netaddr.IPNetwork(p.cidr).first)
+        pools = sorted(
+            (p for p in self.ipam.list_pools() if p.version == version and not p.disabled),
+            key=lambda p: netaddr.IPNetwork(p.cidr).first,
+        )
         if not pools:
-            raise PoolExhausted(f"no IPv{version} netplugin pool exists: add one (netctl pool add CIDR) or give "
-                                "docker network create a --subnet")
+            raise PoolExhausted(
+                f"no IPv{version} netplugin pool exists: add one (netctl pool add CIDR) or give "
+                "docker network create a --subnet"
+            )
         return PoolRef(pools[0].cidr, pools[0].cidr)
 
     def _create_pool(self, cidr):

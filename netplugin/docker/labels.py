@@ -8,6 +8,7 @@ a compare-and-swap so it never resurrects an endpoint deleted meanwhile. Join it
 Label precedence: the container's labels, then the network's, then ``netplugin.io/network``: a container
 cannot claim another network by a label.
 """
+
 import logging
 import threading
 import time
@@ -50,8 +51,9 @@ class EndpointLabeler:
         if self.api is None:
             return
         with self._lock:
-            self._pending[endpoint_id] = _Pending(network_id, endpoint_id, dict(base_labels),
-                                                  time.monotonic() + self.timeout)
+            self._pending[endpoint_id] = _Pending(
+                network_id, endpoint_id, dict(base_labels), time.monotonic() + self.timeout
+            )
             if self._thread is None:
                 self._thread = loops.spawn("docker-labels", self._round, self._stop, 0, self.progress, log=LOG)
         self._wake.set()

@@ -6,6 +6,7 @@ already has a netplugin interface, answering EndpointOperInfo). After an agent r
 are read back once from their etcd records, on first need; an endpoint created but not yet joined when the
 agent restarted is lost (its Join fails with a clear error and Docker's retry of the container start works).
 """
+
 import threading
 from dataclasses import dataclass, field
 

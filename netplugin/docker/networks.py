@@ -15,6 +15,7 @@ on any host uses it; another host's next endpoint writes it again. A Docker netw
 still use its record (DeleteNetwork before their DeleteEndpoint) marks the record retired (in etcd, so an agent
 restart or another host keeps the promise), and the record goes with the last of them.
 """
+
 import logging
 import threading
 import time
@@ -74,8 +75,10 @@ def parse_create(network_id, options, ipv4_data, ipv6_data):
     for data in list(ipv4_data or []) + list(ipv6_data or []):
         space = data.get("AddressSpace")
         if space != ADDRESS_SPACE:
-            raise InvalidInput(f"network {network_id[:12]} takes addresses from {space!r}: netplugin networks need "
-                               "netplugin IPAM (docker network create -d netplugin --ipam-driver netplugin ...)")
+            raise InvalidInput(
+                f"network {network_id[:12]} takes addresses from {space!r}: netplugin networks need "
+                "netplugin IPAM (docker network create -d netplugin --ipam-driver netplugin ...)"
+            )
         net.subnets.append(str(usable_subnet(data.get("Pool"), "subnet")))
         gateway = str(data.get("Gateway") or "").split("/")[0]
         if gateway and gateway not in (GATEWAY_V4, GATEWAY_V6):
@@ -103,8 +106,7 @@ class NetworkRegistry:
         with self._lock:
             self._nets[net.id] = net
         if self.api is not None:
-            threading.Thread(target=self._resolve_soon, args=(net.id,), name="docker-network-name",
-                             daemon=True).start()
+            threading.Thread(target=self._resolve_soon, args=(net.id,), name="docker-network-name", daemon=True).start()
 
     def forget(self, network_id):
         with self._lock:
@@ -178,8 +180,10 @@ class NetworkRegistry:
             raise NotInDocker(f"dockerd does not know network {network_id[:12]} yet") from None
         except DockerApiError as e:
             if known is None:
-                raise InvalidInput(f"network {network_id[:12]} is not known to this agent and dockerd cannot be "
-                                   f"asked about it: {e.msg}") from None
+                raise InvalidInput(
+                    f"network {network_id[:12]} is not known to this agent and dockerd cannot be "
+                    f"asked about it: {e.msg}"
+                ) from None
             LOG.warning("event=docker.network.unnamed id=%s error=%s", network_id[:12], e.msg)
             known.name = network_id
             return known
@@ -203,21 +207,34 @@ class NetworkRegistry:
         """A network this agent created before it restarted, read back from its record (no dockerd to ask)."""
         net = self._recorded(network_id, retired=False)
         if net is None:
-            raise NotFound(f"network {network_id[:12]} is unknown to this agent and has no netplugin record: was it "
-                           "created with docker network create -d netplugin --ipam-driver netplugin?")
+            raise NotFound(
+                f"network {network_id[:12]} is unknown to this agent and has no netplugin record: was it "
+                "created with docker network create -d netplugin --ipam-driver netplugin?"
+            )
         LOG.info("event=docker.network.restored id=%s subnets=%s", network_id[:12], ",".join(net.subnets))
         return net
 
     def _recorded(self, network_id, retired=True):
         """The network whose record names Docker network ``network_id`` (None: no record does, or only a retired
         one and ``retired`` is False)."""
-        record = next((r for r in (Network.from_dict(kv.value) for kv in self.ds.list(keys.NETWORKS))
-                       if r.docker_id == network_id and (retired or not (r.options or {}).get(RETIRED))), None)
+        record = next(
+            (
+                r
+                for r in (Network.from_dict(kv.value) for kv in self.ds.list(keys.NETWORKS))
+                if r.docker_id == network_id and (retired or not (r.options or {}).get(RETIRED))
+            ),
+            None,
+        )
         if record is None:
             return None
         opts = record.options or {}
-        net = DockerNetwork(id=network_id, name=record.name, labels=dict(record.labels or {}), recorded=True,
-                            options={k: v for k, v in opts.items() if not k.startswith(RECORD_PREFIX)})
+        net = DockerNetwork(
+            id=network_id,
+            name=record.name,
+            labels=dict(record.labels or {}),
+            recorded=True,
+            options={k: v for k, v in opts.items() if not k.startswith(RECORD_PREFIX)},
+        )
         net.subnets = [s for s in opts.get(RECORD_PREFIX + "subnets", "").split(",") if s]
         net.gateways = [g for g in opts.get(RECORD_PREFIX + "gateways", "").split(",") if g]
         net.ip_ranges = [r for r in (record.ip_range, opts.get(RECORD_PREFIX + "ip-range6")) if r]
@@ -231,8 +248,10 @@ class NetworkRegistry:
         for subnet in net.subnets:
             pool, _ = place_subnet(subnet, pools)
             placed.append(pool)
-            rng = next((r for r in net.ip_ranges if parse_cidr(r, "ip range").version == parse_cidr(
-                subnet, "subnet").version), None)
+            rng = next(
+                (r for r in net.ip_ranges if parse_cidr(r, "ip range").version == parse_cidr(subnet, "subnet").version),
+                None,
+            )
             ranges.append(rng or (subnet if subnet != pool else None))
         options = dict(net.options)
         options[RECORD_PREFIX + "subnets"] = ",".join(net.subnets)
@@ -242,8 +261,14 @@ class NetworkRegistry:
         if v6_range:
             options[RECORD_PREFIX + "ip-range6"] = v6_range
         v4_range = next((r for r, s in zip(ranges, net.subnets) if r and ":" not in s), None)
-        return Network(name=net.name, pools=sorted(set(placed)), ip_range=v4_range, labels=dict(net.labels),
-                       options=options, docker_id=net.id)
+        return Network(
+            name=net.name,
+            pools=sorted(set(placed)),
+            ip_range=v4_range,
+            labels=dict(net.labels),
+            options=options,
+            docker_id=net.id,
+        )
 
     def ensure_record(self, net):
         want = self.record_of(net)
@@ -264,7 +289,8 @@ class NetworkRegistry:
                 raise InvalidInput(
                     f"network {net.name} already exists in netplugin with pool(s) {', '.join(have.pools) or 'any'}"
                     f"{' range ' + have.ip_range if have.ip_range else ''} (Docker network {str(have.docker_id)[:12]}"
-                    f", {len(users)} endpoint(s)); create it with the same --subnet/--ip-range on every host")
+                    f", {len(users)} endpoint(s)); create it with the same --subnet/--ip-range on every host"
+                )
             if self.ds.txn([mod_is(key, kv.mod_revision)], [put_op(key, want.to_dict())]).succeeded:
                 LOG.info("event=docker.network.recorded name=%s replaced_stale=true", net.name)
                 break
@@ -283,8 +309,7 @@ class NetworkRegistry:
         return [s for s in raw.split(",") if s]
 
     def endpoints_of(self, name):
-        return [ep for ep in (ep for _, ep in Endpoint.from_kvs(self.ds.list(keys.ENDPOINTS)))
-                if ep.network == name]
+        return [ep for ep in (ep for _, ep in Endpoint.from_kvs(self.ds.list(keys.ENDPOINTS))) if ep.network == name]
 
     def delete_record(self, net):
         """Delete the record this Docker network wrote, unless an endpoint on any host still uses the name."""

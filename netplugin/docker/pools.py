@@ -6,6 +6,7 @@ subnet is either a netplugin pool itself, or a part of one (then allocations are
 it becomes a pool). The PoolID carries everything an address request needs, so RequestAddress is stateless
 and survives agent restarts: ``<pool>|<subnet>|<ip-range>``. Identical RequestPool calls give identical ids.
 """
+
 from dataclasses import dataclass
 
 import netaddr
@@ -30,11 +31,18 @@ def parse_cidr(value, what):
 
 
 # Space no container may hold, whatever a user asks: Docker subnets overlapping it are refused.
-RESERVED = {"0.0.0.0/8": "'this network'", "127.0.0.0/8": "loopback",
-            "169.254.0.0/16": "link-local, where the containers' gateway 169.254.1.1 lives",
-            "224.0.0.0/4": "multicast", "240.0.0.0/4": "reserved and broadcast", "::/128": "the unspecified address",
-            "::1/128": "loopback", "::ffff:0:0/96": "IPv4-mapped", "fe80::/10": "link-local, where the containers' "
-            "gateway lives", "ff00::/8": "multicast"}
+RESERVED = {
+    "0.0.0.0/8": "'this network'",
+    "127.0.0.0/8": "loopback",
+    "169.254.0.0/16": "link-local, where the containers' gateway 169.254.1.1 lives",
+    "224.0.0.0/4": "multicast",
+    "240.0.0.0/4": "reserved and broadcast",
+    "::/128": "the unspecified address",
+    "::1/128": "loopback",
+    "::ffff:0:0/96": "IPv4-mapped",
+    "fe80::/10": "link-local, where the containers' gateway lives",
+    "ff00::/8": "multicast",
+}
 
 
 def usable_subnet(value, what):
@@ -78,11 +86,15 @@ class PoolRef:
         parts = str(pool_id or "").split(SEP)
         if len(parts) != 3:
             raise InvalidInput(f"pool id {pool_id!r} was not issued by netplugin (expected POOL|SUBNET|RANGE)")
-        pool, subnet, ip_range = (parse_cidr(parts[0], "pool"), parse_cidr(parts[1], "subnet"),
-                                  parse_cidr(parts[2], "ip range") if parts[2] else None)
+        pool, subnet, ip_range = (
+            parse_cidr(parts[0], "pool"),
+            parse_cidr(parts[1], "subnet"),
+            parse_cidr(parts[2], "ip range") if parts[2] else None,
+        )
         if not contains(pool, subnet) or (ip_range is not None and not contains(subnet, ip_range)):
-            raise InvalidInput(f"pool id {pool_id!r} is inconsistent (the range must lie in the subnet, "
-                               "the subnet in the pool)")
+            raise InvalidInput(
+                f"pool id {pool_id!r} is inconsistent (the range must lie in the subnet, the subnet in the pool)"
+            )
         return cls(str(pool), str(subnet), str(ip_range) if ip_range is not None else None)
 
 
@@ -97,11 +109,18 @@ def place_subnet(subnet, pools):
         pool = netaddr.IPNetwork(cidr)
         if contains(pool, subnet):
             return str(pool.cidr), False
-    clashes = sorted(c for c in pools if netaddr.IPNetwork(c).version == subnet.version
-                     and netaddr.IPNetwork(c).first <= subnet.last and subnet.first <= netaddr.IPNetwork(c).last)
+    clashes = sorted(
+        c
+        for c in pools
+        if netaddr.IPNetwork(c).version == subnet.version
+        and netaddr.IPNetwork(c).first <= subnet.last
+        and subnet.first <= netaddr.IPNetwork(c).last
+    )
     if clashes:
-        raise InvalidInput(f"subnet {subnet} overlaps netplugin pool(s) {', '.join(clashes)} without lying inside "
-                           "one: use a subnet inside a pool, or one clear of them")
+        raise InvalidInput(
+            f"subnet {subnet} overlaps netplugin pool(s) {', '.join(clashes)} without lying inside "
+            "one: use a subnet inside a pool, or one clear of them"
+        )
     return str(subnet), True
 
 

@@ -7,6 +7,7 @@ reported) unless forced, a recorded directory is removed only when empty. A file
 operator's config) is never recorded, so never removed. Files are written by cni.install's atomic writer (temporary
 name, fsync, rename), the one writer for installed files.
 """
+
 import hashlib
 import json
 import os
@@ -58,8 +59,9 @@ class Manifest:
     def save(self):
         self.makedirs(os.path.dirname(MANIFEST_PATH))
         doc = {"files": self.files, "dirs": self.dirs}
-        write_atomic(under(self.root, MANIFEST_PATH), (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode(),
-                     0o644)
+        write_atomic(
+            under(self.root, MANIFEST_PATH), (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode(), 0o644
+        )
 
     def makedirs(self, target_dir):
         """Create ``target_dir`` and missing parents under root, recording each one created."""

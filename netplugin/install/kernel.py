@@ -7,6 +7,7 @@ routes carrying our protocol numbers (dataplane and direct mode) through the net
 (only when asked: they carry running containers) and the BPF pins under the agent's bpffs directory. Run it
 after the agent stopped, or the agent puts everything back.
 """
+
 import errno
 import os
 import shutil
@@ -32,8 +33,10 @@ def remove_kernel_state(netns=None, bpffs_dir=DEFAULT_BPFFS_DIR, remove_endpoint
         for table in BUILTINS:
             plan = NetfilterTable(ns, family, table=table).remove_ours()
             if not plan.empty():
-                done.append(f"iptables {table} (IPv{family}): removed {len(plan.stale)} chains and {len(plan.hook_del)}"
-                            " hook rules")
+                done.append(
+                    f"iptables {table} (IPv{family}): removed {len(plan.stale)} chains and {len(plan.hook_del)}"
+                    " hook rules"
+                )
     sets = Ipsets(ns)
     plan = sets.plan({}, sets.read())
     lines = [f"destroy {name}" for name in plan.stale]  # temporary sets too: nothing of ours stays
@@ -58,9 +61,18 @@ def remove_kernel_state(netns=None, bpffs_dir=DEFAULT_BPFFS_DIR, remove_endpoint
                 if msg["family"] not in (socket.AF_INET, socket.AF_INET6) or msg["proto"] != proto:
                     continue
                 dst = msg.get("dst") or ("0.0.0.0" if msg["family"] == socket.AF_INET else "::")
-                batch.route("del", f"{dst}/{msg['dst_len']}", f"delete route {dst}/{msg['dst_len']} proto {proto}",
-                            oif=msg.get("oif"), priority=msg.get("priority"), proto=proto, kind=msg["type"],
-                            scope=msg["scope"], table=MAIN_TABLE, ok=(errno.ESRCH,))
+                batch.route(
+                    "del",
+                    f"{dst}/{msg['dst_len']}",
+                    f"delete route {dst}/{msg['dst_len']} proto {proto}",
+                    oif=msg.get("oif"),
+                    priority=msg.get("priority"),
+                    proto=proto,
+                    kind=msg["type"],
+                    scope=msg["scope"],
+                    table=MAIN_TABLE,
+                    ok=(errno.ESRCH,),
+                )
         nl.run(batch)
         if len(batch):
             done.append(f"routes: deleted {len(batch)} of protocols {', '.join(map(str, OUR_PROTOS))}")

@@ -4,6 +4,7 @@ The unit is ordered ``Before=docker.service`` so that dockerd, scanning /run/doc
 plugin socket; the agent creates it early in start-up. systemctl is called only for the real root ("/") of a
 machine booted with systemd (``/run/systemd/system`` exists, sd_booted(3)'s test), never for a staging root.
 """
+
 import os
 import shlex
 import subprocess

@@ -10,6 +10,7 @@ Order of preference for automatic assignment: a free address in a block affine t
 block (the claim creates the block record and the affinity key in one transaction); finally an address borrowed
 from another host's block, so a pool is never reported exhausted while it has free addresses.
 """
+
 import logging
 from dataclasses import dataclass
 
@@ -18,8 +19,7 @@ import netaddr
 from netplugin.datastore import keys
 from netplugin.datastore.client import MAX_TXN_OPS, delete_op, get_op, mod_is, prefix_unchanged_since, put_op
 from netplugin.datastore.models import Block, Handle, Pool, check_pool_cidr
-from netplugin.errors import (AddressInUse, AddressNotInPool, AlreadyExists, Conflict, InUse, InvalidInput,
-                              NotFound)
+from netplugin.errors import AddressInUse, AddressNotInPool, AlreadyExists, Conflict, InUse, InvalidInput, NotFound
 from netplugin.ipam import blocks as blockmath
 from netplugin.ipam.plan import AssignmentPlan
 
@@ -112,8 +112,9 @@ class IPAM:
             updated = Pool.from_dict({**pool.to_dict(), **changes})
             if updated == pool:
                 return pool
-            if self.ds.txn([mod_is(keys.pool(cidr), kv.mod_revision)],
-                           [put_op(keys.pool(cidr), updated.to_dict())]).succeeded:
+            if self.ds.txn(
+                [mod_is(keys.pool(cidr), kv.mod_revision)], [put_op(keys.pool(cidr), updated.to_dict())]
+            ).succeeded:
                 self._pools = None
                 return updated
         raise Conflict(f"could not update pool {cidr}: it kept changing")
@@ -127,13 +128,14 @@ class IPAM:
         check_pool_empty(pool, [b for b, _ in self._pool_blocks(pool).values()])
         # Disable first so no allocator claims a new block while we delete the empty ones in batches.
         disabled = Pool.from_dict({**pool.to_dict(), "disabled": True})
-        if not self.ds.txn([mod_is(keys.pool(pool.cidr), pool_kv.mod_revision)],
-                           [put_op(keys.pool(pool.cidr), disabled.to_dict())]).succeeded:
+        if not self.ds.txn(
+            [mod_is(keys.pool(pool.cidr), pool_kv.mod_revision)], [put_op(keys.pool(pool.cidr), disabled.to_dict())]
+        ).succeeded:
             raise Conflict(f"pool {pool.cidr} changed while removing it; try again")
         items = sorted(self._pool_blocks(pool).items())
         for i in range(0, len(items), MAX_TXN_OPS // 3):
             compare, ops = [], []
-            for cidr_, (block, rev) in items[i:i + MAX_TXN_OPS // 3]:
+            for cidr_, (block, rev) in items[i : i + MAX_TXN_OPS // 3]:
                 if block.allocations:
                     self.ds.put(keys.pool(pool.cidr), pool.to_dict())  # re-enable: someone got in first
                     raise InUse(f"pool {pool.cidr} got an allocation in {cidr_} while being removed")
@@ -381,6 +383,13 @@ class IPAM:
     def usage(self):
         rows = []
         for block, _ in sorted(self.list_blocks(), key=lambda b: (b[0].network.version, b[0].network.first)):
-            rows.append({"block": block.cidr, "pool": block.pool, "host": block.affinity or "",
-                         "used": len(block.allocations), "free": block.free_count()})
+            rows.append(
+                {
+                    "block": block.cidr,
+                    "pool": block.pool,
+                    "host": block.affinity or "",
+                    "used": len(block.allocations),
+                    "free": block.free_count(),
+                }
+            )
         return rows

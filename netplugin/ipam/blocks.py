@@ -2,6 +2,7 @@
 
 No etcd here, so everything is unit-testable and the allocator stays a thin CAS loop around it.
 """
+
 import netaddr
 
 DEFAULT_BLOCK_SIZE = {4: 26, 6: 122}

@@ -1,6 +1,7 @@
 """One assignment attempt of the IPAM allocator (allocator.py): which blocks it changes and claims, planned
 against cached block records; the allocator commits the plan in one guarded etcd transaction, so a stale cache
 only costs a retry."""
+
 import netaddr
 
 from netplugin.datastore import keys
@@ -105,8 +106,10 @@ class AssignmentPlan:
                 block, _ = self._block(cidr)
                 return self._take(block, blockmath.first_free(block, req.within))
         # 2. claim a new block (one per attempt: the CAS decides who gets it)
-        existing = {keys.segment_cidr(keys.last_segment(kv.key)) for kv in self.ipam.ds.get_prefix(
-            keys.BLOCKS, keys_only=True)[0]}
+        existing = {
+            keys.segment_cidr(keys.last_segment(kv.key))
+            for kv in self.ipam.ds.get_prefix(keys.BLOCKS, keys_only=True)[0]
+        }
         for pool in pools:
             for cidr in blockmath.iter_blocks(pool.cidr, pool.block_size, req.within):
                 if cidr in existing or cidr in self.blocks:
@@ -130,5 +133,7 @@ class AssignmentPlan:
                     block = block.copy()  # list_blocks returned the cached record: never change it in place
                 self.blocks[block.cidr] = (block, rev)
                 return self._take(block, ordinal)
-        raise PoolExhausted(f"no free IPv{req.version} address in pool(s) {', '.join(sorted(pool_cidrs))}"
-                            + (f" within {req.within}" if req.within else ""))
+        raise PoolExhausted(
+            f"no free IPv{req.version} address in pool(s) {', '.join(sorted(pool_cidrs))}"
+            + (f" within {req.within}" if req.within else "")
+        )

@@ -7,6 +7,7 @@ Safety first (the failure Calico users fear most is a collector freeing an addre
   between our check and our write keeps everything;
 - a handle is released all-or-nothing, and allocations are matched by handle and sequence number (ABA).
 """
+
 import logging
 import time
 
@@ -37,12 +38,12 @@ class Reclaimer:
         """Hosts that hold anything: block affinities, handles or endpoint records."""
         owners = {}
         for kv in self.ds.list(keys.AFFINITY):
-            owners.setdefault(kv.key[len(keys.AFFINITY):].split("/")[0], True)
+            owners.setdefault(kv.key[len(keys.AFFINITY) :].split("/")[0], True)
         handles = [h for _, h in Handle.from_kvs(self.ds.list(keys.HANDLES))]
         for h in handles:
             owners.setdefault(h.host, True)
         for kv in self.ds.list(keys.ENDPOINTS):
-            owners.setdefault(kv.key[len(keys.ENDPOINTS):].split("/")[0], True)
+            owners.setdefault(kv.key[len(keys.ENDPOINTS) :].split("/")[0], True)
         return set(owners), handles
 
     def run_once(self, budget=None, still_leader=None):
@@ -64,8 +65,10 @@ class Reclaimer:
         for host in sorted(owners - alive):
             marker = markers.get(host)
             if marker is None or host in report["revived"]:
-                self.ds.txn([absent(keys.dead(host)), absent(keys.liveness(host))],
-                            [put_op(keys.dead(host), {"host": host, "since": now})])
+                self.ds.txn(
+                    [absent(keys.dead(host)), absent(keys.liveness(host))],
+                    [put_op(keys.dead(host), {"host": host, "since": now})],
+                )
                 report["waiting"][host] = 0.0
                 continue
             gone_for = now - float(marker.value.get("since", now))
@@ -82,16 +85,16 @@ class Reclaimer:
         return report
 
     def _may_go_on(self):
-        return ((self._deadline is None or time.monotonic() < self._deadline)
-                and (self._still_leader is None or self._still_leader()))
+        return (self._deadline is None or time.monotonic() < self._deadline) and (
+            self._still_leader is None or self._still_leader()
+        )
 
     def reclaim_host(self, host, handles):
         guard = absent(keys.liveness(host))
         released = []
         for handle in handles:
             if not self._may_go_on():
-                LOG.info("reclaim of %s paused after %d address(es): out of time or leadership", host,
-                         len(released))
+                LOG.info("reclaim of %s paused after %d address(es): out of time or leadership", host, len(released))
                 raise _OutOfTime()
             released += self.ipam.release_handle(handle.handle, guard=[guard])
         for kv in self.ds.list(keys.affinity_prefix(host)):
@@ -100,10 +103,11 @@ class Reclaimer:
         # Endpoint records of the dead host describe containers that no longer exist.
         eps = self.ds.list(keys.endpoint_prefix(host))
         for i in range(0, len(eps), 50):
-            self.ds.txn([guard], [delete_op(ep.key) for ep in eps[i:i + 50]])
+            self.ds.txn([guard], [delete_op(ep.key) for ep in eps[i : i + 50]])
         self.ds.txn([guard], [delete_op(keys.dead(host))])
-        LOG.info("reclaimed host %s: %d address(es), its blocks and %d endpoint record(s)", host, len(released),
-                 len(eps))
+        LOG.info(
+            "reclaimed host %s: %d address(es), its blocks and %d endpoint record(s)", host, len(released), len(eps)
+        )
         return len(released)
 
     def _release_block(self, host, cidr, guard, released):
@@ -141,23 +145,48 @@ def check(datastore):
     seen = set()
     for _, block in Block.from_kvs(datastore.list(keys.BLOCKS)):
         if block.affinity and block.affinity not in alive:
-            findings.append({"kind": "block-of-dead-host", "block": block.cidr, "host": block.affinity,
-                             "detail": f"block {block.cidr} is affine to {block.affinity}, which is not alive"})
+            findings.append(
+                {
+                    "kind": "block-of-dead-host",
+                    "block": block.cidr,
+                    "host": block.affinity,
+                    "detail": f"block {block.cidr} is affine to {block.affinity}, which is not alive",
+                }
+            )
         for ordinal, alloc in block.allocations.items():
             addr = block.address(ordinal)
             seen.add((alloc.handle, addr))
             h = handles.get(alloc.handle)
             if h is None or addr not in h.addresses:
-                findings.append({"kind": "orphan-allocation", "address": addr, "handle": alloc.handle,
-                                 "host": alloc.host,
-                                 "detail": f"{addr} is allocated to {alloc.handle}, which has no record of it"})
+                findings.append(
+                    {
+                        "kind": "orphan-allocation",
+                        "address": addr,
+                        "handle": alloc.handle,
+                        "host": alloc.host,
+                        "detail": f"{addr} is allocated to {alloc.handle}, which has no record of it",
+                    }
+                )
             elif alloc.host not in alive:
-                findings.append({"kind": "owner-not-alive", "address": addr, "handle": alloc.handle,
-                                 "host": alloc.host, "detail": f"{addr} belongs to {alloc.handle} on "
-                                 f"{alloc.host}, which is not alive"})
+                findings.append(
+                    {
+                        "kind": "owner-not-alive",
+                        "address": addr,
+                        "handle": alloc.handle,
+                        "host": alloc.host,
+                        "detail": f"{addr} belongs to {alloc.handle} on {alloc.host}, which is not alive",
+                    }
+                )
     for h in handles.values():
         for addr in h.addresses:
             if (h.handle, addr) not in seen:
-                findings.append({"kind": "dangling-handle", "address": addr, "handle": h.handle, "host": h.host,
-                                 "detail": f"handle {h.handle} claims {addr}, which no block allocates to it"})
+                findings.append(
+                    {
+                        "kind": "dangling-handle",
+                        "address": addr,
+                        "handle": h.handle,
+                        "host": h.host,
+                        "detail": f"handle {h.handle} claims {addr}, which no block allocates to it",
+                    }
+                )
     return findings

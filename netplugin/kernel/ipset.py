@@ -6,6 +6,7 @@ only after iptables stopped using it (the caller orders that). Sets are ours whe
 ``ipset restore`` stops at the first bad line but keeps what came before: it is not a transaction, so every
 batch is written to be correct when replayed after a partial run (the next sync finishes the job).
 """
+
 import ipaddress
 import logging
 import re
@@ -34,11 +35,11 @@ class KernelSet:
 
 @dataclass
 class IpsetPlan:
-    create: list = field(default_factory=list)    # desired IpSets missing from the kernel
-    refill: list = field(default_factory=list)    # desired IpSets whose members differ
-    replace: list = field(default_factory=list)   # desired IpSets whose type/family differ: destroy, create
-    stale: list = field(default_factory=list)     # names of our sets nobody wants
-    notes: list = field(default_factory=list)     # human-readable differences
+    create: list = field(default_factory=list)  # desired IpSets missing from the kernel
+    refill: list = field(default_factory=list)  # desired IpSets whose members differ
+    replace: list = field(default_factory=list)  # desired IpSets whose type/family differ: destroy, create
+    stale: list = field(default_factory=list)  # names of our sets nobody wants
+    notes: list = field(default_factory=list)  # human-readable differences
 
     def empty(self):
         return not (self.create or self.refill or self.replace or self.stale)
@@ -64,8 +65,9 @@ class Ipsets:
                 plan.notes.append(f"ipset {name}: missing")
             elif (have.set_type, have.family) != (SET_TYPE, want.family):
                 plan.replace.append(want)
-                plan.notes.append(f"ipset {name}: is {have.set_type} family {have.family}, want {SET_TYPE}"
-                                  f" {want.set_family}")
+                plan.notes.append(
+                    f"ipset {name}: is {have.set_type} family {have.family}, want {SET_TYPE} {want.set_family}"
+                )
             elif have.members != want.members:
                 plan.refill.append(want)
                 extra = len(set(have.members) - set(want.members))
@@ -152,6 +154,7 @@ def _canonical(tokens):
 
 def _sort(members):
     """The compiler's order (by family, address, prefix length); anything unparsable last, by text."""
+
     def key(m):
         if _V4_NET.match(m):
             addr, _, length = m.partition("/")
@@ -161,6 +164,7 @@ def _sort(members):
             return (0, net.version, int(net.network_address), net.prefixlen, "")
         except ValueError:
             return (1, 0, 0, 0, m)
+
     return sorted(members, key=key)
 
 

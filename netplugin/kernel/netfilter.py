@@ -14,6 +14,7 @@ were in force; the error log shows the numbered batch lines around the failing o
 batches (each atomic, not both together). The binaries match the backend the host's ``iptables`` uses
 (nf_tables or legacy), so our rules land in the same tables as everyone else's.
 """
+
 import hashlib
 import json
 import logging
@@ -60,7 +61,7 @@ def tagged(spec):
 @dataclass
 class TableState:
     chains: dict = field(default_factory=dict)  # our chain -> tuple of rule hashes (None: not written by us)
-    hooks: dict = field(default_factory=dict)   # built-in -> [(saved spec, target, hash or None)]
+    hooks: dict = field(default_factory=dict)  # built-in -> [(saved spec, target, hash or None)]
 
 
 @dataclass
@@ -68,8 +69,8 @@ class TablePlan:
     family: int
     rewrite: list = field(default_factory=list)
     stale: list = field(default_factory=list)
-    hook_add: list = field(default_factory=list)   # (built-in, hook: our chain or jump spec)
-    hook_del: list = field(default_factory=list)   # (built-in, saved spec)
+    hook_add: list = field(default_factory=list)  # (built-in, hook: our chain or jump spec)
+    hook_del: list = field(default_factory=list)  # (built-in, saved spec)
     notes: list = field(default_factory=list)
 
     def empty(self):
@@ -136,8 +137,10 @@ class NetfilterTable:
                 raise InvalidInput(f"chain {name!r} is not ours: our chains start with {PREFIX!r}")
         for builtin, hook in hooks.items():
             if builtin not in BUILTINS[self.table] or hook_target(hook) not in chains:
-                raise InvalidInput(f"hook {builtin} -> {hook!r} must leave a built-in chain of the {self.table}"
-                                   " table for one of the chains written with it")
+                raise InvalidInput(
+                    f"hook {builtin} -> {hook!r} must leave a built-in chain of the {self.table}"
+                    " table for one of the chains written with it"
+                )
         plan = TablePlan(self.family)
         for name in sorted(chains):
             want = tuple(rule_hash(s) for s in chains[name])
@@ -145,8 +148,9 @@ class NetfilterTable:
             if have is None:
                 plan.notes.append(f"{self.label} chain {name}: missing")
             elif have != want:
-                plan.notes.append(f"{self.label} chain {name}: differs ({len(have)} rules in the kernel,"
-                                  f" {len(want)} wanted)")
+                plan.notes.append(
+                    f"{self.label} chain {name}: differs ({len(have)} rules in the kernel, {len(want)} wanted)"
+                )
             if force or have != want:
                 plan.rewrite.append(name)
         for name in sorted(current.chains):
@@ -190,11 +194,16 @@ class NetfilterTable:
         if self.backend() != "nf_tables" or not shutil.which("nft"):
             return plan
         family = {4: "ip", 6: "ip6"}[self.family]
-        proc = self.ns.run(["nft", "-j", "list", "table", family, self.table], check=False,
-                           what=f"read the nf_tables table {family} {self.table}")
+        proc = self.ns.run(
+            ["nft", "-j", "list", "table", family, self.table],
+            check=False,
+            what=f"read the nf_tables table {family} {self.table}",
+        )
         if proc.returncode == 0 and nft_table_is_empty(proc.stdout):
-            self.ns.run(["nft", "delete", "table", family, self.table],
-                        what=f"delete the empty nf_tables table {family} {self.table}")
+            self.ns.run(
+                ["nft", "delete", "table", family, self.table],
+                what=f"delete the empty nf_tables table {family} {self.table}",
+            )
             plan.notes.append(f"{self.label}: deleted the empty table")
         return plan
 
@@ -203,8 +212,12 @@ class NetfilterTable:
             return
         _, _, restore = self.binaries()
         what = f"{restore} ({self.label})"
-        proc = self.ns.run([restore, "--noflush", "-w", str(self.wait)], input_text="\n".join(lines) + "\n",
-                           check=False, what=f"write the {self.label} table ({restore})")
+        proc = self.ns.run(
+            [restore, "--noflush", "-w", str(self.wait)],
+            input_text="\n".join(lines) + "\n",
+            check=False,
+            what=f"write the {self.label} table ({restore})",
+        )
         if proc.returncode == 0:
             return
         err = restore_error(f"{what} in netns {self.ns.netns}", lines, proc.stderr)
@@ -218,11 +231,13 @@ def restore_error(what, lines, stderr):
     m = _FAILED_LINE.search(stderr or "")
     failed = int(m.group(1)) if m else 0
     context = numbered_context(lines, failed)
-    reason = " ".join(line.strip() for line in (stderr or "").splitlines()
-                      if line.strip() and not line.startswith("Try `"))
+    reason = " ".join(
+        line.strip() for line in (stderr or "").splitlines() if line.strip() and not line.startswith("Try `")
+    )
     at = f" at line {failed}: {lines[failed - 1]}" if 0 < failed <= len(lines) else ""
-    return DataplaneError(f"{what} failed{at} ({first_line(stderr)}); the previous rules stay in force",
-                          details=f"{reason}\n{context}")
+    return DataplaneError(
+        f"{what} failed{at} ({first_line(stderr)}); the previous rules stay in force", details=f"{reason}\n{context}"
+    )
 
 
 def nft_table_is_empty(listing):

@@ -6,6 +6,7 @@ reconciler recreating a lost veth, direct routes, BIRD's left-over routes). Dock
 sandbox (libnetwork moves the interface itself, and dockerd may hold the namespace in a mount namespace of its
 own, where our view of the path is an empty file), so a SandboxKey is checked when something first opens it.
 """
+
 import os
 import socket
 from contextlib import contextmanager

@@ -16,6 +16,7 @@ before it is opened: the runtime's CNI_NETNS and Docker's SandboxKey are opened 
 files has effects (``/dev/watchdog`` arms it). The host's own namespace is refused by ``NamespaceCommand``
 unless the caller says ``allow_host_namespace=True``: only code programming its real host passes that.
 """
+
 import ctypes
 import ctypes.util
 import errno
@@ -50,8 +51,9 @@ def kernel_error(action: str, err: OSError) -> Exception:
 def netns_path(netns: str) -> str:
     """The namespace file for a path or a bare name under /run/netns; InvalidInput for anything else."""
     if not netns or not isinstance(netns, str):
-        raise InvalidInput("a kernel write needs a network namespace name or path; refusing to default to the current"
-                           " namespace")
+        raise InvalidInput(
+            "a kernel write needs a network namespace name or path; refusing to default to the current namespace"
+        )
     if "/" in netns:
         return netns
     if not _NS_NAME.match(netns):
@@ -103,8 +105,10 @@ class NamespaceCommand:
         self.netns = netns
         self.timeout = timeout
         if not allow_host_namespace and any(same_namespace(self.path, p) for p in HOST_NETNS):
-            raise DataplaneError(f"refusing to program policy in netns {netns!r}: it is the host's own network"
-                                 " namespace (pass allow_host_namespace=True to mean it)")
+            raise DataplaneError(
+                f"refusing to program policy in netns {netns!r}: it is the host's own network"
+                " namespace (pass allow_host_namespace=True to mean it)"
+            )
 
     def run(self, argv, input_text=None, check=True, what=None):
         """Run ``argv`` inside the namespace; returns CompletedProcess. ``what`` names the step in errors, as a
@@ -120,8 +124,9 @@ class NamespaceCommand:
             raise DataplaneError(f"failed to {what} in netns {self.netns}: no answer in {self.timeout} s") from None
         if check and proc.returncode != 0:
             reason = first_line(proc.stderr) or first_line(proc.stdout) or "no message"
-            raise DataplaneError(f"failed to {what} in netns {self.netns}: {reason} (exit {proc.returncode})",
-                                 details=proc.stderr)
+            raise DataplaneError(
+                f"failed to {what} in netns {self.netns}: {reason} (exit {proc.returncode})", details=proc.stderr
+            )
         return proc
 
 
@@ -149,8 +154,10 @@ def _fs_type(path_or_fd) -> int:
 
 
 def _not_a_netns(path: str, why: str) -> InvalidInput:
-    return InvalidInput(f"netns '{path}' is not a network namespace ({why}); expected a namespace file such as "
-                        "/run/netns/NAME or /proc/PID/ns/net")
+    return InvalidInput(
+        f"netns '{path}' is not a network namespace ({why}); expected a namespace file such as "
+        "/run/netns/NAME or /proc/PID/ns/net"
+    )
 
 
 def open_netns(path: str) -> int:

@@ -16,6 +16,7 @@ The socket enables strict dump checking, so route and address dumps are filtered
 protocol, device) instead of shipping every BGP route to Python; and extended acks, so a failure carries the
 kernel's own explanation ("Nexthop device is not up") next to strerror.
 """
+
 import errno
 import ipaddress
 import itertools
@@ -234,7 +235,15 @@ class Batch:
         net = ipaddress.ip_network(prefix)
         family = socket.AF_INET if net.version == 4 else socket.AF_INET6
         head = struct.pack(
-            "=BBBBBBBBI", family, net.prefixlen, 0, 0, table if table < 256 else 252, proto, scope, kind,
+            "=BBBBBBBBI",
+            family,
+            net.prefixlen,
+            0,
+            0,
+            table if table < 256 else 252,
+            proto,
+            scope,
+            kind,
             RTNH_F_ONLINK if onlink else 0,
         )
         body = head + (u32(RTA_TABLE, table) if table >= 256 else b"")  # 252: RT_TABLE_COMPAT

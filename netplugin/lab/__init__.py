@@ -8,6 +8,7 @@ system.py runs commands in lab namespaces. Helpers owned by one Python object fo
 benchmarks): etcd.py (also the lab's etcd), agents.py (an agent and the CNI binary), netns.py (throwaway
 namespaces), dockerd.py (a dockerd per host), console.py (where our console scripts are).
 """
+
 from netplugin.lab.lab import Lab
 from netplugin.lab.plan import LabSpec, make_plan
 from netplugin.lab.report import format_matrix

@@ -1,6 +1,7 @@
 """Real agents in throwaway host namespaces, and the CNI binary called exactly as a runtime calls it (the tests'
 fixtures and the benchmarks). ``agent_argv`` is the one ``netplugin agent`` command line, for these and for the
 lab's agents (netplugin/lab/topology.py)."""
+
 import json
 import os
 import shutil
@@ -17,8 +18,18 @@ from netplugin.lab.system import ns_argv
 
 def agent_argv(hostname, etcd_endpoints, run_dir, routing, extra_args=(), program=None):
     """``netplugin agent`` for one host: its name, etcd, run directory (sockets, logs, BIRD) and routing mode."""
-    return [program or console_script("netplugin"), "agent", "--hostname", hostname,
-            "--etcd-endpoints", ",".join(etcd_endpoints), "--run-dir", run_dir, "--routing", routing] + list(extra_args)
+    return [
+        program or console_script("netplugin"),
+        "agent",
+        "--hostname",
+        hostname,
+        "--etcd-endpoints",
+        ",".join(etcd_endpoints),
+        "--run-dir",
+        run_dir,
+        "--routing",
+        routing,
+    ] + list(extra_args)
 
 
 class AgentProcess:
@@ -44,8 +55,9 @@ class AgentProcess:
         os.makedirs(self.run_dir, exist_ok=True)
         if os.path.exists(self.socket):
             os.unlink(self.socket)
-        cmd = ns_argv(self.netns, agent_argv(self.hostname, [self.etcd_endpoint], self.run_dir, "none",
-                                             self.extra_args))
+        cmd = ns_argv(
+            self.netns, agent_argv(self.hostname, [self.etcd_endpoint], self.run_dir, "none", self.extra_args)
+        )
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
@@ -79,22 +91,41 @@ class CniBinary:
 
     def __init__(self, workdir, agent_socket, network="netplugin", pools=None, cni_version="1.1.0"):
         from cni.install import install_cni
+
         self.bin_dir = os.path.join(workdir, "bin")
         self.conf_dir = os.path.join(workdir, "net.d")
-        self.bin_path, conf_path = install_cni(self.bin_dir, self.conf_dir, network=network,
-                                               agent_socket=agent_socket, pools=pools, cni_version=cni_version,
-                                               python=sys.executable)
+        self.bin_path, conf_path = install_cni(
+            self.bin_dir,
+            self.conf_dir,
+            network=network,
+            agent_socket=agent_socket,
+            pools=pools,
+            cni_version=cni_version,
+            python=sys.executable,
+        )
         with open(conf_path) as f:
             conflist = json.load(f)
         self.config = dict(conflist["plugins"][0], cniVersion=conflist["cniVersion"], name=conflist["name"])
 
     def call(self, command, container_id="", netns="", ifname="eth0", args="", config=None, timeout=60):
-        env = {"CNI_COMMAND": command, "CNI_CONTAINERID": container_id, "CNI_NETNS": netns,
-               "CNI_IFNAME": ifname, "CNI_PATH": self.bin_dir, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+        env = {
+            "CNI_COMMAND": command,
+            "CNI_CONTAINERID": container_id,
+            "CNI_NETNS": netns,
+            "CNI_IFNAME": ifname,
+            "CNI_PATH": self.bin_dir,
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        }
         if args:
             env["CNI_ARGS"] = args
-        p = subprocess.run([self.bin_path], input=json.dumps(config or self.config), env=env,
-                           capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(
+            [self.bin_path],
+            input=json.dumps(config or self.config),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         out = json.loads(p.stdout) if p.stdout.strip() else {}
         return p.returncode, out, p.stderr
 

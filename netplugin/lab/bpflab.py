@@ -5,6 +5,7 @@ routed /32 (/128) with the gateways 169.254.1.1 and fe80::1 on the host veth, th
 addresses made here are used.  Pins live on a bpffs the caller mounts (``bpffs``), reached from this
 process without ``ip netns exec`` (which would remount /sys and hide them).
 """
+
 import ipaddress
 from contextlib import contextmanager
 
@@ -47,8 +48,7 @@ class TwoHostLab:
     def build(self):
         for side in "ab":
             self.hosts[side] = h = self.nss.add()
-            for k in ("net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1",
-                      "net.ipv6.conf.default.accept_dad=0"):
+            for k in ("net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1", "net.ipv6.conf.default.accept_dad=0"):
                 nsexec(h, ["sysctl", "-qw", k])
         self.nss.link(self.hosts["a"], self.hosts["b"], name_a="fab0", name_b="fab0")
         for side in "ab":
@@ -112,11 +112,14 @@ class TwoHostLab:
         {rule index: [CIDR, ...]} folded into LPM entries, and (by default) an egress rule allowing everything."""
         ep = EP_ID[side]
         with pins[side].map("np_pol_rules") as m:
-            m.update(records.IFINDEX.pack(records.ep_dir(ep, records.DIR_INGRESS)),
-                     records.rules(ingress_rules, default))
+            m.update(
+                records.IFINDEX.pack(records.ep_dir(ep, records.DIR_INGRESS)), records.rules(ingress_rules, default)
+            )
             if egress_allow_all:
-                m.update(records.IFINDEX.pack(records.ep_dir(ep, records.DIR_EGRESS)),
-                         records.rules([records.rule(records.ACT_ALLOW, any_peer=True)], default))
+                m.update(
+                    records.IFINDEX.pack(records.ep_dir(ep, records.DIR_EGRESS)),
+                    records.rules([records.rule(records.ACT_ALLOW, any_peer=True)], default),
+                )
         bits = {}
         for i, cidrs in peers.items():
             for cidr in cidrs:
@@ -142,4 +145,3 @@ class TwoHostLab:
     def counters(self, pins, side):
         with pins[side].map("np_counters") as m:
             return records.counters(m.lookup(records.IFINDEX.pack(EP_ID[side])))
-

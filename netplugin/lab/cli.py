@@ -3,6 +3,7 @@
 Every expected failure is one line on stderr and exit status 1. Ctrl-C or SIGTERM during ``up`` (or ``demo``)
 removes whatever was built so far.
 """
+
 import argparse
 import json
 import os
@@ -26,8 +27,11 @@ def _labels(values):
 
 def build_parser():
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--name", default=DEFAULT_NAME,
-                        help="Lab name (namespaces are lab-NAME-*; default %(default)s, env NETPLUGIN_LAB).")
+    common.add_argument(
+        "--name",
+        default=DEFAULT_NAME,
+        help="Lab name (namespaces are lab-NAME-*; default %(default)s, env NETPLUGIN_LAB).",
+    )
     p = argparse.ArgumentParser(prog="lab.py", description="Multi-host netplugin labs in network namespaces.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -70,8 +74,10 @@ def build_parser():
 
 def _interrupt_on_term():
     """SIGTERM behaves like Ctrl-C, so ``up`` cleans up in both cases."""
+
     def handler(signum, frame):
         raise KeyboardInterrupt
+
     signal.signal(signal.SIGTERM, handler)
 
 
@@ -80,7 +86,7 @@ def main(argv=None):
     command = []
     if argv[:1] == ["exec"] and "--" in argv:  # everything after "--" is the container's command, options too
         cut = argv.index("--")
-        argv, command = argv[:cut], argv[cut + 1:]
+        argv, command = argv[:cut], argv[cut + 1 :]
     args = build_parser().parse_args(argv)
     if args.command == "exec":
         args.argv = command or args.argv
@@ -109,12 +115,20 @@ def _dispatch(args):
             print(name)
         return 0
     if args.command == "up":
-        spec = LabSpec(name=args.name, hosts=args.hosts, racks=args.racks, etcd_members=args.etcd_members,
-                       routing=args.routing, route_reflectors=args.route_reflectors, pool=args.pool or DEFAULT_POOL)
+        spec = LabSpec(
+            name=args.name,
+            hosts=args.hosts,
+            racks=args.racks,
+            etcd_members=args.etcd_members,
+            routing=args.routing,
+            route_reflectors=args.route_reflectors,
+            pool=args.pool or DEFAULT_POOL,
+        )
         Lab.up(spec, out=out, converge_timeout=args.timeout)
         return 0
     if args.command == "demo":
         from netplugin.lab.demo import run_demo
+
         return 0 if run_demo(args.name, hosts=args.hosts, down_after=args.down_after, out=out) else 1
     if args.command == "down":
         if not Lab.destroy(args.name, out):
@@ -157,15 +171,26 @@ def _dispatch(args):
 
 def _print_status(st):
     from netplugin.lab.report import text_table
+
     spec = st["spec"]
     health = ", ".join(f"{u} ({'ok' if ok else 'DOWN'})" for u, ok in zip(st["etcd"], st["etcd_healthy"]))
-    print(f"lab {st['name']} ({st['status']}): {spec['hosts']} hosts, {spec['racks']} rack(s), "
-          f"routing {spec['routing']}, etcd {health}")
+    print(
+        f"lab {st['name']} ({st['status']}): {spec['hosts']} hosts, {spec['racks']} rack(s), "
+        f"routing {spec['routing']}, etcd {health}"
+    )
     rows = [("HOST", "ADDRESS", "AS", "RR", "AGENT", "BGP")]
     for h in st["hosts"]:
         agent = "killed" if h["killed"] else ("running" if h["agent"] else "DOWN")
-        rows.append((h["host"], h["address"], str(h["as"] or "cluster"), "yes" if h["route_reflector"] else "",
-                     agent, h.get("bgp", "-")))
+        rows.append(
+            (
+                h["host"],
+                h["address"],
+                str(h["as"] or "cluster"),
+                "yes" if h["route_reflector"] else "",
+                agent,
+                h.get("bgp", "-"),
+            )
+        )
     print("\n".join(text_table(rows)))
     if st["containers"]:
         rows = [("CONTAINER", "HOST", "IP", "LABELS")]

@@ -4,6 +4,7 @@ in them (exec, ping, the ping matrix). A mixin of ``Lab``, which owns ``plan``, 
 A container may join another CNI network than the lab's own (``network``): the conflist is the host's, with
 that network's name, which is all the plugin reads it from.
 """
+
 import json
 import os
 import subprocess
@@ -45,8 +46,16 @@ class Containers:
             self.state.data = LabState.load(self.state.dir, self.name).data  # another command may have added one
             if name in self.state.data["containers"]:
                 raise LabError(f"container {name} already exists on {self.state.data['containers'][name]['host']}")
-            rec = {"name": name, "host": h.name, "netns": ns, "container_id": f"{self.name}-{name}",
-                   "ip": None, "labels": labels, "network": network, "created": time.time()}
+            rec = {
+                "name": name,
+                "host": h.name,
+                "netns": ns,
+                "container_id": f"{self.name}-{name}",
+                "ip": None,
+                "labels": labels,
+                "network": network,
+                "created": time.time(),
+            }
             self.state.data["containers"][name] = rec
             self.state.add_namespace(ns)
             try:
@@ -83,14 +92,24 @@ class Containers:
         conf = dict(conflist["plugins"][0], cniVersion=conflist["cniVersion"], name=rec.get("network", CNI_NETWORK))
         if rec["labels"]:
             conf["args"] = {"labels": rec["labels"]}
-        env = {"CNI_COMMAND": command, "CNI_CONTAINERID": rec["container_id"],
-               "CNI_NETNS": f"/run/netns/{rec['netns']}",
-               "CNI_IFNAME": "eth0", "CNI_PATH": self.plan.cni_bin_dir, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+        env = {
+            "CNI_COMMAND": command,
+            "CNI_CONTAINERID": rec["container_id"],
+            "CNI_NETNS": f"/run/netns/{rec['netns']}",
+            "CNI_IFNAME": "eth0",
+            "CNI_PATH": self.plan.cni_bin_dir,
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        }
         if ip:
             env["CNI_ARGS"] = f"IP={ip}"
         # The runtime runs the plugin in the host's namespace; it forwards to the agent's unix socket.
-        p = system.run(system.in_ns(h.namespace, [os.path.join(self.plan.cni_bin_dir, "netplugin")]),
-                       f"CNI {command} of {rec['name']} on {h.name}", check=False, input=json.dumps(conf), env=env)
+        p = system.run(
+            system.in_ns(h.namespace, [os.path.join(self.plan.cni_bin_dir, "netplugin")]),
+            f"CNI {command} of {rec['name']} on {h.name}",
+            check=False,
+            input=json.dumps(conf),
+            env=env,
+        )
         out = {}
         if p.stdout.strip():
             try:

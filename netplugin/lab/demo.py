@@ -3,6 +3,7 @@ policy applied with netctl and the matrix again.
 
 Each step is a function of the Lab, so later features (policy) add a step here rather than a new script.
 """
+
 import os
 import tempfile
 import time
@@ -73,8 +74,10 @@ def apply_policy(lab, timeout=10):
         good = all(ok == expected(src, dst) for (src, dst), ok in matrix.items())
         if good or time.monotonic() > deadline:
             break
-    lab.out(f"ping matrix with the policy ({sum(matrix.values())}/{len(matrix)} pairs reachable; "
-            f"{'as the policy says' if good else 'NOT as the policy says'}):")
+    lab.out(
+        f"ping matrix with the policy ({sum(matrix.values())}/{len(matrix)} pairs reachable; "
+        f"{'as the policy says' if good else 'NOT as the policy says'}):"
+    )
     lab.out(format_matrix(matrix, names))
     return good
 
@@ -97,7 +100,9 @@ def run_demo(name="demo", hosts=3, per_host=2, down_after=False, out=print):
             lab.down()
         else:
             out("")
-            out(f"the lab stays up: 'python scripts/lab.py exec web1 -- ping -c1 "
+            out(
+                f"the lab stays up: 'python scripts/lab.py exec web1 -- ping -c1 "
                 f"{lab.container('db2')['ip'] if 'db2' in lab.containers() else 'ADDRESS'}'; "
-                f"'python scripts/lab.py down{'' if name == 'demo' else ' --name ' + name}' removes it")
+                f"'python scripts/lab.py down{'' if name == 'demo' else ' --name ' + name}' removes it"
+            )
     return ok

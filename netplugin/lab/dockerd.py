@@ -11,6 +11,7 @@ Cleanup never depends on dockerd being healthy: containers are removed through t
 stopped by pid, then any process still running from our exec root (containerd shims kept alive by
 ``--live-restore``) is killed by pid, and the directory removed.
 """
+
 import os
 import shutil
 import subprocess
@@ -24,8 +25,28 @@ DOCKER = "/usr/bin/docker"  # Debian's CLI, the one that matches the daemon (ano
 DOCKERD = "/usr/sbin/dockerd"
 BUSYBOX = "/bin/busybox"  # Debian's busybox-static
 IMAGE = "npt-busybox:1"
-APPLETS = ("sh", "ping", "ping6", "ip", "sleep", "cat", "echo", "true", "false", "nc", "wget", "ifconfig", "route",
-           "hostname", "ls", "ps", "grep", "timeout", "arping", "usleep")
+APPLETS = (
+    "sh",
+    "ping",
+    "ping6",
+    "ip",
+    "sleep",
+    "cat",
+    "echo",
+    "true",
+    "false",
+    "nc",
+    "wget",
+    "ifconfig",
+    "route",
+    "hostname",
+    "ls",
+    "ps",
+    "grep",
+    "timeout",
+    "arping",
+    "usleep",
+)
 
 
 def busybox_tar(path):
@@ -75,8 +96,10 @@ class DockerDaemon:
             empty = os.path.join(self.dir, "no-plugins")
             os.makedirs(empty, exist_ok=True)
             binds.append(f"mount --bind {empty} /run/docker/plugins")
-        self.holder = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                                        " && ".join(binds + ["exec sleep 86400"])], start_new_session=True)
+        self.holder = subprocess.Popen(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", " && ".join(binds + ["exec sleep 86400"])],
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 10
         while not self._holder_ready():
             if self.holder.poll() is not None or time.monotonic() > deadline:
@@ -86,18 +109,35 @@ class DockerDaemon:
     def _holder_ready(self):
         """Its own mount namespace, with our directory bound over /etc/docker (seen through /proc/PID/root)."""
         try:
-            return (os.readlink(f"/proc/{self.holder.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
-                    and os.path.samefile(f"/proc/{self.holder.pid}/root/etc/docker/plugins",
-                                         os.path.join(self.etc, "plugins")))
+            return os.readlink(f"/proc/{self.holder.pid}/ns/mnt") != os.readlink(
+                "/proc/self/ns/mnt"
+            ) and os.path.samefile(
+                f"/proc/{self.holder.pid}/root/etc/docker/plugins", os.path.join(self.etc, "plugins")
+            )
         except OSError:
             return False
 
     def _command(self):
-        args = [DOCKERD, "--data-root", self.data_root, "--exec-root", self.exec_root, "-H", f"unix://{self.socket}",
-                "--pidfile", self.pidfile, "--iptables=false", "--ip-masq=false", "--userland-proxy=false",
-                "--log-level", os.environ.get("NPT_DOCKERD_LOG", "info"),  # "debug" to see libnetwork's steps
-                "--bridge", "docker0" if self.bridge else "none",
-                "--exec-opt", "native.cgroupdriver=cgroupfs"]
+        args = [
+            DOCKERD,
+            "--data-root",
+            self.data_root,
+            "--exec-root",
+            self.exec_root,
+            "-H",
+            f"unix://{self.socket}",
+            "--pidfile",
+            self.pidfile,
+            "--iptables=false",
+            "--ip-masq=false",
+            "--userland-proxy=false",
+            "--log-level",
+            os.environ.get("NPT_DOCKERD_LOG", "info"),  # "debug" to see libnetwork's steps
+            "--bridge",
+            "docker0" if self.bridge else "none",
+            "--exec-opt",
+            "native.cgroupdriver=cgroupfs",
+        ]
         if self.live_restore:
             args.append("--live-restore")
         return ["nsenter", f"--mount=/proc/{self.holder.pid}/ns/mnt", f"--net=/run/netns/{self.netns}"] + args
@@ -121,8 +161,10 @@ class DockerDaemon:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"dockerd exited with {self.proc.returncode}:\n{self.log()}")
-            if os.path.exists(self.socket) and self.docker("version", "--format", "{{.Server.Version}}",
-                                                           check=False, timeout=5).returncode == 0:
+            if (
+                os.path.exists(self.socket)
+                and self.docker("version", "--format", "{{.Server.Version}}", check=False, timeout=5).returncode == 0
+            ):
                 return self
             time.sleep(0.1)
         raise RuntimeError(f"dockerd did not answer within {timeout}s:\n{self.log()}")
@@ -145,8 +187,9 @@ class DockerDaemon:
                 ids = self.docker("ps", "-aq", check=False, timeout=20).stdout.split()
                 if ids:
                     self.docker("rm", "-f", *ids, check=False, timeout=60)
-                nets = self.docker("network", "ls", "-q", "--filter", "driver=netplugin", check=False,
-                                   timeout=20).stdout.split()
+                nets = self.docker(
+                    "network", "ls", "-q", "--filter", "driver=netplugin", check=False, timeout=20
+                ).stdout.split()
                 for net in nets:
                     self.docker("network", "rm", net, check=False, timeout=30)
         finally:
@@ -219,8 +262,13 @@ class DockerDaemon:
     # --- client ---------------------------------------------------------------------------------------------------
 
     def docker(self, *args, check=True, timeout=60, input=None):
-        p = subprocess.run([DOCKER, "-H", f"unix://{self.socket}"] + [str(a) for a in args], capture_output=True,
-                           text=True, timeout=timeout, input=input)
+        p = subprocess.run(
+            [DOCKER, "-H", f"unix://{self.socket}"] + [str(a) for a in args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+        )
         if check and p.returncode != 0:
             raise CommandFailed(f"docker {' '.join(map(str, args))} -> rc={p.returncode}\n{p.stdout}\n{p.stderr}")
         return p
@@ -252,13 +300,24 @@ class DockerHost:
 
     def __init__(self, ns, etcd_endpoint, agent_args=(), bridge=False, live_restore=True):
         from netplugin.lab.agents import AgentProcess
+
         self.ns = ns
         self.dir = tempfile.mkdtemp(prefix="npt-dh-", dir="/var/tmp")
         self.plugin_socket = os.path.join(self.dir, "plugin.sock")
-        self.dockerd = DockerDaemon(ns, plugin_url=f"unix://{self.plugin_socket}", bridge=bridge,
-                                    live_restore=live_restore, workdir=os.path.join(self.dir, "docker"))
-        self.agent = AgentProcess(ns, ns, etcd_endpoint, os.path.join(self.dir, "agent"), extra_args=[
-            "--docker-socket", self.plugin_socket, "--docker-api", self.dockerd.socket] + list(agent_args))
+        self.dockerd = DockerDaemon(
+            ns,
+            plugin_url=f"unix://{self.plugin_socket}",
+            bridge=bridge,
+            live_restore=live_restore,
+            workdir=os.path.join(self.dir, "docker"),
+        )
+        self.agent = AgentProcess(
+            ns,
+            ns,
+            etcd_endpoint,
+            os.path.join(self.dir, "agent"),
+            extra_args=["--docker-socket", self.plugin_socket, "--docker-api", self.dockerd.socket] + list(agent_args),
+        )
 
     @property
     def name(self):

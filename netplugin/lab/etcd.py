@@ -10,6 +10,7 @@ Two kinds of owner. A test or a benchmark owns its servers while it runs and ``c
 their own session, out of reach of the terminal's Ctrl-C) and records every pid in its state file as it starts
 (``start_lab_cluster``, ``bridge_lab_host``), so a later ``down`` stops them by pid.
 """
+
 import json
 import os
 import shutil
@@ -59,8 +60,18 @@ class EtcdServer:
     peers. ``progress_interval`` (e.g. "1s") sets etcd's watch progress-notification period (default 10 min).
     Ports and the data directory are picked here unless given (a lab records them before anything starts)."""
 
-    def __init__(self, host=HOST, netns=None, name="t", cluster=None, progress_interval=None, port=None,
-                 peer_port=None, data_dir=None, detached=False):
+    def __init__(
+        self,
+        host=HOST,
+        netns=None,
+        name="t",
+        cluster=None,
+        progress_interval=None,
+        port=None,
+        peer_port=None,
+        data_dir=None,
+        detached=False,
+    ):
         self.host = host
         self.netns = netns
         self.name = name
@@ -101,12 +112,28 @@ class EtcdServer:
         if os.path.exists(stale):
             os.unlink(stale)
         cmd = [
-            "etcd", "--name", self.name, "--data-dir", self.data_dir,
+            "etcd",
+            "--name",
+            self.name,
+            "--data-dir",
+            self.data_dir,
             # Also on a unix socket (relative to cwd = data dir): namespaces reach it through bridge_into().
-            "--listen-client-urls", f"{self.endpoint},unix://etcd.sock:0", "--advertise-client-urls", self.endpoint,
-            "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
-            "--initial-cluster", self.initial_cluster(), "--initial-cluster-state", "new",
-            "--log-level", "error", "--logger", "zap",
+            "--listen-client-urls",
+            f"{self.endpoint},unix://etcd.sock:0",
+            "--advertise-client-urls",
+            self.endpoint,
+            "--listen-peer-urls",
+            self.peer_url,
+            "--initial-advertise-peer-urls",
+            self.peer_url,
+            "--initial-cluster",
+            self.initial_cluster(),
+            "--initial-cluster-state",
+            "new",
+            "--log-level",
+            "error",
+            "--logger",
+            "zap",
         ]
         if self.cluster:
             cmd += ["--initial-cluster-token", self.cluster.token]
@@ -116,8 +143,14 @@ class EtcdServer:
             cmd = ns_argv(self.netns, cmd)
         with open(os.path.join(self.data_dir, "etcd.log"), "a") as log:
             try:
-                self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                             cwd=self.data_dir, start_new_session=self.detached)
+                self.proc = subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.data_dir,
+                    start_new_session=self.detached,
+                )
             except FileNotFoundError:
                 raise LabError("starting etcd: not installed (scripts/setup.sh installs etcd-server)") from None
 
@@ -128,13 +161,16 @@ class EtcdServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise LabError(f"starting etcd {self.name}: it exited with {self.proc.returncode}; see "
-                               f"{self.data_dir}/etcd.log")
+                raise LabError(
+                    f"starting etcd {self.name}: it exited with {self.proc.returncode}; see {self.data_dir}/etcd.log"
+                )
             if self.healthy():
                 return
             time.sleep(0.1)
-        raise LabError(f"starting etcd {self.name} ({self.endpoint}): not healthy within {timeout:.0f}s; see "
-                       f"{self.data_dir}/etcd.log")
+        raise LabError(
+            f"starting etcd {self.name} ({self.endpoint}): not healthy within {timeout:.0f}s; see "
+            f"{self.data_dir}/etcd.log"
+        )
 
     def stop(self):
         stop_process(self.proc)
@@ -154,8 +190,15 @@ class EtcdServer:
 
     def etcdctl(self, *args, **kw):
         env = dict(os.environ, ETCDCTL_API="3")
-        return subprocess.run(["etcdctl", "--endpoints", self.endpoint, *args], env=env, capture_output=True,
-                              text=True, check=True, timeout=30, **kw)
+        return subprocess.run(
+            ["etcdctl", "--endpoints", self.endpoint, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+            **kw,
+        )
 
     def snapshot(self, path):
         """``etcdctl snapshot save`` of this member's data."""
@@ -171,10 +214,27 @@ class EtcdServer:
         try:
             restored = os.path.join(scratch, "data")
             env = dict(os.environ, ETCDCTL_API="3")
-            subprocess.run(["etcdctl", "snapshot", "restore", path, "--data-dir", restored, "--name", self.name,
-                            "--initial-cluster", self.initial_cluster(),
-                            "--initial-advertise-peer-urls", self.peer_url],
-                           env=env, capture_output=True, text=True, check=True, timeout=30)
+            subprocess.run(
+                [
+                    "etcdctl",
+                    "snapshot",
+                    "restore",
+                    path,
+                    "--data-dir",
+                    restored,
+                    "--name",
+                    self.name,
+                    "--initial-cluster",
+                    self.initial_cluster(),
+                    "--initial-advertise-peer-urls",
+                    self.peer_url,
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=30,
+            )
             shutil.rmtree(os.path.join(self.data_dir, "member"))
             shutil.move(os.path.join(restored, "member"), os.path.join(self.data_dir, "member"))
         finally:
@@ -185,6 +245,7 @@ class EtcdServer:
         """Add ``user`` with etcd's root role and turn authentication on: every later client must log in."""
         from netplugin.config import EtcdConfig
         from netplugin.datastore.client import Datastore
+
         admin = Datastore(EtcdConfig(endpoints=[self.endpoint]))
         admin.call("/auth/user/add", {"name": user, "password": password})
         admin.call("/auth/user/grant", {"user": user, "role": "root"})
@@ -202,15 +263,21 @@ class EtcdServer:
         """Make ``self.endpoint`` (127.0.0.1:port) work inside ``netns`` too: socat there forwards to our unix
         socket. Waits until the bridge answers; returns its Popen."""
         proc = subprocess.Popen(
-            ns_argv(netns, ["socat", f"TCP-LISTEN:{self.port},bind={HOST},reuseaddr,fork",
-                            f"UNIX-CONNECT:{self.unix_socket}"]),
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=self.detached)
+            ns_argv(
+                netns,
+                ["socat", f"TCP-LISTEN:{self.port},bind={HOST},reuseaddr,fork", f"UNIX-CONNECT:{self.unix_socket}"],
+            ),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=self.detached,
+        )
         self.bridges.append(proc)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            probe = subprocess.run(ns_argv(netns, ["socat", "-u", "OPEN:/dev/null", f"TCP:{HOST}:{self.port}"]),
-                                   capture_output=True)
+            probe = subprocess.run(
+                ns_argv(netns, ["socat", "-u", "OPEN:/dev/null", f"TCP:{HOST}:{self.port}"]), capture_output=True
+            )
             if probe.returncode == 0:
                 return proc
             time.sleep(0.05)
@@ -233,9 +300,18 @@ class EtcdCluster:
     def __init__(self, size=3, progress_interval=None, token=None, specs=None, detached=False):
         self.token = token or f"npt-{os.getpid()}-{free_port()}"
         specs = specs or [{"name": f"m{i}"} for i in range(1, size + 1)]
-        self.members = [EtcdServer(name=s["name"], cluster=self, progress_interval=progress_interval,
-                                   port=s.get("client_port"), peer_port=s.get("peer_port"), data_dir=s.get("dir"),
-                                   detached=detached) for s in specs]
+        self.members = [
+            EtcdServer(
+                name=s["name"],
+                cluster=self,
+                progress_interval=progress_interval,
+                port=s.get("client_port"),
+                peer_port=s.get("peer_port"),
+                data_dir=s.get("dir"),
+                detached=detached,
+            )
+            for s in specs
+        ]
 
     @property
     def endpoints(self):
@@ -269,10 +345,13 @@ class EtcdCluster:
 
 # --- a lab's etcd: recorded in its state file ----------------------------------------------------------------------
 
+
 def member_specs(data_dir, count):
     """Names, ports and directories of ``count`` members (ports picked now, free at this moment)."""
-    return [{"name": f"m{i}", "client_port": free_port(), "peer_port": free_port(),
-             "dir": os.path.join(data_dir, f"m{i}")} for i in range(1, count + 1)]
+    return [
+        {"name": f"m{i}", "client_port": free_port(), "peer_port": free_port(), "dir": os.path.join(data_dir, f"m{i}")}
+        for i in range(1, count + 1)
+    ]
 
 
 def endpoints(members):

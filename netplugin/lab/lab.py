@@ -14,6 +14,7 @@ The class is split by concern into mixins, each in its own module: building the 
 introspection (bgp.py), containers (containers.py) and what the operator is shown (report.py). This module
 finds, builds, changes and removes a lab as a whole.
 """
+
 import json
 import os
 import shutil
@@ -37,11 +38,13 @@ def _quiet(_line):
 
 def _guarded(out):
     """``out`` that never raises: a closed terminal or pipe must not turn into a failed (and removed) lab."""
+
     def write(line):
         try:
             out(line)
         except (OSError, ValueError):
             pass
+
     return write
 
 
@@ -116,15 +119,19 @@ class Lab(Topology, BgpSessions, Containers, Reporting):
             raise LabError(f"building lab {spec.name}: needs root (network namespaces)")
         leftovers = system.list_netns(ns_prefix(spec.name))
         if leftovers and not os.path.isdir(plan.state_dir):
-            raise LabError(f"building lab {spec.name}: namespaces {', '.join(leftovers)} exist without a state "
-                           f"file; remove them with 'down --name {spec.name}'")
+            raise LabError(
+                f"building lab {spec.name}: namespaces {', '.join(leftovers)} exist without a state "
+                f"file; remove them with 'down --name {spec.name}'"
+            )
         state = LabState.create(plan.state_dir, spec.name)
         lab = cls(plan, state, out)
         try:
             lab._build(converge_timeout)
         except BaseException as e:
-            lab.out(f"lab {spec.name}: {'interrupted' if isinstance(e, KeyboardInterrupt) else 'failed'}; "
-                    "removing what was built")
+            lab.out(
+                f"lab {spec.name}: {'interrupted' if isinstance(e, KeyboardInterrupt) else 'failed'}; "
+                "removing what was built"
+            )
             try:
                 lab.down()
             except Exception as cleanup_error:  # report, but keep the original error
@@ -139,8 +146,10 @@ class Lab(Topology, BgpSessions, Containers, Reporting):
         state.data["spec"] = spec.to_dict()
         state.data["hosts"] = {h.name: {"killed": False} for h in plan.hosts}
         state.add_dir(plan.etcd_dir)
-        self.out(f"lab {spec.name}: {spec.hosts} hosts in {spec.racks} rack(s), routing: {spec.bgp_mode}, "
-                 f"etcd: {spec.etcd_members} member(s)")
+        self.out(
+            f"lab {spec.name}: {spec.hosts} hosts in {spec.racks} rack(s), routing: {spec.bgp_mode}, "
+            f"etcd: {spec.etcd_members} member(s)"
+        )
 
         members = etcd.member_specs(plan.etcd_dir, spec.etcd_members)
         state.data["etcd"] = {"members": members, "endpoints": etcd.endpoints(members)}
@@ -153,8 +162,18 @@ class Lab(Topology, BgpSessions, Containers, Reporting):
             self.netctl("bgp", "config", "--no-mesh")
         if plan.router:
             for h in plan.hosts:
-                self.netctl("bgp", "peer", "add", TOR_PEER.format(host=h.name), "--address", h.gateway,
-                            "--as-number", str(plan.router.as_number), "--node", h.name)
+                self.netctl(
+                    "bgp",
+                    "peer",
+                    "add",
+                    TOR_PEER.format(host=h.name),
+                    "--address",
+                    h.gateway,
+                    "--as-number",
+                    str(plan.router.as_number),
+                    "--node",
+                    h.name,
+                )
 
         t = time.monotonic()
         self._build_fabric()
@@ -194,8 +213,9 @@ class Lab(Topology, BgpSessions, Containers, Reporting):
         if echo:
             self.out(f"  $ netctl {' '.join(args)}")
         env = dict(os.environ, NETPLUGIN_ETCD_ENDPOINTS=",".join(self.endpoints))
-        return system.run([os.path.join(BIN, "netctl")] + list(args), f"netctl {' '.join(args)}", check=check,
-                          env=env, input=input)
+        return system.run(
+            [os.path.join(BIN, "netctl")] + list(args), f"netctl {' '.join(args)}", check=check, env=env, input=input
+        )
 
     def live_hosts(self):
         return [h for h in self.plan.hosts if not self.state.data["hosts"].get(h.name, {}).get("killed")]
@@ -203,8 +223,9 @@ class Lab(Topology, BgpSessions, Containers, Reporting):
     def routes(self, host_name):
         """A host's main routing table as ``ip -j route`` dicts."""
         h = self.plan.host(host_name)
-        p = system.run(["ip", "-n", system.check_ns(h.namespace), "-j", "route", "show"],
-                       f"reading routes of {host_name}")
+        p = system.run(
+            ["ip", "-n", system.check_ns(h.namespace), "-j", "route", "show"], f"reading routes of {host_name}"
+        )
         return json.loads(p.stdout or "[]")
 
     def kill_host(self, host_name, silent=True):

@@ -5,6 +5,7 @@ Every name starts with ``npt-`` plus a random suffix so parallel runs and helper
 namespace is registered for deletion before it is created. (A lab, netplugin/lab/lab.py, outlives the command
 that made it and so records its namespaces in a state file instead: netplugin/lab/system.py.)
 """
+
 import os
 import shlex
 import signal

@@ -15,6 +15,7 @@ inside a rack on the rack's segment (BIRD keeps a next hop that is on the peer's
 Addresses: rack r is 192.168.r.0/24, its router 192.168.r.1, its hosts 192.168.r.11 onwards. Containers get
 addresses from the pool (10.244.0.0/16 unless told otherwise), which must not overlap the fabric.
 """
+
 import ipaddress
 import os
 import re
@@ -45,8 +46,9 @@ def check_lab_name(name):
 
 def check_container_name(name):
     if not isinstance(name, str) or not _CONTAINER_NAME.match(name):
-        raise InvalidInput(f"invalid container name {name!r}: up to 32 of a-z 0-9 _ . -, starting with a letter"
-                           " or digit")
+        raise InvalidInput(
+            f"invalid container name {name!r}: up to 32 of a-z 0-9 _ . -, starting with a letter or digit"
+        )
     return name
 
 
@@ -86,8 +88,10 @@ class LabSpec:
         if self.routing == "direct" and self.route_reflectors:
             raise InvalidInput("route reflectors need --routing bgp")
         if self.racks > 1 and self.route_reflectors:
-            raise InvalidInput("route reflectors with several racks are not supported: hosts peer with the rack "
-                               "router there (sessions are one hop, so a reflector cannot reach other racks)")
+            raise InvalidInput(
+                "route reflectors with several racks are not supported: hosts peer with the rack "
+                "router there (sessions are one hop, so a reflector cannot reach other racks)"
+            )
         try:
             pool = ipaddress.ip_network(self.pool, strict=True)
         except ValueError as e:
@@ -111,8 +115,15 @@ class LabSpec:
         return self.routing == "bgp" and self.racks == 1 and not self.route_reflectors
 
     def to_dict(self):
-        return {"name": self.name, "hosts": self.hosts, "racks": self.racks, "etcd_members": self.etcd_members,
-                "routing": self.routing, "route_reflectors": self.route_reflectors, "pool": self.pool}
+        return {
+            "name": self.name,
+            "hosts": self.hosts,
+            "racks": self.racks,
+            "etcd_members": self.etcd_members,
+            "routing": self.routing,
+            "route_reflectors": self.route_reflectors,
+            "pool": self.pool,
+        }
 
 
 @dataclass(frozen=True)
@@ -170,8 +181,9 @@ class LabPlan:
         for h in self.hosts:
             if h.name == name:
                 return h
-        raise InvalidInput(f"lab {self.spec.name} has no host {name!r} (hosts: "
-                           f"{', '.join(h.name for h in self.hosts)})")
+        raise InvalidInput(
+            f"lab {self.spec.name} has no host {name!r} (hosts: {', '.join(h.name for h in self.hosts)})"
+        )
 
     def container_namespace(self, container):
         return f"{NS_PREFIX}{self.spec.name}-c-{check_container_name(container)}"
@@ -211,18 +223,39 @@ def make_plan(spec, state_root=STATE_ROOT, shm_root=SHM_ROOT):
         for i in range(1, size + 1):
             n += 1
             name = f"h{n}"
-            hosts.append(HostPlan(
-                name=name, rack=r, namespace=f"{prefix}{name}", address=str(subnet[FIRST_HOST_OCTET + i - 1]),
-                port=name, as_number=(ROUTER_AS + 100 * r + i) if with_router else None,
-                route_reflector=n <= spec.route_reflectors, run_dir=os.path.join(sdir, "hosts", name),
-                gateway=gateway))
+            hosts.append(
+                HostPlan(
+                    name=name,
+                    rack=r,
+                    namespace=f"{prefix}{name}",
+                    address=str(subnet[FIRST_HOST_OCTET + i - 1]),
+                    port=name,
+                    as_number=(ROUTER_AS + 100 * r + i) if with_router else None,
+                    route_reflector=n <= spec.route_reflectors,
+                    run_dir=os.path.join(sdir, "hosts", name),
+                    gateway=gateway,
+                )
+            )
     for h in hosts:
         if h.as_number is not None and h.as_number > 65534:
-            raise InvalidInput(f"host {h.name} would get AS {h.as_number} (65000 + 100 * rack + index in rack), "
-                               "above the private 16-bit range: use fewer racks or fewer hosts per rack")
+            raise InvalidInput(
+                f"host {h.name} would get AS {h.as_number} (65000 + 100 * rack + index in rack), "
+                "above the private 16-bit range: use fewer racks or fewer hosts per rack"
+            )
     router = None
     if with_router:
-        router = RouterPlan(namespace=f"{prefix}spine", as_number=ROUTER_AS, router_id=ifaces[0][2].split("/")[0],
-                            interfaces=tuple(ifaces), run_dir=os.path.join(sdir, "spine"))
-    return LabPlan(spec=spec, state_dir=sdir, etcd_dir=os.path.join(shm_root, f"netplugin-lab-{spec.name}"),
-                   racks=tuple(racks), hosts=tuple(hosts), router=router)
+        router = RouterPlan(
+            namespace=f"{prefix}spine",
+            as_number=ROUTER_AS,
+            router_id=ifaces[0][2].split("/")[0],
+            interfaces=tuple(ifaces),
+            run_dir=os.path.join(sdir, "spine"),
+        )
+    return LabPlan(
+        spec=spec,
+        state_dir=sdir,
+        etcd_dir=os.path.join(shm_root, f"netplugin-lab-{spec.name}"),
+        racks=tuple(racks),
+        hosts=tuple(hosts),
+        router=router,
+    )

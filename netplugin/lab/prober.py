@@ -6,6 +6,7 @@ unreachable" before the route arrives are ignored) until the first matching repl
 can subtract its own start time), or ``timeout ADDRESS``. One long-lived process per host keeps the benchmark's
 own process start-up costs out of the figures it measures.
 """
+
 import os
 import select
 import socket
@@ -54,7 +55,7 @@ def probe(sock, ident, address, timeout):
         arrived = time.monotonic()
         ihl = (data[0] & 0x0F) * 4
         if src == address and len(data) >= ihl + 8:
-            kind, _, _, rid, _ = struct.unpack("!BBHHH", data[ihl:ihl + 8])
+            kind, _, _, rid, _ = struct.unpack("!BBHHH", data[ihl : ihl + 8])
             if kind == ECHO_REPLY and rid == ident:
                 return arrived
 

@@ -1,6 +1,7 @@
 """What a lab shows its operator: the summary after ``up``, ``status`` and the ping matrix as text. A mixin of
 ``Lab``, which owns ``plan``, ``state``, ``endpoints`` and the BGP introspection.
 """
+
 from netplugin.lab import etcd, system
 
 
@@ -12,12 +13,18 @@ class Reporting:
         for h in plan.hosts:
             role = "route reflector" if h.route_reflector else ""
             rows.append((h.name, h.namespace, str(h.rack), h.address, str(h.as_number or cluster_as), role))
-        lines = [f"lab {spec.name} is up ({spec.hosts} hosts, {spec.bgp_mode}) in "
-                 f"{self.state.data['timings'].get('total', 0):.1f}s", ""]
+        lines = [
+            f"lab {spec.name} is up ({spec.hosts} hosts, {spec.bgp_mode}) in "
+            f"{self.state.data['timings'].get('total', 0):.1f}s",
+            "",
+        ]
         lines += text_table(rows)
         if plan.router:
-            lines += ["", f"router {plan.router.namespace}: AS {plan.router.as_number}, "
-                          + ", ".join(f"rack {r}: {a}" for r, _, a in plan.router.interfaces)]
+            lines += [
+                "",
+                f"router {plan.router.namespace}: AS {plan.router.as_number}, "
+                + ", ".join(f"rack {r}: {a}" for r, _, a in plan.router.interfaces),
+            ]
         lines += [
             "",
             f"etcd:  {','.join(self.endpoints)}  (the same URL inside every host)",
@@ -37,14 +44,21 @@ class Reporting:
     def status(self):
         """A dict describing every host (agent and BIRD alive, sessions) and container."""
         from netplugin.routing.bird import BirdError
+
         procs = {p["role"]: p for p in self.state.data["processes"]}
         hosts = []
         for h in self.plan.hosts:
             killed = self.state.data["hosts"].get(h.name, {}).get("killed", False)
             agent = procs.get(f"agent {h.name}")
-            row = {"host": h.name, "namespace": h.namespace, "address": h.address, "as": h.as_number,
-                   "route_reflector": h.route_reflector, "killed": killed,
-                   "agent": bool(agent and system.alive(agent["pid"], agent["start"])) and not killed}
+            row = {
+                "host": h.name,
+                "namespace": h.namespace,
+                "address": h.address,
+                "as": h.as_number,
+                "route_reflector": h.route_reflector,
+                "killed": killed,
+                "agent": bool(agent and system.alive(agent["pid"], agent["start"])) and not killed,
+            }
             if self.plan.spec.routing == "bgp" and not killed:
                 try:
                     rows = self.bgp_sessions(h.name)
@@ -52,10 +66,15 @@ class Reporting:
                 except BirdError:
                     row["bgp"] = "BIRD not running"
             hosts.append(row)
-        return {"name": self.name, "spec": self.plan.spec.to_dict(), "status": self.state.data["status"],
-                "etcd": self.endpoints,
-                "etcd_healthy": [etcd.healthy(u) for u in self.endpoints], "hosts": hosts,
-                "containers": list(self.state.data["containers"].values())}
+        return {
+            "name": self.name,
+            "spec": self.plan.spec.to_dict(),
+            "status": self.state.data["status"],
+            "etcd": self.endpoints,
+            "etcd_healthy": [etcd.healthy(u) for u in self.endpoints],
+            "hosts": hosts,
+            "containers": list(self.state.data["containers"].values()),
+        }
 
 
 def _name_opt(name):

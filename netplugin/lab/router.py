@@ -4,6 +4,7 @@ The router is lab scaffolding standing in for top-of-rack switches and a spine, 
 from the LabPlan rather than by the agent. Its timers match the agent's BgpSettings defaults (hold 9 s,
 keepalive 3 s), so a dead host's routes leave the router within the same hold time as they leave a mesh.
 """
+
 from netplugin.routing.model import BgpSettings
 
 _SETTINGS = BgpSettings()

@@ -5,6 +5,7 @@ Everything is recorded *before* it is made (a namespace name, a directory) or ri
 its start time), and the file is rewritten atomically after each change. Commands that change the lab hold an
 exclusive lock on ``<state dir>/lock`` so two ``run`` commands do not lose each other's containers.
 """
+
 import contextlib
 import fcntl
 import json
@@ -32,10 +33,23 @@ class LabState:
             os.mkdir(state_dir, 0o700)
         except FileExistsError:
             raise LabError(f"lab {name} already exists ({state_dir}): use it, or remove it with 'down'") from None
-        state = cls(os.path.join(state_dir, STATE_FILE), {
-            "version": VERSION, "name": name, "status": "building", "created": time.time(), "spec": {},
-            "etcd": {"members": [], "endpoints": []}, "namespaces": [], "processes": [], "dirs": [],
-            "hosts": {}, "containers": {}, "timings": {}})
+        state = cls(
+            os.path.join(state_dir, STATE_FILE),
+            {
+                "version": VERSION,
+                "name": name,
+                "status": "building",
+                "created": time.time(),
+                "spec": {},
+                "etcd": {"members": [], "endpoints": []},
+                "namespaces": [],
+                "processes": [],
+                "dirs": [],
+                "hosts": {},
+                "containers": {},
+                "timings": {},
+            },
+        )
         state.save()
         return state
 

@@ -4,6 +4,7 @@ Every namespace operation insists on a name starting with ``lab-``: nothing here
 delete the root namespace or a namespace someone else made. A process is only ever signalled when its start
 time still matches the one recorded when we started it, so a recycled pid is never killed.
 """
+
 import os
 import signal
 import subprocess
@@ -97,8 +98,25 @@ def delete_netns(ns, sig=signal.SIGKILL):
 
 def veth(ns_a, name_a, ns_b, name_b):
     """A veth pair created straight in its two namespaces (never in the root namespace)."""
-    run(["ip", "link", "add", "name", name_a, "netns", check_ns(ns_a), "type", "veth", "peer", "name", name_b,
-         "netns", check_ns(ns_b)], f"linking {ns_a}:{name_a} to {ns_b}:{name_b}")
+    run(
+        [
+            "ip",
+            "link",
+            "add",
+            "name",
+            name_a,
+            "netns",
+            check_ns(ns_a),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            name_b,
+            "netns",
+            check_ns(ns_b),
+        ],
+        f"linking {ns_a}:{name_a} to {ns_b}:{name_b}",
+    )
 
 
 def sysctl(ns, settings, what):
@@ -107,14 +125,22 @@ def sysctl(ns, settings, what):
 
 # --- processes -------------------------------------------------------------------------------------------------
 
+
 def spawn(args, log_path, cwd=None, env=None):
     """Start a long-lived process in its own session (it outlives the lab command; Ctrl-C in the terminal does
     not reach it), output appended to ``log_path``. Returns the Popen."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with open(log_path, "ab") as log:
         try:
-            return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    cwd=cwd, env=env, start_new_session=True)
+            return subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+            )
         except FileNotFoundError:
             raise LabError(f"starting {args[0]}: not installed") from None
 

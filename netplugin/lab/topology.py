@@ -4,6 +4,7 @@ A mixin of ``Lab`` (netplugin/lab/lab.py), which owns ``plan``, ``state``, ``out
 namespace is recorded in the state before it is made, every process right after it starts, so ``down`` finds
 all of it even after a crash half-way.
 """
+
 import os
 import sys
 import time
@@ -30,8 +31,9 @@ def plug_host(host_ns, segment_ns, port, address, gateway=None):
     if gateway:
         cmds.append(f"route add default via {gateway}")
     system.ip_batch(host_ns, cmds, f"addressing {host_ns}")
-    system.ip_batch(segment_ns, [f"link set {port} master br0", f"link set {port} up"],
-                    f"plugging {host_ns} into {segment_ns}")
+    system.ip_batch(
+        segment_ns, [f"link set {port} master br0", f"link set {port} up"], f"plugging {host_ns} into {segment_ns}"
+    )
 
 
 class Topology:
@@ -49,10 +51,16 @@ class Topology:
             for rack_index, ifname, address in r.interfaces:
                 rack = plan.racks[rack_index - 1]
                 system.veth(r.namespace, ifname, rack.namespace, "spine")
-                system.ip_batch(r.namespace, [f"addr add {address} dev {ifname}", f"link set {ifname} up"],
-                                f"addressing the router's {ifname}")
-                system.ip_batch(rack.namespace, ["link set spine master br0", "link set spine up"],
-                                f"plugging the router into rack {rack_index}")
+                system.ip_batch(
+                    r.namespace,
+                    [f"addr add {address} dev {ifname}", f"link set {ifname} up"],
+                    f"addressing the router's {ifname}",
+                )
+                system.ip_batch(
+                    rack.namespace,
+                    ["link set spine master br0", "link set spine up"],
+                    f"plugging the router into rack {rack_index}",
+                )
         for h in plan.hosts:
             state.add_namespace(h.namespace)
             system.add_netns(h.namespace)
@@ -63,6 +71,7 @@ class Topology:
 
     def _start_router(self):
         from netplugin.routing.bird import BirdConfigWriter, BirdProcess
+
         r = self.plan.router
         bird = BirdProcess(os.path.join(r.run_dir, "bird"), netns=r.namespace)
         BirdConfigWriter(bird).apply(render_router_config(self.plan))
@@ -71,21 +80,33 @@ class Topology:
 
     def agent_command(self, h):
         spec = self.plan.spec
-        extra = ["--node-address", h.address, "--label", f"rack=rack{h.rack}", "--liveness-ttl", "8",
-                 "--resync-interval", "60"]
+        extra = [
+            "--node-address",
+            h.address,
+            "--label",
+            f"rack=rack{h.rack}",
+            "--liveness-ttl",
+            "8",
+            "--resync-interval",
+            "60",
+        ]
         if h.as_number is not None:
             extra += ["--as-number", str(h.as_number)]
-        return system.in_ns(h.namespace, agent_argv(h.name, self.endpoints, h.run_dir, spec.routing, extra,
-                                                    program=os.path.join(BIN, "netplugin")))
+        return system.in_ns(
+            h.namespace,
+            agent_argv(h.name, self.endpoints, h.run_dir, spec.routing, extra, program=os.path.join(BIN, "netplugin")),
+        )
 
     def _start_agents(self):
         from cni.install import install_cni
+
         plan = self.plan
         procs = {}
         for h in plan.hosts:
             os.makedirs(h.run_dir, mode=0o700, exist_ok=True)
-            install_cni(plan.cni_bin_dir, h.conf_dir, network=CNI_NETWORK, agent_socket=h.agent_socket,
-                        python=sys.executable)
+            install_cni(
+                plan.cni_bin_dir, h.conf_dir, network=CNI_NETWORK, agent_socket=h.agent_socket, python=sys.executable
+            )
             proc = system.spawn(self.agent_command(h), os.path.join(h.run_dir, "agent.log"))
             procs[h.name] = proc
             self.state.add_process(f"agent {h.name}", proc.pid, system.start_time(proc.pid), save=False)
@@ -99,11 +120,15 @@ class Topology:
         for h in hosts:
             while not os.path.exists(h.agent_socket):
                 if procs[h.name].poll() is not None:
-                    raise LabError(f"starting the agent on {h.name}: it exited with {procs[h.name].returncode}; "
-                                   f"{_tail(os.path.join(h.run_dir, 'agent.log'))}")
+                    raise LabError(
+                        f"starting the agent on {h.name}: it exited with {procs[h.name].returncode}; "
+                        f"{_tail(os.path.join(h.run_dir, 'agent.log'))}"
+                    )
                 if time.monotonic() > deadline:
-                    raise LabError(f"starting the agent on {h.name}: no API socket within the time limit; "
-                                   f"{_tail(os.path.join(h.run_dir, 'agent.log'))}")
+                    raise LabError(
+                        f"starting the agent on {h.name}: no API socket within the time limit; "
+                        f"{_tail(os.path.join(h.run_dir, 'agent.log'))}"
+                    )
                 time.sleep(0.05)
 
     def restart_agent(self, host_name, extra_args=()):

@@ -11,20 +11,37 @@ form, which ``apply -f`` takes back as it is.
 Why one module of about 500 lines: it is the table itself (a base class and six kinds of 40–80 lines each, all
 shaped alike); a newcomer adding a kind reads the neighbours it copies from in one place.
 """
+
 import difflib
 from dataclasses import dataclass, field, replace
 
 from netplugin.datastore import keys
 from netplugin.datastore.client import prefix_unchanged_since
-from netplugin.datastore.models import (BgpPeer, Block, ClusterConfig, Node, Pool, check_as_number, check_ip,
-                                        check_pool_cidr)
+from netplugin.datastore.models import (
+    BgpPeer,
+    Block,
+    ClusterConfig,
+    Node,
+    Pool,
+    check_as_number,
+    check_ip,
+    check_pool_cidr,
+)
 from netplugin.errors import InvalidInput, NetpluginError
 from netplugin.ipam.allocator import check_no_overlap, check_pool_empty, new_pool
 from policy import k8s
 from policy.model import API_VERSION, parse_policy
 from policy.store import decode_policy
-from policy.validation import (FieldError, Problems, expect_bool, expect_int, expect_mapping, expect_str,
-                               reject_unknown, show)
+from policy.validation import (
+    FieldError,
+    Problems,
+    expect_bool,
+    expect_int,
+    expect_mapping,
+    expect_str,
+    reject_unknown,
+    show,
+)
 
 
 @dataclass(frozen=True)
@@ -128,8 +145,12 @@ class Kind:
         raise NotImplementedError
 
     def document(self, record):
-        return {"apiVersion": API_VERSION, "kind": self.kind, "metadata": {"name": self.name_of(record)},
-                "spec": self.spec_of(record)}
+        return {
+            "apiVersion": API_VERSION,
+            "kind": self.kind,
+            "metadata": {"name": self.name_of(record)},
+            "spec": self.spec_of(record),
+        }
 
     def spec_of(self, record):
         raise NotImplementedError
@@ -197,6 +218,7 @@ def _optional(spec, name, expect, path, problems, check=None):
 
 
 # --- the kinds ---------------------------------------------------------------------------------------------------
+
 
 class PolicyKind(Kind):
     kind = "Policy"
@@ -294,8 +316,12 @@ class PoolKind(Kind):
             plan.guard(prefix_unchanged_since(keys.POOLS, plan.snapshot.revision))  # no overlapping pool appeared
         elif Pool.from_dict(current.value).block_size != pool.block_size:
             old = Pool.from_dict(current.value).block_size
-            plan.problem(res, ("spec", "blockSize"), f"pool {pool.cidr} already cuts /{old} blocks; remove the "
-                                                     "pool and add it again to change its block size")
+            plan.problem(
+                res,
+                ("spec", "blockSize"),
+                f"pool {pool.cidr} already cuts /{old} blocks; remove the "
+                "pool and add it again to change its block size",
+            )
             return
         plan.put(res, pool.to_dict())
 
@@ -308,8 +334,11 @@ class PoolKind(Kind):
             plan.missing(res)
             return
         pool = Pool.from_dict(current.value)
-        blocks = [(Block.from_dict(kv.value), kv.key) for kv in plan.snapshot.under(keys.BLOCKS)
-                  if isinstance(kv.value, dict) and kv.value.get("pool") == pool.cidr]
+        blocks = [
+            (Block.from_dict(kv.value), kv.key)
+            for kv in plan.snapshot.under(keys.BLOCKS)
+            if isinstance(kv.value, dict) and kv.value.get("pool") == pool.cidr
+        ]
         try:
             check_pool_empty(pool, [b for b, _ in blocks])
         except NetpluginError as err:
@@ -399,15 +428,19 @@ class BgpConfigKind(Kind):
 
     def parse_fields(self, meta, spec, path, problems):
         if meta["name"] != "default":
-            problems.add(path + ("metadata", "name"), f"{show(meta['name'])} is not \"default\" (the cluster has "
-                                                      "one BGP configuration)")
+            problems.add(
+                path + ("metadata", "name"),
+                f'{show(meta["name"])} is not "default" (the cluster has one BGP configuration)',
+            )
         as_number = _optional(spec, "asNumber", expect_int, path, problems, check_as_number)
         mesh = _optional(spec, "mesh", expect_bool, path, problems)
         if problems.items:
             return None
         defaults = BgpSettings()
-        return BgpSettings(as_number=defaults.as_number if as_number is None else as_number,
-                           mesh=defaults.mesh if mesh is None else mesh)
+        return BgpSettings(
+            as_number=defaults.as_number if as_number is None else as_number,
+            mesh=defaults.mesh if mesh is None else mesh,
+        )
 
     def spec_of(self, settings):
         return {"asNumber": settings.as_number, "mesh": settings.mesh}
@@ -462,9 +495,13 @@ class NodeKind(Kind):
 
     def decode(self, kv):
         node = Node.from_dict(kv.value)
-        return NodeSettings(name=node.name, labels=dict(node.labels), as_number=node.as_number,
-                            route_reflector=node.route_reflector,
-                            address=None if node.address_autodetected else node.address)
+        return NodeSettings(
+            name=node.name,
+            labels=dict(node.labels),
+            as_number=node.as_number,
+            route_reflector=node.route_reflector,
+            address=None if node.address_autodetected else node.address,
+        )
 
     def parse_fields(self, meta, spec, path, problems):
         mpath = path + ("metadata",)
@@ -480,8 +517,13 @@ class NodeKind(Kind):
         reflector = _optional(spec, "routeReflector", expect_bool, path, problems)
         if problems.items:
             return None
-        return NodeSettings(name=meta["name"], labels=dict(labels), address=address, as_number=as_number,
-                            route_reflector=bool(reflector))
+        return NodeSettings(
+            name=meta["name"],
+            labels=dict(labels),
+            address=address,
+            as_number=as_number,
+            route_reflector=bool(reflector),
+        )
 
     def document(self, settings):
         doc = super().document(settings)
@@ -490,15 +532,17 @@ class NodeKind(Kind):
 
     def spec_of(self, settings):
         spec = {"routeReflector": settings.route_reflector}
-        spec.update({k: v for k, v in (("address", settings.address), ("asNumber", settings.as_number))
-                     if v is not None})
+        spec.update(
+            {k: v for k, v in (("address", settings.address), ("asNumber", settings.as_number)) if v is not None}
+        )
         return spec
 
     def apply(self, plan, res):
         current = plan.current(res.key)
         if current is None:
-            plan.problem(res, ("metadata", "name"), f"node {res.name} is not registered (its agent registers it "
-                                                    "when it starts)")
+            plan.problem(
+                res, ("metadata", "name"), f"node {res.name} is not registered (its agent registers it when it starts)"
+            )
             return
         plan.put(res, res.record.merged_into(Node.from_dict(current.value)).to_dict())
 

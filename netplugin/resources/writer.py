@@ -8,6 +8,7 @@ and re-plans; a file is never half written. What only etcd can tell (a pool over
 registered, a pool still in use, a name that does not exist) is refused before the transaction, with the line of
 the document it concerns.
 """
+
 from netplugin.datastore.client import MAX_TXN_OPS, delete_op, mod_is, put_op
 from netplugin.errors import Conflict, InvalidInput, NotFound
 from netplugin.resources.kinds import KINDS, Resource
@@ -81,6 +82,7 @@ def _similar(kind, name, names):
 
 
 # --- planning ----------------------------------------------------------------------------------------------------
+
 
 class Snapshot:
     """The prefixes a plan needs, read at one revision."""
@@ -163,13 +165,19 @@ class Plan:
             res = self._missing[0]
             more = len(self._missing) - 1
             names = res.kind.names_in(self.snapshot.under(res.kind.prefix))
-            raise NotFound(self.where(res) + res.kind.not_found(res.name) + _similar(res.kind, res.name, names)
-                           + (f" (and {more} more that do not exist)" if more else ""))
+            raise NotFound(
+                self.where(res)
+                + res.kind.not_found(res.name)
+                + _similar(res.kind, res.name, names)
+                + (f" (and {more} more that do not exist)" if more else "")
+            )
         size = max(len(self.ops), len(self.compare))
         if size > MAX_TXN_OPS:
             source = f"{self.loaded.source}: " if self.loaded else ""
-            raise InvalidInput(f"{source}this needs {size} operations in one transaction, more than the "
-                               f"{MAX_TXN_OPS} etcd takes: split the file")
+            raise InvalidInput(
+                f"{source}this needs {size} operations in one transaction, more than the "
+                f"{MAX_TXN_OPS} etcd takes: split the file"
+            )
 
 
 def _commit(ds, resources, action, loaded=None, ignore_not_found=False):
@@ -183,5 +191,6 @@ def _commit(ds, resources, action, loaded=None, ignore_not_found=False):
         plan.check(ignore_not_found)
         if not plan.ops or ds.txn(plan.compare, plan.ops).succeeded:
             return plan.results
-    raise Conflict(f"could not {action} {loaded.source if loaded else 'that'}: what it touches kept changing in "
-                   "etcd; try again")
+    raise Conflict(
+        f"could not {action} {loaded.source if loaded else 'that'}: what it touches kept changing in etcd; try again"
+    )

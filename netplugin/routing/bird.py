@@ -7,6 +7,7 @@ never reaches the live file, and the running BIRD keeps its old config.
 ``birdc`` talks to BIRD over its unix control socket, which lives in the filesystem, not in a network
 namespace, so only ``bird`` itself is started inside the namespace.
 """
+
 import logging
 import os
 import re
@@ -69,8 +70,10 @@ def _context(path, msg, around=3):
     except OSError:
         return ""
     n = int(m.group(1))
-    return "\n".join(f"{i:5d}{'>' if i == n else ' '} {lines[i - 1]}"
-                     for i in range(max(1, n - around), min(len(lines), n + around) + 1))
+    return "\n".join(
+        f"{i:5d}{'>' if i == n else ' '} {lines[i - 1]}"
+        for i in range(max(1, n - around), min(len(lines), n + around) + 1)
+    )
 
 
 def birdc(sock, *command, birdc_bin="birdc", timeout=_CMD_TIMEOUT):
@@ -132,8 +135,10 @@ class BirdProcess:
         what = f"reading BIRD's routes in {self.netns or 'this namespace'}"
         try:
             with netlink(self.netns) as nl:
-                return any(nl.routes(family=family, table=MAIN_TABLE, proto=BIRD_PROTO)
-                           for family in (socket.AF_INET, socket.AF_INET6))
+                return any(
+                    nl.routes(family=family, table=MAIN_TABLE, proto=BIRD_PROTO)
+                    for family in (socket.AF_INET, socket.AF_INET6)
+                )
         except NamespaceNotFound:
             raise BirdError(f"{what}: network namespace {self.netns} does not exist") from None
         except DataplaneError as e:
@@ -152,28 +157,43 @@ class BirdProcess:
         if not os.path.exists(self.conf_path):
             raise BirdError(f"starting BIRD: no config at {self.conf_path}; apply one first")
         if len(self.sock_path.encode()) > _SUN_PATH_MAX:
-            raise BirdError(f"starting BIRD: control socket path {self.sock_path} is longer than "
-                            f"{_SUN_PATH_MAX} bytes; use a shorter run directory")
+            raise BirdError(
+                f"starting BIRD: control socket path {self.sock_path} is longer than "
+                f"{_SUN_PATH_MAX} bytes; use a shorter run directory"
+            )
         check_config(self.conf_path, self.bird_bin)
         if recover is None:
             recover = self.left_routes()
         cmd = _ns_prefix(self.netns, "starting BIRD") + [
-            self.bird_bin, "-f", "-c", self.conf_path, "-s", self.sock_path, "-P", self.pid_path]
+            self.bird_bin,
+            "-f",
+            "-c",
+            self.conf_path,
+            "-s",
+            self.sock_path,
+            "-P",
+            self.pid_path,
+        ]
         if recover:
             cmd.append("-R")
         os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
         with open(self.log_path, "ab") as logf:
             # Own session: signals meant for the agent's process group do not take BIRD down with it.
-            self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                          start_new_session=True)
+            self._proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 self._proc = None
                 raise BirdError(f"starting BIRD in {self.netns or 'this namespace'} failed: {self._log_tail()}")
             if self.running():
-                log.info("BIRD started (pid %s) in %s%s", self._proc.pid, self.netns or "this namespace",
-                         " in graceful restart recovery" if recover else "")
+                log.info(
+                    "BIRD started (pid %s) in %s%s",
+                    self._proc.pid,
+                    self.netns or "this namespace",
+                    " in graceful restart recovery" if recover else "",
+                )
                 return
             time.sleep(0.05)
         self.stop()
@@ -191,8 +211,7 @@ class BirdProcess:
         except (OSError, ValueError):
             return None
         # Only a BIRD using our socket: a reused pid must never be signalled.
-        if os.path.basename(argv[0]) == os.path.basename(self.bird_bin).encode() and \
-                self.sock_path.encode() in argv:
+        if os.path.basename(argv[0]) == os.path.basename(self.bird_bin).encode() and self.sock_path.encode() in argv:
             return pid
         return None
 
@@ -326,7 +345,8 @@ _PREFIX_TYPES = (("mesh", PEER_MESH), ("rrc", PEER_RR_CLIENT), ("rr", PEER_RR), 
 _KNOWN_TYPES = (PEER_MESH, PEER_RR, PEER_RR_CLIENT, PEER_GLOBAL, PEER_NODE)
 _HEADER = re.compile(
     r"^(?P<name>\S+)\s+(?P<proto>\S+)\s+(?P<table>\S+)\s+(?P<state>\S+)\s+"
-    r"(?P<since>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d|\S+)\s*(?P<info>.*?)\s*$")
+    r"(?P<since>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d|\S+)\s*(?P<info>.*?)\s*$"
+)
 
 
 @dataclass(frozen=True)
@@ -359,10 +379,19 @@ def parse_protocols(text):
             info.append(f"AS {cur['attrs']['Neighbor AS']}")
         if cur["attrs"].get("Last error"):
             info.append(cur["attrs"]["Last error"])
-        rows.append(BgpStatusRow(
-            name=cur["name"], peer_address=cur["attrs"].get("Neighbor address", ""), peer_type=peer_type,
-            state=state, since=cur["since"], info=", ".join(info), proto_state=cur["state"],
-            neighbor_as=cur["attrs"].get("Neighbor AS", ""), last_error=cur["attrs"].get("Last error", "")))
+        rows.append(
+            BgpStatusRow(
+                name=cur["name"],
+                peer_address=cur["attrs"].get("Neighbor address", ""),
+                peer_type=peer_type,
+                state=state,
+                since=cur["since"],
+                info=", ".join(info),
+                proto_state=cur["state"],
+                neighbor_as=cur["attrs"].get("Neighbor AS", ""),
+                last_error=cur["attrs"].get("Last error", ""),
+            )
+        )
 
     for line in text.splitlines():
         if not line.strip() or line.startswith("Name ") or re.match(r"^BIRD \S+ ready\.", line):

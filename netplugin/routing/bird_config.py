@@ -34,6 +34,7 @@ withdraws everything. The kernel protocol's ``graceful restart on`` makes a BIRD
 routes it finds in the kernel until the sessions are back; without ``-R`` it prunes them at start (a 3 s hole).
 ``persist`` is not used: it would also keep routes after a deliberate stop.
 """
+
 import hashlib
 import ipaddress
 import re
@@ -125,11 +126,22 @@ def plan_sessions(inp):
             pairs.append((6, me.address6, other.address6))
         for version, local, remote in pairs:
             prefix = PREFIXES[peer_type] + ("6" if version == 6 else "")
-            sessions.append(Session(
-                name=protocol_name(prefix, other.name), peer_type=peer_type, peer_name=other.name,
-                version=version, local_address=local, local_as=my_as, peer_address=remote, peer_as=other_as,
-                port=port, rr_client=rr_client,
-                cluster_id=(me.cluster_id or me.address) if rr_client else None, reflect=reflect))
+            sessions.append(
+                Session(
+                    name=protocol_name(prefix, other.name),
+                    peer_type=peer_type,
+                    peer_name=other.name,
+                    version=version,
+                    local_address=local,
+                    local_as=my_as,
+                    peer_address=remote,
+                    peer_as=other_as,
+                    port=port,
+                    rr_client=rr_client,
+                    cluster_id=(me.cluster_id or me.address) if rr_client else None,
+                    reflect=reflect,
+                )
+            )
 
     if settings.mesh:
         for other in others:
@@ -154,11 +166,19 @@ def plan_sessions(inp):
         if peer.version == 6 and not me.address6:
             continue  # no IPv6 address to peer from
         taken.add(peer.address)
-        sessions.append(Session(
-            name=protocol_name(PREFIXES[PEER_GLOBAL], peer.name),
-            peer_type=PEER_GLOBAL if peer.node is None else PEER_NODE, peer_name=peer.name,
-            version=peer.version, local_address=me.address if peer.version == 4 else me.address6,
-            local_as=my_as, peer_address=peer.address, peer_as=peer.as_number, password=peer.password))
+        sessions.append(
+            Session(
+                name=protocol_name(PREFIXES[PEER_GLOBAL], peer.name),
+                peer_type=PEER_GLOBAL if peer.node is None else PEER_NODE,
+                peer_name=peer.name,
+                version=peer.version,
+                local_address=me.address if peer.version == 4 else me.address6,
+                local_as=my_as,
+                peer_address=peer.address,
+                peer_as=peer.as_number,
+                password=peer.password,
+            )
+        )
 
     names = [s.name for s in sessions]
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -213,7 +233,7 @@ def _render_filters(fam, blocks, route_proto):
         "# Route reflectors also pass on what other nodes advertise, never what explicit peers send, and never a",
         "# route whose next hop is the receiving peer: that is the peer's own route come back through the other",
         "# reflector (reflectors in different clusters reflect to each other). The peer could not use it, and BIRD",
-        "# would refuse to send it anyway, logging \"Invalid NEXT_HOP attribute - neighbor address\".",
+        '# would refuse to send it anyway, logging "Invalid NEXT_HOP attribute - neighbor address".',
         f"function np_bgp_reflect{fam.version}(ip peer)",
         "{",
         "  if source = RTS_BGP && bgp_next_hop = peer then return false;",

@@ -5,6 +5,7 @@ N``): a reconciler only ever deletes routes carrying its own number, so several 
 The dataplane's number (ROUTE_PROTO) and the main table are defined by the dataplane, the lower layer, and
 imported here because BIRD's kernel protocol and direct mode must know them.
 """
+
 from netplugin.dataplane.model import MAIN_TABLE, ROUTE_PROTO
 
 __all__ = ["ROUTE_PROTO", "MAIN_TABLE", "DIRECT_PROTO", "BIRD_PROTO", "BIRD_KERNEL_METRIC"]

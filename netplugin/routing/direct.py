@@ -9,6 +9,7 @@ Netlink goes through the kernel layer's handle (netplugin.kernel.netlink: a sock
 throwaway thread, so no thread of ours switches namespace); all changes of one reconcile go in one batch, and
 the kernel acknowledges each, so one bad route does not stop the others.
 """
+
 import errno
 import ipaddress
 import logging
@@ -82,7 +83,9 @@ class DirectRoutes:
                 dst = msg.get("RTA_DST") or ("0.0.0.0" if version == 4 else "::")
                 gw = msg.get("RTA_GATEWAY")
                 found[ipaddress.ip_network(f"{dst}/{msg['dst_len']}")] = (
-                    ipaddress.ip_address(gw) if gw else None, msg.get("RTA_PRIORITY"))
+                    ipaddress.ip_address(gw) if gw else None,
+                    msg.get("RTA_PRIORITY"),
+                )
         return found
 
     def reconcile(self, node_blocks):
@@ -116,18 +119,33 @@ class DirectRoutes:
             reason = "a route for this prefix exists already (not ours)" if code == errno.EEXIST else os.strerror(code)
             errors.append(f"{req.action}: {reason}")
         if changes:
-            log.info("direct routes in %s: +%d ~%d -%d", self.netns or "this namespace",
-                     len(changes.added), len(changes.replaced), len(changes.removed))
+            log.info(
+                "direct routes in %s: +%d ~%d -%d",
+                self.netns or "this namespace",
+                len(changes.added),
+                len(changes.replaced),
+                len(changes.removed),
+            )
         if errors:
-            raise DataplaneError(f"direct routes in {self.netns or 'this namespace'}: {len(errors)} failed: "
-                                 + "; ".join(errors))
+            raise DataplaneError(
+                f"direct routes in {self.netns or 'this namespace'}: {len(errors)} failed: " + "; ".join(errors)
+            )
         return changes
 
     def _request(self, batch, op, net, gw, prio, done):
         text = f"{net} via {gw}" if gw is not None else str(net)
         ok = (errno.ESRCH,) if op == "del" else ()  # already gone
-        batch.route(op, str(net), f"{op} {text}", gateway=None if gw is None else str(gw), proto=self.proto,
-                    table=self.table, priority=prio, ok=ok, tag=(done, text))
+        batch.route(
+            op,
+            str(net),
+            f"{op} {text}",
+            gateway=None if gw is None else str(gw),
+            proto=self.proto,
+            table=self.table,
+            priority=prio,
+            ok=ok,
+            tag=(done, text),
+        )
 
 
 def _key(net):

@@ -4,6 +4,7 @@ The agent builds these from etcd; the renderer (bird_config.py) turns them into 
 happens here, at construction, so a bad record is reported by name before anything is rendered or applied.
 Addresses and CIDRs are normalised to their canonical text form, so equal input renders byte-identically.
 """
+
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -64,8 +65,7 @@ class BgpNode:
         _check_name("node", self.name)
         object.__setattr__(self, "address", _check_ip(f"IPv4 address of node {self.name}", self.address, 4))
         if self.address6 is not None:
-            object.__setattr__(
-                self, "address6", _check_ip(f"IPv6 address of node {self.name}", self.address6, 6))
+            object.__setattr__(self, "address6", _check_ip(f"IPv6 address of node {self.name}", self.address6, 6))
         if self.as_number is not None:
             _check_as(f"AS number of node {self.name}", self.as_number)
         if self.cluster_id is not None:
@@ -83,7 +83,8 @@ def _check_cluster_id(node, value):
         return str(ipaddress.IPv4Address(str(value)))
     except ValueError:
         raise InvalidInput(
-            f"invalid cluster id {value!r} of node {node}: use an IPv4-formatted value or 1..{_MAX_AS}") from None
+            f"invalid cluster id {value!r} of node {node}: use an IPv4-formatted value or 1..{_MAX_AS}"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -103,10 +104,16 @@ class BgpPeer:
         if self.node is not None:
             _check_name("node", self.node)
         if self.password is not None:
-            if (not isinstance(self.password, str) or not 1 <= len(self.password) <= 80
-                    or not self.password.isprintable() or '"' in self.password or "\\" in self.password):
+            if (
+                not isinstance(self.password, str)
+                or not 1 <= len(self.password) <= 80
+                or not self.password.isprintable()
+                or '"' in self.password
+                or "\\" in self.password
+            ):
                 raise InvalidInput(
-                    f"invalid password of BGP peer {self.name}: 1..80 printable characters without '\"' or '\\'")
+                    f"invalid password of BGP peer {self.name}: 1..80 printable characters without '\"' or '\\'"
+                )
 
     @property
     def version(self):
@@ -137,19 +144,32 @@ class BgpSettings:
         _check_as("default AS number", self.default_as)
         if isinstance(self.hold_time, bool) or not isinstance(self.hold_time, int) or not 3 <= self.hold_time <= 65535:
             raise InvalidInput(f"invalid BGP hold time {self.hold_time!r}: must be 3..65535 seconds")
-        if (isinstance(self.keepalive, bool) or not isinstance(self.keepalive, int)
-                or not 1 <= self.keepalive < self.hold_time):
+        if (
+            isinstance(self.keepalive, bool)
+            or not isinstance(self.keepalive, int)
+            or not 1 <= self.keepalive < self.hold_time
+        ):
             raise InvalidInput(
-                f"invalid BGP keepalive {self.keepalive!r}: must be 1 second or more and below the hold time")
-        if (isinstance(self.listen_port, bool) or not isinstance(self.listen_port, int)
-                or not 1 <= self.listen_port <= 65535):
+                f"invalid BGP keepalive {self.keepalive!r}: must be 1 second or more and below the hold time"
+            )
+        if (
+            isinstance(self.listen_port, bool)
+            or not isinstance(self.listen_port, int)
+            or not 1 <= self.listen_port <= 65535
+        ):
             raise InvalidInput(f"invalid BGP listen port {self.listen_port!r}: must be 1..65535")
         # The restart time travels in a 12-bit field of the graceful restart capability.
-        if (isinstance(self.restart_time, bool) or not isinstance(self.restart_time, int)
-                or not 1 <= self.restart_time <= 4095):
+        if (
+            isinstance(self.restart_time, bool)
+            or not isinstance(self.restart_time, int)
+            or not 1 <= self.restart_time <= 4095
+        ):
             raise InvalidInput(f"invalid BGP graceful restart time {self.restart_time!r}: must be 1..4095 seconds")
-        if (isinstance(self.restart_wait, bool) or not isinstance(self.restart_wait, int)
-                or not 1 <= self.restart_wait <= 3600):
+        if (
+            isinstance(self.restart_wait, bool)
+            or not isinstance(self.restart_wait, int)
+            or not 1 <= self.restart_wait <= 3600
+        ):
             raise InvalidInput(f"invalid BGP graceful restart wait {self.restart_wait!r}: must be 1..3600 seconds")
 
 

@@ -6,6 +6,7 @@ neither an allocation nor a veth nor a record behind; the undo covers only what 
 repeated ADD leaves the working container it re-converged alone. DEL releases IPAM first and tolerates a missing
 link or namespace, so it is idempotent; it releases and forgets the record in one transaction.
 """
+
 import contextlib
 import logging
 import re
@@ -73,13 +74,23 @@ class EndpointService:
             return [AssignRequest.static(a, pools) for a in req.addresses]
         out = []
         if req.ipv4:
-            out.append(AssignRequest(4, None, tuple(p for p in pools if netaddr.IPNetwork(p).version == 4),
-                                     req.within if req.within and netaddr.IPNetwork(req.within).version == 4
-                                     else None))
+            out.append(
+                AssignRequest(
+                    4,
+                    None,
+                    tuple(p for p in pools if netaddr.IPNetwork(p).version == 4),
+                    req.within if req.within and netaddr.IPNetwork(req.within).version == 4 else None,
+                )
+            )
         if req.ipv6:
-            out.append(AssignRequest(6, None, tuple(p for p in pools if netaddr.IPNetwork(p).version == 6),
-                                     req.within if req.within and netaddr.IPNetwork(req.within).version == 6
-                                     else None))
+            out.append(
+                AssignRequest(
+                    6,
+                    None,
+                    tuple(p for p in pools if netaddr.IPNetwork(p).version == 6),
+                    req.within if req.within and netaddr.IPNetwork(req.within).version == 6 else None,
+                )
+            )
         if not out:
             raise InvalidInput("neither IPv4 nor IPv6 requested")
         return out
@@ -118,21 +129,43 @@ class EndpointService:
             clock.mark("ipam")
             if new:
                 undo.callback(quietly, self._release_new, ep_id, new)
-            spec = EndpointSpec(endpoint_id=ep_id, netns=req.netns, ifname=req.ifname, addresses=tuple(addresses),
-                                mtu=req.mtu or self.mtu)
+            spec = EndpointSpec(
+                endpoint_id=ep_id,
+                netns=req.netns,
+                ifname=req.ifname,
+                addresses=tuple(addresses),
+                mtu=req.mtu or self.mtu,
+            )
             state = self.dataplane.add_endpoint(spec)
             clock.mark("dataplane")
             if state.created:
                 undo.callback(quietly, self.dataplane.remove_endpoint, ep_id, req.netns, req.ifname)
-            ep = Endpoint(id=ep_id, host=self.host, network=req.network, container_id=req.container_id,
-                          netns=req.netns, ifname=req.ifname, host_ifname=state.host_ifname, addresses=addresses,
-                          mac=state.mac, labels={**req.labels, NETWORK_LABEL: req.network}, handle=ep_id,
-                          orchestrator=req.orchestrator, mtu=req.mtu)
+            ep = Endpoint(
+                id=ep_id,
+                host=self.host,
+                network=req.network,
+                container_id=req.container_id,
+                netns=req.netns,
+                ifname=req.ifname,
+                host_ifname=state.host_ifname,
+                addresses=addresses,
+                mac=state.mac,
+                labels={**req.labels, NETWORK_LABEL: req.network},
+                handle=ep_id,
+                orchestrator=req.orchestrator,
+                mtu=req.mtu,
+            )
             revision = self.ds.put(keys.endpoint(self.host, ep_id), ep.to_dict())
             clock.mark("record")
             undo.pop_all()
-        LOG.info("endpoint added id=%s netns=%s addresses=%s host_if=%s %s", ep_id, req.netns, ",".join(addresses),
-                 state.host_ifname, clock)
+        LOG.info(
+            "endpoint added id=%s netns=%s addresses=%s host_if=%s %s",
+            ep_id,
+            req.netns,
+            ",".join(addresses),
+            state.host_ifname,
+            clock,
+        )
         return ep, revision
 
     def _release_new(self, ep_id, new):
@@ -171,9 +204,21 @@ class EndpointService:
         with contextlib.ExitStack() as undo:
             link = self.dataplane.add_docker_endpoint(spec)
             undo.callback(quietly, self.dataplane.remove_docker_endpoint, spec.endpoint_id)
-            ep = Endpoint(id=spec.endpoint_id, host=self.host, network=network, container_id="", netns=spec.netns,
-                          ifname=spec.ifname, host_ifname=link.host_ifname, addresses=list(spec.addresses),
-                          mac=link.mac, labels=labels, handle=None, orchestrator="docker", mtu=mtu)
+            ep = Endpoint(
+                id=spec.endpoint_id,
+                host=self.host,
+                network=network,
+                container_id="",
+                netns=spec.netns,
+                ifname=spec.ifname,
+                host_ifname=link.host_ifname,
+                addresses=list(spec.addresses),
+                mac=link.mac,
+                labels=labels,
+                handle=None,
+                orchestrator="docker",
+                mtu=mtu,
+            )
             self.ds.put(keys.endpoint(self.host, spec.endpoint_id), ep.to_dict())
             undo.pop_all()
         return ep, link
@@ -206,15 +251,21 @@ class EndpointService:
             problems.append(f"IPAM holds {held or 'nothing'} for {ep_id}, the endpoint records {ep.addresses}")
         if expected is not None and sorted(expected) != sorted(ep.addresses):
             problems.append(f"the runtime expects {sorted(expected)}, the endpoint has {ep.addresses}")
-        spec = EndpointSpec(endpoint_id=ep_id, netns=netns or ep.netns, ifname=ep.ifname,
-                            addresses=tuple(ep.addresses), mtu=ep.mtu or self.mtu)
+        spec = EndpointSpec(
+            endpoint_id=ep_id,
+            netns=netns or ep.netns,
+            ifname=ep.ifname,
+            addresses=tuple(ep.addresses),
+            mtu=ep.mtu or self.mtu,
+        )
         problems += self.dataplane.check_endpoint(spec)
         return problems
 
     def spec_of(self, ep):
         """What the kernel should hold for a recorded endpoint: its network's MTU when it asked for one."""
-        return EndpointSpec(endpoint_id=ep.id, netns=ep.netns, ifname=ep.ifname, addresses=tuple(ep.addresses),
-                            mtu=ep.mtu or self.mtu)
+        return EndpointSpec(
+            endpoint_id=ep.id, netns=ep.netns, ifname=ep.ifname, addresses=tuple(ep.addresses), mtu=ep.mtu or self.mtu
+        )
 
 
 class PhaseClock:

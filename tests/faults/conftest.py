@@ -1,4 +1,5 @@
 """Fixtures of the fault suite. The fuzz counts are an option: a short run by default, the long one by env var."""
+
 import os
 
 import pytest

@@ -5,6 +5,7 @@ Real agents in throwaway host namespaces, the installed CNI binary called as a r
 packets between network namespaces. The sync-loop tests build a real Agent on the real etcd and give it one
 reconciler that fails or is slow: they test how the agent judges its own sync, not a dataplane.
 """
+
 import concurrent.futures
 import os
 import signal
@@ -33,8 +34,11 @@ NETWORK = "faultnet"
 
 
 def np_links(ns):
-    return {line.split(":")[1].strip().split("@")[0] for line in nsexec(ns, "ip -o link show").stdout.splitlines()
-            if line.split(":")[1].strip().startswith("np")}
+    return {
+        line.split(":")[1].strip().split("@")[0]
+        for line in nsexec(ns, "ip -o link show").stdout.splitlines()
+        if line.split(":")[1].strip().startswith("np")
+    }
 
 
 @pytest.fixture
@@ -67,10 +71,12 @@ def test_kill_9_during_20_concurrent_adds_then_the_runtimes_dels_leak_nothing(et
     leaked = [f["address"] for f in findings if "address" in f]
     handles, endpoints = etcd.list(keys.HANDLES), etcd.list(keys.ENDPOINTS)
     allocated = sum(len(kv.value.get("allocations", {})) for kv in etcd.list(keys.BLOCKS))
-    print(f"\nkill -9 during 20 ADDs: {len(ok)} succeeded, {len(failed)} answered code 11; after the DELs: "
-          f"{len(leaked)} leaked address(es), {allocated} allocated, {len(handles)} handle(s), "
-          f"{len(endpoints)} endpoint record(s), {len(np_links(agent.netns))} host veth(s); "
-          f"{len(addresses) - len(set(addresses))} duplicate(s)")
+    print(
+        f"\nkill -9 during 20 ADDs: {len(ok)} succeeded, {len(failed)} answered code 11; after the DELs: "
+        f"{len(leaked)} leaked address(es), {allocated} allocated, {len(handles)} handle(s), "
+        f"{len(endpoints)} endpoint record(s), {len(np_links(agent.netns))} host veth(s); "
+        f"{len(addresses) - len(set(addresses))} duplicate(s)"
+    )
     assert findings == [] and allocated == 0 and not handles and not endpoints, findings
     assert np_links(agent.netns) == set()
 
@@ -96,8 +102,10 @@ def test_kill_9_and_restart_under_10ms_pings_loses_nothing(cni_host, namespaces)
 
         transmitted, received, out = pings_during(a, ip_b, kill_and_restart, count=count)
         serving_in = timing["serving_in"]
-        print(f"\nkill -9 and restart under 10 ms pings: {transmitted - received} of {transmitted} lost; "
-              f"agent serving again {serving_in:.1f}s after the kill")
+        print(
+            f"\nkill -9 and restart under 10 ms pings: {transmitted - received} of {transmitted} lost; "
+            f"agent serving again {serving_in:.1f}s after the kill"
+        )
         assert (transmitted, received) == (count, count), out
     finally:
         for ns in (a, b):
@@ -118,13 +126,20 @@ def test_bird_killed_health_goes_false_then_true(etcd_server, etcd, namespaces):
     ns = namespaces.add()
     etcd_server.bridge_into(ns)
     nsexec(ns, "ip addr add 10.254.77.1/32 dev lo")
-    agent = AgentProcess(ns, "birdhost", etcd_server.endpoint, os.path.join(run_dir, "run"),
-                         extra_args=["--routing", "bgp", "--node-address", "10.254.77.1",
-                                     "--metrics-listen", "10.254.77.1:9469"])
+    agent = AgentProcess(
+        ns,
+        "birdhost",
+        etcd_server.endpoint,
+        os.path.join(run_dir, "run"),
+        extra_args=["--routing", "bgp", "--node-address", "10.254.77.1", "--metrics-listen", "10.254.77.1:9469"],
+    )
     try:
         agent.start()
-        wait_until("BIRD running and the agent healthy",
-                   lambda: bird_pid(agent.run_dir) and agent_health(agent.run_dir)["ok"], timeout=20)
+        wait_until(
+            "BIRD running and the agent healthy",
+            lambda: bird_pid(agent.run_dir) and agent_health(agent.run_dir)["ok"],
+            timeout=20,
+        )
         pid = bird_pid(agent.run_dir)
         os.kill(pid, signal.SIGKILL)
         killed = time.monotonic()
@@ -138,8 +153,9 @@ def test_bird_killed_health_goes_false_then_true(etcd_server, etcd, namespaces):
 
         down = wait_until("health false", lambda: not sample()[1] and sample(), timeout=5, step=0.01)
         assert any("BIRD is not running" in p for p in down[2]), down
-        wait_until("/readyz 503 too", lambda: sample()[3] == 503 and "BIRD is not running" in seen[-1][4],
-                   timeout=5, step=0.01)
+        wait_until(
+            "/readyz 503 too", lambda: sample()[3] == 503 and "BIRD is not running" in seen[-1][4], timeout=5, step=0.01
+        )
         wait_until("health true again", lambda: sample()[1], timeout=10, step=0.02)
         wait_until("/readyz 200 again", lambda: sample()[3] == 200, timeout=5, step=0.02)
         recovered = seen[-1][0]
@@ -154,6 +170,7 @@ def test_bird_killed_health_goes_false_then_true(etcd_server, etcd, namespaces):
 
 
 # --- the agent's judgement of its own sync -------------------------------------------------------------------------
+
 
 class Part:
     """A reconciler that the test makes fail, or slow; ADD waits for it like the policy reconciler."""
@@ -178,9 +195,14 @@ def agent_with_part(etcd, etcd_server, tmp_path):
     made = []
 
     def make(**config):
-        cfg = AgentConfig(hostname=f"judge{len(made)}", etcd=EtcdConfig(endpoints=[etcd_server.endpoint]),
-                          run_dir=str(tmp_path / "run"), policy_setup_timeout=0.5, resync_interval=60,
-                          **config)
+        cfg = AgentConfig(
+            hostname=f"judge{len(made)}",
+            etcd=EtcdConfig(endpoints=[etcd_server.endpoint]),
+            run_dir=str(tmp_path / "run"),
+            policy_setup_timeout=0.5,
+            resync_interval=60,
+            **config,
+        )
         agent = Agent(cfg)
         part = Part()
         agent.reconcilers = [part]
@@ -241,8 +263,13 @@ def test_etcd_unreachable_past_the_liveness_ttl_makes_health_false_until_it_answ
         ns = namespaces.add()
         server.bridge_into(ns)
         nsexec(ns, "ip addr add 10.254.78.1/32 dev lo")
-        agent = AgentProcess(ns, "cutoff", server.endpoint, str(tmp_path / "run"),
-                             extra_args=["--liveness-ttl", str(ttl), "--metrics-listen", "10.254.78.1:9469"])
+        agent = AgentProcess(
+            ns,
+            "cutoff",
+            server.endpoint,
+            str(tmp_path / "run"),
+            extra_args=["--liveness-ttl", str(ttl), "--metrics-listen", "10.254.78.1:9469"],
+        )
         agent.start()
 
         def readyz():
@@ -251,8 +278,12 @@ def test_etcd_unreachable_past_the_liveness_ttl_makes_health_false_until_it_answ
         wait_until("healthy", lambda: agent_health(agent.run_dir)["ok"] and readyz()[0] == 200, timeout=10)
         server.stop()
         stopped = time.monotonic()
-        down = wait_until("health false", lambda: not agent_health(agent.run_dir)["ok"] and agent_health(agent.run_dir),
-                          timeout=4 * ttl, step=0.1)
+        down = wait_until(
+            "health false",
+            lambda: not agent_health(agent.run_dir)["ok"] and agent_health(agent.run_dir),
+            timeout=4 * ttl,
+            step=0.1,
+        )
         false_after = time.monotonic() - stopped
         assert any("etcd unreachable" in p for p in down["problems"]), down
         assert false_after >= ttl * 0.9, f"unhealthy after {false_after:.1f}s: before the threshold"
@@ -263,8 +294,10 @@ def test_etcd_unreachable_past_the_liveness_ttl_makes_health_false_until_it_answ
         back = time.monotonic()
         wait_until("healthy again", lambda: agent_health(agent.run_dir)["ok"], timeout=15, step=0.1)
         wait_until("/readyz 200 again", lambda: readyz()[0] == 200, timeout=5, step=0.1)
-        print(f"\netcd stopped: health false {false_after:.1f}s later (threshold {ttl}s); true again "
-              f"{time.monotonic() - back:.1f}s after etcd answered")
+        print(
+            f"\netcd stopped: health false {false_after:.1f}s later (threshold {ttl}s); true again "
+            f"{time.monotonic() - back:.1f}s after etcd answered"
+        )
     finally:
         if agent:
             agent.stop()

@@ -5,6 +5,7 @@ containers added afterwards reach each other, also across an agent restart with 
 A real agent in a throwaway host namespace, the installed CNI binary, network namespaces as containers, real
 packets between them.
 """
+
 import json
 import os
 import subprocess
@@ -25,8 +26,12 @@ pytestmark = pytest.mark.functional
 POOL = "10.74.0.0/24"
 NETWORK = "badnet"
 # Valid for the view (a JSON object named like its key) but not a policy: the policy reconciler skips it.
-INVALID_POLICY = {"apiVersion": "netplugin/v1", "kind": "Policy", "metadata": {"name": "w"},
-                  "spec": {"selector": {}, "ingress": "nonsense"}}
+INVALID_POLICY = {
+    "apiVersion": "netplugin/v1",
+    "kind": "Policy",
+    "metadata": {"name": "w"},
+    "spec": {"selector": {}, "ingress": "nonsense"},
+}
 
 
 def netctl(endpoint, *args):
@@ -78,8 +83,9 @@ def test_bad_records_under_every_prefix_are_skipped_listed_and_nothing_else_stop
     # Containers added afterwards reach each other and the one from before, from their first packet.
     b, ip_b = host.add()
     c, ip_c = host.add()
-    assert first_ping_answered(b, ip_c) and first_ping_answered(c, ip_a) and first_ping_answered(a, ip_b), \
+    assert first_ping_answered(b, ip_c) and first_ping_answered(c, ip_a) and first_ping_answered(a, ip_b), (
         host.agent.log()[-4000:]
+    )
 
     # The agent lists every bad record (once each, with why) and the invalid policy, and stays healthy.
     res = netctl(etcd_server.endpoint, "node", "health", "--run-dir", host.agent.run_dir, "-o", "json")
@@ -95,8 +101,10 @@ def test_bad_records_under_every_prefix_are_skipped_listed_and_nothing_else_stop
     # only an agent that compiles it can tell).
     res = netctl(etcd_server.endpoint, "check")
     assert res.returncode == 1 and all(k in res.stdout for k, _ in records), res.stdout
-    print(f"\nbad records: {len(records)} skipped; containers added after them reached each other "
-          f"{time.monotonic() - written:.1f}s after the writes")
+    print(
+        f"\nbad records: {len(records)} skipped; containers added after them reached each other "
+        f"{time.monotonic() - written:.1f}s after the writes"
+    )
 
     # A restart with the bad records in place: the agent starts, skips them again, and serves.
     host.agent.stop()
@@ -108,6 +116,13 @@ def test_bad_records_under_every_prefix_are_skipped_listed_and_nothing_else_stop
     # Repaired records leave the list.
     for key, _ in records:
         host.ds.delete(key)
-    assert poll(lambda: json.loads(netctl(etcd_server.endpoint, "node", "health", "--run-dir",
-                                          host.agent.run_dir, "-o", "json").stdout)["skipped_records"] == [], 10)
+    assert poll(
+        lambda: (
+            json.loads(
+                netctl(etcd_server.endpoint, "node", "health", "--run-dir", host.agent.run_dir, "-o", "json").stdout
+            )["skipped_records"]
+            == []
+        ),
+        10,
+    )
     assert netctl(etcd_server.endpoint, "check").returncode == 0

@@ -8,6 +8,7 @@ namespaces as containers and real packets between them:
 
 Figures (packets lost, ...) are printed for the README's "faults survived" table (run with ``-s``).
 """
+
 import json
 import os
 import signal
@@ -64,8 +65,11 @@ class Host(Setup):
         self.agent.stop(signal.SIGTERM)
         self.agent.hostname = hostname
         self.agent.start()
-        wait_until("the agent's first sync", lambda: "event=agent.started" in self.agent.log().split(
-            "event=agent.stopped")[-1], 15)
+        wait_until(
+            "the agent's first sync",
+            lambda: "event=agent.started" in self.agent.log().split("event=agent.stopped")[-1],
+            15,
+        )
 
 
 def _host(etcd, host_factory, namespaces, tmp_path, ipv6):
@@ -106,11 +110,15 @@ def test_renamed_host_keeps_every_container_and_reports_their_veths(host):
         assert log.count(f"event=dataplane.unaccounted host_if={name}") == 1, log[-3000:]
     assert host.held(a) and host.held(b) and host.held(c)
     lost = ping["transmitted"] - ping["received"]
-    print(f"\nrenamed host: {lost} of {ping['transmitted']} pings lost (10 ms apart) across the restart and 3 full "
-          f"resyncs; {len(veths)} veths kept, reported as unaccounted")
+    print(
+        f"\nrenamed host: {lost} of {ping['transmitted']} pings lost (10 ms apart) across the restart and 3 full "
+        f"resyncs; {len(veths)} veths kept, reported as unaccounted"
+    )
     assert lost == 0, ping["output"]
-    print(f"renamed host: a new flow between two kept containers passes: {host.pings(a, ip_c)} (policy drops "
-          "traffic of interfaces no record describes)")
+    print(
+        f"renamed host: a new flow between two kept containers passes: {host.pings(a, ip_c)} (policy drops "
+        "traffic of interfaces no record describes)"
+    )
 
     # Back under its own name: the veths are accounted for again and the containers carry on.
     host.restart(original)
@@ -133,8 +141,9 @@ def test_failing_repeated_add_leaves_the_working_container_alone(dual_host, tmp_
     not_a_netns = tmp_path / "not-a-netns"
     not_a_netns.write_text("")
     for what, netns, config in (
-            ("IPv6 with MTU 1000", f"/run/netns/{a}", dict(h.cni.config, mtu=1000)),
-            ("netns a regular file", str(not_a_netns), None)):
+        ("IPv6 with MTU 1000", f"/run/netns/{a}", dict(h.cni.config, mtu=1000)),
+        ("netns a regular file", str(not_a_netns), None),
+    ):
         rc, out, err = h.cni.call("ADD", a, netns, config=config)
         assert rc == 1 and out.get("code") == 7, (what, out, err)
         assert h.held(a) == held, f"{what}: the retry released the working container's addresses"
@@ -165,9 +174,14 @@ def test_cni_netns_that_is_not_a_namespace_is_refused_and_nothing_is_created(hos
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)  # opening it would block: it must never be opened
     before_links = host.links()
-    for i, (netns, why) in enumerate(((str(regular), "not an nsfs file"), (str(fifo), "not an nsfs file"),
-                                      (str(tmp_path), "not an nsfs file"),
-                                      (f"/proc/{os.getpid()}/ns/mnt", "a namespace of another kind"))):
+    for i, (netns, why) in enumerate(
+        (
+            (str(regular), "not an nsfs file"),
+            (str(fifo), "not an nsfs file"),
+            (str(tmp_path), "not an nsfs file"),
+            (f"/proc/{os.getpid()}/ns/mnt", "a namespace of another kind"),
+        )
+    ):
         container = f"notns{i}"
         started = time.monotonic()
         rc, out, err = host.cni.call("ADD", container, netns, timeout=30)
@@ -211,5 +225,7 @@ def test_a_record_seen_going_removes_its_veth_a_record_gone_while_down_does_not(
     assert f"event=dataplane.unaccounted host_if={host.veth(b)}" in host.full_log()
     lost = ping["transmitted"] - ping["received"]
     assert lost == 0, ping["output"]
-    print(f"\nrecord deleted while the agent was down: veth kept, {lost} of {ping['transmitted']} pings lost; a new "
-          f"flow to it passes: {host.pings(c, ip_b)}")
+    print(
+        f"\nrecord deleted while the agent was down: veth kept, {lost} of {ping['transmitted']} pings lost; a new "
+        f"flow to it passes: {host.pings(c, ip_b)}"
+    )

@@ -6,6 +6,7 @@ etcd through socat bridges (tests/etcd.py), and containers ADDed by the installe
 proves, it proves with packets (continuous pings, a denied TCP port), CNI answers and the agent's log; the
 figures it measured are printed (``-s``) for the README's "faults survived" table.
 """
+
 import os
 import re
 import subprocess
@@ -60,8 +61,13 @@ class Rig:
         self.ns = self.nss.add()
         self.etcd.bridge_into(self.ns)
         # The periodic full resync is pushed far away: whatever reaches the agent within a test came by the watch.
-        self.agent = AgentProcess(self.ns, "fault-host", ",".join(self.endpoints), os.path.join(self.workdir, "run"),
-                                  extra_args=["--resync-interval", "600"])
+        self.agent = AgentProcess(
+            self.ns,
+            "fault-host",
+            ",".join(self.endpoints),
+            os.path.join(self.workdir, "run"),
+            extra_args=["--resync-interval", "600"],
+        )
         self.agent.start()
         self.cni = CniBinary(os.path.join(self.workdir, "cni"), self.agent.socket, network=NETWORK, pools=[POOL])
         return self
@@ -83,8 +89,9 @@ class Rig:
         return ns, self.containers[-1][1]
 
     def ping(self, ns, address):
-        wait_until(f"{ns} to reach {address}",
-                   lambda: nsexec(ns, f"ping -c1 -W0.3 {address}", check=False).returncode == 0, 10)
+        wait_until(
+            f"{ns} to reach {address}", lambda: nsexec(ns, f"ping -c1 -W0.3 {address}", check=False).returncode == 0, 10
+        )
         p = Pinger(ns, address, PING_INTERVAL)
         self.pingers.append(p)
         return p
@@ -97,8 +104,12 @@ class Rig:
         path = os.path.join(self.workdir, "policy.yaml")
         with open(path, "w") as f:
             f.write(text)
-        p = subprocess.run([NETCTL, "--etcd-endpoints", ",".join(self.endpoints), "policy", "apply", "-f", path],
-                           capture_output=True, text=True, timeout=30)
+        p = subprocess.run(
+            [NETCTL, "--etcd-endpoints", ",".join(self.endpoints), "policy", "apply", "-f", path],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert p.returncode == 0, p.stderr
         # The policy's own revision: the store's may be ahead with writes the agent has no reason to sync for.
         name = re.search(r"metadata: \{name: ([\w-]+)\}", text).group(1)
@@ -158,8 +169,10 @@ def seconds_until_synced(rig, revision, timeout):
 
 
 def report(fault, **figures):
-    print(f"\nFAULT {fault}: " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
-                                         for k, v in figures.items()))
+    print(
+        f"\nFAULT {fault}: "
+        + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items())
+    )
 
 
 @pytest.fixture
@@ -184,6 +197,7 @@ def single_etcd():
 
 # --- etcd killed and restarted ------------------------------------------------------------------------------------
 
+
 def test_etcd_killed_and_restarted(make_rig):
     etcd = single_etcd()
     rig = make_rig(etcd, [etcd.endpoint])
@@ -202,13 +216,20 @@ def test_etcd_killed_and_restarted(make_rig):
     revision = rig.apply(WEB_ICMP_ONLY)
     watch_s = seconds_until_synced(rig, revision, IDLE_TIMEOUT + 10)
     sent, received = pinger.result()
-    report("etcd killed and restarted", pings_sent=sent, pings_lost=sent - received, add_failed_in_s=add_s,
-           add_works_after_restart_s=recover_s, change_reached_agent_s=watch_s,
-           total_recovery_s=time.monotonic() - restarted)
+    report(
+        "etcd killed and restarted",
+        pings_sent=sent,
+        pings_lost=sent - received,
+        add_failed_in_s=add_s,
+        add_works_after_restart_s=recover_s,
+        change_reached_agent_s=watch_s,
+        total_recovery_s=time.monotonic() - restarted,
+    )
     assert sent > 50 and received == sent
 
 
 # --- a 3-member etcd losing one member, then its quorum -----------------------------------------------------------
+
 
 def test_three_member_etcd_losing_one_member_then_quorum(make_rig):
     cluster = EtcdCluster(3).start()
@@ -255,15 +276,22 @@ def test_three_member_etcd_losing_one_member_then_quorum(make_rig):
     revision = rig.apply(WEB_ICMP_ONLY.replace("web-icmp-only", "third-policy"))
     watch_s = seconds_until_synced(rig, revision, IDLE_TIMEOUT + 10)
     sent, received = pinger.result()
-    report("3-member etcd, quorum lost then back", pings_sent=sent, pings_lost=sent - received,
-           add_failed_in_s=max(add_s, add2_s), add_works_after_quorum_s=recover_s, change_reached_agent_s=watch_s,
-           total_recovery_s=time.monotonic() - returned)
+    report(
+        "3-member etcd, quorum lost then back",
+        pings_sent=sent,
+        pings_lost=sent - received,
+        add_failed_in_s=max(add_s, add2_s),
+        add_works_after_quorum_s=recover_s,
+        change_reached_agent_s=watch_s,
+        total_recovery_s=time.monotonic() - returned,
+    )
     assert sent > 100 and received == sent
     assert_reachability(client, "client", enforced, {"web": ip_web}, 1.0)
     first.start()
 
 
 # --- a half-open watch connection ---------------------------------------------------------------------------------
+
 
 def established_ports(ns, port):
     """Local ports of the host's established TCP connections to ``port`` (the agent's, to its etcd bridge)."""
@@ -293,6 +321,7 @@ def test_half_open_watch_connection_is_replaced_within_the_idle_timeout(make_rig
 
 # --- etcd restored from an older snapshot -------------------------------------------------------------------------
 
+
 def test_etcd_restored_from_an_older_snapshot(make_rig, tmp_path):
     """etcdctl snapshot save, more writes (a container, a policy), etcd stopped and restored from the snapshot:
     its revision is now below the one the agent's watch resumes from. The agent notices, resyncs everything, and
@@ -313,15 +342,23 @@ def test_etcd_restored_from_an_older_snapshot(make_rig, tmp_path):
     etcd.restore(snapshot)
     restored = time.monotonic()
     assert rig.ds.revision() < last
-    wait_until("the agent to notice the revision going backwards",
-               lambda: "event=watch.revision_backwards" in rig.log(), IDLE_TIMEOUT + 10)
+    wait_until(
+        "the agent to notice the revision going backwards",
+        lambda: "event=watch.revision_backwards" in rig.log(),
+        IDLE_TIMEOUT + 10,
+    )
     # The resync read the restored state: a write after the restore reaches the agent, though its revision
     # number was already used by the lost history.
-    revision = rig.ds.put(keys.policy("after-restore"), {"metadata": {"name": "after-restore"},
-                                                         "spec": {"selector": {"matchLabels": {"app": "none"}}}})
+    revision = rig.ds.put(
+        keys.policy("after-restore"),
+        {"metadata": {"name": "after-restore"}, "spec": {"selector": {"matchLabels": {"app": "none"}}}},
+    )
     assert revision <= last
-    wait_until("a write after the restore to reach the agent",
-               lambda: rig.synced(revision, after="event=watch.revision_backwards"), 10)
+    wait_until(
+        "a write after the restore to reach the agent",
+        lambda: rig.synced(revision, after="event=watch.revision_backwards"),
+        10,
+    )
     assert rig.agent.proc.poll() is None, rig.agent.log()
     resync_s = time.monotonic() - restored
     sent, received = pinger.result()
@@ -337,8 +374,10 @@ def test_etcd_restored_from_an_older_snapshot(make_rig, tmp_path):
     _, rc, out, _ = rig.add()
     if rc != 0:
         assert "already routed" in out.get("msg", ""), out
-        gaps.append(f"ADD after the restore refused: IPAM hands out again the address of container {c}, which "
-                    f"etcd no longer records ({out['msg']})")
+        gaps.append(
+            f"ADD after the restore refused: IPAM hands out again the address of container {c}, which "
+            f"etcd no longer records ({out['msg']})"
+        )
     # A full sync (the agent's start-up; the periodic one is 10 min away here) must not delete c's veth either:
     # c's endpoint record is gone with the lost history, and keeping its veth is the dataplane's "never delete
     # what you cannot account for" (issue 16, item 4).
@@ -347,9 +386,16 @@ def test_etcd_restored_from_an_older_snapshot(make_rig, tmp_path):
     wait_until("a full sync", lambda: "full=True" in rig.log().split("event=agent.stopped")[-1], 10)
     lost = sorted(set(veths) - set(rig.veths()))
     assert nsexec(a, f"ping -c1 -W1 {ip_b}", check=False).returncode == 0, "a and b are in the snapshot"
-    assert not lost, (f"the full sync after the restore deleted {lost}, the veth of container {c} added after "
-                      "the snapshot: interfaces etcd does not record must be kept")
-    report("etcd restored from an older snapshot", pings_sent=sent, pings_lost=sent - received,
-           resynced_s=resync_s, gaps=len(gaps))
+    assert not lost, (
+        f"the full sync after the restore deleted {lost}, the veth of container {c} added after "
+        "the snapshot: interfaces etcd does not record must be kept"
+    )
+    report(
+        "etcd restored from an older snapshot",
+        pings_sent=sent,
+        pings_lost=sent - received,
+        resynced_s=resync_s,
+        gaps=len(gaps),
+    )
     if gaps:
         pytest.xfail("; ".join(gaps))

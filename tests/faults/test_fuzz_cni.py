@@ -14,6 +14,7 @@ own text) ``fuzz_examples`` times; ``test_fuzz_installed_binary`` execs the inst
 more) a tenth as often, at least 200 times. The default is a short run; ``NETPLUGIN_FUZZ_EXAMPLES=10000`` is the
 long one (10,000 in-process calls and 1,000 execs).
 """
+
 import contextlib
 import copy
 import io
@@ -44,16 +45,23 @@ COMMANDS = ("ADD", "DEL", "CHECK", "STATUS", "GC")
 
 # --- what is generated -----------------------------------------------------------------------------------------
 
-huge_text = st.builds(lambda s, n: s * n, st.sampled_from(["x", "é", "/", "💥", "\x00", "a.b-", "\\u0000"]),
-                      st.integers(300, 70000))
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70), st.floats(), st.text(max_size=24),
-                    huge_text)
-junk = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
-                                                                                         max_size=4),
-                    max_leaves=12)
-odd_env = st.one_of(st.just(""), st.text(max_size=30).filter(lambda t: "\x00" not in t),
-                    st.binary(min_size=1, max_size=30).filter(lambda b: b"\x00" not in b),
-                    st.builds(lambda n: "z" * n, st.integers(16, 5000)))
+huge_text = st.builds(
+    lambda s, n: s * n, st.sampled_from(["x", "é", "/", "💥", "\x00", "a.b-", "\\u0000"]), st.integers(300, 70000)
+)
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=24), huge_text
+)
+junk = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12,
+)
+odd_env = st.one_of(
+    st.just(""),
+    st.text(max_size=30).filter(lambda t: "\x00" not in t),
+    st.binary(min_size=1, max_size=30).filter(lambda b: b"\x00" not in b),
+    st.builds(lambda n: "z" * n, st.integers(16, 5000)),
+)
 
 
 def _paths(node, depth=0):
@@ -90,22 +98,27 @@ def stdin_of(draw, conf):
     """(bytes, decodes?): mostly the config as JSON; sometimes bytes that are no JSON object at all. "Decodes"
     is True, False (the answer must be code 6) or None (either is right: a parser's depth or digit limit)."""
     text = json.dumps(conf).encode()
-    how = draw(st.sampled_from(["json"] * 6 + ["truncated", "non-utf8", "list", "scalar", "empty", "binary",
-                                               "bom", "padded", "deep", "bignum"]))
+    how = draw(
+        st.sampled_from(
+            ["json"] * 6
+            + ["truncated", "non-utf8", "list", "scalar", "empty", "binary", "bom", "padded", "deep", "bignum"]
+        )
+    )
     if how == "json":
         return text, True
     if how == "padded":
         return b" \n\t" + text + b"\n ", True
     if how == "truncated":
-        return text[:draw(st.integers(0, len(text) - 1))], False
+        return text[: draw(st.integers(0, len(text) - 1))], False
     if how == "non-utf8":
         cut = draw(st.integers(0, len(text)))
-        return text[:cut] + draw(st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\x80\x80"])) + text[cut:], \
-            False
+        return text[:cut] + draw(st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\x80\x80"])) + text[cut:], False
     if how == "deep":  # nested objects under a junk key: valid JSON, deeper than any parser's stack
         depth = draw(st.sampled_from([40, 200, 900, 990, 5000, 100000]))
-        return text[:-1] + b', "deep": ' + b'{"a": ' * depth + b"1" + b"}" * depth + b"}", \
-            True if depth <= 40 else None if depth < 1000 else False  # 7 over plugin.MAX_DEPTH, or 6
+        return (
+            text[:-1] + b', "deep": ' + b'{"a": ' * depth + b"1" + b"}" * depth + b"}",
+            True if depth <= 40 else None if depth < 1000 else False,
+        )  # 7 over plugin.MAX_DEPTH, or 6
     if how == "bignum":  # an integer of more digits than Python converts by default
         return text[:-1] + b', "n": ' + b"7" * draw(st.sampled_from([4300, 4301, 100000])) + b"}", None
     if how == "list":
@@ -128,8 +141,10 @@ class Invocation:
         self.env_ok, self.stdin_ok, self.conf_ok = env_ok, stdin_ok, conf_ok
 
     def __repr__(self):
-        short = {k: (v[:60] + type(v)(b"..." if isinstance(v, bytes) else "...")) if len(v) > 60 else v
-                 for k, v in self.env.items()}
+        short = {
+            k: (v[:60] + type(v)(b"..." if isinstance(v, bytes) else "...")) if len(v) > 60 else v
+            for k, v in self.env.items()
+        }
         return f"Invocation(env={short!r}, stdin={self.stdin[:300]!r}, ok={self.env_ok, self.stdin_ok, self.conf_ok})"
 
 
@@ -149,15 +164,28 @@ class Lab:
         self.log_offset = os.path.getsize(host.agent.log_path)
         self.rtnl_host, self.rtnl_container = NetNS(host.ns), NetNS(netns)
         base = dict(host.cni.config)
-        prev = {"cniVersion": "1.1.0", "interfaces": [{"name": "eth0", "sandbox": self.netns_path}],
-                "ips": [{"address": "10.70.0.9/32", "gateway": "169.254.1.1", "interface": 0}]}
+        prev = {
+            "cniVersion": "1.1.0",
+            "interfaces": [{"name": "eth0", "sandbox": self.netns_path}],
+            "ips": [{"address": "10.70.0.9/32", "gateway": "169.254.1.1", "interface": 0}],
+        }
         self.bases = {
-            "ADD": [base, dict(base, cniVersion="0.3.1"), dict(base, cniVersion="1.0.0"),
-                    dict(base, args={"labels": {"app": "web"}, "cni": {"labels": [{"key": "tier", "value": "a"}]}}),
-                    dict(base, args={"org.apache.mesos": {"network_info": {
-                        "name": NETWORK, "labels": {"labels": [{"key": "task", "value": "api"}]}}}}),
-                    dict(base, runtimeConfig={"ips": ["10.70.0.77"]}),
-                    dict(base, prevResult=prev)],
+            "ADD": [
+                base,
+                dict(base, cniVersion="0.3.1"),
+                dict(base, cniVersion="1.0.0"),
+                dict(base, args={"labels": {"app": "web"}, "cni": {"labels": [{"key": "tier", "value": "a"}]}}),
+                dict(
+                    base,
+                    args={
+                        "org.apache.mesos": {
+                            "network_info": {"name": NETWORK, "labels": {"labels": [{"key": "task", "value": "api"}]}}
+                        }
+                    },
+                ),
+                dict(base, runtimeConfig={"ips": ["10.70.0.77"]}),
+                dict(base, prevResult=prev),
+            ],
             "DEL": [base, dict(base, cniVersion="0.4.0", prevResult=prev)],
             "CHECK": [dict(base, prevResult=prev)],
             "STATUS": [base],
@@ -186,13 +214,30 @@ class Lab:
             if not conf_ok:
                 conf = draw(mutated(conf))
             stdin, stdin_ok = draw(stdin_of(conf))
-            env = {"CNI_COMMAND": command, "CNI_CONTAINERID": f"fz{self.counter}", "CNI_NETNS": self.netns_path,
-                   "CNI_IFNAME": "eth0", "CNI_PATH": self.host.cni.bin_dir, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-                   plugin.AGENT_SOCKET_ENV: self.host.agent.socket}
+            env = {
+                "CNI_COMMAND": command,
+                "CNI_CONTAINERID": f"fz{self.counter}",
+                "CNI_NETNS": self.netns_path,
+                "CNI_IFNAME": "eth0",
+                "CNI_PATH": self.host.cni.bin_dir,
+                "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                plugin.AGENT_SOCKET_ENV: self.host.agent.socket,
+            }
             env_ok = True
             for _ in range(draw(st.sampled_from([0, 0, 1, 2]))):
-                name = draw(st.sampled_from(["CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME",
-                                             "CNI_ARGS", "CNI_PATH", plugin.AGENT_SOCKET_ENV]))
+                name = draw(
+                    st.sampled_from(
+                        [
+                            "CNI_COMMAND",
+                            "CNI_CONTAINERID",
+                            "CNI_NETNS",
+                            "CNI_IFNAME",
+                            "CNI_ARGS",
+                            "CNI_PATH",
+                            plugin.AGENT_SOCKET_ENV,
+                        ]
+                    )
+                )
                 value = self._odd_value(draw, name)
                 if value is None:
                     env.pop(name, None)
@@ -208,11 +253,27 @@ class Lab:
         special = {
             "CNI_COMMAND": ["add", "VERSION", "ADD ", "DELETE", "GC", "STATUS"],
             "CNI_CONTAINERID": ["-lead", "a b", "ctr/1", "é", "fz-ok.1_2"],
-            "CNI_NETNS": [self.file, self.scratch, os.path.join(self.scratch, "missing"), "netns", "/dev/null",
-                          self.netns_path + "/", f"/run/netns/../netns/{self.netns}"],
+            "CNI_NETNS": [
+                self.file,
+                self.scratch,
+                os.path.join(self.scratch, "missing"),
+                "netns",
+                "/dev/null",
+                self.netns_path + "/",
+                f"/run/netns/../netns/{self.netns}",
+            ],
             "CNI_IFNAME": ["lo", "net1", ".", "..", "a/b", "a:b", "x" * 16, "é", "eth 0", "éééééééé"],
-            "CNI_ARGS": ["IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p", "IP=10.70.0.9", "IP=junk",
-                         "IP=10.70.0.9,fd00::1", "=", ";;", "a", "K8S_POD_NAME=" + "p" * 300, "IP=192.0.2.1"],
+            "CNI_ARGS": [
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p",
+                "IP=10.70.0.9",
+                "IP=junk",
+                "IP=10.70.0.9,fd00::1",
+                "=",
+                ";;",
+                "a",
+                "K8S_POD_NAME=" + "p" * 300,
+                "IP=192.0.2.1",
+            ],
             "CNI_PATH": ["", "/nonexistent", "a:b:c"],
             plugin.AGENT_SOCKET_ENV: [os.path.join(self.scratch, "no-agent.sock"), self.file],
         }[name]
@@ -228,8 +289,7 @@ class Lab:
 
 def exec_binary(lab, inv):
     """The installed binary, exactly as a runtime runs it."""
-    env = {k.encode() if isinstance(k, str) else k: v.encode() if isinstance(v, str) else v
-           for k, v in inv.env.items()}
+    env = {k.encode() if isinstance(k, str) else k: v.encode() if isinstance(v, str) else v for k, v in inv.env.items()}
     p = subprocess.run([lab.host.cni.bin_path], input=inv.stdin, env=env, capture_output=True, timeout=180)
     return p.returncode, p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace")
 
@@ -296,15 +356,23 @@ def del_after_add(lab, inv, call):
     """The runtime's DEL after a successful ADD: same environment, the config's name."""
     conf = json.loads(inv.stdin)
     env = dict(inv.env, CNI_COMMAND="DEL", **{plugin.AGENT_SOCKET_ENV: lab.host.agent.socket})
-    del_inv = Invocation(env, json.dumps({"cniVersion": conf["cniVersion"], "name": conf["name"],
-                                          "type": "netplugin"}).encode(), conf, "DEL", False, True, True)
+    del_inv = Invocation(
+        env,
+        json.dumps({"cniVersion": conf["cniVersion"], "name": conf["name"], "type": "netplugin"}).encode(),
+        conf,
+        "DEL",
+        False,
+        True,
+        True,
+    )
     rc, stdout, stderr = call(lab, del_inv)
     assert rc == 0 and stdout == "" and stderr == "", (inv, stdout, stderr)
 
 
 def fuzz(lab, call, examples):
-    @settings(max_examples=examples, deadline=None, database=None, derandomize=False,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=examples, deadline=None, database=None, derandomize=False, suppress_health_check=list(HealthCheck)
+    )
     @given(inv=lab.strategy())
     def one(inv):
         rc, stdout, stderr = call(lab, inv)
@@ -348,14 +416,19 @@ def sweep_and_check(lab):
     leftovers = host.ds.list(keys.endpoint_prefix(host.agent.hostname))
     for kv in leftovers:
         ep = kv.value
-        rc, out, err = host.cni.call("DEL", ep["container_id"], "", ep["ifname"],
-                                     config=dict(host.cni.config, name=ep["network"]))
+        rc, out, err = host.cni.call(
+            "DEL", ep["container_id"], "", ep["ifname"], config=dict(host.cni.config, name=ep["network"])
+        )
         assert rc == 0, (ep, out, err)
     assert health(host.agent.socket).split()[1] == "200"
     rc, out, err = host.cni.call("STATUS")
     assert (rc, out) == (0, {}), (out, err)
-    check = subprocess.run([console_script("netctl"), "--etcd-endpoints", host.ds.config.endpoints[0],
-                            "ipam", "check"], capture_output=True, text=True, timeout=60)
+    check = subprocess.run(
+        [console_script("netctl"), "--etcd-endpoints", host.ds.config.endpoints[0], "ipam", "check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert check.returncode == 0 and "clean" in check.stdout, check.stdout + check.stderr
     assert host.veths() == set() and host.container_routes() == []
     assert host.ds.list(keys.ENDPOINTS) == [] and host.ds.list(keys.HANDLES) == []

@@ -16,6 +16,7 @@ The number of requests is ``NETPLUGIN_FUZZ_EXAMPLES`` (tests/faults/conftest.py)
 10,000 for the long one; the agent is restarted halfway. ``NETPLUGIN_FUZZ_DEBUG=1`` prints every error answer
 (to see what the generator reaches).
 """
+
 import json
 import os
 import time
@@ -73,6 +74,7 @@ class Plugin:
 
 # --- what a well-formed answer is -----------------------------------------------------------------------------------
 
+
 def _is_cidr(value):
     try:
         return isinstance(value, str) and "/" in value and netaddr.IPNetwork(value) is not None
@@ -83,20 +85,30 @@ def _is_cidr(value):
 SHAPES = {
     "Plugin.Activate": lambda a: a == {"Implements": ["NetworkDriver", "IpamDriver"]},
     "NetworkDriver.GetCapabilities": lambda a: a == {"Scope": "local", "ConnectivityScope": "global"},
-    "IpamDriver.GetCapabilities": lambda a: set(a) == {"RequiresMACAddress", "RequiresRequestReplay"} and all(
-        isinstance(v, bool) for v in a.values()),
-    "IpamDriver.GetDefaultAddressSpaces": lambda a: a == {"LocalDefaultAddressSpace": "netplugin",
-                                                          "GlobalDefaultAddressSpace": "netplugin"},
-    "IpamDriver.RequestPool": lambda a: set(a) == {"PoolID", "Pool", "Data"} and isinstance(a["PoolID"], str)
-    and _is_cidr(a["Pool"]) and isinstance(a["Data"], dict),
-    "IpamDriver.RequestAddress": lambda a: set(a) == {"Address", "Data"} and _is_cidr(a["Address"])
-    and isinstance(a["Data"], dict),
+    "IpamDriver.GetCapabilities": lambda a: (
+        set(a) == {"RequiresMACAddress", "RequiresRequestReplay"} and all(isinstance(v, bool) for v in a.values())
+    ),
+    "IpamDriver.GetDefaultAddressSpaces": lambda a: (
+        a == {"LocalDefaultAddressSpace": "netplugin", "GlobalDefaultAddressSpace": "netplugin"}
+    ),
+    "IpamDriver.RequestPool": lambda a: (
+        set(a) == {"PoolID", "Pool", "Data"}
+        and isinstance(a["PoolID"], str)
+        and _is_cidr(a["Pool"])
+        and isinstance(a["Data"], dict)
+    ),
+    "IpamDriver.RequestAddress": lambda a: (
+        set(a) == {"Address", "Data"} and _is_cidr(a["Address"]) and isinstance(a["Data"], dict)
+    ),
     "NetworkDriver.EndpointOperInfo": lambda a: set(a) == {"Value"} and isinstance(a["Value"], dict),
     "NetworkDriver.CreateEndpoint": lambda a: a in ({}, {"Interface": {}}),
     "NetworkDriver.AllocateNetwork": lambda a: a == {"Options": {}},
-    "NetworkDriver.Join": lambda a: set(a) == {"InterfaceName", "StaticRoutes", "DisableGatewayService"}
-    and isinstance(a["InterfaceName"].get("SrcName"), str) and a["InterfaceName"].get("DstPrefix") == "eth"
-    and all(_is_cidr(r.get("Destination")) and r.get("RouteType") in (0, 1) for r in a["StaticRoutes"]),
+    "NetworkDriver.Join": lambda a: (
+        set(a) == {"InterfaceName", "StaticRoutes", "DisableGatewayService"}
+        and isinstance(a["InterfaceName"].get("SrcName"), str)
+        and a["InterfaceName"].get("DstPrefix") == "eth"
+        and all(_is_cidr(r.get("Destination")) and r.get("RouteType") in (0, 1) for r in a["StaticRoutes"])
+    ),
 }
 
 
@@ -121,6 +133,7 @@ def check_answer(method, status, ctype, data, http_method):
 
 
 # --- the model of what dockerd would have to clean up ----------------------------------------------------------------
+
 
 class Model:
     def __init__(self, sandboxes):
@@ -169,28 +182,101 @@ def _same_ip(a, b):
 # --- strategies ----------------------------------------------------------------------------------------------------
 
 junk = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=20),
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-    max_leaves=12)
+    max_leaves=12,
+)
 huge = st.sampled_from("a/:é\x00\n%\ud800").flatmap(lambda c: st.integers(200, 200_000).map(lambda n: c * n))
-weird_text = st.one_of(st.text(max_size=40), huge, st.sampled_from(
-    ["", " ", "\ud800", "\udcff", "../../etc", "a/b", "10.77.0.0/16\n", "null", "%s%n", "\x00", "é" * 3]))
-cidr4 = st.builds(lambda a, b, plen: f"10.77.{a}.{b}/{plen}", st.integers(0, 255), st.sampled_from([0, 64, 128]),
-                  st.sampled_from([16, 24, 25, 26, 30, 32]))
-bad_cidr = st.sampled_from(["10.77.0.0/33", "10.77.0.5/16", "10.77.0.0", "300.1.1.1/8", "::/200", "fd77::/64x",
-                            "10.77.0.0/-1", "10.77.0.0/016", " 10.77.0.0/24", "10.77.0.0/24 ", "1e1.0.0.0/8",
-                            "0x0a.0.0.0/8", "10.77/16", "fd77::/64/64", "10.78.0.0/24", "10.76.0.0/15"])
-reserved_cidr = st.sampled_from(["0.0.0.0/0", "::/0", "127.0.0.0/8", "169.254.0.0/16", "169.254.1.0/24",
-                                 "224.0.0.0/4", "fe80::/64", "ff00::/8", "255.255.255.255/32", "0.0.0.0/8"])
-subnet = st.one_of(cidr4.map(lambda c: str(netaddr.IPNetwork(c).cidr)), st.just(POOL4), st.just(POOL6),
-                   st.just("fd77::/80"), st.just("fd77:0:0:0:1::/80"), bad_cidr, reserved_cidr)
-mac = st.one_of(st.just("02:42:0a:4d:00:07"), st.just(""), st.sampled_from(
-    ["zz:zz:zz:zz:zz:zz", "02:42:0a", "ff:ff:ff:ff:ff:ff", "01:00:5e:00:00:01", "00:00:00:00:00:00",
-     "02-42-0a-4d-00-07", "0242.0a4d.0007", "02:42:0a:4d:00:07:08"]), st.text(max_size=20))
-sandbox_like = st.sampled_from(["", "relative/path", "/", "/nonexistent/netns", "/proc/self/ns/net", "/dev/null",
-                                "/etc/passwd", "/run/netns/", "/run/netns/../../etc"])
-mtu = st.one_of(st.sampled_from(["1500", "1400", "68", "67", "65536", "0", "-1", "1e3", " 1500", "1500.0", "",
-                                 "9000", "1279"]), st.integers(-10, 70000))
+weird_text = st.one_of(
+    st.text(max_size=40),
+    huge,
+    st.sampled_from(
+        ["", " ", "\ud800", "\udcff", "../../etc", "a/b", "10.77.0.0/16\n", "null", "%s%n", "\x00", "é" * 3]
+    ),
+)
+cidr4 = st.builds(
+    lambda a, b, plen: f"10.77.{a}.{b}/{plen}",
+    st.integers(0, 255),
+    st.sampled_from([0, 64, 128]),
+    st.sampled_from([16, 24, 25, 26, 30, 32]),
+)
+bad_cidr = st.sampled_from(
+    [
+        "10.77.0.0/33",
+        "10.77.0.5/16",
+        "10.77.0.0",
+        "300.1.1.1/8",
+        "::/200",
+        "fd77::/64x",
+        "10.77.0.0/-1",
+        "10.77.0.0/016",
+        " 10.77.0.0/24",
+        "10.77.0.0/24 ",
+        "1e1.0.0.0/8",
+        "0x0a.0.0.0/8",
+        "10.77/16",
+        "fd77::/64/64",
+        "10.78.0.0/24",
+        "10.76.0.0/15",
+    ]
+)
+reserved_cidr = st.sampled_from(
+    [
+        "0.0.0.0/0",
+        "::/0",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "169.254.1.0/24",
+        "224.0.0.0/4",
+        "fe80::/64",
+        "ff00::/8",
+        "255.255.255.255/32",
+        "0.0.0.0/8",
+    ]
+)
+subnet = st.one_of(
+    cidr4.map(lambda c: str(netaddr.IPNetwork(c).cidr)),
+    st.just(POOL4),
+    st.just(POOL6),
+    st.just("fd77::/80"),
+    st.just("fd77:0:0:0:1::/80"),
+    bad_cidr,
+    reserved_cidr,
+)
+mac = st.one_of(
+    st.just("02:42:0a:4d:00:07"),
+    st.just(""),
+    st.sampled_from(
+        [
+            "zz:zz:zz:zz:zz:zz",
+            "02:42:0a",
+            "ff:ff:ff:ff:ff:ff",
+            "01:00:5e:00:00:01",
+            "00:00:00:00:00:00",
+            "02-42-0a-4d-00-07",
+            "0242.0a4d.0007",
+            "02:42:0a:4d:00:07:08",
+        ]
+    ),
+    st.text(max_size=20),
+)
+sandbox_like = st.sampled_from(
+    [
+        "",
+        "relative/path",
+        "/",
+        "/nonexistent/netns",
+        "/proc/self/ns/net",
+        "/dev/null",
+        "/etc/passwd",
+        "/run/netns/",
+        "/run/netns/../../etc",
+    ]
+)
+mtu = st.one_of(
+    st.sampled_from(["1500", "1400", "68", "67", "65536", "0", "-1", "1e3", " 1500", "1500.0", "", "9000", "1279"]),
+    st.integers(-10, 70000),
+)
 
 
 def chance(draw, p):
@@ -208,17 +294,54 @@ def pick(draw, seq):
 
 def _pool_id(draw, model):
     known = pick(draw, sorted(model.pools) or ["10.77.0.0/16|10.77.0.0/16|"])
-    return pick(draw, [known] * 6 + [known.replace("|", "|x", 1), draw(weird_text), pick(draw, [
-        "", "|", "||", "a|b|c", "10.77.0.0/16|10.78.0.0/24|", "fd77::/64|fd77::/64|",
-        "10.77.0.0/16|10.77.0.0/16|10.77.1.0/24|"])])
+    return pick(
+        draw,
+        [known] * 6
+        + [
+            known.replace("|", "|x", 1),
+            draw(weird_text),
+            pick(
+                draw,
+                [
+                    "",
+                    "|",
+                    "||",
+                    "a|b|c",
+                    "10.77.0.0/16|10.78.0.0/24|",
+                    "fd77::/64|fd77::/64|",
+                    "10.77.0.0/16|10.77.0.0/16|10.77.1.0/24|",
+                ],
+            ),
+        ],
+    )
 
 
 def _address(draw, model):
     known = pick(draw, sorted(model.addresses) or ["10.77.0.5/32"])
-    return pick(draw, [known] * 6 + [
-                       f"10.77.{draw(st.integers(0, 255))}.{draw(st.integers(0, 255))}", draw(weird_text),
-                       pick(draw, ["", "fd77::5", "10.77.0.5/16", "169.254.1.1", "10.78.0.1", "10.77.0.0",
-                                   "10.77.255.255", "::", "not-an-ip", "10.77.0.5/33", "1.2.3"])])
+    return pick(
+        draw,
+        [known] * 6
+        + [
+            f"10.77.{draw(st.integers(0, 255))}.{draw(st.integers(0, 255))}",
+            draw(weird_text),
+            pick(
+                draw,
+                [
+                    "",
+                    "fd77::5",
+                    "10.77.0.5/16",
+                    "169.254.1.1",
+                    "10.78.0.1",
+                    "10.77.0.0",
+                    "10.77.255.255",
+                    "::",
+                    "not-an-ip",
+                    "10.77.0.5/33",
+                    "1.2.3",
+                ],
+            ),
+        ],
+    )
 
 
 def valid_body(draw, model, method):
@@ -231,20 +354,34 @@ def valid_body(draw, model, method):
     if name == "CreateNetwork":
         known = sorted(set(model.pools.values())) or [POOL4]
         pools = st.integers(0, 3).flatmap(lambda i: subnet if i == 0 else st.just(pick(draw, known)))
-        v4 = draw(st.lists(st.fixed_dictionaries(
-            {"AddressSpace": st.just("netplugin"), "Pool": pools, "Gateway": st.just("169.254.1.1/32")},
-            optional={"AuxAddresses": st.just({})}), min_size=draw(st.integers(0, 3)) and 1, max_size=2))
+        v4 = draw(
+            st.lists(
+                st.fixed_dictionaries(
+                    {"AddressSpace": st.just("netplugin"), "Pool": pools, "Gateway": st.just("169.254.1.1/32")},
+                    optional={"AuxAddresses": st.just({})},
+                ),
+                min_size=draw(st.integers(0, 3)) and 1,
+                max_size=2,
+            )
+        )
         v6 = draw(st.lists(st.fixed_dictionaries({"AddressSpace": st.just("netplugin"), "Pool": pools}), max_size=1))
-        generic = draw(st.fixed_dictionaries({}, optional={"com.docker.network.driver.mtu": mtu,
-                                                           "color": st.text(max_size=5)}))
-        return {"NetworkID": net_id, "Options": {"com.docker.network.generic": generic,
-                                                  "com.docker.network.enable_ipv6": bool(v6)},
-                "IPv4Data": v4, "IPv6Data": v6}
+        generic = draw(
+            st.fixed_dictionaries({}, optional={"com.docker.network.driver.mtu": mtu, "color": st.text(max_size=5)})
+        )
+        return {
+            "NetworkID": net_id,
+            "Options": {"com.docker.network.generic": generic, "com.docker.network.enable_ipv6": bool(v6)},
+            "IPv4Data": v4,
+            "IPv6Data": v6,
+        }
     if name in ("DeleteNetwork", "AllocateNetwork", "FreeNetwork"):
         return {"NetworkID": net_id}
     if name == "CreateEndpoint":
-        iface = {"Address": _address(draw, model), "AddressIPv6": draw(st.sampled_from(["", "fd77::9/64"])),
-                 "MacAddress": draw(mac)}
+        iface = {
+            "Address": _address(draw, model),
+            "AddressIPv6": draw(st.sampled_from(["", "fd77::9/64"])),
+            "MacAddress": draw(mac),
+        }
         return {"NetworkID": net_id, "EndpointID": ep_id, "Interface": iface, "Options": {}}
     if name == "Join":
         key = draw(sandbox_like) if chance(draw, 0.2) else pick(draw, model.sandboxes)
@@ -253,16 +390,30 @@ def valid_body(draw, model, method):
         return {"DiscoveryType": 1, "DiscoveryData": {"Address": "10.99.0.2", "self": False}}
     if name == "RequestPool":
         pool = draw(subnet)
-        return {"AddressSpace": "netplugin", "Pool": draw(st.sampled_from([pool, ""])),
-                "SubPool": draw(st.sampled_from(["", "10.77.1.128/25", "10.77.1.0/24", pool])), "Options": {},
-                "V6": ":" in pool}
+        return {
+            "AddressSpace": "netplugin",
+            "Pool": draw(st.sampled_from([pool, ""])),
+            "SubPool": draw(st.sampled_from(["", "10.77.1.128/25", "10.77.1.0/24", pool])),
+            "Options": {},
+            "V6": ":" in pool,
+        }
     if name == "ReleasePool":
         return {"PoolID": _pool_id(draw, model)}
     if name == "RequestAddress":
-        opts = draw(st.sampled_from([{}, {"RequestAddressType": "com.docker.network.gateway"},
-                                     {"com.docker.network.endpoint.macaddress": draw(mac)}]))
-        return {"PoolID": _pool_id(draw, model), "Address": draw(st.sampled_from(["", _address(draw, model)])),
-                "Options": opts}
+        opts = draw(
+            st.sampled_from(
+                [
+                    {},
+                    {"RequestAddressType": "com.docker.network.gateway"},
+                    {"com.docker.network.endpoint.macaddress": draw(mac)},
+                ]
+            )
+        )
+        return {
+            "PoolID": _pool_id(draw, model),
+            "Address": draw(st.sampled_from(["", _address(draw, model)])),
+            "Options": opts,
+        }
     if name == "ReleaseAddress":
         return {"PoolID": _pool_id(draw, model), "Address": _address(draw, model)}
     if name in ("GetCapabilities", "GetDefaultAddressSpaces", "Activate"):
@@ -306,7 +457,7 @@ def encode(draw, body, broken):
     kind = draw(st.sampled_from(kinds)) if broken else "json"
     cut = draw(st.integers(0, 1000)) * len(raw) // 1000
     if kind == "truncated" and len(raw) > 1:
-        return raw[:max(1, min(cut, len(raw) - 1))]
+        return raw[: max(1, min(cut, len(raw) - 1))]
     if kind == "bytes":
         return draw(st.binary(max_size=64))
     if kind == "non-utf8":
@@ -321,28 +472,90 @@ def encode(draw, body, broken):
         padded = {**body, "padding": "x" * draw(st.integers(1, 8)) * 1_000_000}
         return json.dumps(padded).encode("utf-8", "surrogatepass")
     if kind == "nan":
-        return draw(st.sampled_from([b"NaN", b'{"NetworkID": NaN}', b'{"V6": Infinity, "AddressSpace": "netplugin"}',
-                                     b'{"PoolID": -Infinity}']))
+        return draw(
+            st.sampled_from(
+                [
+                    b"NaN",
+                    b'{"NetworkID": NaN}',
+                    b'{"V6": Infinity, "AddressSpace": "netplugin"}',
+                    b'{"PoolID": -Infinity}',
+                ]
+            )
+        )
     return raw
 
 
-METHODS = (["Plugin.Activate"]
-           + [f"NetworkDriver.{m}" for m in (
-               "GetCapabilities", "CreateNetwork", "DeleteNetwork", "AllocateNetwork", "FreeNetwork", "CreateEndpoint",
-               "EndpointOperInfo", "DeleteEndpoint", "Join", "Leave", "DiscoverNew", "DiscoverDelete",
-               "ProgramExternalConnectivity", "RevokeExternalConnectivity")]
-           + [f"IpamDriver.{m}" for m in ("GetCapabilities", "GetDefaultAddressSpaces", "RequestPool", "ReleasePool",
-                                          "RequestAddress", "ReleaseAddress")])
+METHODS = (
+    ["Plugin.Activate"]
+    + [
+        f"NetworkDriver.{m}"
+        for m in (
+            "GetCapabilities",
+            "CreateNetwork",
+            "DeleteNetwork",
+            "AllocateNetwork",
+            "FreeNetwork",
+            "CreateEndpoint",
+            "EndpointOperInfo",
+            "DeleteEndpoint",
+            "Join",
+            "Leave",
+            "DiscoverNew",
+            "DiscoverDelete",
+            "ProgramExternalConnectivity",
+            "RevokeExternalConnectivity",
+        )
+    ]
+    + [
+        f"IpamDriver.{m}"
+        for m in (
+            "GetCapabilities",
+            "GetDefaultAddressSpaces",
+            "RequestPool",
+            "ReleasePool",
+            "RequestAddress",
+            "ReleaseAddress",
+        )
+    ]
+)
 # The calls that make state come up more often, so sequences reach deep (create -> endpoint -> join).
-WEIGHTED = METHODS + ["IpamDriver.RequestPool", "IpamDriver.RequestAddress", "NetworkDriver.CreateNetwork",
-                      "NetworkDriver.CreateEndpoint", "NetworkDriver.Join", "NetworkDriver.CreateEndpoint",
-                      "NetworkDriver.Join", "IpamDriver.RequestAddress", "NetworkDriver.DeleteEndpoint",
-                      "IpamDriver.ReleaseAddress"] * 2
-ODD_PATHS = ["/", "/Plugin.Activate/x", "/NetworkDriver.Teleport", "/IpamDriver.", "/%ff%fe", "/a" * 500,
-             "/NetworkDriver.Join?x=1", "//NetworkDriver.Join", "/networkdriver.join", "/NetworkDriver.Join/"]
-CONTENT_TYPES = [MEDIA_TYPE] * 6 + [None, "application/json", "text/plain", "application/x-www-form-urlencoded",
-                                    "multipart/form-data; boundary=x", "application/json; charset=latin-1",
-                                    "text/html; charset=utf-16"]
+WEIGHTED = (
+    METHODS
+    + [
+        "IpamDriver.RequestPool",
+        "IpamDriver.RequestAddress",
+        "NetworkDriver.CreateNetwork",
+        "NetworkDriver.CreateEndpoint",
+        "NetworkDriver.Join",
+        "NetworkDriver.CreateEndpoint",
+        "NetworkDriver.Join",
+        "IpamDriver.RequestAddress",
+        "NetworkDriver.DeleteEndpoint",
+        "IpamDriver.ReleaseAddress",
+    ]
+    * 2
+)
+ODD_PATHS = [
+    "/",
+    "/Plugin.Activate/x",
+    "/NetworkDriver.Teleport",
+    "/IpamDriver.",
+    "/%ff%fe",
+    "/a" * 500,
+    "/NetworkDriver.Join?x=1",
+    "//NetworkDriver.Join",
+    "/networkdriver.join",
+    "/NetworkDriver.Join/",
+]
+CONTENT_TYPES = [MEDIA_TYPE] * 6 + [
+    None,
+    "application/json",
+    "text/plain",
+    "application/x-www-form-urlencoded",
+    "multipart/form-data; boundary=x",
+    "application/json; charset=latin-1",
+    "text/html; charset=utf-16",
+]
 
 
 def one_call(draw, plugin, model):
@@ -351,8 +564,19 @@ def one_call(draw, plugin, model):
     return send(draw, plugin, model, method, valid_body(draw, model, method), fuzz_rate=0.6)
 
 
-LIFECYCLE = ["RequestPool", "CreateNetwork", "RequestAddress", "CreateEndpoint", "Join", "EndpointOperInfo",
-             "Leave", "DeleteEndpoint", "ReleaseAddress", "ReleasePool", "DeleteNetwork"]
+LIFECYCLE = [
+    "RequestPool",
+    "CreateNetwork",
+    "RequestAddress",
+    "CreateEndpoint",
+    "Join",
+    "EndpointOperInfo",
+    "Leave",
+    "DeleteEndpoint",
+    "ReleaseAddress",
+    "ReleasePool",
+    "DeleteNetwork",
+]
 
 
 def lifecycle(draw, plugin, model):
@@ -369,8 +593,9 @@ def lifecycle(draw, plugin, model):
     ctx = {"PoolID": None, "Address": None}
     for step in script:
         body = _lifecycle_body(draw, model, step, net_id, ep_id, subnet, ctx)
-        answer = send(draw, plugin, model, ("IpamDriver." if step in IPAM_STEPS else "NetworkDriver.") + step, body,
-                      fuzz_rate=0.1)
+        answer = send(
+            draw, plugin, model, ("IpamDriver." if step in IPAM_STEPS else "NetworkDriver.") + step, body, fuzz_rate=0.1
+        )
         if answer and "Err" not in answer and step in ("RequestPool", "RequestAddress"):
             ctx.update({k: answer[k] for k in ("PoolID", "Address") if k in answer})
 
@@ -387,8 +612,7 @@ def _lifecycle_body(draw, model, step, net_id, ep_id, subnet, ctx):
         data = [{"AddressSpace": "netplugin", "Pool": subnet, "Gateway": "169.254.1.1/32"}]
         v6 = ":" in subnet
         options = {"com.docker.network.generic": {}, "com.docker.network.enable_ipv6": v6}
-        return {"NetworkID": net_id, "Options": options,
-                "IPv4Data": [] if v6 else data, "IPv6Data": data if v6 else []}
+        return {"NetworkID": net_id, "Options": options, "IPv4Data": [] if v6 else data, "IPv6Data": data if v6 else []}
     if step == "RequestAddress":
         return {"PoolID": pool_id, "Address": "", "Options": {"com.docker.network.endpoint.macaddress": draw(mac)}}
     if step == "CreateEndpoint":
@@ -430,8 +654,9 @@ def send(draw, plugin, model, method, body, fuzz_rate):
     except (AssertionError, ValueError) as e:
         # Kept going: one run lists every distinct malformed answer, not just the first.
         why = (str(e).splitlines() or [type(e).__name__])[0][:160]
-        plugin.failures.setdefault((path, http_method, status, why[:50]),
-                                   f"{why} <- {http_method} {path} {content_type!r} {raw[:160]!r}")
+        plugin.failures.setdefault(
+            (path, http_method, status, why[:50]), f"{why} <- {http_method} {path} {content_type!r} {raw[:160]!r}"
+        )
         return None
     if not plain:
         return None
@@ -445,9 +670,21 @@ def send(draw, plugin, model, method, body, fuzz_rate):
 
 # Never a container's subnet: the gateway every container routes via, loopback, multicast, "this network",
 # reserved and IPv4-mapped space.
-UNUSABLE = [netaddr.IPNetwork(c) for c in ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4",
-                                           "240.0.0.0/4", "::/128", "::1/128", "::ffff:0:0/96", "fe80::/10",
-                                           "ff00::/8")]
+UNUSABLE = [
+    netaddr.IPNetwork(c)
+    for c in (
+        "0.0.0.0/8",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "224.0.0.0/4",
+        "240.0.0.0/4",
+        "::/128",
+        "::1/128",
+        "::ffff:0:0/96",
+        "fe80::/10",
+        "ff00::/8",
+    )
+]
 
 
 def check_meaning(method, body, answer, model):
@@ -461,8 +698,9 @@ def check_meaning(method, body, answer, model):
     if method == "IpamDriver.RequestAddress" and "RequestAddressType" not in (body.get("Options") or {}):
         subnet = netaddr.IPNetwork(str(body.get("PoolID")).split("|")[1])
         ip = netaddr.IPNetwork(answer["Address"])
-        assert ip.ip in subnet and ip.prefixlen == (32 if ip.version == 4 else 128), \
+        assert ip.ip in subnet and ip.prefixlen == (32 if ip.version == 4 else 128), (
             f"RequestAddress answered {ip} for subnet {subnet}"
+        )
         assert not any(_same_ip(a, ip) for a in model.addresses), f"RequestAddress handed out {ip} twice"
 
 
@@ -474,6 +712,7 @@ def _decoded(raw):
 
 
 # --- the run -------------------------------------------------------------------------------------------------------
+
 
 def undo_everything(plugin, model):
     """What dockerd does when the containers and networks go: Leave, DeleteEndpoint, addresses, pools, networks."""
@@ -526,8 +765,13 @@ def test_fuzz_libnetwork(live_plugin, etcd, etcd_server, fuzz_examples):
 
     # An example is a short sequence (about nine requests); rounds of examples run until the count of requests
     # (NETPLUGIN_FUZZ_EXAMPLES) is reached.
-    @settings(max_examples=max(5, fuzz_examples // 40), deadline=None, database=None,
-              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=max(5, fuzz_examples // 40),
+        deadline=None,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(st.data())
     def sequences(data):
         if data.draw(st.booleans()):
@@ -541,12 +785,17 @@ def test_fuzz_libnetwork(live_plugin, etcd, etcd_server, fuzz_examples):
     while plugin.requests < fuzz_examples:
         sequences()
     fuzzed, took = plugin.requests, time.monotonic() - started
-    print(f"\nfuzz: {fuzzed} requests in {took:.1f} s; left to undo: {len(model.endpoints)} endpoints, "
-          f"{len(model.addresses)} addresses, {len(model.pools)} pools, {len(model.networks)} networks")
-    print("answers/errors per method:", ", ".join(f"{m.split('.')[-1]} {a}/{e}" for m, (a, e) in
-                                                   sorted(plugin.outcomes.items())))
+    print(
+        f"\nfuzz: {fuzzed} requests in {took:.1f} s; left to undo: {len(model.endpoints)} endpoints, "
+        f"{len(model.addresses)} addresses, {len(model.pools)} pools, {len(model.networks)} networks"
+    )
+    print(
+        "answers/errors per method:",
+        ", ".join(f"{m.split('.')[-1]} {a}/{e}" for m, (a, e) in sorted(plugin.outcomes.items())),
+    )
     assert not plugin.failures, f"{len(plugin.failures)} distinct bad answers:\n" + "\n".join(
-        sorted(plugin.failures.values()))
+        sorted(plugin.failures.values())
+    )
     assert fuzzed >= fuzz_examples
 
     assert agent.proc.poll() is None, agent.log()
@@ -573,8 +822,17 @@ def test_concurrent_containers(live_plugin, etcd, etcd_server):
     agent, plugin, sandboxes = live_plugin
     net = "%064x" % 0xC0FFEE
     pool = plugin.json("IpamDriver.RequestPool", {"AddressSpace": "netplugin", "Pool": "10.77.9.0/24"})
-    assert plugin.json("NetworkDriver.CreateNetwork", {"NetworkID": net, "IPv4Data": [
-        {"AddressSpace": "netplugin", "Pool": "10.77.9.0/24", "Gateway": "169.254.1.1/32"}], "Options": {}}) == {}
+    assert (
+        plugin.json(
+            "NetworkDriver.CreateNetwork",
+            {
+                "NetworkID": net,
+                "IPv4Data": [{"AddressSpace": "netplugin", "Pool": "10.77.9.0/24", "Gateway": "169.254.1.1/32"}],
+                "Options": {},
+            },
+        )
+        == {}
+    )
 
     def start(i):
         ep = {"NetworkID": net, "EndpointID": "%064x" % (0xE000 + i)}
@@ -586,8 +844,11 @@ def test_concurrent_containers(live_plugin, etcd, etcd_server):
 
     def stop(i, address):
         ep = {"NetworkID": net, "EndpointID": "%064x" % (0xE000 + i)}
-        for method, body in (("NetworkDriver.Leave", ep), ("NetworkDriver.DeleteEndpoint", ep),
-                             ("IpamDriver.ReleaseAddress", {"PoolID": pool["PoolID"], "Address": address})):
+        for method, body in (
+            ("NetworkDriver.Leave", ep),
+            ("NetworkDriver.DeleteEndpoint", ep),
+            ("IpamDriver.ReleaseAddress", {"PoolID": pool["PoolID"], "Address": address}),
+        ):
             assert plugin.json(method, body) == {}, method
 
     with ThreadPoolExecutor(max_workers=8) as workers:

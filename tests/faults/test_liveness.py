@@ -4,6 +4,7 @@ bounded in time, and an agent started before etcd.
 Real agents in throwaway host namespaces and a real etcd. The one in-process test (liveness against a slow
 reclaim) builds a real Agent on the real etcd and swaps in a slow reclaimer: it tests the thread structure.
 """
+
 import os
 import threading
 import time
@@ -49,8 +50,10 @@ def test_leadership_stays_with_one_agent_over_many_lease_ttls(etcd, host_factory
     wait_until("a reclaimer leader", lambda: etcd.get(key), timeout=10)
     samples = watch_key(etcd, key, 4 * TTL)
     lapses = samples.count(None)
-    print(f"\nleader changes over {4 * TTL}s ({4} lease TTLs): {changes(samples)}, samples without a leader: "
-          f"{lapses} of {len(samples)}")
+    print(
+        f"\nleader changes over {4 * TTL}s ({4} lease TTLs): {changes(samples)}, samples without a leader: "
+        f"{lapses} of {len(samples)}"
+    )
     assert lapses == 0 and changes(samples) == 0, samples
     assert samples[0][0] in (a.hostname, b.hostname)
 
@@ -68,8 +71,13 @@ class SlowReclaimer:
 
 
 def test_liveness_keeps_beating_while_a_reclaim_pass_is_slow(etcd, etcd_server, tmp_path):
-    cfg = AgentConfig(hostname="slow-reclaim", etcd=EtcdConfig(endpoints=[etcd_server.endpoint]),
-                      run_dir=str(tmp_path / "run"), liveness_ttl=TTL, reclaim_interval=0.1)
+    cfg = AgentConfig(
+        hostname="slow-reclaim",
+        etcd=EtcdConfig(endpoints=[etcd_server.endpoint]),
+        run_dir=str(tmp_path / "run"),
+        liveness_ttl=TTL,
+        reclaim_interval=0.1,
+    )
     agent = Agent(cfg)
     agent.reclaimer = SlowReclaimer(5 * TTL, agent._stop)
     try:
@@ -85,8 +93,10 @@ def test_liveness_keeps_beating_while_a_reclaim_pass_is_slow(etcd, etcd_server, 
         if agent.liveness.lease:
             etcd.revoke_lease(agent.liveness.lease)
     missing = samples.count(None)
-    print(f"\nliveness samples missing during a {5 * TTL}s reclaim pass: {missing} of {len(samples)}; "
-          f"last beat {age:.1f}s ago")
+    print(
+        f"\nliveness samples missing during a {5 * TTL}s reclaim pass: {missing} of {len(samples)}; "
+        f"last beat {age:.1f}s ago"
+    )
     assert missing == 0 and age < TTL, samples
 
 
@@ -132,6 +142,7 @@ def test_an_agent_started_before_etcd_waits_then_serves(namespaces, tmp_path):
         assert os.path.exists(agent.socket), agent.log()
         ready_in = time.monotonic() - down_at
         from netplugin.datastore.client import Datastore
+
         ds = Datastore(EtcdConfig(endpoints=[server.endpoint]))
         IPAM(ds).add_pool("10.76.0.0/24")
         cni = CniBinary(str(tmp_path / "cni"), agent.socket, network="earlynet", pools=["10.76.0.0/24"])
@@ -163,8 +174,11 @@ def test_an_idle_agent_costs_etcd_little_more_than_its_liveness_beat(etcd, etcd_
     time.sleep(seconds)
     by_after = requests_served(etcd_server.endpoint)
     rate = (sum(by_after.values()) - sum(by_before.values())) / seconds / 2
-    by = {m: round((by_after[m] - by_before.get(m, 0)) / seconds / 2, 3) for m in by_after
-          if by_after[m] != by_before.get(m, 0)}
+    by = {
+        m: round((by_after[m] - by_before.get(m, 0)) / seconds / 2, 3)
+        for m in by_after
+        if by_after[m] != by_before.get(m, 0)
+    }
     beat = 1 / (TTL / 3.0)  # one lease keep-alive per beat is the floor: liveness must be refreshed
     print(f"\nidle etcd requests per agent: {rate:.2f}/s (one keep-alive per beat: {beat:.2f}/s) {by}")
     assert etcd.get(key).value["holder"] in (a.hostname, b.hostname)
@@ -190,8 +204,10 @@ def test_a_killed_leaders_successor_takes_over_within_the_lease_ttl(etcd, host_f
             taken = time.monotonic()
         time.sleep(0.05)
     assert taken is not None, agents[leader].log()
-    print(f"\nleader killed; its key lapsed after {(gone or taken) - killed_at:.2f}s, successor leading after "
-          f"{taken - killed_at:.2f}s (TTL {TTL}s)")
+    print(
+        f"\nleader killed; its key lapsed after {(gone or taken) - killed_at:.2f}s, successor leading after "
+        f"{taken - killed_at:.2f}s (TTL {TTL}s)"
+    )
     # The lease runs its course (at most TTL after the last beat), then the watch's delete event wakes the other.
     assert taken - killed_at < TTL + 1.0
     assert taken - (gone or taken) < 0.35  # the old loops waited for their next beat (up to TTL/3)

@@ -4,6 +4,7 @@ repair drift, and while it is down the CNI binary says "try again later" at once
 A real agent in a throwaway host namespace (``host_factory``), the installed CNI binary, network namespaces as
 containers; traffic only between them.
 """
+
 import os
 import signal
 import time
@@ -152,9 +153,18 @@ def test_agent_restart_keeps_endpoint_records_and_allocations(setup, etcd):
     assert poll(lambda: "event=agent.started" in setup.agent.log().split("event=agent.stopped")[-1], 10)
     again = {kv.key: kv.value for kv in etcd.list("/netplugin/v1/") if "/endpoints/" in kv.key or "/ipam/" in kv.key}
     assert again == state
-    rc, out, err = setup.cni.call("CHECK", a, f"/run/netns/{a}",
-                                  config=dict(setup.cni.config, prevResult={
-                                      "cniVersion": "1.1.0", "interfaces": [{"name": "eth0"}],
-                                      "ips": [{"address": f"{ip_a}/32", "interface": 0}]}))
+    rc, out, err = setup.cni.call(
+        "CHECK",
+        a,
+        f"/run/netns/{a}",
+        config=dict(
+            setup.cni.config,
+            prevResult={
+                "cniVersion": "1.1.0",
+                "interfaces": [{"name": "eth0"}],
+                "ips": [{"address": f"{ip_a}/32", "interface": 0}],
+            },
+        ),
+    )
     assert (rc, out) == (0, {}), (out, err)
     assert os.path.exists(setup.agent.socket)

@@ -1,5 +1,6 @@
 """The agent's TOML config file: options from the file, flags overriding them, the etcd password from a file named
 in it, and one clear line naming file:key for a mistake; ``--version`` of both programs; netctl's completion."""
+
 import os
 import subprocess
 
@@ -21,8 +22,10 @@ def test_agent_reads_its_config_file_and_flags_override_it(auth_etcd, namespaces
     ns = namespaces.add()
     auth_etcd.bridge_into(ns)
     conf = tmp_path / "agent.toml"
-    conf.write_text(f'hostname = "from-the-file"\nmtu = 1400\n\n[etcd]\nendpoints = ["http://192.0.2.1:2379"]\n'
-                    f'user = "root"\npassword_file = "{pw}"\n\n[labels]\nrack = "r7"\nzone = "z2"\n')
+    conf.write_text(
+        f'hostname = "from-the-file"\nmtu = 1400\n\n[etcd]\nendpoints = ["http://192.0.2.1:2379"]\n'
+        f'user = "root"\npassword_file = "{pw}"\n\n[labels]\nrack = "r7"\nzone = "z2"\n'
+    )
     # agent_argv passes --hostname and --etcd-endpoints: flags win over the file's values for those two.
     agent = AgentProcess(ns, ns, auth_etcd.endpoint, str(tmp_path / "run"), extra_args=["--config", str(conf)])
     try:
@@ -36,19 +39,23 @@ def test_agent_reads_its_config_file_and_flags_override_it(auth_etcd, namespaces
         agent.stop()
 
 
-@pytest.mark.parametrize("text,line", [
-    ('hostname = "h"\n[etcd]\npasswrd = "x"\n', "agent.toml:etcd.passwrd: unknown key"),
-    ('hostname = "h"\nmtu = "big"\n', "agent.toml:mtu: must be a whole number, not 'big'"),
-    ('hostname = "h"\nrouting = "ospf"\n', "agent.toml:routing: must be one of"),
-    ('hostname = "h"\nresync_intervall = 5\n', "agent.toml:resync_intervall: unknown key"),
-    ('hostname = "h"\n[labels]\nrack = 7\n', "agent.toml:labels: must be a table of strings"),
-    ('hostname = \n', "agent.toml: not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text,line",
+    [
+        ('hostname = "h"\n[etcd]\npasswrd = "x"\n', "agent.toml:etcd.passwrd: unknown key"),
+        ('hostname = "h"\nmtu = "big"\n', "agent.toml:mtu: must be a whole number, not 'big'"),
+        ('hostname = "h"\nrouting = "ospf"\n', "agent.toml:routing: must be one of"),
+        ('hostname = "h"\nresync_intervall = 5\n', "agent.toml:resync_intervall: unknown key"),
+        ('hostname = "h"\n[labels]\nrack = 7\n', "agent.toml:labels: must be a table of strings"),
+        ("hostname = \n", "agent.toml: not valid TOML"),
+    ],
+)
 def test_a_bad_config_file_is_one_line_naming_the_key_and_exit_1(tmp_path, text, line):
     conf = tmp_path / "agent.toml"
     conf.write_text(text)
-    p = subprocess.run([console_script("netplugin"), "agent", "--config", str(conf)], capture_output=True,
-                       text=True, timeout=30)
+    p = subprocess.run(
+        [console_script("netplugin"), "agent", "--config", str(conf)], capture_output=True, text=True, timeout=30
+    )
     assert p.returncode == 1, p
     assert p.stderr.startswith("netplugin: error: ") and line in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr, p.stderr
@@ -56,6 +63,7 @@ def test_a_bad_config_file_is_one_line_naming_the_key_and_exit_1(tmp_path, text,
 
 def test_version_of_both_programs_comes_from_the_package_metadata():
     from importlib.metadata import version
+
     for prog in ("netplugin", "netctl"):
         p = subprocess.run([console_script(prog), "--version"], capture_output=True, text=True, timeout=30)
         assert p.returncode == 0 and p.stdout.strip() == f"{prog}, version {version('netplugin')}", p

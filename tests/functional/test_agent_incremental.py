@@ -5,6 +5,7 @@ periodic full resync still repairs a set changed behind the agent's back.
 A real agent in a throwaway host namespace, a local container ADDed through the CNI binary, and the remote
 endpoints written to etcd as another host's agent would write them.
 """
+
 import re
 
 import pytest
@@ -25,9 +26,17 @@ RESYNC = 3.0
 
 
 def _remote(n):
-    return Endpoint(id=f"far{n}", host="far-host", network=NETWORK, container_id=f"c{n}", netns=f"/run/netns/c{n}",
-                    ifname="eth0", host_ifname=f"np00000000f{n:02x}", addresses=[f"10.74.1.{n}/32"],
-                    labels={"netplugin.io/network": NETWORK})
+    return Endpoint(
+        id=f"far{n}",
+        host="far-host",
+        network=NETWORK,
+        container_id=f"c{n}",
+        netns=f"/run/netns/c{n}",
+        ifname="eth0",
+        host_ifname=f"np00000000f{n:02x}",
+        addresses=[f"10.74.1.{n}/32"],
+        labels={"netplugin.io/network": NETWORK},
+    )
 
 
 def _members(ns, name):
@@ -71,17 +80,16 @@ def host(etcd, host_factory, namespaces, tmp_path):
 def test_remote_endpoint_changes_update_ipsets_without_iptables_restore(etcd, host):
     agent, local_ip = host
     net_set, all_set = set_name("net", 4, NETWORK), set_name("all", 4, "")
-    assert poll(lambda: f"{local_ip}/32" in _members(agent.netns, net_set) or local_ip in _members(
-        agent.netns, net_set)), agent.log()
+    assert poll(
+        lambda: f"{local_ip}/32" in _members(agent.netns, net_set) or local_ip in _members(agent.netns, net_set)
+    ), agent.log()
     rules_before = nsexec(agent.netns, "iptables-save -t filter").stdout
     offset = _log_size(agent)
 
     etcd.put(keys.endpoint("far-host", "far1"), _remote(1).to_dict())
-    assert poll(lambda: {"10.74.1.1"} <= _members(agent.netns, net_set) & _members(agent.netns, all_set)), \
-        agent.log()
+    assert poll(lambda: {"10.74.1.1"} <= _members(agent.netns, net_set) & _members(agent.netns, all_set)), agent.log()
     etcd.delete(keys.endpoint("far-host", "far1"))
-    assert poll(lambda: "10.74.1.1" not in _members(agent.netns, net_set) | _members(agent.netns, all_set)), \
-        agent.log()
+    assert poll(lambda: "10.74.1.1" not in _members(agent.netns, net_set) | _members(agent.netns, all_set)), agent.log()
 
     log = _log_since(agent, offset)
     applies = re.findall(r"policy sync netns=\S+: .*", log)
@@ -114,8 +122,7 @@ def test_add_waits_for_a_pass_the_watch_fed_and_returns_covered_by_policy(etcd, 
     ip = agent.add()
     # Right when ADD returns, the new address is in this host's sets and its veth in our dispatch chains.
     assert ip in _members(agent.netns, set_name("all", 4, "")), agent.log()
-    [ep] = [kv.value for kv in etcd.list(keys.endpoint_prefix(agent.hostname))
-            if kv.value["addresses"] == [f"{ip}/32"]]
+    [ep] = [kv.value for kv in etcd.list(keys.endpoint_prefix(agent.hostname)) if kv.value["addresses"] == [f"{ip}/32"]]
     assert ep["host_ifname"] in nsexec(agent.netns, "iptables-save -t filter").stdout
     log = _log_since(agent, offset)
     passes = re.findall(r"event=sync revision=\d+ full=False took_ms=\S+ reload=(\w+)", log)

@@ -1,12 +1,15 @@
 """The churn benchmark's many-target prober answers for many addresses at once, from real echo replies."""
+
 import os
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-RUNNER = (f"import sys; sys.path.insert(0, {ROOT!r}); from netplugin.benchlib.reach import serve; "
-          "serve(sys.stdin, sys.stdout)")
+RUNNER = (
+    f"import sys; sys.path.insert(0, {ROOT!r}); from netplugin.benchlib.reach import serve; "
+    "serve(sys.stdin, sys.stdout)"
+)
 
 
 def test_prober_reports_every_answering_address_and_times_out_the_others(namespaces):
@@ -14,8 +17,13 @@ def test_prober_reports_every_answering_address_and_times_out_the_others(namespa
     namespaces.link(a, b, "10.231.0.1/24", "10.231.0.2/24")
     for i in range(3, 8):
         subprocess.run(["ip", "-n", b, "addr", "add", f"10.231.0.{i}/24", "dev", "eth0"], check=True)
-    p = subprocess.Popen(["ip", "netns", "exec", a, sys.executable, "-I", "-c", RUNNER], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True, bufsize=1)
+    p = subprocess.Popen(
+        ["ip", "netns", "exec", a, sys.executable, "-I", "-c", RUNNER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+    )
     try:
         assert p.stdout.readline().strip() == "ready"
         began = time.monotonic()

@@ -4,6 +4,7 @@ host's routes still leave the others quickly.
 A restart is watched the way an operator would: ``ip monitor route`` in the peers' (and the restarting host's)
 namespaces records every route deleted, and a container pings one behind the restarting host every 20 ms.
 """
+
 import os
 import signal
 import subprocess
@@ -71,7 +72,9 @@ class RouteMonitor:
             try:
                 self.procs[h] = subprocess.Popen(
                     ["ip", "-n", system.check_ns(self.lab.plan.host(h).namespace), "monitor", "route"],
-                    stdout=out, stderr=subprocess.STDOUT)
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
             finally:
                 out.close()
         time.sleep(0.2)  # subscribed before anything happens
@@ -112,14 +115,21 @@ def assert_restart_withdraws_nothing(lab, tmp_path, restart, seconds=6):
     """Run ``restart()`` on h3 while h1c0 pings h3c0; no route may leave h1, h2 or h3, hardly a ping may be lost,
     and h3's sessions must come back."""
     with RouteMonitor(lab, ("h1", "h2", "h3"), str(tmp_path)) as mon:
-        pinger = Pinger(system.check_ns(lab.container("h1c0")["netns"]), lab.container("h3c0")["ip"],
-                        PING_INTERVAL, int(seconds / PING_INTERVAL))
+        pinger = Pinger(
+            system.check_ns(lab.container("h1c0")["netns"]),
+            lab.container("h3c0")["ip"],
+            PING_INTERVAL,
+            int(seconds / PING_INTERVAL),
+        )
         try:
             time.sleep(0.5)
             restart()
             for peer in ("h1", "h2"):
-                wait_until(f"{peer}'s session with h3 Established again",
-                         lambda: session_state(lab, peer, "h3") == "Established", REESTABLISH_TIMEOUT)
+                wait_until(
+                    f"{peer}'s session with h3 Established again",
+                    lambda: session_state(lab, peer, "h3") == "Established",
+                    REESTABLISH_TIMEOUT,
+                )
             sent, received = pinger.result()
         finally:
             pinger.stop()
@@ -131,6 +141,7 @@ def assert_restart_withdraws_nothing(lab, tmp_path, restart, seconds=6):
 
 
 # --- what decides graceful restart recovery -------------------------------------------------------------------------
+
 
 def test_recovery_only_when_the_kernel_holds_routes_bird_wrote(namespaces, tmp_path):
     ns = namespaces.add()
@@ -148,6 +159,7 @@ def test_recovery_only_when_the_kernel_holds_routes_bird_wrote(namespaces, tmp_p
 
 # --- restarts withdraw nothing --------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("how", ["sigkill", "birdc-graceful-restart"])
 def test_bird_restart_withdraws_no_route(mesh, tmp_path, how):
     before = bird_pid(mesh, "h3")
@@ -162,15 +174,16 @@ def test_bird_restart_withdraws_no_route(mesh, tmp_path, how):
         else:
             assert "Graceful restart requested" in birdc(mesh.plan.host("h3").bird_socket, "graceful", "restart")
         started = time.monotonic()
-        after = wait_until("BIRD on h3 restarted by its agent", lambda: bird_pid(mesh, "h3") not in (None, before),
-                         timeout=5)
+        after = wait_until(
+            "BIRD on h3 restarted by its agent", lambda: bird_pid(mesh, "h3") not in (None, before), timeout=5
+        )
         # The agent's watcher looks every 0.5 s; starting BIRD takes a few ms.
         assert time.monotonic() - started < 2.0
         assert after != before
 
     assert_restart_withdraws_nothing(mesh, tmp_path, restart)
     # bird -R: it kept the kernel routes it found until its sessions were back.
-    assert "in graceful restart recovery" in agent_log(mesh, "h3")[len(log_before):]
+    assert "in graceful restart recovery" in agent_log(mesh, "h3")[len(log_before) :]
 
 
 def test_agent_restart_withdraws_no_route(mesh, tmp_path):
@@ -185,8 +198,12 @@ def test_agent_restart_withdraws_no_route(mesh, tmp_path):
         system.stop_processes([(agent["pid"], agent["start"])])  # SIGTERM: a clean stop leaves BIRD running
         proc = system.spawn(mesh.agent_command(h), log)
         mesh.state.add_process("agent h3", proc.pid, system.start_time(proc.pid))
-        wait_until("the new agent started", lambda: open(log).read().count("event=agent.started") > starts,
-                 timeout=30, step=0.1)
+        wait_until(
+            "the new agent started",
+            lambda: open(log).read().count("event=agent.started") > starts,
+            timeout=30,
+            step=0.1,
+        )
 
     assert_restart_withdraws_nothing(mesh, tmp_path, restart, seconds=5)
     assert bird_pid(mesh, "h3") == bird
@@ -194,9 +211,11 @@ def test_agent_restart_withdraws_no_route(mesh, tmp_path):
 
 # --- a dead host's routes still leave ---------------------------------------------------------------------------------
 
+
 def assert_dead_host_routes_leave(lab, dead, watchers):
     """Kill ``dead`` with its links up (its peers see the TCP sessions close, which graceful restart would
     otherwise bridge for the whole restart time): its block must leave ``watchers`` once its lease expires."""
+
     def routes_to_dead():
         return {h: routes_via(lab, h, dead) for h in watchers}
 
@@ -206,8 +225,12 @@ def assert_dead_host_routes_leave(lab, dead, watchers):
     lab.kill_host(dead, silent=False)
     time.sleep(1.0)
     assert routes_to_dead() == before, "routes left at once: graceful restart is not on"
-    wait_until(f"{dead}'s routes gone from {watchers}", lambda: not any(routes_to_dead().values()),
-             timeout=LEASE_TTL + 3, step=0.2)
+    wait_until(
+        f"{dead}'s routes gone from {watchers}",
+        lambda: not any(routes_to_dead().values()),
+        timeout=LEASE_TTL + 3,
+        step=0.2,
+    )
     took = time.monotonic() - started
     survivors = [n for n, c in lab.containers().items() if c["host"] != dead]
     assert all(lab.ping_matrix(survivors).values())
@@ -252,12 +275,14 @@ def test_route_reflector_drops_dead_clients_but_keeps_one_cut_off_from_etcd(refl
     cut_off_etcd(lab, "h2")
     # h2 learns h3's block only through the reflector: it leaves h2 when the reflector drops h3.
     assert_dead_host_routes_leave(lab, "h3", ["h1", "h2"])
-    wait_until("the reflector keeping lease-less h2 for its Established session",
-             lambda: "event=bgp.lease_less kept=h2 dropped=h3" in agent_log(lab, "h1"), timeout=LEASE_TTL + 3,
-             step=0.2)
+    wait_until(
+        "the reflector keeping lease-less h2 for its Established session",
+        lambda: "event=bgp.lease_less kept=h2 dropped=h3" in agent_log(lab, "h1"),
+        timeout=LEASE_TTL + 3,
+        step=0.2,
+    )
     time.sleep(RECHECK_INTERVAL + 0.5)  # re-checked at least once since, and still kept
-    assert [(r.peer_address, r.state) for r in lab.bgp_sessions("h1")] == [(lab.plan.host("h2").address,
-                                                                           "Established")]
+    assert [(r.peer_address, r.state) for r in lab.bgp_sessions("h1")] == [(lab.plan.host("h2").address, "Established")]
     assert routes_via(lab, "h1", "h2") and routes_via(lab, "h2", "h1")
     assert lab.ping_matrix(["h1c0", "h2c0"]) == {("h1c0", "h2c0"): True, ("h2c0", "h1c0"): True}
 

@@ -4,6 +4,7 @@ Each host owns a block, blackholed by "the dataplane" with proto 80 exactly as t
 also has a container route borrowed from host 2's block and one inside its own block. BIRD learns these, the
 rendered configs decide what is advertised, and we check the kernel tables BIRD writes.
 """
+
 import ipaddress
 import json
 import os
@@ -29,8 +30,11 @@ WAIT = 30  # BIRD waits 5 s ("connect delay") before its first connect; sessions
 def routes(ns, v6=False):
     """{dst: (gateway or type, protocol number)} of the namespace's main table."""
     out = nsexec(ns, ["ip", "-N", "-j"] + (["-6"] if v6 else []) + ["route", "show"]).stdout
-    return {str(ipaddress.ip_network(r["dst"])): (r.get("gateway", r.get("type")), int(r["protocol"]))
-            for r in json.loads(out or "[]") if r.get("protocol", "").isdigit() and r["dst"] != "default"}
+    return {
+        str(ipaddress.ip_network(r["dst"])): (r.get("gateway", r.get("type")), int(r["protocol"]))
+        for r in json.loads(out or "[]")
+        if r.get("protocol", "").isdigit() and r["dst"] != "default"
+    }
 
 
 PROBE = """
@@ -78,13 +82,19 @@ class Lab:
         nsexec(self.ns[1], f"ip route add 10.1.1.5/32 dev cali1 proto {ROUTE_PROTO} scope link")
 
     def config(self, i, **settings):
-        return render_bird_config(RoutingInput(
-            node=self.nodes[i], nodes=tuple(self.nodes.values()),
-            settings=BgpSettings(**{**SETTINGS, **settings}), blocks=(f"10.1.{i}.0/26", f"fd10:{i}::/122")))
+        return render_bird_config(
+            RoutingInput(
+                node=self.nodes[i],
+                nodes=tuple(self.nodes.values()),
+                settings=BgpSettings(**{**SETTINGS, **settings}),
+                blocks=(f"10.1.{i}.0/26", f"fd10:{i}::/122"),
+            )
+        )
 
     def established(self, i):
-        return sorted((r.peer_address, r.peer_type) for r in bgp_status(self.birds[i].sock_path)
-                      if r.state == "Established")
+        return sorted(
+            (r.peer_address, r.peer_type) for r in bgp_status(self.birds[i].sock_path) if r.state == "Established"
+        )
 
     def stop(self):
         for bird in self.birds.values():
@@ -113,16 +123,21 @@ def test_mesh_then_route_reflectors(lab):
         for i in HOSTS:
             v4, v6 = routes(lab.ns[i]), routes(lab.ns[i], v6=True)
             for j in HOSTS:
-                if j != i and (v4.get(f"10.1.{j}.0/26") != (f"10.99.0.{j}", BIRD_PROTO)
-                               or v6.get(f"fd10:{j}::/122") != (f"fd99::{j}", BIRD_PROTO)):
+                if j != i and (
+                    v4.get(f"10.1.{j}.0/26") != (f"10.99.0.{j}", BIRD_PROTO)
+                    or v6.get(f"fd10:{j}::/122") != (f"fd99::{j}", BIRD_PROTO)
+                ):
                     return False
         return True
 
     wait_until("mesh routes", mesh_routes_ok, WAIT)
     # The borrowed /32 is advertised (more specific than host 2's own blackhole); the one inside host 1's
     # block is not; host 1's own routes stay the dataplane's, never duplicated by BIRD.
-    wait_until("borrowed /32", lambda: all(
-        routes(lab.ns[j]).get("10.1.2.5/32") == ("10.99.0.1", BIRD_PROTO) for j in (2, 3)), WAIT)
+    wait_until(
+        "borrowed /32",
+        lambda: all(routes(lab.ns[j]).get("10.1.2.5/32") == ("10.99.0.1", BIRD_PROTO) for j in (2, 3)),
+        WAIT,
+    )
     assert "10.1.1.5/32" not in routes(lab.ns[2]) and "10.1.1.5/32" not in routes(lab.ns[3])
     own = routes(lab.ns[1])
     assert own["10.1.1.0/26"] == ("6", ROUTE_PROTO) and own["10.1.2.5/32"][1] == ROUTE_PROTO
@@ -131,8 +146,10 @@ def test_mesh_then_route_reflectors(lab):
     assert not reaches(lab.ns[2], "10.1.9.1")  # no block there: no route, no answer
 
     mesh = "node-to-node mesh"
-    want = {i: sorted([(f"10.99.0.{j}", mesh) for j in HOSTS if j != i]
-                      + [(f"fd99::{j}", mesh) for j in HOSTS if j != i]) for i in HOSTS}
+    want = {
+        i: sorted([(f"10.99.0.{j}", mesh) for j in HOSTS if j != i] + [(f"fd99::{j}", mesh) for j in HOSTS if j != i])
+        for i in HOSTS
+    }
     wait_until("4 established sessions per host", lambda: all(lab.established(i) == want[i] for i in HOSTS), WAIT)
     status = {r.peer_address: r.state for r in bgp_status(lab.birds[1].sock_path)}
     assert status["10.99.0.2"] == status["fd99::2"] == "Established"
@@ -156,16 +173,24 @@ def test_mesh_then_route_reflectors(lab):
     for i in HOSTS:
         assert lab.writers[i].apply(lab.config(i, mesh=False)) is True
     rr, client = "route reflector", "route reflector client"
-    want_rr = {1: sorted([("10.99.0.2", client), ("10.99.0.3", client), ("fd99::2", client), ("fd99::3", client)]),
-               2: [("10.99.0.1", rr), ("fd99::1", rr)], 3: [("10.99.0.1", rr), ("fd99::1", rr)]}
+    want_rr = {
+        1: sorted([("10.99.0.2", client), ("10.99.0.3", client), ("fd99::2", client), ("fd99::3", client)]),
+        2: [("10.99.0.1", rr), ("fd99::1", rr)],
+        3: [("10.99.0.1", rr), ("fd99::1", rr)],
+    }
     wait_until("route reflector sessions", lambda: all(lab.established(i) == want_rr[i] for i in HOSTS), WAIT)
     assert all(len(bgp_status(lab.birds[i].sock_path)) == len(want_rr[i]) for i in HOSTS)  # mesh sessions gone
-    wait_until("reflected routes", lambda: (
-        routes(lab.ns[3]).get("10.1.2.0/26") == ("10.99.0.2", BIRD_PROTO)
-        and routes(lab.ns[2]).get("10.1.3.0/26") == ("10.99.0.3", BIRD_PROTO)
-        and routes(lab.ns[3], v6=True).get("fd10:2::/122") == ("fd99::2", BIRD_PROTO)
-        and routes(lab.ns[3]).get("10.1.2.5/32") == ("10.99.0.1", BIRD_PROTO)
-        and mesh_routes_ok()), WAIT)
+    wait_until(
+        "reflected routes",
+        lambda: (
+            routes(lab.ns[3]).get("10.1.2.0/26") == ("10.99.0.2", BIRD_PROTO)
+            and routes(lab.ns[2]).get("10.1.3.0/26") == ("10.99.0.3", BIRD_PROTO)
+            and routes(lab.ns[3], v6=True).get("fd10:2::/122") == ("fd99::2", BIRD_PROTO)
+            and routes(lab.ns[3]).get("10.1.2.5/32") == ("10.99.0.1", BIRD_PROTO)
+            and mesh_routes_ok()
+        ),
+        WAIT,
+    )
 
 
 def test_start_in_missing_namespace_fails_cleanly(tmp_path):

@@ -1,5 +1,6 @@
 """The agent with ``--dataplane bpf``: a real agent in a test host namespace, its programs pinned on a bpffs
 the test mounts, CNI containers wired by it. Traffic goes only between namespaces made here."""
+
 import json
 import os
 import subprocess
@@ -36,9 +37,17 @@ sendp(Ether(dst=gw_mac) / IP(src=src, dst=dst) / UDP(sport=4242, dport=9999) / b
 def bpf_host(etcd_server):
     workdir = tempdir()
     try:
-        with mounted_bpffs(Path(workdir) / "bpffs") as fs, \
-                agent_host(etcd_server, "bpf-host", [POOL], HOST_ADDR, os.path.join(workdir, "host"),
-                           ["--dataplane", "bpf", "--bpffs", str(fs / "np"), "--resync-interval", "1"]) as host:
+        with (
+            mounted_bpffs(Path(workdir) / "bpffs") as fs,
+            agent_host(
+                etcd_server,
+                "bpf-host",
+                [POOL],
+                HOST_ADDR,
+                os.path.join(workdir, "host"),
+                ["--dataplane", "bpf", "--bpffs", str(fs / "np"), "--resync-interval", "1"],
+            ) as host,
+        ):
             host.pins = loader.Pins(fs / "np")
             yield host
     finally:
@@ -92,8 +101,11 @@ def test_a_detached_program_is_reattached_by_the_next_resync(bpf_host, container
     where = f"/run/netns/{bpf_host.ns}"
     loader.detach(veth_of(a), netns=where)
     assert loader.attached(veth_of(a), netns=where) == []
-    wait_until("the resync re-attaching from_container",
-               lambda: loader.attached(veth_of(a), netns=where) == ["from_container"], timeout=10)
+    wait_until(
+        "the resync re-attaching from_container",
+        lambda: loader.attached(veth_of(a), netns=where) == ["from_container"],
+        timeout=10,
+    )
 
 
 def test_an_agent_restart_loses_no_ping(bpf_host, containers):
@@ -123,16 +135,23 @@ def test_bpf_without_objects_falls_back_in_one_line(etcd_server):
         etcd_server.bridge_into(ns)
         empty = os.path.join(workdir, "no-objects")
         os.makedirs(empty)
-        agent = AgentProcess(ns, "bpf-fallback", etcd_server.endpoint, os.path.join(workdir, "run"),
-                             extra_args=["--dataplane", "bpf", "--bpffs", os.path.join(workdir, "pins"),
-                                         "--bpf-objects", empty])
+        agent = AgentProcess(
+            ns,
+            "bpf-fallback",
+            etcd_server.endpoint,
+            os.path.join(workdir, "run"),
+            extra_args=["--dataplane", "bpf", "--bpffs", os.path.join(workdir, "pins"), "--bpf-objects", empty],
+        )
         agent.start()
         lines = [line for line in agent.log_text().splitlines() if "event=dataplane.selected" in line]
         assert len(lines) == 1, lines
         assert "dataplane=iptables" in lines[0] and "bpf requested but no BPF object" in lines[0], lines[0]
         assert "falling back" in lines[0]
-        out = subprocess.run([console_script("netctl"), "node", "health", "--run-dir",
-                              os.path.join(workdir, "run")], capture_output=True, text=True)
+        out = subprocess.run(
+            [console_script("netctl"), "node", "health", "--run-dir", os.path.join(workdir, "run")],
+            capture_output=True,
+            text=True,
+        )
         assert "dataplane: iptables (bpf requested but no BPF object" in out.stdout, out.stdout + out.stderr
     finally:
         if agent:
@@ -142,8 +161,24 @@ def test_bpf_without_objects_falls_back_in_one_line(etcd_server):
 
 
 def netctl_bpf(host, what):
-    out = subprocess.run(["ip", "netns", "exec", host.ns, console_script("netctl"), "bpf", what, "--bpffs",
-                          str(host.pins.root), "-o", "json"], capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            host.ns,
+            console_script("netctl"),
+            "bpf",
+            what,
+            "--bpffs",
+            str(host.pins.root),
+            "-o",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 

@@ -1,4 +1,5 @@
 """The tc programs compile from the repository's C and the kernel's verifier accepts every variant."""
+
 import pytest
 
 from netplugin.kernel.bpf import build, loader, records

@@ -1,6 +1,7 @@
 """Two hosts, a container on each, the tc programs on the host veths and the fabric: real ping and TCP over
 the BPF redirects, policy and anti-spoofing enforced in BPF (this lab has no iptables rules at all), flows
 keeping their verdict, pins and filters outliving the loader."""
+
 import json
 import subprocess
 import sys
@@ -95,13 +96,29 @@ def load_in_child(lab, obj, pins):
 
 def received_from(lab, senders):
     """Sources cB's UDP 9999 saw while scapy in cA sent three datagrams from each of ``senders``."""
-    recv = subprocess.Popen(["ip", "netns", "exec", lab.containers["b"], sys.executable, "-c", RECEIVER, "3"],
-                            stdout=subprocess.PIPE, text=True)
+    recv = subprocess.Popen(
+        ["ip", "netns", "exec", lab.containers["b"], sys.executable, "-c", RECEIVER, "3"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert recv.stdout.readline().strip() == "ready"
         gw_mac = link_info(lab.hosts["a"], "cveth")[1]
-        nsexec(lab.containers["a"], [sys.executable, "-c", SENDER, gw_mac, CONTAINER["a"][0], CONTAINER["b"][0],
-                                     CONTAINER["a"][1], CONTAINER["b"][1], *senders], timeout=60)
+        nsexec(
+            lab.containers["a"],
+            [
+                sys.executable,
+                "-c",
+                SENDER,
+                gw_mac,
+                CONTAINER["a"][0],
+                CONTAINER["b"][0],
+                CONTAINER["a"][1],
+                CONTAINER["b"][1],
+                *senders,
+            ],
+            timeout=60,
+        )
         out, _ = recv.communicate(timeout=10)
     finally:
         recv.kill()
@@ -114,8 +131,13 @@ def reach(lab, src, dst, checks):
     ip_of = {"4": CONTAINER[dst][0], "6": CONTAINER[dst][1]}
     server = start_echo_server(lab.containers[dst], [7001, 7002], 7003, f"container {dst}")
     try:
-        assert_reachability(lab.containers[src], src, [(kind, fam, port, want) for fam in ("4", "6")
-                                                       for kind, port, want in checks], ip_of, timeout=3)
+        assert_reachability(
+            lab.containers[src],
+            src,
+            [(kind, fam, port, want) for fam in ("4", "6") for kind, port, want in checks],
+            ip_of,
+            timeout=3,
+        )
     finally:
         kill_pids([server.pid])
         server.wait()
@@ -163,8 +185,9 @@ def test_replies_ride_the_flow_and_new_flows_do_not(lab, bpf_objects, bpffs):
     reach(lab, "b", "a", [("tcp", 7001, False), ("udp", 7003, False)])
     with pins["a"].map("np_flows") as m:
         flows = [records.flow(k, v) for k, v in m.items()]
-    assert any(f["dst"] == CONTAINER["b"][0] and f["dport"] == 7001 and f["orig"] and f["verdict"] == "allow"
-               for f in flows), flows
+    assert any(
+        f["dst"] == CONTAINER["b"][0] and f["dport"] == 7001 and f["orig"] and f["verdict"] == "allow" for f in flows
+    ), flows
 
 
 def test_established_flow_survives_a_policy_change_until_revoked(lab, bpf_objects, bpffs):
@@ -172,24 +195,35 @@ def test_established_flow_survives_a_policy_change_until_revoked(lab, bpf_object
     lab.program_endpoints(pins)
     for side in "ab":
         lab.program_policy(pins, side, DENY_7002, {0: PEERS, 1: PEERS})
-    server = subprocess.Popen(["ip", "netns", "exec", lab.containers["b"], sys.executable, "-c", STREAM_ECHO, "7001"],
-                              stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", lab.containers["b"], sys.executable, "-c", STREAM_ECHO, "7001"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     session = None
     try:
         assert server.stdout.readline().strip() == "ready"
-        session = subprocess.Popen(["ip", "netns", "exec", lab.containers["a"], sys.executable, "-c", SESSION,
-                                    CONTAINER["b"][0], "7001"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   text=True)
+        session = subprocess.Popen(
+            ["ip", "netns", "exec", lab.containers["a"], sys.executable, "-c", SESSION, CONTAINER["b"][0], "7001"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert session.stdout.readline().strip() == "connected"
 
         def exchange():
             session.stdin.write("\n")
             session.stdin.flush()
             return session.stdout.readline().strip()
+
         assert exchange() == "ok"
         # a new policy that still allows the flow (now also denying UDP), then the re-check: it keeps flowing
-        lab.program_policy(pins, "b", DENY_7002[:1] + [records.rule(records.ACT_DENY, proto=17)] + DENY_7002[1:],
-                           {0: PEERS, 1: PEERS, 2: PEERS})
+        lab.program_policy(
+            pins,
+            "b",
+            DENY_7002[:1] + [records.rule(records.ACT_DENY, proto=17)] + DENY_7002[1:],
+            {0: PEERS, 1: PEERS, 2: PEERS},
+        )
         lab.bump_generation(pins, "b")
         assert exchange() == "ok"
         # revoke: b's ingress denies a; the established connection stops at its next packet

@@ -5,6 +5,7 @@ etcd. Containers are network namespaces; traffic goes only between namespaces ma
 One agent serves the whole module (starting one costs about a second); every test makes its own container
 namespaces and DELs whatever it ADDed when it ends, so tests do not see each other's containers.
 """
+
 import concurrent.futures
 import contextlib
 import ipaddress
@@ -51,8 +52,9 @@ class Host:
 
     def links(self):
         """Interface names in the host namespace."""
-        return {line.split(":")[1].strip().split("@")[0]
-                for line in nsexec(self.ns, "ip -o link show").stdout.splitlines()}
+        return {
+            line.split(":")[1].strip().split("@")[0] for line in nsexec(self.ns, "ip -o link show").stdout.splitlines()
+        }
 
     def veths(self):
         return {name for name in self.links() if name.startswith("np")}
@@ -73,8 +75,11 @@ class Host:
     def dump(self):
         """Every key under /netplugin/ with its value, less the two the agent's heartbeat keeps on leases
         on its own schedule (liveness, reclaimer leadership): the cluster state an ADD or DEL could change."""
-        return {kv.key: kv.value for kv in self.ds.list("/netplugin/")
-                if not kv.key.startswith((keys.LIVENESS, keys.LEADER))}
+        return {
+            kv.key: kv.value
+            for kv in self.ds.list("/netplugin/")
+            if not kv.key.startswith((keys.LIVENESS, keys.LEADER))
+        }
 
     def state(self):
         """Everything an ADD could leave behind: etcd, host links, host routes."""
@@ -271,8 +276,9 @@ def test_del_removes_everything_and_a_second_del_succeeds(host, containers):
     after = host.state()
     # The block stays claimed by this host (its blackhole too), with a higher sequence number: that is all.
     assert after["links"] == before["links"] and host.container_routes() == []
-    assert {k for k in after["etcd"] if "/ipam/blocks/" not in k and "/ipam/affinity/" not in k} == \
-        {k for k in before["etcd"] if "/ipam/blocks/" not in k and "/ipam/affinity/" not in k}
+    assert {k for k in after["etcd"] if "/ipam/blocks/" not in k and "/ipam/affinity/" not in k} == {
+        k for k in before["etcd"] if "/ipam/blocks/" not in k and "/ipam/affinity/" not in k
+    }
 
 
 def test_del_of_a_container_never_added_and_without_netns_succeeds(host, containers):
@@ -312,30 +318,44 @@ def test_static_address_from_cni_args_and_from_runtime_config(host, containers):
 
 def test_labels_from_k8s_args_and_config_args_land_on_the_endpoint(host, containers):
     config = dict(host.cni.config, args={"labels": {"app": "web", "tier": "front"}})
-    a, _ = containers.add(config=config,
-                          args="IgnoreUnknown=1;K8S_POD_NAMESPACE=team-a;K8S_POD_NAME=web-0;"
-                               "K8S_POD_INFRA_CONTAINER_ID=abc")
+    a, _ = containers.add(
+        config=config, args="IgnoreUnknown=1;K8S_POD_NAMESPACE=team-a;K8S_POD_NAME=web-0;K8S_POD_INFRA_CONTAINER_ID=abc"
+    )
     record = host.endpoint(endpoint_id(NETWORK, a, "eth0"))
-    assert record["labels"] == {"app": "web", "tier": "front", "netplugin.io/namespace": "team-a",
-                                "netplugin.io/pod": "web-0", "netplugin.io/network": NETWORK}, record
+    assert record["labels"] == {
+        "app": "web",
+        "tier": "front",
+        "netplugin.io/namespace": "team-a",
+        "netplugin.io/pod": "web-0",
+        "netplugin.io/network": NETWORK,
+    }, record
     assert record["orchestrator"] == "cni" and record["container_id"] == a and record["netns"] == f"/run/netns/{a}"
 
 
 def mesos_config(config, labels):
     """A network config as Mesos' network/cni isolator passes it: the task's NetworkInfo protobuf as JSON under
     args."org.apache.mesos".network_info, its labels as {"labels": [{"key": ..., "value": ...}]}."""
-    info = {"name": config["name"], "labels": {"labels": labels},
-            "port_mappings": [{"host_port": 8080, "container_port": 80, "protocol": "tcp"}]}
+    info = {
+        "name": config["name"],
+        "labels": {"labels": labels},
+        "port_mappings": [{"host_port": 8080, "container_port": 80, "protocol": "tcp"}],
+    }
     return dict(config, args={"org.apache.mesos": {"network_info": info}})
 
 
 def test_mesos_network_labels_land_on_the_endpoint(host, containers):
-    config = mesos_config(host.cni.config, [{"key": "app", "value": "myapp"}, {"key": "env", "value": "prod"},
-                                            {"key": "example.com/canary"}])
+    config = mesos_config(
+        host.cni.config,
+        [{"key": "app", "value": "myapp"}, {"key": "env", "value": "prod"}, {"key": "example.com/canary"}],
+    )
     a, _ = containers.add(config=config)
     record = host.endpoint(endpoint_id(NETWORK, a, "eth0"))
-    assert record["labels"] == {"app": "myapp", "env": "prod", "example.com/canary": "",
-                                "netplugin.io/network": NETWORK}, record
+    assert record["labels"] == {
+        "app": "myapp",
+        "env": "prod",
+        "example.com/canary": "",
+        "netplugin.io/network": NETWORK,
+    }, record
 
 
 BAD_LABELS = {
@@ -441,8 +461,13 @@ def _fails_cleanly(host, containers, code, words, args="", config=None, cni=None
     ns = containers.new()
     before = host.state()
     if stdin is not None:  # a config that is not even JSON: call the binary by hand
-        env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": ns, "CNI_NETNS": f"/run/netns/{ns}", "CNI_IFNAME": "eth0",
-               "CNI_PATH": host.cni.bin_dir}
+        env = {
+            "CNI_COMMAND": "ADD",
+            "CNI_CONTAINERID": ns,
+            "CNI_NETNS": f"/run/netns/{ns}",
+            "CNI_IFNAME": "eth0",
+            "CNI_PATH": host.cni.bin_dir,
+        }
         p = subprocess.run([host.cni.bin_path], input=stdin, env=env, capture_output=True, text=True, timeout=30)
         rc, out = p.returncode, json.loads(p.stdout)
     else:
@@ -468,18 +493,25 @@ def test_address_in_use(host, containers):
 def test_address_outside_every_pool(host, containers):
     _fails_cleanly(host, containers, 102, ["192.0.2.10", "not in any pool"], args="IP=192.0.2.10")
     # Inside another pool, but not one this network may use.
-    _fails_cleanly(host, containers, 102, ["10.72.0.9", "not in any pool"],
-                   config=dict(host.cni.config, runtimeConfig={"ips": ["10.72.0.9"]}))
+    _fails_cleanly(
+        host,
+        containers,
+        102,
+        ["10.72.0.9", "not in any pool"],
+        config=dict(host.cni.config, runtimeConfig={"ips": ["10.72.0.9"]}),
+    )
 
 
-@pytest.mark.parametrize("case", ["not-json", "no-version", "old-version", "no-name", "bad-pools", "bad-mtu",
-                                  "bad-ip", "other-ipam"])
+@pytest.mark.parametrize(
+    "case", ["not-json", "no-version", "old-version", "no-name", "bad-pools", "bad-mtu", "bad-ip", "other-ipam"]
+)
 def test_malformed_config(host, containers, case):
     base = host.cni.config
     cases = {
         "not-json": dict(code=6, words=["decode"], stdin="{not json"),
-        "no-version": dict(code=1, words=["no cniVersion"], config={k: v for k, v in base.items()
-                                                                     if k != "cniVersion"}),
+        "no-version": dict(
+            code=1, words=["no cniVersion"], config={k: v for k, v in base.items() if k != "cniVersion"}
+        ),
         "old-version": dict(code=1, words=["0.2.0"], config=dict(base, cniVersion="0.2.0")),
         "no-name": dict(code=7, words=["network name"], config={k: v for k, v in base.items() if k != "name"}),
         "bad-pools": dict(code=7, words=["ipam.pools"], config=dict(base, ipam={"pools": "10.70.0.0/24"})),
@@ -488,8 +520,9 @@ def test_malformed_config(host, containers, case):
         "other-ipam": dict(code=2, words=["ipam.type"], config=dict(base, ipam={"type": "host-local"})),
     }
     c = cases[case]
-    _fails_cleanly(host, containers, c["code"], c["words"], args=c.get("args", ""), config=c.get("config"),
-                   stdin=c.get("stdin"))
+    _fails_cleanly(
+        host, containers, c["code"], c["words"], args=c.get("args", ""), config=c.get("config"), stdin=c.get("stdin")
+    )
 
 
 def test_agent_down_answers_try_again_quickly(host, containers, tmp_path):
@@ -551,8 +584,12 @@ def test_200_adds_20_at_a_time_then_200_dels_leave_nothing(host, containers):
     done = set(nss)
     containers.added = [entry for entry in containers.added if entry[1] not in done]  # no second DEL needed
 
-    check = subprocess.run([console_script("netctl"), "--etcd-endpoints", host.ds.config.endpoints[0],
-                            "ipam", "check"], capture_output=True, text=True, timeout=60)
+    check = subprocess.run(
+        [console_script("netctl"), "--etcd-endpoints", host.ds.config.endpoints[0], "ipam", "check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert check.returncode == 0 and "clean" in check.stdout, check.stdout + check.stderr
     assert host.links() == before_links
     assert host.container_routes() == []
@@ -560,8 +597,10 @@ def test_200_adds_20_at_a_time_then_200_dels_leave_nothing(host, containers):
     assert not any(ip in host.allocated() for ip in ips)
     add_ms = sorted(t * 1000 for *_, t in added)
     del_ms = sorted(t * 1000 for *_, t in deleted)
-    print(f"\n200 ADDs x{parallel}: p50 {add_ms[n // 2]:.0f} ms, max {add_ms[-1]:.0f} ms; "
-          f"DELs: p50 {del_ms[n // 2]:.0f} ms, max {del_ms[-1]:.0f} ms")
+    print(
+        f"\n200 ADDs x{parallel}: p50 {add_ms[n // 2]:.0f} ms, max {add_ms[-1]:.0f} ms; "
+        f"DELs: p50 {del_ms[n // 2]:.0f} ms, max {del_ms[-1]:.0f} ms"
+    )
 
 
 def test_policy_covers_a_container_when_add_returns(host, containers):
@@ -576,12 +615,18 @@ def test_policy_covers_a_container_when_add_returns(host, containers):
 
 
 def _netctl(host, *args, stdin=None):
-    return subprocess.run([console_script("netctl"), "--etcd-endpoints", host.agent.etcd_endpoint, *args],
-                          input=stdin, capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [console_script("netctl"), "--etcd-endpoints", host.agent.etcd_endpoint, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def _policy_stats(host):
     from netplugin.diags.health import agent_health
+
     report = agent_health(host.agent.run_dir)["reports"]["PolicyReconciler"]
     return {**report["stats"], "revision": report["revision"]}
 
@@ -592,9 +637,11 @@ def test_20_concurrent_adds_first_packet_passes_and_the_watch_sync_then_changes_
     watch has brought every record back, the reconciler's passes found nothing to apply (no iptables-restore,
     no ipset change)."""
     peer, rpeer = containers.add(config=dict(host.cni.config, args={"labels": {"app": "peer"}}))
-    text = ("apiVersion: netplugin/v1\nkind: Policy\nmetadata: {name: burst-out}\nspec:\n"
-            "  selector: {matchLabels: {app: burst}}\n  types: [Egress]\n"
-            "  egress: [{action: allow, to: [{selector: {matchLabels: {app: peer}}}]}]\n")
+    text = (
+        "apiVersion: netplugin/v1\nkind: Policy\nmetadata: {name: burst-out}\nspec:\n"
+        "  selector: {matchLabels: {app: burst}}\n  types: [Egress]\n"
+        "  egress: [{action: allow, to: [{selector: {matchLabels: {app: peer}}}]}]\n"
+    )
     p = _netctl(host, "policy", "apply", "-f", "-", stdin=text)
     assert p.returncode == 0, p.stderr
     try:
@@ -616,8 +663,10 @@ def test_20_concurrent_adds_first_packet_passes_and_the_watch_sync_then_changes_
         lost = [addr for addr, ok in outcomes if not ok]
         assert not lost, f"first packet lost from {lost}\n{host.agent.log()[-3000:]}"
         installed = _policy_stats(host)
-        assert installed["installs"] + installed["installed_by_other"] - before["installs"] \
-            - before["installed_by_other"] == 20, (before, installed)
+        assert (
+            installed["installs"] + installed["installed_by_other"] - before["installs"] - before["installed_by_other"]
+            == 20
+        ), (before, installed)
         # One more pass that must compile (a policy selecting nothing here), after the watch brought every record.
         nothing = text.replace("burst-out", "selects-nothing").replace("app: burst", "app: nobody")
         p = _netctl(host, "policy", "apply", "-f", "-", stdin=nothing)

@@ -4,6 +4,7 @@ Every Dataplane here is given ``host_netns`` (or runs in a child process inside 
 nothing touches the root namespace; the ``lab`` fixture also checks afterwards that no veth of ours appeared
 there. Traffic goes only between the test's own namespaces.
 """
+
 import json
 import os
 import sys
@@ -71,7 +72,9 @@ def counter(ns, name):
                 return int(value)
         raise KeyError(name)
     proto, field = name.split(".")
-    lines = [line.split() for line in nsexec(ns, "cat /proc/net/snmp").stdout.splitlines() if line.startswith(proto + ":")]
+    lines = [
+        line.split() for line in nsexec(ns, "cat /proc/net/snmp").stdout.splitlines() if line.startswith(proto + ":")
+    ]
     return int(lines[1][lines[0].index(field)])
 
 
@@ -122,8 +125,16 @@ def test_two_containers_reach_each_other_and_the_host_dual_stack(lab):
     b_spec, b, b_state = lab.add("10.0.0.6", "fd00::6")  # bare addresses are host routes too
     assert a_state.host_ifname == host_ifname(a_spec.endpoint_id) and len(a_state.host_ifname) == 13
     assert a_state.ifindex_in_container > 0 and a_state.mac
-    for src, dst in ((a, "10.0.0.6"), (a, "fd00::6"), (b, "10.0.0.5"), (b, "fd00::5"), (a, HOST_V4),
-                     (a, HOST_V6), (b, HOST_V4), (b, HOST_V6)):
+    for src, dst in (
+        (a, "10.0.0.6"),
+        (a, "fd00::6"),
+        (b, "10.0.0.5"),
+        (b, "fd00::5"),
+        (a, HOST_V4),
+        (a, HOST_V6),
+        (b, HOST_V4),
+        (b, HOST_V6),
+    ):
         assert reaches(src, dst), f"{src} cannot reach {dst}"
     host_routes = routes(lab.host)
     assert f"10.0.0.5 dev {a_state.host_ifname} proto {ROUTE_PROTO} scope link" in host_routes
@@ -370,6 +381,7 @@ def test_bad_input_is_refused_before_touching_the_kernel(lab):
 def test_ipv6_forwarding_only_with_ipv6_and_ra_interfaces_keep_accepting_ras(lab):
     """setup_host leaves IPv6 alone; the first IPv6 endpoint turns forwarding on, after moving interfaces that
     accept RAs to accept_ra=2 (others, and our veths, untouched)."""
+
     def sysctl(key):
         return nsexec(lab.host, f"sysctl -n {key}").stdout.strip()
 
@@ -409,8 +421,11 @@ print(json.dumps({"state": state.host_ifname, "problems": dp.check_endpoint(spec
 def test_dataplane_running_inside_the_host_namespace(lab):
     """The production path: no host_netns, sysctls written in-process, all inside the test host namespace."""
     spec, ns = lab.spec()
-    proc = nsexec(lab.host, [sys.executable, "-c", AGENT, spec.endpoint_id, spec.netns],
-                  cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    proc = nsexec(
+        lab.host,
+        [sys.executable, "-c", AGENT, spec.endpoint_id, spec.netns],
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    )
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["problems"] == []
     assert out["again"]["blackholes_added"] == ["10.4.0.0/26"] and not out["again"]["removed"]
@@ -459,8 +474,16 @@ def test_containers_resolve_their_gateways_with_no_route_on_the_host(lab):
         nsexec(ns, f"ip neigh del {container_side.GATEWAYS[4]} dev eth0")
         nsexec(ns, f"ip -6 neigh del {container_side.GATEWAYS[6]} dev eth0")
     (_, a, a_state), (_, b, _) = specs
-    for src, dst in ((a, "10.9.0.6"), (a, "fd09::6"), (b, "10.9.0.5"), (b, "fd09::5"), (a, HOST_V4),
-                     (a, HOST_V6), (lab.host, "10.9.0.5"), (lab.host, "fd09::6")):
+    for src, dst in (
+        (a, "10.9.0.6"),
+        (a, "fd09::6"),
+        (b, "10.9.0.5"),
+        (b, "fd09::5"),
+        (a, HOST_V4),
+        (a, HOST_V6),
+        (lab.host, "10.9.0.5"),
+        (lab.host, "fd09::6"),
+    ):
         assert reaches(src, dst, timeout=2.0), f"{src} cannot reach {dst}"
     for family, gateway in container_side.GATEWAYS.items():
         neigh = nsexec(a, f"ip -{family} neigh show {gateway} dev eth0").stdout
@@ -476,8 +499,10 @@ def test_reconcile_and_check_restore_a_lost_gateway_address(lab):
     a_spec, a, a_state = lab.add("10.9.1.5", "fd09:1::5")
     name = a_state.host_ifname
     nsexec(lab.host, f"ip addr del 169.254.1.1/32 dev {name}")
-    assert lab.dp.check_endpoint(a_spec) == [f"host veth {name} lacks the IPv4 gateway address 169.254.1.1/32",
-                                             f"host route 10.9.1.5/32 dev {name} is missing"]
+    assert lab.dp.check_endpoint(a_spec) == [
+        f"host veth {name} lacks the IPv4 gateway address 169.254.1.1/32",
+        f"host route 10.9.1.5/32 dev {name} is missing",
+    ]
     first = lab.dp.reconcile([a_spec], [])
     assert f"{name}: address 169.254.1.1" in first["repaired"] and first["errors"] == [], first
     assert first["routes_added"] == [f"10.9.1.5/32 dev {name}"]
@@ -491,4 +516,5 @@ def test_setup_host_warns_when_arp_ignore_silences_the_gateway(lab):
     nsexec(lab.host, "sysctl -qw net.ipv4.conf.all.arp_ignore=2")
     assert lab.dp.setup_host()["warnings"] == [
         "net.ipv4.conf.all.arp_ignore is 2: the host will not answer containers' ARP for their gateway "
-        "169.254.1.1; set it to 0 or 1"]
+        "169.254.1.1; set it to 0 or 1"
+    ]

@@ -1,5 +1,6 @@
 """The agent's dataplane reconciler with real etcd, a real EndpointService and a Dataplane driving a throwaway
 host namespace: it deletes a veth only when it saw the endpoint's record go, keeps and reports the others."""
+
 import logging
 from types import SimpleNamespace
 
@@ -26,8 +27,9 @@ def agent(etcd, namespaces):
     host_ns = namespaces.add()
     dp = Dataplane(host_netns=f"/run/netns/{host_ns}")
     service = EndpointService(etcd, ipam, dp, HOST)
-    a = SimpleNamespace(host=HOST, host_lock=RWLock(), service=service, dataplane=dp, ds=etcd, ns=host_ns,
-                        nss=namespaces)
+    a = SimpleNamespace(
+        host=HOST, host_lock=RWLock(), service=service, dataplane=dp, ds=etcd, ns=host_ns, nss=namespaces
+    )
     yield a
     for ep in service.list(HOST):
         service.delete(ep.id)
@@ -46,8 +48,7 @@ def test_deletes_only_what_it_saw_go_and_reports_the_rest_once(agent, caplog):
 
     # A watch event deletes a's record (etcdctl del while the agent runs): the next full pass removes its veth.
     agent.ds.delete(keys.endpoint(HOST, a.id))
-    first.sync(read_view(agent.ds), changes=ViewChanges(everything=False, keys=frozenset({
-        keys.endpoint(HOST, a.id)})))
+    first.sync(read_view(agent.ds), changes=ViewChanges(everything=False, keys=frozenset({keys.endpoint(HOST, a.id)})))
     first.sync(read_view(agent.ds), full=True)
     assert host_ifname(a.id) not in links(agent.ns) and host_ifname(b.id) in links(agent.ns)
     assert first.report() == {"unaccounted_interfaces": []}

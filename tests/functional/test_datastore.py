@@ -1,5 +1,6 @@
 """The etcd datastore against a real etcd: guarded transactions, leases, watches across restarts and compaction,
 fail-over between endpoints, and user/password authentication."""
+
 import os
 import shutil
 import subprocess
@@ -11,8 +12,7 @@ import pytest
 
 from netplugin.config import EtcdConfig
 from netplugin.datastore import keys
-from netplugin.datastore.client import (Datastore, absent, delete_op, get_op, mod_is, prefix_unchanged_since,
-                                        put_op)
+from netplugin.datastore.client import Datastore, absent, delete_op, get_op, mod_is, prefix_unchanged_since, put_op
 from netplugin.datastore.election import Election
 from netplugin.datastore.watch import PrefixWatch
 from netplugin.errors import DatastoreUnavailable
@@ -68,6 +68,7 @@ def watch(ds, prefix, start_revision, rec, **kw):
 
 # --- reads and writes ------------------------------------------------------------------------------------------
 
+
 def test_put_get_list_delete_and_dump(etcd):
     rev = etcd.put(A, {"n": 1})
     kv = etcd.get(A)
@@ -89,6 +90,7 @@ def test_create_only_when_absent(etcd):
 
 
 # --- transaction guards ----------------------------------------------------------------------------------------
+
 
 def test_mod_is_guards_a_compare_and_swap(etcd):
     rev = etcd.put(A, "v1")
@@ -142,6 +144,7 @@ def test_prefix_unchanged_since(etcd):
 
 # --- leases ----------------------------------------------------------------------------------------------------
 
+
 def test_lease_keeps_key_until_revoked(etcd):
     lease = etcd.grant_lease(10)
     etcd.put(A, "alive", lease=lease)
@@ -177,6 +180,7 @@ def test_election_one_leader_until_its_liveness_lease_ends_or_lapses(etcd):
 
 
 # --- watches ---------------------------------------------------------------------------------------------------
+
 
 def test_watch_delivers_puts_and_deletes_under_its_prefix(etcd):
     prefix = keys.ROOT + "test/"
@@ -352,6 +356,7 @@ def test_an_answer_older_than_seen_is_a_lagging_member_unless_the_cluster_agrees
 
 # --- reachability and fail-over ----------------------------------------------------------------------------------
 
+
 def test_unreachable_etcd_is_one_clear_error_naming_the_endpoint():
     endpoint = f"http://127.0.0.1:{free_port()}"
     ds = Datastore(EtcdConfig(endpoints=[endpoint], timeout=2))
@@ -369,11 +374,13 @@ def test_fails_over_to_the_next_endpoint(etcd, etcd_server):
 
 def test_endpoints_must_be_urls():
     from netplugin.errors import InvalidInput
+
     with pytest.raises(InvalidInput):
         EtcdConfig(endpoints="127.0.0.1:2379")
 
 
 # --- authentication --------------------------------------------------------------------------------------------
+
 
 def test_user_password_auth(server):
     admin = Datastore(EtcdConfig(endpoints=[server.endpoint]))
@@ -413,25 +420,51 @@ def test_user_password_auth(server):
 
 # --- TLS -------------------------------------------------------------------------------------------------------
 
+
 def _make_certs(d):
     """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate (EC keys: fast)."""
+
     def sh(*args):
         subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
 
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     sh("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=npt-test-ca")
     # etcd's gateway dials its own gRPC port with the server certificate, so that one is a client's too.
-    for name, ext in (("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n"),
-                      ("client", "extendedKeyUsage=clientAuth\n")):
+    for name, ext in (
+        ("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n"),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ):
         with open(os.path.join(d, f"{name}.ext"), "w") as f:
             f.write(ext)
         sh("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
-        sh("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-           "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext")
+        sh(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "1",
+            "-extfile",
+            f"{name}.ext",
+        )
+
     def path(f):
         return os.path.join(d, f)
-    return {"ca": path("ca.pem"), "server_cert": path("server.pem"), "server_key": path("server.key"),
-            "cert": path("client.pem"), "key": path("client.key")}
+
+    return {
+        "ca": path("ca.pem"),
+        "server_cert": path("server.pem"),
+        "server_key": path("server.key"),
+        "cert": path("client.pem"),
+        "key": path("client.key"),
+    }
 
 
 @pytest.fixture
@@ -444,13 +477,40 @@ def tls_etcd():
         endpoint, peer = f"https://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
         log = open(os.path.join(d, "etcd.log"), "w")
         proc = subprocess.Popen(
-            ["etcd", "--name", "t", "--data-dir", os.path.join(d, "data"), "--listen-client-urls", endpoint,
-             "--advertise-client-urls", endpoint, "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", f"t={peer}", "--cert-file", certs["server_cert"], "--key-file", certs["server_key"],
-             "--trusted-ca-file", certs["ca"], "--client-cert-auth", "--log-level", "error", "--logger", "zap"],
-            stdout=log, stderr=subprocess.STDOUT)
-        probe = Datastore(EtcdConfig(endpoints=[endpoint], ca_cert=certs["ca"], cert=certs["cert"], key=certs["key"],
-                                     timeout=1))
+            [
+                "etcd",
+                "--name",
+                "t",
+                "--data-dir",
+                os.path.join(d, "data"),
+                "--listen-client-urls",
+                endpoint,
+                "--advertise-client-urls",
+                endpoint,
+                "--listen-peer-urls",
+                peer,
+                "--initial-advertise-peer-urls",
+                peer,
+                "--initial-cluster",
+                f"t={peer}",
+                "--cert-file",
+                certs["server_cert"],
+                "--key-file",
+                certs["server_key"],
+                "--trusted-ca-file",
+                certs["ca"],
+                "--client-cert-auth",
+                "--log-level",
+                "error",
+                "--logger",
+                "zap",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        probe = Datastore(
+            EtcdConfig(endpoints=[endpoint], ca_cert=certs["ca"], cert=certs["cert"], key=certs["key"], timeout=1)
+        )
         deadline = time.monotonic() + 20
         while True:
             assert proc.poll() is None, open(os.path.join(d, "etcd.log")).read()
@@ -489,9 +549,13 @@ def test_tls_with_client_certificates(tls_etcd, monkeypatch):
     finally:
         w.stop()
     # Without trusting the server's CA, or without a client certificate: one clear error naming the endpoint.
-    for cfg, reason in ((EtcdConfig(endpoints=[endpoint], cert=certs["cert"], key=certs["key"], timeout=2),
-                         "TLS certificate verification failed"),
-                        (EtcdConfig(endpoints=[endpoint], ca_cert=certs["ca"], timeout=2), "TLS")):
+    for cfg, reason in (
+        (
+            EtcdConfig(endpoints=[endpoint], cert=certs["cert"], key=certs["key"], timeout=2),
+            "TLS certificate verification failed",
+        ),
+        (EtcdConfig(endpoints=[endpoint], ca_cert=certs["ca"], timeout=2), "TLS"),
+    ):
         with pytest.raises(DatastoreUnavailable) as err:
             Datastore(cfg).get(A)
         assert endpoint in str(err.value) and reason in str(err.value) and "\n" not in str(err.value)

@@ -1,4 +1,5 @@
 """The README's demo, end to end: a 3-host BGP lab, containers through CNI, policy through netctl."""
+
 import pytest
 
 from netplugin.lab.demo import run_demo

@@ -1,6 +1,7 @@
 """``netctl diags`` against a real agent with BGP (BIRD running) in a throwaway host, etcd with a password read
 from a file and a BGP peer with a password: the tarball unpacks, holds every part, and neither secret appears
 anywhere in it."""
+
 import json
 import os
 import subprocess
@@ -18,9 +19,23 @@ pytestmark = pytest.mark.functional
 
 ETCD_PASSWORD = "pw-in-a-file"
 BGP_PASSWORD = "bgp-Secret-42"
-PARTS = ("agent.log", "etcd.json", "iptables-save.txt", "ip6tables-save.txt", "ipset-list.txt", "ip-addr.txt",
-         "ip-route-4.txt", "ip-route-6.txt", "ip-rule-4.txt", "ip-rule-6.txt", "bird-protocols.txt", "bird.conf",
-         "health.json", "versions.txt", "metrics.txt")
+PARTS = (
+    "agent.log",
+    "etcd.json",
+    "iptables-save.txt",
+    "ip6tables-save.txt",
+    "ipset-list.txt",
+    "ip-addr.txt",
+    "ip-route-4.txt",
+    "ip-route-6.txt",
+    "ip-rule-4.txt",
+    "ip-rule-6.txt",
+    "bird-protocols.txt",
+    "bird.conf",
+    "health.json",
+    "versions.txt",
+    "metrics.txt",
+)
 
 
 def test_diags_tarball_holds_every_part_and_no_secret(auth_etcd, namespaces, tmp_path):
@@ -30,22 +45,37 @@ def test_diags_tarball_holds_every_part_and_no_secret(auth_etcd, namespaces, tmp
     auth = ["--etcd-endpoints", auth_etcd.endpoint, "--etcd-user", "root", "--etcd-password-file", str(pw)]
 
     def netctl(*args):
-        p = subprocess.run([console_script("netctl"), *auth, *args], capture_output=True, text=True, timeout=120,
-                           cwd=tmp_path)
+        p = subprocess.run(
+            [console_script("netctl"), *auth, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path
+        )
         assert p.returncode == 0, (args, p.stdout, p.stderr)
         return p
 
     netctl("pool", "add", "10.79.0.0/24")
-    netctl("bgp", "peer", "add", "tor", "--address", "10.96.0.254", "--as-number", "65010",
-           "--password", BGP_PASSWORD)
+    netctl("bgp", "peer", "add", "tor", "--address", "10.96.0.254", "--as-number", "65010", "--password", BGP_PASSWORD)
     ns = namespaces.add()
     auth_etcd.bridge_into(ns)
     nsexec(ns, "ip addr add 10.96.0.1/32 dev lo")
     nsexec(ns, "ipset create diag-probe hash:ip")  # no endpoint, so no set of the agent's: one of ours to list
     run_dir = str(tmp_path / "run")
-    agent = AgentProcess(ns, ns, auth_etcd.endpoint, run_dir,
-                         extra_args=["--etcd-user", "root", "--etcd-password-file", str(pw), "--routing", "bgp",
-                                     "--node-address", "10.96.0.1", "--metrics-listen", "10.96.0.1:9469"])
+    agent = AgentProcess(
+        ns,
+        ns,
+        auth_etcd.endpoint,
+        run_dir,
+        extra_args=[
+            "--etcd-user",
+            "root",
+            "--etcd-password-file",
+            str(pw),
+            "--routing",
+            "bgp",
+            "--node-address",
+            "10.96.0.1",
+            "--metrics-listen",
+            "10.96.0.1:9469",
+        ],
+    )
     try:
         agent.start()
         conf = os.path.join(run_dir, "bird", "bird.conf")

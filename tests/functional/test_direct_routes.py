@@ -1,4 +1,5 @@
 """Direct mode: other hosts' blocks as proto-81 kernel routes, reconciled in a test namespace."""
+
 import ipaddress
 import json
 import os
@@ -31,8 +32,11 @@ def reaches(ns, addr):
 def kernel_routes(ns, v6=False):
     """{dst: (gateway, protocol)} of the namespace's main table, prefixes normalised."""
     out = nsexec(ns, ["ip", "-N", "-j"] + (["-6"] if v6 else []) + ["route", "show"]).stdout
-    return {str(ipaddress.ip_network(r["dst"])): (r.get("gateway"), int(r["protocol"]))
-            for r in json.loads(out or "[]") if r.get("protocol", "").isdigit() and r["dst"] != "default"}
+    return {
+        str(ipaddress.ip_network(r["dst"])): (r.get("gateway"), int(r["protocol"]))
+        for r in json.loads(out or "[]")
+        if r.get("protocol", "").isdigit() and r["dst"] != "default"
+    }
 
 
 @pytest.fixture
@@ -71,8 +75,10 @@ def test_reconcile_adds_removes_and_is_idempotent(pair):
 
     # Converged: the second pass changes nothing.
     assert not direct.reconcile(want)
-    assert direct.current() == {ipaddress.ip_network(n): ipaddress.ip_address(g) for n, g in (
-        ("10.1.2.0/26", "10.98.0.2"), ("10.1.3.0/26", "10.98.0.2"), ("fd10:2::/122", "fd98::2"))}
+    assert direct.current() == {
+        ipaddress.ip_network(n): ipaddress.ip_address(g)
+        for n, g in (("10.1.2.0/26", "10.98.0.2"), ("10.1.3.0/26", "10.98.0.2"), ("fd10:2::/122", "fd98::2"))
+    }
 
     # A block moves to another node, one is released, IPv6 goes away.
     nsexec(a, "ip addr add 10.98.0.3/24 dev eth0")  # stands in for a third host's address on the segment
@@ -109,12 +115,15 @@ def test_missing_namespace_is_an_error_and_not_created(tmp_path):
     assert not os.path.exists(path)
 
 
-@pytest.mark.parametrize("bad, words", [
-    ({"10.98.0.2": ["10.1.2.1/26"]}, "host bits"),
-    ({"not-an-ip": ["10.1.2.0/26"]}, "invalid node address"),
-    ({"10.98.0.2": ["fd10::/122"]}, "other address family"),
-    ({"10.98.0.2": ["10.1.2.0/26"], "10.98.0.3": ["10.1.2.0/26"]}, "claimed by both"),
-])
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        ({"10.98.0.2": ["10.1.2.1/26"]}, "host bits"),
+        ({"not-an-ip": ["10.1.2.0/26"]}, "invalid node address"),
+        ({"10.98.0.2": ["fd10::/122"]}, "other address family"),
+        ({"10.98.0.2": ["10.1.2.0/26"], "10.98.0.3": ["10.1.2.0/26"]}, "claimed by both"),
+    ],
+)
 def test_bad_input_is_rejected_before_touching_the_kernel(bad, words):
     with pytest.raises(InvalidInput, match=words):
         desired_routes(bad)

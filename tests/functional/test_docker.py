@@ -6,6 +6,7 @@ Each host is a namespace with an agent serving the plugin and a dockerd that fin
 host's would); ``test_docker_on_hosts_without_a_default_route`` has none, only lo and the containers' veths.
 Traffic goes only between the test's own namespaces and containers.
 """
+
 import json
 import subprocess
 
@@ -32,6 +33,7 @@ HOST_V4, HOST_V6 = "10.99.0.1", "fd99::1"
 
 
 # --- helpers -------------------------------------------------------------------------------------------------------
+
 
 def attachment(host, container, network):
     nets = json.loads(host.docker("inspect", "-f", "{{json .NetworkSettings.Networks}}", container).stdout)
@@ -64,8 +66,12 @@ def endpoint_record(ds, host, endpoint_id):
 
 
 def ipam_check(etcd_server):
-    return subprocess.run([console_script("netctl"), "--etcd-endpoints", etcd_server.endpoint, "ipam", "check"],
-                          capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [console_script("netctl"), "--etcd-endpoints", etcd_server.endpoint, "ipam", "check"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def uplinked(namespaces, address=HOST_V4, address6=HOST_V6):
@@ -100,6 +106,7 @@ def docker_hosts(etcd, etcd_server, namespaces):
 
 # --- the protocol, without dockerd ----------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def plugin(etcd, etcd_server, namespaces):
     """The Flask app over a real DockerDriver (real etcd, real kernel in a test host namespace)."""
@@ -125,8 +132,10 @@ def test_protocol_handshake_and_bad_requests(plugin):
     assert plugin("Plugin.Activate", raw=b"") == {"Implements": ["NetworkDriver", "IpamDriver"]}
     assert plugin("NetworkDriver.GetCapabilities", raw=b"null") == {"Scope": "local", "ConnectivityScope": "global"}
     assert plugin("IpamDriver.GetCapabilities")["RequiresMACAddress"] is True
-    assert plugin("IpamDriver.GetDefaultAddressSpaces") == {"LocalDefaultAddressSpace": "netplugin",
-                                                            "GlobalDefaultAddressSpace": "netplugin"}
+    assert plugin("IpamDriver.GetDefaultAddressSpaces") == {
+        "LocalDefaultAddressSpace": "netplugin",
+        "GlobalDefaultAddressSpace": "netplugin",
+    }
     assert "does not implement" in plugin("NetworkDriver.Teleport", status=404)["Err"]
     assert "does not implement" in plugin("nothing/here", status=404)["Err"]
     assert "POST" in plugin.client.get("/Plugin.Activate").get_json()["Err"]
@@ -137,8 +146,10 @@ def test_protocol_handshake_and_bad_requests(plugin):
     bad = plugin("IpamDriver.RequestPool", {"AddressSpace": "LocalDefault"})
     assert "not netplugin's" in bad["Err"] and bad["Error"] == bad["Err"]  # IPAM answers are read from "Error"
     assert "not issued by netplugin" in plugin("IpamDriver.RequestAddress", {"PoolID": "garbage"})["Err"]
-    created = plugin("NetworkDriver.CreateNetwork", {"NetworkID": "n0", "IPv4Data": [
-        {"AddressSpace": "LocalDefault", "Pool": "172.18.0.0/16"}]})
+    created = plugin(
+        "NetworkDriver.CreateNetwork",
+        {"NetworkID": "n0", "IPv4Data": [{"AddressSpace": "LocalDefault", "Pool": "172.18.0.0/16"}]},
+    )
     assert "--ipam-driver netplugin" in created["Err"]
     for method in ("DiscoverNew", "DiscoverDelete", "ProgramExternalConnectivity", "RevokeExternalConnectivity"):
         assert plugin(f"NetworkDriver.{method}", {"NetworkID": "n0", "EndpointID": "e0"}) == {}
@@ -152,17 +163,28 @@ def test_protocol_pools_and_addresses(plugin):
     assert "10.30.0.0/16" in {p.cidr for p in ipam.list_pools()}  # --subnet created the pool
     again = plugin("IpamDriver.RequestPool", {"AddressSpace": "netplugin", "Pool": "10.30.0.0/16"})
     assert again["PoolID"] == whole["PoolID"]
-    part = plugin("IpamDriver.RequestPool", {"AddressSpace": "netplugin", "Pool": "10.30.1.0/24",
-                                             "SubPool": "10.30.1.128/25"})
+    part = plugin(
+        "IpamDriver.RequestPool", {"AddressSpace": "netplugin", "Pool": "10.30.1.0/24", "SubPool": "10.30.1.128/25"}
+    )
     assert [p.cidr for p in ipam.list_pools()] == ["10.30.0.0/16"]  # a subnet inside a pool uses that pool
     assert "overlaps" in plugin("IpamDriver.RequestPool", {"AddressSpace": "netplugin", "Pool": "10.30.0.0/15"})["Err"]
     assert "host bits" in plugin("IpamDriver.RequestPool", {"AddressSpace": "netplugin", "Pool": "10.31.0.5/16"})["Err"]
-    assert "not inside" in plugin("IpamDriver.RequestPool", {"AddressSpace": "netplugin", "Pool": "10.30.2.0/24",
-                                                             "SubPool": "10.30.3.0/25"})["Err"]
+    assert (
+        "not inside"
+        in plugin(
+            "IpamDriver.RequestPool", {"AddressSpace": "netplugin", "Pool": "10.30.2.0/24", "SubPool": "10.30.3.0/25"}
+        )["Err"]
+    )
 
     # The gateway (given or not) is answered, never allocated.
-    gw = plugin("IpamDriver.RequestAddress", {"PoolID": part["PoolID"], "Address": "10.30.1.1",
-                                              "Options": {"RequestAddressType": "com.docker.network.gateway"}})
+    gw = plugin(
+        "IpamDriver.RequestAddress",
+        {
+            "PoolID": part["PoolID"],
+            "Address": "10.30.1.1",
+            "Options": {"RequestAddressType": "com.docker.network.gateway"},
+        },
+    )
     assert gw["Address"] == "10.30.1.1/24" and plugin.driver.ipam.holder("10.30.1.1") is None
     mac = {"com.docker.network.endpoint.macaddress": "02:42:0a:00:00:01"}
     auto = plugin("IpamDriver.RequestAddress", {"PoolID": part["PoolID"], "Options": mac})
@@ -193,22 +215,44 @@ def test_protocol_endpoint_lifecycle(plugin, etcd, namespaces):
     pool = plugin("IpamDriver.RequestPool", {"AddressSpace": "netplugin", "Pool": "10.40.0.0/24"})
     v6 = plugin("IpamDriver.RequestPool", {"AddressSpace": "netplugin", "Pool": "fd40::/64", "V6": True})
     v4data = [{"AddressSpace": "netplugin", "Pool": "10.40.0.0/24", "Gateway": "169.254.1.1/32"}]
-    for bad, why in (("jumbo", "whole number from 68 to 65535"), ("70000", "whole number from 68 to 65535"),
-                     ("1200", "below IPv6's minimum of 1280")):
-        refused = plugin("NetworkDriver.CreateNetwork", {
-            "NetworkID": "net1", "IPv4Data": v4data, "IPv6Data": [{"AddressSpace": "netplugin", "Pool": "fd40::/64"}],
-            "Options": {"com.docker.network.generic": {"com.docker.network.driver.mtu": bad}}})
+    for bad, why in (
+        ("jumbo", "whole number from 68 to 65535"),
+        ("70000", "whole number from 68 to 65535"),
+        ("1200", "below IPv6's minimum of 1280"),
+    ):
+        refused = plugin(
+            "NetworkDriver.CreateNetwork",
+            {
+                "NetworkID": "net1",
+                "IPv4Data": v4data,
+                "IPv6Data": [{"AddressSpace": "netplugin", "Pool": "fd40::/64"}],
+                "Options": {"com.docker.network.generic": {"com.docker.network.driver.mtu": bad}},
+            },
+        )
         assert why in refused["Err"]
-    assert plugin("NetworkDriver.CreateNetwork", {
-        "NetworkID": "net1", "Options": {"com.docker.network.generic": {"color": "green"}}, "IPv4Data": v4data,
-        "IPv6Data": [{"AddressSpace": "netplugin", "Pool": "fd40::/64"}]}) == {}
+    assert (
+        plugin(
+            "NetworkDriver.CreateNetwork",
+            {
+                "NetworkID": "net1",
+                "Options": {"com.docker.network.generic": {"color": "green"}},
+                "IPv4Data": v4data,
+                "IPv6Data": [{"AddressSpace": "netplugin", "Pool": "fd40::/64"}],
+            },
+        )
+        == {}
+    )
     a4 = plugin("IpamDriver.RequestAddress", {"PoolID": pool["PoolID"]})["Address"]
     a6 = plugin("IpamDriver.RequestAddress", {"PoolID": v6["PoolID"]})["Address"]
     ep = {"NetworkID": "net1", "EndpointID": "ep1"}
     assert "no address" in plugin("NetworkDriver.CreateEndpoint", {**ep, "Interface": {}})["Err"]
     mac = "02:42:0a:28:00:07"
-    assert plugin("NetworkDriver.CreateEndpoint", {**ep, "Interface": {
-        "Address": a4, "AddressIPv6": a6, "MacAddress": mac}}) == {}
+    assert (
+        plugin(
+            "NetworkDriver.CreateEndpoint", {**ep, "Interface": {"Address": a4, "AddressIPv6": a6, "MacAddress": mac}}
+        )
+        == {}
+    )
     assert "not a path" in plugin("NetworkDriver.Join", {**ep, "SandboxKey": "relative"})["Err"]
     joined = plugin("NetworkDriver.Join", {**ep, "SandboxKey": f"/run/netns/{sandbox}"})
     src = joined["InterfaceName"]["SrcName"]
@@ -217,11 +261,12 @@ def test_protocol_endpoint_lifecycle(plugin, etcd, namespaces):
         {"Destination": "169.254.1.1/32", "RouteType": 1},
         {"Destination": "0.0.0.0/0", "RouteType": 0, "NextHop": "169.254.1.1"},
         {"Destination": "fe80::ecee:eeff:feee:eeee/128", "RouteType": 1},
-        {"Destination": "::/0", "RouteType": 0, "NextHop": "fe80::ecee:eeff:feee:eeee"}]
+        {"Destination": "::/0", "RouteType": 0, "NextHop": "fe80::ecee:eeff:feee:eeee"},
+    ]
     # Both ends are in the host namespace until libnetwork moves one; the host end is wired as for CNI.
     peer = json.loads(nsexec(ns, f"ip -j link show {src}").stdout)[0]
     assert peer["address"] == mac and peer["mtu"] == 1500 and "UP" not in peer["flags"]
-    (name, info), = host_veths(f"/run/netns/{plugin.ns}").items()
+    ((name, info),) = host_veths(f"/run/netns/{plugin.ns}").items()
     assert info["mac"] == "ee:ee:ee:ee:ee:ee" and info["mtu"] == 1500 and info["up"]
     assert info["routes"] == sorted([a4, a6])
     assert info["sysctls"]["net.ipv4.conf.%s.proxy_arp" % name] == 1
@@ -236,9 +281,17 @@ def test_protocol_endpoint_lifecycle(plugin, etcd, namespaces):
 
     # A second netplugin network in the same sandbox: only its subnet as a connected route.
     pool2 = plugin("IpamDriver.RequestPool", {"AddressSpace": "netplugin", "Pool": "10.41.0.0/24"})
-    assert plugin("NetworkDriver.CreateNetwork", {"NetworkID": "net2", "IPv4Data": [
-        {"AddressSpace": "netplugin", "Pool": "10.41.0.0/24"}], "Options": {
-        "com.docker.network.generic": {"com.docker.network.driver.mtu": "1400"}}}) == {}
+    assert (
+        plugin(
+            "NetworkDriver.CreateNetwork",
+            {
+                "NetworkID": "net2",
+                "IPv4Data": [{"AddressSpace": "netplugin", "Pool": "10.41.0.0/24"}],
+                "Options": {"com.docker.network.generic": {"com.docker.network.driver.mtu": "1400"}},
+            },
+        )
+        == {}
+    )
     b4 = plugin("IpamDriver.RequestAddress", {"PoolID": pool2["PoolID"]})["Address"]
     ep2 = {"NetworkID": "net2", "EndpointID": "ep2"}
     plugin("NetworkDriver.CreateEndpoint", {**ep2, "Interface": {"Address": b4}})
@@ -263,26 +316,54 @@ def test_protocol_endpoint_lifecycle(plugin, etcd, namespaces):
 
 # --- real dockerd ---------------------------------------------------------------------------------------------------
 
+
 def test_docker_network_lifecycle(docker_hosts, namespaces, etcd, etcd_server):
     ns = uplinked(namespaces)
     h = docker_hosts(ns)
-    h.docker("network", "create", "-d", "netplugin", "--ipam-driver", "netplugin", "--subnet", "10.1.0.0/16",
-             "--label", "team=blue", "-o", "color=green", "n1")
+    h.docker(
+        "network",
+        "create",
+        "-d",
+        "netplugin",
+        "--ipam-driver",
+        "netplugin",
+        "--subnet",
+        "10.1.0.0/16",
+        "--label",
+        "team=blue",
+        "-o",
+        "color=green",
+        "n1",
+    )
     record = poll(lambda: etcd.get(keys.network("n1")))
     net = Network.from_dict(record.value)
     docker_id = h.docker("network", "inspect", "-f", "{{.Id}}", "n1").stdout.strip()
     assert (net.pools, net.labels, net.docker_id) == (["10.1.0.0/16"], {"team": "blue"}, docker_id)
     assert net.options["color"] == "green"
 
-    h.docker("run", "-d", "--name", "ca", "--net", "n1", "-l", "app=web", "-l", f"{NETWORK_LABEL}=spoof", IMAGE,
-             "sleep", "600")
+    h.docker(
+        "run",
+        "-d",
+        "--name",
+        "ca",
+        "--net",
+        "n1",
+        "-l",
+        "app=web",
+        "-l",
+        f"{NETWORK_LABEL}=spoof",
+        IMAGE,
+        "sleep",
+        "600",
+    )
     h.docker("run", "-d", "--name", "cb", "--net", "n1", "--ip", "10.1.7.7", IMAGE, "sleep", "600")
     a, b = attachment(h, "ca", "n1"), attachment(h, "cb", "n1")
     assert b["IPAddress"] == "10.1.7.7" and a["IPAddress"] and a["IPAddress"] != b["IPAddress"]
     assert a["IPPrefixLen"] == 32
     inspect = json.loads(h.docker("network", "inspect", "n1").stdout)[0]
     assert sorted(c["IPv4Address"] for c in inspect["Containers"].values()) == sorted(
-        [f"{a['IPAddress']}/32", "10.1.7.7/32"])
+        [f"{a['IPAddress']}/32", "10.1.7.7/32"]
+    )
 
     # Routed /32s through 169.254.1.1, exactly like CNI containers.
     routes = h.docker("exec", "ca", "ip", "route").stdout
@@ -332,6 +413,7 @@ def test_docker_network_lifecycle(docker_hosts, namespaces, etcd, etcd_server):
 def plugin_holder(host, etcd, address):
     """Who holds ``address`` in IPAM (None: free), as the Docker IPAM driver sees it."""
     from netplugin.docker.ipam_driver import DockerIpam
+
     return DockerIpam(IPAM(etcd), host.name).holder(address)
 
 
@@ -339,8 +421,24 @@ def test_docker_ip_range_gateway_and_ipv6(docker_hosts, namespaces, etcd):
     ns = uplinked(namespaces)
     IPAM(etcd).add_pool("10.5.0.0/16")  # the --subnet below lies inside this pool: the pool is reused
     h = docker_hosts(ns)
-    h.docker("network", "create", "-d", "netplugin", "--ipam-driver", "netplugin", "--subnet", "10.5.3.0/24",
-             "--ip-range", "10.5.3.64/26", "--gateway", "10.5.3.1", "--ipv6", "--subnet", "fd05::/64", "n6")
+    h.docker(
+        "network",
+        "create",
+        "-d",
+        "netplugin",
+        "--ipam-driver",
+        "netplugin",
+        "--subnet",
+        "10.5.3.0/24",
+        "--ip-range",
+        "10.5.3.64/26",
+        "--gateway",
+        "10.5.3.1",
+        "--ipv6",
+        "--subnet",
+        "fd05::/64",
+        "n6",
+    )
     config = json.loads(h.docker("network", "inspect", "-f", "{{json .IPAM.Config}}", "n6").stdout)
     assert {"Subnet": "10.5.3.0/24", "IPRange": "10.5.3.64/26", "Gateway": "10.5.3.1"} in config
     h.docker("run", "-d", "--name", "c6", "--net", "n6", IMAGE, "sleep", "600")
@@ -393,8 +491,9 @@ def test_stale_docker_endpoints_are_collected(docker_hosts, namespaces, etcd, et
     # The stale endpoint, made through the driver's own calls as Docker would, then forgotten by Docker.
     ipam = IPAM(etcd)
     config = AgentConfig(hostname=ns, docker_api=h.dockerd.socket, docker_gc_interval=0)
-    driver = build_driver(etcd, ipam, EndpointService(etcd, ipam, Dataplane(host_netns=f"/run/netns/{ns}"), ns), ns,
-                          config)
+    driver = build_driver(
+        etcd, ipam, EndpointService(etcd, ipam, Dataplane(host_netns=f"/run/netns/{ns}"), ns), ns, config
+    )
     net_id = h.docker("network", "inspect", "-f", "{{.Id}}", "n").stdout.strip()
     pool_id, _, _ = driver.request_pool("netplugin", "10.8.0.0/24", "", {}, False)
     address, _ = driver.request_address(pool_id, "", {})
@@ -423,8 +522,9 @@ def test_two_hosts_share_one_etcd(docker_hosts, namespaces, etcd):
     a = docker_hosts(ha, agent_args=["--routing", "direct", "--node-address", "10.98.0.1"])
     b = docker_hosts(hb, agent_args=["--routing", "direct", "--node-address", "10.98.0.2"])
     for h in (a, b):  # the same network, created by each host's own dockerd
-        h.docker("network", "create", "-d", "netplugin", "--ipam-driver", "netplugin", "--subnet", "10.7.0.0/24",
-                 "shared")
+        h.docker(
+            "network", "create", "-d", "netplugin", "--ipam-driver", "netplugin", "--subnet", "10.7.0.0/24", "shared"
+        )
     for i in range(2):
         a.docker("run", "-d", "--name", f"a{i}", "--net", "shared", IMAGE, "sleep", "600")
         b.docker("run", "-d", "--name", f"b{i}", "--net", "shared", IMAGE, "sleep", "600")
@@ -455,22 +555,42 @@ def test_docker_on_hosts_without_a_default_route(docker_hosts, namespaces):
     containers reach each other across hosts, both families."""
     ha, hb = namespaces.add(), namespaces.add()
     hosts = {}
-    for ns, (v4, v6), fabric in ((ha, ("10.99.0.1", "fd99::1"), ("10.96.0.1", "fd96::1")),
-                                 (hb, ("10.99.0.2", "fd99::2"), ("10.96.0.2", "fd96::2"))):
+    for ns, (v4, v6), fabric in (
+        (ha, ("10.99.0.1", "fd99::1"), ("10.96.0.1", "fd96::1")),
+        (hb, ("10.99.0.2", "fd99::2"), ("10.96.0.2", "fd96::2")),
+    ):
         nsexec(ns, f"ip addr add {v4}/32 dev lo")
         nsexec(ns, f"ip -6 addr add {v6}/128 dev lo")
         hosts[ns] = ["--routing", "bgp", "--node-address", fabric[0], "--node-address6", fabric[1]]
     a = docker_hosts(ha, agent_args=hosts[ha])
-    a.docker("network", "create", "-d", "netplugin", "--ipam-driver", "netplugin", "--ipv6", "--subnet",
-             "10.11.0.0/16", "--subnet", "fd11::/64", "dc")
+    a.docker(
+        "network",
+        "create",
+        "-d",
+        "netplugin",
+        "--ipam-driver",
+        "netplugin",
+        "--ipv6",
+        "--subnet",
+        "10.11.0.0/16",
+        "--subnet",
+        "fd11::/64",
+        "dc",
+    )
     for name in ("a0", "a1"):
         a.docker("run", "-d", "--name", name, "--net", "dc", IMAGE, "sleep", "600")
     a0, a1 = attachment(a, "a0", "dc"), attachment(a, "a1", "dc")
     assert a0["GlobalIPv6Address"] and a1["GlobalIPv6Address"]
     assert default_routes(ha) == [] and [n for n in host_links(ha) if n != "lo" and not n.startswith("np")] == []
     assert len(host_links(ha)) == 3
-    for src, dst in (("a0", a1["IPAddress"]), ("a1", a0["IPAddress"]), ("a0", a1["GlobalIPv6Address"]),
-                     ("a1", a0["GlobalIPv6Address"]), ("a0", "10.99.0.1"), ("a1", "fd99::1")):
+    for src, dst in (
+        ("a0", a1["IPAddress"]),
+        ("a1", a0["IPAddress"]),
+        ("a0", a1["GlobalIPv6Address"]),
+        ("a1", a0["GlobalIPv6Address"]),
+        ("a0", "10.99.0.1"),
+        ("a1", "fd99::1"),
+    ):
         assert container_pings(a, src, dst), f"{src} cannot reach {dst}"
     assert ns_pings(ha, a0["IPAddress"]) and ns_pings(ha, a1["GlobalIPv6Address"])
     neigh = a.docker("exec", "a0", "ip", "neigh", "show", "169.254.1.1").stdout
@@ -481,13 +601,29 @@ def test_docker_on_hosts_without_a_default_route(docker_hosts, namespaces):
     nsexec(ha, "ip -6 addr add fd96::1/64 dev eth0 nodad")
     nsexec(hb, "ip -6 addr add fd96::2/64 dev eth0 nodad")
     b = docker_hosts(hb, agent_args=hosts[hb])
-    b.docker("network", "create", "-d", "netplugin", "--ipam-driver", "netplugin", "--ipv6", "--subnet",
-             "10.11.0.0/16", "--subnet", "fd11::/64", "dc")
+    b.docker(
+        "network",
+        "create",
+        "-d",
+        "netplugin",
+        "--ipam-driver",
+        "netplugin",
+        "--ipv6",
+        "--subnet",
+        "10.11.0.0/16",
+        "--subnet",
+        "fd11::/64",
+        "dc",
+    )
     b.docker("run", "-d", "--name", "b0", "--net", "dc", IMAGE, "sleep", "600")
     b0 = attachment(b, "b0", "dc")
     assert default_routes(ha) == [] and default_routes(hb) == []
-    assert poll(lambda: container_pings(a, "a0", b0["IPAddress"], attempts=1), timeout=60), \
+    assert poll(lambda: container_pings(a, "a0", b0["IPAddress"], attempts=1), timeout=60), (
         f"no route across hosts:\n{nsexec(ha, 'ip route').stdout}\n{a.agent.log()[-3000:]}"
-    for host, src, dst in ((b, "b0", a1["IPAddress"]), (a, "a1", b0["GlobalIPv6Address"]),
-                           (b, "b0", a0["GlobalIPv6Address"])):
+    )
+    for host, src, dst in (
+        (b, "b0", a1["IPAddress"]),
+        (a, "a1", b0["GlobalIPv6Address"]),
+        (b, "b0", a0["GlobalIPv6Address"]),
+    ):
         assert poll(lambda: container_pings(host, src, dst, attempts=1), timeout=30), f"{src} cannot reach {dst}"

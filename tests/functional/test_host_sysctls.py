@@ -3,6 +3,7 @@ that take their configuration from router advertisements keep accepting them (ac
 
 A real agent in a throwaway host namespace; never the root namespace.
 """
+
 import pytest
 
 from netplugin.ipam.allocator import IPAM

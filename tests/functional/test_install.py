@@ -1,6 +1,7 @@
 """``netctl install`` then ``netctl uninstall`` on a throwaway host (a namespace and its own root directory), with
 a real agent in between making chains, ipsets, routes and a veth: afterwards the files, every iptables table of
 both families and the routes are exactly as before, and what others had there is untouched."""
+
 import hashlib
 import os
 import re
@@ -27,8 +28,9 @@ spec:
 
 
 def netctl(endpoint, *args):
-    p = subprocess.run([console_script("netctl"), "--etcd-endpoints", endpoint, *args], capture_output=True,
-                       text=True, timeout=60)
+    p = subprocess.run(
+        [console_script("netctl"), "--etcd-endpoints", endpoint, *args], capture_output=True, text=True, timeout=60
+    )
     assert p.returncode == 0, (args, p.stdout, p.stderr)
     return p.stdout
 
@@ -54,14 +56,19 @@ def kernel(ns):
     out["ipsets"] = sorted(nsexec(ns, "ipset list -n").stdout.split())
     for fam in ("-4", "-6"):
         out[f"routes{fam}"] = sorted(nsexec(ns, f"ip {fam} route show table all").stdout.splitlines())
-    out["links"] = sorted(line.split(":")[1].strip().split("@")[0] for line in nsexec(ns, "ip -o link").stdout.splitlines())
+    out["links"] = sorted(
+        line.split(":")[1].strip().split("@")[0] for line in nsexec(ns, "ip -o link").stdout.splitlines()
+    )
     return out
 
 
 def foreign_state(ns, root):
     """Things of others our install and uninstall must leave alone."""
-    for path, text in (("opt/cni/bin/bridge", "#!/bin/sh\n"), ("etc/cni/net.d/99-other.conflist", "{}\n"),
-                       ("etc/hostname", "box\n")):
+    for path, text in (
+        ("opt/cni/bin/bridge", "#!/bin/sh\n"),
+        ("etc/cni/net.d/99-other.conflist", "{}\n"),
+        ("etc/hostname", "box\n"),
+    ):
         os.makedirs(os.path.join(root, os.path.dirname(path)), exist_ok=True)
         with open(os.path.join(root, path), "w") as f:
             f.write(text)
@@ -72,8 +79,7 @@ def foreign_state(ns, root):
     nsexec(ns, "ip route add blackhole 198.51.100.0/24 proto static")
 
 
-def test_install_agent_uninstall_leaves_files_tables_and_routes_as_they_were(etcd, etcd_server, namespaces,
-                                                                           tmp_path):
+def test_install_agent_uninstall_leaves_files_tables_and_routes_as_they_were(etcd, etcd_server, namespaces, tmp_path):
     ns = namespaces.add()
     etcd_server.bridge_into(ns)
     root = str(tmp_path / "root")
@@ -81,8 +87,19 @@ def test_install_agent_uninstall_leaves_files_tables_and_routes_as_they_were(etc
     foreign_state(ns, root)
     files_before, kernel_before = tree(root), kernel(ns)
 
-    out = netctl(etcd_server.endpoint, "install", "--root", root, "--hostname", ns, "--run-dir", run_dir,
-                 "--docker-socket", "", "--no-systemctl")
+    out = netctl(
+        etcd_server.endpoint,
+        "install",
+        "--root",
+        root,
+        "--hostname",
+        ns,
+        "--run-dir",
+        run_dir,
+        "--docker-socket",
+        "",
+        "--no-systemctl",
+    )
     unit = open(os.path.join(root, "etc/systemd/system/netplugin.service")).read()
     assert "Before=docker.service" in unit and "Restart=on-failure" in unit, unit
     assert re.search(r"^ExecStart=/\S+/netplugin agent --config /etc/netplugin/agent.toml$", unit, re.M), unit
@@ -93,16 +110,18 @@ def test_install_agent_uninstall_leaves_files_tables_and_routes_as_they_were(etc
     IPAM(etcd).add_pool(POOL)
     (tmp_path / "policy.yaml").write_text(POLICY)
     netctl(etcd_server.endpoint, "policy", "apply", "-f", str(tmp_path / "policy.yaml"))
-    agent = AgentProcess(ns, ns, etcd_server.endpoint, run_dir,
-                         extra_args=["--config", os.path.join(root, "etc/netplugin/agent.toml")])
+    agent = AgentProcess(
+        ns, ns, etcd_server.endpoint, run_dir, extra_args=["--config", os.path.join(root, "etc/netplugin/agent.toml")]
+    )
     try:
         agent.start()
         cni = CniBinary(str(tmp_path / "cni"), agent.socket, pools=[POOL])
         container = namespaces.add()
         rc, result, err = cni.call("ADD", container, f"/run/netns/{container}")
         assert rc == 0, (result, err, agent.log())
-        made = poll(lambda: next((k for k in [kernel(ns)] if any(s.startswith("np-") for s in k["ipsets"])), None),
-                    timeout=20)
+        made = poll(
+            lambda: next((k for k in [kernel(ns)] if any(s.startswith("np-") for s in k["ipsets"])), None), timeout=20
+        )
         assert made, agent.log()
     finally:
         agent.stop()
@@ -115,8 +134,18 @@ def test_install_agent_uninstall_leaves_files_tables_and_routes_as_they_were(etc
     bpffs = tmp_path / "bpf"  # a stand-in for the agent's bpffs directory (a plain one: pins are files in it)
     (bpffs / "maps").mkdir(parents=True)
     (bpffs / "maps" / "np_flows").write_text("")
-    out = netctl(etcd_server.endpoint, "uninstall", "--root", root, "--netns", ns, "--remove-endpoints",
-                 "--bpffs-dir", str(bpffs), "--no-systemctl")
+    out = netctl(
+        etcd_server.endpoint,
+        "uninstall",
+        "--root",
+        root,
+        "--netns",
+        ns,
+        "--remove-endpoints",
+        "--bpffs-dir",
+        str(bpffs),
+        "--no-systemctl",
+    )
     assert tree(root) == files_before, out
     after = kernel(ns)
     for part in kernel_before:
@@ -145,8 +174,7 @@ def test_uninstall_keeps_an_installed_file_the_operator_changed_and_a_config_it_
     assert f"kept {conflist} (changed since install; --force removes it)" in out, out
     assert open(conf).read() == 'hostname = "mine"\n'
     assert not os.path.exists(os.path.join(root, "etc/systemd/system/netplugin.service"))
-    out = netctl("http://127.0.0.1:1", "uninstall", "--root", root, "--keep-kernel-state", "--force",
-                 "--no-systemctl")
+    out = netctl("http://127.0.0.1:1", "uninstall", "--root", root, "--keep-kernel-state", "--force", "--no-systemctl")
     assert not os.path.exists(conflist) and os.path.exists(conf), out
 
 
@@ -156,7 +184,7 @@ def test_reinstall_keeps_the_operators_edits_of_the_installed_config(tmp_path):
     conf = os.path.join(root, "etc/netplugin/agent.toml")
     netctl("http://127.0.0.1:1", "install", "--root", root, "--no-systemctl")
     with open(conf, "a") as f:
-        f.write('mtu = 1400\n')
+        f.write("mtu = 1400\n")
     netctl("http://127.0.0.1:1", "install", "--root", root, "--no-systemctl")
     assert open(conf).read().endswith("mtu = 1400\n")
     out = netctl("http://127.0.0.1:1", "uninstall", "--root", root, "--keep-kernel-state", "--no-systemctl")

@@ -1,5 +1,6 @@
 """IPAM against a real etcd: concurrent allocators on many hosts never hand out one address twice; IPv6, ranges,
 static addresses, idempotent assignment and release; every error leaves the datastore as it was."""
+
 import multiprocessing
 import time
 
@@ -10,8 +11,7 @@ from netplugin.config import EtcdConfig
 from netplugin.datastore import keys
 from netplugin.datastore.client import Datastore
 from netplugin.datastore.models import Block, Handle, Pool
-from netplugin.errors import (AddressInUse, AddressNotInPool, AlreadyExists, InUse, InvalidInput, NotFound,
-                              PoolExhausted)
+from netplugin.errors import AddressInUse, AddressNotInPool, AlreadyExists, InUse, InvalidInput, NotFound, PoolExhausted
 from netplugin.ipam import reclaim
 from netplugin.ipam.allocator import IPAM, AssignRequest
 from netplugin.nodes import Liveness
@@ -36,7 +36,7 @@ def affinities_in(ds):
     """{(host, block cidr)} of every affinity key."""
     out = set()
     for kv in ds.list(keys.AFFINITY):
-        host, segment = kv.key[len(keys.AFFINITY):].split("/")
+        host, segment = kv.key[len(keys.AFFINITY) :].split("/")
         out.add((host, keys.segment_cidr(segment)))
     return out
 
@@ -58,6 +58,7 @@ def assert_consistent(ds):
 
 
 # --- many hosts, many processes ----------------------------------------------------------------------------------
+
 
 def _allocate(endpoint, host, proc, count, out):
     """One allocator process: its own Datastore and IPAM, ``count`` automatic assignments for ``host``."""
@@ -124,8 +125,9 @@ def test_eight_processes_four_hosts_4000_distinct_addresses(etcd, etcd_server, i
 
         blocks, handles = assert_consistent(etcd)
         assert len(handles) == 4000
-        recorded = {block.address(o): (a.handle, a.host) for block in blocks.values()
-                    for o, a in block.allocations.items()}
+        recorded = {
+            block.address(o): (a.handle, a.host) for block in blocks.values() for o, a in block.allocations.items()
+        }
         assert recorded == {a: (h, h.split(".")[0]) for h, a in pairs}
         # Each block is affine to exactly one host: its record names it, exactly one affinity key matches it.
         affinities = affinities_in(etcd)
@@ -149,14 +151,17 @@ def test_eight_processes_four_hosts_4000_distinct_addresses(etcd, etcd_server, i
         assert all(not b.allocations for b in blocks_in(etcd).values())
         assert reclaim.check(etcd) == []
         stats = [s for _, s in results.values()]
-        print(f"4000 allocations by 8 processes in {elapsed:.1f}s; "
-              f"CAS conflicts {sum(s['cas_conflicts'] for s in stats)}, claims {sum(s['claims'] for s in stats)}")
+        print(
+            f"4000 allocations by 8 processes in {elapsed:.1f}s; "
+            f"CAS conflicts {sum(s['cas_conflicts'] for s in stats)}, claims {sum(s['claims'] for s in stats)}"
+        )
     finally:
         for life in lives:
             etcd.revoke_lease(life.lease)
 
 
 # --- pools -------------------------------------------------------------------------------------------------------
+
 
 def test_add_pool_defaults_and_listing(ipam):
     p4 = ipam.add_pool("10.10.0.0/16")
@@ -167,15 +172,18 @@ def test_add_pool_defaults_and_listing(ipam):
     assert Pool("fd10::/112", 122) in ipam.list_pools()
 
 
-@pytest.mark.parametrize("cidr,kwargs,error", [
-    ("10.10.5.0/24", {}, InvalidInput),  # inside the existing pool
-    ("10.0.0.0/8", {}, InvalidInput),  # around it
-    ("10.10.0.0/16", {}, AlreadyExists),
-    ("10.11.0.0/33", {}, InvalidInput),
-    ("bogus", {}, InvalidInput),
-    ("10.11.0.1/16", {}, InvalidInput),  # host bits
-    ("10.11.0.0/16", {"block_size": 12}, InvalidInput),
-])
+@pytest.mark.parametrize(
+    "cidr,kwargs,error",
+    [
+        ("10.10.5.0/24", {}, InvalidInput),  # inside the existing pool
+        ("10.0.0.0/8", {}, InvalidInput),  # around it
+        ("10.10.0.0/16", {}, AlreadyExists),
+        ("10.11.0.0/33", {}, InvalidInput),
+        ("bogus", {}, InvalidInput),
+        ("10.11.0.1/16", {}, InvalidInput),  # host bits
+        ("10.11.0.0/16", {"block_size": 12}, InvalidInput),
+    ],
+)
 def test_add_pool_errors_change_nothing(etcd, ipam, cidr, kwargs, error):
     ipam.add_pool("10.10.0.0/16")
     before = etcd.dump()
@@ -230,6 +238,7 @@ def test_no_new_block_in_a_pool_removed_or_disabled_behind_the_cache(etcd, ipam)
 
 # --- automatic assignment ------------------------------------------------------------------------------------------
 
+
 def test_host_fills_its_own_block_then_claims_the_next(etcd, ipam):
     ipam.add_pool("10.10.0.0/24")
     got = [ipam.auto_assign(f"c{i}", "h1") for i in range(65)]
@@ -239,7 +248,10 @@ def test_host_fills_its_own_block_then_claims_the_next(etcd, ipam):
     assert other == "10.10.0.128"  # another host claims a block of its own
     blocks, _ = assert_consistent(etcd)
     assert {c: b.affinity for c, b in blocks.items()} == {
-        "10.10.0.0/26": "h1", "10.10.0.64/26": "h1", "10.10.0.128/26": "h2"}
+        "10.10.0.0/26": "h1",
+        "10.10.0.64/26": "h1",
+        "10.10.0.128/26": "h2",
+    }
 
 
 def test_borrows_before_reporting_exhaustion(etcd, ipam):
@@ -374,6 +386,7 @@ def test_in_use_is_checked_against_etcd_not_a_stale_cache(etcd, ipam):
 
 # --- static addresses ----------------------------------------------------------------------------------------------
 
+
 def test_static_address(etcd, ipam):
     ipam.add_pool("10.10.0.0/24")
     ipam.auto_assign("c0", "h1")  # h1 owns 10.10.0.0/26
@@ -388,13 +401,16 @@ def test_static_address(etcd, ipam):
     assert "10.10.0.50" not in got and len(got) == 62
 
 
-@pytest.mark.parametrize("address,error", [
-    ("10.10.0.5", AddressInUse),
-    ("10.99.0.5", AddressNotInPool),
-    ("fd00::1", AddressNotInPool),
-    ("999.1.1.1", InvalidInput),
-    ("bogus", InvalidInput),
-])
+@pytest.mark.parametrize(
+    "address,error",
+    [
+        ("10.10.0.5", AddressInUse),
+        ("10.99.0.5", AddressNotInPool),
+        ("fd00::1", AddressNotInPool),
+        ("999.1.1.1", InvalidInput),
+        ("bogus", InvalidInput),
+    ],
+)
 def test_static_errors_change_nothing(etcd, ipam, address, error):
     ipam.add_pool("10.10.0.0/24")
     ipam.assign_ip("taken", "h1", "10.10.0.5")
@@ -414,6 +430,7 @@ def test_static_from_a_named_pool_only(etcd, ipam):
 
 
 # --- release -----------------------------------------------------------------------------------------------------
+
 
 def test_release_handle_is_idempotent(etcd, ipam):
     ipam.add_pool("10.10.0.0/24")

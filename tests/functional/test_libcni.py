@@ -6,6 +6,7 @@ sources Debian ships (golang-github-appc-cni-dev under /usr/share/gocode, golang
 real agent in a host namespace and ADD / CHECK / DEL against a container namespace made here; libcni's result
 cache goes to the test's own directory.
 """
+
 import json
 import os
 import shutil
@@ -36,8 +37,9 @@ def cnitool():
         pytest.fail("cnitool needs Debian's golang-go and golang-github-appc-cni-dev: run scripts/setup.sh")
     workdir = tempdir("npt-cnitool-")
     try:
-        env = dict(os.environ, GO111MODULE="off", GOPATH=GOPATH, GOCACHE=os.path.join(workdir, "cache"),
-                   CGO_ENABLED="0")
+        env = dict(
+            os.environ, GO111MODULE="off", GOPATH=GOPATH, GOCACHE=os.path.join(workdir, "cache"), CGO_ENABLED="0"
+        )
         tool = os.path.join(workdir, "cnitool")
         run(["go", "build", "-o", tool, SOURCE], env=env, timeout=300)
         yield tool
@@ -63,10 +65,20 @@ def libcni_host(etcd, host_factory, namespaces, cnitool):
         conflist = netctl_install_cni(bin_dir, conf_dir, NETWORK, agent.socket, *options)
 
         def call(command):
-            env = dict(os.environ, NETCONFPATH=conf_dir, CNI_PATH=f"{bin_dir}:/usr/lib/cni",
-                       CNI_CACHE_DIR=os.path.join(workdir, "cache"))
-            return subprocess.run([cnitool, command, NETWORK, f"/run/netns/{container}"], env=env,
-                                  capture_output=True, text=True, timeout=60)
+            env = dict(
+                os.environ,
+                NETCONFPATH=conf_dir,
+                CNI_PATH=f"{bin_dir}:/usr/lib/cni",
+                CNI_CACHE_DIR=os.path.join(workdir, "cache"),
+            )
+            return subprocess.run(
+                [cnitool, command, NETWORK, f"/run/netns/{container}"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+
         return conflist, call
 
     try:

@@ -3,6 +3,7 @@
 Prometheus runs inside the first host's namespace and scrapes both agents over the lab's segment addresses,
 every second; the test asks its HTTP API from inside that namespace too (tests/nshttp.py).
 """
+
 import os
 import shutil
 import subprocess
@@ -30,6 +31,7 @@ spec:
   ingress: [{action: deny, from: [{cidr: 198.51.100.0/24}]}]
 """
 
+
 @pytest.fixture(scope="module")
 def lab():
     if shutil.which("prometheus") is None:
@@ -51,12 +53,25 @@ def prometheus(lab):
     workdir = tempdir("npt-prom-")
     config = os.path.join(workdir, "prometheus.yml")
     with open(config, "w") as f:
-        f.write(f"global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n"
-                f"scrape_configs:\n- job_name: netplugin\n  static_configs:\n  - targets: [{targets}]\n")
+        f.write(
+            f"global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n"
+            f"scrape_configs:\n- job_name: netplugin\n  static_configs:\n  - targets: [{targets}]\n"
+        )
     log = open(os.path.join(workdir, "prometheus.log"), "w")
-    proc = subprocess.Popen(["ip", "netns", "exec", ns, "prometheus", f"--config.file={config}",
-                             f"--storage.tsdb.path={os.path.join(workdir, 'data')}",
-                             f"--web.listen-address=127.0.0.1:{PROM_PORT}"], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "prometheus",
+            f"--config.file={config}",
+            f"--storage.tsdb.path={os.path.join(workdir, 'data')}",
+            f"--web.listen-address=127.0.0.1:{PROM_PORT}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_until("Prometheus ready", lambda: _ready(ns), timeout=30, step=0.2)
         wait_until("both agents scraped", lambda: len(promql(ns, PROM_PORT, "up == 1")) == 2, timeout=20, step=0.5)
@@ -83,15 +98,24 @@ def test_add_histogram_after_containers_are_added(lab, prometheus):
     for h in lab.plan.hosts[:2]:
         for i in range(2):
             lab.run_container(h.name, f"{h.name}m{i}")
-    counts = wait_until("ADDs counted on both agents",
-                        lambda: (lambda v: len(v) == 2 and all(n >= 2 for n in v.values()) and v)(
-                            value(prometheus, "netplugin_cni_add_seconds_count")), timeout=20, step=0.5)
+    counts = wait_until(
+        "ADDs counted on both agents",
+        lambda: (lambda v: len(v) == 2 and all(n >= 2 for n in v.values()) and v)(
+            value(prometheus, "netplugin_cni_add_seconds_count")
+        ),
+        timeout=20,
+        step=0.5,
+    )
     p90 = value(prometheus, "histogram_quantile(0.9, sum by (instance, le) (netplugin_cni_add_seconds_bucket))")
     phases = value(prometheus, 'sum by (instance) (netplugin_cni_add_phase_seconds_count{phase="ipam"})')
     assert len(p90) == 2 and all(0 < s < 30 for s in p90.values()), p90
     assert phases == counts, (phases, counts)
-    local = wait_until("2 local endpoints per agent", lambda: (lambda v: set(v.values()) == {2.0} and v)(
-        value(prometheus, 'netplugin_endpoints{scope="local"}')), timeout=10, step=0.5)
+    local = wait_until(
+        "2 local endpoints per agent",
+        lambda: (lambda v: set(v.values()) == {2.0} and v)(value(prometheus, 'netplugin_endpoints{scope="local"}')),
+        timeout=10,
+        step=0.5,
+    )
     blocks = value(prometheus, "sum by (instance) (netplugin_ipam_blocks)")
     print(f"\nlocal endpoints {local}, IPAM blocks {blocks}")
     assert len(blocks) == 2 and all(n >= 2 for n in blocks.values()), blocks  # h1's and h2's blocks at least
@@ -102,20 +126,28 @@ def test_policy_sync_histogram_after_a_policy_apply(lab, prometheus):
     query = "netplugin_policy_sync_seconds_count"
     before = value(prometheus, query)
     lab.netctl("policy", "apply", "-f", "-", input=POLICY)
-    after = wait_until("a policy sync observed on both agents",
-                       lambda: (lambda v: len(v) == 2 and all(v[i] > before.get(i, 0) for i in v) and v)(
-                           value(prometheus, query)), timeout=20, step=0.5)
-    restore = value(prometheus, 'sum by (instance) (netplugin_policy_sync_phase_seconds_count'
-                                '{phase="iptables_restore_ipv4"})')
+    after = wait_until(
+        "a policy sync observed on both agents",
+        lambda: (lambda v: len(v) == 2 and all(v[i] > before.get(i, 0) for i in v) and v)(value(prometheus, query)),
+        timeout=20,
+        step=0.5,
+    )
+    restore = value(
+        prometheus, 'sum by (instance) (netplugin_policy_sync_phase_seconds_count{phase="iptables_restore_ipv4"})'
+    )
     assert len(restore) == 2 and all(n > 0 for n in restore.values()), restore
     print(f"\npolicy syncs {before} -> {after}")
 
 
 def test_bgp_sessions_established_on_a_3_host_mesh(lab, prometheus):
-    established = wait_until("2 Established sessions per agent",
-                             lambda: (lambda v: len(v) == 2 and set(v.values()) == {2.0} and v)(
-                                 value(prometheus, 'netplugin_bgp_sessions{state="Established"}')),
-                             timeout=30, step=0.5)
+    established = wait_until(
+        "2 Established sessions per agent",
+        lambda: (lambda v: len(v) == 2 and set(v.values()) == {2.0} and v)(
+            value(prometheus, 'netplugin_bgp_sessions{state="Established"}')
+        ),
+        timeout=30,
+        step=0.5,
+    )
     assert established
     took = value(prometheus, "scrape_duration_seconds")
     print(f"\nEstablished sessions {established}; scrape took {took} s (a birdc and a blocks read each)")

@@ -4,6 +4,7 @@ real CNI binary, in network namespaces.
 One lab exists at a time (``LabSlot``): tests are grouped by topology in file order, so each topology is built
 once. Every wait is a poll with a bound.
 """
+
 import json
 import os
 import subprocess
@@ -66,8 +67,7 @@ def labs():
 
 def leftovers(name):
     """Anything of lab ``name`` still on the machine: namespaces, directories, processes."""
-    found = [n for n in os.listdir("/run/netns") if n.startswith(f"lab-{name}-")] if os.path.isdir("/run/netns") \
-        else []
+    found = [n for n in os.listdir("/run/netns") if n.startswith(f"lab-{name}-")] if os.path.isdir("/run/netns") else []
     found += [d for d in (state_dir(name), f"/dev/shm/netplugin-lab-{name}") if os.path.exists(d)]
     marks = (f"/netplugin-lab/{name}/".encode(), f"netplugin-lab-{name}".encode(), f"lab-{name}-".encode())
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -106,6 +106,7 @@ def block_routes(lab, host, via):
 
 
 # --- node-to-node mesh ---------------------------------------------------------------------------------------------
+
 
 def mesh(labs):
     return labs.get("mesh", hosts=3)
@@ -167,6 +168,7 @@ def test_dead_host_routes_leave_within_hold_time(labs):
 
 # --- route reflectors, mesh off -----------------------------------------------------------------------------------
 
+
 def bird_errors(lab, host):
     """Error-level lines of a host's BIRD log (BIRD logs to stderr, which the agent writes here)."""
     with open(os.path.join(lab.plan.host(host).run_dir, "bird", "bird.log")) as f:
@@ -191,13 +193,17 @@ def test_route_reflector_mode(labs):
     assert [h.route_reflector for h in (h1, h2, h3, h4)] == [True, True, False, False]
     for rr, other in ((h1, h2), (h2, h1)):
         assert {(r["peer_address"], r["peer_type"]) for r in node_status(lab, rr.name)} == {
-            (other.address, "route reflector"), (h3.address, "route reflector client"),
-            (h4.address, "route reflector client")}
+            (other.address, "route reflector"),
+            (h3.address, "route reflector client"),
+            (h4.address, "route reflector client"),
+        }
     for client, other in ((h3, h4), (h4, h3)):
         rows = node_status(lab, client.name)
         # Clients peer with the reflectors only, yet learn the other client's block, with that client as next hop.
-        assert [(r["peer_address"], r["peer_type"], r["state"]) for r in rows] == \
-            [(h1.address, "route reflector", "Established"), (h2.address, "route reflector", "Established")]
+        assert [(r["peer_address"], r["peer_type"], r["state"]) for r in rows] == [
+            (h1.address, "route reflector", "Established"),
+            (h2.address, "route reflector", "Established"),
+        ]
         assert block_routes(lab, client.name, other.address)
 
     # h1 drops h3's session: h1 keeps h3's routes as the copy h2 reflects (next hop still h3), so h4 keeps them.
@@ -219,6 +225,7 @@ def test_route_reflector_mode(labs):
 
 
 # --- direct routes, no BGP ------------------------------------------------------------------------------------------
+
 
 def test_direct_mode(labs):
     lab = labs.get("direct", hosts=3, routing="direct")
@@ -254,6 +261,7 @@ def test_up_refuses_an_existing_lab_and_leaves_it_alone(labs):
 
 # --- two racks behind a router (eBGP) -----------------------------------------------------------------------------
 
+
 def test_racks_behind_router(labs):
     lab = labs.get("racks", hosts=4, racks=2, etcd_members=3)
     assert len(lab.endpoints) == 3 and all(lab.status()["etcd_healthy"])  # a real 3-member etcd cluster
@@ -266,19 +274,25 @@ def test_racks_behind_router(labs):
     assert block_routes(lab, "h1", h2.address), "rack neighbour not reached directly"
     assert not block_routes(lab, "h1", h3.address)
     rows = node_status(lab, "h3")
-    assert [(x["peer_address"], x["peer_type"], x["state"], x["neighbor_as"]) for x in rows] == \
-        [(h3.gateway, "node-specific", "Established", str(r.as_number))]
+    assert [(x["peer_address"], x["peer_type"], x["state"], x["neighbor_as"]) for x in rows] == [
+        (h3.gateway, "node-specific", "Established", str(r.as_number))
+    ]
     assert sorted(x.state for x in lab.router_sessions()) == ["Established"] * 4
 
 
 # --- building and removing ------------------------------------------------------------------------------------------
 
+
 def test_bad_spec_refused_before_anything_is_made():
     with pytest.raises(InvalidInput, match="direct routing needs every host on one L2 segment"):
         LabSpec(name="mtbad", hosts=4, racks=2, routing="direct")
     name = f"mt{uuid.uuid4().hex[:6]}"
-    p = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "lab.py"), "up", "--name", name,
-                        "--hosts", "2", "--racks", "3"], capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "lab.py"), "up", "--name", name, "--hosts", "2", "--racks", "3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 1
     assert p.stderr.strip().splitlines() == ["lab: error: 3 racks need at least as many hosts (got 2)"]
     assert leftovers(name) == []

@@ -43,8 +43,9 @@ def pings(ns, dst):
 
 
 def view(nat):
-    return ClusterView(pools=[Pool(cidr=NAT_POOL, block_size=26, nat_outgoing=nat),
-                              Pool(cidr=OTHER_POOL, block_size=26)])
+    return ClusterView(
+        pools=[Pool(cidr=NAT_POOL, block_size=26, nat_outgoing=nat), Pool(cidr=OTHER_POOL, block_size=26)]
+    )
 
 
 def test_nat_pool_reaches_outside_and_other_pools_keep_the_real_source(lab):

@@ -1,5 +1,6 @@
 """The real ``netctl`` console script against a real etcd: tables, JSON and YAML; ``ipam check`` exit codes;
 manual release; and every expected error as exactly one line on stderr with etcd left exactly as it was."""
+
 import json
 import os
 import subprocess
@@ -33,18 +34,21 @@ def netctl(endpoint, *args, env_endpoint=True, timeout=30):
 @pytest.fixture
 def run(etcd_server):
     """netctl against the test etcd; asserts success unless told otherwise."""
+
     def _run(*args, ok=True):
         res = netctl(etcd_server.endpoint, *args)
         if ok:
             assert res.returncode == 0, res.stderr
             assert res.stderr == ""
         return res
+
     return _run
 
 
 @pytest.fixture
 def fails(etcd, etcd_server):
     """Runs a netctl command that must fail cleanly: non-zero, one line on stderr, etcd unchanged."""
+
     def _fails(*args, match, endpoint=None):
         before = etcd.dump()
         res = netctl(endpoint or etcd_server.endpoint, *args)
@@ -57,6 +61,7 @@ def fails(etcd, etcd_server):
         assert res.stdout == ""
         assert after == before
         return lines[0]
+
     return _fails
 
 
@@ -68,8 +73,7 @@ def populated(etcd):
     ipam.add_pool("fd00:10::/112")
     reg = NodeRegistry(etcd)
     reg.register(Node(name="h1", address="192.0.2.1", address_autodetected=True, labels={"rack": "r1"}))
-    reg.register(Node(name="h2", address="192.0.2.2", address6="2001:db8::2", as_number=65002,
-                      route_reflector=True))
+    reg.register(Node(name="h2", address="192.0.2.2", address6="2001:db8::2", as_number=65002, route_reflector=True))
     lives = [Liveness(etcd, "h1", ttl=30), Liveness(etcd, "h2", ttl=30)]
     for life in lives:
         assert life.beat()
@@ -88,11 +92,16 @@ def table(stdout):
 
 # --- pools ---------------------------------------------------------------------------------------------------------
 
+
 def test_pool_add_list_rm(etcd, run):
     res = run("pool", "add", "10.10.0.0/16", "--nat-outgoing")
     assert table(res.stdout)[1][:2] == ["10.10.0.0/16", "26"]
     assert json.loads(run("pool", "add", "fd00:10::/112", "-o", "json").stdout) == {
-        "cidr": "fd00:10::/112", "block_size": 122, "nat_outgoing": False, "disabled": False}
+        "cidr": "fd00:10::/112",
+        "block_size": 122,
+        "nat_outgoing": False,
+        "disabled": False,
+    }
     IPAM(etcd).auto_assign("c1", "h1")
 
     rows = table(run("pool", "list").stdout)
@@ -101,8 +110,8 @@ def test_pool_add_list_rm(etcd, run):
     as_json = json.loads(run("pool", "list", "-o", "json").stdout)
     assert as_json == [
         {"cidr": "10.10.0.0/16", "block_size": 26, "blocks": 1, "used": 1, "nat_outgoing": True, "disabled": False},
-        {"cidr": "fd00:10::/112", "block_size": 122, "blocks": 0, "used": 0, "nat_outgoing": False,
-         "disabled": False}]
+        {"cidr": "fd00:10::/112", "block_size": 122, "blocks": 0, "used": 0, "nat_outgoing": False, "disabled": False},
+    ]
     assert yaml.safe_load(run("pool", "list", "-o", "yaml").stdout) == as_json
 
     assert run("pool", "rm", "fd00:10::/112").stdout.strip() == "removed pool fd00:10::/112"
@@ -133,6 +142,7 @@ def test_empty_listings(etcd, run):
 
 # --- ipam show / check / release -------------------------------------------------------------------------------------
 
+
 def test_ipam_show(populated, run):
     expected = [
         {"block": "10.10.0.0/26", "pool": "10.10.0.0/24", "host": "h1", "used": 2, "free": 62},
@@ -155,7 +165,10 @@ def test_node_list(populated, etcd, run):
     assert rows[3] == ["h3", "no", "192.0.2.3", "no"]
     as_json = json.loads(run("node", "list", "-o", "json").stdout)
     assert [(n["name"], n["alive"], n["address"]) for n in as_json] == [
-        ("h1", True, "192.0.2.1 (autodetected)"), ("h2", True, "192.0.2.2"), ("h3", False, "192.0.2.3")]
+        ("h1", True, "192.0.2.1 (autodetected)"),
+        ("h2", True, "192.0.2.2"),
+        ("h3", False, "192.0.2.3"),
+    ]
     assert as_json[1]["as"] == 65002 and as_json[1]["route_reflector"] is True
     assert yaml.safe_load(run("node", "list", "-o", "yaml").stdout) == as_json
 
@@ -210,6 +223,7 @@ def test_endpoint_flag_and_env_agree(populated, etcd_server):
 
 # --- errors: one line, non-zero, nothing changed ------------------------------------------------------------------
 
+
 def test_errors_are_one_line_and_change_nothing(populated, fails):
     fails("pool", "add", "10.10.0.128/25", match="overlaps existing pool 10.10.0.0/24")
     fails("pool", "add", "10.0.0.0/8", match="overlaps existing pool 10.10.0.0/24")
@@ -230,8 +244,14 @@ def test_errors_are_one_line_and_change_nothing(populated, fails):
 
 def test_etcd_unreachable_names_the_endpoint(populated, fails):
     dead = f"http://127.0.0.1:{free_port()}"
-    for args in (["pool", "list"], ["pool", "add", "10.50.0.0/24"], ["ipam", "show"], ["ipam", "check"],
-                 ["node", "list"], ["ipam", "release", "--handle", "c1"]):
+    for args in (
+        ["pool", "list"],
+        ["pool", "add", "10.50.0.0/24"],
+        ["ipam", "show"],
+        ["ipam", "check"],
+        ["node", "list"],
+        ["ipam", "release", "--handle", "c1"],
+    ):
         line = fails(*args, match="etcd unreachable", endpoint=dead)
         assert dead in line
 

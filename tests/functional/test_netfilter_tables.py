@@ -1,5 +1,6 @@
 """The netfilter writer against the real iptables of a throwaway namespace, for every table and family we own:
 apply twice and the second diff is empty; others' chains and rules stay as they were; drift is repaired."""
+
 import pytest
 
 from netplugin.kernel.netfilter import NetfilterTable
@@ -10,8 +11,10 @@ pytestmark = pytest.mark.functional
 
 NET = {4: "10.99.0.0/24", 6: "fd99::/64"}
 TABLES = {
-    "filter": ({"np-t-fw": ("-p tcp --dport 9 -j DROP", "-j RETURN"), "np-t-in": ("-j RETURN",)},
-               {"FORWARD": "np-t-fw", "INPUT": "-i np+ -j np-t-in"}),
+    "filter": (
+        {"np-t-fw": ("-p tcp --dport 9 -j DROP", "-j RETURN"), "np-t-in": ("-j RETURN",)},
+        {"FORWARD": "np-t-fw", "INPUT": "-i np+ -j np-t-in"},
+    ),
     "nat": ({"np-t-post": ("-d {net} -j RETURN", "-s {net} -j MASQUERADE")}, {"POSTROUTING": "np-t-post"}),
     "raw": ({"np-t-raw": ("-m rpfilter --invert -j DROP",)}, {"PREROUTING": "-i np+ -j np-t-raw"}),
 }

@@ -12,6 +12,7 @@ refuses the machine's own (much higher) limits inside this sandbox.
 What stays outside the test's directories: libcni's result cache (/var/lib/cni/results, emptied again by
 DEL) and containers/image's blob-info cache (/var/lib/containers/cache) — podman 4.3 has no option to move them.
 """
+
 import os
 import shutil
 import subprocess
@@ -56,15 +57,33 @@ class Podman:
         self.workdir = workdir
         self.conf = os.path.join(workdir, "containers.conf")
         with open(self.conf, "w") as f:
-            f.write("[network]\n"
-                    'network_backend = "cni"\n'
-                    f'cni_plugin_dirs = ["{bin_dir}", "/usr/lib/cni"]\n'
-                    f'network_config_dir = "{conf_dir}"\n')
-        self.base = ["nsenter", f"--net=/run/netns/{netns}", "podman",
-                     "--root", os.path.join(workdir, "root"), "--runroot", os.path.join(workdir, "runroot"),
-                     "--tmpdir", os.path.join(workdir, "tmp"), "--cni-config-dir", conf_dir,
-                     "--network-backend", "cni", "--storage-driver", "vfs", "--events-backend", "none",
-                     "--cgroup-manager", "cgroupfs"]
+            f.write(
+                "[network]\n"
+                'network_backend = "cni"\n'
+                f'cni_plugin_dirs = ["{bin_dir}", "/usr/lib/cni"]\n'
+                f'network_config_dir = "{conf_dir}"\n'
+            )
+        self.base = [
+            "nsenter",
+            f"--net=/run/netns/{netns}",
+            "podman",
+            "--root",
+            os.path.join(workdir, "root"),
+            "--runroot",
+            os.path.join(workdir, "runroot"),
+            "--tmpdir",
+            os.path.join(workdir, "tmp"),
+            "--cni-config-dir",
+            conf_dir,
+            "--network-backend",
+            "cni",
+            "--storage-driver",
+            "vfs",
+            "--events-backend",
+            "none",
+            "--cgroup-manager",
+            "cgroupfs",
+        ]
         self.env = dict(os.environ, CONTAINERS_CONF=self.conf)
 
     def __call__(self, *args, check=True, timeout=60):
@@ -118,8 +137,22 @@ def podman_host(etcd, host_factory):
 
 
 def _run(podman, name, *extra):
-    p = podman("run", "--detach", "--name", name, "--network", NETWORK, *extra,
-               "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024", IMAGE, "/bin/sleep", "120")
+    p = podman(
+        "run",
+        "--detach",
+        "--name",
+        name,
+        "--network",
+        NETWORK,
+        *extra,
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=1024:1024",
+        IMAGE,
+        "/bin/sleep",
+        "120",
+    )
     return p.stdout.strip()
 
 
@@ -148,8 +181,9 @@ def test_podman_runs_a_container_on_a_netplugin_network_with_the_address_it_aske
 
     # Reachable from the host namespace podman runs in, and the two containers reach each other and the host.
     assert _reaches(["ip", "netns", "exec", agent.netns], "10.74.0.77")
-    other_ip = podman("inspect", "--format", f"{{{{.NetworkSettings.Networks.{NETWORK}.IPAddress}}}}",
-                      "db").stdout.strip()
+    other_ip = podman(
+        "inspect", "--format", f"{{{{.NetworkSettings.Networks.{NETWORK}.IPAddress}}}}", "db"
+    ).stdout.strip()
     assert other_ip.startswith("10.74.0.") and other_ip != "10.74.0.77"
     for name, dst in (("web", other_ip), ("db", "10.74.0.77"), ("web", HOST_ADDR)):
         p = podman("exec", name, "/bin/ping", "-c", "2", "-W", "1", dst, check=False)
@@ -171,10 +205,22 @@ def test_podman_runs_a_container_on_a_netplugin_network_with_the_address_it_aske
 
 def test_podman_refuses_a_1_1_0_conflist_which_is_why_it_is_not_the_default(podman_host, etcd):
     agent, podman = podman_host
-    netctl_install_cni(podman.bin_dir, podman.conf_dir, "podnet11", agent.socket, "--pool", POOL,
-                       "--cni-version", "1.1.0")
-    p = podman("run", "--rm", "--network", "podnet11", "--ulimit", "nofile=1024:1024", "--ulimit",
-               "nproc=1024:1024", IMAGE, "/bin/true", check=False)
+    netctl_install_cni(
+        podman.bin_dir, podman.conf_dir, "podnet11", agent.socket, "--pool", POOL, "--cni-version", "1.1.0"
+    )
+    p = podman(
+        "run",
+        "--rm",
+        "--network",
+        "podnet11",
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=1024:1024",
+        IMAGE,
+        "/bin/true",
+        check=False,
+    )
     assert p.returncode != 0
     assert 'unsupported CNI result version "1.1.0"' in p.stderr, p.stderr
     # podman answers the failed ADD with DEL: nothing is left behind

@@ -9,6 +9,7 @@ then probes TCP, UDP and ICMP from the containers' own namespaces::
       |- host1 .1:  W1 blue {app: web}      C1 red {role: client}
       |- host2 .2:  D2 blue {app: db}       C2 red {role: client, zone: b}
 """
+
 import contextlib
 import json
 import logging
@@ -120,9 +121,21 @@ class Cluster:
             self.nss.link(h, self.fabric, f"{FABRIC}.{i}/24", None, "eth0", f"p{i}")
             nsexec(self.fabric, f"ip link set p{i} master br0")
             self.etcd_server.bridge_into(h)
-            agent = AgentProcess(h, f"host{i}", self.etcd_server.endpoint, os.path.join(self.workdir, f"run{i}"),
-                                 extra_args=["--routing", "direct", "--node-address", f"{FABRIC}.{i}",
-                                             "--resync-interval", str(RESYNC), *self._dataplane_args(i)])
+            agent = AgentProcess(
+                h,
+                f"host{i}",
+                self.etcd_server.endpoint,
+                os.path.join(self.workdir, f"run{i}"),
+                extra_args=[
+                    "--routing",
+                    "direct",
+                    "--node-address",
+                    f"{FABRIC}.{i}",
+                    "--resync-interval",
+                    str(RESYNC),
+                    *self._dataplane_args(i),
+                ],
+            )
             self.agents.append(agent)  # registered before start: stopped by close() even if start fails
             agent.start()
             self.hosts.append(h)
@@ -140,12 +153,18 @@ class Cluster:
         replaces the config's ``args`` (default: ``{"labels": labels}``)."""
         agent = self.agents[host - 1]
         if (host, network) not in self.cni:
-            self.cni[(host, network)] = CniBinary(os.path.join(self.workdir, f"cni-{host}-{network}"),
-                                                  agent.socket, network=network)
+            self.cni[(host, network)] = CniBinary(
+                os.path.join(self.workdir, f"cni-{host}-{network}"), agent.socket, network=network
+            )
         cni = self.cni[(host, network)]
         ns = self.nss.add()
-        rc, out, err = cni.call("ADD", ns, f"/run/netns/{ns}", args=cni_args,
-                                config=dict(cni.config, args=config_args or {"labels": labels}))
+        rc, out, err = cni.call(
+            "ADD",
+            ns,
+            f"/run/netns/{ns}",
+            args=cni_args,
+            config=dict(cni.config, args=config_args or {"labels": labels}),
+        )
         assert rc == 0, f"CNI ADD {key} failed: {out} {err}"
         ip = out["ips"][0]["address"].split("/")[0]
         self.ns[key], self.ip[key], self.host_of[key] = ns, ip, host
@@ -186,8 +205,13 @@ class Cluster:
         raise AssertionError(f"no endpoint for {key} ({self.ip[key]})")
 
     def netctl(self, *args, stdin=None):
-        return subprocess.run([console_script("netctl"), "--etcd-endpoints", self.etcd_server.endpoint, *args],
-                              input=stdin, capture_output=True, text=True, timeout=30)
+        return subprocess.run(
+            [console_script("netctl"), "--etcd-endpoints", self.etcd_server.endpoint, *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
 
     def apply(self, text, name="policy.yaml"):
         """``netctl policy apply -f FILE``, then wait until every agent synced it."""
@@ -231,8 +255,10 @@ class Cluster:
             if not lagging:
                 return
             if time.monotonic() > deadline:
-                raise AssertionError(f"agents {lagging} did not sync revision {revision} in {timeout} s:\n"
-                                     + self.agents[0].log()[-3000:])
+                raise AssertionError(
+                    f"agents {lagging} did not sync revision {revision} in {timeout} s:\n"
+                    + self.agents[0].log()[-3000:]
+                )
             time.sleep(0.02)
 
     def wait_full_sync(self, agent, timeout=3 * RESYNC + 5):
@@ -310,14 +336,20 @@ def test_default_same_network_talks_across_hosts_other_networks_do_not(lab):
 
 
 def test_allow_by_label_port_protocol_and_cidr(lab):
-    lab.apply(policy("web-in", f"""
+    lab.apply(
+        policy(
+            "web-in",
+            f"""
   selector: {{matchLabels: {{app: web}}}}
   ingress:
     - {{action: allow, protocol: tcp, ports: [80], from: [{{selector: {{matchLabels: {{role: client}}}}}}]}}
-    - {{action: allow, protocol: udp, ports: [53], from: [{{cidr: {lab.ip['C2']}/32}}]}}"""))
+    - {{action: allow, protocol: udp, ports: [53], from: [{{cidr: {lab.ip["C2"]}/32}}]}}""",
+        )
+    )
     # Red clients reach web:80 by label, on both hosts; nothing else of theirs gets in.
-    lab.expect("C1", ("tcp", "W1", 80, True), ("tcp", "W1", 8080, False), ("udp", "W1", 53, False),
-               ("icmp", "W1", 0, False))
+    lab.expect(
+        "C1", ("tcp", "W1", 80, True), ("tcp", "W1", 8080, False), ("udp", "W1", 53, False), ("icmp", "W1", 0, False)
+    )
     lab.expect("C2", ("tcp", "W1", 80, True), ("udp", "W1", 53, True), ("icmp", "W1", 0, False))
     # The policy replaced W1's default: its own network and the outside are shut out now.
     lab.expect("D2", *on("W1", False))
@@ -329,20 +361,24 @@ def test_allow_by_label_port_protocol_and_cidr(lab):
 
 def test_deny_by_label_and_cidr_order_decides(lab):
     def deny(order):
-        return policy("web-deny", f"""
+        return policy(
+            "web-deny",
+            f"""
   order: {order}
   selector: {{matchLabels: {{app: web}}}}
   ingress:
     - {{action: deny, from: [{{selector: {{matchLabels: {{zone: b}}}}}}]}}
-    - {{action: deny, protocol: udp, from: [{{cidr: 10.0.0.0/8, notCIDR: [{lab.ip['D2']}/32]}}]}}""")
+    - {{action: deny, protocol: udp, from: [{{cidr: 10.0.0.0/8, notCIDR: [{lab.ip["D2"]}/32]}}]}}""",
+        )
+
     allow = """
   order: 20
   selector: {matchLabels: {app: web}}
   ingress: [{action: allow}]"""
     lab.apply(deny(10) + policy("web-allow", allow))
-    lab.expect("C2", *on("W1", False))                                   # denied by label
+    lab.expect("C2", *on("W1", False))  # denied by label
     lab.expect("C1", ("tcp", "W1", 80, True), ("icmp", "W1", 0, True), ("udp", "W1", 53, False))  # CIDR: udp
-    lab.expect("D2", *on("W1", True))                                    # notCIDR carves D2 out
+    lab.expect("D2", *on("W1", True))  # notCIDR carves D2 out
     lab.expect("O", *on("W1", True))
     # Move the deny behind the allow: the allow decides first.
     lab.apply(deny(30) + policy("web-allow", allow))
@@ -351,25 +387,52 @@ def test_deny_by_label_and_cidr_order_decides(lab):
 
 
 def test_egress_by_selector_protocol_port_and_cidr(lab):
-    lab.apply(policy("web-out", f"""
+    lab.apply(
+        policy(
+            "web-out",
+            f"""
   selector: {{matchLabels: {{app: web}}}}
   types: [Egress]
   egress:
     - {{action: deny, protocol: udp, to: [{{selector: {{matchLabels: {{app: db}}}}}}]}}
     - {{action: deny, protocol: tcp, ports: [8080], to: [{{cidr: {OUTSIDE}/32}}]}}
-    - {{action: allow}}"""))
-    lab.expect("W1", ("udp", "D2", 53, False), ("tcp", "D2", 80, True), ("icmp", "D2", 0, True),
-               ("tcp", "O", 8080, False), ("tcp", "O", 80, True), ("udp", "O", 53, True))
+    - {{action: allow}}""",
+        )
+    )
+    lab.expect(
+        "W1",
+        ("udp", "D2", 53, False),
+        ("tcp", "D2", 80, True),
+        ("icmp", "D2", 0, True),
+        ("tcp", "O", 8080, False),
+        ("tcp", "O", 80, True),
+        ("udp", "O", 53, True),
+    )
     lab.expect("D2", *on("W1", True))  # Egress only: W1's ingress default is untouched
     # An egress allow-list on the clients: only TCP 80 to the blue network leaves (and W1's ingress must agree).
-    lab.apply(policy("clients-out", """
+    lab.apply(
+        policy(
+            "clients-out",
+            """
   selector: {matchLabels: {role: client}}
   types: [Egress]
-  egress: [{action: allow, protocol: tcp, ports: [80], to: [{network: blue}]}]""") + policy("web-in", """
+  egress: [{action: allow, protocol: tcp, ports: [80], to: [{network: blue}]}]""",
+        )
+        + policy(
+            "web-in",
+            """
   selector: {matchLabels: {app: web}}
-  ingress: [{action: allow}]"""))
-    lab.expect("C1", ("tcp", "W1", 80, True), ("tcp", "W1", 8080, False), ("udp", "W1", 53, False),
-               ("tcp", "O", 80, False), *on("C2", False))
+  ingress: [{action: allow}]""",
+        )
+    )
+    lab.expect(
+        "C1",
+        ("tcp", "W1", 80, True),
+        ("tcp", "W1", 8080, False),
+        ("udp", "W1", 53, False),
+        ("tcp", "O", 80, False),
+        *on("C2", False),
+    )
     lab.expect("C2", ("tcp", "W1", 80, True), ("icmp", "W1", 0, False))
 
 
@@ -383,12 +446,20 @@ def test_policy_selects_mesos_tasks_by_their_network_labels(lab):
         assert lab.endpoint("M2")["labels"] == {"task": "api", "team": "x", "netplugin.io/network": "red"}
         lab.expect("C1", ("tcp", "M2", 80, True), ("tcp", "M2", 8080, True))  # red talks to red by default
         lab.expect("W1", ("tcp", "M2", 80, False))
-        lab.apply(policy("mesos-api-in", """
+        lab.apply(
+            policy(
+                "mesos-api-in",
+                """
   selector: {matchLabels: {task: api}}
-  ingress: [{action: allow, protocol: tcp, ports: [80], from: [{selector: {matchLabels: {role: client}}}]}]""")
-                  + policy("web-from-mesos", """
+  ingress: [{action: allow, protocol: tcp, ports: [80], from: [{selector: {matchLabels: {role: client}}}]}]""",
+            )
+            + policy(
+                "web-from-mesos",
+                """
   selector: {matchLabels: {app: web}}
-  ingress: [{action: allow, protocol: tcp, ports: [80], from: [{selector: {matchLabels: {task: api}}}]}]"""))
+  ingress: [{action: allow, protocol: tcp, ports: [80], from: [{selector: {matchLabels: {task: api}}}]}]""",
+            )
+        )
         lab.expect("C1", ("tcp", "M2", 80, True), ("tcp", "M2", 8080, False), ("icmp", "M2", 0, False))
         lab.expect("C2", ("tcp", "M2", 80, True), ("udp", "M2", 53, False))
         lab.expect("M2", ("tcp", "W1", 80, True), ("tcp", "W1", 8080, False))
@@ -399,17 +470,24 @@ def test_policy_selects_mesos_tasks_by_their_network_labels(lab):
 
 def _log_counters(lab, host, prefix):
     out = nsexec(lab.hosts[host - 1], ["iptables-save", "-c", "-t", "filter"]).stdout
-    return [int(m.group(1)) for m in re.finditer(r"^\[(\d+):\d+\] -A np-pi-\S+ .*-j LOG --log-prefix \"" +
-                                                 re.escape(prefix), out, re.M)]
+    return [
+        int(m.group(1))
+        for m in re.finditer(r"^\[(\d+):\d+\] -A np-pi-\S+ .*-j LOG --log-prefix \"" + re.escape(prefix), out, re.M)
+    ]
 
 
 def test_log_action_counts_and_continues(lab):
-    lab.apply(policy("web-log", """
+    lab.apply(
+        policy(
+            "web-log",
+            """
   order: 10
   selector: {matchLabels: {app: web}}
   ingress:
     - {action: log, protocol: tcp, ports: [80]}
-    - {action: allow, protocol: tcp}"""))
+    - {action: allow, protocol: tcp}""",
+        )
+    )
     assert _log_counters(lab, 1, "np-log web-log ") == [0]
     lab.expect("C2", ("tcp", "W1", 80, True), ("tcp", "W1", 8080, True), ("udp", "W1", 53, False))
     lab.expect("C1", ("tcp", "W1", 80, True))
@@ -427,16 +505,35 @@ def test_spoofed_sources_are_dropped_real_ones_pass(lab):
     spoofed = [lab.ip["W1"], lab.ip["D2"], "10.20.0.60", "198.51.100.7"]
     captures = {}
     try:
-        for where, ns, ifname, count in (("host", lab.hosts[0], host_if, 3 + len(spoofed)),
-                                         ("peer", lab.ns["C2"], "eth0", 3)):
-            p = subprocess.Popen(["ip", "netns", "exec", ns, "timeout", "15", "tcpdump", "-i", ifname, "-nn", "-l",
-                                  "-c", str(count), "udp dst port 7777"],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for where, ns, ifname, count in (
+            ("host", lab.hosts[0], host_if, 3 + len(spoofed)),
+            ("peer", lab.ns["C2"], "eth0", 3),
+        ):
+            p = subprocess.Popen(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns,
+                    "timeout",
+                    "15",
+                    "tcpdump",
+                    "-i",
+                    ifname,
+                    "-nn",
+                    "-l",
+                    "-c",
+                    str(count),
+                    "udp dst port 7777",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             captures[where] = p
             head = [p.stderr.readline() for _ in range(2)]  # a notice, then "listening on ..."
             assert any("listening on" in line for line in head), head
-        nsexec(lab.ns["C1"], [sys.executable, "-c", SPOOF, lab.ip["C2"], lab.ip["C1"], ",".join(spoofed)],
-               timeout=60)
+        nsexec(lab.ns["C1"], [sys.executable, "-c", SPOOF, lab.ip["C2"], lab.ip["C1"], ",".join(spoofed)], timeout=60)
         seen = {}
         for where, p in captures.items():
             out, _ = p.communicate(timeout=20)
@@ -456,15 +553,26 @@ def test_invalid_input_is_refused_and_etcd_unchanged(lab):
     before = lab.ds.dump("/netplugin/")
     cases = [
         ("apiVersion: netplugin/v1\nkind: Policy\nmetadata: {name: x\nspec: {}\n", r":4: invalid YAML"),
-        (policy("bad-port", "  selector: {}\n  ingress:\n    - action: allow\n      protocol: tcp\n"
-                            "      ports: [80, 80x]"), r":9: spec\.ingress\[0\]\.ports\[1\]: \"80x\" is not a port"),
-        (policy("typo", "  selector: {}\n  ingress:\n    - action: allow\n      form: [{cidr: 10.0.0.0/8}]"),
-         r":8: spec\.ingress\[0\]\.form: unknown field"),
-        (policy("good-one", "  selector: {}\n  ingress: [{action: allow}]") +
-         policy("bad-cidr", "  selector: {}\n  ingress: [{action: deny, from: [{cidr: 10.1.2.3/8}]}]"),
-         r":13: spec\.ingress\[0\]\.from\[0\]\.cidr: \"10\.1\.2\.3/8\" has host bits set"),
-        (policy("bad-action", "  selector: {matchLabels: {app: web}}\n  egress: [{action: drop}]"),
-         r":6: spec\.egress\[0\]\.action: \"drop\" is not one of allow, deny, log"),
+        (
+            policy(
+                "bad-port",
+                "  selector: {}\n  ingress:\n    - action: allow\n      protocol: tcp\n      ports: [80, 80x]",
+            ),
+            r":9: spec\.ingress\[0\]\.ports\[1\]: \"80x\" is not a port",
+        ),
+        (
+            policy("typo", "  selector: {}\n  ingress:\n    - action: allow\n      form: [{cidr: 10.0.0.0/8}]"),
+            r":8: spec\.ingress\[0\]\.form: unknown field",
+        ),
+        (
+            policy("good-one", "  selector: {}\n  ingress: [{action: allow}]")
+            + policy("bad-cidr", "  selector: {}\n  ingress: [{action: deny, from: [{cidr: 10.1.2.3/8}]}]"),
+            r":13: spec\.ingress\[0\]\.from\[0\]\.cidr: \"10\.1\.2\.3/8\" has host bits set",
+        ),
+        (
+            policy("bad-action", "  selector: {matchLabels: {app: web}}\n  egress: [{action: drop}]"),
+            r":6: spec\.egress\[0\]\.action: \"drop\" is not one of allow, deny, log",
+        ),
     ]
     for i, (text, error) in enumerate(cases):
         path = os.path.join(lab.workdir, f"bad{i}.yaml")
@@ -527,8 +635,11 @@ def test_failing_batch_keeps_the_old_rules_until_the_next_resync(lab):
 
 
 def test_kubernetes_network_policy_is_enforced(lab):
-    for key, host, labels, ns in (("K1", 1, {"app": "api"}, "prod"), ("K2", 2, {"role": "frontend"}, "prod"),
-                                  ("K3", 2, {"role": "frontend"}, "dev")):
+    for key, host, labels, ns in (
+        ("K1", 1, {"app": "api"}, "prod"),
+        ("K2", 2, {"role": "frontend"}, "prod"),
+        ("K3", 2, {"role": "frontend"}, "dev"),
+    ):
         if key not in lab.ns:
             lab.add_container(key, host, "blue", labels, cni_args=f"K8S_POD_NAMESPACE={ns};K8S_POD_NAME={key}")
     lab.settle()
@@ -544,8 +655,9 @@ spec:
       ports: [{protocol: TCP, port: 80}]
 """)
     assert "policy k8s.prod.api-from-frontend applied" in p.stdout
-    lab.expect("K2", ("tcp", "K1", 80, True), ("tcp", "K1", 8080, False), ("udp", "K1", 53, False),
-               ("icmp", "K1", 0, False))
+    lab.expect(
+        "K2", ("tcp", "K1", 80, True), ("tcp", "K1", 8080, False), ("udp", "K1", 53, False), ("icmp", "K1", 0, False)
+    )
     lab.expect("K3", ("tcp", "K1", 80, False))  # a frontend, but in another namespace
     lab.expect("W1", *on("K1", False))
     listed = json.loads(lab.netctl("endpoint", "list", "-o", "json").stdout)
@@ -561,11 +673,16 @@ def test_incremental_applies_plan_against_what_the_kernel_really_holds(caplog):
         ns = nss.add()
         a = Endpoint("ep-a", "np00000000a01", ["10.65.0.1", "fd00::1"], "blue", {"app": "web"})
         b = Endpoint("ep-b", "np00000000b02", ["10.65.0.2"], "red", {"role": "client"})
-        policies = load_text(policy("p", """
+        policies = load_text(
+            policy(
+                "p",
+                """
   selector: {matchLabels: {app: web}}
   ingress:
     - {action: log, protocol: tcp, ports: [80, "1000:2000"]}
-    - {action: allow, from: [{selector: {matchLabels: {role: client}}}, {cidr: 192.0.2.0/24}]}"""))
+    - {action: allow, from: [{selector: {matchLabels: {role: client}}}, {cidr: 192.0.2.0/24}]}""",
+            )
+        )
         rs = compile_ruleset([a, b], [a, b], policies)
         dp = PolicyDataplane(ns)
         assert dp.apply(rs)
@@ -573,8 +690,9 @@ def test_incremental_applies_plan_against_what_the_kernel_really_holds(caplog):
         assert kernel.ipsets == memory.ipsets
         for family in (4, 6):
             assert kernel.tables[family].chains == memory.tables[family].chains
-            assert ({k: [(t, h) for _, t, h in hooks] for k, hooks in kernel.tables[family].hooks.items()} ==
-                    {k: [(t, h) for _, t, h in hooks] for k, hooks in memory.tables[family].hooks.items()})
+            assert {k: [(t, h) for _, t, h in hooks] for k, hooks in kernel.tables[family].hooks.items()} == {
+                k: [(t, h) for _, t, h in hooks] for k, hooks in memory.tables[family].hooks.items()
+            }
         assert dp.apply(rs, trust_cache=True) == []
         rs2 = compile_ruleset([a, b], [a, b], [])
         assert dp.apply(rs2, trust_cache=True) and dp.diff(rs2) == []

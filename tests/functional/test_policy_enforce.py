@@ -9,6 +9,7 @@ Topology (all inside throwaway namespaces)::
 
 The veth/route/proxy-ARP helper here is deliberately small: it stands in for the dataplane module.
 """
+
 import dataclasses
 import logging
 import re
@@ -30,8 +31,6 @@ TCP_PORTS = (80, 8080)
 UDP_PORT = 53
 
 
-
-
 class Lab:
     """Host + containers + outside; ``expect`` runs probes from one namespace and checks each verdict."""
 
@@ -39,8 +38,13 @@ class Lab:
         self.nss = nss
         self.servers = []
         self.host = nss.add()
-        for key in ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0",
-                    "net.ipv6.conf.all.forwarding=1", "net.ipv6.conf.default.accept_dad=0"):
+        for key in (
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+            "net.ipv6.conf.all.forwarding=1",
+            "net.ipv6.conf.default.accept_dad=0",
+        ):
             nsexec(self.host, ["sysctl", "-qw", key])
         self.outside = nss.add()
         nss.link(self.host, self.outside, "10.66.0.1/24", "10.66.0.2/24", name_a="ext0", name_b="eth0")
@@ -55,8 +59,16 @@ class Lab:
         ns = self.nss.add()
         nsexec(ns, "sysctl -qw net.ipv6.conf.default.accept_dad=0")
         self.nss.link(self.host, ns, None, f"{ip}/32", name_a=ifname, name_b="eth0")
-        nsexec(self.host, ["sysctl", "-qw", f"net.ipv4.conf.{ifname}.proxy_arp=1",
-                           f"net.ipv4.neigh.{ifname}.proxy_delay=0", f"net.ipv4.conf.{ifname}.rp_filter=0"])
+        nsexec(
+            self.host,
+            [
+                "sysctl",
+                "-qw",
+                f"net.ipv4.conf.{ifname}.proxy_arp=1",
+                f"net.ipv4.neigh.{ifname}.proxy_delay=0",
+                f"net.ipv4.conf.{ifname}.rp_filter=0",
+            ],
+        )
         nsexec(self.host, f"ip route add {ip}/32 dev {ifname}")
         nsexec(ns, "ip route add 169.254.1.1 dev eth0 scope link")
         nsexec(ns, "ip route add default via 169.254.1.1 dev eth0")
@@ -66,8 +78,9 @@ class Lab:
         nsexec(ns, f"ip -6 addr add {ip6}/128 dev eth0 nodad")
         nsexec(ns, "ip -6 route add default via fe80::1 dev eth0")
         self.ns[key], self.ip[key], self.ip[key + "6"] = ns, ip, ip6
-        self.endpoints[key] = Endpoint(id=f"ep-{key}", host_ifname=ifname, addresses=[ip, ip6], network=network,
-                                       labels=labels)
+        self.endpoints[key] = Endpoint(
+            id=f"ep-{key}", host_ifname=ifname, addresses=[ip, ip6], network=network, labels=labels
+        )
 
     def start_servers(self):
         for key, ns in sorted(self.ns.items()):
@@ -126,21 +139,33 @@ def test_default_same_network_talks_other_networks_do_not(lab):
     assert lab.dp.apply(rs) == [], "a second apply of the same ruleset must find nothing to do"
     assert lab.dp.diff(rs) == []
     assert lab.dp.backend() in ("nf_tables", "legacy")
-    lab.expect("A", ("tcp", "B", 80, True), ("udp", "B", 53, True), ("icmp", "B", 0, True),
-               ("tcp", "C", 80, False), ("icmp", "C", 0, False), ("tcp", "O", 80, True))
-    lab.expect("C", ("tcp", "A", 80, False), ("udp", "A", 53, False), ("icmp", "A", 0, False),
-               ("tcp", "O", 80, True))
+    lab.expect(
+        "A",
+        ("tcp", "B", 80, True),
+        ("udp", "B", 53, True),
+        ("icmp", "B", 0, True),
+        ("tcp", "C", 80, False),
+        ("icmp", "C", 0, False),
+        ("tcp", "O", 80, True),
+    )
+    lab.expect("C", ("tcp", "A", 80, False), ("udp", "A", 53, False), ("icmp", "A", 0, False), ("tcp", "O", 80, True))
     lab.expect("O", ("tcp", "A", 80, True), ("udp", "B", 53, True), ("icmp", "C", 0, True))
 
 
 def test_label_selector_opens_cross_network_and_replaces_default(lab):
-    rs = lab.ruleset(policy("web-from-clients", """
+    rs = lab.ruleset(
+        policy(
+            "web-from-clients",
+            """
   selector: {matchLabels: {app: web}}
   ingress:
     - action: allow
       protocol: tcp
       ports: [80]
-      from: [{selector: {matchLabels: {role: client}}}]"""), remote=REMOTE)
+      from: [{selector: {matchLabels: {role: client}}}]""",
+        ),
+        remote=REMOTE,
+    )
     lab.dp.apply(rs)
     assert lab.dp.diff(rs) == []
     # C (red) reaches A:80 by label; A:8080 is not allowed; B (same network, no role) lost the default.
@@ -199,28 +224,41 @@ def test_order_precedence(lab):
 
 
 def test_cidr_rules_with_exceptions(lab):
-    rs = lab.ruleset(policy("client-cidrs", """
+    rs = lab.ruleset(
+        policy(
+            "client-cidrs",
+            """
   selector: {matchLabels: {app: client}}
   ingress:
     - action: deny
       from: [{cidr: 10.64.0.0/10, notCIDR: [10.66.0.0/24]}]
-    - action: allow""") + policy("web-no-outside", """
+    - action: allow""",
+        )
+        + policy(
+            "web-no-outside",
+            """
   selector: {matchLabels: {app: web}}
   types: [Egress]
   egress:
     - {action: deny, to: [{cidr: 10.66.0.0/24}]}
-    - {action: allow}"""))
+    - {action: allow}""",
+        )
+    )
     lab.dp.apply(rs)
-    lab.expect("O", ("tcp", "B", 80, True), ("icmp", "B", 0, True))      # in notCIDR
-    lab.expect("C", ("tcp", "B", 80, False))                             # in the /10
+    lab.expect("O", ("tcp", "B", 80, True), ("icmp", "B", 0, True))  # in notCIDR
+    lab.expect("C", ("tcp", "B", 80, False))  # in the /10
     lab.expect("A", ("tcp", "O", 80, False), ("udp", "O", 53, False), ("tcp", "C", 80, False))
     lab.expect("B", ("tcp", "O", 80, True))
 
 
 def test_ten_thousand_denied_sources_in_one_set(lab):
     nets = [f"172.{16 + i // 2048}.{i // 8 % 256}.{i % 8 * 32}/28" for i in range(9999)] + ["10.66.0.2/32"]
-    big = Policy(name="deny-many", selector=Selector.of({"app": "web"}), order=10,
-                 ingress=(Rule("deny", peers=tuple(Peer(cidr=n) for n in nets)), Rule("allow")))
+    big = Policy(
+        name="deny-many",
+        selector=Selector.of({"app": "web"}),
+        order=10,
+        ingress=(Rule("deny", peers=tuple(Peer(cidr=n) for n in nets)), Rule("allow")),
+    )
     local = sorted(lab.endpoints.values(), key=lambda e: e.id)
     rs = compile_ruleset(local, local, [big])
     [cidr_set] = [s for s in rs.ipsets if s.name.startswith("np-cidr-")]
@@ -234,18 +272,26 @@ def test_ten_thousand_denied_sources_in_one_set(lab):
 
 
 def test_egress_deny(lab):
-    rs = lab.ruleset(policy("web-egress", """
+    rs = lab.ruleset(
+        policy(
+            "web-egress",
+            """
   selector: {matchLabels: {app: web}}
   egress:
     - {action: deny, protocol: tcp, ports: [8080], to: [{selector: {matchLabels: {app: client}}}]}
     - {action: deny, protocol: udp, to: [{network: blue}]}
-    - {action: allow}""") + policy("client-egress", """
+    - {action: allow}""",
+        )
+        + policy(
+            "client-egress",
+            """
   selector: {matchLabels: {role: client}}
   types: [Egress]
-  egress: [{action: allow, protocol: tcp, ports: ["1:1024"], to: [{cidr: 10.66.0.0/24}]}]"""))
+  egress: [{action: allow, protocol: tcp, ports: ["1:1024"], to: [{cidr: 10.66.0.0/24}]}]""",
+        )
+    )
     lab.dp.apply(rs)
-    lab.expect("A", ("tcp", "B", 80, True), ("tcp", "B", 8080, False), ("udp", "B", 53, False),
-               ("udp", "O", 53, True))
+    lab.expect("A", ("tcp", "B", 80, True), ("tcp", "B", 8080, False), ("udp", "B", 53, False), ("udp", "O", 53, True))
     lab.expect("C", ("tcp", "O", 80, True), ("tcp", "O", 8080, False), ("udp", "O", 53, False))
     # A's ingress is untouched by an egress-only policy... but "web-egress" also declares Ingress by default,
     # with no ingress rules: A is closed for new inbound connections.
@@ -254,36 +300,61 @@ def test_egress_deny(lab):
 
 def test_ipv6_isolation_and_egress_policy(lab):
     lab.dp.apply(lab.ruleset(remote=REMOTE))
-    lab.expect("A", ("tcp", "B6", 80, True), ("udp", "B6", 53, True), ("icmp", "B6", 0, True),
-               ("tcp", "C6", 80, False), ("icmp", "C6", 0, False))
+    lab.expect(
+        "A",
+        ("tcp", "B6", 80, True),
+        ("udp", "B6", 53, True),
+        ("icmp", "B6", 0, True),
+        ("tcp", "C6", 80, False),
+        ("icmp", "C6", 0, False),
+    )
     lab.expect("C", ("tcp", "A6", 80, False), ("tcp", "A", 80, False))
     # An egress policy on A: only TCP may leave. Neighbour discovery with the host must keep working.
-    rs = lab.ruleset(policy("web-tcp-only", """
+    rs = lab.ruleset(
+        policy(
+            "web-tcp-only",
+            """
   selector: {matchLabels: {app: web}}
   types: [Egress]
-  egress: [{action: allow, protocol: tcp}]"""), remote=REMOTE)
+  egress: [{action: allow, protocol: tcp}]""",
+        ),
+        remote=REMOTE,
+    )
     lab.dp.apply(rs)
     assert lab.dp.diff(rs) == []
     nsexec(lab.ns["A"], "ip -6 neigh flush dev eth0")
     nsexec(lab.host, "ip -6 neigh flush all")
-    lab.expect("A", ("tcp", "B6", 80, True), ("udp", "B6", 53, False), ("icmp", "B6", 0, False),
-               ("tcp", "B", 80, True), ("udp", "B", 53, False))
+    lab.expect(
+        "A",
+        ("tcp", "B6", 80, True),
+        ("udp", "B6", 53, False),
+        ("icmp", "B6", 0, False),
+        ("tcp", "B", 80, True),
+        ("udp", "B", 53, False),
+    )
     lab.expect("B", ("tcp", "A6", 80, True), ("icmp", "A6", 0, True))
 
 
 def _log_counters(lab, prefix):
     out = nsexec(lab.host, ["iptables-save", "-c", "-t", "filter"]).stdout
-    return [int(m.group(1)) for m in re.finditer(r"^\[(\d+):\d+\] -A np-pi-\S+ .*-j LOG --log-prefix \"" +
-                                                 re.escape(prefix), out, re.M)]
+    return [
+        int(m.group(1))
+        for m in re.finditer(r"^\[(\d+):\d+\] -A np-pi-\S+ .*-j LOG --log-prefix \"" + re.escape(prefix), out, re.M)
+    ]
 
 
 def test_log_rule_counts_packets_and_continues(lab):
-    rs = lab.ruleset(policy("web-log", """
+    rs = lab.ruleset(
+        policy(
+            "web-log",
+            """
   order: 10
   selector: {matchLabels: {app: web}}
   ingress:
     - {action: log, protocol: tcp, ports: [80]}
-    - {action: allow}"""))
+    - {action: allow}""",
+        )
+    )
     lab.dp.apply(rs)
     before = _log_counters(lab, "np-log web-log ")
     assert before == [0]
@@ -291,8 +362,9 @@ def test_log_rule_counts_packets_and_continues(lab):
     lab.expect("C", ("tcp", "A", 80, True))
     after = _log_counters(lab, "np-log web-log ")
     assert after[0] >= 2, after  # one new connection from B and one from C to port 80
-    assert lab.dp.apply(rs) == [] and _log_counters(lab, "np-log web-log ") == after, \
+    assert lab.dp.apply(rs) == [] and _log_counters(lab, "np-log web-log ") == after, (
         "re-applying an unchanged ruleset must not rewrite (and reset) the chain"
+    )
 
 
 def test_drift_is_detected_and_repaired(lab):
@@ -308,8 +380,9 @@ def test_drift_is_detected_and_repaired(lab):
     # ... and removes the hook, adds a rule of their own to our chain, and empties a set.
     nsexec(lab.host, "iptables -D FORWARD 1")
     nsexec(lab.host, ["iptables", "-A", "np-to-disp", "-j", "ACCEPT"])
-    net_set = next(s.name for s in rs.ipsets if s.name.startswith("np-net-") and s.family == 4 and
-                   "10.65.0.1/32" in s.members)
+    net_set = next(
+        s.name for s in rs.ipsets if s.name.startswith("np-net-") and s.family == 4 and "10.65.0.1/32" in s.members
+    )
     nsexec(lab.host, ["ipset", "flush", net_set])
     drift = lab.dp.diff(rs)
     assert "IPv4 FORWARD: jump to np-FORWARD missing" in drift
@@ -331,9 +404,15 @@ def test_failed_batch_leaves_previous_rules(lab, caplog):
     lab.dp.apply(good)
     before = {f: iptables_rules(lab, f) for f in (4, 6)}
     # A ruleset that would open A to C, with one rule the kernel rejects near the end of the batch.
-    opening = lab.ruleset(policy("open-a", """
+    opening = lab.ruleset(
+        policy(
+            "open-a",
+            """
   selector: {matchLabels: {app: web}}
-  ingress: [{action: allow}]"""), remote=REMOTE)
+  ingress: [{action: allow}]""",
+        ),
+        remote=REMOTE,
+    )
     chains = {f: dict(c) for f, c in opening.chains.items()}
     chains[4]["np-to-disp"] = chains[4]["np-to-disp"][:-1] + ("-p tcp --dport 99999 -j DROP", "-j DROP")
     bad = type(opening)(ipsets=opening.ipsets, chains=chains, hooks=opening.hooks)

@@ -1,6 +1,7 @@
 """Reclaiming what dead hosts held, against a real etcd with real lease expiry: only after the grace period, never
 a live host's addresses (not even those borrowed inside the dead host's block), never a host that came back; the
 ABA guard; and the leak report behind ``netctl ipam check``."""
+
 import time
 
 import pytest
@@ -54,8 +55,12 @@ def test_dead_host_is_reclaimed_after_grace_and_live_host_is_untouched(etcd, ipa
     # The dead-to-be host: a block, a dual-stack handle, an endpoint record, and a leaked allocation (no handle).
     dead_addrs = [ipam.auto_assign(f"d{i}", "dead") for i in range(3)]
     ipam.auto_assign("d-v6", "dead", version=6)
-    etcd.put(keys.endpoint("dead", "e1"), Endpoint(id="e1", host="dead", network="n", container_id="c",
-                                                   netns="/x", ifname="eth0", host_ifname="np0").to_dict())
+    etcd.put(
+        keys.endpoint("dead", "e1"),
+        Endpoint(
+            id="e1", host="dead", network="n", container_id="c", netns="/x", ifname="eth0", host_ifname="np0"
+        ).to_dict(),
+    )
     block_kv = etcd.get(keys.block("10.10.0.0/26"))
     block = Block.from_dict(block_kv.value)
     block.allocations["40"] = Allocation("ghost", "dead", block.next_seq)
@@ -66,8 +71,13 @@ def test_dead_host_is_reclaimed_after_grace_and_live_host_is_untouched(etcd, ipa
         ipam.auto_assign(f"l{i}", "live")
     borrowed = ipam.assign_ip("l-borrowed", "live", "10.10.0.50")
     assert all(a.startswith("10.10.0.") for a in dead_addrs) and borrowed == "10.10.0.50"
-    live_keys = (keys.affinity_prefix("live"), keys.handle("l0"), keys.handle("l1"), keys.handle("l-borrowed"),
-                 keys.block("10.10.0.64/26"))
+    live_keys = (
+        keys.affinity_prefix("live"),
+        keys.handle("l0"),
+        keys.handle("l1"),
+        keys.handle("l-borrowed"),
+        keys.block("10.10.0.64/26"),
+    )
     live_before = under(etcd, *live_keys)
     assert len(live_before) == 5
 
@@ -98,8 +108,7 @@ def test_dead_host_is_reclaimed_after_grace_and_live_host_is_untouched(etcd, ipa
 
     # Everything of the dead host is gone ...
     dump = etcd.dump()
-    assert not any(k.startswith((keys.affinity_prefix("dead"), keys.endpoint_prefix("dead"), keys.DEAD))
-                   for k in dump)
+    assert not any(k.startswith((keys.affinity_prefix("dead"), keys.endpoint_prefix("dead"), keys.DEAD)) for k in dump)
     assert not any(v.get("host") == "dead" for k, v in dump.items() if k.startswith(keys.HANDLES))
     assert keys.block("fd00:9::/122") not in dump  # its emptied block was deleted
     # ... except the block that still holds the live host's borrowed address: kept, with no owner.

@@ -1,5 +1,6 @@
 """Secrets stay out of sight: the etcd password read from a file by netctl and the agent (not on their command
 lines), BIRD's config (BGP passwords) readable by its owner only, whatever the umask."""
+
 import os
 import stat
 
@@ -44,20 +45,36 @@ def test_netctl_and_agent_take_the_etcd_password_from_a_file(auth_etcd, namespac
     pw = tmp_path / "etcd-password"
     pw.write_text("pw-in-a-file\n")
     pw.chmod(0o600)
-    res = netctl(auth_etcd.endpoint, "--etcd-user", "root", "--etcd-password-file", str(pw), "pool", "add",
-                 "10.71.0.0/24")
+    res = netctl(
+        auth_etcd.endpoint, "--etcd-user", "root", "--etcd-password-file", str(pw), "pool", "add", "10.71.0.0/24"
+    )
     assert res.returncode == 0, res.stderr
-    res = netctl(auth_etcd.endpoint, "--etcd-user", "root", "--etcd-password-file", str(pw), "--etcd-password",
-                 "x", "pool", "list")
+    res = netctl(
+        auth_etcd.endpoint,
+        "--etcd-user",
+        "root",
+        "--etcd-password-file",
+        str(pw),
+        "--etcd-password",
+        "x",
+        "pool",
+        "list",
+    )
     assert res.returncode != 0 and "given twice" in res.stderr, res.stderr
-    res = netctl(auth_etcd.endpoint, "--etcd-user", "root", "--etcd-password-file", str(tmp_path / "nope"),
-                 "pool", "list")
+    res = netctl(
+        auth_etcd.endpoint, "--etcd-user", "root", "--etcd-password-file", str(tmp_path / "nope"), "pool", "list"
+    )
     assert res.returncode != 0 and "cannot read the etcd password file" in res.stderr, res.stderr
 
     ns = namespaces.add()
     auth_etcd.bridge_into(ns)
-    agent = AgentProcess(ns, ns, auth_etcd.endpoint, str(tmp_path / "run"),
-                         extra_args=["--etcd-user", "root", "--etcd-password-file", str(pw)])
+    agent = AgentProcess(
+        ns,
+        ns,
+        auth_etcd.endpoint,
+        str(tmp_path / "run"),
+        extra_args=["--etcd-user", "root", "--etcd-password-file", str(pw)],
+    )
     try:
         agent.start()
         cmdline = open(f"/proc/{agent.proc.pid}/cmdline", "rb").read()
@@ -66,7 +83,12 @@ def test_netctl_and_agent_take_the_etcd_password_from_a_file(auth_etcd, namespac
         assert authed.get(f"/netplugin/v1/nodes/{ns}") is not None  # it registered: it logged in
     finally:
         agent.stop()
-    bad = AgentProcess(ns, ns, auth_etcd.endpoint, str(tmp_path / "run2"),
-                       extra_args=["--etcd-user", "root", "--etcd-password-file", str(tmp_path / "nope")])
+    bad = AgentProcess(
+        ns,
+        ns,
+        auth_etcd.endpoint,
+        str(tmp_path / "run2"),
+        extra_args=["--etcd-user", "root", "--etcd-password-file", str(tmp_path / "nope")],
+    )
     with pytest.raises(RuntimeError, match="cannot read the etcd password file"):
         bad.start(timeout=10)

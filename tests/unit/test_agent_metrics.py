@@ -1,4 +1,5 @@
 """The agent's metrics instruments and listener options (pure: no etcd, no namespaces)."""
+
 import subprocess
 
 import pytest
@@ -30,8 +31,9 @@ def test_two_agents_in_one_process_have_their_own_registries():
 
 def test_policy_phases_get_prometheus_label_values():
     m = Metrics()
-    m.policy_applied({"compile": 0.001, "read": 0.002, "ipset": 0.003, "IPv4": 0.004, "IPv6": 0.005,
-                      "ipset-destroy": 0.001})
+    m.policy_applied(
+        {"compile": 0.001, "read": 0.002, "ipset": 0.003, "IPv4": 0.004, "IPv6": 0.005, "ipset-destroy": 0.001}
+    )
     for phase in ("compile", "read", "ipset", "iptables_restore_ipv4", "iptables_restore_ipv6", "ipset_destroy"):
         assert sample(m, "netplugin_policy_sync_phase_seconds_count", phase=phase) == 1, phase
     assert sample(m, "netplugin_policy_sync_seconds_sum") == pytest.approx(0.016)
@@ -51,8 +53,9 @@ def test_watch_lag_is_observed_once_per_event_when_a_sync_covers_its_revision():
     assert sample(m, "netplugin_watch_lag_seconds_count") == 2
 
 
-@pytest.mark.parametrize("value,want", [("127.0.0.1:9469", ("127.0.0.1", 9469)), ("[::1]:9469", ("::1", 9469)),
-                                        (":9469", ("0.0.0.0", 9469))])
+@pytest.mark.parametrize(
+    "value,want", [("127.0.0.1:9469", ("127.0.0.1", 9469)), ("[::1]:9469", ("::1", 9469)), (":9469", ("0.0.0.0", 9469))]
+)
 def test_parse_listen(value, want):
     assert parse_listen(value) == want
 
@@ -81,13 +84,28 @@ def test_probes_answer_from_the_one_health_answer():
 
 
 def test_metrics_listen_is_a_config_file_key():
-    assert default_map(agent_command, {"hostname": "h", "metrics_listen": "127.0.0.1:9469"}, "a.toml")[
-        "metrics_listen"] == "127.0.0.1:9469"
+    assert (
+        default_map(agent_command, {"hostname": "h", "metrics_listen": "127.0.0.1:9469"}, "a.toml")["metrics_listen"]
+        == "127.0.0.1:9469"
+    )
 
 
 def test_a_bad_metrics_listen_is_one_line_and_exit_1(tmp_path):
-    p = subprocess.run([console_script("netplugin"), "agent", "--hostname", "h", "--run-dir", str(tmp_path / "run"),
-                        "--metrics-listen", "nowhere"], capture_output=True, text=True, timeout=30)
+    p = subprocess.run(
+        [
+            console_script("netplugin"),
+            "agent",
+            "--hostname",
+            "h",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--metrics-listen",
+            "nowhere",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert p.returncode == 1 and p.stderr.startswith("netplugin: error: --metrics-listen 'nowhere'"), p.stderr
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
 
@@ -98,4 +116,5 @@ def test_exposition_names_follow_the_conventions():
     for name in names:
         assert name.startswith("netplugin_"), name
     assert {"netplugin_errors_total", "netplugin_fallbacks_total", "netplugin_reclaimed_addresses_total"} <= {
-        n + "_total" for n in names} | names
+        n + "_total" for n in names
+    } | names

@@ -1,4 +1,5 @@
 """Pure parts of the agent: routing input from a ClusterView, CNI request parsing and result shape, RW lock."""
+
 import threading
 import time
 
@@ -15,8 +16,11 @@ from netplugin.errors import InvalidInput
 
 def _view():
     v = ClusterView(config=ClusterConfig(as_number=64600, mesh=False))
-    v.nodes = {"h1": Node("h1", "192.168.1.1", route_reflector=True), "h2": Node("h2", "192.168.1.2"),
-               "h3": Node("h3", None)}
+    v.nodes = {
+        "h1": Node("h1", "192.168.1.1", route_reflector=True),
+        "h2": Node("h2", "192.168.1.2"),
+        "h3": Node("h3", None),
+    }
     v.alive = {"h1", "h2"}
     v.blocks = {"h1": ["10.0.0.64/26", "10.0.0.0/26"], "h2": ["10.0.1.0/26"], "gone": ["10.0.2.0/26"]}
     v.peers = [BgpPeer("tor", "192.168.1.254", 65001), BgpPeer("other", "192.168.9.9", 65002, node="h2")]
@@ -58,27 +62,48 @@ def test_relevant_keys_exclude_churning_ipam_records():
 
 
 def test_workload_parsing():
-    req = _workload({"container_id": "c1", "netns": "/run/netns/x", "ifname": "eth1", "ips": ["10.0.0.5/24"],
-                     "labels": {"a": "1"}, "config": {"name": "net1", "mtu": 1400,
-                                                    "ipam": {"pools": ["10.0.0.0/16", "fd00::/64"]}}})
+    req = _workload(
+        {
+            "container_id": "c1",
+            "netns": "/run/netns/x",
+            "ifname": "eth1",
+            "ips": ["10.0.0.5/24"],
+            "labels": {"a": "1"},
+            "config": {"name": "net1", "mtu": 1400, "ipam": {"pools": ["10.0.0.0/16", "fd00::/64"]}},
+        }
+    )
     assert (req.network, req.container_id, req.ifname, req.mtu) == ("net1", "c1", "eth1", 1400)
     assert req.addresses == ["10.0.0.5"] and req.labels == {"a": "1"}
     assert req.ipv6 is True  # an IPv6 pool in the network config turns on dual stack
-    for bad, msg in (({"config": {}}, "no name"), ({"config": {"name": "n", "mtu": 10}}, "mtu"),
-                     ({"config": {"name": "n"}, "ips": ["bogus"]}, "not an IP"),
-                     ({"config": {"name": "n", "ipam": {"pools": "10.0.0.0/8"}}}, "list of CIDRs"),
-                     ({"config": {"name": "n"}, "labels": {"a": 1}}, "invalid endpoint label")):
+    for bad, msg in (
+        ({"config": {}}, "no name"),
+        ({"config": {"name": "n", "mtu": 10}}, "mtu"),
+        ({"config": {"name": "n"}, "ips": ["bogus"]}, "not an IP"),
+        ({"config": {"name": "n", "ipam": {"pools": "10.0.0.0/8"}}}, "list of CIDRs"),
+        ({"config": {"name": "n"}, "labels": {"a": 1}}, "invalid endpoint label"),
+    ):
         with pytest.raises(InvalidInput, match=msg):
             _workload({"container_id": "c1", **bad})
 
 
 def test_result_shape_dual_stack():
-    ep = Endpoint(id="e", host="h", network="n", container_id="c", netns="/run/netns/c", ifname="eth0",
-                  host_ifname="np0", addresses=["10.0.0.5/32", "fd00::5/128"], mac="aa:bb:cc:dd:ee:ff")
+    ep = Endpoint(
+        id="e",
+        host="h",
+        network="n",
+        container_id="c",
+        netns="/run/netns/c",
+        ifname="eth0",
+        host_ifname="np0",
+        addresses=["10.0.0.5/32", "fd00::5/128"],
+        mac="aa:bb:cc:dd:ee:ff",
+    )
     r = result_of(ep)
     assert r["interfaces"] == [{"name": "eth0", "mac": "aa:bb:cc:dd:ee:ff", "sandbox": "/run/netns/c"}]
-    assert r["ips"] == [{"address": "10.0.0.5/32", "gateway": "169.254.1.1", "interface": 0},
-                        {"address": "fd00::5/128", "gateway": "fe80::ecee:eeff:feee:eeee", "interface": 0}]
+    assert r["ips"] == [
+        {"address": "10.0.0.5/32", "gateway": "169.254.1.1", "interface": 0},
+        {"address": "fd00::5/128", "gateway": "fe80::ecee:eeff:feee:eeee", "interface": 0},
+    ]
     assert [x["dst"] for x in r["routes"]] == ["0.0.0.0/0", "::/0"]
 
 

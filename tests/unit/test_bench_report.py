@@ -1,4 +1,5 @@
 """Pure logic of the benchmarks: statistics, tool-output parsing, report rendering, the bench_all index, cleanup."""
+
 import json
 import os
 import signal
@@ -57,15 +58,33 @@ def test_seconds_per_gb():
 
 # --- parsing ------------------------------------------------------------------------------------------------------
 
-TCP_JSON = json.dumps({"start": {}, "intervals": [], "end": {
-    "sum_sent": {"seconds": 2.0, "bytes": 4100980736, "bits_per_second": 16.4e9, "retransmits": 1615},
-    "sum_received": {"seconds": 2.0, "bytes": 4000000000, "bits_per_second": 16.0e9},
-    "cpu_utilization_percent": {"host_total": 86.1, "remote_total": 44.7}}})
+TCP_JSON = json.dumps(
+    {
+        "start": {},
+        "intervals": [],
+        "end": {
+            "sum_sent": {"seconds": 2.0, "bytes": 4100980736, "bits_per_second": 16.4e9, "retransmits": 1615},
+            "sum_received": {"seconds": 2.0, "bytes": 4000000000, "bits_per_second": 16.0e9},
+            "cpu_utilization_percent": {"host_total": 86.1, "remote_total": 44.7},
+        },
+    }
+)
 
-UDP_JSON = json.dumps({"end": {
-    "sum": {"seconds": 2.0, "bytes": 250000000, "bits_per_second": 1.0e9, "lost_percent": 10.0, "packets": 244140,
-            "lost_packets": 24414},
-    "cpu_utilization_percent": {"host_total": 94.9, "remote_total": 47.6}}})
+UDP_JSON = json.dumps(
+    {
+        "end": {
+            "sum": {
+                "seconds": 2.0,
+                "bytes": 250000000,
+                "bits_per_second": 1.0e9,
+                "lost_percent": 10.0,
+                "packets": 244140,
+                "lost_packets": 24414,
+            },
+            "cpu_utilization_percent": {"host_total": 94.9, "remote_total": 47.6},
+        }
+    }
+)
 
 SOCKPERF_OUT = """sockperf: \x1b[2;35m====> avg-latency=43.268 (std-dev=27.696)\x1b[0m
 sockperf: \x1b[2;35mTotal 17901 observations\x1b[0m; each percentile contains 179.01 observations
@@ -89,12 +108,17 @@ def test_parse_iperf3_udp_derives_the_received_rate():
     assert r["recv_bps"] == pytest.approx(0.9e9)
 
 
-@pytest.mark.parametrize("text,message", [
-    ("", "no JSON"),
-    (json.dumps({"start": {}, "end": {}, "error": "the server is busy running a test. try again later"}),
-     "server is busy"),
-    (json.dumps({"start": {}, "end": {}}), "did not finish"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("", "no JSON"),
+        (
+            json.dumps({"start": {}, "end": {}, "error": "the server is busy running a test. try again later"}),
+            "server is busy",
+        ),
+        (json.dumps({"start": {}, "end": {}}), "did not finish"),
+    ],
+)
 def test_parse_iperf3_failures_are_errors_not_zeros(text, message):
     with pytest.raises(ValueError, match=message):
         parse.parse_iperf3_tcp(text)
@@ -127,10 +151,19 @@ def test_cpu_busy_seconds_counts_user_nice_system_irq_softirq_only():
 
 # --- markdown -----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("value,text", [
-    (None, "—"), (0, "0"), (16.43, "16.4"), (0.98123, "0.981"), (1234.5, "1234"), (1.0, "1.00"),
-    (0.00012345, "0.000123"),
-])
+
+@pytest.mark.parametrize(
+    "value,text",
+    [
+        (None, "—"),
+        (0, "0"),
+        (16.43, "16.4"),
+        (0.98123, "0.981"),
+        (1234.5, "1234"),
+        (1.0, "1.00"),
+        (0.00012345, "0.000123"),
+    ],
+)
 def test_fmt_num_three_significant_digits(value, text):
     assert fmt_num(value) == text
 
@@ -155,6 +188,7 @@ def test_demote_headings_leaves_code_blocks_and_hashtags_alone():
 
 # --- the data path report -----------------------------------------------------------------------------------------
 
+
 def _doc(np_tcp, np_lat, rounds=5):
     paths = ["host", "netplugin-2h", "ptp"]
     samples = {p: {m.id: [None] * rounds for m in dm.METRICS} for p in paths}
@@ -166,12 +200,23 @@ def _doc(np_tcp, np_lat, rounds=5):
         samples["netplugin-2h"]["lat_avg"][r] = 10.0 * np_lat * drift
         samples["ptp"]["tcp_131072"][r] = 15.0 * 0.95 / drift
         samples["ptp"]["lat_avg"][r] = 10.0 * 1.05 * drift
-    return {"date": "2026-01-01 00:00 UTC", "elapsed_s": 500.0, "baseline": "host", "complete": True,
-            "machine": {"nproc": 2, "cpu_model": "Test CPU", "kernel": "6.1.0", "memory_gib": 24.0,
-                        "loadavg": (1.0, 1.0, 1.0)},
-            "settings": {"rounds": rounds, "rounds_done": rounds, "duration_s": 2, "udp_bandwidth": "1G"},
-            "paths": [{"id": p, "label": p.upper(), "description": f"the {p} path"} for p in paths],
-            "samples": samples, "errors": []}
+    return {
+        "date": "2026-01-01 00:00 UTC",
+        "elapsed_s": 500.0,
+        "baseline": "host",
+        "complete": True,
+        "machine": {
+            "nproc": 2,
+            "cpu_model": "Test CPU",
+            "kernel": "6.1.0",
+            "memory_gib": 24.0,
+            "loadavg": (1.0, 1.0, 1.0),
+        },
+        "settings": {"rounds": rounds, "rounds_done": rounds, "duration_s": 2, "udp_bandwidth": "1G"},
+        "paths": [{"id": p, "label": p.upper(), "description": f"the {p} path"} for p in paths],
+        "samples": samples,
+        "errors": [],
+    }
 
 
 def test_aims_met_and_not_met_from_paired_ratios():
@@ -211,8 +256,11 @@ def test_report_sentences_come_from_the_numbers():
 
 def test_render_markdown_marks_an_incomplete_run_and_lists_failures():
     doc = _doc(1.0, 1.0)
-    doc.update(complete=False, note="stopped at the 20-minute budget during round 4",
-               errors=[f"round 1, tcp 1024, ptp: boom {i}" for i in range(25)])
+    doc.update(
+        complete=False,
+        note="stopped at the 20-minute budget during round 4",
+        errors=[f"round 1, tcp 1024, ptp: boom {i}" for i in range(25)],
+    )
     md = dr.render_markdown(doc)
     assert "**Incomplete run:** stopped at the 20-minute budget during round 4." in md
     assert "## Failed samples (25)" in md and "… and 5 more" in md
@@ -236,9 +284,17 @@ def test_render_chart_writes_a_png_or_names_the_missing_package(tmp_path):
 
 # --- bench_all ----------------------------------------------------------------------------------------------------
 
+
 def test_discover_orders_known_benchmarks_first_and_skips_bench_all(tmp_path):
-    for name in ("bench_datapath.py", "bench_all.py", "bench_zeta.py", "bench_ipam.py", "bench_cni.py",
-                 "lab.py", "bench_x.sh"):
+    for name in (
+        "bench_datapath.py",
+        "bench_all.py",
+        "bench_zeta.py",
+        "bench_ipam.py",
+        "bench_cni.py",
+        "lab.py",
+        "bench_x.sh",
+    ):
         (tmp_path / name).write_text("")
     assert [n for n, _ in suite.discover(str(tmp_path))] == ["ipam", "cni", "datapath", "zeta"]
 
@@ -260,9 +316,17 @@ def test_section_body_prefers_own_report_then_markdown_stdout_then_text_block():
 
 
 def test_render_index_lists_every_run_with_status_and_sections():
-    runs = [{"name": "cni", "status": "ok", "seconds": 75, "quick": False, "report": None, "body": "tbl"},
-            {"name": "datapath", "status": "failed (rc=1)", "seconds": 5, "quick": True, "report": "datapath.md",
-             "body": "x"}]
+    runs = [
+        {"name": "cni", "status": "ok", "seconds": 75, "quick": False, "report": None, "body": "tbl"},
+        {
+            "name": "datapath",
+            "status": "failed (rc=1)",
+            "seconds": 5,
+            "quick": True,
+            "report": "datapath.md",
+            "body": "x",
+        },
+    ]
     md = suite.render_index(runs, "2026-01-01 00:00 UTC", "2 CPUs (X)", quick=True, notes=["note one"])
     assert "with --quick" in md and "Machine: 2 CPUs (X)." in md and "note one" in md
     assert "| [cni](#cni) | ok | 1:15 | no | below |" in md
@@ -271,6 +335,7 @@ def test_render_index_lists_every_run_with_status_and_sections():
 
 
 # --- cleanup ------------------------------------------------------------------------------------------------------
+
 
 def test_cleanup_runs_lifo_once_and_survives_a_failing_step():
     order, logged = [], []
@@ -306,7 +371,7 @@ def test_analysis_attributes_the_gap_to_ptp_only_when_netplugin_trails_it():
 
 def test_analysis_flags_rounds_that_straddle_an_aim():
     doc = _doc(0.97, 1.0)
-    doc["samples"]["netplugin-2h"]["tcp_131072"][0] *= 0.9   # one round below the 0.97 bound, one above
+    doc["samples"]["netplugin-2h"]["tcp_131072"][0] *= 0.9  # one round below the 0.97 bound, one above
     doc["samples"]["netplugin-2h"]["tcp_131072"][1] *= 1.05
     text = "\n".join(dr.analysis_lines(doc))
     assert "The rounds straddle the bound for cross-host TCP throughput (131072 B writes)" in text
@@ -315,11 +380,19 @@ def test_analysis_flags_rounds_that_straddle_an_aim():
 def test_render_diagnosis_compares_states_per_round():
     states = ["as-built", "no-iptables", "bare"]
     base = _doc(0.80, 1.45)
-    diag = {"date": "d", "machine": base["machine"], "settings": {"rounds": 5, "duration_s": 2},
-            "baseline": "host", "paths": base["paths"],
-            "states": [{"id": s, "label": s.upper(), "description": s} for s in states],
-            "samples": {"as-built": base["samples"], "no-iptables": _doc(0.9, 1.25)["samples"],
-                        "bare": _doc(0.92, 1.22)["samples"]}}
+    diag = {
+        "date": "d",
+        "machine": base["machine"],
+        "settings": {"rounds": 5, "duration_s": 2},
+        "baseline": "host",
+        "paths": base["paths"],
+        "states": [{"id": s, "label": s.upper(), "description": s} for s in states],
+        "samples": {
+            "as-built": base["samples"],
+            "no-iptables": _doc(0.9, 1.25)["samples"],
+            "bare": _doc(0.92, 1.22)["samples"],
+        },
+    }
     for per_path in diag["samples"].values():
         for metrics in per_path.values():
             metrics["lat_p50"] = list(metrics["lat_avg"])

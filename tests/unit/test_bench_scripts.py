@@ -1,5 +1,6 @@
 """The benchmark scripts use the project's own helpers: they import nothing from the test suite, and report
 percentiles through netplugin.benchlib.stats alone (so their p99s can be compared)."""
+
 import ast
 import glob
 import os

@@ -1,4 +1,5 @@
 """The one percentile definition every benchmark reports with (netplugin/benchlib/stats.py)."""
+
 import statistics
 
 import pytest

@@ -1,4 +1,5 @@
 """BIRD config rendering: topology per mode, naming, determinism, and `bird -p` accepting every variant."""
+
 import random
 import re
 import shutil
@@ -36,6 +37,7 @@ def protocol_block(text, name):
 
 # --- topology ---------------------------------------------------------------------------------------------
 
+
 def test_mesh_peers_with_every_other_node_ibgp():
     s = sessions_by_peer(inp(A))
     assert set(s) == {("node-b", 4), ("node-c", 4), ("node-b", 6)}  # node-c has no IPv6 address
@@ -44,8 +46,16 @@ def test_mesh_peers_with_every_other_node_ibgp():
     assert b4.peer_type == "node-to-node mesh" and not b4.rr_client and not b4.reflect
     text = render_bird_config(inp(A))
     body = protocol_block(text, b4.name)
-    for line in ("local 10.0.0.1 as 64512;", "neighbor 10.0.0.2 as 64512;", "direct;", "hold time 9;",
-                 "keepalive time 3;", "graceful restart on;", "export filter np_bgp_export4;", "next hop self;"):
+    for line in (
+        "local 10.0.0.1 as 64512;",
+        "neighbor 10.0.0.2 as 64512;",
+        "direct;",
+        "hold time 9;",
+        "keepalive time 3;",
+        "graceful restart on;",
+        "export filter np_bgp_export4;",
+        "next hop self;",
+    ):
         assert line in body
     assert "rr client" not in text
 
@@ -88,8 +98,13 @@ def test_reflector_never_offers_a_route_back_to_its_next_hop():
     i = inp(rr1, nodes=(A, C, rr1, rr2), settings=BgpSettings(mesh=False), blocks=("10.1.0.0/26", "fd10::/122"))
     text = render_bird_config(i)
     reflected = [s for s in plan_sessions(i) if s.reflect]
-    assert {(s.peer_name, s.version) for s in reflected} == {("node-a", 4), ("node-a", 6), ("node-c", 4),
-                                                              ("rr-2", 4), ("rr-2", 6)}
+    assert {(s.peer_name, s.version) for s in reflected} == {
+        ("node-a", 4),
+        ("node-a", 6),
+        ("node-c", 4),
+        ("rr-2", 4),
+        ("rr-2", 6),
+    }
     for s in reflected:
         body = protocol_block(text, s.name)
         assert f"export where np_bgp_reflect{s.version}({s.peer_address});" in body, body
@@ -209,6 +224,7 @@ def test_graceful_restart_times_are_rendered():
 
 # --- naming and determinism --------------------------------------------------------------------------------
 
+
 def test_protocol_names_are_valid_distinct_and_stable():
     names = ["node-a", "node.a", "node_a", "Node_A", "a" * 200, "a" * 199 + "b", "1node"]
     rendered = [protocol_name("mesh", n) for n in names]
@@ -233,29 +249,33 @@ def test_rendering_is_deterministic():
 
 # --- validation ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("make, words", [
-    (lambda: BgpNode("node-a", "10.0.0.300"), "not an IP address"),
-    (lambda: BgpNode("node-a", "fd00::1"), "expected an IPv4"),
-    (lambda: BgpNode("node-a", "10.0.0.1", address6="10.0.0.2"), "expected an IPv6"),
-    (lambda: BgpNode('bad"name', "10.0.0.1"), "invalid node name"),
-    (lambda: BgpNode("node-a", "10.0.0.1", as_number=0), "AS number"),
-    (lambda: BgpNode("node-a", "10.0.0.1", cluster_id="x"), "cluster id"),
-    (lambda: BgpPeer("p", "10.0.0.9", 2**32), "AS number"),
-    (lambda: BgpPeer("p", "10.0.0.9", 65000, password='a"b'), "password"),
-    (lambda: BgpSettings(hold_time=2), "hold time"),
-    (lambda: BgpSettings(keepalive=9), "keepalive"),
-    (lambda: BgpSettings(listen_port=70000), "listen port"),
-    (lambda: BgpSettings(restart_time=0), "graceful restart time"),
-    (lambda: BgpSettings(restart_time=4096), "graceful restart time"),
-    (lambda: BgpSettings(restart_time=True), "graceful restart time"),
-    (lambda: BgpSettings(restart_wait=0), "graceful restart wait"),
-    (lambda: BgpSettings(restart_wait="20"), "graceful restart wait"),
-    (lambda: inp(A, blocks=("10.1.0.1/26",)), "host bits"),
-    (lambda: inp(A, nodes=(A, B, BgpNode("node-b", "10.0.0.9"))), "duplicate node name"),
-    (lambda: inp(A, nodes=(A, BgpNode("node-z", "10.0.0.2"), B)), "both use address"),
-    (lambda: inp(A, peers=(TOR, TOR)), "duplicate BGP peer name"),
-    (lambda: inp(A, nodes=(BgpNode("node-a", "10.0.0.99"), B)), "different settings"),
-])
+
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda: BgpNode("node-a", "10.0.0.300"), "not an IP address"),
+        (lambda: BgpNode("node-a", "fd00::1"), "expected an IPv4"),
+        (lambda: BgpNode("node-a", "10.0.0.1", address6="10.0.0.2"), "expected an IPv6"),
+        (lambda: BgpNode('bad"name', "10.0.0.1"), "invalid node name"),
+        (lambda: BgpNode("node-a", "10.0.0.1", as_number=0), "AS number"),
+        (lambda: BgpNode("node-a", "10.0.0.1", cluster_id="x"), "cluster id"),
+        (lambda: BgpPeer("p", "10.0.0.9", 2**32), "AS number"),
+        (lambda: BgpPeer("p", "10.0.0.9", 65000, password='a"b'), "password"),
+        (lambda: BgpSettings(hold_time=2), "hold time"),
+        (lambda: BgpSettings(keepalive=9), "keepalive"),
+        (lambda: BgpSettings(listen_port=70000), "listen port"),
+        (lambda: BgpSettings(restart_time=0), "graceful restart time"),
+        (lambda: BgpSettings(restart_time=4096), "graceful restart time"),
+        (lambda: BgpSettings(restart_time=True), "graceful restart time"),
+        (lambda: BgpSettings(restart_wait=0), "graceful restart wait"),
+        (lambda: BgpSettings(restart_wait="20"), "graceful restart wait"),
+        (lambda: inp(A, blocks=("10.1.0.1/26",)), "host bits"),
+        (lambda: inp(A, nodes=(A, B, BgpNode("node-b", "10.0.0.9"))), "duplicate node name"),
+        (lambda: inp(A, nodes=(A, BgpNode("node-z", "10.0.0.2"), B)), "both use address"),
+        (lambda: inp(A, peers=(TOR, TOR)), "duplicate BGP peer name"),
+        (lambda: inp(A, nodes=(BgpNode("node-a", "10.0.0.99"), B)), "different settings"),
+    ],
+)
 def test_bad_input_is_a_clear_error(make, words):
     with pytest.raises(InvalidInput, match=words):
         make()
@@ -269,18 +289,26 @@ VARIANTS = {
     "single-node": lambda: inp(C, nodes=(C,)),
     "rr-reflector": lambda: inp(RR1, nodes=(A, B, C, RR1, RR2), settings=BgpSettings(mesh=False)),
     "rr-client": lambda: inp(A, nodes=(A, B, C, RR1, RR2), settings=BgpSettings(mesh=False)),
-    "rr-reflector-ipv6": lambda: inp(BgpNode("rr-6", "10.0.0.13", "fd00::13", route_reflector=True),
-                                     nodes=(A, B, BgpNode("rr-7", "10.0.0.14", "fd00::14", route_reflector=True)),
-                                     settings=BgpSettings(mesh=False), blocks=("10.1.0.0/26", "fd10::/122")),
+    "rr-reflector-ipv6": lambda: inp(
+        BgpNode("rr-6", "10.0.0.13", "fd00::13", route_reflector=True),
+        nodes=(A, B, BgpNode("rr-7", "10.0.0.14", "fd00::14", route_reflector=True)),
+        settings=BgpSettings(mesh=False),
+        blocks=("10.1.0.0/26", "fd10::/122"),
+    ),
     "ebgp-peers": lambda: inp(A, peers=(TOR, BgpPeer("tor6", "fd00::fe", 65000, node="node-a"))),
-    "per-node-as": lambda: inp(BgpNode("node-a", "10.0.0.1", as_number=65001),
-                               nodes=(BgpNode("node-b", "10.0.0.2", as_number=65002), C)),
+    "per-node-as": lambda: inp(
+        BgpNode("node-a", "10.0.0.1", as_number=65001), nodes=(BgpNode("node-b", "10.0.0.2", as_number=65002), C)
+    ),
     "ipv6": lambda: inp(A, blocks=("10.1.0.0/26", "fd10::/122", "fd10::40/122")),
     "ipv6-blocks-only": lambda: inp(C, blocks=("fd10::/122",)),
-    "odd-names": lambda: inp(BgpNode("x" * 120, "10.0.0.1"), nodes=(BgpNode("node.with.dots", "10.0.0.2"),
-                                                                      BgpNode("9-starts-with-digit", "10.0.0.3"))),
-    "settings": lambda: inp(A, settings=BgpSettings(hold_time=3, keepalive=1, graceful_restart=False,
-                                                    listen_port=1179, default_as=4200000000)),
+    "odd-names": lambda: inp(
+        BgpNode("x" * 120, "10.0.0.1"),
+        nodes=(BgpNode("node.with.dots", "10.0.0.2"), BgpNode("9-starts-with-digit", "10.0.0.3")),
+    ),
+    "settings": lambda: inp(
+        A,
+        settings=BgpSettings(hold_time=3, keepalive=1, graceful_restart=False, listen_port=1179, default_as=4200000000),
+    ),
     "graceful-restart-bounds": lambda: inp(A, settings=BgpSettings(restart_time=4095, restart_wait=3600)),
 }
 
@@ -300,4 +328,3 @@ def test_bird_rejection_is_reported_with_context(tmp_path):
     with pytest.raises(InvalidInput, match=r"BIRD rejected config .*bird.conf:\d+:\d+") as err:
         check_config(str(path))
     assert "direkt;" in err.value.details and ">" in err.value.details
-

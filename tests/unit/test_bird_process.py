@@ -1,4 +1,5 @@
 """Config writing and process guards that need the bird binaries but no daemon, namespace or root."""
+
 import os
 import shutil
 

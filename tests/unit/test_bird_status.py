@@ -1,5 +1,6 @@
 """Parsing `birdc show protocols all` (BIRD 2.0.12 output) into status rows, and `netctl node status` showing them
 in the same plain columns as every other listing."""
+
 import dataclasses
 import json
 
@@ -64,7 +65,11 @@ def test_parse_protocols_rows():
     assert set(rows) == {"mesh_node_b_893a227a", "peer_tor1", "rrc6_node_c", "rr_other"}  # BGP only
     mesh = rows["mesh_node_b_893a227a"]
     assert (mesh.peer_address, mesh.peer_type, mesh.state, mesh.since) == (
-        "10.98.0.2", "node-to-node mesh", "Established", "2026-11-25 04:29:25")
+        "10.98.0.2",
+        "node-to-node mesh",
+        "Established",
+        "2026-11-25 04:29:25",
+    )
     assert mesh.info == "up, AS 64512" and mesh.last_error == ""
     tor = rows["peer_tor1"]
     assert (tor.peer_type, tor.state, tor.proto_state) == ("global", "Active", "start")
@@ -96,11 +101,16 @@ def test_node_status_is_plain_columns_like_every_listing(tmp_path, monkeypatch):
     lines = _node_status(tmp_path, monkeypatch).splitlines()
     assert lines[0].split() == ["PEER_ADDRESS", "PEER_TYPE", "STATE", "SINCE", "INFO"]
     assert [c.strip() for c in lines[1].split("  ") if c] == [
-        "10.98.0.2", "node-to-node mesh", "Established", "2026-11-25 04:29:25", "up, AS 64512"]
+        "10.98.0.2",
+        "node-to-node mesh",
+        "Established",
+        "2026-11-25 04:29:25",
+        "up, AS 64512",
+    ]
     assert len(lines) == 5 and not any(c in "".join(lines) for c in "|+")
     # the columns start where the header's do, as in `netctl ipam show` and the rest
     starts = [lines[0].index(h) for h in ("PEER_TYPE", "STATE", "SINCE", "INFO")]
-    assert [lines[1][s - 2:s] for s in starts] == ["  "] * 4 and all(lines[1][s] != " " for s in starts)
+    assert [lines[1][s - 2 : s] for s in starts] == ["  "] * 4 and all(lines[1][s] != " " for s in starts)
 
 
 def test_node_status_json_has_every_field(tmp_path, monkeypatch):

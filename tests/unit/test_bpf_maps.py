@@ -1,4 +1,5 @@
 """maps.py against real kernel maps made with BPF_MAP_CREATE (no object file needed), and records.py's layouts."""
+
 import errno
 import ipaddress
 
@@ -64,14 +65,14 @@ def test_percpu_values_one_per_cpu():
 
 def test_lpm_policy_key_gives_the_longest_prefix():
     """The np_pol_peers layout: (endpoint, direction) matched in full, then the address by longest prefix."""
-    with maps.Map.create(maps.MAP_LPM_TRIE, records.POL_KEY.size, 8, 1024, maps.BPF_F_NO_PREALLOC,
-                         name="t_lpm") as m:
+    with maps.Map.create(maps.MAP_LPM_TRIE, records.POL_KEY.size, 8, 1024, maps.BPF_F_NO_PREALLOC, name="t_lpm") as m:
         for net, bits in (("10.0.0.0/8", 1), ("10.1.0.0/16", 3), ("fd00::/16", 4)):
             m.update(records.pol_key(5, records.DIR_INGRESS, net), bits.to_bytes(8, "little"))
 
         def match(ep, direction, ip):
             v = m.lookup(records.pol_key(ep, direction, ipaddress.ip_network(ip)))
             return int.from_bytes(v, "little") if v else None
+
         assert match(5, records.DIR_INGRESS, "10.1.2.3") == 3
         assert match(5, records.DIR_INGRESS, "10.2.0.1") == 1
         assert match(5, records.DIR_INGRESS, "fd00::1") == 4

@@ -4,6 +4,7 @@ against a small fake of our own agent served over HTTP/1.1 on a unix socket in a
 The fake records every request so the tests can check what the plugin forwarded; the real agent is exercised by
 the functional tests.
 """
+
 import http.server
 import json
 import os
@@ -121,8 +122,7 @@ def run_plugin(command, conf=None, sock="/nonexistent/agent.sock", stdin=None, *
             environ[key] = value
     data = stdin if stdin is not None else (json.dumps(conf).encode() if conf is not None else b"")
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-IS", PLUGIN], env=environ, input=data, capture_output=True,
-                          timeout=20)
+    proc = subprocess.run([sys.executable, "-IS", PLUGIN], env=environ, input=data, capture_output=True, timeout=20)
     elapsed = time.monotonic() - start
     out = proc.stdout.decode()
     assert out.count("\n") <= 1, out  # one JSON document at most
@@ -195,8 +195,10 @@ def test_add_appends_to_an_earlier_plugins_result(agent, version):
     agent.reply = lambda request: (200, {"result": AGENT_RESULT})
     prev = {
         "cniVersion": version,
-        "interfaces": [{"name": "br0", "mac": "aa:aa:aa:aa:aa:01"},
-                       {"name": "net1", "mac": "aa:aa:aa:aa:aa:02", "sandbox": "/run/netns/x"}],
+        "interfaces": [
+            {"name": "br0", "mac": "aa:aa:aa:aa:aa:01"},
+            {"name": "net1", "mac": "aa:aa:aa:aa:aa:02", "sandbox": "/run/netns/x"},
+        ],
         "ips": [{"address": "192.168.9.2/24", "gateway": "192.168.9.1", "interface": 1}],
         "routes": [{"dst": "192.168.0.0/16"}],
         "dns": {"nameservers": ["192.168.9.1"]},
@@ -208,14 +210,16 @@ def test_add_appends_to_an_earlier_plugins_result(agent, version):
     assert status == 0, out
     assert [i["name"] for i in out["interfaces"]] == ["br0", "net1", "eth0"]
     assert [(ip["address"], ip["interface"]) for ip in out["ips"]] == [
-        ("192.168.9.2/24", 1), ("10.1.0.5/32", 2), ("fd00:1::5/128", 2)]
+        ("192.168.9.2/24", 1),
+        ("10.1.0.5/32", 2),
+        ("fd00:1::5/128", 2),
+    ]
     assert [r["dst"] for r in out["routes"]] == ["192.168.0.0/16", "0.0.0.0/0", "::/0"]
     assert out["dns"] == {"nameservers": ["192.168.9.1"]}
     if version == "0.4.0":
         assert [ip["version"] for ip in out["ips"]] == ["4", "4", "6"]
     # the agent gets the earlier result in one (1.1.0) shape whatever the config version
-    assert agent.last["prev_result"]["ips"] == [
-        {"address": "192.168.9.2/24", "gateway": "192.168.9.1", "interface": 1}]
+    assert agent.last["prev_result"]["ips"] == [{"address": "192.168.9.2/24", "gateway": "192.168.9.1", "interface": 1}]
 
 
 def test_add_rejects_a_prev_result_pointing_at_a_missing_interface(agent):
@@ -226,12 +230,18 @@ def test_add_rejects_a_prev_result_pointing_at_a_missing_interface(agent):
 
 
 def test_add_passes_agent_errors_through(agent):
-    agent.reply = lambda request: (500, {"error": {"code": 100, "msg": "pool exhausted",
-                                                   "details": "no free address in 10.1.0.0/16"}})
+    agent.reply = lambda request: (
+        500,
+        {"error": {"code": 100, "msg": "pool exhausted", "details": "no free address in 10.1.0.0/16"}},
+    )
     status, out, _ = run_plugin("ADD", netconf("1.0.0"), agent.path)
     assert status == 1
-    assert out == {"cniVersion": "1.0.0", "code": 100, "msg": "pool exhausted",
-                   "details": "no free address in 10.1.0.0/16"}
+    assert out == {
+        "cniVersion": "1.0.0",
+        "code": 100,
+        "msg": "pool exhausted",
+        "details": "no free address in 10.1.0.0/16",
+    }
 
 
 def test_add_refuses_a_malformed_agent_result(agent):
@@ -288,13 +298,23 @@ def test_a_malformed_requested_address_is_refused_before_the_agent(agent, where,
 
 def test_labels_from_kubernetes_args_and_config_are_forwarded(agent):
     agent.reply = lambda request: (200, {"result": AGENT_RESULT})
-    conf = netconf(args={"labels": {"app": "web", "tier": "front"},
-                         "cni": {"labels": [{"key": "team", "value": "blue"}, {"key": "tier", "value": "edge"}]}})
-    status, out, _ = run_plugin("ADD", conf, agent.path,
-                                CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAMESPACE=ns1;K8S_POD_NAME=p1")
+    conf = netconf(
+        args={
+            "labels": {"app": "web", "tier": "front"},
+            "cni": {"labels": [{"key": "team", "value": "blue"}, {"key": "tier", "value": "edge"}]},
+        }
+    )
+    status, out, _ = run_plugin(
+        "ADD", conf, agent.path, CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAMESPACE=ns1;K8S_POD_NAME=p1"
+    )
     assert status == 0, out
-    assert agent.last["labels"] == {"app": "web", "tier": "edge", "team": "blue",
-                                    "netplugin.io/namespace": "ns1", "netplugin.io/pod": "p1"}
+    assert agent.last["labels"] == {
+        "app": "web",
+        "tier": "edge",
+        "team": "blue",
+        "netplugin.io/namespace": "ns1",
+        "netplugin.io/pod": "p1",
+    }
     assert agent.last["args"]["K8S_POD_NAMESPACE"] == "ns1"
 
 
@@ -306,8 +326,15 @@ def test_malformed_labels_are_refused(agent):
 
 def mesos_args(labels):
     """args as Mesos' network/cni isolator writes them: the task's NetworkInfo protobuf as JSON."""
-    return {"org.apache.mesos": {"network_info": {"name": "testnet", "labels": labels,
-                                                  "port_mappings": [{"host_port": 8080, "container_port": 80}]}}}
+    return {
+        "org.apache.mesos": {
+            "network_info": {
+                "name": "testnet",
+                "labels": labels,
+                "port_mappings": [{"host_port": 8080, "container_port": 80}],
+            }
+        }
+    }
 
 
 def test_mesos_network_labels_are_forwarded(agent):
@@ -318,16 +345,19 @@ def test_mesos_network_labels_are_forwarded(agent):
     assert agent.last["labels"] == {"app": "api", "env": "prod", "canary": ""}  # Label.value is optional
 
 
-@pytest.mark.parametrize("mesos", [
-    "x",                                                         # org.apache.mesos not an object
-    {"network_info": []},                                        # network_info not an object
-    {"network_info": {"labels": [{"key": "a", "value": "b"}]}},  # labels not wrapped in {"labels": [...]}
-    {"network_info": {"labels": {"labels": {"key": "a"}}}},      # labels.labels not a list
-    {"network_info": {"labels": {"labels": [{"value": "b"}]}}},  # no key
-    {"network_info": {"labels": {"labels": [{"key": 7, "value": "b"}]}}},
-    {"network_info": {"labels": {"labels": [{"key": "a", "value": 1}]}}},
-    {"network_info": {"labels": {"labels": [{"key": "a", "value": "b", "x": 1}]}}},
-])
+@pytest.mark.parametrize(
+    "mesos",
+    [
+        "x",  # org.apache.mesos not an object
+        {"network_info": []},  # network_info not an object
+        {"network_info": {"labels": [{"key": "a", "value": "b"}]}},  # labels not wrapped in {"labels": [...]}
+        {"network_info": {"labels": {"labels": {"key": "a"}}}},  # labels.labels not a list
+        {"network_info": {"labels": {"labels": [{"value": "b"}]}}},  # no key
+        {"network_info": {"labels": {"labels": [{"key": 7, "value": "b"}]}}},
+        {"network_info": {"labels": {"labels": [{"key": "a", "value": 1}]}}},
+        {"network_info": {"labels": {"labels": [{"key": "a", "value": "b", "x": 1}]}}},
+    ],
+)
 def test_malformed_mesos_labels_are_refused_before_the_agent(agent, mesos):
     status, out, _ = run_plugin("ADD", netconf(args={"org.apache.mesos": mesos}), agent.path)
     assert_error(status, out, 7)
@@ -345,12 +375,15 @@ def test_del_of_a_config_with_malformed_labels_still_reaches_the_agent(agent):
 # ------------------------------------------------------------------------------- what the fuzzer found (tests/faults)
 
 
-@pytest.mark.parametrize("stdin", [
-    b"\xef\xbb\xbf" + json.dumps(netconf()).encode(),            # a BOM: Go's encoding/json refuses it too
-    json.dumps(netconf(name="n\udc80"), ensure_ascii=False).encode("utf-8", "surrogatepass"),  # CESU surrogate
-    json.dumps(netconf()).encode("utf-16"),                       # json.loads(bytes) would take UTF-16
-    b'{"a": ' * 100000 + b"1" + b"}" * 100000,                   # deeper than the parser's stack
-])
+@pytest.mark.parametrize(
+    "stdin",
+    [
+        b"\xef\xbb\xbf" + json.dumps(netconf()).encode(),  # a BOM: Go's encoding/json refuses it too
+        json.dumps(netconf(name="n\udc80"), ensure_ascii=False).encode("utf-8", "surrogatepass"),  # CESU surrogate
+        json.dumps(netconf()).encode("utf-16"),  # json.loads(bytes) would take UTF-16
+        b'{"a": ' * 100000 + b"1" + b"}" * 100000,  # deeper than the parser's stack
+    ],
+)
 def test_stdin_that_is_not_strict_utf8_json_is_a_decode_error(agent, stdin):
     status, out, _ = run_plugin("ADD", sock=agent.path, stdin=stdin)
     assert_error(status, out, 6)
@@ -359,12 +392,18 @@ def test_stdin_that_is_not_strict_utf8_json_is_a_decode_error(agent, stdin):
 
 @pytest.mark.parametrize("name", ["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS"])
 def test_environment_that_is_not_utf8_is_refused(agent, name):
-    environ = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/run/netns/x", "CNI_IFNAME": "eth0",
-               "NETPLUGIN_AGENT_SOCKET": agent.path}
+    environ = {
+        "CNI_COMMAND": "ADD",
+        "CNI_CONTAINERID": "c1",
+        "CNI_NETNS": "/run/netns/x",
+        "CNI_IFNAME": "eth0",
+        "NETPLUGIN_AGENT_SOCKET": agent.path,
+    }
     env = {k.encode(): v.encode() for k, v in environ.items()}
     env[name.encode()] = b"K=\xff" if name == "CNI_ARGS" else b"a\xff"
-    proc = subprocess.run([sys.executable, "-IS", PLUGIN], env=env, input=json.dumps(netconf()).encode(),
-                          capture_output=True, timeout=20)
+    proc = subprocess.run(
+        [sys.executable, "-IS", PLUGIN], env=env, input=json.dumps(netconf()).encode(), capture_output=True, timeout=20
+    )
     out = json.loads(proc.stdout)
     assert_error(proc.returncode, out, 4)
     assert name in out["msg"] and proc.stderr == b""
@@ -382,8 +421,9 @@ def test_a_netns_that_is_no_absolute_path_is_refused_but_del_still_cleans_up(age
 
 def test_a_config_nested_too_deeply_for_the_agent_request_is_refused(agent):
     deep = b'{"a": ' * 990 + b"1" + b"}" * 990  # json.loads takes it; json.dumps of the request would not
-    status, out, _ = run_plugin("ADD", sock=agent.path, stdin=json.dumps(netconf()).encode()[:-1] + b', "x": ' + deep
-                                + b"}")
+    status, out, _ = run_plugin(
+        "ADD", sock=agent.path, stdin=json.dumps(netconf()).encode()[:-1] + b', "x": ' + deep + b"}"
+    )
     assert_error(status, out, 7)
     assert "nested deeper" in out["msg"] and agent.requests == []
 
@@ -391,8 +431,9 @@ def test_a_config_nested_too_deeply_for_the_agent_request_is_refused(agent):
 @pytest.mark.parametrize("command", ["STATUS", "GC"])
 def test_status_and_gc_ignore_the_container_variables(agent, command):
     conf = netconf(**{"cni.dev/valid-attachments": []})
-    status, out, _ = run_plugin(command, conf, agent.path, CNI_CONTAINERID="a b", CNI_NETNS="rel", CNI_IFNAME="..",
-                                CNI_ARGS="junk")
+    status, out, _ = run_plugin(
+        command, conf, agent.path, CNI_CONTAINERID="a b", CNI_NETNS="rel", CNI_IFNAME="..", CNI_ARGS="junk"
+    )
     assert status == 0, out
     assert agent.last["command"] == command
 
@@ -424,8 +465,11 @@ def test_check_is_refused_for_configs_older_than_0_4_0(agent):
 
 
 def test_check_forwards_the_prev_result(agent):
-    prev = {"cniVersion": "0.4.0", "interfaces": [{"name": "eth0", "sandbox": "/run/netns/x"}],
-            "ips": [{"version": "4", "address": "10.1.0.5/32", "interface": 0}]}
+    prev = {
+        "cniVersion": "0.4.0",
+        "interfaces": [{"name": "eth0", "sandbox": "/run/netns/x"}],
+        "ips": [{"version": "4", "address": "10.1.0.5/32", "interface": 0}],
+    }
     status, out, _ = run_plugin("CHECK", netconf("0.4.0", prevResult=prev), agent.path)
     assert (status, out) == (0, None)
     assert agent.last["command"] == "CHECK"
@@ -535,9 +579,17 @@ def test_unknown_or_missing_command_is_code_4(command):
     assert_error(status, out, 4)
 
 
-@pytest.mark.parametrize("env", [{"CNI_CONTAINERID": "-bad"}, {"CNI_CONTAINERID": "a b"},
-                                 {"CNI_IFNAME": "much-too-long-ifname"}, {"CNI_IFNAME": "eth:0"},
-                                 {"CNI_IFNAME": ".."}, {"CNI_ARGS": "IgnoreUnknown=1;garbage"}])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"CNI_CONTAINERID": "-bad"},
+        {"CNI_CONTAINERID": "a b"},
+        {"CNI_IFNAME": "much-too-long-ifname"},
+        {"CNI_IFNAME": "eth:0"},
+        {"CNI_IFNAME": ".."},
+        {"CNI_ARGS": "IgnoreUnknown=1;garbage"},
+    ],
+)
 def test_invalid_env_values_are_code_4(agent, env):
     status, out, _ = run_plugin("ADD", netconf(), agent.path, **env)
     assert_error(status, out, 4)
@@ -659,11 +711,27 @@ def test_plugin_talks_to_a_waitress_served_flask_app(sockdir):
     assert received[0]["container_id"] == "c0ffee-1"
 
 
-@pytest.mark.parametrize("text", [
-    '{"a": [1, 2.5, -0.0, 1e400, NaN, -Infinity, "\\u00e9\\ud800", null, true, false, {}]}', ' \t\n{"a": 1}\r\n',
-    '"x"', "[]", "", " ", "{", '{"a": }', "[1,", '{"a" 1}', "1 2", "nul", '"\x01"', "\x0c{}", '{"a": 1}}',
-    "[" * 5000 + "]" * 5000,
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"a": [1, 2.5, -0.0, 1e400, NaN, -Infinity, "\\u00e9\\ud800", null, true, false, {}]}',
+        ' \t\n{"a": 1}\r\n',
+        '"x"',
+        "[]",
+        "",
+        " ",
+        "{",
+        '{"a": }',
+        "[1,",
+        '{"a" 1}',
+        "1 2",
+        "nul",
+        '"\x01"',
+        "\x0c{}",
+        '{"a": 1}}',
+        "[" * 5000 + "]" * 5000,
+    ],
+)
 def test_json_loads_agrees_with_the_json_module_on_values_and_errors(text):
     from cni import plugin
 
@@ -678,9 +746,15 @@ def test_json_loads_agrees_with_the_json_module_on_values_and_errors(text):
     assert outcome(plugin.json_loads) == outcome(json.loads)
 
 
-@pytest.mark.parametrize("value", [
-    {"a": [1, 2.5, float("nan"), float("-inf"), "é\u2028", None, True, {"b": {}}], "c": ""}, [], "x", {1: 2},
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"a": [1, 2.5, float("nan"), float("-inf"), "é\u2028", None, True, {"b": {}}], "c": ""},
+        [],
+        "x",
+        {1: 2},
+    ],
+)
 def test_json_dumps_writes_what_the_json_module_writes(value):
     from cni import plugin
 

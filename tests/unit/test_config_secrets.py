@@ -1,4 +1,5 @@
 """The etcd password from a file or the environment, never only from a flag that shows in ps."""
+
 import pytest
 
 from netplugin.config import read_password_file, resolve_password

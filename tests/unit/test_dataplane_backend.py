@@ -1,5 +1,6 @@
 """The iptables backend implements the whole dataplane interface, with the interface's own parameters, so a
 second backend (eBPF) can be checked against the same list and the agent never needs more than it names."""
+
 import inspect
 
 import pytest
@@ -15,14 +16,26 @@ def _methods(cls):
 
 def test_the_interface_names_the_jobs_the_agent_has():
     assert set(_methods(Backend)) == {
-        "setup_host", "enable_ipv6", "add_endpoint", "remove_endpoint", "add_docker_endpoint",
-        "remove_docker_endpoint", "check_endpoint", "reconcile", "apply_policy", "set_nat_outgoing"}
+        "setup_host",
+        "enable_ipv6",
+        "add_endpoint",
+        "remove_endpoint",
+        "add_docker_endpoint",
+        "remove_docker_endpoint",
+        "check_endpoint",
+        "reconcile",
+        "apply_policy",
+        "set_nat_outgoing",
+    }
 
 
 @pytest.mark.parametrize("cls", [IptablesBackend, BpfBackend])
 def test_each_backend_implements_every_method_with_the_same_parameters(cls):
-    backend = IptablesBackend(None, None, None) if cls is IptablesBackend \
+    backend = (
+        IptablesBackend(None, None, None)
+        if cls is IptablesBackend
         else BpfBackend(IptablesBackend(None, None, None), None)
+    )
     assert isinstance(backend, Backend)
     for name, fn in _methods(Backend).items():
         mine = getattr(cls, name)

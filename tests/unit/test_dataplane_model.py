@@ -1,4 +1,5 @@
 """Endpoint specs, names and settings: pure logic, no kernel."""
+
 import ipaddress
 
 import pytest
@@ -93,7 +94,9 @@ def test_sysctl_desired_and_drift():
     assert "net/ipv6/conf/np0/proxy_ndp" in sysctl.desired_host_sysctls("np0", ipv6=True)
     have = dict(want, **{"net/ipv4/conf/np0/rp_filter": 2})
     del have["net/ipv4/neigh/np0/proxy_delay"]
-    assert sysctl.drift(want, have, skip_unknown=["net/ipv4/neigh/np0/proxy_delay"]) == {"net/ipv4/conf/np0/rp_filter": 1}
+    assert sysctl.drift(want, have, skip_unknown=["net/ipv4/neigh/np0/proxy_delay"]) == {
+        "net/ipv4/conf/np0/rp_filter": 1
+    }
     assert sysctl.drift(want, have) == {"net/ipv4/conf/np0/rp_filter": 1, "net/ipv4/neigh/np0/proxy_delay": 0}
 
 
@@ -101,8 +104,9 @@ def test_antispoof_batch_converges_and_is_empty_when_right():
     table = netfilter.NetfilterTable(ns=None, family=6, table="raw")
 
     def batch(save):
-        return table.render(table.plan(antispoof.CHAINS, antispoof.HOOKS, netfilter.parse_save(save, "raw")),
-                            antispoof.CHAINS)
+        return table.render(
+            table.plan(antispoof.CHAINS, antispoof.HOOKS, netfilter.parse_save(save, "raw")), antispoof.CHAINS
+        )
 
     rule, hook = antispoof.CHAINS[antispoof.CHAIN][0], antispoof.HOOKS["PREROUTING"]
     assert batch("*raw\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n") == [
@@ -112,11 +116,15 @@ def test_antispoof_batch_converges_and_is_empty_when_right():
         f"-I PREROUTING 1 {netfilter.tagged(hook)}",
         "COMMIT",
     ]
-    right = (f"*raw\n:PREROUTING ACCEPT [0:0]\n:np-antispoof - [0:0]\n-A PREROUTING {netfilter.tagged(hook)}\n"
-             f"-A np-antispoof {netfilter.tagged(rule)}\nCOMMIT\n")
+    right = (
+        f"*raw\n:PREROUTING ACCEPT [0:0]\n:np-antispoof - [0:0]\n-A PREROUTING {netfilter.tagged(hook)}\n"
+        f"-A np-antispoof {netfilter.tagged(rule)}\nCOMMIT\n"
+    )
     assert batch(right) == []
     doubled = right.replace("-A PREROUTING", f"-A PREROUTING {netfilter.tagged(hook)}\n-A PREROUTING", 1)
     assert [line for line in batch(doubled) if "PREROUTING" in line] == [f"-D PREROUTING {netfilter.tagged(hook)}"]
     untagged = right.replace(f"-A PREROUTING {netfilter.tagged(hook)}", f"-A PREROUTING {hook}")  # an older agent's
     assert [line for line in batch(untagged) if "PREROUTING" in line] == [
-        f"-D PREROUTING {hook}", f"-I PREROUTING 1 {netfilter.tagged(hook)}"]
+        f"-D PREROUTING {hook}",
+        f"-I PREROUTING 1 {netfilter.tagged(hook)}",
+    ]

@@ -1,4 +1,5 @@
 """The hand-packed rtnetlink requests, read back with pyroute2's decoders; and the planners that emit them."""
+
 import errno
 import ipaddress
 import socket
@@ -108,8 +109,9 @@ def test_extended_ack_message_is_read():
     flags = rtnl.F_CAPPED | rtnl.F_ACK_TLVS
     data = struct.pack("=LHHLL", 16 + len(body), rtnl.NLMSG_ERROR, flags, 42, 0) + body
     assert rtnl._ack_detail(data, 0, len(data), flags) == "Nexthop device is not up"
-    failure = rtnl.Failure(rtnl.Request(rtnl.RTM_NEWROUTE, 0, b"", "add route 10.0.0.5/32"), errno.ENETDOWN,
-                           "Nexthop device is not up")
+    failure = rtnl.Failure(
+        rtnl.Request(rtnl.RTM_NEWROUTE, 0, b"", "add route 10.0.0.5/32"), errno.ENETDOWN, "Nexthop device is not up"
+    )
     assert str(failure.error()) == "failed to add route 10.0.0.5/32: Network is down (Nexthop device is not up)"
 
 
@@ -149,29 +151,64 @@ def test_requests_are_byte_identical_to_pyroute2s_encoder():
     """pyroute2's message classes define the wire format; the packer is the fast path and must match them."""
     b = Batch()
     peer = [("IFLA_IFNAME", "eth0"), ("IFLA_NET_NS_FD", 7), ("IFLA_MTU", 1400), ("IFLA_ADDRESS", "02:00:00:00:00:01")]
-    veth = [("IFLA_IFNAME", "np0123456789a"), ("IFLA_ADDRESS", "ee:ee:ee:ee:ee:ee"), ("IFLA_MTU", 1400),
-            ("IFLA_LINKINFO", {"attrs": [("IFLA_INFO_KIND", "veth"),
-                                         ("IFLA_INFO_DATA", {"attrs": [("VETH_INFO_PEER", {"attrs": peer})]})]})]
+    veth = [
+        ("IFLA_IFNAME", "np0123456789a"),
+        ("IFLA_ADDRESS", "ee:ee:ee:ee:ee:ee"),
+        ("IFLA_MTU", 1400),
+        (
+            "IFLA_LINKINFO",
+            {
+                "attrs": [
+                    ("IFLA_INFO_KIND", "veth"),
+                    ("IFLA_INFO_DATA", {"attrs": [("VETH_INFO_PEER", {"attrs": peer})]}),
+                ]
+            },
+        ),
+    ]
     cases = [
-        (b.veth("np0123456789a", "ee:ee:ee:ee:ee:ee", 1400, "eth0", 7, 1400, "02:00:00:00:00:01", "create"),
-         ifinfmsg, {}, veth),
-        (b.link_set(5, "set", up=True, mtu=1400, address="ee:ee:ee:ee:ee:ee"), ifinfmsg,
-         {"index": 5, "flags": 1, "change": 1}, [("IFLA_MTU", 1400), ("IFLA_ADDRESS", "ee:ee:ee:ee:ee:ee")]),
+        (
+            b.veth("np0123456789a", "ee:ee:ee:ee:ee:ee", 1400, "eth0", 7, 1400, "02:00:00:00:00:01", "create"),
+            ifinfmsg,
+            {},
+            veth,
+        ),
+        (
+            b.link_set(5, "set", up=True, mtu=1400, address="ee:ee:ee:ee:ee:ee"),
+            ifinfmsg,
+            {"index": 5, "flags": 1, "change": 1},
+            [("IFLA_MTU", 1400), ("IFLA_ADDRESS", "ee:ee:ee:ee:ee:ee")],
+        ),
         (b.link_del("delete", name="np0"), ifinfmsg, {}, [("IFLA_IFNAME", "np0")]),
-        (b.address("add", 5, ipaddress.ip_interface("fd00::5/128"), "add", nodad=True), ifaddrmsg,
-         {"family": socket.AF_INET6, "prefixlen": 128, "flags": 2, "index": 5},
-         [("IFA_LOCAL", "fd00::5"), ("IFA_ADDRESS", "fd00::5"), ("IFA_FLAGS", 2)]),
-        (b.route("add", "10.0.0.5/32", "add", oif=4, scope=rtnl.RT_SCOPE_LINK, proto=ROUTE_PROTO), rtmsg,
-         {"family": socket.AF_INET, "dst_len": 32, "table": 254, "proto": ROUTE_PROTO, "scope": 253, "type": 1},
-         [("RTA_DST", "10.0.0.5"), ("RTA_OIF", 4)]),
-        (b.route("replace", "fd00::/64", "replace", gateway="fd00::1", proto=81, priority=5, table=1000), rtmsg,
-         {"family": socket.AF_INET6, "dst_len": 64, "table": 252, "proto": 81, "type": 1},
-         [("RTA_TABLE", 1000), ("RTA_DST", "fd00::"), ("RTA_GATEWAY", "fd00::1"), ("RTA_PRIORITY", 5)]),
-        (b.neighbour(2, "169.254.1.1", "ee:ee:ee:ee:ee:ee", "neigh"), ndmsg,
-         {"family": socket.AF_INET, "ifindex": 2, "state": rtnl.NUD_PERMANENT},
-         [("NDA_DST", "169.254.1.1"), ("NDA_LLADDR", "ee:ee:ee:ee:ee:ee")]),
-        (b.proxy_delay(4, 0, "delay"), ndtmsg, {"family": socket.AF_INET},
-         [("NDTA_NAME", "arp_cache"), ("NDTA_PARMS", {"attrs": [("NDTPA_IFINDEX", 4), ("NDTPA_PROXY_DELAY", 0)]})]),
+        (
+            b.address("add", 5, ipaddress.ip_interface("fd00::5/128"), "add", nodad=True),
+            ifaddrmsg,
+            {"family": socket.AF_INET6, "prefixlen": 128, "flags": 2, "index": 5},
+            [("IFA_LOCAL", "fd00::5"), ("IFA_ADDRESS", "fd00::5"), ("IFA_FLAGS", 2)],
+        ),
+        (
+            b.route("add", "10.0.0.5/32", "add", oif=4, scope=rtnl.RT_SCOPE_LINK, proto=ROUTE_PROTO),
+            rtmsg,
+            {"family": socket.AF_INET, "dst_len": 32, "table": 254, "proto": ROUTE_PROTO, "scope": 253, "type": 1},
+            [("RTA_DST", "10.0.0.5"), ("RTA_OIF", 4)],
+        ),
+        (
+            b.route("replace", "fd00::/64", "replace", gateway="fd00::1", proto=81, priority=5, table=1000),
+            rtmsg,
+            {"family": socket.AF_INET6, "dst_len": 64, "table": 252, "proto": 81, "type": 1},
+            [("RTA_TABLE", 1000), ("RTA_DST", "fd00::"), ("RTA_GATEWAY", "fd00::1"), ("RTA_PRIORITY", 5)],
+        ),
+        (
+            b.neighbour(2, "169.254.1.1", "ee:ee:ee:ee:ee:ee", "neigh"),
+            ndmsg,
+            {"family": socket.AF_INET, "ifindex": 2, "state": rtnl.NUD_PERMANENT},
+            [("NDA_DST", "169.254.1.1"), ("NDA_LLADDR", "ee:ee:ee:ee:ee:ee")],
+        ),
+        (
+            b.proxy_delay(4, 0, "delay"),
+            ndtmsg,
+            {"family": socket.AF_INET},
+            [("NDTA_NAME", "arp_cache"), ("NDTA_PARMS", {"attrs": [("NDTPA_IFINDEX", 4), ("NDTPA_PROXY_DELAY", 0)]})],
+        ),
     ]
     for req, cls, fields, attrs_ in cases:
         assert req.body == encoded(cls, fields, attrs_), req.action

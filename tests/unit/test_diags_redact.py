@@ -1,12 +1,17 @@
 """Secrets out of diagnostics: by structure (password fields, BIRD password statements) and then by value."""
+
 from netplugin.diags.redact import MASK, redact_bird_config, redact_json, scrub
 
 
 def test_password_fields_are_masked_at_any_depth_and_remembered():
     found = set()
     doc = {"name": "tor", "password": "s1", "nested": [{"bgpPassword": "s2", "x": 1}], "Password": None}
-    assert redact_json(doc, found) == {"name": "tor", "password": MASK, "nested": [{"bgpPassword": MASK, "x": 1}],
-                                       "Password": None}
+    assert redact_json(doc, found) == {
+        "name": "tor",
+        "password": MASK,
+        "nested": [{"bgpPassword": MASK, "x": 1}],
+        "Password": None,
+    }
     assert found == {"s1", "s2"}
 
 

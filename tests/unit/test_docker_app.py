@@ -1,19 +1,23 @@
 """The Docker plugin's front door: body decoding and error lines, as pure functions (no agent, no etcd)."""
+
 import pytest
 
 from netplugin.docker.app import ERR_HEAD, ERR_TAIL, _decode, _id, one_line
 from netplugin.errors import InvalidInput
 
 
-@pytest.mark.parametrize("raw, why", [
-    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
-    (b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "nested too deeply"),
-    (b'{"NetworkID": "\\ud800"}', "not valid Unicode"),
-    (b'{"NetworkID": "\xff"}', "not valid JSON"),
-    (b"{nope", "not valid JSON"),
-    (b"[1]", "must be a JSON object, not list"),
-    (b"NaN", "must be a JSON object, not float"),
-])
+@pytest.mark.parametrize(
+    "raw, why",
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "nested too deeply"),
+        (b'{"NetworkID": "\\ud800"}', "not valid Unicode"),
+        (b'{"NetworkID": "\xff"}', "not valid JSON"),
+        (b"{nope", "not valid JSON"),
+        (b"[1]", "must be a JSON object, not list"),
+        (b"NaN", "must be a JSON object, not float"),
+    ],
+)
 def test_bodies_that_are_no_request(raw, why):
     body, error = _decode("NetworkDriver.Join", raw)
     assert body is None and why in error and error.startswith("NetworkDriver.Join: ")

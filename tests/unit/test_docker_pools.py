@@ -1,4 +1,5 @@
 """Docker pools mapped onto netplugin pools, and Join's routes: pure logic, no etcd, no kernel."""
+
 import pytest
 
 from netplugin.docker.driver import free_subnets, static_routes
@@ -16,15 +17,38 @@ def test_pool_id_round_trip_and_within():
     assert PoolRef.decode(v6.encode()) == v6 and v6.version == 6
 
 
-@pytest.mark.parametrize("bad", ["", "garbage", "10.0.0.0/8|10.0.0.0/8", "10.0.0.0/8|11.0.0.0/24|",
-                                 "10.0.0.0/8|10.1.0.0/16|10.2.0.0/24", "10.0.0.0/8|10.0.0.1/16|"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "garbage",
+        "10.0.0.0/8|10.0.0.0/8",
+        "10.0.0.0/8|11.0.0.0/24|",
+        "10.0.0.0/8|10.1.0.0/16|10.2.0.0/24",
+        "10.0.0.0/8|10.0.0.1/16|",
+    ],
+)
 def test_pool_id_rejects_what_we_never_issued(bad):
     with pytest.raises(InvalidInput):
         PoolRef.decode(bad)
 
 
-@pytest.mark.parametrize("bad", ["169.254.0.0/16", "169.254.1.0/24", "0.0.0.0/0", "127.0.0.0/8", "224.0.0.0/24",
-                                 "240.0.0.0/4", "128.0.0.0/1", "fe80::/64", "::/0", "ff02::/16", "::ffff:0:0/96"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "169.254.0.0/16",
+        "169.254.1.0/24",
+        "0.0.0.0/0",
+        "127.0.0.0/8",
+        "224.0.0.0/24",
+        "240.0.0.0/4",
+        "128.0.0.0/1",
+        "fe80::/64",
+        "::/0",
+        "ff02::/16",
+        "::ffff:0:0/96",
+    ],
+)
 def test_reserved_space_is_no_docker_subnet(bad):
     with pytest.raises(InvalidInput, match="containers cannot have those addresses"):
         usable_subnet(bad, "subnet")
@@ -63,10 +87,16 @@ def test_host_prefix_of():
 def test_static_routes_primary_and_secondary():
     assert static_routes(["10.1.0.5/32"]) == [
         {"Destination": "169.254.1.1/32", "RouteType": 1},
-        {"Destination": "0.0.0.0/0", "RouteType": 0, "NextHop": "169.254.1.1"}]
+        {"Destination": "0.0.0.0/0", "RouteType": 0, "NextHop": "169.254.1.1"},
+    ]
     assert [r["Destination"] for r in static_routes(["fd00::5/128", "10.1.0.5/32"])] == [
-        "169.254.1.1/32", "0.0.0.0/0", "fe80::ecee:eeff:feee:eeee/128", "::/0"]
+        "169.254.1.1/32",
+        "0.0.0.0/0",
+        "fe80::ecee:eeff:feee:eeee/128",
+        "::/0",
+    ]
     assert static_routes(["10.2.0.5/32"], primary=False, subnets=["10.2.0.0/24", "fd02::/64"]) == [
-        {"Destination": "10.2.0.0/24", "RouteType": 1}]
+        {"Destination": "10.2.0.0/24", "RouteType": 1}
+    ]
     assert free_subnets(["10.2.0.0/24", "10.3.0.0/24"], ["10.2.0.0/16"]) == ["10.3.0.0/24"]
     assert free_subnets(["10.2.0.0/24"], ["fd00::/8"]) == ["10.2.0.0/24"]

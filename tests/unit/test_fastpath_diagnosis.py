@@ -1,4 +1,5 @@
 """The fast-path diagnosis: its host states, the flowtable it tries, and what the report says about them."""
+
 import importlib.util
 import os
 
@@ -12,8 +13,17 @@ ROUNDS = 4
 PATHS = ("host", "netplugin-2h", "ptp")
 STATES = ("as-built", "ct-first", "notrack", "ct-only", "empty-chain", "no-rules", "bare")
 # p50 latency ratios to host per state (netplugin, ptp); host is 10 µs with drift.
-LAT = {"ct-mark": 1.37, "as-built": 1.44, "ct-first": 1.38, "notrack": 1.55, "ct-only": 1.32, "empty-chain": 1.25,
-       "no-rules": 1.22, "bare": 1.21, "flowtable": 1.24}
+LAT = {
+    "ct-mark": 1.37,
+    "as-built": 1.44,
+    "ct-first": 1.38,
+    "notrack": 1.55,
+    "ct-only": 1.32,
+    "empty-chain": 1.25,
+    "no-rules": 1.22,
+    "bare": 1.21,
+    "flowtable": 1.24,
+}
 
 
 def _load_bench():
@@ -30,32 +40,51 @@ def _samples(lat_ratio, tcp_ratio=0.9):
         lat = 1.0 if p == "host" else lat_ratio if p == "netplugin-2h" else 1.2
         tcp = 1.0 if p == "host" else tcp_ratio if p == "netplugin-2h" else 0.9
         drift = [1.0 + 0.1 * r for r in range(ROUNDS)]
-        out[p] = {"lat_p50": [10.0 * lat * d for d in drift], "lat_avg": [10.0 * lat * d for d in drift],
-                  "tcp_131072": [15.0 * tcp / d for d in drift]}
+        out[p] = {
+            "lat_p50": [10.0 * lat * d for d in drift],
+            "lat_avg": [10.0 * lat * d for d in drift],
+            "tcp_131072": [15.0 * tcp / d for d in drift],
+        }
     return out
 
 
 def _diag(states=STATES, flowtable=None):
-    doc = {"date": "d", "machine": {"nproc": 2}, "settings": {"rounds": ROUNDS, "duration_s": 2},
-           "baseline": "host", "paths": [{"id": p, "label": p.upper(), "description": p} for p in PATHS],
-           "states": [{"id": s, "label": s, "description": s} for s in states],
-           "samples": {s: _samples(LAT[s]) for s in states}}
+    doc = {
+        "date": "d",
+        "machine": {"nproc": 2},
+        "settings": {"rounds": ROUNDS, "duration_s": 2},
+        "baseline": "host",
+        "paths": [{"id": p, "label": p.upper(), "description": p} for p in PATHS],
+        "states": [{"id": s, "label": s, "description": s} for s in states],
+        "samples": {s: _samples(LAT[s]) for s in states},
+    }
     if flowtable is not None:
         doc["flowtable"] = flowtable
     return doc
 
 
 def _report_doc():
-    return {"baseline": "host", "paths": [{"id": p, "label": p, "description": p} for p in PATHS],
-            "samples": _samples(1.45, 0.8), "settings": {"rounds": ROUNDS}}
+    return {
+        "baseline": "host",
+        "paths": [{"id": p, "label": p, "description": p} for p in PATHS],
+        "samples": _samples(1.45, 0.8),
+        "settings": {"rounds": ROUNDS},
+    }
 
 
 def test_decomposition_walks_from_no_netfilter_to_as_built_and_names_the_largest_step():
     lines = dd.decomposition_lines(_diag())
     text = lines[0]
     assert "against no netfilter at all" in text and "1.22× host" in text
-    order = [text.index(w) for w in ("one empty forward chain", "conntrack with no filter chain",
-                                     "conntrack and one established-accept rule", "as built (FORWARD")]
+    order = [
+        text.index(w)
+        for w in (
+            "one empty forward chain",
+            "conntrack with no filter chain",
+            "conntrack and one established-accept rule",
+            "as built (FORWARD",
+        )
+    ]
     assert order == sorted(order)
     # steps over no netfilter: empty chain +0.03, conntrack +0.07, one rule +0.06, layout +0.06 (× host).
     assert "The largest single step is to conntrack with no filter chain" in text
@@ -84,8 +113,10 @@ def test_flowtable_unsupported_is_stated_with_the_kernels_answer():
 
 def test_flowtable_measured_reports_its_ratios():
     diag = _diag(states=("as-built", "flowtable") + STATES[1:], flowtable={"supported": True, "reason": "ok"})
-    assert dd.flowtable_line(diag) == ("- With a flowtable for established, policy-accepted flows: netplugin "
-                                       "1.24× host latency (p50), 0.900× host throughput.")
+    assert dd.flowtable_line(diag) == (
+        "- With a flowtable for established, policy-accepted flows: netplugin "
+        "1.24× host latency (p50), 0.900× host throughput."
+    )
     closing = "\n".join(dr.analysis_lines(_report_doc(), diag))
     assert "the diagnosis measured 1.24× host latency (p50) and 0.900× host throughput" in closing
 
@@ -99,7 +130,7 @@ def test_without_a_diagnosis_the_report_lists_candidates_not_measurements():
 def test_flowtable_ruleset_offloads_only_after_iptables_filter():
     text = datapath_states.flowtable_nft(["np0123456789a", "eth0"])
     assert 'devices = { "eth0", "np0123456789a" }' in text  # sorted, quoted
-    assert "hook forward priority filter + 10" in text      # after iptables' FORWARD (priority filter)
+    assert "hook forward priority filter + 10" in text  # after iptables' FORWARD (priority filter)
     assert "ct state established flow add @ft" in text
 
 
@@ -114,8 +145,10 @@ def test_diagnose_states_are_validated():
 
 def test_report_says_by_how_much_the_aims_are_missed():
     line = dr.shortfall_line(_report_doc())
-    assert line == ("- Reached across hosts: throughput 0.800× host, the aim ≥ 0.970× is missed by 18%; "
-                    "latency 1.45× host, the aim ≤ 1.10× is missed by 32%.")
+    assert line == (
+        "- Reached across hosts: throughput 0.800× host, the aim ≥ 0.970× is missed by 18%; "
+        "latency 1.45× host, the aim ≤ 1.10× is missed by 32%."
+    )
     met = _report_doc()
     met["samples"] = _samples(1.05, 0.99)
     assert dr.shortfall_line(met) is None
@@ -136,10 +169,13 @@ def test_fast_accept_layout_is_compared_with_as_built_and_shows_its_rule_was_hit
 def test_what_the_bare_state_says_follows_its_numbers():
     diag = _diag()
     closing = "\n".join(dr.analysis_lines(_report_doc(), diag))
-    assert ("netplugin stays at 1.21× (ptp 1.20×), above the 1.10 aim by 10%: with the rules gone netplugin is "
-            "level with ptp") in closing
-    assert dr.diagnosis_lines(diag)[-1].startswith("- With no netfilter at all netplugin (1.21× host latency, p50) is "
-                                                   "level with ptp (1.20×)")
+    assert (
+        "netplugin stays at 1.21× (ptp 1.20×), above the 1.10 aim by 10%: with the rules gone netplugin is "
+        "level with ptp"
+    ) in closing
+    assert dr.diagnosis_lines(diag)[-1].startswith(
+        "- With no netfilter at all netplugin (1.21× host latency, p50) is level with ptp (1.20×)"
+    )
     LAT_FAST = dict(LAT, bare=1.05)
     fast = _diag()
     fast["samples"]["bare"] = _samples(LAT_FAST["bare"])

@@ -1,4 +1,5 @@
 """IPAM's pure IP arithmetic: blocks of a pool, ordinals, ranges (Docker --ip-range), IPv4 and IPv6 alike."""
+
 import netaddr
 import pytest
 
@@ -6,16 +7,19 @@ from netplugin.datastore.models import Allocation, Block
 from netplugin.ipam import blocks
 
 
-@pytest.mark.parametrize("pool,size,address,expected", [
-    ("10.0.0.0/16", 26, "10.0.0.0", "10.0.0.0/26"),
-    ("10.0.0.0/16", 26, "10.0.0.63", "10.0.0.0/26"),
-    ("10.0.0.0/16", 26, "10.0.0.64", "10.0.0.64/26"),
-    ("10.0.0.0/16", 26, "10.0.255.255", "10.0.255.192/26"),
-    ("10.0.0.0/16", 32, "10.0.3.7", "10.0.3.7/32"),
-    ("fd00::/112", 122, "fd00::3f", "fd00::/122"),
-    ("fd00::/112", 122, "fd00::40", "fd00::40/122"),
-    ("fd00::/112", 122, "fd00::ffff", "fd00::ffc0/122"),
-])
+@pytest.mark.parametrize(
+    "pool,size,address,expected",
+    [
+        ("10.0.0.0/16", 26, "10.0.0.0", "10.0.0.0/26"),
+        ("10.0.0.0/16", 26, "10.0.0.63", "10.0.0.0/26"),
+        ("10.0.0.0/16", 26, "10.0.0.64", "10.0.0.64/26"),
+        ("10.0.0.0/16", 26, "10.0.255.255", "10.0.255.192/26"),
+        ("10.0.0.0/16", 32, "10.0.3.7", "10.0.3.7/32"),
+        ("fd00::/112", 122, "fd00::3f", "fd00::/122"),
+        ("fd00::/112", 122, "fd00::40", "fd00::40/122"),
+        ("fd00::/112", 122, "fd00::ffff", "fd00::ffc0/122"),
+    ],
+)
 def test_block_for(pool, size, address, expected):
     assert blocks.block_for(pool, size, address) == expected
     assert netaddr.IPAddress(address) in netaddr.IPNetwork(expected)
@@ -41,12 +45,15 @@ def test_iter_blocks_pool_of_one_block():
     assert list(blocks.iter_blocks("10.2.0.0/28", 28)) == ["10.2.0.0/28"]
 
 
-@pytest.mark.parametrize("within,expected", [
-    ("10.1.0.64/26", ["10.1.0.64/26"]),  # exactly one block
-    ("10.1.0.128/25", ["10.1.0.128/26", "10.1.0.192/26"]),  # two blocks
-    ("10.1.0.80/28", ["10.1.0.64/26"]),  # smaller than a block: the block that holds it
-    ("10.1.0.0/16", ["10.1.0.0/26", "10.1.0.64/26", "10.1.0.128/26", "10.1.0.192/26"]),  # larger than the pool
-])
+@pytest.mark.parametrize(
+    "within,expected",
+    [
+        ("10.1.0.64/26", ["10.1.0.64/26"]),  # exactly one block
+        ("10.1.0.128/25", ["10.1.0.128/26", "10.1.0.192/26"]),  # two blocks
+        ("10.1.0.80/28", ["10.1.0.64/26"]),  # smaller than a block: the block that holds it
+        ("10.1.0.0/16", ["10.1.0.0/26", "10.1.0.64/26", "10.1.0.128/26", "10.1.0.192/26"]),  # larger than the pool
+    ],
+)
 def test_iter_blocks_within_a_range(within, expected):
     assert list(blocks.iter_blocks("10.1.0.0/24", 26, within)) == expected
 
@@ -72,8 +79,12 @@ def test_ordinal_range():
 
 
 def _block(cidr, taken=()):
-    return Block(cidr=cidr, pool=cidr, affinity="h",
-                 allocations={str(o): Allocation("x", "h", i + 1) for i, o in enumerate(taken)})
+    return Block(
+        cidr=cidr,
+        pool=cidr,
+        affinity="h",
+        allocations={str(o): Allocation("x", "h", i + 1) for i, o in enumerate(taken)},
+    )
 
 
 def test_first_free():
@@ -90,16 +101,19 @@ def test_first_free_within():
     assert blocks.first_free(b, "10.0.1.0/24") is None
 
 
-@pytest.mark.parametrize("a,b,expected", [
-    ("10.0.0.0/16", "10.0.5.0/24", True),
-    ("10.0.5.0/24", "10.0.0.0/16", True),
-    ("10.0.0.0/24", "10.0.0.0/24", True),
-    ("10.0.0.0/24", "10.0.1.0/24", False),  # adjacent
-    ("10.0.0.0/24", "10.0.0.255/32", True),  # last address
-    ("fd00::/64", "fd00::/112", True),
-    ("fd00::/64", "fd01::/64", False),
-    ("10.0.0.0/8", "::/0", False),  # families never overlap
-])
+@pytest.mark.parametrize(
+    "a,b,expected",
+    [
+        ("10.0.0.0/16", "10.0.5.0/24", True),
+        ("10.0.5.0/24", "10.0.0.0/16", True),
+        ("10.0.0.0/24", "10.0.0.0/24", True),
+        ("10.0.0.0/24", "10.0.1.0/24", False),  # adjacent
+        ("10.0.0.0/24", "10.0.0.255/32", True),  # last address
+        ("fd00::/64", "fd00::/112", True),
+        ("fd00::/64", "fd01::/64", False),
+        ("10.0.0.0/8", "::/0", False),  # families never overlap
+    ],
+)
 def test_overlaps(a, b, expected):
     assert blocks.overlaps(a, b) is expected
 

@@ -1,4 +1,5 @@
 """The lab's plan is pure: every bad request fails here, before a namespace exists."""
+
 import ipaddress
 
 import pytest
@@ -11,23 +12,26 @@ def plan(**kw):
     return make_plan(LabSpec(**kw), state_root="/tmp/labs", shm_root="/tmp/shm")
 
 
-@pytest.mark.parametrize("kw, message", [
-    ({"name": "Demo"}, "invalid lab name"),
-    ({"name": "a" * 13}, "invalid lab name"),
-    ({"hosts": 0}, "number of hosts"),
-    ({"hosts": True}, "number of hosts"),
-    ({"hosts": 2, "racks": 3}, "3 racks need at least as many hosts"),
-    ({"hosts": 241}, "at most 240 hosts fit in one rack"),
-    ({"etcd_members": 2}, "1 or 3"),
-    ({"routing": "ospf"}, "invalid routing mode"),
-    ({"hosts": 3, "route_reflectors": 4}, "route reflectors"),
-    ({"routing": "direct", "racks": 2}, "one L2 segment"),
-    ({"routing": "direct", "route_reflectors": 1}, "need --routing bgp"),
-    ({"racks": 2, "hosts": 4, "route_reflectors": 1}, "not supported"),
-    ({"pool": "10.244.0.1/16"}, "invalid pool"),
-    ({"pool": "192.168.100.0/24"}, "outside the lab fabric"),
-    ({"pool": "fd00::/64"}, "must be IPv4"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"name": "Demo"}, "invalid lab name"),
+        ({"name": "a" * 13}, "invalid lab name"),
+        ({"hosts": 0}, "number of hosts"),
+        ({"hosts": True}, "number of hosts"),
+        ({"hosts": 2, "racks": 3}, "3 racks need at least as many hosts"),
+        ({"hosts": 241}, "at most 240 hosts fit in one rack"),
+        ({"etcd_members": 2}, "1 or 3"),
+        ({"routing": "ospf"}, "invalid routing mode"),
+        ({"hosts": 3, "route_reflectors": 4}, "route reflectors"),
+        ({"routing": "direct", "racks": 2}, "one L2 segment"),
+        ({"routing": "direct", "route_reflectors": 1}, "need --routing bgp"),
+        ({"racks": 2, "hosts": 4, "route_reflectors": 1}, "not supported"),
+        ({"pool": "10.244.0.1/16"}, "invalid pool"),
+        ({"pool": "192.168.100.0/24"}, "outside the lab fabric"),
+        ({"pool": "fd00::/64"}, "must be IPv4"),
+    ],
+)
 def test_bad_spec_is_refused_with_the_reason(kw, message):
     with pytest.raises(InvalidInput, match=message):
         LabSpec(**kw)

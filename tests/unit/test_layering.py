@@ -5,6 +5,7 @@ dataplane backend or another front door can be added without touching them, and 
 A package is a top-level module or directory (``policy``, ``cni``) or one under ``netplugin`` (``netplugin.ipam``);
 imports inside one package are free. Imports inside functions count too: they are still dependencies.
 """
+
 import ast
 import os
 
@@ -29,8 +30,16 @@ ALLOWED = {
     "netplugin.service": _BASE | {"netplugin.dataplane", "netplugin.datastore", "netplugin.ipam", "netplugin.nodes"},
     "netplugin.resources": _BASE | {"netplugin.datastore", "netplugin.ipam", "policy"},
     "cni": _BASE,
-    "netplugin.docker": _BASE | {"netplugin.loops", "netplugin.config", "netplugin.dataplane", "netplugin.datastore",
-                                 "netplugin.ipam", "netplugin.nodes", "netplugin.service"},
+    "netplugin.docker": _BASE
+    | {
+        "netplugin.loops",
+        "netplugin.config",
+        "netplugin.dataplane",
+        "netplugin.datastore",
+        "netplugin.ipam",
+        "netplugin.nodes",
+        "netplugin.service",
+    },
 }
 # The composition root and the tools above it may import any layer below, never each other's insides.
 _LOW = set(ALLOWED)
@@ -96,7 +105,7 @@ def cycles(graph: dict) -> list:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == "open":
-                found.append(stack[stack.index(nxt):] + [nxt])
+                found.append(stack[stack.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt, stack)
         stack.pop()
@@ -119,7 +128,8 @@ def test_every_package_has_a_row():
 def test_package_imports_only_what_its_layer_allows(package):
     extra = {dst: mods for dst, mods in GRAPH[package].items() if dst not in ALLOWED.get(package, set())}
     assert not extra, f"{package} imports above its layer: " + "; ".join(
-        f"{dst} from {', '.join(sorted(set(mods)))}" for dst, mods in sorted(extra.items()))
+        f"{dst} from {', '.join(sorted(set(mods)))}" for dst, mods in sorted(extra.items())
+    )
 
 
 def test_no_package_import_cycle():

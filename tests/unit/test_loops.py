@@ -1,4 +1,5 @@
 """netplugin.loops: no exception ends a loop; a repeated error logs its traceback once; progress is kept."""
+
 import logging
 import threading
 

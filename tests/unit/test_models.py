@@ -1,29 +1,62 @@
 """Typed records: JSON round trips, tolerance of unknown fields, pool validation; the key schema; EtcdConfig."""
+
 import json
 
 import pytest
 
 from netplugin.config import EtcdConfig
 from netplugin.datastore import keys
-from netplugin.datastore.models import (Allocation, BgpPeer, Block, ClusterConfig, Endpoint, Handle, Network, Node,
-                                        Pool)
+from netplugin.datastore.models import Allocation, BgpPeer, Block, ClusterConfig, Endpoint, Handle, Network, Node, Pool
 from netplugin.errors import InvalidInput
 
 SAMPLES = [
     ClusterConfig(as_number=65001, mesh=False, reclaim_grace=30.0),
-    Node(name="h1", address="10.0.0.1", address6="fd00::1", as_number=65002, labels={"rack": "a"},
-         route_reflector=True, address_autodetected=True),
+    Node(
+        name="h1",
+        address="10.0.0.1",
+        address6="fd00::1",
+        as_number=65002,
+        labels={"rack": "a"},
+        route_reflector=True,
+        address_autodetected=True,
+    ),
     BgpPeer(name="tor", address="10.0.0.254", as_number=65000, node="h1", password="s3cret"),
     Pool(cidr="10.1.0.0/16", block_size=26, nat_outgoing=True, disabled=True),
-    Handle(handle="c1.eth0", host="h1", addresses={"10.1.0.1": {"block": "10.1.0.0/26", "seq": 3}},
-           attrs={"container": "c1"}),
-    Network(name="net1", pools=["10.1.0.0/16"], ip_range="10.1.5.0/24", labels={"a": "b"}, options={"mtu": "1400"},
-            docker_id="abc"),
-    Endpoint(id="e1", host="h1", network="net1", container_id="c1", netns="/run/netns/x", ifname="eth0",
-             host_ifname="np1234", addresses=["10.1.0.1/32", "fd00::1/128"], mac="ee:ee:ee:ee:ee:ee",
-             labels={"app": "web"}, handle="c1.eth0", orchestrator="docker"),
-    Block(cidr="10.1.0.0/26", pool="10.1.0.0/16", affinity="h1",
-          allocations={"0": Allocation("c1.eth0", "h1", 1), "10": Allocation("c2.eth0", "h2", 2)}, next_seq=3),
+    Handle(
+        handle="c1.eth0",
+        host="h1",
+        addresses={"10.1.0.1": {"block": "10.1.0.0/26", "seq": 3}},
+        attrs={"container": "c1"},
+    ),
+    Network(
+        name="net1",
+        pools=["10.1.0.0/16"],
+        ip_range="10.1.5.0/24",
+        labels={"a": "b"},
+        options={"mtu": "1400"},
+        docker_id="abc",
+    ),
+    Endpoint(
+        id="e1",
+        host="h1",
+        network="net1",
+        container_id="c1",
+        netns="/run/netns/x",
+        ifname="eth0",
+        host_ifname="np1234",
+        addresses=["10.1.0.1/32", "fd00::1/128"],
+        mac="ee:ee:ee:ee:ee:ee",
+        labels={"app": "web"},
+        handle="c1.eth0",
+        orchestrator="docker",
+    ),
+    Block(
+        cidr="10.1.0.0/26",
+        pool="10.1.0.0/16",
+        affinity="h1",
+        allocations={"0": Allocation("c1.eth0", "h1", 1), "10": Allocation("c2.eth0", "h2", 2)},
+        next_seq=3,
+    ),
 ]
 
 
@@ -48,13 +81,16 @@ def test_defaults_fill_missing_fields():
 
 
 def test_block_allocations_become_typed_and_serialise_in_address_order():
-    b = Block.from_dict({"cidr": "10.0.0.0/26", "pool": "10.0.0.0/24",
-                         "allocations": {"10": {"handle": "b", "host": "h", "seq": 2},
-                                         "9": {"handle": "a", "host": "h", "seq": 1}}})
+    b = Block.from_dict(
+        {
+            "cidr": "10.0.0.0/26",
+            "pool": "10.0.0.0/24",
+            "allocations": {"10": {"handle": "b", "host": "h", "seq": 2}, "9": {"handle": "a", "host": "h", "seq": 1}},
+        }
+    )
     assert b.allocations["9"] == Allocation("a", "h", 1)
     assert list(b.to_dict()["allocations"]) == ["9", "10"]  # numeric, not string order
-    assert json.dumps(b.to_dict(), sort_keys=True) == json.dumps(Block.from_dict(b.to_dict()).to_dict(),
-                                                                 sort_keys=True)
+    assert json.dumps(b.to_dict(), sort_keys=True) == json.dumps(Block.from_dict(b.to_dict()).to_dict(), sort_keys=True)
 
 
 def test_block_copy_is_independent():
@@ -89,16 +125,19 @@ def test_pool_properties():
     assert Pool("fd00::/112", 122).validate().network.size == 65536
 
 
-@pytest.mark.parametrize("cidr,size,message", [
-    ("not-a-cidr", 26, "is not a CIDR"),
-    ("10.0.0.0/33", 26, "is not a CIDR"),
-    ("10.0.0.1/24", 26, "host bits set"),
-    ("10.0.0.0/24", 20, "does not fit"),
-    ("10.0.0.0/24", 33, "does not fit"),
-    ("fd00::/112", 129, "does not fit"),
-    ("10.0.0.0/8", 19, "too large"),
-    ("fd00::/64", 112, "too large"),
-])
+@pytest.mark.parametrize(
+    "cidr,size,message",
+    [
+        ("not-a-cidr", 26, "is not a CIDR"),
+        ("10.0.0.0/33", 26, "is not a CIDR"),
+        ("10.0.0.1/24", 26, "host bits set"),
+        ("10.0.0.0/24", 20, "does not fit"),
+        ("10.0.0.0/24", 33, "does not fit"),
+        ("fd00::/112", 129, "does not fit"),
+        ("10.0.0.0/8", 19, "too large"),
+        ("fd00::/64", 112, "too large"),
+    ],
+)
 def test_pool_validation(cidr, size, message):
     with pytest.raises(InvalidInput, match=message):
         Pool(cidr, size).validate()
@@ -113,11 +152,15 @@ def test_pool_validation_accepts_edges():
 
 # --- key schema ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cidr,segment", [
-    ("10.1.0.0/26", "10.1.0.0-26"),
-    ("fd00::/122", "fd00::-122"),
-    ("fd00::40/122", "fd00::40-122"),
-])
+
+@pytest.mark.parametrize(
+    "cidr,segment",
+    [
+        ("10.1.0.0/26", "10.1.0.0-26"),
+        ("fd00::/122", "fd00::-122"),
+        ("fd00::40/122", "fd00::40-122"),
+    ],
+)
 def test_cidr_segments_round_trip(cidr, segment):
     assert keys.cidr_segment(cidr) == segment
     assert keys.segment_cidr(segment) == cidr
@@ -147,17 +190,21 @@ def test_names_that_would_break_the_layout_are_refused(bad):
 
 # --- EtcdConfig ------------------------------------------------------------------------------------------------
 
+
 def test_etcd_config_parses_comma_separated_endpoints():
     cfg = EtcdConfig(endpoints="http://a:2379, https://b:2379,")
     assert cfg.endpoints == ("http://a:2379", "https://b:2379")
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"endpoints": ""}, "no etcd endpoint"),
-    ({"endpoints": "a:2379"}, "must start with http"),
-    ({"cert": "/c.pem"}, "together"),
-    ({"key": "/k.pem"}, "together"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"endpoints": ""}, "no etcd endpoint"),
+        ({"endpoints": "a:2379"}, "must start with http"),
+        ({"cert": "/c.pem"}, "together"),
+        ({"key": "/k.pem"}, "together"),
+    ],
+)
 def test_etcd_config_errors(kwargs, message):
     with pytest.raises(InvalidInput, match=message):
         EtcdConfig(**kwargs)

@@ -1,4 +1,5 @@
 """The compiler: chain structure, rule order, sets, determinism and scale."""
+
 import dataclasses
 import ipaddress
 import json
@@ -7,8 +8,7 @@ import random
 import pytest
 
 from netplugin.errors import InvalidInput
-from policy.compiler import (FROM_DISPATCH, TO_DISPATCH, compile_ruleset, endpoint_chains, policy_chain,
-                             set_name)
+from policy.compiler import FROM_DISPATCH, TO_DISPATCH, compile_ruleset, endpoint_chains, policy_chain, set_name
 from policy.loader import load_text
 from policy.model import Endpoint
 from policy.selector import Selector
@@ -19,14 +19,16 @@ C = Endpoint("ep-c", "", ["10.65.1.3"], "red", {"role": "client"})  # remote: no
 
 
 def policies(*bodies):
-    docs = [f"apiVersion: netplugin/v1\nkind: Policy\nmetadata: {{name: {name}}}\nspec:\n{body}\n"
-            for name, body in bodies]
+    docs = [
+        f"apiVersion: netplugin/v1\nkind: Policy\nmetadata: {{name: {name}}}\nspec:\n{body}\n" for name, body in bodies
+    ]
     return load_text("---\n".join(docs))
 
 
 def dump(rs):
-    return json.dumps({"sets": [dataclasses.asdict(s) for s in rs.ipsets], "chains": rs.chains,
-                       "hooks": rs.hooks}, sort_keys=True)
+    return json.dumps(
+        {"sets": [dataclasses.asdict(s) for s in rs.ipsets], "chains": rs.chains, "hooks": rs.hooks}, sort_keys=True
+    )
 
 
 def sets_of(rs, kind, family=4):
@@ -40,23 +42,34 @@ def test_default_ruleset_structure():
     for family in (4, 6):
         chains = rs.chains[family]
         assert rs.hooks[family] == {"FORWARD": "np-FORWARD", "INPUT": "np-INPUT"}
-        assert set(chains) == {"np-FORWARD", "np-INPUT", "np-fw-ep", "np-in-ep", FROM_DISPATCH, TO_DISPATCH,
-                               to_a, from_a, to_b, from_b}
+        assert set(chains) == {
+            "np-FORWARD",
+            "np-INPUT",
+            "np-fw-ep",
+            "np-in-ep",
+            FROM_DISPATCH,
+            TO_DISPATCH,
+            to_a,
+            from_a,
+            to_b,
+            from_b,
+        }
         assert all(name.startswith("np-") and len(name) <= 28 for name in chains)
         # Connections our chains accepted skip them from their second packet on (the connmark bit).
-        assert chains["np-FORWARD"] == ("-m connmark --mark 0x40000/0x40000 -j ACCEPT", "-i np+ -g np-fw-ep",
-                                        "-o np+ -g np-fw-ep")
+        assert chains["np-FORWARD"] == (
+            "-m connmark --mark 0x40000/0x40000 -j ACCEPT",
+            "-i np+ -g np-fw-ep",
+            "-o np+ -g np-fw-ep",
+        )
         assert chains["np-fw-ep"][0] == "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
         assert chains["np-fw-ep"][-2:] == ("-j CONNMARK --set-xmark 0x40000/0x40000", "-j ACCEPT")
-        assert chains[FROM_DISPATCH] == (f"-i np0000000000a -g {from_a}", f"-i np0000000000b -g {from_b}",
-                                         "-j DROP")
+        assert chains[FROM_DISPATCH] == (f"-i np0000000000a -g {from_a}", f"-i np0000000000b -g {from_b}", "-j DROP")
         assert chains[TO_DISPATCH] == (f"-o np0000000000a -g {to_a}", f"-o np0000000000b -g {to_b}", "-j DROP")
         # Default egress: everything; default ingress: own network yes, other endpoints no, the rest yes.
         assert chains[from_a] == ()
         net = set_name("net", family, "blue")
         everyone = set_name("all", family, "")
-        assert chains[to_a] == (f"-m set --match-set {net} src -j RETURN",
-                                f"-m set --match-set {everyone} src -j DROP")
+        assert chains[to_a] == (f"-m set --match-set {net} src -j RETURN", f"-m set --match-set {everyone} src -j DROP")
     assert rs.chains[6]["np-in-ep"][1].startswith("-p ipv6-icmp -m icmp6 --icmpv6-type 133")
     assert not any("icmp6" in r for r in rs.chains[4]["np-in-ep"])
     assert rs.ipset_map()[set_name("all", 4, "")].members == ("10.65.0.1/32", "10.65.0.2/32", "10.65.1.3/32")
@@ -66,14 +79,19 @@ def test_default_ruleset_structure():
 
 
 def test_policy_rules_order_marks_and_matches():
-    ps = policies(("web", """
+    ps = policies(
+        (
+            "web",
+            """
   order: 100
   selector: {matchLabels: {app: web}}
   ingress:
     - {action: allow, protocol: tcp, ports: [80, "8000:8080"], from: [{selector: {matchLabels: {role: client}}}]}
     - {action: deny, protocol: udp, from: [{network: red}, {cidr: 192.0.2.0/24}, {cidr: 198.51.100.0/24}]}
     - {action: log}
-    - {action: allow, protocol: icmp}"""))
+    - {action: allow, protocol: icmp}""",
+        )
+    )
     rs = compile_ruleset([A, B], [C], ps)
     to_a, _ = endpoint_chains("ep-a")
     pi = policy_chain("web", "Ingress")
@@ -82,7 +100,8 @@ def test_policy_rules_order_marks_and_matches():
         f"-j {pi}",
         "-m mark --mark 0x20000/0x20000 -j DROP",
         "-m mark --mark 0x10000/0x10000 -j RETURN",
-        "-j DROP")
+        "-j DROP",
+    )
     sel = set_name("sel", 4, Selector.of({"role": "client"}).key())
     red = set_name("net", 4, "red")
     [cidr] = sets_of(rs, "cidr")
@@ -92,7 +111,8 @@ def test_policy_rules_order_marks_and_matches():
         f"-p udp -m set --match-set {cidr} src -j MARK --set-xmark 0x20000/0x20000",
         "-m mark --mark 0x20000/0x20000 -j RETURN",
         f"-p tcp -m multiport --dports 80,8000:8080 -m set --match-set {sel} src -j MARK --set-xmark 0x10000/0x10000",
-        "-p icmp -j MARK --set-xmark 0x10000/0x10000")
+        "-p icmp -j MARK --set-xmark 0x10000/0x10000",
+    )
     assert sets_of(rs, "cidr")[cidr] == ("192.0.2.0/24", "198.51.100.0/24")
     assert rs.ipset_map()[sel].members == ("10.65.1.3/32",)
     # IPv6: no IPv4 CIDRs, no icmp; the selector and network sets exist (empty) in IPv6 too.
@@ -116,11 +136,15 @@ def test_groups_by_order_and_egress_uses_dst():
     po = {n: policy_chain(n, "Egress") for n in ("p0", "p1", "p2")}
     assert rs.chains[4][from_a] == (
         "-j MARK --set-xmark 0x0/0x30000",
-        f"-j {po['p1']}", f"-j {po['p2']}",
-        "-m mark --mark 0x20000/0x20000 -j DROP", "-m mark --mark 0x10000/0x10000 -j RETURN",
+        f"-j {po['p1']}",
+        f"-j {po['p2']}",
+        "-m mark --mark 0x20000/0x20000 -j DROP",
+        "-m mark --mark 0x10000/0x10000 -j RETURN",
         f"-j {po['p0']}",
-        "-m mark --mark 0x20000/0x20000 -j DROP", "-m mark --mark 0x10000/0x10000 -j RETURN",
-        "-j DROP")
+        "-m mark --mark 0x20000/0x20000 -j DROP",
+        "-m mark --mark 0x10000/0x10000 -j RETURN",
+        "-j DROP",
+    )
     assert rs.chains[4][from_b].count(f"-j {po['p2']}") == 0
     [cidr] = sets_of(rs, "cidr")
     assert rs.chains[4][po["p1"]] == (f"-m set --match-set {cidr} dst -j MARK --set-xmark 0x10000/0x10000",)
@@ -131,16 +155,23 @@ def test_groups_by_order_and_egress_uses_dst():
 
 
 def test_not_cidr_is_exact_and_whole_space_needs_no_set():
-    ps = policies(("x", """
+    ps = policies(
+        (
+            "x",
+            """
   selector: {}
   ingress:
     - {action: allow, from: [{cidr: 10.0.0.0/8, notCIDR: [10.1.0.0/16, 10.1.2.0/24]}, {cidr: 10.1.2.0/25}]}
-    - {action: deny, from: [{cidr: 0.0.0.0/0}, {cidr: "::/0"}]}"""))
+    - {action: deny, from: [{cidr: 0.0.0.0/0}, {cidr: "::/0"}]}""",
+        )
+    )
     rs = compile_ruleset([A], [], ps)
     [(name, members)] = sets_of(rs, "cidr").items()
     covered = {ipaddress.ip_network(m) for m in members}
+
     def inside(ip):
         return any(ipaddress.ip_address(ip) in n for n in covered)
+
     assert inside("10.0.0.1") and inside("10.255.0.1") and inside("10.1.2.5")
     assert not inside("10.1.0.1") and not inside("10.1.2.200") and not inside("11.0.0.1")
     pi = policy_chain("x", "Ingress")
@@ -157,8 +188,12 @@ def test_many_ports_are_chunked_for_multiport():
 
 def test_ten_thousand_cidrs_compile_to_one_set_and_one_rule():
     rng = random.Random(7)
-    nets = sorted({f"{rng.randrange(1, 224)}.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(256)}/32"
-                   for _ in range(10500)})[:10000]
+    nets = sorted(
+        {
+            f"{rng.randrange(1, 224)}.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(256)}/32"
+            for _ in range(10500)
+        }
+    )[:10000]
     peers = ", ".join(f"{{cidr: {n}}}" for n in nets)
     ps = policies(("big", f"  selector: {{}}\n  ingress: [{{action: deny, from: [{peers}]}}, {{action: allow}}]"))
     rs = compile_ruleset([A, B], [], ps)
@@ -171,8 +206,14 @@ def test_ten_thousand_cidrs_compile_to_one_set_and_one_rule():
 
 def test_deterministic_whatever_the_input_order():
     ps = policies(
-        ("a", "  order: 5\n  selector: {matchLabels: {app: web}}\n  ingress: [{action: allow, from: [{network: red}]}]"),
-        ("b", "  order: 5\n  selector: {}\n  egress: [{action: deny, to: [{cidr: 192.0.2.0/24}, {cidr: 2001:db8::/32}]}]"),
+        (
+            "a",
+            "  order: 5\n  selector: {matchLabels: {app: web}}\n  ingress: [{action: allow, from: [{network: red}]}]",
+        ),
+        (
+            "b",
+            "  order: 5\n  selector: {}\n  egress: [{action: deny, to: [{cidr: 192.0.2.0/24}, {cidr: 2001:db8::/32}]}]",
+        ),
         ("c", "  selector: {matchExpressions: [{key: app, operator: Exists}]}\n  ingress: [{action: log}]"),
     )
     d = Endpoint("ep-d", "np0000000000d", ["10.65.0.4", "fd00::4"], "red", {"app": "db"})
@@ -190,8 +231,11 @@ def test_deterministic_whatever_the_input_order():
 def test_equal_selectors_share_one_set():
     ps = policies(
         ("one", "  selector: {}\n  ingress: [{action: allow, from: [{selector: {matchLabels: {role: client}}}]}]"),
-        ("two", "  selector: {}\n  ingress: [{action: allow, from: [{selector: {matchExpressions: "
-                "[{key: role, operator: In, values: [client]}]}}]}]"),
+        (
+            "two",
+            "  selector: {}\n  ingress: [{action: allow, from: [{selector: {matchExpressions: "
+            "[{key: role, operator: In, values: [client]}]}}]}]",
+        ),
     )
     rs = compile_ruleset([A], [C], ps)
     assert len(sets_of(rs, "sel")) == 1
@@ -205,12 +249,15 @@ def test_log_prefix_fits_the_kernel_limit():
     assert len(prefix) <= 29 and prefix.startswith("np-log a-very-long") and prefix.endswith(" ")
 
 
-@pytest.mark.parametrize("local,everyone,message", [
-    ([dataclasses.replace(A, host_ifname="eth0")], [], "has host interface 'eth0', expected 'np' and 11 hex"),
-    ([A, dataclasses.replace(B, host_ifname=A.host_ifname)], [], "share host interface"),
-    ([A], [dataclasses.replace(A, network="red")], "ep-a is given twice with different contents"),
-    ([dataclasses.replace(A, addresses=["10.0.0.300"])], [], "endpoint ep-a has a bad address '10.0.0.300'"),
-])
+@pytest.mark.parametrize(
+    "local,everyone,message",
+    [
+        ([dataclasses.replace(A, host_ifname="eth0")], [], "has host interface 'eth0', expected 'np' and 11 hex"),
+        ([A, dataclasses.replace(B, host_ifname=A.host_ifname)], [], "share host interface"),
+        ([A], [dataclasses.replace(A, network="red")], "ep-a is given twice with different contents"),
+        ([dataclasses.replace(A, addresses=["10.0.0.300"])], [], "endpoint ep-a has a bad address '10.0.0.300'"),
+    ],
+)
 def test_bad_endpoints(local, everyone, message):
     with pytest.raises(InvalidInput, match=message):
         compile_ruleset(local, everyone, [])
@@ -224,10 +271,16 @@ def test_duplicate_policy_names():
 
 def test_marks_are_configurable_and_checked():
     from policy.compiler import CompileOptions
+
     ps = policies(("x", "  selector: {}\n  ingress: [{action: deny}]"))
     rs = compile_ruleset([A], [], ps, CompileOptions(allow_mark=0x100, deny_mark=0x200))
     assert rs.chains[4][policy_chain("x", "Ingress")] == ("-j MARK --set-xmark 0x200/0x200",)
     assert rs.chains[4]["np-fw-ep"][4] == "-j MARK --set-xmark 0x0/0x300"
-    for bad in ({"allow_mark": 0x3}, {"deny_mark": 0}, {"allow_mark": 0x200, "deny_mark": 0x200}, {"accepted_mark": 0x6}):
+    for bad in (
+        {"allow_mark": 0x3},
+        {"deny_mark": 0},
+        {"allow_mark": 0x200, "deny_mark": 0x200},
+        {"accepted_mark": 0x6},
+    ):
         with pytest.raises(InvalidInput, match="mark"):
             CompileOptions(**bad)

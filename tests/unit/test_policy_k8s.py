@@ -1,4 +1,5 @@
 """Kubernetes NetworkPolicy -> our Policy."""
+
 import textwrap
 
 import pytest
@@ -44,37 +45,49 @@ def test_translation():
     assert tcp.peers == udp.peers
     same_ns, ops, blue, block = (peer.to_dict() for peer in tcp.peers)
     assert same_ns == {"selector": {"matchLabels": {"app": "api", "k8s.namespace": "prod"}}}
-    assert ops == {"selector": {"matchExpressions": [
-        {"key": "k8s.namespace", "operator": "In", "values": ["ops"]}, {"key": "role", "operator": "Exists"}]}}
+    assert ops == {
+        "selector": {
+            "matchExpressions": [
+                {"key": "k8s.namespace", "operator": "In", "values": ["ops"]},
+                {"key": "role", "operator": "Exists"},
+            ]
+        }
+    }
     assert blue == {"selector": {"matchExpressions": [{"key": "k8s.ns.team", "operator": "In", "values": ["blue"]}]}}
     assert block == {"cidr": "10.0.0.0/8", "notCIDR": ["10.2.0.0/16"]}
     [egress] = p.egress
     assert egress.protocol is None and egress.peers[0].to_dict() == {
-        "selector": {"matchExpressions": [{"key": "k8s.namespace", "operator": "Exists"}]}}
+        "selector": {"matchExpressions": [{"key": "k8s.namespace", "operator": "Exists"}]}
+    }
     # Selected pods: in the namespace only.
     assert p.selector.matches({"app": "db", "k8s.namespace": "prod"})
     assert not p.selector.matches({"app": "db", "k8s.namespace": "dev"})
 
 
 def test_defaults_and_empty_rules():
-    [deny_all] = load_text(textwrap.dedent("""\
+    [deny_all] = load_text(
+        textwrap.dedent("""\
         apiVersion: networking.k8s.io/v1
         kind: NetworkPolicy
         metadata: {name: deny-all}
         spec:
           podSelector: {}
           ingress: []
-        """))
+        """)
+    )
     assert deny_all.name == "k8s.default.deny-all" and deny_all.types == ("Ingress",) and deny_all.ingress == ()
     assert deny_all.selector.to_dict() == {"matchLabels": {"k8s.namespace": "default"}}
-    [empty_egress] = load_text(textwrap.dedent("""\
+    [empty_egress] = load_text(
+        textwrap.dedent("""\
         apiVersion: networking.k8s.io/v1
         kind: NetworkPolicy
         metadata: {name: e}
         spec: {podSelector: {}, egress: []}
-        """))
+        """)
+    )
     assert empty_egress.types == ("Ingress",)  # no egress rules: not an egress policy (k8s defaulting)
-    [allow_all] = load_text(textwrap.dedent("""\
+    [allow_all] = load_text(
+        textwrap.dedent("""\
         apiVersion: networking.k8s.io/v1
         kind: NetworkPolicy
         metadata: {name: allow-all, namespace: web}
@@ -82,7 +95,8 @@ def test_defaults_and_empty_rules():
           podSelector: {}
           ingress: [{}]
           egress: [{to: [], ports: [{protocol: SCTP}]}]
-        """))
+        """)
+    )
     assert allow_all.types == ("Ingress", "Egress")
     [rule] = allow_all.ingress
     assert rule.peers is None and rule.protocol is None and rule.ports == ()
@@ -92,21 +106,57 @@ def test_defaults_and_empty_rules():
 
 def test_translated_policy_round_trips_as_native():
     from policy.model import Policy
+
     [p] = load_text(NP)
     assert Policy.from_dict(p.to_dict()) == p
 
 
-@pytest.mark.parametrize("old,new,expected", [
-    ("port: 5432", "port: postgres", 'policy.yaml:19: spec.ingress[0].ports[0].port: named port "postgres" is not supported'),
-    ("endPort: 54", "endPort: 50", "policy.yaml:20: spec.ingress[0].ports[1].endPort: 50 must be a port from 53 to 65535"),
-    ("protocol: UDP", "protocol: ICMP", 'policy.yaml:20: spec.ingress[0].ports[1].protocol: "ICMP" is not TCP, UDP or SCTP'),
-    ("except: [10.2.0.0/16]", "except: [11.2.0.0/16]", 'policy.yaml:17: spec.ingress[0].from[3].ipBlock.except[0]: "11.2.0.0/16" is not inside 10.0.0.0/8'),
-    ("- ipBlock: {", "- podSelector: {}\n      ipBlock: {", "policy.yaml:17: spec.ingress[0].from[3]: ipBlock cannot be combined"),
-    ("namespace: prod", "namespace: Prod", 'policy.yaml:5: metadata.namespace: "Prod" is not a valid Kubernetes namespace'),
-    ("podSelector: {matchLabels: {app: db}}", "podSelecter: {}", "policy.yaml:9: spec.podSelecter: unknown field"),
-    ("policyTypes: [Ingress, Egress]", "policyTypes: [Both]", 'policy.yaml:10: spec.policyTypes[0]: "Both" is not Ingress or Egress'),
-    ("networking.k8s.io/v1", "networking.k8s.io/v1beta1", 'policy.yaml:1: apiVersion: "networking.k8s.io/v1beta1" is not networking.k8s.io/v1'),
-])
+@pytest.mark.parametrize(
+    "old,new,expected",
+    [
+        (
+            "port: 5432",
+            "port: postgres",
+            'policy.yaml:19: spec.ingress[0].ports[0].port: named port "postgres" is not supported',
+        ),
+        (
+            "endPort: 54",
+            "endPort: 50",
+            "policy.yaml:20: spec.ingress[0].ports[1].endPort: 50 must be a port from 53 to 65535",
+        ),
+        (
+            "protocol: UDP",
+            "protocol: ICMP",
+            'policy.yaml:20: spec.ingress[0].ports[1].protocol: "ICMP" is not TCP, UDP or SCTP',
+        ),
+        (
+            "except: [10.2.0.0/16]",
+            "except: [11.2.0.0/16]",
+            'policy.yaml:17: spec.ingress[0].from[3].ipBlock.except[0]: "11.2.0.0/16" is not inside 10.0.0.0/8',
+        ),
+        (
+            "- ipBlock: {",
+            "- podSelector: {}\n      ipBlock: {",
+            "policy.yaml:17: spec.ingress[0].from[3]: ipBlock cannot be combined",
+        ),
+        (
+            "namespace: prod",
+            "namespace: Prod",
+            'policy.yaml:5: metadata.namespace: "Prod" is not a valid Kubernetes namespace',
+        ),
+        ("podSelector: {matchLabels: {app: db}}", "podSelecter: {}", "policy.yaml:9: spec.podSelecter: unknown field"),
+        (
+            "policyTypes: [Ingress, Egress]",
+            "policyTypes: [Both]",
+            'policy.yaml:10: spec.policyTypes[0]: "Both" is not Ingress or Egress',
+        ),
+        (
+            "networking.k8s.io/v1",
+            "networking.k8s.io/v1beta1",
+            'policy.yaml:1: apiVersion: "networking.k8s.io/v1beta1" is not networking.k8s.io/v1',
+        ),
+    ],
+)
 def test_errors_name_field_and_line(old, new, expected):
     assert old in NP
     with pytest.raises(PolicyValidationError) as err:
@@ -115,7 +165,9 @@ def test_errors_name_field_and_line(old, new, expected):
 
 
 def test_mixed_documents():
-    native = ("apiVersion: netplugin/v1\nkind: Policy\nmetadata: {name: native}\n"
-              "spec: {order: 10, selector: {}, ingress: [{action: deny, protocol: icmp}]}\n")
+    native = (
+        "apiVersion: netplugin/v1\nkind: Policy\nmetadata: {name: native}\n"
+        "spec: {order: 10, selector: {}, ingress: [{action: deny, protocol: icmp}]}\n"
+    )
     policies = load_text(native + "---\n" + NP)
     assert [p.name for p in policies] == ["native", "k8s.prod.db"]

@@ -1,4 +1,5 @@
 """Label selectors: matching semantics, canonical form, validation."""
+
 import pytest
 
 from policy.selector import Requirement, Selector
@@ -9,28 +10,43 @@ def sel(d):
     return Selector.from_dict(d)
 
 
-@pytest.mark.parametrize("selector,labels,expected", [
-    ({}, {}, True),
-    ({}, {"any": "thing"}, True),
-    ({"matchLabels": {"app": "web"}}, {"app": "web", "x": "y"}, True),
-    ({"matchLabels": {"app": "web"}}, {"app": "db"}, False),
-    ({"matchLabels": {"app": "web"}}, {}, False),
-    ({"matchLabels": {"app": "web", "tier": "a"}}, {"app": "web"}, False),
-    ({"matchExpressions": [{"key": "tier", "operator": "In", "values": ["a", "b"]}]}, {"tier": "b"}, True),
-    ({"matchExpressions": [{"key": "tier", "operator": "In", "values": ["a", "b"]}]}, {"tier": "c"}, False),
-    ({"matchExpressions": [{"key": "tier", "operator": "In", "values": ["a"]}]}, {}, False),
-    ({"matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["a"]}]}, {"tier": "b"}, True),
-    ({"matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["a"]}]}, {"tier": "a"}, False),
-    ({"matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["a"]}]}, {}, True),  # as in k8s
-    ({"matchExpressions": [{"key": "tier", "operator": "Exists"}]}, {"tier": ""}, True),
-    ({"matchExpressions": [{"key": "tier", "operator": "Exists"}]}, {}, False),
-    ({"matchExpressions": [{"key": "tier", "operator": "DoesNotExist"}]}, {}, True),
-    ({"matchExpressions": [{"key": "tier", "operator": "DoesNotExist"}]}, {"tier": "a"}, False),
-    ({"matchLabels": {"app": "web"}, "matchExpressions": [{"key": "env", "operator": "NotIn", "values": ["dev"]}]},
-     {"app": "web", "env": "prod"}, True),
-    ({"matchLabels": {"app": "web"}, "matchExpressions": [{"key": "env", "operator": "NotIn", "values": ["dev"]}]},
-     {"app": "web", "env": "dev"}, False),
-])
+@pytest.mark.parametrize(
+    "selector,labels,expected",
+    [
+        ({}, {}, True),
+        ({}, {"any": "thing"}, True),
+        ({"matchLabels": {"app": "web"}}, {"app": "web", "x": "y"}, True),
+        ({"matchLabels": {"app": "web"}}, {"app": "db"}, False),
+        ({"matchLabels": {"app": "web"}}, {}, False),
+        ({"matchLabels": {"app": "web", "tier": "a"}}, {"app": "web"}, False),
+        ({"matchExpressions": [{"key": "tier", "operator": "In", "values": ["a", "b"]}]}, {"tier": "b"}, True),
+        ({"matchExpressions": [{"key": "tier", "operator": "In", "values": ["a", "b"]}]}, {"tier": "c"}, False),
+        ({"matchExpressions": [{"key": "tier", "operator": "In", "values": ["a"]}]}, {}, False),
+        ({"matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["a"]}]}, {"tier": "b"}, True),
+        ({"matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["a"]}]}, {"tier": "a"}, False),
+        ({"matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["a"]}]}, {}, True),  # as in k8s
+        ({"matchExpressions": [{"key": "tier", "operator": "Exists"}]}, {"tier": ""}, True),
+        ({"matchExpressions": [{"key": "tier", "operator": "Exists"}]}, {}, False),
+        ({"matchExpressions": [{"key": "tier", "operator": "DoesNotExist"}]}, {}, True),
+        ({"matchExpressions": [{"key": "tier", "operator": "DoesNotExist"}]}, {"tier": "a"}, False),
+        (
+            {
+                "matchLabels": {"app": "web"},
+                "matchExpressions": [{"key": "env", "operator": "NotIn", "values": ["dev"]}],
+            },
+            {"app": "web", "env": "prod"},
+            True,
+        ),
+        (
+            {
+                "matchLabels": {"app": "web"},
+                "matchExpressions": [{"key": "env", "operator": "NotIn", "values": ["dev"]}],
+            },
+            {"app": "web", "env": "dev"},
+            False,
+        ),
+    ],
+)
 def test_matching(selector, labels, expected):
     assert sel(selector).matches(labels) is expected
 
@@ -39,10 +55,22 @@ def test_canonical_form_merges_spellings():
     a = sel({"matchLabels": {"app": "web"}})
     b = sel({"matchExpressions": [{"key": "app", "operator": "In", "values": ["web"]}]})
     assert a.key() == b.key() and a != b
-    c = sel({"matchExpressions": [{"key": "t", "operator": "In", "values": ["b", "a", "b"]},
-                                  {"key": "app", "operator": "Exists"}]})
-    d = sel({"matchExpressions": [{"key": "app", "operator": "Exists"},
-                                  {"key": "t", "operator": "In", "values": ["a", "b"]}]})
+    c = sel(
+        {
+            "matchExpressions": [
+                {"key": "t", "operator": "In", "values": ["b", "a", "b"]},
+                {"key": "app", "operator": "Exists"},
+            ]
+        }
+    )
+    d = sel(
+        {
+            "matchExpressions": [
+                {"key": "app", "operator": "Exists"},
+                {"key": "t", "operator": "In", "values": ["a", "b"]},
+            ]
+        }
+    )
     assert c == d and c.key() == d.key()
     assert sel({}).key() == "[]" and sel({}).selects_all()
 
@@ -63,18 +91,23 @@ def test_merged_is_and():
     assert not contradiction.matches({"ns": "a"}) and not contradiction.matches({"ns": "b"})
 
 
-@pytest.mark.parametrize("raw,message", [
-    ({"matchLabels": {"app": 1}}, "selector.matchLabels.app: must be a string label value, not 1 (quote it)"),
-    ({"matchLabels": {"a" * 64: "x"}}, "is not a valid label key"),
-    ({"matchLabels": {"Bad_Prefix/app": "x"}}, 'is not a valid label key: bad prefix "Bad_Prefix"'),
-    ({"matchLabels": {"app": "-x"}}, 'selector.matchLabels.app: "-x" is not a valid label value'),
-    ({"matchExpressions": [{"key": "a", "operator": "Exists", "values": ["x"]}]},
-     "selector.matchExpressions[0].values: operator Exists takes no values"),
-    ({"matchExpressions": [{"operator": "Exists"}]}, "selector.matchExpressions[0].key: required"),
-    ({"matchExpressions": {"key": "a"}}, "selector.matchExpressions: must be a list"),
-    ({"matchLabel": {"a": "b"}}, "selector.matchLabel: unknown field"),
-    ("app=web", 'selector: must be a mapping, not "app=web"'),
-])
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        ({"matchLabels": {"app": 1}}, "selector.matchLabels.app: must be a string label value, not 1 (quote it)"),
+        ({"matchLabels": {"a" * 64: "x"}}, "is not a valid label key"),
+        ({"matchLabels": {"Bad_Prefix/app": "x"}}, 'is not a valid label key: bad prefix "Bad_Prefix"'),
+        ({"matchLabels": {"app": "-x"}}, 'selector.matchLabels.app: "-x" is not a valid label value'),
+        (
+            {"matchExpressions": [{"key": "a", "operator": "Exists", "values": ["x"]}]},
+            "selector.matchExpressions[0].values: operator Exists takes no values",
+        ),
+        ({"matchExpressions": [{"operator": "Exists"}]}, "selector.matchExpressions[0].key: required"),
+        ({"matchExpressions": {"key": "a"}}, "selector.matchExpressions: must be a list"),
+        ({"matchLabel": {"a": "b"}}, "selector.matchLabel: unknown field"),
+        ("app=web", 'selector: must be a mapping, not "app=web"'),
+    ],
+)
 def test_validation(raw, message):
     with pytest.raises(PolicyValidationError) as err:
         sel(raw)

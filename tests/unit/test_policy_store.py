@@ -3,6 +3,7 @@
 Runs against the session's real etcd (a loopback process, no root needed); the CLI runs in-process via click's
 CliRunner, exactly as ``netctl`` dispatches it.
 """
+
 import json
 import re
 
@@ -93,8 +94,15 @@ def test_get_and_delete_missing_policy(etcd):
 
 def test_a_hand_written_bad_record_is_named(etcd, web):
     store.apply_policies(etcd, [web])
-    etcd.put(keys.policy("broken"), {"apiVersion": "netplugin/v1", "kind": "Policy", "metadata": {"name": "broken"},
-                                     "spec": {"selector": {}, "ingress": [{"action": "drop"}]}})
+    etcd.put(
+        keys.policy("broken"),
+        {
+            "apiVersion": "netplugin/v1",
+            "kind": "Policy",
+            "metadata": {"name": "broken"},
+            "spec": {"selector": {}, "ingress": [{"action": "drop"}]},
+        },
+    )
     with pytest.raises(PolicyValidationError, match=r"stored policy broken is invalid: spec\.ingress\[0\]\.action"):
         store.list_policies(etcd)
     with pytest.raises(PolicyValidationError, match=r"stored policy broken is invalid"):
@@ -127,13 +135,21 @@ def test_cli_apply_from_stdin(etcd, etcd_server):
     assert store.get_policy(etcd, "web").name == "web"
 
 
-@pytest.mark.parametrize("text, error", [
-    ("spec: [", r"<stdin>:1: invalid YAML"),
-    (WEB.replace('"8000:8080"', '"8080:8000"'), r"<stdin>:8: spec\.ingress\[0\]\.ports\[1\]: \"8080:8000\": the range"),
-    (WEB + "---\n" + K8S.replace("port: 443", "port: https"),
-     r"<stdin>:16: spec\.ingress\[0\]\.ports\[0\]\.port: named port \"https\" is not supported"),
-    (WEB + "---\n" + WEB, r"<stdin>:13: metadata\.name: \"web\" is defined twice \(first at line 3\)"),
-])
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        ("spec: [", r"<stdin>:1: invalid YAML"),
+        (
+            WEB.replace('"8000:8080"', '"8080:8000"'),
+            r"<stdin>:8: spec\.ingress\[0\]\.ports\[1\]: \"8080:8000\": the range",
+        ),
+        (
+            WEB + "---\n" + K8S.replace("port: 443", "port: https"),
+            r"<stdin>:16: spec\.ingress\[0\]\.ports\[0\]\.port: named port \"https\" is not supported",
+        ),
+        (WEB + "---\n" + WEB, r"<stdin>:13: metadata\.name: \"web\" is defined twice \(first at line 3\)"),
+    ],
+)
 def test_cli_refuses_bad_input_and_changes_nothing(etcd, etcd_server, text, error):
     store.apply_policies(etcd, load_text(K8S))
     before = etcd.dump("/netplugin/")
@@ -146,11 +162,22 @@ def test_cli_refuses_bad_input_and_changes_nothing(etcd, etcd_server, text, erro
 
 def test_endpoint_list_shows_selecting_policies_with_cni_namespace_labels(etcd, etcd_server):
     store.apply_policies(etcd, load_text(WEB + "---\n" + K8S))
-    for host, ep_id, labels in (("h1", "a", {"app": "web"}), ("h2", "b", {"app": "api",
-                                                                           "netplugin.io/namespace": "prod"}),
-                                ("h2", "c", {"app": "api", "netplugin.io/namespace": "dev"})):
-        rec = EndpointRecord(id=ep_id, host=host, network="blue", container_id=ep_id, netns="/x", ifname="eth0",
-                             host_ifname="np00000000000", addresses=["10.0.0.1/32"], labels=labels)
+    for host, ep_id, labels in (
+        ("h1", "a", {"app": "web"}),
+        ("h2", "b", {"app": "api", "netplugin.io/namespace": "prod"}),
+        ("h2", "c", {"app": "api", "netplugin.io/namespace": "dev"}),
+    ):
+        rec = EndpointRecord(
+            id=ep_id,
+            host=host,
+            network="blue",
+            container_id=ep_id,
+            netns="/x",
+            ifname="eth0",
+            host_ifname="np00000000000",
+            addresses=["10.0.0.1/32"],
+            labels=labels,
+        )
         etcd.put(keys.endpoint(host, ep_id), rec.to_dict())
     code, out = run(etcd_server, "endpoint", "list", "-o", "json")
     assert code == 0, out
@@ -170,15 +197,35 @@ def test_agent_parses_only_the_stored_policies_that_select_its_endpoints(etcd, w
 
     from netplugin.agent import policy as agent_policy
     from netplugin.agent.view import read_view
+
     parsed = []
     real = Policy.from_dict
-    monkeypatch.setattr(agent_policy.Policy, "from_dict", classmethod(lambda cls, doc: parsed.append(
-        doc["metadata"]["name"]) or real(doc)))
+    monkeypatch.setattr(
+        agent_policy.Policy,
+        "from_dict",
+        classmethod(lambda cls, doc: parsed.append(doc["metadata"]["name"]) or real(doc)),
+    )
     store.apply_policies(etcd, load_text(WEB + "---\n" + K8S))
-    etcd.put(keys.policy("broken"), {"apiVersion": "netplugin/v1", "kind": "Policy", "metadata": {"name": "broken"},
-                                     "spec": {"selector": {}, "ingress": [{"action": "drop"}]}})
-    rec = EndpointRecord(id="a", host="h1", network="blue", container_id="a", netns="/x", ifname="eth0",
-                         host_ifname="np00000000a01", addresses=["10.0.0.1/32"], labels={"app": "web"})
+    etcd.put(
+        keys.policy("broken"),
+        {
+            "apiVersion": "netplugin/v1",
+            "kind": "Policy",
+            "metadata": {"name": "broken"},
+            "spec": {"selector": {}, "ingress": [{"action": "drop"}]},
+        },
+    )
+    rec = EndpointRecord(
+        id="a",
+        host="h1",
+        network="blue",
+        container_id="a",
+        netns="/x",
+        ifname="eth0",
+        host_ifname="np00000000a01",
+        addresses=["10.0.0.1/32"],
+        labels={"app": "web"},
+    )
     etcd.put(keys.endpoint("h1", "a"), rec.to_dict())
     reconciler = agent_policy.PolicyReconciler("h1", _NoKernel())
     rs = reconciler._ruleset(read_view(etcd))
@@ -189,9 +236,17 @@ def test_agent_parses_only_the_stored_policies_that_select_its_endpoints(etcd, w
     assert reconciler._ruleset(read_view(etcd)) is rs
     assert sorted(parsed) == ["broken", "broken", "web"]  # the invalid one is retried (and logged) each time
     # A pod of prod's namespace appears on h1: now the Kubernetes policy is parsed, once.
-    rec2 = EndpointRecord(id="b", host="h1", network="blue", container_id="b", netns="/y", ifname="eth0",
-                          host_ifname="np00000000b02", addresses=["10.0.0.2/32"],
-                          labels={"app": "api", "netplugin.io/namespace": "prod"})
+    rec2 = EndpointRecord(
+        id="b",
+        host="h1",
+        network="blue",
+        container_id="b",
+        netns="/y",
+        ifname="eth0",
+        host_ifname="np00000000b02",
+        addresses=["10.0.0.2/32"],
+        labels={"app": "api", "netplugin.io/namespace": "prod"},
+    )
     etcd.put(keys.endpoint("h1", "b"), rec2.to_dict())
     rs2 = reconciler._ruleset(read_view(etcd))
     assert parsed.count("k8s.prod.api") == 1 and parsed.count("web") == 1

@@ -1,5 +1,6 @@
 """Which peer nodes the BGP config keeps: a node without a liveness lease stays only while a session with it is
 Established (agent/routing.py). Graceful restart is on with the model's restart times."""
+
 from netplugin.agent.routing import established_nodes, lease_less_nodes, routing_input
 from netplugin.agent.view import ClusterView
 from netplugin.datastore.models import ClusterConfig, Node
@@ -10,17 +11,20 @@ from netplugin.routing.model import BgpSettings
 
 def _view(alive=("h1", "h2", "h3", "rr")):
     v = ClusterView(config=ClusterConfig())
-    v.nodes = {"h1": Node("h1", "192.168.1.1"), "h2": Node("h2", "192.168.1.2", address6="fd00:0::2"),
-               "h3": Node("h3", "192.168.1.3"), "rr": Node("rr", "192.168.1.9", route_reflector=True),
-               "nowhere": Node("nowhere", None)}
+    v.nodes = {
+        "h1": Node("h1", "192.168.1.1"),
+        "h2": Node("h2", "192.168.1.2", address6="fd00:0::2"),
+        "h3": Node("h3", "192.168.1.3"),
+        "rr": Node("rr", "192.168.1.9", route_reflector=True),
+        "nowhere": Node("nowhere", None),
+    }
     v.alive = set(alive)
     v.blocks = {"h1": ["10.0.0.0/26"]}
     return v
 
 
 def _row(address, state):
-    return BgpStatusRow(name="x", peer_address=address, peer_type="node-to-node mesh", state=state, since="",
-                        info="")
+    return BgpStatusRow(name="x", peer_address=address, peer_type="node-to-node mesh", state=state, since="", info="")
 
 
 def test_graceful_restart_is_on_with_the_default_times():
@@ -46,8 +50,12 @@ def test_our_own_lease_does_not_matter():
 
 def test_established_means_any_session_of_the_node_is_established():
     view = _view()
-    rows = [_row("192.168.1.2", "Active"), _row("fd00::2", "Established"), _row("192.168.1.3", "Connect"),
-            _row("192.168.1.9", "Established")]
+    rows = [
+        _row("192.168.1.2", "Active"),
+        _row("fd00::2", "Established"),
+        _row("192.168.1.3", "Connect"),
+        _row("192.168.1.9", "Established"),
+    ]
     assert established_nodes(view, {"h2", "h3"}, rows) == {"h2"}  # IPv6 compared in canonical form
     assert established_nodes(view, {"h2", "h3", "rr"}, []) == frozenset()
     assert established_nodes(view, {"rr"}, rows) == {"rr"}

@@ -4,6 +4,7 @@ Real etcd (the session's loopback server) and the real PrefixWatch deliver the e
 puts, deletes and multi-key transactions, the model's view must equal what ``read_view`` returns at that revision,
 and its ViewChanges must name exactly the keys that changed.
 """
+
 import dataclasses
 
 import pytest
@@ -21,8 +22,17 @@ WAIT = 10.0
 
 
 def _endpoint(host, n, labels=None):
-    return Endpoint(id=f"ep{n}", host=host, network="blue", container_id=f"c{n}", netns=f"/run/netns/c{n}",
-                    ifname="eth0", host_ifname=f"np{n:011x}", addresses=[f"10.0.0.{n}/32"], labels=labels or {})
+    return Endpoint(
+        id=f"ep{n}",
+        host=host,
+        network="blue",
+        container_id=f"c{n}",
+        netns=f"/run/netns/c{n}",
+        ifname="eth0",
+        host_ifname=f"np{n:011x}",
+        addresses=[f"10.0.0.{n}/32"],
+        labels=labels or {},
+    )
 
 
 def _populate(ds):
@@ -81,9 +91,15 @@ def test_events_give_the_same_view_as_a_full_read(etcd, model):
         lambda: etcd.put(keys.endpoint("h2", "ep3"), _endpoint("h2", 3).to_dict()),
         lambda: etcd.put(keys.endpoint("h1", "ep1"), _endpoint("h1", 1, {"app": "web"}).to_dict()),  # relabel
         lambda: etcd.delete(keys.endpoint("h1", "ep2")),
-        lambda: etcd.txn([], [put_op(keys.affinity("h2", "10.0.2.64/26"), {}), put_op(keys.handle("x"), {}),
-                              delete_op(keys.affinity("h3", "10.0.3.0/26")),
-                              put_op(keys.node("h4"), Node("h4", "192.168.0.4", route_reflector=True).to_dict())]),
+        lambda: etcd.txn(
+            [],
+            [
+                put_op(keys.affinity("h2", "10.0.2.64/26"), {}),
+                put_op(keys.handle("x"), {}),
+                delete_op(keys.affinity("h3", "10.0.3.0/26")),
+                put_op(keys.node("h4"), Node("h4", "192.168.0.4", route_reflector=True).to_dict()),
+            ],
+        ),
         lambda: etcd.delete(keys.liveness("h1")),
         lambda: etcd.put(keys.CLUSTER_CONFIG, ClusterConfig(as_number=64601, mesh=False).to_dict()),
         lambda: etcd.delete_prefix(keys.POLICIES),
@@ -107,8 +123,7 @@ def test_changes_name_exactly_the_keys_written_since_the_last_view(etcd, model):
     etcd.put(keys.handle("h"), {"handle": "h"})  # IPAM churn: advances the revision, changes nothing
     etcd.txn([], [put_op(keys.affinity("h2", "10.0.2.64/26"), {}), delete_op(keys.endpoint("h1", "ep1"))])
     view, changes = model.caught_up()
-    assert changes.keys == {keys.endpoint("h2", "ep3"), keys.affinity("h2", "10.0.2.64/26"),
-                            keys.endpoint("h1", "ep1")}
+    assert changes.keys == {keys.endpoint("h2", "ep3"), keys.affinity("h2", "10.0.2.64/26"), keys.endpoint("h1", "ep1")}
     assert changes.touches(keys.ENDPOINTS) and changes.touches(keys.affinity_prefix("h2"))
     assert not changes.touches(keys.affinity_prefix("h1"), keys.NODES, keys.POLICIES)
     assert view.revision == etcd.revision()  # the handle's revision counts too
@@ -229,13 +244,19 @@ def test_routing_runs_unless_only_keys_it_never_reads_changed(mode, other_blocks
     def changed(*ks):
         return ViewChanges(everything=False, keys=frozenset(ks))
 
-    gate.sync(None, changes=changed(keys.endpoint("h2", "a"), keys.policy("p"), keys.network("n"),
-                                    keys.pool("10.0.0.0/16")))
+    gate.sync(
+        None, changes=changed(keys.endpoint("h2", "a"), keys.policy("p"), keys.network("n"), keys.pool("10.0.0.0/16"))
+    )
     assert inner.calls == []
     gate.sync(None, changes=changed(keys.affinity("h2", "10.0.2.0/26")))
     assert len(inner.calls) == int(other_blocks_matter)
-    for k in (keys.affinity("h1", "10.0.1.0/26"), keys.node("h9"), keys.bgp_peer("tor"), keys.CLUSTER_CONFIG,
-              keys.liveness("h2")):
+    for k in (
+        keys.affinity("h1", "10.0.1.0/26"),
+        keys.node("h9"),
+        keys.bgp_peer("tor"),
+        keys.CLUSTER_CONFIG,
+        keys.liveness("h2"),
+    ):
         before = len(inner.calls)
         gate.sync(None, changes=changed(k, keys.endpoint("h2", "b")))
         assert len(inner.calls) == before + 1, k

@@ -21,8 +21,16 @@ class _Recording:
 
 
 def _ep(host, n):
-    return Endpoint(id=f"ep{n}", host=host, network="blue", container_id=f"c{n}", netns="/x", ifname="eth0",
-                    host_ifname=f"np{n:011x}", addresses=[f"10.0.0.{n}/32"])
+    return Endpoint(
+        id=f"ep{n}",
+        host=host,
+        network="blue",
+        container_id=f"c{n}",
+        netns="/x",
+        ifname="eth0",
+        host_ifname=f"np{n:011x}",
+        addresses=[f"10.0.0.{n}/32"],
+    )
 
 
 def _changed(*ks):

@@ -4,6 +4,7 @@ The C sources are part of the package; objects never are.  ``vmlinux.h`` comes f
 BTF (``bpftool btf dump``) at build time, so no kernel headers package is needed and the types always match
 the kernel the programs load into.  Set-up runs ``python -m netplugin.kernel.bpf.build DIR``.
 """
+
 import argparse
 import os
 import subprocess
@@ -57,8 +58,25 @@ def compile_one(source, out_dir, variant=""):
     vmlinux_h(out_dir)
     obj = object_path(out_dir, source, variant)
     tmp = obj.with_suffix(f".tmp{os.getpid()}.o")
-    _run(["clang", "-O2", "-g", "-target", "bpf", "-Wall", "-Werror", *VARIANTS[variant],
-          "-I", str(out_dir), "-c", str(source), "-o", str(tmp)], f"compiling {Path(source).name} {variant}".strip())
+    _run(
+        [
+            "clang",
+            "-O2",
+            "-g",
+            "-target",
+            "bpf",
+            "-Wall",
+            "-Werror",
+            *VARIANTS[variant],
+            "-I",
+            str(out_dir),
+            "-c",
+            str(source),
+            "-o",
+            str(tmp),
+        ],
+        f"compiling {Path(source).name} {variant}".strip(),
+    )
     tmp.rename(obj)
     return obj
 

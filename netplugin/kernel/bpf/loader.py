@@ -10,6 +10,7 @@ Namespaces: ``IPRoute(netns=...)`` opens its netlink socket inside the namespace
 setns in a short-lived child), while requests go out from this process, so a program fd of ours is valid
 in them.  Never use ``ip netns exec`` or ``tc -n`` around pins: both remount /sys privately and hide them.
 """
+
 import ctypes
 import errno
 import os
@@ -60,8 +61,10 @@ class Pins:
         want = records.SIZES.get(name)
         if want and (m.key_size, m.value_size) != want:
             m.close()
-            raise LoadError(f"map {name} at {self.maps}: key/value sizes {m.key_size}/{m.value_size}, "
-                            f"records.py expects {want[0]}/{want[1]} (object and Python out of step)")
+            raise LoadError(
+                f"map {name} at {self.maps}: key/value sizes {m.key_size}/{m.value_size}, "
+                f"records.py expects {want[0]}/{want[1]} (object and Python out of step)"
+            )
         return m
 
     def loaded(self):
@@ -78,8 +81,11 @@ def load(obj, pin_root):
         return pins
     for d in (pins.progs, pins.maps):
         d.mkdir(exist_ok=True)
-    p = subprocess.run(["bpftool", "prog", "loadall", str(obj), str(pins.progs), "type", "tc",
-                        "pinmaps", str(pins.maps)], capture_output=True, text=True)
+    p = subprocess.run(
+        ["bpftool", "prog", "loadall", str(obj), str(pins.progs), "type", "tc", "pinmaps", str(pins.maps)],
+        capture_output=True,
+        text=True,
+    )
     if p.returncode != 0:
         # the verifier log is long; its last lines say what it refused
         tail = "\n".join((p.stderr or p.stdout).strip().splitlines()[-15:])
@@ -111,8 +117,17 @@ def attach(prog_pin, dev, netns=None, hook=INGRESS):
             except NetlinkError as e:
                 if e.code != errno.EEXIST:
                     raise
-            ipr.tc("replace-filter", "bpf", idx, handle=HANDLE, prio=PRIO, parent=hook, fd=fd, name=name,
-                   direct_action=True)
+            ipr.tc(
+                "replace-filter",
+                "bpf",
+                idx,
+                handle=HANDLE,
+                prio=PRIO,
+                parent=hook,
+                fd=fd,
+                name=name,
+                direct_action=True,
+            )
     except NetlinkError as e:
         raise LoadError(f"attaching {name} to {dev} (netns {netns or 'own'}): {os.strerror(e.code)}") from e
     finally:

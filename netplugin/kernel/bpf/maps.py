@@ -4,6 +4,7 @@ One process (the agent) updates every endpoint's entries this way; nothing forks
 endpoint.  Keys and values are ``bytes`` laid out as the C structs in ``progs/``; ``records`` packs them.
 Per-CPU maps take and return one value per possible CPU (the kernel's layout, each slot 8-byte aligned).
 """
+
 import ctypes
 import errno
 import os
@@ -27,14 +28,26 @@ class BpfError(OSError):
 
 
 class _Create(ctypes.Structure):
-    _fields_ = [("map_type", ctypes.c_uint32), ("key_size", ctypes.c_uint32), ("value_size", ctypes.c_uint32),
-                ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32), ("inner_map_fd", ctypes.c_uint32),
-                ("numa_node", ctypes.c_uint32), ("map_name", ctypes.c_char * 16)]
+    _fields_ = [
+        ("map_type", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("inner_map_fd", ctypes.c_uint32),
+        ("numa_node", ctypes.c_uint32),
+        ("map_name", ctypes.c_char * 16),
+    ]
 
 
 class _Elem(ctypes.Structure):
-    _fields_ = [("map_fd", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("key", ctypes.c_uint64),
-                ("value", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+    _fields_ = [
+        ("map_fd", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("key", ctypes.c_uint64),
+        ("value", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+    ]
 
 
 class _Obj(ctypes.Structure):
@@ -46,9 +59,15 @@ class _Info(ctypes.Structure):
 
 
 class _MapInfo(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
-                ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32),
-                ("name", ctypes.c_char * 16)]
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+    ]
 
 
 _libc = None
@@ -100,8 +119,11 @@ class Map:
     def __init__(self, fd, name=""):
         self.fd = fd
         info = _MapInfo()
-        bpf(BPF_OBJ_GET_INFO_BY_FD, _Info(fd, ctypes.sizeof(info), ctypes.addressof(info)),
-            f"reading info of BPF map {name or fd}")
+        bpf(
+            BPF_OBJ_GET_INFO_BY_FD,
+            _Info(fd, ctypes.sizeof(info), ctypes.addressof(info)),
+            f"reading info of BPF map {name or fd}",
+        )
         self.type, self.id = info.type, info.id
         self.key_size, self.value_size, self.max_entries = info.key_size, info.value_size, info.max_entries
         self.name = name or info.name.decode()
@@ -210,4 +232,4 @@ class Map:
     def _split(self, raw):
         if not self.ncpus:
             return raw
-        return [raw[i * self._slot:i * self._slot + self.value_size] for i in range(self.ncpus)]
+        return [raw[i * self._slot : i * self._slot + self.value_size] for i in range(self.ncpus)]

@@ -2,6 +2,7 @@
 
 IPv4 addresses are stored IPv4-mapped (``::ffff:a.b.c.d``) so one map and one LPM trie serve both families.
 """
+
 import ipaddress
 import struct
 
@@ -26,10 +27,16 @@ CONFIG = struct.Struct("<II")
 NET_KEY = struct.Struct("<I16s")
 
 # Byte sizes the maps must have; a mismatch means records.py and the C source disagree.
-SIZES = {"np_endpoints": (IFINDEX.size, ENDPOINT.size), "np_locals": (16, LOCAL.size),
-         "np_pol_peers": (POL_KEY.size, 8), "np_pol_rules": (4, RULES_HEAD.size + MAX_RULES * RULE.size),
-         "np_counters": (4, COUNTERS.size), "np_flows": (FLOW_KEY.size, FLOW.size), "np_config": (4, CONFIG.size),
-         "np_fast_dsts": (NET_KEY.size, 1)}
+SIZES = {
+    "np_endpoints": (IFINDEX.size, ENDPOINT.size),
+    "np_locals": (16, LOCAL.size),
+    "np_pol_peers": (POL_KEY.size, 8),
+    "np_pol_rules": (4, RULES_HEAD.size + MAX_RULES * RULE.size),
+    "np_counters": (4, COUNTERS.size),
+    "np_flows": (FLOW_KEY.size, FLOW.size),
+    "np_config": (4, CONFIG.size),
+    "np_fast_dsts": (NET_KEY.size, 1),
+}
 
 
 def addr16(ip):
@@ -119,19 +126,28 @@ def flow(key, value):
     def show(a):
         ip = ipaddress.IPv6Address(a)
         return str(ip.ipv4_mapped or ip)
-    return {"src": show(src), "dst": show(dst), "sport": sport, "dport": dport, "proto": proto, "gen": gen,
-            "verdict": {ACT_ALLOW: "allow", ACT_DENY: "deny"}.get(verdict, verdict), "orig": bool(orig)}
+
+    return {
+        "src": show(src),
+        "dst": show(dst),
+        "sport": sport,
+        "dport": dport,
+        "proto": proto,
+        "gen": gen,
+        "verdict": {ACT_ALLOW: "allow", ACT_DENY: "deny"}.get(verdict, verdict),
+        "orig": bool(orig),
+    }
 
 
 def endpoint_entry(key, value):
     """A readable np_endpoints entry: the host veth's ifindex, the endpoint id, the addresses it may send from."""
     (ifindex,) = IFINDEX.unpack(key)
     ep_id, n4, n6, _, v4, v6 = ENDPOINT.unpack(value)
-    addrs = [str(ipaddress.IPv4Address(v4[4 * i:4 * i + 4])) for i in range(n4)]
-    addrs += [str(ipaddress.IPv6Address(v6[16 * i:16 * i + 16])) for i in range(n6)]
+    addrs = [str(ipaddress.IPv4Address(v4[4 * i : 4 * i + 4])) for i in range(n4)]
+    addrs += [str(ipaddress.IPv6Address(v6[16 * i : 16 * i + 16])) for i in range(n6)]
     return {"ifindex": ifindex, "id": ep_id, "addresses": addrs}
 
 
 def rules_count(value):
     """How many rules an np_pol_rules value holds."""
-    return RULES_HEAD.unpack(value[:RULES_HEAD.size])[0]
+    return RULES_HEAD.unpack(value[: RULES_HEAD.size])[0]
