@@ -24,6 +24,9 @@ duration, policy applies, BIRD reconfigurations), plus the agents' logs of that 
 
 Bounded: every probe gives up after --probe-timeout, each scenario after --scenario-timeout, and Ctrl-C or SIGTERM
 removes the lab being measured.
+
+Why one script of about 460 lines: the scenarios, the clock around each ADD and the report belong together; the
+prober, neighbour pinning and statistics live in netplugin/lab and netplugin/benchlib.
 """
 
 import argparse

@@ -25,6 +25,9 @@ Bounded throughout (every subprocess has a timeout, every loop a count and a dea
 cleans up (agents, namespaces, etcd, temp files).
 
     sudo .venv/bin/python scripts/bench_policy.py [--rounds 3] [--applies 20] [--rules 1000,10000]
+
+Why one script of about 500 lines: it is the benchmark's three measurements and their report; the lab view it
+drives lives in netplugin/benchlib/policy_bench.py.
 """
 
 import argparse

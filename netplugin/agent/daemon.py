@@ -20,6 +20,10 @@ the pod cut off. Failing: the last SYNC_FAILING_PASSES passes in a row could not
 reconciler raised. Stalled: a pass has been running longer than ``sync_deadline`` seconds, or none has finished for
 ``resync_interval + sync_deadline`` seconds. A pass that is merely slow (under the deadline, the previous ones
 good) keeps ADD's behaviour of returning after ``policy_setup_timeout``, so heavy load never stops pods starting.
+
+Why one module of about 550 lines: it is the composition root and the threads above share its state (the view,
+the sync generation the front doors wait on, the loops' progress that health reads); each section below is one
+of them, and the work itself lives in the collaborators it builds.
 """
 
 import collections
