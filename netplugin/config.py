@@ -5,6 +5,8 @@ Nothing here reads the environment: the entry points' options do (click's ``envv
 
 from dataclasses import dataclass, field
 
+import click
+
 from netplugin.errors import InvalidInput
 
 
@@ -91,3 +93,50 @@ class AgentConfig:
     dataplane: str = "iptables"  # iptables | bpf (falls back to iptables, in one log line, if the host can't)
     bpffs: str = "/sys/fs/bpf/netplugin"  # where the bpf dataplane pins its programs and maps
     bpf_objects: str | None = None  # the built BPF objects' directory; None: build/bpf beside the source
+
+
+ETCD_OPTIONS = (
+    click.option(
+        "--etcd-endpoints",
+        envvar="NETPLUGIN_ETCD_ENDPOINTS",
+        default="http://127.0.0.1:2379",
+        show_default=True,
+        help="Comma-separated etcd URLs (env NETPLUGIN_ETCD_ENDPOINTS).",
+    ),
+    click.option("--etcd-ca", envvar="NETPLUGIN_ETCD_CA_CERT", default=None, help="CA certificate for etcd TLS."),
+    click.option("--etcd-cert", envvar="NETPLUGIN_ETCD_CERT", default=None, help="Client certificate for etcd."),
+    click.option("--etcd-key", envvar="NETPLUGIN_ETCD_KEY", default=None, help="Client key for etcd."),
+    click.option("--etcd-user", envvar="NETPLUGIN_ETCD_USERNAME", default=None, help="etcd user name."),
+    click.option(
+        "--etcd-password",
+        envvar="NETPLUGIN_ETCD_PASSWORD",
+        default=None,
+        help="etcd password (env NETPLUGIN_ETCD_PASSWORD); shows in ps: prefer --etcd-password-file.",
+    ),
+    click.option(
+        "--etcd-password-file",
+        envvar="NETPLUGIN_ETCD_PASSWORD_FILE",
+        default=None,
+        help="File holding the etcd password (env NETPLUGIN_ETCD_PASSWORD_FILE; preferred, mode 0600).",
+    ),
+)
+
+
+def etcd_options(command):
+    """The etcd connection options, the same for ``netplugin agent`` and ``netctl`` (and so for the agent's
+    config file, whose ``[etcd]`` keys come from them)."""
+    for option in reversed(ETCD_OPTIONS):
+        command = option(command)
+    return command
+
+
+def etcd_config(etcd_endpoints, etcd_ca, etcd_cert, etcd_key, etcd_user, etcd_password, etcd_password_file):
+    """The EtcdConfig those options describe (InvalidInput for a bad combination)."""
+    return EtcdConfig(
+        endpoints=etcd_endpoints,
+        ca_cert=etcd_ca,
+        cert=etcd_cert,
+        key=etcd_key,
+        username=etcd_user,
+        password=resolve_password(etcd_password, etcd_password_file),
+    )

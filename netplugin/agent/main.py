@@ -7,7 +7,7 @@ import sys
 import click
 
 from netplugin.agent.config_file import config_option
-from netplugin.config import AgentConfig, EtcdConfig, resolve_password
+from netplugin.config import AgentConfig, etcd_config, etcd_options
 from netplugin.errors import NetpluginError
 
 
@@ -43,19 +43,7 @@ def main():
 @main.command()
 @config_option
 @click.option("--hostname", required=True, help="This node's name in the cluster.")
-@click.option("--etcd-endpoints", envvar="NETPLUGIN_ETCD_ENDPOINTS", default="http://127.0.0.1:2379", show_default=True)
-@click.option("--etcd-ca", envvar="NETPLUGIN_ETCD_CA_CERT")
-@click.option("--etcd-cert", envvar="NETPLUGIN_ETCD_CERT")
-@click.option("--etcd-key", envvar="NETPLUGIN_ETCD_KEY")
-@click.option("--etcd-user", envvar="NETPLUGIN_ETCD_USERNAME")
-@click.option(
-    "--etcd-password", envvar="NETPLUGIN_ETCD_PASSWORD", help="etcd password; shows in ps: prefer --etcd-password-file."
-)
-@click.option(
-    "--etcd-password-file",
-    envvar="NETPLUGIN_ETCD_PASSWORD_FILE",
-    help="File holding the etcd password (preferred; mode 0600).",
-)
+@etcd_options
 @click.option(
     "--run-dir", default="/run/netplugin", show_default=True, help="Sockets, BIRD config and state of this agent."
 )
@@ -158,13 +146,8 @@ def agent(
     try:
         cfg = AgentConfig(
             hostname=hostname,
-            etcd=EtcdConfig(
-                endpoints=etcd_endpoints,
-                ca_cert=etcd_ca,
-                cert=etcd_cert,
-                key=etcd_key,
-                username=etcd_user,
-                password=resolve_password(etcd_password, etcd_password_file),
+            etcd=etcd_config(
+                etcd_endpoints, etcd_ca, etcd_cert, etcd_key, etcd_user, etcd_password, etcd_password_file
             ),
             run_dir=run_dir,
             node_address=node_address,

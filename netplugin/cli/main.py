@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from netplugin.config import EtcdConfig, resolve_password
+from netplugin.config import etcd_config, etcd_options
 from netplugin.errors import NetpluginError
 
 
@@ -36,29 +36,7 @@ class Cli(click.Group):
 
 @click.group(cls=Cli)
 @click.version_option(package_name="netplugin", prog_name="netctl")
-@click.option(
-    "--etcd-endpoints",
-    envvar="NETPLUGIN_ETCD_ENDPOINTS",
-    default="http://127.0.0.1:2379",
-    show_default=True,
-    help="Comma-separated etcd URLs (env NETPLUGIN_ETCD_ENDPOINTS).",
-)
-@click.option("--etcd-ca", envvar="NETPLUGIN_ETCD_CA_CERT", default=None, help="CA certificate for etcd TLS.")
-@click.option("--etcd-cert", envvar="NETPLUGIN_ETCD_CERT", default=None, help="Client certificate for etcd.")
-@click.option("--etcd-key", envvar="NETPLUGIN_ETCD_KEY", default=None, help="Client key for etcd.")
-@click.option("--etcd-user", envvar="NETPLUGIN_ETCD_USERNAME", default=None, help="etcd user name.")
-@click.option(
-    "--etcd-password",
-    envvar="NETPLUGIN_ETCD_PASSWORD",
-    default=None,
-    help="etcd password (env NETPLUGIN_ETCD_PASSWORD); shows in ps: prefer --etcd-password-file.",
-)
-@click.option(
-    "--etcd-password-file",
-    envvar="NETPLUGIN_ETCD_PASSWORD_FILE",
-    default=None,
-    help="File holding the etcd password (env NETPLUGIN_ETCD_PASSWORD_FILE; preferred).",
-)
+@etcd_options
 @click.option("-v", "--verbose", is_flag=True, help="Log debug output to stderr.")
 @click.pass_context
 def cli(ctx, etcd_endpoints, etcd_ca, etcd_cert, etcd_key, etcd_user, etcd_password, etcd_password_file, verbose):
@@ -69,14 +47,7 @@ def cli(ctx, etcd_endpoints, etcd_ca, etcd_cert, etcd_key, etcd_user, etcd_passw
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        cfg = EtcdConfig(
-            endpoints=etcd_endpoints,
-            ca_cert=etcd_ca,
-            cert=etcd_cert,
-            key=etcd_key,
-            username=etcd_user,
-            password=resolve_password(etcd_password, etcd_password_file),
-        )
+        cfg = etcd_config(etcd_endpoints, etcd_ca, etcd_cert, etcd_key, etcd_user, etcd_password, etcd_password_file)
     except NetpluginError as e:
         raise click.UsageError(e.msg)
     ctx.obj = Context(cfg)
