@@ -41,47 +41,19 @@ def _run_client(ns, argv, duration):
 
 def iperf3_tcp(ns, target, length, duration, port=IPERF3_PORT):
     """One TCP test with ``-l length`` writes; adds ``cpu_busy_s`` (all CPUs) to the parsed result."""
-    argv = [
-        "iperf3",
-        "-c",
-        target,
-        "-p",
-        str(port),
-        "-t",
-        str(duration),
-        "-l",
-        str(length),
-        "--json",
-        "--connect-timeout",
-        "3000",
-    ]
-    p, busy = _run_client(ns, argv, duration)
-    result = parse.parse_iperf3_tcp(p.stdout)
-    result["cpu_busy_s"] = busy
-    return result
+    return _iperf3(ns, target, port, duration, length, [], parse.parse_iperf3_tcp)
 
 
 def iperf3_udp(ns, target, length, duration, bandwidth, port=IPERF3_PORT):
     """One UDP test offering ``bandwidth`` (iperf3 syntax, e.g. '1G') in ``length``-byte datagrams."""
-    argv = [
-        "iperf3",
-        "-c",
-        target,
-        "-p",
-        str(port),
-        "-u",
-        "-b",
-        str(bandwidth),
-        "-t",
-        str(duration),
-        "-l",
-        str(length),
-        "--json",
-        "--connect-timeout",
-        "3000",
-    ]
-    p, busy = _run_client(ns, argv, duration)
-    result = parse.parse_iperf3_udp(p.stdout)
+    return _iperf3(ns, target, port, duration, length, ["-u", "-b", str(bandwidth)], parse.parse_iperf3_udp)
+
+
+def _iperf3(ns, target, port, duration, length, extra, parser):
+    """One iperf3 client run, parsed, with the client's CPU time as ``cpu_busy_s``."""
+    argv = ["iperf3", "-c", target, "-p", str(port), *extra, "-t", str(duration), "-l", str(length), "--json"]
+    p, busy = _run_client(ns, argv + ["--connect-timeout", "3000"], duration)
+    result = parser(p.stdout)
     result["cpu_busy_s"] = busy
     return result
 
