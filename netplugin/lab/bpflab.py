@@ -12,7 +12,8 @@ from contextlib import contextmanager
 from pyroute2 import IPRoute
 
 from netplugin.kernel.bpf import loader, records
-from netplugin.lab.netns import NamespaceSet, nsexec, run
+from netplugin.lab import system
+from netplugin.lab.netns import NamespaceSet, nsexec
 
 FABRIC = {"a": ("10.251.0.1", "fd00:251::1"), "b": ("10.251.0.2", "fd00:251::2")}
 CONTAINER = {"a": ("10.252.1.2", "fd00:252:1::2"), "b": ("10.252.2.2", "fd00:252:2::2")}
@@ -23,12 +24,11 @@ EP_ID = {"a": 1, "b": 2}
 @contextmanager
 def mounted_bpffs(path):
     """A private bpf filesystem at ``path``, unmounted (with every pin in it) on exit."""
-    path.mkdir(parents=True, exist_ok=True)
-    run(["mount", "-t", "bpf", "bpf", str(path)])
+    system.mount_bpffs(str(path))
     try:
         yield path
     finally:
-        run(["umount", "-l", str(path)], check=False)
+        system.unmount_bpffs(str(path))
 
 
 def link_info(netns, ifname):

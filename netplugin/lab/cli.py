@@ -42,6 +42,9 @@ def build_parser():
     up.add_argument("--routing", choices=("bgp", "direct"), default="bgp")
     up.add_argument("--route-reflectors", type=int, default=0, help="K hosts become reflectors; mesh off.")
     up.add_argument("--pool", default=None, help="Container address pool (default 10.244.0.0/16).")
+    up.add_argument(
+        "--dataplane", choices=("iptables", "bpf"), default="iptables", help="The agents' dataplane (default iptables)."
+    )
     up.add_argument("--timeout", type=float, default=None, help="Seconds to wait for BGP to converge.")
 
     run = sub.add_parser("run", parents=[common], help="Start a container on a host through CNI ADD.")
@@ -123,6 +126,7 @@ def _dispatch(args):
             routing=args.routing,
             route_reflectors=args.route_reflectors,
             pool=args.pool or DEFAULT_POOL,
+            dataplane=args.dataplane,
         )
         Lab.up(spec, out=out, converge_timeout=args.timeout)
         return 0

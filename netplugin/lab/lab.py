@@ -95,6 +95,9 @@ class Lab(Topology, BgpSessions, Containers, Reporting):
         for ns in reversed(namespaces + [n for n in found if n not in namespaces]):
             if ns.startswith(ns_prefix(name)):
                 system.delete_netns(ns)
+        for mount in data.get("mounts", []):
+            if mount.startswith(sdir + os.sep):  # only what this lab mounted under its own state directory
+                system.unmount_bpffs(mount)
         for d in data.get("dirs", []):
             if os.path.basename(d).startswith("netplugin-lab-"):
                 shutil.rmtree(d, ignore_errors=True)

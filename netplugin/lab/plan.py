@@ -33,6 +33,7 @@ FIRST_HOST_OCTET = 11
 MAX_HOSTS_PER_RACK = 240
 MAX_HOSTS = 250
 MAX_RACKS = 20
+DATAPLANES = ("iptables", "bpf")
 
 _LAB_NAME = re.compile(r"^[a-z][a-z0-9]{0,11}$")
 _CONTAINER_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
@@ -69,6 +70,7 @@ class LabSpec:
     routing: str = "bgp"  # bgp | direct
     route_reflectors: int = 0
     pool: str = DEFAULT_POOL
+    dataplane: str = "iptables"  # iptables | bpf: the agents' --dataplane (bpf pins under the lab's own bpffs)
 
     def __post_init__(self):
         check_lab_name(self.name)
@@ -92,6 +94,8 @@ class LabSpec:
                 "route reflectors with several racks are not supported: hosts peer with the rack "
                 "router there (sessions are one hop, so a reflector cannot reach other racks)"
             )
+        if self.dataplane not in DATAPLANES:
+            raise InvalidInput(f"invalid dataplane {self.dataplane!r}: {' or '.join(DATAPLANES)}")
         try:
             pool = ipaddress.ip_network(self.pool, strict=True)
         except ValueError as e:
@@ -123,6 +127,7 @@ class LabSpec:
             "routing": self.routing,
             "route_reflectors": self.route_reflectors,
             "pool": self.pool,
+            "dataplane": self.dataplane,
         }
 
 
@@ -195,6 +200,16 @@ class LabPlan:
     @property
     def cni_bin_dir(self):
         return os.path.join(self.state_dir, "cni", "bin")
+
+    @property
+    def bpffs(self):
+        """The lab's own bpf filesystem (mounted only with ``dataplane`` bpf): never the host's /sys/fs/bpf, so
+        removing the lab removes every pin its agents made."""
+        return os.path.join(self.state_dir, "bpffs")
+
+    def host_bpffs(self, host):
+        """Where ``host``'s agent pins its programs and maps (its ``--bpffs``)."""
+        return os.path.join(self.bpffs, host.name)
 
 
 def ns_prefix(name):

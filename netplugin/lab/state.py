@@ -45,6 +45,7 @@ class LabState:
                 "namespaces": [],
                 "processes": [],
                 "dirs": [],
+                "mounts": [],
                 "hosts": {},
                 "containers": {},
                 "timings": {},
@@ -98,6 +99,13 @@ class LabState:
         if path not in self.data["dirs"]:
             self.data["dirs"].append(path)
             self.save()
+
+    def add_mount(self, path):
+        """A filesystem mounted for the lab (its bpffs); saved at once, like a namespace."""
+        mounts = self.data.setdefault("mounts", [])
+        if path not in mounts:
+            mounts.append(path)
+        self.save()
 
     def add_process(self, role, pid, started, save=True):
         self.data["processes"].append({"role": role, "pid": pid, "start": started})

@@ -34,6 +34,17 @@ def run(args, what, check=True, timeout=60, input=None, env=None):
     return p
 
 
+def mount_bpffs(path):
+    """A bpf filesystem of our own at ``path`` (made if missing), for pins no other run sees."""
+    os.makedirs(path, exist_ok=True)
+    run(["mount", "-t", "bpf", "bpf", path], f"mounting a bpf filesystem at {path}")
+
+
+def unmount_bpffs(path):
+    """Lazily unmount ``path`` (its pins go with it once the last program and map users are gone)."""
+    run(["umount", "-l", path], f"unmounting {path}", check=False)
+
+
 def check_ns(ns):
     if not isinstance(ns, str) or not ns.startswith(NS_PREFIX) or "/" in ns:
         raise LabError(f"refusing to touch network namespace {ns!r}: lab namespaces start with {NS_PREFIX!r}")

@@ -92,6 +92,8 @@ class Topology:
         ]
         if h.as_number is not None:
             extra += ["--as-number", str(h.as_number)]
+        if spec.dataplane == "bpf":
+            extra += ["--dataplane", "bpf", "--bpffs", self.plan.host_bpffs(h)]
         return system.in_ns(
             h.namespace,
             agent_argv(h.name, self.endpoints, h.run_dir, spec.routing, extra, program=os.path.join(BIN, "netplugin")),
@@ -101,6 +103,9 @@ class Topology:
         from cni.install import install_cni
 
         plan = self.plan
+        if plan.spec.dataplane == "bpf":
+            self.state.add_mount(plan.bpffs)  # recorded first: down unmounts it even if we stop half-way
+            system.mount_bpffs(plan.bpffs)
         procs = {}
         for h in plan.hosts:
             os.makedirs(h.run_dir, mode=0o700, exist_ok=True)

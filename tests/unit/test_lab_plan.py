@@ -30,6 +30,7 @@ def plan(**kw):
         ({"pool": "10.244.0.1/16"}, "invalid pool"),
         ({"pool": "192.168.100.0/24"}, "outside the lab fabric"),
         ({"pool": "fd00::/64"}, "must be IPv4"),
+        ({"dataplane": "ebpf"}, "invalid dataplane 'ebpf': iptables or bpf"),
     ],
 )
 def test_bad_spec_is_refused_with_the_reason(kw, message):
@@ -91,3 +92,10 @@ def test_hosts_and_containers_are_looked_up_by_name():
     for bad in ("", "-x", "A", "x" * 33, "a/b"):
         with pytest.raises(InvalidInput, match="invalid container name"):
             check_container_name(bad)
+
+
+def test_a_bpf_lab_pins_under_its_own_state_directory():
+    p = plan(name="bp", hosts=2, dataplane="bpf")
+    assert p.spec.to_dict()["dataplane"] == "bpf"
+    assert [p.host_bpffs(h) for h in p.hosts] == ["/tmp/labs/bp/bpffs/h1", "/tmp/labs/bp/bpffs/h2"]
+    assert LabSpec().dataplane == "iptables"
