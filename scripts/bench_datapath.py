@@ -6,14 +6,21 @@ the others sit on a fabric bridge beside it; no technology's rules tax another's
 interleaved rounds:
 
   host          iperf3/sockperf between two host namespaces' fabric addresses (the baseline)
-  netplugin-2h  netplugin containers on two hosts: real agents (--routing bgp, BIRD), CNI ADD via the plugin binary
-  netplugin-1h  two netplugin containers on one host
+  netplugin     a two-host lab with real agents (--routing bgp, BIRD, --dataplane iptables), CNI ADD via the
+                plugin binary, and a container pair per case: netplugin-iptables (a policy selecting both ends
+                allows their traffic), netplugin-2h (no policy), netplugin-iptables-10k (the receiver's allow
+                rule lists 10,000 CIDRs); plus netplugin-1h (two containers on one host)
+  netplugin-bpf the same on a second lab whose agents run --dataplane bpf (pins on the lab's own bpffs):
+                netplugin-bpf, netplugin-bpf-nopolicy, netplugin-bpf-10k; np_counters of each pair's ends
+                are read before and after the rounds (allowed = carried by the programs, to_stack = handed
+                to the kernel's stack)
   docker-nat    Docker's bridge + published port, emulated: docker0 bridge, veths and Docker's own iptables rules
   vxlan         kernel VXLAN overlay: containers on a bridge with a vxlan device on each host, MTU 1450
   ptp           the reference CNI ptp plugin + host-local IPAM (/usr/lib/cni), routes between hosts set by hand
 
 Run as root with the project's virtualenv: ``.venv/bin/python scripts/bench_datapath.py`` (``--quick`` for a
-short smoke run, ``--render docs/benchmarks/datapath.json`` to redraw the report from saved results). Every
+short smoke run, ``--rounds 1 --duration 1 --tests tcp_131072,lat`` for a shorter one, ``--render
+docs/benchmarks/datapath.json`` to redraw the report from saved results). Every
 namespace, process and file it makes is removed at the end, also on Ctrl-C or SIGTERM.
 """
 
@@ -47,6 +54,7 @@ TESTS = (
     + [("udp", n) for n in datapath_metrics.UDP_SIZES]
     + [("lat", None)]
 )
+TEST_IDS = {(f"{kind}_{size}" if size else kind): (kind, size) for kind, size in TESTS}
 
 
 class Servers:
@@ -109,7 +117,7 @@ def measure(paths, servers, args, doc, started):
     failures = {p.id: 0 for p in paths}
     deadline = started + args.max_minutes * 60
     for r in range(rounds):
-        for ti, (kind, size) in enumerate(TESTS):
+        for ti, (kind, size) in enumerate(args.tests):
             for path in stats.rotated(paths, r + ti):
                 if time.monotonic() > deadline:
                     doc["complete"] = False
@@ -140,6 +148,11 @@ def measure(paths, servers, args, doc, started):
     return rounds
 
 
+def read_counters(paths):
+    """{path: {end: {counter: value}}} of every path that has counters of its own (the bpf paths)."""
+    return {p.id: p.counters() for p in paths if p.counters}
+
+
 def short(values):
     parts = []
     for mid, v in values.items():
@@ -167,7 +180,7 @@ def diagnose(args):
     }
     with CleanupStack() as cleanup:
         lab = Testbed(cleanup)
-        paths = [p for p in build_host(lab) + build_netplugin(lab, cleanup) + build_ptp(lab) if p.id != "netplugin-1h"]
+        paths = build_host(lab) + build_netplugin(lab, cleanup, cases=("nopolicy",), one_host=False) + build_ptp(lab)
         states = [st for st in DIAG_STATES if st.id in args.states]
         if any(st.id == "flowtable" for st in states):
             supported, reason = flowtable_support(lab, lab.netplugin["hosts"][0])
@@ -262,6 +275,11 @@ def parse_args(argv):
         default=",".join(BUILDERS),
         help=f"comma-separated subset of {','.join(BUILDERS)} (host is always included)",
     )
+    ap.add_argument(
+        "--tests",
+        default=",".join(TEST_IDS),
+        help=f"comma-separated subset of {','.join(TEST_IDS)} (default all; the aims read tcp_131072 and lat)",
+    )
     ap.add_argument("--max-minutes", type=float, default=20.0, help="stop measuring after this long (default 20)")
     ap.add_argument("--output-dir", default=os.path.join(REPO, "docs", "benchmarks"))
     ap.add_argument("--quick", action="store_true", help="2 rounds of 1 s tests: a smoke run")
@@ -295,13 +313,21 @@ def parse_args(argv):
     if unknown:
         ap.error(f"unknown path(s) {', '.join(unknown)}; choose from {', '.join(BUILDERS)}")
     args.paths = ["host"] + [p for p in chosen if p != "host"]
+    tests = [t.strip() for t in args.tests.split(",") if t.strip()]
+    bad = [t for t in tests if t not in TEST_IDS]
+    if bad or not tests:
+        ap.error(f"unknown test(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(TEST_IDS)}")
+    args.tests = [TEST_IDS[t] for t in TEST_IDS if t in tests]
     return args
 
 
-def preflight():
+def preflight(paths):
     if os.geteuid() != 0:
         sys.exit("bench_datapath: must run as root (it creates network namespaces)")
-    missing = [t for t in ("iperf3", "sockperf", "socat", "bird", "iptables-restore", "nft") if not shutil.which(t)]
+    needed = ("iperf3", "sockperf", "socat", "bird", "iptables-restore", "nft") + (
+        ("bpftool",) if "netplugin-bpf" in paths else ()
+    )
+    missing = [t for t in needed if not shutil.which(t)]
     if missing:
         sys.exit(f"bench_datapath: missing tools: {', '.join(missing)} (see scripts/setup.sh)")
     if not os.path.exists(os.path.join(os.path.dirname(sys.executable), "netplugin")):
@@ -316,7 +342,7 @@ def main(argv=None):
         problem = write_report(doc, args.output_dir)
         log(f"rendered {args.output_dir}/datapath.md" + (f" ({problem})" if problem else " and datapath.png"))
         return 0
-    preflight()
+    preflight(args.paths)
     if args.diagnose:
         try:
             return diagnose(args)
@@ -335,6 +361,7 @@ def main(argv=None):
             "duration_s": args.duration,
             "udp_bandwidth": args.udp_bandwidth,
             "quick": args.quick,
+            "tests": [f"{kind}_{size}" if size else kind for kind, size in args.tests],
             "latency_pinned": True,
         },
         "baseline": "host",
@@ -356,8 +383,10 @@ def main(argv=None):
             for p in paths:
                 servers.start(p)
             doc["paths"] = [{"id": p.id, "label": p.label, "description": p.description} for p in paths]
+            before = read_counters(paths)
             rounds_done = measure(paths, servers, args, doc, started)
             doc["settings"]["rounds_done"] = rounds_done
+            doc["counters"] = stats.counter_deltas(before, read_counters(paths))
     except Interrupted as e:
         log(f"bench_datapath: {e}; cleaned up")
         return 130

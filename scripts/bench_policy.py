@@ -46,7 +46,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from netplugin.benchlib.policy_bench import PolicyBench
+from netplugin.benchlib.policy_bench import PolicyBench, distinct_cidrs
 from netplugin.benchlib.stats import median, percentile
 from netplugin.errors import NetpluginError
 from netplugin.lab import Lab, LabSpec, system
@@ -138,14 +138,8 @@ def _on_term(*_):
     raise KeyboardInterrupt
 
 
-def cidrs(n):
-    """``n`` /28s in 172.16.0.0/12, none adjacent (so the compiler cannot merge them into fewer set members) and
-    far from the pool, so no benchmark packet matches one."""
-    return [f"172.{16 + i // 2048}.{i // 8 % 256}.{i % 8 * 32}/28" for i in range(n)]
-
-
 def deny_policy(name, n):
-    rule = {"action": "deny", "from": [{"cidr": c} for c in cidrs(n)]}
+    rule = {"action": "deny", "from": [{"cidr": c} for c in distinct_cidrs(n)]}
     return json.dumps(
         {
             "apiVersion": "netplugin/v1",
@@ -209,7 +203,7 @@ class Configs:
                 raise RuntimeError(f"host2 holds no ipset of {n} entries after applying {name}")
         if name.startswith("linear-"):
             n = int(name.split("-")[1])
-            batch = ["*filter", f":{LINEAR} - [0:0]"] + [f"-A {LINEAR} -s {c} -j DROP" for c in cidrs(n)]
+            batch = ["*filter", f":{LINEAR} - [0:0]"] + [f"-A {LINEAR} -s {c} -j DROP" for c in distinct_cidrs(n)]
             batch += [f"-I FORWARD 1 -o {lab.ep['S']['host_ifname']} -j {LINEAR}", "COMMIT"]
             lab.sh(2, ["iptables-restore", "--noflush", "-w", "5"], input="\n".join(batch) + "\n", timeout=60)
         self.current = name

@@ -46,11 +46,56 @@ METRICS = (
 METRIC_BY_ID = {m.id: m for m in METRICS}
 DIAG_METRICS = ("tcp_131072", "lat_p50", "lat_avg")
 
+BPF, IPTABLES = "netplugin-bpf", "netplugin-iptables"  # the two dataplanes' cross-host paths with a policy
+NO_POLICY = {"netplugin-bpf-10k": "netplugin-bpf-nopolicy", "netplugin-iptables-10k": CROSS_HOST}
+CIDR_SPEED = 0.95  # 10,000 CIDRs keep at least this much of the same dataplane's no-policy speed
+
+# (path, metric, comparison, bound, base path (None: the baseline, host), what it means). "(also read)" aims are
+# shown but not summed up as the headline.
+_TCP, _LAT = "cross-host TCP throughput (131072 B writes)", "cross-host TCP ping-pong latency"
 AIMS = (
-    (CROSS_HOST, "tcp_131072", ">=", 0.97, "cross-host TCP throughput (131072 B writes) at least 0.97 of host"),
-    (CROSS_HOST, "lat_avg", "<=", 1.10, "cross-host TCP ping-pong latency (average) at most 1.10 of host"),
-    (CROSS_HOST, "lat_p50", "<=", 1.10, "(also read) cross-host TCP ping-pong latency (p50) at most 1.10 of host"),
-    (CROSS_HOST, "lat_p99", "<=", 1.10, "(also read) cross-host TCP ping-pong latency (p99) at most 1.10 of host"),
+    (BPF, "tcp_131072", ">=", 0.97, None, f"netplugin-bpf: {_TCP} at least 0.97 of host"),
+    (BPF, "lat_avg", "<=", 1.10, None, f"netplugin-bpf: {_LAT} (average) at most 1.10 of host"),
+    (BPF, "lat_p50", "<=", 1.10, None, f"(also read) netplugin-bpf: {_LAT} (p50) at most 1.10 of host"),
+    (IPTABLES, "tcp_131072", ">=", 0.97, None, f"netplugin-iptables: {_TCP} at least 0.97 of host"),
+    (IPTABLES, "lat_avg", "<=", 1.10, None, f"netplugin-iptables: {_LAT} (average) at most 1.10 of host"),
+    (
+        CROSS_HOST,
+        "tcp_131072",
+        ">=",
+        0.97,
+        None,
+        f"(also read) {CROSS_HOST} (iptables, no policy): {_TCP} at least 0.97 of host",
+    ),
+    (
+        CROSS_HOST,
+        "lat_avg",
+        "<=",
+        1.10,
+        None,
+        f"(also read) {CROSS_HOST} (iptables, no policy): {_LAT} (average) at most 1.10 of host",
+    ),
+) + tuple(
+    aim
+    for path, base in NO_POLICY.items()
+    for aim in (
+        (
+            path,
+            "tcp_131072",
+            ">=",
+            CIDR_SPEED,
+            base,
+            f"{path}: TCP throughput with 10,000 CIDRs at least {CIDR_SPEED} of {base}",
+        ),
+        (
+            path,
+            "lat_avg",
+            "<=",
+            round(1 / CIDR_SPEED, 3),
+            base,
+            f"{path}: latency (average) with 10,000 CIDRs at most 1/{CIDR_SPEED} of {base}",
+        ),
+    )
 )
 
 
@@ -62,8 +107,9 @@ def metric_summary(doc, path_id, metric_id):
     return summarize(_samples(doc, path_id, metric_id))
 
 
-def metric_ratio(doc, path_id, metric_id):
-    base = _samples(doc, doc["baseline"], metric_id)
+def metric_ratio(doc, path_id, metric_id, base_id=None):
+    """Per-round ratios of ``path_id`` to ``base_id`` (default: the document's baseline, host), summarized."""
+    base = _samples(doc, base_id or doc["baseline"], metric_id)
     vals = _samples(doc, path_id, metric_id)
     if not base or len(base) != len(vals):
         return None
@@ -78,24 +124,33 @@ def ratio_median(doc, path_id, metric_id):
 def aims(doc):
     """One verdict per aim: dict(text, ratio Summary or None, met True/False/None)."""
     out = []
-    for path_id, metric_id, op, bound, text in AIMS:
-        r = metric_ratio(doc, path_id, metric_id)
+    for path_id, metric_id, op, bound, base_id, text in AIMS:
+        r = metric_ratio(doc, path_id, metric_id, base_id)
         met = None if r is None else (r.median >= bound if op == ">=" else r.median <= bound)
         out.append(
-            {"text": text, "path": path_id, "metric": metric_id, "bound": bound, "op": op, "ratio": r, "met": met}
+            {
+                "text": text,
+                "path": path_id,
+                "metric": metric_id,
+                "bound": bound,
+                "op": op,
+                "base": base_id or doc["baseline"],
+                "ratio": r,
+                "met": met,
+            }
         )
     return out
 
 
 def missed_by(v):
-    """How far a verdict's median ratio is on the wrong side of its bound, in percent of the bound."""
+    """How far a verdict's median ratio is from its bound (on either side), in percent of the bound."""
     return abs(v["ratio"].median - v["bound"]) / v["bound"] * 100
 
 
 def aim_bound(metric_id):
     """The bound of the primary aim on ``metric_id`` (AIMS), with its comparison."""
-    for _path, metric, op, bound, text in AIMS:
-        if metric == metric_id and not text.startswith("(also"):
+    for _path, metric, op, bound, base, text in AIMS:
+        if metric == metric_id and base is None and not text.startswith("(also"):
             return op, bound
     raise KeyError(metric_id)
 

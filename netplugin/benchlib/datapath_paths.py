@@ -10,9 +10,12 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from netplugin.benchlib import tools
+from netplugin.benchlib.policy_bench import distinct_cidrs
+from netplugin.kernel.bpf import loader, records
 from netplugin.lab import Lab, LabSpec, system
 from netplugin.lab.plan import ns_prefix
 from netplugin.lab.topology import add_bridge, plug_host
@@ -35,6 +38,7 @@ class Path:
     server_ns: str
     bind: str  # the address the servers listen on (inside server_ns)
     target: str  # the address the client connects to (differs from bind behind NAT)
+    counters: Callable[[], dict] | None = None  # the path's own packet counters (bpf: np_counters per end)
 
 
 def log(msg):
@@ -93,7 +97,9 @@ class Testbed:
 
     def leftovers(self):
         """Namespaces this run made that still exist (should be none after cleanup)."""
-        return system.list_netns(self.prefix) + system.list_netns(ns_prefix(self.name + "n"))
+        return system.list_netns(self.prefix) + [
+            ns for suffix in DATAPLANE_LAB.values() for ns in system.list_netns(ns_prefix(self.name + suffix))
+        ]
 
     def spawn(self, what, start):
         """Start a long-lived process with ``start()``; it is killed at cleanup."""
@@ -130,46 +136,205 @@ def build_host(lab):
     ]
 
 
-def build_netplugin(lab, cleanup):
-    """A two-host lab (netplugin/lab: etcd, BIRD and an agent per host, --routing bgp) and three containers made
-    through the CNI binary: two on the first host, one on the second."""
-    spec = LabSpec(name=lab.name + "n", hosts=2, routing="bgp", pool=NETPLUGIN_POOL)
+# The container pairs of a netplugin lab, each h1 → h2 (client on h1, servers on h2): what policy covers them.
+CASES = ("policy", "nopolicy", "cidr10k")
+PAIR_LABELS = {"bench": "pair"}  # both ends of the "policy" pair
+CIDR_LABELS = {"bench": "cidr10k"}  # the receiver of the "cidr10k" pair
+CIDR_COUNT = 10_000
+
+
+def pair_policy():
+    """Selects both containers of the "policy" pair and allows their traffic, each way, and nothing else."""
+    peers = [{"selector": {"matchLabels": dict(PAIR_LABELS)}}]
+    return {
+        "apiVersion": "netplugin/v1",
+        "kind": "Policy",
+        "metadata": {"name": "bench-pair"},
+        "spec": {
+            "order": 10,
+            "selector": {"matchLabels": dict(PAIR_LABELS)},
+            "types": ["Ingress", "Egress"],
+            "ingress": [{"action": "allow", "from": peers}],
+            "egress": [{"action": "allow", "to": peers}],
+        },
+    }
+
+
+def cidr_policy(sender_ip, count=CIDR_COUNT):
+    """Selects the "cidr10k" receiver; its one allow rule lists ``count`` CIDRs, the sender's /32 among them
+    (in the middle, so neither end of the list is the match)."""
+    cidrs = distinct_cidrs(count - 1)
+    cidrs.insert(len(cidrs) // 2, f"{sender_ip}/32")
+    return {
+        "apiVersion": "netplugin/v1",
+        "kind": "Policy",
+        "metadata": {"name": "bench-cidr10k"},
+        "spec": {
+            "order": 10,
+            "selector": {"matchLabels": dict(CIDR_LABELS)},
+            "ingress": [{"action": "allow", "from": [{"cidr": c} for c in cidrs]}],
+        },
+    }
+
+
+def build_netplugin(lab, cleanup, dataplane="iptables", cases=CASES, one_host=True):
+    """A two-host lab (netplugin/lab: etcd, BIRD and an agent per host, --routing bgp, ``dataplane``; bpf pins
+    on the lab's own bpffs) with one container pair h1 → h2 per case in ``cases``, plus (``one_host``) a second
+    container on h1 for the one-host path. Policies are applied through ``netctl`` and proven in force before
+    anything is measured: the pair's ends reach each other, a container outside the policy does not."""
+    spec = LabSpec(
+        name=lab.name + DATAPLANE_LAB[dataplane], hosts=2, routing="bgp", pool=NETPLUGIN_POOL, dataplane=dataplane
+    )
     cleanup.push(f"remove lab {spec.name}", Lab.destroy, spec.name, log)
     cluster = Lab.up(spec, out=log)
-    (c1, ip1), (c2, ip2), (c3, _) = [
-        (rec["netns"], rec["ip"])
-        for rec in (cluster.run_container(host, name) for host, name in (("h1", "c1"), ("h2", "c2"), ("h1", "c3")))
-    ]
-    lab.netplugin = {
-        "hosts": [h.namespace for h in cluster.plan.hosts],
-        "agents": [cluster.agent_pid(h.name) for h in cluster.plan.hosts],
-    }  # for --diagnose
-    if not wait_ping(lab, c1, ip2, timeout=60):
-        raise RuntimeError(
-            f"netplugin containers on two hosts cannot reach each other after 60 s; see "
-            f"{cluster.plan.state_dir}/hosts/*/agent.log"
+    if dataplane == "bpf":
+        check_dataplane(cluster, dataplane)
+    labels = {"policy": (PAIR_LABELS, PAIR_LABELS), "nopolicy": ({}, {}), "cidr10k": ({}, CIDR_LABELS)}
+    pairs = {}
+    for case in cases:
+        s_labels, r_labels = labels[case]
+        pairs[case] = tuple(
+            cluster.run_container(host, f"{case}-{end}", labels=lbl)
+            for host, end, lbl in (("h1", "s", s_labels), ("h2", "r", r_labels))
         )
-    return [
-        Path(
+    outsider = cluster.run_container("h1", "outsider")
+    docs = [pair_policy()] if "policy" in cases else []
+    if "cidr10k" in cases:
+        docs.append(cidr_policy(pairs["cidr10k"][0]["ip"]))
+    for doc in docs:
+        cluster.netctl("policy", "apply", "-f", "-", input=json.dumps(doc), echo=False)
+    for case, (snd, rcv) in pairs.items():
+        if not wait_ping(lab, snd["netns"], rcv["ip"], timeout=60):
+            raise RuntimeError(
+                f"netplugin ({dataplane}) {case} containers on two hosts cannot reach each other after 60 s; see "
+                f"{cluster.plan.state_dir}/hosts/*/agent.log"
+            )
+        if case != "nopolicy" and not wait_refused(lab, outsider["netns"], rcv["ip"], timeout=60):
+            raise RuntimeError(f"netplugin ({dataplane}) {case}: the policy does not stop a container outside it")
+    if dataplane == "iptables":
+        lab.netplugin = {
+            "hosts": [h.namespace for h in cluster.plan.hosts],
+            "agents": [cluster.agent_pid(h.name) for h in cluster.plan.hosts],
+        }  # for --diagnose
+    counters = None
+    if dataplane == "bpf":
+        pins = [cluster.plan.host_bpffs(h) for h in cluster.plan.hosts]
+    paths = []
+    for case, (snd, rcv) in pairs.items():
+        if dataplane == "bpf":
+            counters = endpoint_counters_reader({"sender": (pins[0], snd["ip"]), "receiver": (pins[1], rcv["ip"])})
+        pid, label, what = CASE_PATHS[dataplane][case]
+        paths.append(Path(pid, label, what, snd["netns"], rcv["netns"], rcv["ip"], rcv["ip"], counters))
+    if one_host and dataplane == "iptables" and "nopolicy" in pairs:
+        c3 = cluster.run_container("h1", "one-host")
+        snd = pairs["nopolicy"][0]
+        paths.append(
+            Path(
+                "netplugin-1h",
+                "netplugin, 1 host",
+                "Two containers on the same host: veth → host routing → veth, policy chains as above.",
+                c3["netns"],
+                snd["netns"],
+                snd["ip"],
+                snd["ip"],
+            )
+        )
+    return paths
+
+
+DATAPLANE_LAB = {"iptables": "n", "bpf": "b"}  # lab name suffix per dataplane
+_SHAPE = "a veth per container with a /32 route, proxy-ARP gateway, host blocks learned over BGP from BIRD"
+_BPF = (
+    "tc programs on the host veths and the fabric interface (--dataplane bpf, pins on the lab's own bpffs): "
+    "anti-spoofing and policy in BPF, forwarding by bpf_redirect_peer / FIB lookup + redirect where the "
+    "programs decide, the stack for what they hand back"
+)
+CASE_PATHS = {
+    "iptables": {
+        "nopolicy": (
             "netplugin-2h",
-            "netplugin, 2 hosts (BGP)",
-            "Containers on two hosts: a veth per container with a /32 route, proxy-ARP gateway, per-endpoint "
-            "policy chains (the default allow within the network), host blocks learned over BGP from BIRD.",
-            c1,
-            c2,
-            ip2,
-            ip2,
+            "netplugin iptables, 2 hosts, no policy",
+            f"Containers on two hosts: {_SHAPE}; per-endpoint iptables chains with the default (allow within "
+            "the network); no policy selects them.",
         ),
-        Path(
-            "netplugin-1h",
-            "netplugin, 1 host",
-            "Two containers on the same host: veth → host routing → veth, policy chains as above.",
-            c3,
-            c1,
-            ip1,
-            ip1,
+        "policy": (
+            "netplugin-iptables",
+            "netplugin iptables, 2 hosts, policy",
+            "As above, with a policy selecting both containers that allows their traffic (ingress and egress, "
+            "peers by label selector, an ipset), enforced by the iptables chains with conntrack.",
         ),
-    ]
+        "cidr10k": (
+            "netplugin-iptables-10k",
+            "netplugin iptables, 10,000 CIDRs",
+            f"As the no-policy pair, but a policy selects the receiver with one allow rule listing {CIDR_COUNT:,} "
+            "CIDRs, the sender's /32 among them (one hash:net ipset behind one rule).",
+        ),
+    },
+    "bpf": {
+        "nopolicy": (
+            "netplugin-bpf-nopolicy",
+            "netplugin bpf, 2 hosts, no policy",
+            f"Containers on two hosts: {_SHAPE}; {_BPF}; no policy selects them (the network's default).",
+        ),
+        "policy": (
+            "netplugin-bpf",
+            "netplugin bpf, 2 hosts, policy",
+            f"Containers on two hosts: {_SHAPE}; {_BPF}; a policy selecting both containers allows their traffic.",
+        ),
+        "cidr10k": (
+            "netplugin-bpf-10k",
+            "netplugin bpf, 10,000 CIDRs",
+            f"As the bpf no-policy pair, but a policy selects the receiver with one allow rule listing "
+            f"{CIDR_COUNT:,} CIDRs, the sender's /32 among them (LPM entries in np_pol_peers once compiled into BPF).",
+        ),
+    },
+}
+
+
+def check_dataplane(cluster, dataplane):
+    """Every agent of ``cluster`` says it runs ``dataplane``: a silent fallback would measure the wrong thing."""
+    for h in cluster.plan.hosts:
+        with open(os.path.join(h.run_dir, "agent.log"), errors="replace") as f:
+            text = f.read()
+        if f"event=dataplane.selected dataplane={dataplane}" not in text:
+            line = next((ln for ln in text.splitlines() if "event=dataplane.selected" in ln), "no selection line")
+            raise RuntimeError(f"the agent on {h.name} does not run the {dataplane} dataplane: {line}")
+
+
+def endpoint_counters_reader(ends):
+    """A function returning {end: np_counters of the endpoint with that address} for ``ends`` = {end: (pin
+    directory of its host, address)}; None for an end the maps do not hold."""
+
+    def read():
+        return {end: bpf_counters(pin_dir, address) for end, (pin_dir, address) in ends.items()}
+
+    return read
+
+
+def bpf_counters(pin_dir, address):
+    """The summed per-CPU np_counters of the endpoint that owns ``address`` in one host's pinned maps, or None."""
+    pins = loader.Pins(pin_dir)
+    ep_id = None
+    with pins.map("np_endpoints") as m:
+        for key in m.keys():
+            value = m.lookup(key)
+            if value is not None and address in records.endpoint_entry(key, value)["addresses"]:
+                ep_id = records.endpoint_entry(key, value)["id"]
+    if ep_id is None:
+        return None
+    with pins.map("np_counters") as m:
+        raw = m.lookup(records.ifindex_key(ep_id))
+    return records.counters(raw) if raw else None
+
+
+def wait_refused(lab, ns, target, timeout):
+    """True once ``ns`` no longer gets an answer from ``target`` (a policy is in force), within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if lab.sh(ns, f"ping -c1 -W1 {target}", check=False).returncode != 0:
+            return True
+        time.sleep(0.5)
+    return False
 
 
 def wait_ping(lab, ns, target, timeout):
@@ -352,6 +517,7 @@ def build_ptp(lab):
 BUILDERS = {
     "host": lambda lab, cleanup: build_host(lab),
     "netplugin": build_netplugin,
+    "netplugin-bpf": lambda lab, cleanup: build_netplugin(lab, cleanup, dataplane="bpf"),
     "docker-nat": lambda lab, cleanup: build_docker_nat(lab),
     "vxlan": lambda lab, cleanup: build_vxlan(lab),
     "ptp": lambda lab, cleanup: build_ptp(lab),

@@ -18,6 +18,14 @@ from netplugin.lab import system
 from netplugin.lab.netns import stop_process
 
 
+def distinct_cidrs(n):
+    """``n`` /28s in 172.16.0.0/12, none adjacent (so the compiler cannot merge them into fewer set members) and
+    far from any benchmark pool, so no benchmark packet matches one."""
+    if not 0 <= n <= 2048 * 16:
+        raise ValueError(f"{n} CIDRs do not fit in 172.16.0.0/12 as spaced /28s")
+    return [f"172.{16 + i // 2048}.{i // 8 % 256}.{i % 8 * 32}/28" for i in range(n)]
+
+
 def log_time(ts):
     """'2026-11-25T04:53:40.332' (the agent's local time) -> epoch seconds."""
     return time.mktime(time.strptime(ts[:19], "%Y-%m-%dT%H:%M:%S")) + int(ts[20:23]) / 1000.0

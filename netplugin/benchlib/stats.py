@@ -84,3 +84,18 @@ def rotated(items, k):
         return items
     k %= len(items)
     return items[k:] + items[:k]
+
+
+def counter_deltas(before, after):
+    """``after - before`` of nested counter snapshots, ``{path: {end: {counter: value}}}``: what the rounds between
+    the two snapshots added. An end missing from either snapshot (or None there) is None: never a made-up zero."""
+    out = {}
+    for path, ends in after.items():
+        out[path] = {}
+        for end, now in (ends or {}).items():
+            then = (before.get(path) or {}).get(end)
+            if now is None or then is None:
+                out[path][end] = None
+            else:
+                out[path][end] = {name: v - then.get(name, 0) for name, v in now.items()}
+    return out

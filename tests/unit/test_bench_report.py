@@ -37,6 +37,18 @@ def test_paired_ratio_is_not_the_ratio_of_medians():
     assert stats.ratio_summary(path, base).hi == pytest.approx(0.9)
 
 
+def test_counter_deltas_subtract_per_end_and_never_invent_a_zero():
+    before = {"bpf": {"sender": {"allowed": 10, "to_stack": 5}, "receiver": None}}
+    after = {
+        "bpf": {"sender": {"allowed": 110, "to_stack": 5}, "receiver": {"allowed": 7, "to_stack": 0}},
+        "new": {"sender": {"allowed": 1, "to_stack": 1}},
+    }
+    assert stats.counter_deltas(before, after) == {
+        "bpf": {"sender": {"allowed": 100, "to_stack": 0}, "receiver": None},
+        "new": {"sender": None},
+    }
+
+
 def test_paired_ratios_reject_mismatched_lengths():
     with pytest.raises(ValueError, match="cannot pair"):
         stats.paired_ratios([1.0], [1.0, 2.0])
@@ -189,17 +201,18 @@ def test_demote_headings_leaves_code_blocks_and_hashtags_alone():
 # --- the data path report -----------------------------------------------------------------------------------------
 
 
-def _doc(np_tcp, np_lat, rounds=5):
-    paths = ["host", "netplugin-2h", "ptp"]
+def _doc(np_tcp, np_lat, rounds=5, paths=("host", "netplugin-2h", "netplugin-bpf", "ptp")):
+    """netplugin-2h and netplugin-bpf at ``np_tcp``/``np_lat`` of host, ptp at 0.95/1.05, with drift."""
     samples = {p: {m.id: [None] * rounds for m in dm.METRICS} for p in paths}
     for r in range(rounds):
         drift = 1.0 + 0.1 * r  # the whole machine slows down round by round
-        samples["host"]["tcp_131072"][r] = 15.0 / drift
-        samples["host"]["lat_avg"][r] = 10.0 * drift
-        samples["netplugin-2h"]["tcp_131072"][r] = 15.0 * np_tcp / drift
-        samples["netplugin-2h"]["lat_avg"][r] = 10.0 * np_lat * drift
-        samples["ptp"]["tcp_131072"][r] = 15.0 * 0.95 / drift
-        samples["ptp"]["lat_avg"][r] = 10.0 * 1.05 * drift
+        for p, (tcp, lat) in {"host": (1.0, 1.0), "ptp": (0.95, 1.05)}.items():
+            samples[p]["tcp_131072"][r] = 15.0 * tcp / drift
+            samples[p]["lat_avg"][r] = 10.0 * lat * drift
+        for p in paths:
+            if p.startswith("netplugin"):
+                samples[p]["tcp_131072"][r] = 15.0 * np_tcp / drift
+                samples[p]["lat_avg"][r] = 10.0 * np_lat * drift
     return {
         "date": "2026-01-01 00:00 UTC",
         "elapsed_s": 500.0,
@@ -220,19 +233,23 @@ def _doc(np_tcp, np_lat, rounds=5):
 
 
 def test_aims_met_and_not_met_from_paired_ratios():
-    ok = {v["metric"]: v for v in dr.aims(_doc(0.98, 1.05))}
+    ok = {v["metric"]: v for v in dr.aims(_doc(0.98, 1.05)) if v["path"] == "netplugin-bpf"}
     assert ok["tcp_131072"]["met"] is True and ok["lat_avg"]["met"] is True
     assert ok["tcp_131072"]["ratio"].median == pytest.approx(0.98)
-    assert ok["lat_p99"]["met"] is None  # never measured: not claimed either way
-    bad = {v["metric"]: v for v in dr.aims(_doc(0.90, 1.30))}
+    assert ok["lat_p50"]["met"] is None  # never measured: not claimed either way
+    bad = {v["metric"]: v for v in dr.aims(_doc(0.90, 1.30)) if v["path"] == "netplugin-bpf"}
     assert bad["tcp_131072"]["met"] is False and bad["lat_avg"]["met"] is False
 
 
 def test_render_markdown_states_verdicts_ratios_and_machine():
     md = dr.render_markdown(_doc(0.90, 1.30), chart_file="datapath.png")
-    assert "**NOT met**: cross-host TCP throughput (131072 B writes) at least 0.97 of host: median ratio 0.900" in md
-    assert "**NOT met**: cross-host TCP ping-pong latency (average) at most 1.10 of host: median ratio 1.30" in md
-    assert "**not measured**: (also read) cross-host TCP ping-pong latency (p99)" in md
+    assert (
+        "**NOT met**: netplugin-bpf: cross-host TCP throughput (131072 B writes) at least 0.97 of host: median "
+        "ratio 0.900 (rounds 0.900–0.900, n=5), missed by 7.2%." in md
+    )
+    assert "**NOT met**: netplugin-bpf: cross-host TCP ping-pong latency (average) at most 1.10 of host: median" in md
+    assert "**not measured**: (also read) netplugin-bpf: cross-host TCP ping-pong latency (p50)" in md
+    assert "**not measured**: netplugin-iptables: cross-host TCP throughput" in md
     assert "2 CPUs (Test CPU)" in md and "Linux 6.1.0" in md
     assert "![data path chart](datapath.png)" in md
     assert "| NETPLUGIN-2H |" in md and "| HOST | 1 (baseline)" in md
@@ -268,8 +285,9 @@ def test_render_markdown_marks_an_incomplete_run_and_lists_failures():
 
 
 def test_summary_lines_give_each_path_and_each_aim():
-    lines = dr.summary_lines(_doc(0.98, 1.05))
-    assert len(lines) == 3 + len(dr.AIMS)
+    doc = _doc(0.98, 1.05)
+    lines = dr.summary_lines(doc)
+    assert len(lines) == len(doc["paths"]) + len(dr.AIMS)
     assert any(line.startswith("NETPLUGIN-2H") and "x0.980" in line for line in lines)
 
 
@@ -371,10 +389,10 @@ def test_analysis_attributes_the_gap_to_ptp_only_when_netplugin_trails_it():
 
 def test_analysis_flags_rounds_that_straddle_an_aim():
     doc = _doc(0.97, 1.0)
-    doc["samples"]["netplugin-2h"]["tcp_131072"][0] *= 0.9  # one round below the 0.97 bound, one above
-    doc["samples"]["netplugin-2h"]["tcp_131072"][1] *= 1.05
+    doc["samples"]["netplugin-bpf"]["tcp_131072"][0] *= 0.9  # one round below the 0.97 bound, one above
+    doc["samples"]["netplugin-bpf"]["tcp_131072"][1] *= 1.05
     text = "\n".join(dr.analysis_lines(doc))
-    assert "The rounds straddle the bound for cross-host TCP throughput (131072 B writes)" in text
+    assert "The rounds straddle the bound for netplugin-bpf: cross-host TCP throughput (131072 B writes)" in text
 
 
 def test_render_diagnosis_compares_states_per_round():
@@ -403,3 +421,76 @@ def test_render_diagnosis_compares_states_per_round():
     assert "Throughput (TCP, 131072 B writes): netplugin 0.800× host as built, 0.920×" in lines[1]
     report = dr.render_markdown(base, diagnosis=diag)
     assert "[datapath-diagnosis.md](datapath-diagnosis.md)" in report
+
+
+# --- the two dataplanes in the data path report ------------------------------------------------------------------
+
+
+def _dataplane_doc(bpf_allowed, bpf_to_stack, cidr_tcp=0.99, rounds=5):
+    """host, ptp, both dataplanes' policy, no-policy and 10,000-CIDR paths, and the bpf paths' counters."""
+    paths = (
+        "host",
+        "ptp",
+        "netplugin-iptables",
+        "netplugin-2h",
+        "netplugin-iptables-10k",
+        "netplugin-bpf",
+        "netplugin-bpf-nopolicy",
+        "netplugin-bpf-10k",
+    )
+    doc = _doc(0.87, 1.45, rounds, paths)
+    for r in range(rounds):
+        for p in ("netplugin-bpf", "netplugin-bpf-nopolicy"):
+            doc["samples"][p]["tcp_131072"][r] = doc["samples"]["host"]["tcp_131072"][r] * 0.94
+            doc["samples"][p]["lat_avg"][r] = doc["samples"]["host"]["lat_avg"][r] * 1.27
+        nopol = doc["samples"]["netplugin-bpf-nopolicy"]
+        doc["samples"]["netplugin-bpf-10k"]["tcp_131072"][r] = nopol["tcp_131072"][r] * cidr_tcp
+        doc["samples"]["netplugin-bpf-10k"]["lat_avg"][r] = nopol["lat_avg"][r] * 1.02
+    ends = {"allowed": bpf_allowed, "to_stack": bpf_to_stack, "denied": 0, "spoofed": 0, "logged": 0}
+    doc["counters"] = {p: {"sender": dict(ends), "receiver": dict(ends)} for p in paths if "bpf" in p}
+    return doc
+
+
+def test_the_report_says_the_redirects_carried_the_bpf_traffic_from_its_counters():
+    doc = _dataplane_doc(bpf_allowed=500_000, bpf_to_stack=20)
+    text = "\n".join(dr.analysis_lines(doc))
+    assert "`netplugin-bpf` reaches 0.940× host throughput and 1.27× host latency" in text
+    assert "`netplugin-iptables`, the same policy in iptables, 0.870× and 1.45×" in text
+    assert "the programs carried 100% of its packets (np_counters of its two endpoints: allowed 1,000,000, " in text
+    assert "what remains to host latency (1.27×) is the two veth crossings" in text
+    assert "its ratios are the iptables path's" not in text
+    assert "- Reached across hosts: `netplugin-bpf` throughput 0.940× host, the aim ≥ 0.970× is missed by 3%" in text
+    md = dr.render_markdown(doc)
+    assert "## BPF program counters" in md
+    assert "| NETPLUGIN-BPF | sender | 500,000 | 20 | 0 | 0 | 100% |" in md
+
+
+def test_the_report_says_when_the_programs_handed_everything_to_the_stack():
+    text = "\n".join(dr.analysis_lines(_dataplane_doc(bpf_allowed=0, bpf_to_stack=300_000)))
+    assert "the programs handed 100% of its packets to the kernel's stack" in text
+    assert "its ratios are the iptables path's (0.180 apart in latency)" in text
+    assert "Its programs handed every packet to the stack, so the ipset enforced the CIDRs" in text
+    assert "two veth crossings" not in text
+
+
+def test_the_cidr_aims_compare_with_the_same_dataplane_without_policy():
+    doc = _dataplane_doc(bpf_allowed=10, bpf_to_stack=0, cidr_tcp=0.90)
+    got = {(v["path"], v["metric"]): v for v in dr.aims(doc)}
+    v = got[("netplugin-bpf-10k", "tcp_131072")]
+    assert v["base"] == "netplugin-bpf-nopolicy" and v["ratio"].median == pytest.approx(0.90) and v["met"] is False
+    lat = got[("netplugin-bpf-10k", "lat_avg")]
+    assert lat["ratio"].median == pytest.approx(1.02) and lat["met"] is True
+    text = "\n".join(dr.analysis_lines(doc))
+    assert (
+        "`netplugin-bpf-10k`: with 10,000 CIDRs in the receiver's allow rule, 0.900× the throughput and 1.02× the "
+        "latency of `netplugin-bpf-nopolicy` (aims: throughput missed by 5%, latency met by 3%)" in text
+    )
+    assert "The CIDRs are LPM entries in np_pol_peers" in text
+    assert "`netplugin-iptables-10k`: with 10,000 CIDRs in the receiver's allow rule, 1.00× the throughput" in text
+
+
+def test_counters_missing_for_an_end_are_shown_as_unknown_not_zero():
+    doc = _dataplane_doc(bpf_allowed=10, bpf_to_stack=0)
+    doc["counters"]["netplugin-bpf"]["receiver"] = None
+    assert "programs carried" not in "\n".join(line for line in dr.analysis_lines(doc) if "`netplugin-bpf`:" in line)
+    assert "| NETPLUGIN-BPF | receiver | — | — | — | — | — |" in dr.render_markdown(doc)
