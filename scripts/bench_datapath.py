@@ -383,10 +383,13 @@ def main(argv=None):
             for p in paths:
                 servers.start(p)
             doc["paths"] = [{"id": p.id, "label": p.label, "description": p.description} for p in paths]
-            before = read_counters(paths)
+            before, forwarded = read_counters(paths), lab.forwarded()
             rounds_done = measure(paths, servers, args, doc, started)
             doc["settings"]["rounds_done"] = rounds_done
             doc["counters"] = stats.counter_deltas(before, read_counters(paths))
+            doc["forwarded"] = {
+                dp: {ns: n - forwarded[dp][ns] for ns, n in now.items()} for dp, now in lab.forwarded().items()
+            }
     except Interrupted as e:
         log(f"bench_datapath: {e}; cleaned up")
         return 130

@@ -95,24 +95,44 @@ def dataplane_lines(doc):
                 f"; `ptp`, the same veth shape with no rules at all, {fmt_num(ptp[0])}× and {fmt_num(ptp[1])}×"
             )
         lines.append("".join(parts) + ".")
-        share = carried_share(counter_totals(doc, BPF))
-        counted = counters_line(doc, BPF)
-        if counted:
-            lines.append(counted)
-        if share is not None and share <= HANDED_BACK and ipt:
-            lines.append(
-                f"- So this run measured the bpf dataplane with its redirects not carrying the traffic: its ratios "
-                f"are the iptables path's ({fmt_num(abs(bpf[1] - ipt[1]))} apart in latency), and say nothing "
-                f"yet about redirects."
-            )
-        elif share is not None and share >= CARRIED and bpf[1] > 1.10:
-            lines.append(
-                f"- With the redirects carrying the traffic, what remains to host latency ({fmt_num(bpf[1])}×) is "
-                f"the two veth crossings per packet that a redirect keeps (a namespace change and a wake-up on "
-                f"the other side each); a container device without them (netkit) is not in this kernel."
-            )
+    counted = counters_line(doc, BPF)
+    if counted:
+        lines.append(counted)
+    share = carried_share(counter_totals(doc, BPF))
+    if bpf and ipt and share is not None and share <= HANDED_BACK:
+        lines.append(
+            f"- So this run measured the bpf dataplane with its redirects not carrying the traffic: its ratios "
+            f"are the iptables path's ({fmt_num(abs(bpf[1] - ipt[1]))} apart in latency), and say nothing "
+            f"yet about redirects."
+        )
+    elif bpf and share is not None and share >= CARRIED and bpf[1] > 1.10:
+        lines.append(
+            f"- With the redirects carrying the traffic, what remains to host latency ({fmt_num(bpf[1])}×) is "
+            f"the two veth crossings per packet that a redirect keeps (a namespace change and a wake-up on "
+            f"the other side each); a container device without them (netkit) is not in this kernel."
+        )
+    fwd = forwarded_line(doc)
+    if fwd:
+        lines.append(fwd)
     lines += cidr_lines(doc)
     return lines
+
+
+def forwarded_line(doc):
+    """The kernel's own IP forwarding count on each lab's hosts during the rounds: a redirect never reaches it."""
+    fwd = doc.get("forwarded") or {}
+    if "bpf" not in fwd or "iptables" not in fwd:
+        return None
+    n_bpf, n_ipt = sum(fwd["bpf"].values()), sum(fwd["iptables"].values())
+    line = (
+        f"- The kernel's IP forwarding (`ForwDatagrams` in /proc/net/snmp) passed on {n_bpf:,} packets on the bpf "
+        f"lab's two hosts during the rounds, {n_ipt:,} on the iptables lab's (all of each lab's paths)"
+    )
+    if n_ipt and n_bpf <= 0.05 * n_ipt:
+        return line + ": on the bpf lab the redirects bypassed the kernel's forwarding, and so netfilter's FORWARD."
+    if n_ipt and n_bpf >= 0.5 * n_ipt:
+        return line + ": the bpf lab's traffic took the kernel's forwarding path (and netfilter) as the iptables lab's."
+    return line + "."
 
 
 def cidr_lines(doc):

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from netplugin.benchlib import tools
+from netplugin.benchlib.parse import parse_snmp
 from netplugin.benchlib.policy_bench import distinct_cidrs
 from netplugin.kernel.bpf import loader, records
 from netplugin.lab import Lab, LabSpec, system
@@ -65,6 +66,7 @@ class Testbed:
         self.fabric = self._ns("fabric")
         add_bridge(self.fabric)
         self.netplugin = None
+        self.lab_hosts = {}  # dataplane -> the host namespaces of that netplugin lab
 
     @staticmethod
     def sh(ns, cmd, check=True, input=None, timeout=60):
@@ -100,6 +102,14 @@ class Testbed:
         return system.list_netns(self.prefix) + [
             ns for suffix in DATAPLANE_LAB.values() for ns in system.list_netns(ns_prefix(self.name + suffix))
         ]
+
+    def forwarded(self):
+        """{dataplane: {host namespace: packets its kernel IP-forwarded so far}} of the netplugin labs (a
+        redirect skips the kernel's forwarding, so the bpf lab's count shows how much traffic took the stack)."""
+        return {
+            dp: {ns: parse_snmp(self.sh(ns, "cat /proc/net/snmp").stdout, "Ip", "ForwDatagrams") for ns in hosts}
+            for dp, hosts in self.lab_hosts.items()
+        }
 
     def spawn(self, what, start):
         """Start a long-lived process with ``start()``; it is killed at cleanup."""
@@ -211,6 +221,7 @@ def build_netplugin(lab, cleanup, dataplane="iptables", cases=CASES, one_host=Tr
             )
         if case != "nopolicy" and not wait_refused(lab, outsider["netns"], rcv["ip"], timeout=60):
             raise RuntimeError(f"netplugin ({dataplane}) {case}: the policy does not stop a container outside it")
+    lab.lab_hosts[dataplane] = [h.namespace for h in cluster.plan.hosts]
     if dataplane == "iptables":
         lab.netplugin = {
             "hosts": [h.namespace for h in cluster.plan.hosts],

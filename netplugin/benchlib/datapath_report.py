@@ -215,7 +215,7 @@ def analysis_lines(doc, diagnosis=None):
                 f"The reference `ptp` plugin has the same shape as netplugin across hosts (a veth per container, "
                 f"a /32 route, plain routing between hosts) but no iptables rules at all: it reaches "
                 f"{fmt_num(t_ptp)} of host throughput and {fmt_num(l_ptp)} of host latency; netplugin "
-                f"{fmt_num(t_np)} and {fmt_num(l_np)}."
+                f"(`{CROSS_HOST}`: iptables, no policy) {fmt_num(t_np)} and {fmt_num(l_np)}."
             )
             if t_np >= t_ptp - 0.03 and l_np <= l_ptp + 0.05:
                 lines.append(

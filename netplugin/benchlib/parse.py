@@ -87,3 +87,13 @@ def parse_sockperf(text):
         "p99_us": pcts[99.0],
         "observations": int(obs.group(1)) if obs else None,
     }
+
+
+def parse_snmp(text, group, field):
+    """One counter of ``/proc/net/snmp`` (e.g. ``Ip`` ``ForwDatagrams``: the packets the kernel's IP forwarding
+    passed on in this network namespace). The file pairs a header line with a value line per group."""
+    lines = [line.split() for line in text.splitlines() if line.startswith(group + ":")]
+    for names, values in zip(lines[::2], lines[1::2]):
+        if field in names:
+            return int(values[names.index(field)])
+    raise ValueError(f"/proc/net/snmp has no {group} {field}")

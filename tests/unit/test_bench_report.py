@@ -148,6 +148,16 @@ def test_parse_sockperf_reads_avg_and_percentiles_through_colour_codes():
     assert r == {"avg_us": 43.268, "p50_us": 41.296, "p99_us": 71.215, "observations": 17901}
 
 
+def test_parse_snmp_reads_one_counter_of_a_group():
+    text = (
+        "Ip: Forwarding DefaultTTL InReceives ForwDatagrams\nIp: 1 64 912 455\n"
+        "Icmp: InMsgs ForwDatagrams\nIcmp: 3 999\n"
+    )
+    assert parse.parse_snmp(text, "Ip", "ForwDatagrams") == 455
+    with pytest.raises(ValueError, match="no Udp InDatagrams"):
+        parse.parse_snmp(text, "Udp", "InDatagrams")
+
+
 def test_parse_sockperf_without_summary_fails():
     with pytest.raises(ValueError, match="no latency summary"):
         parse.parse_sockperf("sockperf: ERROR: connect() failed\n")
@@ -459,6 +469,12 @@ def test_the_report_says_the_redirects_carried_the_bpf_traffic_from_its_counters
     assert "the programs carried 100% of its packets (np_counters of its two endpoints: allowed 1,000,000, " in text
     assert "what remains to host latency (1.27×) is the two veth crossings" in text
     assert "its ratios are the iptables path's" not in text
+    assert "ForwDatagrams" not in text  # not recorded in this document: not claimed
+    doc["forwarded"] = {"bpf": {"h1": 3, "h2": 2}, "iptables": {"h1": 600_000, "h2": 590_000}}
+    assert (
+        "passed on 5 packets on the bpf lab's two hosts during the rounds, 1,190,000 on the iptables lab's (all of "
+        "each lab's paths): on the bpf lab the redirects bypassed the kernel's forwarding"
+    ) in "\n".join(dr.analysis_lines(doc))
     assert "- Reached across hosts: `netplugin-bpf` throughput 0.940× host, the aim ≥ 0.970× is missed by 3%" in text
     md = dr.render_markdown(doc)
     assert "## BPF program counters" in md
@@ -471,6 +487,9 @@ def test_the_report_says_when_the_programs_handed_everything_to_the_stack():
     assert "its ratios are the iptables path's (0.180 apart in latency)" in text
     assert "Its programs handed every packet to the stack, so the ipset enforced the CIDRs" in text
     assert "two veth crossings" not in text
+    doc = _dataplane_doc(bpf_allowed=0, bpf_to_stack=300_000)
+    doc["forwarded"] = {"bpf": {"h1": 500_000, "h2": 490_000}, "iptables": {"h1": 600_000, "h2": 590_000}}
+    assert "the bpf lab's traffic took the kernel's forwarding path" in "\n".join(dr.analysis_lines(doc))
 
 
 def test_the_cidr_aims_compare_with_the_same_dataplane_without_policy():
