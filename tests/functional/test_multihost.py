@@ -280,6 +280,26 @@ def test_racks_behind_router(labs):
     assert sorted(x.state for x in lab.router_sessions()) == ["Established"] * 4
 
 
+# --- the bpf dataplane ------------------------------------------------------------------------------------------
+
+
+def bpf_mounts(path):
+    with open("/proc/mounts") as f:
+        return [line.split()[1] for line in f if line.split()[2] == "bpf" and line.split()[1].startswith(path)]
+
+
+def test_bpf_lab_pins_under_its_own_bpffs_and_down_unmounts_it(labs):
+    lab = labs.get("bpf", containers_per_host=1, hosts=2, dataplane="bpf")
+    assert_full_matrix(lab)
+    assert bpf_mounts(lab.plan.bpffs) == [lab.plan.bpffs]
+    for h in lab.plan.hosts:
+        with open(os.path.join(h.run_dir, "agent.log")) as f:
+            assert "event=dataplane.selected dataplane=bpf" in f.read()
+        assert os.path.exists(os.path.join(lab.plan.host_bpffs(h), "maps", "np_endpoints"))
+    labs.close()  # asserts nothing of the lab is left
+    assert bpf_mounts(lab.plan.bpffs) == []
+
+
 # --- building and removing ------------------------------------------------------------------------------------------
 
 
