@@ -153,21 +153,26 @@ CIDR_LABELS = {"bench": "cidr10k"}  # the receiver of the "cidr10k" pair
 CIDR_COUNT = 10_000
 
 
-def pair_policy():
-    """Selects both containers of the "policy" pair and allows their traffic, each way, and nothing else."""
-    peers = [{"selector": {"matchLabels": dict(PAIR_LABELS)}}]
+def policy_doc(name, labels, **spec):
+    """A netplugin/v1 Policy named ``name`` selecting endpoints with ``labels``, with the rest of its ``spec``."""
     return {
         "apiVersion": "netplugin/v1",
         "kind": "Policy",
-        "metadata": {"name": "bench-pair"},
-        "spec": {
-            "order": 10,
-            "selector": {"matchLabels": dict(PAIR_LABELS)},
-            "types": ["Ingress", "Egress"],
-            "ingress": [{"action": "allow", "from": peers}],
-            "egress": [{"action": "allow", "to": peers}],
-        },
+        "metadata": {"name": name},
+        "spec": {"order": 10, "selector": {"matchLabels": dict(labels)}, **spec},
     }
+
+
+def pair_policy():
+    """Selects both containers of the "policy" pair and allows their traffic, each way, and nothing else."""
+    peers = [{"selector": {"matchLabels": dict(PAIR_LABELS)}}]
+    return policy_doc(
+        "bench-pair",
+        PAIR_LABELS,
+        types=["Ingress", "Egress"],
+        ingress=[{"action": "allow", "from": peers}],
+        egress=[{"action": "allow", "to": peers}],
+    )
 
 
 def cidr_policy(sender_ip, count=CIDR_COUNT):
@@ -175,16 +180,7 @@ def cidr_policy(sender_ip, count=CIDR_COUNT):
     (in the middle, so neither end of the list is the match)."""
     cidrs = distinct_cidrs(count - 1)
     cidrs.insert(len(cidrs) // 2, f"{sender_ip}/32")
-    return {
-        "apiVersion": "netplugin/v1",
-        "kind": "Policy",
-        "metadata": {"name": "bench-cidr10k"},
-        "spec": {
-            "order": 10,
-            "selector": {"matchLabels": dict(CIDR_LABELS)},
-            "ingress": [{"action": "allow", "from": [{"cidr": c} for c in cidrs]}],
-        },
-    }
+    return policy_doc("bench-cidr10k", CIDR_LABELS, ingress=[{"action": "allow", "from": [{"cidr": c} for c in cidrs]}])
 
 
 def build_netplugin(lab, cleanup, dataplane="iptables", cases=CASES, one_host=True):

@@ -513,3 +513,17 @@ def test_counters_missing_for_an_end_are_shown_as_unknown_not_zero():
     doc["counters"]["netplugin-bpf"]["receiver"] = None
     assert "programs carried" not in "\n".join(line for line in dr.analysis_lines(doc) if "`netplugin-bpf`:" in line)
     assert "| NETPLUGIN-BPF | receiver | — | — | — | — | — |" in dr.render_markdown(doc)
+
+
+def test_the_benchmark_policies_pass_the_policy_loader_and_list_the_sender_among_10000_cidrs():
+    from netplugin.benchlib.datapath_paths import CIDR_LABELS, PAIR_LABELS, cidr_policy, pair_policy
+    from policy.loader import load_text
+
+    [pair] = load_text(json.dumps(pair_policy()))
+    assert pair.types == ("Ingress", "Egress") and pair.selector.to_dict() == {"matchLabels": PAIR_LABELS}
+    doc = cidr_policy("10.20.7.9")
+    [big] = load_text(json.dumps(doc))
+    assert big.selector.to_dict() == {"matchLabels": CIDR_LABELS} and big.types == ("Ingress",)
+    cidrs = [peer["cidr"] for peer in doc["spec"]["ingress"][0]["from"]]
+    assert len(cidrs) == len(set(cidrs)) == 10_000
+    assert "10.20.7.9/32" in cidrs[1:-1]
