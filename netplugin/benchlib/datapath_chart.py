@@ -15,6 +15,13 @@ def render_chart(doc, png_path):
         return "matplotlib is not installed (PyPI package 'matplotlib'); the Markdown report was still written"
     paths = doc["paths"]
     colors = ["#4d4d4d", "#1f77b4", "#6baed6", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b"]
+    colors += ["#e377c2", "#17becf", "#bcbd22", "#98df8a"]  # one colour per path up to twelve
+
+    def measured(pairs):
+        """The (metric, label) pairs some path has samples of (a run restricted with --tests has fewer)."""
+        kept = [(m, lb) for m, lb in pairs if any(metric_summary(doc, p["id"], m) for p in paths)]
+        return [m for m, _ in kept], [lb for _, lb in kept]
+
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.4), gridspec_kw={"width_ratios": [1.1, 0.9, 1.3]})
 
     def bars(ax, metric_ids, labels, scale=1.0):
@@ -33,16 +40,20 @@ def render_chart(doc, png_path):
         ax.set_xticklabels(labels)
         ax.grid(axis="y", alpha=0.3)
 
-    bars(axes[0], [f"tcp_{n}" for n in TCP_SIZES], [f"{n} B" for n in TCP_SIZES])
+    bars(axes[0], *measured([(f"tcp_{n}", f"{n} B") for n in TCP_SIZES]))
     axes[0].set_title("TCP throughput by write size (median, min–max; log)")
     axes[0].set_ylabel("Gbit/s")
     axes[0].set_yscale("log")
-    bars(axes[1], ["lat_avg", "lat_p50", "lat_p99"], ["average", "p50", "p99"])
+    bars(axes[1], *measured([("lat_avg", "average"), ("lat_p50", "p50"), ("lat_p99", "p99")]))
     axes[1].set_title("TCP ping-pong latency (sockperf, half RTT)")
     axes[1].set_ylabel("µs")
 
-    ratio_metrics = ["tcp_131072", "tcp_4096", "tcp_1024", "udp_1024_rate", "lat_avg", "lat_p50", "lat_p99"]
-    ratio_labels = ["TCP 128K", "TCP 4K", "TCP 1K", "UDP 1K rx", "lat avg", "lat p50", "lat p99"]
+    ratio_metrics, ratio_labels = measured(
+        zip(
+            ["tcp_131072", "tcp_4096", "tcp_1024", "udp_1024_rate", "lat_avg", "lat_p50", "lat_p99"],
+            ["TCP 128K", "TCP 4K", "TCP 1K", "UDP 1K rx", "lat avg", "lat p50", "lat p99"],
+        )
+    )
     others = [p for p in paths if p["id"] != doc["baseline"]]
     width = 0.8 / max(1, len(others))
     for i, p in enumerate(others):
