@@ -21,7 +21,7 @@ RULES_HEAD = struct.Struct("<II")
 COUNTERS = struct.Struct("<QQQQQ")
 COUNTER_NAMES = ("allowed", "denied", "spoofed", "logged", "to_stack")
 IFINDEX = struct.Struct("<I")
-FLOW_KEY = struct.Struct("<16s16sHHB3x")
+FLOW_KEY = struct.Struct("<16s16sHHBB2x")
 FLOW = struct.Struct("<QIBB2x")
 CONFIG = struct.Struct("<II")
 NET_KEY = struct.Struct("<I16s")
@@ -149,7 +149,7 @@ def config(policy_gen):
 
 def flow(key, value):
     """A readable np_flows entry: (src, dst, sport, dport, proto, verdict, originating direction?)."""
-    src, dst, sport, dport, proto = FLOW_KEY.unpack(key)
+    src, dst, sport, dport, proto, echo = FLOW_KEY.unpack(key)
     _, gen, verdict, orig = FLOW.unpack(value)
 
     def show(a):
@@ -162,6 +162,7 @@ def flow(key, value):
         "sport": sport,
         "dport": dport,
         "proto": proto,
+        "echo": {1: "request", 2: "reply"}.get(echo, ""),
         "gen": gen,
         "verdict": {ACT_ALLOW: "allow", ACT_DENY: "deny"}.get(verdict, verdict),
         "orig": bool(orig),
@@ -169,12 +170,13 @@ def flow(key, value):
 
 
 def endpoint_entry(key, value):
-    """A readable np_endpoints entry: the host veth's ifindex, the endpoint id, the addresses it may send from."""
+    """A readable np_endpoints entry: the host veth's ifindex, the endpoint id, the addresses it may send from,
+    the live slot of its policy lists."""
     (ifindex,) = IFINDEX.unpack(key)
-    ep_id, n4, n6, _, v4, v6 = ENDPOINT.unpack(value)
+    ep_id, n4, n6, slot, v4, v6 = ENDPOINT.unpack(value)
     addrs = [str(ipaddress.IPv4Address(v4[4 * i : 4 * i + 4])) for i in range(n4)]
     addrs += [str(ipaddress.IPv6Address(v6[16 * i : 16 * i + 16])) for i in range(n6)]
-    return {"ifindex": ifindex, "id": ep_id, "addresses": addrs}
+    return {"ifindex": ifindex, "id": ep_id, "addresses": addrs, "slot": slot & 1}
 
 
 def rules_count(value):

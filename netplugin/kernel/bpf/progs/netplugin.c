@@ -7,7 +7,8 @@
  *   (np_fast_dsts) through a FIB lookup and bpf_redirect / bpf_redirect_neigh out of the host, and any
  *   other to the stack (NAT-outgoing happens there).
  * to_container: tc ingress of a fabric (uplink) interface.  A destination in the local-endpoint map
- *   gets ingress policy and bpf_redirect_peer into the container's veth.
+ *   gets ingress policy, then bpf_redirect_peer into the container's veth when the source is in the pools
+ *   (else the stack, as the other direction went).
  *
  * Whenever the program is unsure (ARP, ND, IPv6 extension headers, fragments, no map entry, FIB lookup
  * not SUCCESS/NO_NEIGH) it returns TC_ACT_OK and the normal stack (routing + iptables) takes the packet.
@@ -167,7 +168,8 @@ struct np_flow_key {
 	__u16 sport;
 	__u16 dport;
 	__u8 proto;
-	__u8 pad[3];
+	__u8 echo; /* ICMP: NP_ECHO_REQUEST or NP_ECHO_REPLY (ports hold the echo id), else 0 */
+	__u8 pad[2];
 };
 
 struct np_flow {
@@ -201,11 +203,18 @@ struct {
 #define NP_FLOW_IDLE_NS (600ULL * 1000000000ULL)
 #define NP_FLOW_STAMP_NS 1000000000ULL
 
+/* ICMP echo is tracked like conntrack does: the echo id in the flow key's ports (request: sport = id,
+ * reply: dport = id) and the kind in ``echo``, so a request in the other direction is a new flow, not a
+ * reply to an earlier one. */
+#define NP_ECHO_REQUEST 1
+#define NP_ECHO_REPLY 2
+
 struct np_pkt {
 	__u8 family;
 	__u8 proto;
 	__u8 ports_ok; /* ports parsed (TCP/UDP, not a fragment) */
 	__u8 l4_ok;    /* l4 known: ports parsed or a protocol without ports */
+	__u8 echo;     /* NP_ECHO_* for ICMP echo, else 0 */
 	__u16 sport;
 	__u16 dport;
 	__u8 src[16];
@@ -278,6 +287,23 @@ static __always_inline int parse(struct __sk_buff *skb, struct np_pkt *p)
 			return -1;
 		p->sport = bpf_ntohs(ports[0]);
 		p->dport = bpf_ntohs(ports[1]);
+	} else if ((p->proto == IPPROTO_ICMP && p->family == AF_INET) || p->proto == IPPROTO_ICMPV6) {
+		__u8 *icmp = data + l4_off;
+		__u8 req = p->family == AF_INET ? 8 : 128, rep = p->family == AF_INET ? 0 : 129;
+		int whole = p->ports_ok; /* not a later fragment */
+
+		p->ports_ok = 0;
+		if (whole && (void *)(icmp + 8) <= end) {
+			__u16 id = bpf_ntohs(*(__u16 *)(icmp + 4));
+
+			if (icmp[0] == req) {
+				p->echo = NP_ECHO_REQUEST;
+				p->sport = id;
+			} else if (icmp[0] == rep) {
+				p->echo = NP_ECHO_REPLY;
+				p->dport = id;
+			}
+		}
 	} else {
 		p->ports_ok = 0;
 	}
@@ -406,6 +432,7 @@ static __always_inline void flow_key(struct np_flow_key *k, struct np_pkt *p, in
 	k->sport = reverse ? p->dport : p->sport;
 	k->dport = reverse ? p->sport : p->dport;
 	k->proto = p->proto;
+	k->echo = reverse && p->echo ? NP_ECHO_REQUEST + NP_ECHO_REPLY - p->echo : p->echo;
 }
 #endif
 
@@ -415,7 +442,7 @@ static __always_inline int verdict(__u32 src_if, __u32 dst_if, struct np_pkt *p)
 #ifdef NP_NO_FLOWS
 	return eval_flow(src_if, dst_if, p->src, p->dst, p->proto, p->dport, p->ports_ok);
 #else
-	struct np_flow_key k = {}, rk = {};
+	struct np_flow_key k = {};
 	struct np_flow *f, nf = {};
 	struct np_config *cfg;
 	__u32 zero = 0, gen;
@@ -452,9 +479,9 @@ static __always_inline int verdict(__u32 src_if, __u32 dst_if, struct np_pkt *p)
 	nf.orig = 1;
 	bpf_map_update_elem(&np_flows, &k, &nf, BPF_ANY);
 	if (v == NP_ACT_ALLOW) {
-		flow_key(&rk, p, 1);
+		flow_key(&k, p, 1); /* the same key, reversed: one key on the stack (its limit is 512 bytes) */
 		nf.orig = 0;
-		bpf_map_update_elem(&np_flows, &rk, &nf, BPF_ANY);
+		bpf_map_update_elem(&np_flows, &k, &nf, BPF_ANY);
 	}
 	return v;
 #endif
@@ -686,7 +713,9 @@ int from_container(struct __sk_buff *skb)
 SEC("tc")
 int to_container(struct __sk_buff *skb)
 {
+	struct np_net_key fk = {};
 	struct np_addr_key dk;
+	__u8 *fast;
 	struct np_local *l;
 	struct np_pkt p = {};
 	int d;
@@ -702,7 +731,12 @@ int to_container(struct __sk_buff *skb)
 		count(l->id, 1);
 		return TC_ACT_SHOT;
 	}
-	if (d < 0) {
+	fk.prefixlen = 128;
+	__builtin_memcpy(fk.addr, p.src, 16);
+	fast = bpf_map_lookup_elem(&np_fast_dsts, &fk);
+	if (d < 0 || !fast || !*fast) {
+		/* From outside the pools: its other direction goes through the stack (not in np_fast_dsts), so this
+		 * one must too, or conntrack sees half a connection and iptables drops it as INVALID. */
 		count(l->id, 4);
 		return TC_ACT_OK;
 	}
