@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from netplugin.datastore import keys
 from netplugin.dataplane import host_ifname
 from netplugin.kernel.bpf import loader, records
 from netplugin.service.endpoints import endpoint_id
@@ -18,6 +19,8 @@ from netplugin.lab.agents import AgentProcess, rmtree, tempdir
 from netplugin.lab.console import console_script
 from netplugin.lab.netns import NamespaceSet, nsexec
 from netplugin.lab.bpflab import mounted_bpffs
+from policy.model import Policy
+from policy.store import apply_policies
 from tests.functional.test_cni_e2e import NETWORK, POOL, Containers, address, agent_host, pings_within
 from tests.probes import steady_ping
 from tests.waiting import wait_until
@@ -117,6 +120,57 @@ def test_add_returns_with_the_endpoints_policy_lists_in_the_maps(bpf_host, conta
     before = counter(bpf_host, idx, "allowed")
     assert pings_within(b, address(ra), 5)
     assert counter(bpf_host, idx, "allowed") > before and counter(bpf_host, idx, "to_stack") == 0
+
+
+def _slot_and_gen(host, ifindex):
+    with host.pins.map("np_endpoints") as eps, host.pins.map("np_config") as cfg:
+        slot = records.endpoint_slot(eps.lookup(records.ifindex_key(ifindex)))
+        return slot, records.config_gen(cfg.lookup(records.IFINDEX.pack(0)))
+
+
+def _lists_of(host, map_id):
+    """The (slot, direction) of every np_pol_rules entry of one map id."""
+    with host.pins.map("np_pol_rules") as m:
+        owners = [records.split_ep_dir(records.IFINDEX.unpack(k)[0]) for k in m.keys()]
+    return sorted((slot, d) for ep_id, slot, d in owners if ep_id == map_id)
+
+
+def test_a_policy_change_switches_slots_and_a_list_too_long_stays_with_iptables(bpf_host, containers):
+    a, ra = containers.add(config=dict(bpf_host.cni.config, args={"labels": {"app": "srv"}}))
+    b, rb = containers.add()
+    ia, ib = bpf_host.ifindex(veth_of(a)), bpf_host.ifindex(veth_of(b))
+    slot, gen = _slot_and_gen(bpf_host, ia)
+
+    def put(rules):
+        doc = {
+            "apiVersion": "netplugin/v1",
+            "kind": "Policy",
+            "metadata": {"name": "srv-in"},
+            "spec": {"selector": {"matchLabels": {"app": "srv"}}, "ingress": rules},
+        }
+        apply_policies(bpf_host.ds, [Policy.from_dict(doc)])
+
+    try:
+        put([{"action": "allow", "protocol": "tcp", "ports": [80]}])
+        wait_until("the new list live", lambda: _live_lists(bpf_host, ia) == (1, 0), timeout=10)
+        new_slot, new_gen = _slot_and_gen(bpf_host, ia)
+        assert new_slot == 1 - slot and new_gen > gen  # written beside the old list, switched, flows re-checked
+        assert _lists_of(bpf_host, ia) == [(new_slot, 0), (new_slot, 1)]  # the old slot's list is gone
+        denied = counter(bpf_host, ib, "denied")
+        assert not pings_within(b, address(ra), 1)
+        assert counter(bpf_host, ib, "denied") > denied  # the program refused it, not iptables
+
+        # 65 rules do not fit the program's list: the endpoint's policy stays with iptables, said in one line
+        put([{"action": "allow", "protocol": "tcp", "ports": [p]} for p in range(1, 65)] + [{"action": "allow"}])
+        wait_until("the list left to iptables", lambda: _live_lists(bpf_host, ia) == (None, None), timeout=10)
+        lines = [x for x in bpf_host.agent.log_text().splitlines() if "event=bpf.policy_on_iptables" in x]
+        assert len(lines) == 1 and "more than 64 rules" in lines[0], lines
+        to_stack = counter(bpf_host, ib, "to_stack")
+        assert pings_within(b, address(ra), 5)  # the 65th rule, in the iptables chain
+        assert counter(bpf_host, ib, "to_stack") > to_stack
+    finally:
+        bpf_host.ds.delete(keys.policy("srv-in"))
+    wait_until("the default back in BPF", lambda: _live_lists(bpf_host, ia) == (2, 0), timeout=10)
 
 
 def test_fast_dsts_hold_the_pools_and_send_this_hosts_blocks_to_the_stack(bpf_host, containers):
