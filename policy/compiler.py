@@ -107,16 +107,58 @@ class IpSet:
 
 
 @dataclass(frozen=True)
+class PlanRule:
+    """One rule as every dataplane must apply it, in evaluation order.
+
+    ``peers`` maps each family the rule exists in to None (any peer of that family) or the names of the sets
+    (``Ruleset.ipsets``) holding its peers; a family missing from it has nothing this rule names (the rule is
+    skipped there). ``protocol`` and ``ports`` are the model's (``policy.model.Rule``)."""
+
+    action: str
+    protocol: object
+    ports: tuple
+    peers: dict
+    policy: str
+
+
+@dataclass(frozen=True)
+class DirectionPlan:
+    """What one local endpoint's traffic in one direction meets, in order: either ``groups`` (the selecting
+    policies by order group: within a group a matching deny beats a matching allow, and every matching log
+    logs) or the fixed ``rules`` of the default; ``default`` ("allow" or "deny") when nothing decides."""
+
+    groups: tuple = ()  # tuple of tuples of policy names (keys of Ruleset.policy_rules with the direction)
+    rules: tuple = ()  # PlanRules of the default (same-network ingress)
+    default: str = "allow"
+
+
+@dataclass(frozen=True)
+class EndpointPlan:
+    id: str
+    host_ifname: str
+    ingress: DirectionPlan
+    egress: DirectionPlan
+
+    def direction(self, direction):
+        return self.ingress if direction == "Ingress" else self.egress
+
+
+@dataclass(frozen=True)
 class Ruleset:
     """What one host's kernel should hold.
 
     ``chains[family][name]`` is the tuple of rule specs (iptables-restore syntax after ``-A <chain>``);
     ``hooks[family]`` maps each built-in chain we jump from to our chain; ``ipsets`` is sorted by name.
+    ``plan`` (one EndpointPlan per local endpoint, by id) and ``policy_rules`` ((policy, direction) ->
+    PlanRules) are the dataplane-neutral plan the chains are rendered from; the eBPF dataplane renders its
+    maps from the same plan (policy/bpf_render.py).
     """
 
     ipsets: tuple = ()
     chains: dict = field(default_factory=dict)
     hooks: dict = field(default_factory=dict)
+    plan: tuple = ()
+    policy_rules: dict = field(default_factory=dict)
 
     def ipset_map(self):
         return {s.name: s for s in self.ipsets}
@@ -156,19 +198,73 @@ class _Compiler:
         self.sets = {}  # name -> IpSet
         self.owners = {}  # generated name -> what it stands for, to catch hash collisions
         self.cidr_spaces = {}  # id(rule) -> its CIDR peers merged (the rules live as long as this compiler)
+        self.policy_rules = {}  # (policy name, direction) -> PlanRules
 
     def run(self):
         _check_local(self.local)
+        plan = tuple(self._endpoint_plan(ep) for ep in self.local)
         chains, hooks = {}, {}
         for family in FAMILIES:
-            chains[family] = self._family_chains(family)
+            chains[family] = self._family_chains(plan, family)
             hooks[family] = dict(sorted(HOOKS.items()))
         ipsets = tuple(self.sets[name] for name in sorted(self.sets))
-        return Ruleset(ipsets=ipsets, chains=chains, hooks=hooks)
+        return Ruleset(
+            ipsets=ipsets,
+            chains=chains,
+            hooks=hooks,
+            plan=plan,
+            policy_rules=dict(sorted(self.policy_rules.items())),
+        )
+
+    # -- the plan -----------------------------------------------------------------------------------------
+
+    def _endpoint_plan(self, ep):
+        selecting = [p for p in self.policies if p.selector.matches(ep.labels)]
+        out = {}
+        for direction in ("Ingress", "Egress"):
+            declared = [p for p in selecting if direction in p.types]
+            if declared:
+                for p in declared:
+                    if (p.name, direction) not in self.policy_rules:
+                        self.policy_rules[p.name, direction] = self._plan_rules(p, direction)
+                groups = tuple(
+                    tuple(p.name for p in group) for _, group in itertools.groupby(declared, key=lambda p: p.order)
+                )
+                out[direction] = DirectionPlan(groups=groups, default="deny")
+            elif direction == "Ingress":
+                out[direction] = DirectionPlan(rules=self._default_ingress_rules(ep), default="allow")
+            else:
+                out[direction] = DirectionPlan(default="allow")
+        return EndpointPlan(ep.id, ep.host_ifname, out["Ingress"], out["Egress"])
+
+    def _default_ingress_rules(self, ep):
+        """Its own network's endpoints pass, other endpoints are dropped, everything else passes."""
+        same = {f: (self._network_set(ep.network, f),) for f in FAMILIES}
+        everyone = {
+            f: (self._set("all", f, "", lambda f=f: [n for nets in self.addresses.values() for n in nets[f]]),)
+            for f in FAMILIES
+        }
+        return (PlanRule("allow", None, (), same, ""), PlanRule("deny", None, (), everyone, ""))
+
+    def _plan_rules(self, policy, direction):
+        """log rules, then deny rules, then allow rules; file order within each; per family what exists."""
+        ordered = sorted(policy.rules(direction), key=lambda r: _ACTION_RANK[r.action])
+        out = []
+        for rule in ordered:
+            peers = {}
+            for family in FAMILIES:
+                if _protocol_match(rule.protocol, family) is None:
+                    continue
+                names = self._peer_sets(rule, family)
+                if names is not False:
+                    peers[family] = names
+            if peers:
+                out.append(PlanRule(rule.action, rule.protocol, tuple(rule.ports), peers, policy.name))
+        return tuple(out)
 
     # -- chains -------------------------------------------------------------------------------------------
 
-    def _family_chains(self, family):
+    def _family_chains(self, plan, family):
         o = self.options
         clear = f"-j MARK --set-xmark 0x0/{o.mask:#x}"
         accepted = f"{o.accepted_mark:#x}/{o.accepted_mark:#x}"
@@ -196,26 +292,27 @@ class _Compiler:
         }
         from_disp, to_disp = [], []
         policy_chains = {}
-        for ep in self.local:
+        for ep in plan:
             to_chain, from_chain = endpoint_chains(ep.id)
             self._claim(to_chain, ("endpoint", ep.id))
             self._claim(from_chain, ("endpoint", ep.id))
             from_disp.append(f"-i {ep.host_ifname} -g {from_chain}")
             to_disp.append(f"-o {ep.host_ifname} -g {to_chain}")
-            selecting = [p for p in self.policies if p.selector.matches(ep.labels)]
             for direction, chain in (("Ingress", to_chain), ("Egress", from_chain)):
-                declared = [p for p in selecting if direction in p.types]
-                if declared:
-                    chains[chain] = self._policy_dispatch(declared, direction)
-                    for p in declared:
-                        name = policy_chain(p.name, direction)
-                        if name not in policy_chains:
-                            self._claim(name, ("policy", p.name, direction))
-                            policy_chains[name] = self._policy_rules(p, direction, family)
-                elif direction == "Ingress":
-                    chains[chain] = self._default_ingress(ep, family)
+                dplan = ep.direction(direction)
+                if dplan.groups:
+                    chains[chain] = self._policy_dispatch(dplan.groups, direction)
+                    for group in dplan.groups:
+                        for p in group:
+                            name = policy_chain(p, direction)
+                            if name not in policy_chains:
+                                self._claim(name, ("policy", p, direction))
+                                policy_chains[name] = self._policy_rules(p, direction, family)
                 else:
-                    chains[chain] = ()
+                    chains[chain] = tuple(
+                        f"-m set --match-set {rule.peers[family][0]} src -j {'RETURN' if rule.action == 'allow' else 'DROP'}"
+                        for rule in dplan.rules
+                    )
         chains[FROM_DISPATCH] = tuple(from_disp) + ("-j DROP",)
         chains[TO_DISPATCH] = tuple(to_disp) + ("-j DROP",)
         chains.update(policy_chains)
@@ -223,35 +320,31 @@ class _Compiler:
             assert name.startswith(PREFIX) and len(name) <= MAX_CHAIN_NAME, name
         return dict(sorted(chains.items()))
 
-    def _default_ingress(self, ep, family):
-        same = self._network_set(ep.network, family)
-        everyone = self._set("all", family, "", lambda: [n for nets in self.addresses.values() for n in nets[family]])
-        return (f"-m set --match-set {same} src -j RETURN", f"-m set --match-set {everyone} src -j DROP")
-
-    def _policy_dispatch(self, declared, direction):
+    def _policy_dispatch(self, groups, direction):
         o = self.options
         rules = [f"-j MARK --set-xmark 0x0/{o.mask:#x}"]
-        for _, group in itertools.groupby(declared, key=lambda p: p.order):
-            rules.extend(f"-j {policy_chain(p.name, direction)}" for p in group)
+        for group in groups:
+            rules.extend(f"-j {policy_chain(p, direction)}" for p in group)
             rules.append(f"-m mark --mark {o.deny_mark:#x}/{o.deny_mark:#x} -j DROP")
             rules.append(f"-m mark --mark {o.allow_mark:#x}/{o.allow_mark:#x} -j RETURN")
         rules.append("-j DROP")
         return tuple(rules)
 
-    def _policy_rules(self, policy, direction, family):
-        """log rules, then deny rules (then return if denied), then allow rules; file order within each."""
+    def _policy_rules(self, policy_name, direction, family):
+        """A policy chain rendered from its PlanRules: a deny sets the deny mark, and once some deny has run
+        the chain returns before its first allow if the deny mark is set."""
         o = self.options
         side = "src" if direction == "Ingress" else "dst"
-        ordered = sorted(policy.rules(direction), key=lambda r: _ACTION_RANK[r.action])
         out = []
         denies = allows = 0
-        for rule in ordered:
-            proto = _protocol_match(rule.protocol, family)
-            peers = self._peer_matches(rule, family, side)
-            if proto is None or peers is None:
+        for rule in self.policy_rules[policy_name, direction]:
+            if family not in rule.peers:
                 continue  # nothing this rule names exists in this family
+            proto = _protocol_match(rule.protocol, family)
+            names = rule.peers[family]
+            peers = [""] if names is None else [f"-m set --match-set {name} {side}" for name in names]
             if rule.action == "log":
-                target = f'-j LOG --log-prefix "{log_prefix(policy.name)}"'
+                target = f'-j LOG --log-prefix "{log_prefix(policy_name)}"'
             elif rule.action == "deny":
                 target = f"-j MARK --set-xmark {o.deny_mark:#x}/{o.deny_mark:#x}"
             else:
@@ -265,11 +358,12 @@ class _Compiler:
             allows += rule.action == "allow"
         return tuple(out)
 
-    def _peer_matches(self, rule, family, side):
-        """[""] for any peer; a list of set matches (any one must match); None if no peer exists in family."""
+    def _peer_sets(self, rule, family):
+        """None for any peer; the names of the sets holding the peers (any one must match); False if no peer
+        exists in this family."""
         if rule.peers is None:
-            return [""]
-        matches = []
+            return None
+        names = []
         for peer in rule.peers:
             if peer.selector is not None:
                 name = self._set(
@@ -279,18 +373,16 @@ class _Compiler:
                 name = self._network_set(peer.network, family)
             else:
                 continue
-            match = f"-m set --match-set {name} {side}"
-            if match not in matches:
-                matches.append(match)
+            if name not in names:
+                names.append(name)
         cidr_peers = [p for p in rule.peers if p.cidr is not None]
         if cidr_peers:
             nets = [str(c) for c in self._cidr_space(rule, cidr_peers) if c.version == family]
             if nets == ["0.0.0.0/0"] or nets == ["::/0"]:
-                return [""]  # hash:net cannot hold /0, and "everything" needs no lookup
+                return None  # hash:net cannot hold /0, and "everything" needs no lookup
             if nets:
-                name = self._set("cidr", family, ",".join(nets), lambda: nets)
-                matches.append(f"-m set --match-set {name} {side}")
-        return matches or None
+                names.append(self._set("cidr", family, ",".join(nets), lambda: nets))
+        return tuple(names) if names else False
 
     def _cidr_space(self, rule, cidr_peers):
         """The exact union of a rule's CIDR peers as CIDRs, computed once for both families (the merge is most

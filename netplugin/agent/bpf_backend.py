@@ -8,14 +8,21 @@ filters attached by netlink with the pinned program's fd: no process per endpoin
 the agent, so traffic keeps flowing while it restarts; every reconcile recomputes the wanted map contents from
 the desired endpoints, diffs them against the maps and re-attaches missing filters (level-triggered).
 
-Policy and NAT-outgoing: still written by the iptables writers. The programs write no policy lists yet
-(``np_pol_*`` stay empty), and a packet of an endpoint without lists goes to the stack after anti-spoofing,
-where the filter table enforces the compiled policy exactly as with the iptables backend.
+Policy: every compiled ruleset is written twice, by the iptables writers (the filter table stays the slow path
+for what the programs hand to the stack: ARP, ND, fragments, endpoints the programs do not know) and as BPF
+policy lists (``policy/bpf_render.py`` renders the same plan). Lists are double-buffered: a changed list is
+written into the endpoint's idle slot, ``np_endpoints``' slot switched with one update, the policy generation
+bumped (cached flow verdicts are re-checked at their next packet), then the old slot deleted. An endpoint whose
+lists the program cannot hold keeps none, so its packets go to the stack and iptables, said in one log line.
+``np_fast_dsts`` holds the pools (redirect) and this host's blocks (value 0: to the stack, so a local address
+the programs do not know meets iptables). NAT-outgoing stays with the nat table writer.
 """
 
 import logging
 import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 from netplugin.agent.backend import IptablesBackend, iptables_backend
@@ -24,6 +31,7 @@ from netplugin.dataplane.model import host_ifname, is_host_ifname
 from netplugin.errors import NetpluginError
 from netplugin.kernel.bpf import build, loader, records
 from netplugin.kernel.netlink import netlink
+from policy.bpf_render import render
 
 LOG = logging.getLogger(__name__)
 OBJECT = "netplugin.o"
@@ -42,6 +50,11 @@ class BpfBackend(IptablesBackend):
         super().__init__(inner.endpoints, inner.policy, inner.nat)
         self.pins = pins
         self.name = "bpf"
+        # np_endpoints' slot field is switched by the policy pass and rewritten by the endpoint pass
+        self._ep_lock = threading.Lock()
+        self._held = None  # {(map id, slot): ({np_pol_rules key: value}, {np_pol_peers key: value})} we wrote
+        self._problems = {}  # endpoint id -> why its lists are not in the maps (logged once per reason)
+        self._pools, self._blocks = None, ()
 
     # --- host ---------------------------------------------------------------------------------------------------
 
@@ -86,7 +99,121 @@ class BpfBackend(IptablesBackend):
         summary = dict(summary) if isinstance(summary, dict) else {"endpoints": summary}
         summary["bpf"] = self._converge(desired, prune=True)
         summary["bpf"]["fabric_attached"] = self._attach_fabric()
+        self._blocks = tuple(blocks)
+        summary["bpf"]["np_fast_dsts"] = self._sync_fast_dsts()
         return summary
+
+    # --- policy ---------------------------------------------------------------------------------------------------
+
+    def apply_policy(self, ruleset, full=False) -> tuple:
+        diffs, timings = super().apply_policy(ruleset, full=full)
+        started = time.monotonic()
+        notes = self._write_lists(render(ruleset), reread=full or self._held is None)
+        return list(diffs) + notes, dict(timings, bpf=time.monotonic() - started)
+
+    def _read_lists(self, rules_map, peers_map) -> dict:
+        held = {}
+        for key, value in rules_map.items():
+            ep_id, slot, _ = records.split_ep_dir(records.IFINDEX.unpack(key)[0])
+            held.setdefault((ep_id, slot), ({}, {}))[0][key] = value
+        for key, value in peers_map.items():
+            ep_id, slot, _ = records.split_ep_dir(records.pol_key_ep_dir(key))
+            held.setdefault((ep_id, slot), ({}, {}))[1][key] = value
+        return held
+
+    def _note_problem(self, lists):
+        if lists.problem and self._problems.get(lists.id) != lists.problem:
+            LOG.warning(
+                "event=bpf.policy_on_iptables endpoint=%s host_if=%s reason=%r: its BPF lists are left empty, so"
+                " its packets go to the stack, where the iptables chains enforce its policy",
+                lists.id,
+                lists.host_ifname,
+                lists.problem,
+            )
+        if lists.problem:
+            self._problems[lists.id] = lists.problem
+        else:
+            self._problems.pop(lists.id, None)
+
+    def _write_lists(self, rendered, reread) -> list:
+        """Make np_pol_rules/np_pol_peers hold ``rendered`` (EndpointLists) for the endpoints np_endpoints knows,
+        and nothing else; the changes made, as notes. ``reread``: read the maps back instead of trusting what
+        the last call left (a full resync, or the first call after a restart)."""
+        with netlink(self.host_netns) as nl:
+            index = {m.get("ifname"): m["index"] for m in nl.links()}
+        notes = []
+        with (
+            self._ep_lock,
+            self.pins.map("np_endpoints") as eps,
+            self.pins.map("np_pol_rules") as rules_map,
+            self.pins.map("np_pol_peers") as peers_map,
+        ):
+            held = self._read_lists(rules_map, peers_map) if reread else self._held
+            self._held = None  # unknown until this pass went through
+            live, switched = set(), []
+            for lists in rendered:
+                self._note_problem(lists)
+                idx = index.get(lists.host_ifname)
+                value = eps.lookup(records.ifindex_key(idx)) if idx is not None else None
+                if value is None or lists.problem:
+                    continue  # the programs do not know it (or cannot hold its lists): the stack's
+                ep_id, slot = records.ENDPOINT.unpack(value)[0], records.endpoint_slot(value)
+                if held.get((ep_id, slot)) == lists.entries(ep_id, slot):
+                    live.add((ep_id, slot))
+                    continue
+                new = 1 - slot
+                self._delete(held, (ep_id, new), rules_map, peers_map)
+                want = lists.entries(ep_id, new)
+                for key, v in want[1].items():
+                    peers_map.update(key, v)
+                for key, v in want[0].items():
+                    rules_map.update(key, v)
+                held[(ep_id, new)] = want
+                eps.update(records.ifindex_key(idx), records.with_slot(value, new))  # the switch: one update
+                live.add((ep_id, new))
+                switched.append((ep_id, slot))
+                notes.append(f"bpf: {lists.id} lists in slot {new} ({len(want[1])} peer prefixes)")
+            if switched:
+                gen = self._bump_generation()
+                LOG.info("event=bpf.policy_written endpoints=%d policy_gen=%d", len(switched), gen)
+            for owner in sorted(set(held) - live):  # old slots, endpoints gone or left to iptables
+                self._delete(held, owner, rules_map, peers_map)
+                notes.append(f"bpf: lists of map id {owner[0]} slot {owner[1]} deleted")
+            self._held = held
+        return notes
+
+    @staticmethod
+    def _delete(held, owner, rules_map, peers_map):
+        rules, peers = held.pop(owner, ({}, {}))
+        for key in rules:
+            rules_map.delete(key)
+        for key in peers:
+            peers_map.delete(key)
+
+    def _bump_generation(self) -> int:
+        """Every cached flow verdict is re-checked at its next packet (np_config's policy generation)."""
+        with self.pins.map("np_config") as m:
+            key = records.IFINDEX.pack(0)
+            gen = (records.config_gen(m.lookup(key)) + 1) & 0xFFFFFFFF
+            m.update(key, records.config(gen))
+        return gen
+
+    # --- where redirects may carry traffic --------------------------------------------------------------------------
+
+    def set_nat_outgoing(self, pools, full=False) -> list:
+        notes = super().set_nat_outgoing(pools, full=full)
+        self._pools = tuple(sorted(p.cidr for p in pools))
+        self._sync_fast_dsts()
+        return notes
+
+    def _sync_fast_dsts(self) -> int:
+        """np_fast_dsts: every pool (1: redirect), this host's blocks (0: more specific, to the stack); level
+        triggered. Nothing until the pools are known."""
+        if self._pools is None:
+            return 0
+        want = {records.net_key(c): b"\x01" for c in self._pools}
+        want.update({records.net_key(b): b"\x00" for b in self._blocks})
+        return self._sync_map("np_fast_dsts", want, prune=True)
 
     def _known_macs(self) -> dict:
         """Container MACs np_locals already holds, by host veth ifindex: a resync need not open every netns."""
@@ -107,10 +234,16 @@ class BpfBackend(IptablesBackend):
             return None
         return cont.get("address") if cont else None
 
+    def _known_slots(self) -> dict:
+        """The live policy slot of each np_endpoints entry, by ifindex (the policy pass owns it)."""
+        with self.pins.map("np_endpoints") as m:
+            return {records.IFINDEX.unpack(k)[0]: records.endpoint_slot(v) for k, v in m.items()}
+
     def _wanted(self, specs) -> tuple:
         """(np_endpoints, np_locals, host veths) wanted for ``specs``: computed from the kernel's links."""
         eps, locs, veths = {}, {}, {}
         known = self._known_macs()
+        slots = self._known_slots()
         with netlink(self.host_netns) as hnl:
             for spec in specs:
                 host = hnl.link(name=host_ifname(spec.endpoint_id))
@@ -121,18 +254,19 @@ class BpfBackend(IptablesBackend):
                 if not mac:
                     continue
                 addrs = [str(a).split("/")[0] for a in spec.addresses]
-                eps[records.ifindex_key(idx)] = records.endpoint(idx, addrs)
+                eps[records.ifindex_key(idx)] = records.endpoint(idx, addrs, slots.get(idx, 0))
                 for a in addrs:
                     locs[records.addr16(a)] = records.local(idx, idx, mac, host.get("address"))
                 veths[idx] = host.get("ifname")
         return eps, locs, veths
 
     def _converge(self, specs, prune=False) -> dict:
-        eps, locs, veths = self._wanted(specs)
-        changed = {
-            "np_endpoints": self._sync_map("np_endpoints", eps, prune),
-            "np_locals": self._sync_map("np_locals", locs, prune),
-        }
+        with self._ep_lock:
+            eps, locs, veths = self._wanted(specs)
+            changed = {
+                "np_endpoints": self._sync_map("np_endpoints", eps, prune),
+                "np_locals": self._sync_map("np_locals", locs, prune),
+            }
         attached = []
         for idx, name in veths.items():
             if FROM_CONTAINER not in loader.attached(idx, netns=self.host_netns):

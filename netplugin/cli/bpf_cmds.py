@@ -45,25 +45,34 @@ def _ifname(ifindex):
         return "?"
 
 
-def _policy_rules(pins, ep_id):
+def _policy_rules(pins, ep_id, slot):
+    """Rules in each direction's live list ('-': none, so the stack's iptables chains decide)."""
     with _open(pins, "np_pol_rules") as m:
         out = {}
         for direction, d in (("ingress", records.DIR_INGRESS), ("egress", records.DIR_EGRESS)):
-            raw = m.lookup(records.IFINDEX.pack(records.ep_dir(ep_id, d)))
+            raw = m.lookup(records.rules_key(ep_id, d, slot))
             out[direction] = records.rules_count(raw) if raw else "-"
         return out
+
+
+def _policy_gen(pins):
+    with _open(pins, "np_config") as m:
+        raw = m.lookup(records.IFINDEX.pack(0))
+        return records.config_gen(raw) if raw else 0
 
 
 @bpf.command("endpoints")
 @bpffs_option
 @output_option
 def endpoints(bpffs, fmt):
-    """Endpoints in np_endpoints (anti-spoofing), and the policy rules each has in BPF ('-': the stack's)."""
+    """Endpoints in np_endpoints (anti-spoofing), the policy rules each has in BPF ('-': the stack's), the slot
+    of its live lists and the host's policy generation."""
     pins = loader.Pins(bpffs)
     rows = []
+    gen = _policy_gen(pins)
     for key, value in _entries(pins, "np_endpoints"):
         e = records.endpoint_entry(key, value)
-        pol = _policy_rules(pins, e["id"])
+        pol = _policy_rules(pins, e["id"], e["slot"])
         rows.append(
             {
                 "interface": _ifname(e["ifindex"]),
@@ -72,13 +81,15 @@ def endpoints(bpffs, fmt):
                 "addresses": " ".join(e["addresses"]),
                 "ingress_rules": pol["ingress"],
                 "egress_rules": pol["egress"],
+                "slot": e["slot"],
+                "policy_gen": gen,
             }
         )
     rows.sort(key=lambda r: r["ifindex"])
     emit(
         rows,
         fmt,
-        ["interface", "ifindex", "id", "addresses", "ingress_rules", "egress_rules"],
+        ["interface", "ifindex", "id", "addresses", "ingress_rules", "egress_rules", "slot", "policy_gen"],
         empty="no endpoint in the BPF maps",
     )
 

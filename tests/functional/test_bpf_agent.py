@@ -1,6 +1,7 @@
 """The agent with ``--dataplane bpf``: a real agent in a test host namespace, its programs pinned on a bpffs
 the test mounts, CNI containers wired by it. Traffic goes only between namespaces made here."""
 
+import ipaddress
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from netplugin.datastore import keys
 from netplugin.dataplane import host_ifname
 from netplugin.kernel.bpf import loader, records
 from netplugin.service.endpoints import endpoint_id
@@ -17,6 +19,8 @@ from netplugin.lab.agents import AgentProcess, rmtree, tempdir
 from netplugin.lab.console import console_script
 from netplugin.lab.netns import NamespaceSet, nsexec
 from netplugin.lab.bpflab import mounted_bpffs
+from policy.model import Policy
+from policy.store import apply_policies
 from tests.functional.test_cni_e2e import NETWORK, POOL, Containers, address, agent_host, pings_within
 from tests.probes import steady_ping
 from tests.waiting import wait_until
@@ -96,6 +100,97 @@ def test_a_forged_source_is_dropped_by_the_program(bpf_host, containers):
     assert counter(bpf_host, idx) - before == 5
 
 
+def _live_lists(host, ifindex):
+    """(ingress, egress) rule counts of the live lists of the endpoint behind ``ifindex``; None: no list."""
+    with host.pins.map("np_endpoints") as eps, host.pins.map("np_pol_rules") as rules:
+        value = eps.lookup(records.ifindex_key(ifindex))
+        ep_id, slot = records.ENDPOINT.unpack(value)[0], records.endpoint_slot(value)
+        got = [rules.lookup(records.rules_key(ep_id, d, slot)) for d in (records.DIR_INGRESS, records.DIR_EGRESS)]
+    return tuple(records.rules_count(v) if v else None for v in got)
+
+
+def test_add_returns_with_the_endpoints_policy_lists_in_the_maps(bpf_host, containers):
+    """First-packet guarantee: when ADD returns, the new endpoint's lists are live, so its first packet meets
+    BPF policy (and is redirected), not an empty list."""
+    a, ra = containers.add()
+    assert _live_lists(bpf_host, bpf_host.ifindex(veth_of(a))) == (2, 0)
+    b, rb = containers.add()
+    idx = bpf_host.ifindex(veth_of(b))
+    assert _live_lists(bpf_host, idx) == (2, 0)
+    before = counter(bpf_host, idx, "allowed")
+    assert pings_within(b, address(ra), 5)
+    assert counter(bpf_host, idx, "allowed") > before and counter(bpf_host, idx, "to_stack") == 0
+
+
+def _slot_and_gen(host, ifindex):
+    with host.pins.map("np_endpoints") as eps, host.pins.map("np_config") as cfg:
+        slot = records.endpoint_slot(eps.lookup(records.ifindex_key(ifindex)))
+        return slot, records.config_gen(cfg.lookup(records.IFINDEX.pack(0)))
+
+
+def _lists_of(host, map_id):
+    """The (slot, direction) of every np_pol_rules entry of one map id."""
+    with host.pins.map("np_pol_rules") as m:
+        owners = [records.split_ep_dir(records.IFINDEX.unpack(k)[0]) for k in m.keys()]
+    return sorted((slot, d) for ep_id, slot, d in owners if ep_id == map_id)
+
+
+def test_a_policy_change_switches_slots_and_a_list_too_long_stays_with_iptables(bpf_host, containers):
+    a, ra = containers.add(config=dict(bpf_host.cni.config, args={"labels": {"app": "srv"}}))
+    b, rb = containers.add()
+    ia, ib = bpf_host.ifindex(veth_of(a)), bpf_host.ifindex(veth_of(b))
+    slot, gen = _slot_and_gen(bpf_host, ia)
+
+    def put(rules):
+        doc = {
+            "apiVersion": "netplugin/v1",
+            "kind": "Policy",
+            "metadata": {"name": "srv-in"},
+            "spec": {"selector": {"matchLabels": {"app": "srv"}}, "ingress": rules},
+        }
+        apply_policies(bpf_host.ds, [Policy.from_dict(doc)])
+
+    try:
+        put([{"action": "allow", "protocol": "tcp", "ports": [80]}])
+        wait_until("the new list live", lambda: _live_lists(bpf_host, ia) == (1, 0), timeout=10)
+        new_slot, new_gen = _slot_and_gen(bpf_host, ia)
+        assert new_slot == 1 - slot and new_gen > gen  # written beside the old list, switched, flows re-checked
+        assert _lists_of(bpf_host, ia) == [(new_slot, 0), (new_slot, 1)]  # the old slot's list is gone
+        denied = counter(bpf_host, ib, "denied")
+        assert not pings_within(b, address(ra), 1)
+        assert counter(bpf_host, ib, "denied") > denied  # the program refused it, not iptables
+
+        # 65 rules do not fit the program's list: the endpoint's policy stays with iptables, said in one line
+        put([{"action": "allow", "protocol": "tcp", "ports": [p]} for p in range(1, 65)] + [{"action": "allow"}])
+        wait_until("the list left to iptables", lambda: _live_lists(bpf_host, ia) == (None, None), timeout=10)
+        lines = [x for x in bpf_host.agent.log_text().splitlines() if "event=bpf.policy_on_iptables" in x]
+        assert len(lines) == 1 and "more than 64 rules" in lines[0], lines
+        to_stack = counter(bpf_host, ib, "to_stack")
+        assert pings_within(b, address(ra), 5)  # the 65th rule, in the iptables chain
+        assert counter(bpf_host, ib, "to_stack") > to_stack
+    finally:
+        bpf_host.ds.delete(keys.policy("srv-in"))
+    wait_until("the default back in BPF", lambda: _live_lists(bpf_host, ia) == (2, 0), timeout=10)
+
+
+def test_fast_dsts_hold_the_pools_and_send_this_hosts_blocks_to_the_stack(bpf_host, containers):
+    a, ra = containers.add()
+    with bpf_host.pins.map("np_fast_dsts") as m:
+        held = {k: v for k, v in m.items()}
+    assert held[records.net_key(POOL)] == b"\x01", held
+    local = [k for k, v in held.items() if v == b"\x00"]
+    assert local, held  # the block the container's address came from
+    assert any(ipaddress.ip_address(address(ra)) in _net_of(k) for k in local), held
+
+
+def _net_of(key):
+    plen, addr = records.NET_KEY.unpack(key)
+    a = ipaddress.IPv6Address(addr)
+    return (
+        ipaddress.ip_network(f"{a.ipv4_mapped}/{plen - 96}") if a.ipv4_mapped else ipaddress.ip_network(f"{a}/{plen}")
+    )
+
+
 def test_a_detached_program_is_reattached_by_the_next_resync(bpf_host, containers):
     a, _ = containers.add()
     where = f"/run/netns/{bpf_host.ns}"
@@ -113,7 +208,7 @@ def test_an_agent_restart_loses_no_ping(bpf_host, containers):
     b, rb = containers.add()
     assert pings_within(a, address(rb), 5)
     idx = bpf_host.ifindex(veth_of(a))
-    seen = counter(bpf_host, idx, "to_stack")
+    seen = counter(bpf_host, idx, "allowed")
 
     with steady_ping(a, address(rb), 500) as result:
         time.sleep(0.3)
@@ -121,8 +216,9 @@ def test_an_agent_restart_loses_no_ping(bpf_host, containers):
         bpf_host.agent.start()
         time.sleep(0.3)
     assert result["received"] == result["transmitted"], result["output"]
-    # the pinned program saw every echo while the agent was away and back: its counters were not reset
-    assert counter(bpf_host, idx, "to_stack") - seen >= result["transmitted"]
+    # the pinned program allowed and redirected every echo while the agent was away and back (its policy lists
+    # outlived the agent, and the restarted one found them right: nothing rewritten), counters not reset
+    assert counter(bpf_host, idx, "allowed") - seen >= result["transmitted"]
     assert loader.attached(veth_of(a), netns=f"/run/netns/{bpf_host.ns}") == ["from_container"]
 
 
@@ -191,7 +287,9 @@ def test_netctl_shows_the_endpoints_and_counters_in_the_maps(bpf_host, container
     nsexec(a, [sys.executable, "-c", SPOOF, gw_mac, "10.70.0.251", address(rb)], timeout=60)
     rows = {r["interface"]: r for r in netctl_bpf(bpf_host, "endpoints")}
     assert rows[veth_of(a)]["addresses"] == address(ra) and rows[veth_of(a)]["ifindex"] == idx
-    assert rows[veth_of(a)]["ingress_rules"] == "-"  # policy is still the filter table's (see bpf_backend.py)
+    # the same-network default in BPF: allow its network, deny other endpoints (ingress); egress allows all
+    assert (rows[veth_of(a)]["ingress_rules"], rows[veth_of(a)]["egress_rules"]) == (2, 0), rows[veth_of(a)]
+    assert rows[veth_of(a)]["slot"] in (0, 1) and rows[veth_of(a)]["policy_gen"] >= 1
     assert veth_of(b) in rows
     counters = {r["interface"]: r for r in netctl_bpf(bpf_host, "counters")}
     assert counters[veth_of(a)]["spoofed"] >= 5

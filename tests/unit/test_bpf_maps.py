@@ -105,7 +105,13 @@ def test_records_layouts():
     assert records.ENDPOINT.unpack(ep)[:3] == (3, 2, 1)
     assert records.addr16("10.0.0.1") == bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 1])
     key = records.pol_key(3, records.DIR_INGRESS, "10.1.0.0/16")
-    assert records.POL_KEY.unpack(key) == (32 + 96 + 16, (7).to_bytes(4, "big"), records.addr16("10.1.0.0"))
+    assert records.POL_KEY.unpack(key) == (32 + 96 + 16, (13).to_bytes(4, "big"), records.addr16("10.1.0.0"))
+    # the second copy of a list (double-buffered) differs in the slot bit only
+    key = records.pol_key(3, records.DIR_INGRESS, "10.1.0.0/16", slot=1)
+    assert records.POL_KEY.unpack(key)[1] == (15).to_bytes(4, "big")
+    assert records.split_ep_dir(records.pol_key_ep_dir(key)) == (3, 1, records.DIR_INGRESS)
+    assert records.endpoint_slot(records.with_slot(ep, 1)) == 1 and records.endpoint_slot(ep) == 0
+    assert records.with_slot(records.with_slot(ep, 1), 0) == ep
     with pytest.raises(ValueError, match="more than 4 addresses"):
         records.endpoint(1, [f"10.0.0.{i}" for i in range(5)])
     with pytest.raises(ValueError, match="more than 64 rules"):

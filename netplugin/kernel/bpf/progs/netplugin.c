@@ -7,7 +7,8 @@
  *   (np_fast_dsts) through a FIB lookup and bpf_redirect / bpf_redirect_neigh out of the host, and any
  *   other to the stack (NAT-outgoing happens there).
  * to_container: tc ingress of a fabric (uplink) interface.  A destination in the local-endpoint map
- *   gets ingress policy and bpf_redirect_peer into the container's veth.
+ *   gets ingress policy, then bpf_redirect_peer into the container's veth when the source is in the pools
+ *   (else the stack, as the other direction went).
  *
  * Whenever the program is unsure (ARP, ND, IPv6 extension headers, fragments, no map entry, FIB lookup
  * not SUCCESS/NO_NEIGH) it returns TC_ACT_OK and the normal stack (routing + iptables) takes the packet.
@@ -55,7 +56,7 @@ struct np_endpoint {
 	__u32 id;   /* endpoint number: keys policy and counters */
 	__u32 n4;
 	__u32 n6;
-	__u32 pad;
+	__u32 pol_slot; /* which of the two copies of its policy lists is live (0 or 1): see np_pol_key */
 	__be32 v4[NP_MAX_ADDRS];
 	struct in6_addr v6[NP_MAX_ADDRS];
 };
@@ -73,9 +74,11 @@ struct np_local {
 };
 
 /* Policy peers: one LPM trie for every endpoint and direction.  The key's first 32 bits are
- * (endpoint id << 1 | direction), always matched in full, then the peer address; the value is the set of
- * rules (bit i = rule i of that endpoint's list) whose peer set contains the address.  The compiler folds
- * covering prefixes and notCIDR exclusions into each entry, so 10,000 CIDRs are still one lookup. */
+ * (endpoint id << 2 | slot << 1 | direction), always matched in full, then the peer address; the value is
+ * the set of rules (bit i = rule i of that endpoint's list) whose peer set contains the address.  The
+ * renderer folds covering prefixes and notCIDR exclusions into each entry, so 10,000 CIDRs are still one
+ * lookup.  Two slots per endpoint: the agent writes a new list beside the live one, then switches
+ * np_endpoints' pol_slot with one update, so no packet sees half a list. */
 struct np_pol_key {
 	__u32 prefixlen;
 	__be32 ep_dir;
@@ -131,12 +134,14 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 32768);
-	__type(key, __u32); /* ep_dir, as in np_pol_key */
+	__type(key, __u32); /* ep_dir (id << 2 | slot << 1 | direction), as in np_pol_key */
 	__type(value, struct np_rules);
 } np_pol_rules SEC(".maps");
 
-/* Destinations the redirect may carry (the cluster's pools).  Anything else goes to the stack after policy,
- * so NAT-outgoing (MASQUERADE in POSTROUTING, which a redirect would skip) stays correct. */
+/* Destinations the redirect may carry: value 1 (the cluster's pools).  Anything else, or a more specific
+ * entry with value 0 (this host's own blocks: a local address that is not in np_locals, such as an
+ * endpoint the programs do not know, must meet its ingress policy in the stack), goes to the stack after
+ * policy, so NAT-outgoing (MASQUERADE in POSTROUTING, which a redirect would skip) stays correct. */
 struct np_net_key {
 	__u32 prefixlen;
 	__u8 addr[16];
@@ -163,7 +168,8 @@ struct np_flow_key {
 	__u16 sport;
 	__u16 dport;
 	__u8 proto;
-	__u8 pad[3];
+	__u8 echo; /* ICMP: NP_ECHO_REQUEST or NP_ECHO_REPLY (ports hold the echo id), else 0 */
+	__u8 pad[2];
 };
 
 struct np_flow {
@@ -197,11 +203,18 @@ struct {
 #define NP_FLOW_IDLE_NS (600ULL * 1000000000ULL)
 #define NP_FLOW_STAMP_NS 1000000000ULL
 
+/* ICMP echo is tracked like conntrack does: the echo id in the flow key's ports (request: sport = id,
+ * reply: dport = id) and the kind in ``echo``, so a request in the other direction is a new flow, not a
+ * reply to an earlier one. */
+#define NP_ECHO_REQUEST 1
+#define NP_ECHO_REPLY 2
+
 struct np_pkt {
 	__u8 family;
 	__u8 proto;
 	__u8 ports_ok; /* ports parsed (TCP/UDP, not a fragment) */
 	__u8 l4_ok;    /* l4 known: ports parsed or a protocol without ports */
+	__u8 echo;     /* NP_ECHO_* for ICMP echo, else 0 */
 	__u16 sport;
 	__u16 dport;
 	__u8 src[16];
@@ -274,6 +287,23 @@ static __always_inline int parse(struct __sk_buff *skb, struct np_pkt *p)
 			return -1;
 		p->sport = bpf_ntohs(ports[0]);
 		p->dport = bpf_ntohs(ports[1]);
+	} else if ((p->proto == IPPROTO_ICMP && p->family == AF_INET) || p->proto == IPPROTO_ICMPV6) {
+		__u8 *icmp = data + l4_off;
+		__u8 req = p->family == AF_INET ? 8 : 128, rep = p->family == AF_INET ? 0 : 129;
+		int whole = p->ports_ok; /* not a later fragment */
+
+		p->ports_ok = 0;
+		if (whole && (void *)(icmp + 8) <= end) {
+			__u16 id = bpf_ntohs(*(__u16 *)(icmp + 4));
+
+			if (icmp[0] == req) {
+				p->echo = NP_ECHO_REQUEST;
+				p->sport = id;
+			} else if (icmp[0] == rep) {
+				p->echo = NP_ECHO_REPLY;
+				p->dport = id;
+			}
+		}
 	} else {
 		p->ports_ok = 0;
 	}
@@ -342,14 +372,22 @@ static long eval_rule(__u64 i, void *ctx)
 	return 1;
 }
 
-/* One endpoint's rules for one direction: ALLOW, DENY, or NONE (no rules: leave to the stack). */
-static __always_inline int policy(__u32 id, int dir, const __u8 *peer, __u8 proto, __u16 dport, __u8 ports_ok)
+/* The rules of the endpoint behind host veth ``ifindex`` for one direction, from its live slot: ALLOW,
+ * DENY, or NONE (no endpoint or no rules: leave to the stack). */
+static __always_inline int policy(__u32 ifindex, int dir, const __u8 *peer, __u8 proto, __u16 dport,
+				  __u8 ports_ok)
 {
 	struct np_pol_key k = {};
 	struct np_eval e = {};
+	struct np_endpoint *ep;
 	__u64 *bits;
-	__u32 ep_dir = id << 1 | dir;
+	__u32 ep_dir, id;
 
+	ep = bpf_map_lookup_elem(&np_endpoints, &ifindex);
+	if (!ep)
+		return NP_ACT_NONE;
+	id = ep->id;
+	ep_dir = id << 2 | (ep->pol_slot & 1) << 1 | dir;
 	e.rules = bpf_map_lookup_elem(&np_pol_rules, &ep_dir);
 	if (!e.rules)
 		return NP_ACT_NONE;
@@ -367,19 +405,20 @@ static __always_inline int policy(__u32 id, int dir, const __u8 *peer, __u8 prot
 	return e.verdict;
 }
 
-/* A flow from src to dst (either may be NP_REMOTE): the source's egress and the destination's ingress rules
- * on this host.  ALLOW only when every local end allows; NONE when an end has no rules. */
-static __always_inline int eval_flow(__u32 src_id, __u32 dst_id, const __u8 *src, const __u8 *dst, __u8 proto,
+/* A flow from src to dst (host veth ifindexes; either may be NP_REMOTE): the source's egress and the
+ * destination's ingress rules on this host.  ALLOW only when every local end allows; NONE when an end has
+ * no rules. */
+static __always_inline int eval_flow(__u32 src_if, __u32 dst_if, const __u8 *src, const __u8 *dst, __u8 proto,
 				     __u16 dport, __u8 ports_ok)
 {
 	int a = NP_ACT_ALLOW, b = NP_ACT_ALLOW;
 
-	if (src_id != NP_REMOTE)
-		a = policy(src_id, NP_DIR_EGRESS, dst, proto, dport, ports_ok);
+	if (src_if != NP_REMOTE)
+		a = policy(src_if, NP_DIR_EGRESS, dst, proto, dport, ports_ok);
 	if (a == NP_ACT_DENY)
 		return a;
-	if (dst_id != NP_REMOTE)
-		b = policy(dst_id, NP_DIR_INGRESS, src, proto, dport, ports_ok);
+	if (dst_if != NP_REMOTE)
+		b = policy(dst_if, NP_DIR_INGRESS, src, proto, dport, ports_ok);
 	if (a == NP_ACT_NONE || b == NP_ACT_NONE)
 		return b == NP_ACT_DENY ? b : NP_ACT_NONE;
 	return b;
@@ -393,16 +432,17 @@ static __always_inline void flow_key(struct np_flow_key *k, struct np_pkt *p, in
 	k->sport = reverse ? p->dport : p->sport;
 	k->dport = reverse ? p->sport : p->dport;
 	k->proto = p->proto;
+	k->echo = reverse && p->echo ? NP_ECHO_REQUEST + NP_ECHO_REPLY - p->echo : p->echo;
 }
 #endif
 
-/* The verdict for a packet from src_id to dst_id, through the flow table unless built without it. */
-static __always_inline int verdict(__u32 src_id, __u32 dst_id, struct np_pkt *p)
+/* The verdict for a packet from src_if to dst_if, through the flow table unless built without it. */
+static __always_inline int verdict(__u32 src_if, __u32 dst_if, struct np_pkt *p)
 {
 #ifdef NP_NO_FLOWS
-	return eval_flow(src_id, dst_id, p->src, p->dst, p->proto, p->dport, p->ports_ok);
+	return eval_flow(src_if, dst_if, p->src, p->dst, p->proto, p->dport, p->ports_ok);
 #else
-	struct np_flow_key k = {}, rk = {};
+	struct np_flow_key k = {};
 	struct np_flow *f, nf = {};
 	struct np_config *cfg;
 	__u32 zero = 0, gen;
@@ -421,7 +461,7 @@ static __always_inline int verdict(__u32 src_id, __u32 dst_id, struct np_pkt *p)
 		}
 		if (!f->orig) {
 			/* a reply after a policy change: re-check the direction that opened the flow */
-			v = eval_flow(dst_id, src_id, p->dst, p->src, p->proto, p->sport, p->ports_ok);
+			v = eval_flow(dst_if, src_if, p->dst, p->src, p->proto, p->sport, p->ports_ok);
 			if (v == NP_ACT_NONE)
 				return v;
 			f->gen = gen;
@@ -430,7 +470,7 @@ static __always_inline int verdict(__u32 src_id, __u32 dst_id, struct np_pkt *p)
 			return v;
 		}
 	}
-	v = eval_flow(src_id, dst_id, p->src, p->dst, p->proto, p->dport, p->ports_ok);
+	v = eval_flow(src_if, dst_if, p->src, p->dst, p->proto, p->dport, p->ports_ok);
 	if (v == NP_ACT_NONE)
 		return v;
 	nf.seen_ns = now;
@@ -439,9 +479,9 @@ static __always_inline int verdict(__u32 src_id, __u32 dst_id, struct np_pkt *p)
 	nf.orig = 1;
 	bpf_map_update_elem(&np_flows, &k, &nf, BPF_ANY);
 	if (v == NP_ACT_ALLOW) {
-		flow_key(&rk, p, 1);
+		flow_key(&k, p, 1); /* the same key, reversed: one key on the stack (its limit is 512 bytes) */
 		nf.orig = 0;
-		bpf_map_update_elem(&np_flows, &rk, &nf, BPF_ANY);
+		bpf_map_update_elem(&np_flows, &k, &nf, BPF_ANY);
 	}
 	return v;
 #endif
@@ -496,9 +536,9 @@ static __always_inline int ct_accepted(struct __sk_buff *skb, struct np_pkt *p)
 }
 #endif
 
-/* Allow (0) or deny (1) a packet from src_id to dst_id (NP_REMOTE: not on this host) by policy, or by the
+/* Allow (0) or deny (1) a packet from src_if to dst_if (NP_REMOTE: not on this host) by policy, or by the
  * conntrack gate; -1 hands it to the stack. */
-static __always_inline int decide(struct __sk_buff *skb, __u32 src_id, __u32 dst_id, struct np_pkt *p)
+static __always_inline int decide(struct __sk_buff *skb, __u32 src_if, __u32 dst_if, struct np_pkt *p)
 {
 #if defined(NP_CT_GATE)
 	return ct_accepted(skb, p) ? 0 : -1;
@@ -507,7 +547,7 @@ static __always_inline int decide(struct __sk_buff *skb, __u32 src_id, __u32 dst
 #else
 	if (!p->l4_ok)
 		return -1; /* a fragment: iptables reassembles */
-	switch (verdict(src_id, dst_id, p)) {
+	switch (verdict(src_if, dst_if, p)) {
 	case NP_ACT_ALLOW:
 		return 0;
 	case NP_ACT_DENY:
@@ -592,6 +632,7 @@ int from_container(struct __sk_buff *skb)
 	struct np_local *l;
 	struct np_pkt p = {};
 	__u32 ifindex = skb->ifindex;
+	__u8 *fast;
 	int rc, d;
 
 	ep = bpf_map_lookup_elem(&np_endpoints, &ifindex);
@@ -605,7 +646,7 @@ int from_container(struct __sk_buff *skb)
 	}
 	__builtin_memcpy(dk.addr, p.dst, 16);
 	l = bpf_map_lookup_elem(&np_locals, &dk);
-	d = decide(skb, ep->id, l ? l->id : NP_REMOTE, &p);
+	d = decide(skb, ifindex, l ? l->host_ifindex : NP_REMOTE, &p);
 	if (d > 0) {
 		count(ep->id, 1);
 		return TC_ACT_SHOT;
@@ -621,7 +662,8 @@ int from_container(struct __sk_buff *skb)
 	}
 	fk.prefixlen = 128;
 	__builtin_memcpy(fk.addr, p.dst, 16);
-	if (!bpf_map_lookup_elem(&np_fast_dsts, &fk)) {
+	fast = bpf_map_lookup_elem(&np_fast_dsts, &fk);
+	if (!fast || !*fast) {
 		count(ep->id, 4); /* outside the cluster: NAT-outgoing and the rest of the stack apply */
 		return TC_ACT_OK;
 	}
@@ -671,7 +713,9 @@ int from_container(struct __sk_buff *skb)
 SEC("tc")
 int to_container(struct __sk_buff *skb)
 {
+	struct np_net_key fk = {};
 	struct np_addr_key dk;
+	__u8 *fast;
 	struct np_local *l;
 	struct np_pkt p = {};
 	int d;
@@ -682,12 +726,17 @@ int to_container(struct __sk_buff *skb)
 	l = bpf_map_lookup_elem(&np_locals, &dk);
 	if (!l)
 		return TC_ACT_OK;
-	d = decide(skb, NP_REMOTE, l->id, &p);
+	d = decide(skb, NP_REMOTE, l->host_ifindex, &p);
 	if (d > 0) {
 		count(l->id, 1);
 		return TC_ACT_SHOT;
 	}
-	if (d < 0) {
+	fk.prefixlen = 128;
+	__builtin_memcpy(fk.addr, p.src, 16);
+	fast = bpf_map_lookup_elem(&np_fast_dsts, &fk);
+	if (d < 0 || !fast || !*fast) {
+		/* From outside the pools: its other direction goes through the stack (not in np_fast_dsts), so this
+		 * one must too, or conntrack sees half a connection and iptables drops it as INVALID. */
 		count(l->id, 4);
 		return TC_ACT_OK;
 	}
