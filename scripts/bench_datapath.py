@@ -330,8 +330,28 @@ def preflight(paths):
     missing = [t for t in needed if not shutil.which(t)]
     if missing:
         sys.exit(f"bench_datapath: missing tools: {', '.join(missing)} (see scripts/setup.sh)")
+    if "netplugin-bpf" in paths:
+        stale = stale_bpf_object()
+        if stale:
+            sys.exit(f"bench_datapath: {stale}")
     if not os.path.exists(os.path.join(os.path.dirname(sys.executable), "netplugin")):
         sys.exit("bench_datapath: run with the project's virtualenv: .venv/bin/python scripts/bench_datapath.py")
+
+
+def stale_bpf_object():
+    """Why the agents' BPF object would not be the programs in this tree (missing or older than a source), or
+    None: a benchmark of yesterday's object would measure the wrong programs."""
+    from netplugin.agent.bpf_backend import OBJECT, default_object_dir
+    from netplugin.kernel.bpf import build
+
+    obj = os.path.join(default_object_dir(), OBJECT)
+    rebuild = f"python -m netplugin.kernel.bpf.build {default_object_dir()}"
+    if not os.path.exists(obj):
+        return f"no BPF object {obj}: build it with {rebuild}"
+    newer = [src.name for src in build.PROGS.glob("*.[ch]") if src.stat().st_mtime > os.path.getmtime(obj)]
+    if newer:
+        return f"{obj} is older than {', '.join(sorted(newer))}: rebuild it with {rebuild}"
+    return None
 
 
 def main(argv=None):
