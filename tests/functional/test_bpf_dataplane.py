@@ -14,6 +14,7 @@ from netplugin.kernel.bpf import loader, records
 from netplugin.lab.bpflab import CONTAINER, FABRIC, TwoHostLab, link_info
 from netplugin.lab.netns import kill_pids, nsexec
 from tests.probes import assert_reachability, start_echo_server
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.functional
 
@@ -235,3 +236,27 @@ def test_established_flow_survives_a_policy_change_until_revoked(lab, bpf_object
             if p is not None:
                 p.kill()
                 p.wait()
+
+
+def test_a_tcp_senders_gso_segments_are_redirected_not_handed_to_the_stack(lab, bpf_objects, bpffs):
+    """A bulk TCP sender hands its veth 64 KB GSO super-packets; the FIB lookup must judge them by the segments
+    they become (tot_len 0), or every one is FRAG_NEEDED and goes to the stack."""
+    pins = lab.load(bpf_objects[""], bpffs)
+    lab.program_endpoints(pins)
+    for side in "ab":
+        lab.program_policy(pins, side, [records.rule(records.ACT_ALLOW)], {0: PEERS})
+    server = subprocess.Popen(["ip", "netns", "exec", lab.containers["b"], "iperf3", "-s", "-1"])
+    try:
+        wait_until(
+            "iperf3 listening in container b",
+            lambda: nsexec(lab.containers["b"], "ss -Hltn sport = :5201").stdout.strip(),
+            timeout=5,
+        )
+        before = lab.counters(pins, "a")
+        nsexec(lab.containers["a"], ["iperf3", "-c", CONTAINER["b"][0], "-t", "1", "-4"], timeout=30)
+        after = lab.counters(pins, "a")
+    finally:
+        server.kill()
+        server.wait()
+    assert after["allowed"] - before["allowed"] > 1000, (before, after)
+    assert after["to_stack"] - before["to_stack"] <= 5, (before, after)  # GSO packets were all redirected

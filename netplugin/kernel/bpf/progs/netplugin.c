@@ -681,7 +681,9 @@ int from_container(struct __sk_buff *skb)
 	fib.l4_protocol = p.proto;
 	fib.sport = bpf_htons(p.sport);
 	fib.dport = bpf_htons(p.dport);
-	fib.tot_len = skb->len - sizeof(struct ethhdr);
+	/* tot_len 0: the kernel checks the skb against the egress MTU itself (is_skb_forwardable), which knows
+	 * GSO; a tot_len of skb->len makes every GSO super-packet of a TCP sender FRAG_NEEDED, so the stack */
+	fib.tot_len = 0;
 	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
 		if (dec_ttl(skb, &p) ||
