@@ -7,7 +7,7 @@ of the endpoints at its two ends (``allowed``: packets the programs passed and r
 built from the document's numbers and left out when they are missing.
 """
 
-from netplugin.benchlib.datapath_metrics import BPF, CROSS_HOST, IPTABLES, NO_POLICY, aims, metric_ratio, missed_by
+from netplugin.benchlib.datapath_metrics import BPF, CROSS_HOST, IPTABLES, NO_POLICY, aims, met_or_missed, metric_ratio
 from netplugin.benchlib.markdown import fmt_num, table
 
 CARRIED = 0.99  # at least this share of allowed packets: the programs carried the traffic
@@ -78,7 +78,7 @@ def _verdicts(doc, path_id):
     out = []
     for v in aims(doc):
         if v["path"] == path_id and v["ratio"] is not None and not v["text"].startswith("(also"):
-            out.append(f"{'met' if v['met'] else 'missed'} by {missed_by(v):.0f}%")
+            out.append(met_or_missed(v))
     return out
 
 

@@ -147,6 +147,17 @@ def missed_by(v):
     return abs(v["ratio"].median - v["bound"]) / v["bound"] * 100
 
 
+def met_or_missed(v):
+    """'met by 4.5%' or 'missed by 32%': how far a measured verdict's median is from its bound, and on which side
+    (one decimal below 10%, so a near miss does not read as 0%)."""
+    pct = missed_by(v)
+    return (
+        f"{'met' if v['met'] else 'missed'} by {pct:.1f}%"
+        if pct < 10
+        else f"{'met' if v['met'] else 'missed'} by {pct:.0f}%"
+    )
+
+
 def aim_bound(metric_id):
     """The bound of the primary aim on ``metric_id`` (AIMS), with its comparison."""
     for _path, metric, op, bound, base, text in AIMS:

@@ -28,9 +28,9 @@ from netplugin.benchlib.datapath_metrics import (
     aims,
     diag_view,
     meets_aim,
+    met_or_missed,
     metric_ratio,
     metric_summary,
-    missed_by,
     pinning_note,
     ratio_median,
     spread,
@@ -83,13 +83,8 @@ def _verdict_line(v):
     word = "met" if v["met"] else "NOT met"
     return (
         f"- **{word}**: {v['text']}: median ratio {fmt_num(r.median)} "
-        f"(rounds {fmt_num(r.lo)}–{fmt_num(r.hi)}, n={r.n}), {'met' if v['met'] else 'missed'} by "
-        f"{_percent(missed_by(v))}."
+        f"(rounds {fmt_num(r.lo)}–{fmt_num(r.hi)}, n={r.n}), {met_or_missed(v)}."
     )
-
-
-def _percent(pct):
-    return f"{pct:.1f}%" if pct < 10 else f"{pct:.0f}%"
 
 
 def _group_tables(doc, metric_ids):
@@ -192,7 +187,7 @@ def shortfall_line(doc):
         what = "throughput" if v["metric"].startswith("tcp") else "latency"
         by_path.setdefault(v["path"], []).append(
             f"{what} {fmt_num(v['ratio'].median)}× host, the aim {'≥' if v['op'] == '>=' else '≤'} "
-            f"{fmt_num(v['bound'])}× is {'met' if v['met'] else 'missed'} by {missed_by(v):.0f}%"
+            f"{fmt_num(v['bound'])}× is {met_or_missed(v)}"
         )
     if not missed:
         return None
