@@ -29,7 +29,7 @@ from netplugin.agent.backend import IptablesBackend, iptables_backend
 from netplugin.dataplane.docker_link import CONTAINER_END_PREFIX
 from netplugin.dataplane.model import host_ifname, is_host_ifname
 from netplugin.errors import NetpluginError
-from netplugin.kernel.bpf import build, loader, records
+from netplugin.kernel.bpf import build, loader, maps, records
 from netplugin.kernel.netlink import netlink
 from policy.bpf_render import render
 
@@ -178,7 +178,14 @@ class BpfBackend(IptablesBackend):
                     rules_map.update(key, v)
                 held[(ep_id, new)] = want
                 written[(ep_id, new)] = lists.lists
-                eps.update(records.ifindex_key(idx), records.with_slot(value, new))  # the switch: one update
+                # The switch: one update, of an entry that still exists (a removed endpoint is not brought back;
+                # its new lists go in the sweep below).
+                try:
+                    eps.update(records.ifindex_key(idx), records.with_slot(value, new), maps.BPF_EXIST)
+                except maps.BpfError:
+                    if eps.lookup(records.ifindex_key(idx)) is not None:
+                        raise
+                    continue
                 live.add((ep_id, new))
                 switched.append((ep_id, slot))
                 notes.append(f"bpf: {lists.id} lists in slot {new} ({len(want[1])} peer prefixes)")
