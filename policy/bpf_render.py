@@ -36,7 +36,8 @@ _RANK = {"log": 0, "deny": 1, "allow": 2}
 @dataclass(frozen=True)
 class BpfList:
     """One endpoint's list for one direction: ``rules`` (records.rule bytes, in order), ``default``
-    (records.ACT_*), ``peers`` (IPv6Network in the mapped space -> bitset of rules)."""
+    (records.ACT_*), ``peers`` ((start, prefix length) of a network in the 128-bit mapped space, as integers
+    -> bitset of rules)."""
 
     rules: tuple
     default: int
@@ -58,20 +59,30 @@ class EndpointLists:
     def entries(self, ep_id, slot):
         """({np_pol_rules key: value}, {np_pol_peers key: value}) of these lists for map id ``ep_id``."""
         rules, peers = {}, {}
+        pack = records.POL_KEY.pack
         for direction, lst in sorted(self.lists.items()):
             rules[records.rules_key(ep_id, direction, slot)] = lst.value()
-            for net, bits in lst.peers.items():
-                peers[records.pol_key(ep_id, direction, _unmapped(net), slot)] = bits.to_bytes(8, "little")
+            word = records.ep_dir(ep_id, direction, slot).to_bytes(4, "big")
+            for (start, plen), bits in lst.peers.items():
+                peers[pack(32 + plen, word, start.to_bytes(16, "big"))] = bits.to_bytes(8, "little")
         return rules, peers
 
 
-def render(ruleset) -> tuple:
-    """-> EndpointLists for every local endpoint of a compiled Ruleset, in the plan's order."""
-    members = {s.name: s.members for s in ruleset.ipsets}
-    return tuple(_endpoint(ep, ruleset.policy_rules, members) for ep in ruleset.plan)
+def render(ruleset, cache=None) -> tuple:
+    """-> EndpointLists for every local endpoint of a compiled Ruleset, in the plan's order. ``cache`` (a dict
+    the caller keeps between calls, or None) holds lists already rendered, keyed by everything they depend on:
+    endpoints selected by the same policies share one list, and an ADD re-renders only what changed."""
+    sets = {s.name: s for s in ruleset.ipsets}
+    known = {} if cache is None else dict(cache)
+    used = {}
+    out = tuple(_endpoint(ep, ruleset.policy_rules, sets, known, used) for ep in ruleset.plan)
+    if cache is not None:  # keep what this ruleset uses, nothing older
+        cache.clear()
+        cache.update(used)
+    return out
 
 
-def _endpoint(ep, policy_rules, members):
+def _endpoint(ep, policy_rules, sets, cache, used):
     lists = {}
     for name, direction in DIRECTIONS:
         dplan = ep.direction(name)
@@ -82,10 +93,17 @@ def _endpoint(ep, policy_rules, members):
                 flat += sorted(rules, key=lambda r: _RANK[r.action])  # stable: policy order, then file order
         else:
             flat = list(dplan.rules)
-        try:
-            lists[direction] = _list(flat, dplan.default, members)
-        except _Unrepresentable as e:
-            return EndpointLists(ep.id, ep.host_ifname, {}, f"{name.lower()}: {e}")
+        names = sorted({n for r in flat for v in r.peers.values() if v for n in v})
+        key = (repr(flat), dplan.default, tuple(sets[n] for n in names))
+        if key not in cache:
+            try:
+                cache[key] = _list(flat, dplan.default, sets)
+            except _Unrepresentable as e:
+                cache[key] = str(e)
+        used[key] = cache[key]
+        if isinstance(cache[key], str):
+            return EndpointLists(ep.id, ep.host_ifname, {}, f"{name.lower()}: {cache[key]}")
+        lists[direction] = cache[key]
     return EndpointLists(ep.id, ep.host_ifname, lists)
 
 
@@ -93,14 +111,14 @@ class _Unrepresentable(Exception):
     pass
 
 
-def _list(plan_rules, default, members):
+def _list(plan_rules, default, sets):
     rules, owned = [], {}  # owned: network -> bits of the rules whose peers hold it
     for rule in plan_rules:
         if rule.ports and rule.protocol == "sctp":
             raise _Unrepresentable("an sctp rule with ports (the program reads only tcp and udp ports)")
         proto = 0 if rule.protocol is None else PROTOCOLS.get(rule.protocol, rule.protocol)
         any_peer = set(rule.peers) == {4, 6} and all(v is None for v in rule.peers.values())
-        nets = () if any_peer else _peer_networks(rule.peers, members)
+        nets = () if any_peer else _peer_networks(rule.peers, sets)
         chunks = [
             rule.ports[i : i + records.MAX_PORT_RANGES] for i in range(0, len(rule.ports), records.MAX_PORT_RANGES)
         ]
@@ -114,17 +132,20 @@ def _list(plan_rules, default, members):
     return BpfList(tuple(rules), ACTIONS[default], fold(owned))
 
 
-def _peer_networks(peers, members):
-    """Every network (in the mapped IPv6 space) of a rule's peers, both families."""
+def _peer_networks(peers, sets):
+    """Every network ((start, length) in the mapped space) of a rule's peers, both families."""
     out = set()
     for family, names in peers.items():
         if names is None:
-            out.update(_ANY[family]())
+            out.update(_mapped("0.0.0.0/0" if family == 4 else "::/0"))
             continue
         for name in names:
-            for text in members[name]:
+            for text in sets[name].members:
                 out.update(_mapped(text))
     return out
+
+
+_V4_MAPPED = 0xFFFF << 32
 
 
 @functools.lru_cache(maxsize=65536)
@@ -132,33 +153,25 @@ def _mapped(text):
     """A network text -> its networks in the trie's space (IPv4 mapped; IPv6 without the mapped range)."""
     net = ipaddress.ip_network(text)
     if net.version == 4:
-        return (ipaddress.ip_network(f"::ffff:{net.network_address}/{96 + net.prefixlen}"),)
+        return ((_V4_MAPPED | int(net.network_address), 96 + net.prefixlen),)
     if net.subnet_of(MAPPED):
         return ()
     if MAPPED.subnet_of(net):
-        return tuple(net.address_exclude(MAPPED))
-    return (net,)
-
-
-_ANY = {4: lambda: _mapped("0.0.0.0/0"), 6: lambda: _mapped("::/0")}
-
-
-def _unmapped(net):
-    """A trie network back to what records.pol_key takes (IPv4 for the mapped range)."""
-    if net.prefixlen >= 96 and net.subnet_of(MAPPED):
-        return ipaddress.ip_network(f"{net.network_address.ipv4_mapped}/{net.prefixlen - 96}")
-    return net
+        return tuple((int(n.network_address), n.prefixlen) for n in net.address_exclude(MAPPED))
+    return ((int(net.network_address), net.prefixlen),)
 
 
 def fold(owned):
-    """{network: bits} -> the same networks, each with the bits of every network covering it ORed in: the
-    value a longest-prefix match must return. One pass over the networks sorted by start then length (a
+    """{(start, length): bits} -> the same networks, each with the bits of every network covering it ORed in:
+    the value a longest-prefix match must return. One pass over the networks sorted by start then length (a
     covering network sorts before what it covers), with a stack of the networks enclosing the current one."""
-    out, stack = {}, []
-    for net in sorted(owned, key=lambda n: (int(n.network_address), n.prefixlen)):
-        while stack and not net.subnet_of(stack[-1][0]):
+    out, stack = {}, []  # stack: (start, length, folded bits)
+    for start, plen in sorted(owned):
+        while stack and not (
+            plen >= stack[-1][1] and start >> (128 - stack[-1][1]) == stack[-1][0] >> (128 - stack[-1][1])
+        ):
             stack.pop()
-        bits = owned[net] | (stack[-1][1] if stack else 0)
-        out[net] = bits
-        stack.append((net, bits))
+        bits = owned[start, plen] | (stack[-1][2] if stack else 0)
+        out[start, plen] = bits
+        stack.append((start, plen, bits))
     return out

@@ -33,6 +33,11 @@ Chains (one set per IP family; the iptables ``filter`` table; everything is pref
     np-pi-<p> / np-po-<p>  (a policy's ingress / egress rules): each rule sets the deny or allow mark bit,
                 or LOGs with prefix "np-log <policy> "
 
+The semantics are decided once, in a dataplane-neutral plan (``Ruleset.plan``: per local endpoint and direction
+the selecting policies by order group, or the default's rules; ``Ruleset.policy_rules``: each policy's rules in
+evaluation order with their peers as sets), and the chains are rendered from it; the eBPF dataplane renders its
+maps from the same plan (policy/bpf_render.py).
+
 A verdict crosses chains in two mark bits (``CompileOptions``) rather than by ACCEPT, because a packet between
 two local endpoints must pass the sender's egress *and* the receiver's ingress.
 
@@ -308,10 +313,10 @@ class _Compiler:
                             if name not in policy_chains:
                                 self._claim(name, ("policy", p, direction))
                                 policy_chains[name] = self._policy_rules(p, direction, family)
-                else:
+                else:  # the default: each rule names one set per family
+                    target = {"allow": "RETURN", "deny": "DROP"}
                     chains[chain] = tuple(
-                        f"-m set --match-set {rule.peers[family][0]} src -j {'RETURN' if rule.action == 'allow' else 'DROP'}"
-                        for rule in dplan.rules
+                        f"-m set --match-set {r.peers[family][0]} src -j {target[r.action]}" for r in dplan.rules
                     )
         chains[FROM_DISPATCH] = tuple(from_disp) + ("-j DROP",)
         chains[TO_DISPATCH] = tuple(to_disp) + ("-j DROP",)

@@ -29,7 +29,7 @@ from netplugin.agent.backend import IptablesBackend, iptables_backend
 from netplugin.dataplane.docker_link import CONTAINER_END_PREFIX
 from netplugin.dataplane.model import host_ifname, is_host_ifname
 from netplugin.errors import NetpluginError
-from netplugin.kernel.bpf import build, loader, records
+from netplugin.kernel.bpf import build, loader, maps, records
 from netplugin.kernel.netlink import netlink
 from policy.bpf_render import render
 
@@ -53,8 +53,10 @@ class BpfBackend(IptablesBackend):
         # np_endpoints' slot field is switched by the policy pass and rewritten by the endpoint pass
         self._ep_lock = threading.Lock()
         self._held = None  # {(map id, slot): ({np_pol_rules key: value}, {np_pol_peers key: value})} we wrote
+        self._written = {}  # (map id, slot) -> the rendered lists (by direction) those entries hold
         self._problems = {}  # endpoint id -> why its lists are not in the maps (logged once per reason)
         self._pools, self._blocks = None, ()
+        self._rendered = {}  # policy.bpf_render's cache: lists rendered for the last ruleset
 
     # --- host ---------------------------------------------------------------------------------------------------
 
@@ -108,7 +110,7 @@ class BpfBackend(IptablesBackend):
     def apply_policy(self, ruleset, full=False) -> tuple:
         diffs, timings = super().apply_policy(ruleset, full=full)
         started = time.monotonic()
-        notes = self._write_lists(render(ruleset), reread=full or self._held is None)
+        notes = self._write_lists(render(ruleset, self._rendered), reread=full or self._held is None)
         return list(diffs) + notes, dict(timings, bpf=time.monotonic() - started)
 
     def _read_lists(self, rules_map, peers_map) -> dict:
@@ -149,6 +151,7 @@ class BpfBackend(IptablesBackend):
             self.pins.map("np_pol_peers") as peers_map,
         ):
             held = self._read_lists(rules_map, peers_map) if reread else self._held
+            written = {} if reread else self._written
             self._held = None  # unknown until this pass went through
             live, switched = set(), []
             for lists in rendered:
@@ -158,7 +161,12 @@ class BpfBackend(IptablesBackend):
                 if value is None or lists.problem:
                     continue  # the programs do not know it (or cannot hold its lists): the stack's
                 ep_id, slot = records.ENDPOINT.unpack(value)[0], records.endpoint_slot(value)
-                if held.get((ep_id, slot)) == lists.entries(ep_id, slot):
+                # Rendered lists are shared objects (the render cache), so comparing them is cheap; map bytes
+                # are compared only after a read-back.
+                if written.get((ep_id, slot)) == lists.lists or (
+                    (ep_id, slot) not in written and held.get((ep_id, slot)) == lists.entries(ep_id, slot)
+                ):
+                    written[(ep_id, slot)] = lists.lists
                     live.add((ep_id, slot))
                     continue
                 new = 1 - slot
@@ -169,7 +177,15 @@ class BpfBackend(IptablesBackend):
                 for key, v in want[0].items():
                     rules_map.update(key, v)
                 held[(ep_id, new)] = want
-                eps.update(records.ifindex_key(idx), records.with_slot(value, new))  # the switch: one update
+                written[(ep_id, new)] = lists.lists
+                # The switch: one update, of an entry that still exists (a removed endpoint is not brought back;
+                # its new lists go in the sweep below).
+                try:
+                    eps.update(records.ifindex_key(idx), records.with_slot(value, new), maps.BPF_EXIST)
+                except maps.BpfError:
+                    if eps.lookup(records.ifindex_key(idx)) is not None:
+                        raise
+                    continue
                 live.add((ep_id, new))
                 switched.append((ep_id, slot))
                 notes.append(f"bpf: {lists.id} lists in slot {new} ({len(want[1])} peer prefixes)")
@@ -179,7 +195,7 @@ class BpfBackend(IptablesBackend):
             for owner in sorted(set(held) - live):  # old slots, endpoints gone or left to iptables
                 self._delete(held, owner, rules_map, peers_map)
                 notes.append(f"bpf: lists of map id {owner[0]} slot {owner[1]} deleted")
-            self._held = held
+            self._held, self._written = held, {k: v for k, v in written.items() if k in live}
         return notes
 
     @staticmethod

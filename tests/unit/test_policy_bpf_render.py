@@ -199,19 +199,34 @@ def test_ten_thousand_cidrs_are_one_entry_each():
 
 
 def test_fold_ors_covering_prefixes_into_each_entry():
-    n = ipaddress.ip_network
-    owned = {
-        n("::ffff:10.0.0.0/104"): 1,
-        n("::ffff:10.1.0.0/112"): 2,
-        n("::ffff:10.1.2.0/120"): 4,
-        n("::ffff:11.0.0.0/104"): 8,
-    }
+    def n(text):
+        net = ipaddress.ip_network(text)
+        return int(net.network_address), net.prefixlen
+
+    owned = {n("::ffff:10.0.0.0/104"): 1, n("::ffff:10.1.0.0/112"): 2, n("::ffff:10.1.2.0/120"): 4}
+    owned.update({n("::ffff:11.0.0.0/104"): 8, n("::/0"): 16, n("::ffff:10.2.0.0/112"): 32})
     assert fold(owned) == {
-        n("::ffff:10.0.0.0/104"): 1,
-        n("::ffff:10.1.0.0/112"): 3,
-        n("::ffff:10.1.2.0/120"): 7,
-        n("::ffff:11.0.0.0/104"): 8,
+        n("::/0"): 16,
+        n("::ffff:10.0.0.0/104"): 17,
+        n("::ffff:10.1.0.0/112"): 19,
+        n("::ffff:10.1.2.0/120"): 23,
+        n("::ffff:10.2.0.0/112"): 49,
+        n("::ffff:11.0.0.0/104"): 24,
     }
+
+
+def test_a_cache_shares_lists_and_keeps_only_what_the_last_ruleset_used():
+    b = Endpoint("ep-b", "np0000000000b", ["10.0.0.2"], "blue", {"app": "web"})
+    pol = _policy({"selector": {}, "ingress": [{"action": "allow", "from": [{"cidr": "192.0.2.0/24"}]}]})
+    cache = {}
+    first = render(compile_ruleset([A, b], [A, b], [pol]), cache)
+    assert first[0].lists[records.DIR_INGRESS] is first[1].lists[records.DIR_INGRESS]
+    assert len(cache) == 2  # one ingress list, one egress list
+    again = render(compile_ruleset([A, b], [A, b], [pol]), cache)
+    assert again[0].lists == first[0].lists and len(cache) == 2
+    render(compile_ruleset([A, b], [A, b], []), cache)
+    # blue's same-network default and the egress default; the policy's list is gone
+    assert len(cache) == 2 and all(v is not first[0].lists[records.DIR_INGRESS] for v in cache.values())
 
 
 def test_an_ipv6_any_does_not_cover_ipv4_peers():
