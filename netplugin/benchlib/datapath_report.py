@@ -114,7 +114,7 @@ def _closing_line(doc, diagnosis):
         if shortfall_line(doc) is None:
             return None
         return (
-            "- What could close the gap (candidates, not measured here): for policy, keep traffic that no policy "
+            "- What could close the iptables dataplane's gap (candidates, not measured here): for policy, keep traffic that no policy "
             "restricts out of conntrack, or accept established flows through an nftables flowtable so they skip "
             "the forward hooks; for the shape, a container device without the veth's per-packet backlog "
             "hand-off (netkit, Linux 6.7+, or ipvlan in L3 mode)." + _ptp_shortfall(doc)
@@ -140,7 +140,10 @@ def _closing_line(doc, diagnosis):
         diag(diagnosis["states"][-1]["id"]),
         diag(diagnosis["states"][-1]["id"], path="ptp"),
     )
-    parts = [f"- What remains is netfilter's per-packet work on both hosts (breakdown below). {fast}"]
+    parts = [
+        f"- On the iptables dataplane (`{CROSS_HOST}`), what remains is netfilter's per-packet work on both hosts "
+        f"(breakdown below). {fast}"
+    ]
     if floor is not None:
         parts.append(
             f"Without it, the least a conntrack-based policy costs on this machine is {fmt_num(floor)}× "
