@@ -292,7 +292,7 @@ CASE_PATHS = {
             "netplugin-bpf-10k",
             "netplugin bpf, 10,000 CIDRs",
             f"As the bpf no-policy pair, but a policy selects the receiver with one allow rule listing "
-            f"{CIDR_COUNT:,} CIDRs, the sender's /32 among them (LPM entries in np_pol_peers once compiled into BPF).",
+            f"{CIDR_COUNT:,} CIDRs, the sender's /32 among them (LPM entries in np_pol_peers, looked up once per flow).",
         ),
     },
 }
