@@ -3,6 +3,7 @@ the test mounts, CNI containers wired by it. Traffic goes only between namespace
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from netplugin.lab.agents import AgentProcess, rmtree, tempdir
 from netplugin.lab.console import console_script
 from netplugin.lab.netns import NamespaceSet, nsexec
 from netplugin.lab.bpflab import mounted_bpffs
-from tests.functional.test_cni_e2e import NETWORK, POOL, Containers, address, agent_host, pings_within
+from tests.functional.test_cni_e2e import NETWORK, POOL, Containers, Host, address, agent_host, pings_within
 from tests.probes import steady_ping
 from tests.waiting import wait_until
 
@@ -195,3 +196,125 @@ def test_netctl_shows_the_endpoints_and_counters_in_the_maps(bpf_host, container
     assert veth_of(b) in rows
     counters = {r["interface"]: r for r in netctl_bpf(bpf_host, "counters")}
     assert counters[veth_of(a)]["spoofed"] >= 5
+
+
+# --- upgrades: a second host, a fabric between the two, pings across it ------------------------------------------
+
+FABRIC_A, FABRIC_B = "10.254.73.1", "10.254.73.2"
+
+
+@pytest.fixture
+def second_host(bpf_host, etcd_server):
+    """Host B beside the module's bpf_host (A): its own agent with --dataplane bpf and bpffs, a veth ``fab0``
+    between the two, and each routing the pool via the other (its own blocks are more specific)."""
+    nss = NamespaceSet()
+    workdir = tempdir()
+    agent = None
+    try:
+        ns = nss.add()
+        etcd_server.bridge_into(ns)
+        nss.link(bpf_host.ns, ns, f"{FABRIC_A}/24", f"{FABRIC_B}/24", name_a="fab0", name_b="fab0")
+        nsexec(bpf_host.ns, f"ip route add {POOL} via {FABRIC_B}")
+        nsexec(ns, f"ip route add {POOL} via {FABRIC_A}")
+        with mounted_bpffs(Path(workdir) / "bpffs") as fs:
+            agent = AgentProcess(
+                ns,
+                "bpf-host-b",
+                etcd_server.endpoint,
+                os.path.join(workdir, "run"),
+                extra_args=["--dataplane", "bpf", "--bpffs", str(fs / "np"), "--resync-interval", "1"],
+            )
+            agent.start()
+            host = Host(ns, agent, bpf_host.ds, workdir)
+            host.pins = loader.Pins(fs / "np")
+            yield host
+            agent.stop()
+            agent = None
+    finally:
+        if agent:
+            agent.stop()
+        nsexec(bpf_host.ns, f"ip route del {POOL} via {FABRIC_B}", check=False)
+        nss.close()  # takes fab0 on A along with B's end
+        rmtree(workdir)
+
+
+def ours_everywhere(host):
+    """(the generations under the host's bpffs, ifindex -> {program: id} of the filters, the pinned ids)."""
+    root = host.pins.root
+    gens = sorted(p.name for p in root.iterdir() if p.name.startswith(loader.GEN_PREFIX))
+    return gens, loader.programs(f"/run/netns/{host.ns}"), host.pins.prog_ids()
+
+
+def assert_runs_only(host, generation, veths):
+    gens, running, ids = ours_everywhere(host)
+    assert gens == [generation] and loader.current(host.pins.root) == generation
+    fabric = host.ifindex("fab0")
+    assert running[fabric] == {"to_container": ids["to_container"]}, running
+    for veth in veths:
+        assert running[host.ifindex(veth)] == {"from_container": ids["from_container"]}, (veth, running)
+
+
+def restart(host, args):
+    host.agent.stop()
+    host.agent.extra_args = args
+    host.agent.start()
+
+
+def test_restart_and_upgrade_lose_no_ping_across_two_hosts(bpf_host, second_host, bpf_objects, tmp_path):
+    cont_a, cont_b = Containers(bpf_host), Containers(second_host)
+    try:
+        a, ra = cont_a.add()
+        b, rb = cont_b.add()
+        assert pings_within(a, address(rb), 10) and pings_within(b, address(ra), 10)
+        wait_until(
+            "to_container on both fabric ends",
+            lambda: all(h.ifindex("fab0") in loader.programs(f"/run/netns/{h.ns}") for h in (bpf_host, second_host)),
+            timeout=10,
+        )
+        hosts = ((bpf_host, veth_of(a)), (second_host, veth_of(b)))
+        before = {h.ns: ours_everywhere(h) for h, _ in hosts}
+        old_gen = loader.current(bpf_host.pins.root)
+        with bpf_host.pins.map("np_endpoints") as m:
+            endpoints_map = m.id
+
+        # 1. a restart with the same object changes nothing in the kernel
+        with steady_ping(a, address(rb), 2000) as result:
+            for h, _ in hosts:
+                restart(h, h.agent.extra_args)
+            time.sleep(0.3)
+        assert result["received"] == result["transmitted"], result["output"]
+        assert {h.ns: ours_everywhere(h) for h, _ in hosts} == before
+
+        # 2. an upgrade to a rebuilt object, host after host, under the same pings
+        new_dir = tmp_path / "new-objects"
+        new_dir.mkdir()
+        shutil.copy(bpf_objects["noFlows"], new_dir / "netplugin.o")
+        new_gen = loader.GEN_PREFIX + loader.digest(new_dir / "netplugin.o")
+        assert new_gen != old_gen
+        plain = {h.ns: list(h.agent.extra_args) for h, _ in hosts}
+        with steady_ping(a, address(rb), 2000) as result:
+            for h, _ in hosts:
+                restart(h, plain[h.ns] + ["--bpf-objects", str(new_dir)])
+                wait_until("the upgrade committed", lambda h=h: loader.current(h.pins.root) == new_gen, timeout=10)
+            time.sleep(0.3)
+        assert result["received"] == result["transmitted"], result["output"]
+        for h, veth in hosts:
+            assert_runs_only(h, new_gen, [veth])
+            assert "event=bpf.upgraded generation=" + new_gen in h.agent.log_text()
+            assert before[h.ns][2] != h.pins.prog_ids()
+        with bpf_host.pins.map("np_endpoints") as m:
+            assert m.id == endpoints_map  # the map itself was kept, entries and all
+        assert pings_within(a, address(rb), 5)
+
+        # 3. and back to the set-up's object (a downgrade is an upgrade too)
+        with steady_ping(a, address(rb), 2000) as result:
+            for h, _ in hosts:
+                restart(h, plain[h.ns])
+                wait_until("the downgrade committed", lambda h=h: loader.current(h.pins.root) == old_gen, timeout=10)
+            time.sleep(0.3)
+        assert result["received"] == result["transmitted"], result["output"]
+        for h, veth in hosts:
+            assert_runs_only(h, old_gen, [veth])
+    finally:
+        cont_b.close()
+        cont_a.close()
