@@ -253,11 +253,14 @@ def select_backend(config):
         if why is None:
             try:
                 staged = loader.stage(os.path.join(object_dir, OBJECT), config.bpffs)  # the verifier's verdict
+                why = loader.probe_tc(staged.pins.prog(FROM_CONTAINER))  # clsact and cls_bpf, in our netns
             except (loader.LoadError, OSError) as e:
                 why = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+            if why is not None and staged is not None:
+                loader.discard(staged)
         if why is None:
             name, backend = "bpf", BpfBackend(inner, staged)
-            reason = f"kernel offers BPF and BTF and verified the programs; pinned under {config.bpffs}"
+            reason = f"kernel offers BPF, BTF, clsact and cls_bpf, verified the programs; pinned under {config.bpffs}"
             if staged.pending:
                 reason += f" as {staged.pins.generation}, upgrading {staged.old.generation}"
         else:

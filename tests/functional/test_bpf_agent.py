@@ -1,6 +1,7 @@
 """The agent with ``--dataplane bpf``: a real agent in a test host namespace, its programs pinned on a bpffs
 the test mounts, CNI containers wired by it. Traffic goes only between namespaces made here."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from netplugin.dataplane import host_ifname
-from netplugin.kernel.bpf import loader, records
+from netplugin.kernel.bpf import build, loader, records
 from netplugin.service.endpoints import endpoint_id
 from netplugin.lab.agents import AgentProcess, rmtree, tempdir
 from netplugin.lab.console import console_script
@@ -76,6 +77,8 @@ def counter(host, ifindex, name="spoofed"):
 
 def test_the_agent_says_it_runs_bpf_and_programs_every_endpoint(bpf_host, containers):
     assert "event=dataplane.selected dataplane=bpf" in bpf_host.agent.log_text()
+    assert "clsact and cls_bpf" in bpf_host.agent.log_text()
+    assert not [n for n in bpf_host.links() if n.startswith("bpfprobe")]  # the probe's veth is gone
     a, ra = containers.add()
     b, rb = containers.add()
     assert pings_within(a, address(rb), 5) and pings_within(b, address(ra), 5)
@@ -127,33 +130,71 @@ def test_an_agent_restart_loses_no_ping(bpf_host, containers):
     assert loader.attached(veth_of(a), netns=f"/run/netns/{bpf_host.ns}") == ["from_container"]
 
 
-def test_bpf_without_objects_falls_back_in_one_line(etcd_server):
+BROKEN = r"""
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+SEC("tc")
+int from_container(struct __sk_buff *skb)
+{
+	unsigned char *data = (void *)(long)skb->data;
+	return data[20]; /* no bounds check against data_end: the verifier refuses it */
+}
+char LICENSE[] SEC("license") = "GPL";
+"""
+
+
+def fallback_setup(kind, workdir, bpf_objects):
+    """(--bpffs, --bpf-objects, what the one line must say) for each reason we can produce here."""
+    objects = os.path.join(workdir, "objects")
+    os.makedirs(objects)
+    fs = mounted_bpffs(Path(workdir) / "bpffs")
+    if kind == "no object":
+        return fs, objects, "bpf requested but no BPF object"
+    if kind == "not bpffs":
+        shutil.copy(bpf_objects[""], os.path.join(objects, "netplugin.o"))
+        return None, objects, f"{os.path.join(workdir, 'pins')} is not on a bpf filesystem"
+    src = Path(workdir) / "broken.c"
+    src.write_text(BROKEN)
+    shutil.copy(build.compile_one(src, Path(workdir) / "build"), os.path.join(objects, "netplugin.o"))
+    return fs, objects, "LoadError: loading"
+
+
+@pytest.mark.parametrize("kind", ["no object", "not bpffs", "verifier refuses"])
+def test_bpf_falls_back_in_one_line_saying_why(etcd_server, bpf_objects, kind):
     nss = NamespaceSet()
     workdir = tempdir()
     agent = None
     try:
         ns = nss.add()
         etcd_server.bridge_into(ns)
-        empty = os.path.join(workdir, "no-objects")
-        os.makedirs(empty)
-        agent = AgentProcess(
-            ns,
-            "bpf-fallback",
-            etcd_server.endpoint,
-            os.path.join(workdir, "run"),
-            extra_args=["--dataplane", "bpf", "--bpffs", os.path.join(workdir, "pins"), "--bpf-objects", empty],
-        )
-        agent.start()
-        lines = [line for line in agent.log_text().splitlines() if "event=dataplane.selected" in line]
-        assert len(lines) == 1, lines
-        assert "dataplane=iptables" in lines[0] and "bpf requested but no BPF object" in lines[0], lines[0]
-        assert "falling back" in lines[0]
-        out = subprocess.run(
-            [console_script("netctl"), "node", "health", "--run-dir", os.path.join(workdir, "run")],
-            capture_output=True,
-            text=True,
-        )
-        assert "dataplane: iptables (bpf requested but no BPF object" in out.stdout, out.stdout + out.stderr
+        fs, objects, says = fallback_setup(kind, workdir, bpf_objects)
+        with fs if fs is not None else contextlib.nullcontext(Path(workdir)) as root:
+            pins = str(root / "pins") if fs is not None else os.path.join(workdir, "pins")
+            agent = AgentProcess(
+                ns,
+                "bpf-fallback",
+                etcd_server.endpoint,
+                os.path.join(workdir, "run"),
+                extra_args=["--dataplane", "bpf", "--bpffs", pins, "--bpf-objects", objects],
+            )
+            agent.start()
+            lines = [line for line in agent.log_text().splitlines() if "event=dataplane.selected" in line]
+            assert len(lines) == 1, lines
+            assert "WARNING" in lines[0] and "dataplane=iptables" in lines[0], lines[0]
+            assert says in lines[0] and "falling back" in lines[0], lines[0]
+            if kind == "verifier refuses":  # the verifier's last word is in the line, and nothing stays pinned
+                assert "the verifier refused it: R1 offset is outside of the packet" in lines[0], lines[0]
+                assert not [p for p in Path(pins).iterdir() if p.name.startswith(loader.GEN_PREFIX)]
+            out = subprocess.run(
+                [console_script("netctl"), "node", "health", "--run-dir", os.path.join(workdir, "run")],
+                capture_output=True,
+                text=True,
+            )
+            assert f"dataplane: iptables (bpf requested but {says.removeprefix('bpf requested but ')}" in out.stdout, (
+                out.stdout + out.stderr
+            )
+            agent.stop()
+            agent = None
     finally:
         if agent:
             agent.stop()

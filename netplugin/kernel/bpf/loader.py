@@ -237,16 +237,26 @@ def stage(obj, pin_root) -> Stage:
         text=True,
     )
     if p.returncode != 0:
-        # the verifier log is long; its last lines say what it refused
-        tail = "\n".join((p.stderr or p.stdout).strip().splitlines()[-15:])
         _remove(new)
-        raise LoadError(f"loading {obj} into {new.dir}: bpftool rc={p.returncode}\n{tail}")
+        lines = (p.stderr or p.stdout).strip().splitlines()
+        tail = "\n".join(lines[-15:])  # the verifier log is long; its last lines say what it refused
+        raise LoadError(f"loading {obj} into {new.dir}: {_verdict(lines)} (bpftool rc={p.returncode})\n{tail}")
     for name in out.copied:
         _copy(old.maps / name, new.maps / name)
     if old is None:
         _point_current(root, gen)  # a first load: nothing runs the programs yet
         out.old = None
     return out
+
+
+def _verdict(lines) -> str:
+    """The verifier's refusal in one line: the line before its "processed N insns" summary, else libbpf's
+    last word on the load."""
+    for i, line in enumerate(lines):
+        if line.startswith("processed ") and " insns" in line and i > 0:
+            return f"the verifier refused it: {lines[i - 1].strip()}"
+    failed = [line.strip() for line in lines if "failed to load" in line]
+    return failed[0] if failed else (lines[-1].strip() if lines else "no output")
 
 
 def commit(st: Stage, netns=None) -> dict:
@@ -325,6 +335,48 @@ def _bpf_filters(ipr, idx, hook):
             i += max(4, (length + 3) & ~3)
         out.append((opts.get_attr("TCA_BPF_NAME"), prog))
     return out
+
+
+def probe_tc(prog_pin, netns=None) -> str | None:
+    """Why tc cannot run ``prog_pin`` here (no clsact qdisc, no cls_bpf in direct-action mode), or None: tried
+    on a throwaway veth pair in ``netns`` (this kernel has no dummy links), deleted again whatever happens."""
+    name = f"bpfprobe{os.getpid() & 0xFFFF:04x}"
+    fd = maps.obj_get(prog_pin)
+    step = f"creating the probe veth {name}"
+    try:
+        with IPRoute(netns=netns) as ipr:
+            try:
+                ipr.link("add", ifname=name, kind="veth", peer=f"{name}p")
+                idx = _ifindex(ipr, name)
+                step = "adding a clsact qdisc (CONFIG_NET_SCH_INGRESS)"
+                ipr.tc("add", "clsact", idx)
+                step = "attaching a cls_bpf filter in direct-action mode (CONFIG_NET_CLS_BPF)"
+                ipr.tc(
+                    "add-filter",
+                    "bpf",
+                    idx,
+                    handle=HANDLE,
+                    prio=PRIO,
+                    parent=INGRESS,
+                    fd=fd,
+                    name=os.path.basename(prog_pin),
+                    direct_action=True,
+                )
+            except NetlinkError as e:
+                return f"tc refused {step}: {os.strerror(e.code)}"
+            finally:
+                for i in ipr.link_lookup(ifname=name):
+                    ipr.link("del", index=i)
+    finally:
+        os.close(fd)
+    return None
+
+
+def discard(st: Stage):
+    """Unpin a staged generation that will not run (the old one keeps running)."""
+    if st.pending:
+        _remove(st.pins)
+        st.old = None
 
 
 def attached(dev, netns=None, hook=INGRESS):
