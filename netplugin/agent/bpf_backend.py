@@ -13,6 +13,7 @@ Policy and NAT-outgoing: still written by the iptables writers. The programs wri
 where the filter table enforces the compiled policy exactly as with the iptables backend.
 """
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -125,6 +126,19 @@ class BpfBackend(IptablesBackend):
     def remove_endpoint(self, endpoint_id, netns=None, ifname="eth0"):
         super().remove_endpoint(endpoint_id, netns, ifname)
         self._prune_gone()
+
+    def add_docker_endpoint(self, spec):
+        """The host veth exists once libnetwork has our Join answer, the container end still beside it: its MAC
+        (the link's) is all np_locals needs, so the sandbox is never opened. Reconciled like CNI endpoints from
+        then on (the record keeps the MAC: EndpointService.spec_of)."""
+        link = super().add_docker_endpoint(spec)
+        self._converge([dataclasses.replace(spec, mac=link.mac or spec.mac)])
+        return link
+
+    def remove_docker_endpoint(self, endpoint_id) -> bool:
+        removed = super().remove_docker_endpoint(endpoint_id)
+        self._prune_gone()
+        return removed
 
     def reconcile(self, desired, blocks, deletable=frozenset()) -> dict:
         summary = super().reconcile(desired, blocks, deletable=deletable)
