@@ -44,10 +44,10 @@ def default_object_dir():
 class BpfBackend(IptablesBackend):
     """The iptables backend's writers for wiring, policy and NAT, plus the programs and their maps."""
 
-    def __init__(self, inner: IptablesBackend, staged: loader.Stage):
+    def __init__(self, inner: IptablesBackend, pins: loader.Pins, staged: loader.Stage | None = None):
         super().__init__(inner.endpoints, inner.policy, inner.nat)
-        self.pins = staged.pins  # the generation this agent writes and attaches (fixed: not "current")
-        self.staged = staged if staged.pending else None  # an upgrade, committed by a reconcile (_upgrade)
+        self.pins = pins  # the generation this agent writes and attaches (select_backend fixes it: not "current")
+        self.staged = staged if staged and staged.pending else None  # an upgrade, committed by _upgrade
         self._passes_staged = 0
         self.name = "bpf"
 
@@ -273,7 +273,7 @@ def select_backend(config):
             if why is not None and staged is not None:
                 loader.discard(staged)
         if why is None:
-            name, backend = "bpf", BpfBackend(inner, staged)
+            name, backend = "bpf", BpfBackend(inner, staged.pins, staged)
             reason = f"kernel offers BPF, BTF, clsact and cls_bpf, verified the programs; pinned under {config.bpffs}"
             if staged.pending:
                 reason += f" as {staged.pins.generation}, upgrading {staged.old.generation}"
