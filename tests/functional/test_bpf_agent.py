@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from netplugin.dataplane import host_ifname
-from netplugin.kernel.bpf import build, loader, records
+from netplugin.kernel.bpf import build, loader, maps, records
 from netplugin.service.endpoints import endpoint_id
 from netplugin.lab.agents import AgentProcess, rmtree, tempdir
 from netplugin.lab.console import console_script
@@ -359,3 +359,41 @@ def test_restart_and_upgrade_lose_no_ping_across_two_hosts(bpf_host, second_host
     finally:
         cont_b.close()
         cont_a.close()
+
+
+def test_an_upgrade_refills_maps_whose_layout_changed_before_it_swaps(bpf_host, containers, bpf_objects, tmp_path):
+    """np_endpoints and np_locals pinned with another layout (as a build that changed them would leave them):
+    the upgrade gives the new programs fresh maps, the first reconcile fills them, then the filters swap."""
+    a, _ = containers.add()
+    b, rb = containers.add()
+    assert pings_within(a, address(rb), 5)
+    old_gen = loader.current(bpf_host.pins.root)
+    old = loader.Pins(bpf_host.pins.root, old_gen)
+    plain = list(bpf_host.agent.extra_args)
+    new_dir = tmp_path / "new-objects"
+    new_dir.mkdir()
+    shutil.copy(bpf_objects["noFlows"], new_dir / "netplugin.o")
+    with steady_ping(a, address(rb), 1500) as result:
+        bpf_host.agent.stop()
+        for name in ("np_endpoints", "np_locals"):  # the programs keep the real maps; only the pins change
+            (old.maps / name).unlink()
+            with maps.Map.create(maps.MAP_HASH, 4, 8, 16, name=name) as m:
+                m.pin(old.maps / name)
+        bpf_host.agent.extra_args = plain + ["--bpf-objects", str(new_dir)]
+        bpf_host.agent.start()
+        wait_until("the upgrade committed", lambda: loader.current(bpf_host.pins.root) != old_gen, timeout=10)
+        time.sleep(0.3)
+    try:
+        assert result["received"] == result["transmitted"], result["output"]
+        line = next(x for x in bpf_host.agent.log_text().splitlines() if "event=bpf.upgraded" in x)
+        assert "maps_refilled=np_endpoints,np_locals" in line, line
+        idx = bpf_host.ifindex(veth_of(a))
+        with bpf_host.pins.map("np_endpoints") as m:
+            assert m.value_size == records.ENDPOINT.size and m.lookup(records.ifindex_key(idx)) is not None
+        gw_mac = nsexec(bpf_host.ns, f"cat /sys/class/net/{veth_of(a)}/address").stdout.strip()
+        before = counter(bpf_host, idx)
+        nsexec(a, [sys.executable, "-c", SPOOF, gw_mac, "10.70.0.252", address(rb)], timeout=60)
+        assert counter(bpf_host, idx) - before == 5  # the new program drops it, with the refilled entry
+    finally:
+        restart(bpf_host, plain)  # back to the set-up's object for the module's other tests
+        wait_until("back on the set-up's object", lambda: loader.current(bpf_host.pins.root) == old_gen, timeout=10)
