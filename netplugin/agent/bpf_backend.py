@@ -105,11 +105,12 @@ class BpfBackend(IptablesBackend):
         done = loader.commit(st, self.host_netns)
         self.staged = None
         LOG.info(
-            "event=bpf.upgraded generation=%s replaced=%s filters_swapped=%d maps_reused=%s maps_copied=%s "
-            "maps_refilled=%s",
+            "event=bpf.upgraded generation=%s replaced=%s filters_swapped=%d commit_ms=%.1f maps_reused=%s "
+            "maps_copied=%s maps_refilled=%s",
             done["generation"],
             done["replaced"],
             len(done["swapped"]),
+            done["ms"],
             ",".join(st.reused) or "-",
             ",".join(st.copied) or "-",
             ",".join(st.fresh) or "-",

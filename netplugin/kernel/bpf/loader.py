@@ -1,10 +1,15 @@
 """Load a BPF object once per host into a bpffs directory, and attach its programs with netlink.
 
-Layout under the caller's bpffs directory ``PIN``: ``PIN/progs/<function>`` and ``PIN/maps/<map>``.
-Pins outlive the loading process, and a tc filter holds its program, so traffic keeps flowing while the
-agent restarts.  Loading is one ``bpftool prog loadall`` per object at host set-up (libbpf does the ELF,
-BTF and kfunc work); attaching is a netlink request per interface from this process, with the program's
-fd taken from its pin, so there is no process per endpoint.
+Layout under the caller's bpffs directory ``PIN``: one generation per build of the object,
+``PIN/gen-<digest>/progs/<function>`` and ``PIN/gen-<digest>/maps/<map>`` (the digest is the object's
+SHA-256: bpffs holds no plain files, so the directory's name is the metadata), and ``PIN/current``, a symlink
+naming the generation that runs. Pins outlive the loading process, and a tc filter holds its program, so
+traffic keeps flowing while the agent restarts; the same object again is a no-op. A rebuilt object is
+``stage``d beside the running one (maps whose layout is unchanged are the old maps themselves) and
+``commit``ted once the caller has re-filled the rest: every filter swapped with ``replace-filter``, then
+``current`` flipped and the old generation unpinned. Loading is one ``bpftool prog loadall`` per object
+(libbpf does the ELF, BTF and kfunc work); attaching is a netlink request per interface from this process,
+with the program's fd taken from its pin, so there is no process per endpoint.
 
 Namespaces: ``IPRoute(netns=...)`` opens its netlink socket inside the namespace (pyroute2 does the
 setns in a short-lived child), while requests go out from this process, so a program fd of ours is valid
@@ -17,6 +22,7 @@ import hashlib
 import os
 import struct
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -265,12 +271,14 @@ def commit(st: Stage, netns=None) -> dict:
     it, and unpin the old generation. The caller has re-filled ``st.fresh`` first."""
     if not st.pending:
         return {}
+    began = time.monotonic()
     swapped = swap(st.pins, netns)
     _point_current(st.pins.root, st.pins.generation)
     _remove(st.old)
     replaced = "(before generations)" if st.old.generation == LEGACY else st.old.generation
     done = {"generation": st.pins.generation, "replaced": replaced}
     done["swapped"] = swapped
+    done["ms"] = round((time.monotonic() - began) * 1000, 1)
     st.old = None
     return done
 
