@@ -262,9 +262,15 @@ class EndpointService:
         return problems
 
     def spec_of(self, ep):
-        """What the kernel should hold for a recorded endpoint: its network's MTU when it asked for one."""
+        """What the kernel should hold for a recorded endpoint: its network's MTU when it asked for one; for a
+        Docker endpoint also its MAC, since its sandbox is dockerd's and not ours to open (bpf_backend.py)."""
         return EndpointSpec(
-            endpoint_id=ep.id, netns=ep.netns, ifname=ep.ifname, addresses=tuple(ep.addresses), mtu=ep.mtu or self.mtu
+            endpoint_id=ep.id,
+            netns=ep.netns,
+            ifname=ep.ifname,
+            addresses=tuple(ep.addresses),
+            mtu=ep.mtu or self.mtu,
+            mac=(ep.mac or None) if ep.orchestrator == "docker" else None,
         )
 
 
