@@ -385,7 +385,7 @@ def test_an_upgrade_refills_maps_whose_layout_changed_before_it_swaps(bpf_host, 
         time.sleep(0.3)
     try:
         assert result["received"] == result["transmitted"], result["output"]
-        line = next(x for x in bpf_host.agent.log_text().splitlines() if "event=bpf.upgraded" in x)
+        line = [x for x in bpf_host.agent.log_text().splitlines() if "event=bpf.upgraded" in x][-1]  # this one
         assert "maps_refilled=np_endpoints,np_locals" in line, line
         idx = bpf_host.ifindex(veth_of(a))
         with bpf_host.pins.map("np_endpoints") as m:
