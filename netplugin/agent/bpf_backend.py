@@ -7,6 +7,8 @@ fabric interfaces get ``to_container``. Map entries are written with the bpf() s
 filters attached by netlink with the pinned program's fd: no process per endpoint. Pins and filters outlive
 the agent, so traffic keeps flowing while it restarts; every reconcile recomputes the wanted map contents from
 the desired endpoints, diffs them against the maps and re-attaches missing filters (level-triggered).
+Docker endpoints get the same, from the veth pair at Join. A rebuilt object is staged as a new pin generation
+at start and committed by the first reconcile that has re-filled its maps (docs/bpf-design.md).
 
 Policy: every compiled ruleset is written twice, by the iptables writers (the filter table stays the slow path
 for what the programs hand to the stack: ARP, ND, fragments, endpoints the programs do not know) and as BPF

@@ -24,6 +24,7 @@ from netplugin.lab.bpflab import mounted_bpffs
 from policy.model import Policy
 from policy.store import apply_policies
 from tests.functional.test_cni_e2e import NETWORK, POOL, Containers, Host, address, agent_host, pings_within
+from tests.functional.test_bpf_build import BROKEN
 from tests.probes import steady_ping
 from tests.waiting import wait_until
 
@@ -226,74 +227,52 @@ def test_an_agent_restart_loses_no_ping(bpf_host, containers):
     assert loader.attached(veth_of(a), netns=f"/run/netns/{bpf_host.ns}") == ["from_container"]
 
 
-BROKEN = r"""
-#include "vmlinux.h"
-#include <bpf/bpf_helpers.h>
-SEC("tc")
-int from_container(struct __sk_buff *skb)
-{
-	unsigned char *data = (void *)(long)skb->data;
-	return data[20]; /* no bounds check against data_end: the verifier refuses it */
-}
-char LICENSE[] SEC("license") = "GPL";
-"""
-
-
-def fallback_setup(kind, workdir, bpf_objects):
-    """(--bpffs, --bpf-objects, what the one line must say) for each reason we can produce here."""
-    objects = os.path.join(workdir, "objects")
-    os.makedirs(objects)
-    fs = mounted_bpffs(Path(workdir) / "bpffs")
-    if kind == "no object":
-        return fs, objects, "bpf requested but no BPF object"
-    if kind == "not bpffs":
-        shutil.copy(bpf_objects[""], os.path.join(objects, "netplugin.o"))
-        return None, objects, f"{os.path.join(workdir, 'pins')} is not on a bpf filesystem"
-    src = Path(workdir) / "broken.c"
-    src.write_text(BROKEN)
-    shutil.copy(build.compile_one(src, Path(workdir) / "build"), os.path.join(objects, "netplugin.o"))
-    return fs, objects, "LoadError: loading"
+@contextlib.contextmanager
+def running_agent(etcd_server, ns, name, workdir, extra_args):
+    """An agent (``extra_args`` on its command line) in namespace ``ns``, reaching etcd; stopped on exit."""
+    etcd_server.bridge_into(ns)
+    agent = AgentProcess(ns, name, etcd_server.endpoint, os.path.join(workdir, "run"), extra_args=extra_args)
+    try:
+        agent.start()
+        yield agent
+    finally:
+        agent.stop()
 
 
 @pytest.mark.parametrize("kind", ["no object", "not bpffs", "verifier refuses"])
 def test_bpf_falls_back_in_one_line_saying_why(etcd_server, bpf_objects, kind):
     nss = NamespaceSet()
-    workdir = tempdir()
-    agent = None
+    workdir = Path(tempdir())
     try:
-        ns = nss.add()
-        etcd_server.bridge_into(ns)
-        fs, objects, says = fallback_setup(kind, workdir, bpf_objects)
-        with fs if fs is not None else contextlib.nullcontext(Path(workdir)) as root:
-            pins = str(root / "pins") if fs is not None else os.path.join(workdir, "pins")
-            agent = AgentProcess(
-                ns,
-                "bpf-fallback",
-                etcd_server.endpoint,
-                os.path.join(workdir, "run"),
-                extra_args=["--dataplane", "bpf", "--bpffs", pins, "--bpf-objects", objects],
-            )
-            agent.start()
+        with contextlib.ExitStack() as stack:
+            objects, pins = workdir / "objects", workdir / "pins"
+            objects.mkdir()
+            if kind == "not bpffs":
+                shutil.copy(bpf_objects[""], objects / "netplugin.o")
+                says = f"{pins} is not on a bpf filesystem"
+            else:
+                pins = stack.enter_context(mounted_bpffs(workdir / "bpffs")) / "pins"
+                says = "no BPF object"
+            if kind == "verifier refuses":
+                (workdir / "broken.c").write_text(BROKEN)
+                shutil.copy(build.compile_one(workdir / "broken.c", workdir / "build"), objects / "netplugin.o")
+                says = "LoadError: loading"
+            args = ["--dataplane", "bpf", "--bpffs", str(pins), "--bpf-objects", str(objects)]
+            agent = stack.enter_context(running_agent(etcd_server, nss.add(), "bpf-fallback", workdir, args))
             lines = [line for line in agent.log_text().splitlines() if "event=dataplane.selected" in line]
             assert len(lines) == 1, lines
             assert "WARNING" in lines[0] and "dataplane=iptables" in lines[0], lines[0]
-            assert says in lines[0] and "falling back" in lines[0], lines[0]
-            if kind == "verifier refuses":  # the verifier's last word is in the line, and nothing stays pinned
+            assert f"bpf requested but {says}" in lines[0] and "falling back" in lines[0], lines[0]
+            if kind == "verifier refuses":  # the verifier's verdict is in the line, and nothing stays pinned
                 assert "the verifier refused it: R1 offset is outside of the packet" in lines[0], lines[0]
-                assert not [p for p in Path(pins).iterdir() if p.name.startswith(loader.GEN_PREFIX)]
+                assert not [p for p in pins.iterdir() if p.name.startswith(loader.GEN_PREFIX)]
             out = subprocess.run(
-                [console_script("netctl"), "node", "health", "--run-dir", os.path.join(workdir, "run")],
+                [console_script("netctl"), "node", "health", "--run-dir", str(workdir / "run")],
                 capture_output=True,
                 text=True,
             )
-            assert f"dataplane: iptables (bpf requested but {says.removeprefix('bpf requested but ')}" in out.stdout, (
-                out.stdout + out.stderr
-            )
-            agent.stop()
-            agent = None
+            assert f"dataplane: iptables (bpf requested but {says}" in out.stdout, out.stdout + out.stderr
     finally:
-        if agent:
-            agent.stop()
         nss.close()
         rmtree(workdir)
 
@@ -348,30 +327,18 @@ def second_host(bpf_host, etcd_server):
     between the two, and each routing the pool via the other (its own blocks are more specific)."""
     nss = NamespaceSet()
     workdir = tempdir()
-    agent = None
     try:
         ns = nss.add()
-        etcd_server.bridge_into(ns)
         nss.link(bpf_host.ns, ns, f"{FABRIC_A}/24", f"{FABRIC_B}/24", name_a="fab0", name_b="fab0")
         nsexec(bpf_host.ns, f"ip route add {POOL} via {FABRIC_B}")
         nsexec(ns, f"ip route add {POOL} via {FABRIC_A}")
         with mounted_bpffs(Path(workdir) / "bpffs") as fs:
-            agent = AgentProcess(
-                ns,
-                "bpf-host-b",
-                etcd_server.endpoint,
-                os.path.join(workdir, "run"),
-                extra_args=["--dataplane", "bpf", "--bpffs", str(fs / "np"), "--resync-interval", "1"],
-            )
-            agent.start()
-            host = Host(ns, agent, bpf_host.ds, workdir)
-            host.pins = loader.Pins(fs / "np")
-            yield host
-            agent.stop()
-            agent = None
+            args = ["--dataplane", "bpf", "--bpffs", str(fs / "np"), "--resync-interval", "1"]
+            with running_agent(etcd_server, ns, "bpf-host-b", workdir, args) as agent:
+                host = Host(ns, agent, bpf_host.ds, workdir)
+                host.pins = loader.Pins(fs / "np")
+                yield host
     finally:
-        if agent:
-            agent.stop()
         nsexec(bpf_host.ns, f"ip route del {POOL} via {FABRIC_B}", check=False)
         nss.close()  # takes fab0 on A along with B's end
         rmtree(workdir)
@@ -483,7 +450,7 @@ def test_an_upgrade_refills_maps_whose_layout_changed_before_it_swaps(bpf_host, 
         time.sleep(0.3)
     try:
         assert result["received"] == result["transmitted"], result["output"]
-        line = next(x for x in bpf_host.agent.log_text().splitlines() if "event=bpf.upgraded" in x)
+        line = [x for x in bpf_host.agent.log_text().splitlines() if "event=bpf.upgraded" in x][-1]  # this one
         assert "maps_refilled=np_endpoints,np_locals" in line, line
         idx = bpf_host.ifindex(veth_of(a))
         with bpf_host.pins.map("np_endpoints") as m:
