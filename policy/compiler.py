@@ -294,15 +294,10 @@ class _Compiler:
 
     def _cidr_space(self, rule, cidr_peers):
         """The exact union of a rule's CIDR peers as CIDRs, computed once for both families (the merge is most
-        of the cost of compiling thousands of CIDRs). One IPSet from the plain CIDRs at once (unions in a loop are
-        quadratic), then the few peers with exceptions added one by one."""
+        of the cost of compiling thousands of CIDRs)."""
         key = id(rule)
         if key not in self.cidr_spaces:
-            space = netaddr.IPSet([p.cidr for p in cidr_peers if not p.not_cidr])
-            for p in cidr_peers:
-                if p.not_cidr:
-                    space |= netaddr.IPSet([p.cidr]) - netaddr.IPSet(p.not_cidr)
-            self.cidr_spaces[key] = list(space.iter_cidrs())
+            self.cidr_spaces[key] = list(cidr_union(cidr_peers).iter_cidrs())
         return self.cidr_spaces[key]
 
     # -- sets -----------------------------------------------------------------------------------------------
@@ -336,6 +331,16 @@ class _Compiler:
             raise InvalidInput(
                 f"compiling policy: name {name} stands for both {self.owners[name]} and {owner} (hash collision)"
             )
+
+
+def cidr_union(cidr_peers):
+    """The addresses a rule's CIDR peers cover, minus each peer's notCIDR exceptions, as one netaddr.IPSet: one
+    IPSet from the plain CIDRs at once (unions in a loop are quadratic), then the few peers with exceptions."""
+    space = netaddr.IPSet([p.cidr for p in cidr_peers if not p.not_cidr])
+    for p in cidr_peers:
+        if p.not_cidr:
+            space |= netaddr.IPSet([p.cidr]) - netaddr.IPSet(p.not_cidr)
+    return space
 
 
 def log_prefix(policy_name):
