@@ -112,11 +112,14 @@ class Ruleset:
 
     ``chains[family][name]`` is the tuple of rule specs (iptables-restore syntax after ``-A <chain>``);
     ``hooks[family]`` maps each built-in chain we jump from to our chain; ``ipsets`` is sorted by name.
+    ``inputs`` is what it was compiled from, (local endpoints, all endpoints, policies), for dataplanes that
+    judge flows with ``policy.decide`` (revoking established connections); it takes no part in equality.
     """
 
     ipsets: tuple = ()
     chains: dict = field(default_factory=dict)
     hooks: dict = field(default_factory=dict)
+    inputs: tuple = field(default=(), compare=False, repr=False)
 
     def ipset_map(self):
         return {s.name: s for s in self.ipsets}
@@ -164,7 +167,8 @@ class _Compiler:
             chains[family] = self._family_chains(family)
             hooks[family] = dict(sorted(HOOKS.items()))
         ipsets = tuple(self.sets[name] for name in sorted(self.sets))
-        return Ruleset(ipsets=ipsets, chains=chains, hooks=hooks)
+        inputs = (tuple(self.local), tuple(self.endpoints.values()), tuple(self.policies))
+        return Ruleset(ipsets=ipsets, chains=chains, hooks=hooks, inputs=inputs)
 
     # -- chains -------------------------------------------------------------------------------------------
 
