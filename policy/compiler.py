@@ -10,11 +10,16 @@ Semantics
   matched by no rule of any selecting policy is dropped.
 * Policies run in ``order`` (lower first, then by name). Within one order, ``log`` rules of all its policies come
   first (they log and go on), then ``deny`` (deny wins at equal order), then ``allow``.
-* Established and related connections always flow (conntrack), so new rules affect only new connections. A
-  connection our chains accepted carries a conntrack mark bit (``accepted_mark``), and the first rule of
-  np-FORWARD accepts its later packets at once: on a forwarded packet's path that rule is most of what policy
-  costs (see docs/benchmarks/datapath-diagnosis.md). Only connections our policy let through are marked, so other
-  writers' traffic keeps meeting their own rules.
+* Established flows keep flowing after a policy change unless it revokes them. The chains judge a connection's
+  first packet; conntrack (ESTABLISHED, RELATED) lets the rest through, replies included, whatever the reverse
+  direction's policy says. A connection our chains accepted carries a conntrack mark bit (``accepted_mark``),
+  and the first rule of np-FORWARD accepts its later packets at once: on a forwarded packet's path that rule is
+  most of what policy costs (see docs/benchmarks/datapath-diagnosis.md). Only connections our policy let through
+  are marked, so other writers' traffic keeps meeting their own rules. After an apply that changed something
+  (and on every full resync) the iptables backend deletes the conntrack entries of connections the new policy
+  denies, judged in their original direction by ``policy.decide`` (``policy.revoke``; entries with NAT are left
+  alone), so their next packet meets the new rules and is dropped. ``policy.decide`` is these semantics in
+  Python; a unit test proves these chains mean the same.
 * Covered traffic: forwarded traffic to or from a local endpoint (FORWARD) and an endpoint's traffic to the host
   itself (INPUT, egress policy only; IPv6 neighbour discovery always passes). Traffic from the host to its local
   endpoints (OUTPUT) is not policed, so health probes keep working.
