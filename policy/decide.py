@@ -15,11 +15,11 @@ A verdict is per side: the sender's egress and the receiver's ingress, each None
 endpoint (nothing of ours polices it). Which sides a host enforces (its local endpoints) is the caller's business.
 """
 
+import bisect
+import functools
 import ipaddress
 import itertools
 from dataclasses import dataclass
-
-import netaddr
 
 from policy.compiler import _check_policies, _merge_endpoints, cidr_union
 from policy.model import PROTOCOLS
@@ -64,25 +64,29 @@ class Evaluator:
             for addr in ep.addresses:
                 self.at.setdefault(ipaddress.ip_interface(addr).ip, []).append(ep)
         self._declared = {}  # (endpoint id, direction) -> the selecting policies declaring it, in order
-        self._cidrs = {}  # id(rule) -> netaddr.IPSet of its CIDR peers minus their exceptions
+        self._rule_peers = {}  # id(rule) -> what its peers match (_peers)
+        self._decided = {}  # Flow -> Decision: a conntrack table holds many connections of one flow
 
     def endpoint_at(self, address):
         """The endpoint holding ``address`` (the lowest id if a stale record shares it), or None."""
-        eps = self.at.get(ipaddress.ip_address(address))
+        eps = self.at.get(_address(address))
         return eps[0] if eps else None
 
     def decide(self, flow):
-        src, dst = self.endpoint_at(flow.src), self.endpoint_at(flow.dst)
-        return Decision(
-            sender=src and src.id,
-            receiver=dst and dst.id,
-            egress=src and self.verdict(src, "Egress", flow),
-            ingress=dst and self.verdict(dst, "Ingress", flow),
-        )
+        known = self._decided.get(flow)
+        if known is None:
+            src, dst = self.endpoint_at(flow.src), self.endpoint_at(flow.dst)
+            known = self._decided[flow] = Decision(
+                sender=src and src.id,
+                receiver=dst and dst.id,
+                egress=src and self.verdict(src, "Egress", flow),
+                ingress=dst and self.verdict(dst, "Ingress", flow),
+            )
+        return known
 
     def verdict(self, ep, direction, flow):
         """ALLOW or DENY of ``ep``'s ``direction`` for ``flow``."""
-        peer = ipaddress.ip_address(flow.src if direction == "Ingress" else flow.dst)
+        peer = _address(flow.src if direction == "Ingress" else flow.dst)
         declared = self._selecting(ep, direction)
         if not declared:
             if direction == "Egress":
@@ -114,24 +118,39 @@ class Evaluator:
             return False
         if rule.peers is None:
             return True
+        selectors, networks, ranges = self._peers(rule)
         eps = self.at.get(peer, ())
-        for p in rule.peers:
-            if p.selector is not None and any(p.selector.matches(e.labels) for e in eps):
-                return True
-            if p.network is not None and any(e.network == p.network for e in eps):
-                return True
-        return netaddr.IPAddress(str(peer)) in self._cidr_space(rule)
+        if any(s.matches(e.labels) for s in selectors for e in eps) or any(e.network in networks for e in eps):
+            return True
+        starts, ends = ranges.get(peer.version, ((), ()))
+        i = bisect.bisect_right(starts, int(peer)) - 1
+        return i >= 0 and int(peer) <= ends[i]
 
-    def _cidr_space(self, rule):
+    def _peers(self, rule):
+        """(selectors, networks, {family: (starts, ends)} of the CIDR peers' address ranges) of a rule, once: a
+        10,000-CIDR rule costs a flow one binary search."""
         key = id(rule)  # rules live as long as the policies this evaluator holds
-        if key not in self._cidrs:
-            self._cidrs[key] = cidr_union([p for p in rule.peers if p.cidr is not None])
-        return self._cidrs[key]
+        if key not in self._rule_peers:
+            ranges = {}
+            for r in cidr_union([p for p in rule.peers if p.cidr is not None]).iter_ipranges():
+                starts, ends = ranges.setdefault(r.version, ([], []))
+                starts.append(r.first)
+                ends.append(r.last)
+            self._rule_peers[key] = (
+                tuple({p.selector for p in rule.peers if p.selector is not None}),
+                frozenset(p.network for p in rule.peers if p.network is not None),
+                ranges,
+            )
+        return self._rule_peers[key]
 
 
 def decide(endpoints, policies, flow):
     """-> Decision for one flow (see the module docstring); ``Evaluator`` for many."""
     return Evaluator(endpoints, policies).decide(flow)
+
+
+# A conntrack table names the same few addresses over and over; parsing them was most of judging it.
+_address = functools.lru_cache(maxsize=1 << 16)(ipaddress.ip_address)
 
 
 def _protocol_matches(protocol, number, family):

@@ -6,8 +6,9 @@ deleting a thousand entries is one ``send`` and one acknowledgement each, not a 
 
 An entry is deleted by its original tuple exactly as the dump returned it (the attribute bytes sent back, so every
 protocol's tuple is right), its zone, and its id: an entry that ended meanwhile and was replaced by a new
-connection with the same addresses and ports has another id, and the kernel refuses to delete that one
-(ENOENT, which counts as done).
+connection with the same addresses and ports usually has another id (the kernel hashes the entry's memory
+address with its tuple), and the kernel refuses to delete that one (ENOENT, which counts as done). A replacement
+that reuses the old one's memory has the same id and goes too: harmless, its next packet meets the rules.
 """
 
 import errno
@@ -31,6 +32,7 @@ CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
 IPS_SRC_NAT, IPS_DST_NAT = 0x10, 0x20
 _HEADER = 16  # struct nlmsghdr
 _NFGEN = struct.Struct("=BBH")  # struct nfgenmsg: family, version, res_id (big endian; 0)
+DELETE_BATCH = 256  # requests per send: one send is one skb, and a whole table's deletes do not fit in one
 
 
 @dataclass(frozen=True)
@@ -122,10 +124,12 @@ class Conntrack:
         entries = list(entries)
         if not entries:
             return 0, []
+        failures = []
         with netlink(self.netns, NETLINK_NETFILTER) as nl:
-            batch = Batch()
-            for e in entries:
-                what = f"delete the conntrack entry {e.src} -> {e.dst} proto {e.protocol} in {nl.where}"
-                batch.add(CT_DELETE, 0, delete_body(e), what, ok=(errno.ENOENT,))
-            failures, _ = nl.commit(batch)
+            for at in range(0, len(entries), DELETE_BATCH):
+                batch = Batch()
+                for e in entries[at : at + DELETE_BATCH]:
+                    what = f"delete the conntrack entry {e.src} -> {e.dst} proto {e.protocol} in {nl.where}"
+                    batch.add(CT_DELETE, 0, delete_body(e), what, ok=(errno.ENOENT,))
+                failures += nl.commit(batch)[0]
         return len(entries) - len(failures), [str(f.error()) for f in failures]

@@ -78,6 +78,22 @@ def test_protocols_ports_cidr_notcidr_and_networks():
     ) == [True, True, False, False, True, False, True, True, False]
 
 
+def test_cidr_edges_single_addresses_and_the_ends_of_ranges():
+    # 10.65.0.0/30 minus 10.65.0.1/32 leaves .0 and .2-.3: D (.2) is a range's first address, .3 its last.
+    body = """  selector: {matchLabels: {app: web}}
+  ingress: [{action: allow, from: [{cidr: 10.65.0.0/30, notCIDR: [10.65.0.1/32]}, {cidr: 10.65.1.3/32}]}]"""
+    pols = policies(("p", body))
+    assert verdicts(
+        pols,
+        ("10.65.0.2", "10.65.0.1", "tcp", 80),
+        ("10.65.0.3", "10.65.0.1", "tcp", 80),
+        ("10.65.0.4", "10.65.0.1", "tcp", 80),
+        ("10.65.1.3", "10.65.0.1", "tcp", 80),
+        ("10.65.1.4", "10.65.0.1", "tcp", 80),
+        ("10.65.1.2", "10.65.0.1", "tcp", 80),
+    ) == [True, True, False, True, False, False]
+
+
 def test_kubernetes_network_policy_through_the_translation():
     pols = load_text("""apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
@@ -220,6 +236,10 @@ CIDRS = {
     "0.0.0.0/0": ["10.0.0.0/8"],
     "192.0.2.0/24": [],
     "10.1.0.3/32": [],
+    "10.1.0.1/32": [],
+    "10.1.0.2/31": ["10.1.0.3/32"],
+    "10.1.0.4/30": ["10.1.0.5/32"],
+    "fd00::2/127": [],
     "fd00::/64": ["fd00::/126"],
     "::/0": [],
 }
