@@ -15,6 +15,9 @@ itself opened to its endpoints (OUTPUT is not policed), entries involving no loc
 rules cannot see yet. TCP's loose pickup means a revoked connection whose *other* end sends next is judged as a
 connection opened by that end: revocation cuts what the new policy denies in the original direction, it does
 not pin the direction.
+
+Cost (this machine, shared): a sweep of a 20,000-entry table takes about 0.6 s, most of it the dump; judging
+costs about 10 us a connection with a 10,000-CIDR policy; deleting 20,000 entries about 0.1 s.
 """
 
 import ipaddress
