@@ -3,8 +3,9 @@
 Our chains judge a connection's first packet; after that conntrack (ESTABLISHED) and the connmark "accepted"
 bit let every packet of it through, so on their own a policy change would only ever affect new connections.
 The semantics are "established flows keep flowing after a policy change unless it revokes them" (the BPF
-dataplane does this with its policy generation). So after an apply that changed something, and on every full
-resync (level-triggered: an earlier revocation that failed is retried), ``FlowRevoker.sweep`` lists the host's
+dataplane does this with its policy generation). So after an apply that changed policies or an existing
+endpoint (``needed``), and on every full resync (level-triggered: an earlier revocation that failed is retried,
+and an endpoint's address reused meanwhile is judged), ``FlowRevoker.sweep`` lists the host's
 conntrack entries, judges each that involves a local endpoint in its *original* direction with ``policy.decide``
 (so replies of an allowed connection never count against it), and deletes the ones the rules now deny. The
 connection's next packet is new to conntrack, carries no accepted mark, and meets the new rules: dropped.
@@ -39,6 +40,17 @@ class FlowRevoker:
         self.netns = netns
         self.revoked = 0  # connections deleted, ever (netplugin_flows_revoked_total)
         self.last = {}  # the last sweep's counts
+        self._judged = None  # (policies, {endpoint id: what policy sees of it}) the last call was given
+
+    def needed(self, local, everyone, policies):
+        """Whether a change since the last call can deny an established connection: policies, or what the rules
+        see of an endpoint that was there before. An endpoint only added or removed cannot (its address carried
+        no connection of ours), and an ADD must not wait for a conntrack dump; a full resync sweeps anyway."""
+        seen = {e.id: (tuple(sorted(e.addresses)), e.network, tuple(sorted(e.labels.items()))) for e in everyone}
+        last, self._judged = self._judged, (tuple(policies), seen)
+        if last is None or last[0] != self._judged[0]:
+            return True
+        return any(last[1][i] != v for i, v in seen.items() if i in last[1])
 
     def sweep(self, local, everyone, policies):
         """Delete the conntrack entries of connections the policy (``policy.compiler``'s inputs) now denies;

@@ -59,15 +59,17 @@ class IptablesBackend:
         # Event-driven passes plan against what the applier last wrote; full ones read the kernel back.
         diffs = self.policy.apply(ruleset, trust_cache=not full)
         timings = dict(self.policy.last_timings)
-        if self.flows is not None and ruleset.inputs and (diffs or full):
+        if self.flows is not None and ruleset.inputs:
             # Conntrack would let a connection the new rules deny go on for ever (policy.revoke); a full
             # resync sweeps too, so a failed sweep is retried. A failure never undoes the rules just written.
-            started = time.monotonic()
-            try:
-                self.flows.sweep(*ruleset.inputs)
-            except DataplaneError as err:
-                LOG.warning("event=policy.revoke_failed error=%s (the next full resync tries again)", err.msg)
-            timings["revoke"] = time.monotonic() - started
+            needed = self.flows.needed(*ruleset.inputs)  # asked every time: it remembers what it was given
+            if full or diffs and needed:
+                started = time.monotonic()
+                try:
+                    self.flows.sweep(*ruleset.inputs)
+                except DataplaneError as err:
+                    LOG.warning("event=policy.revoke_failed error=%s (the next full resync tries again)", err.msg)
+                timings["revoke"] = time.monotonic() - started
         return diffs, timings
 
     def set_nat_outgoing(self, pools, full=False) -> list:
