@@ -10,11 +10,16 @@ Semantics
   matched by no rule of any selecting policy is dropped.
 * Policies run in ``order`` (lower first, then by name). Within one order, ``log`` rules of all its policies come
   first (they log and go on), then ``deny`` (deny wins at equal order), then ``allow``.
-* Established and related connections always flow (conntrack), so new rules affect only new connections. A
-  connection our chains accepted carries a conntrack mark bit (``accepted_mark``), and the first rule of
-  np-FORWARD accepts its later packets at once: on a forwarded packet's path that rule is most of what policy
-  costs (see docs/benchmarks/datapath-diagnosis.md). Only connections our policy let through are marked, so other
-  writers' traffic keeps meeting their own rules.
+* Established flows keep flowing after a policy change unless it revokes them. The chains judge a connection's
+  first packet; conntrack (ESTABLISHED, RELATED) lets the rest through, replies included, whatever the reverse
+  direction's policy says. A connection our chains accepted carries a conntrack mark bit (``accepted_mark``),
+  and the first rule of np-FORWARD accepts its later packets at once: on a forwarded packet's path that rule is
+  most of what policy costs (see docs/benchmarks/datapath-diagnosis.md). Only connections our policy let through
+  are marked, so other writers' traffic keeps meeting their own rules. After an apply that changed something
+  (and on every full resync) the iptables backend deletes the conntrack entries of connections the new policy
+  denies, judged in their original direction by ``policy.decide`` (``policy.revoke``; entries with NAT are left
+  alone), so their next packet meets the new rules and is dropped. ``policy.decide`` is these semantics in
+  Python; a unit test proves these chains mean the same.
 * Covered traffic: forwarded traffic to or from a local endpoint (FORWARD) and an endpoint's traffic to the host
   itself (INPUT, egress policy only; IPv6 neighbour discovery always passes). Traffic from the host to its local
   endpoints (OUTPUT) is not policed, so health probes keep working.
@@ -157,6 +162,8 @@ class Ruleset:
     ``plan`` (one EndpointPlan per local endpoint, by id) and ``policy_rules`` ((policy, direction) ->
     PlanRules) are the dataplane-neutral plan the chains are rendered from; the eBPF dataplane renders its
     maps from the same plan (policy/bpf_render.py).
+    ``inputs`` is what it was compiled from, (local endpoints, all endpoints, policies), for dataplanes that
+    judge flows with ``policy.decide`` (revoking established connections); it takes no part in equality.
     """
 
     ipsets: tuple = ()
@@ -164,6 +171,7 @@ class Ruleset:
     hooks: dict = field(default_factory=dict)
     plan: tuple = ()
     policy_rules: dict = field(default_factory=dict)
+    inputs: tuple = field(default=(), compare=False, repr=False)
 
     def ipset_map(self):
         return {s.name: s for s in self.ipsets}
@@ -213,12 +221,14 @@ class _Compiler:
             chains[family] = self._family_chains(plan, family)
             hooks[family] = dict(sorted(HOOKS.items()))
         ipsets = tuple(self.sets[name] for name in sorted(self.sets))
+        inputs = (tuple(self.local), tuple(self.endpoints.values()), tuple(self.policies))
         return Ruleset(
             ipsets=ipsets,
             chains=chains,
             hooks=hooks,
             plan=plan,
             policy_rules=dict(sorted(self.policy_rules.items())),
+            inputs=inputs,
         )
 
     # -- the plan -----------------------------------------------------------------------------------------
@@ -391,15 +401,10 @@ class _Compiler:
 
     def _cidr_space(self, rule, cidr_peers):
         """The exact union of a rule's CIDR peers as CIDRs, computed once for both families (the merge is most
-        of the cost of compiling thousands of CIDRs). One IPSet from the plain CIDRs at once (unions in a loop are
-        quadratic), then the few peers with exceptions added one by one."""
+        of the cost of compiling thousands of CIDRs)."""
         key = id(rule)
         if key not in self.cidr_spaces:
-            space = netaddr.IPSet([p.cidr for p in cidr_peers if not p.not_cidr])
-            for p in cidr_peers:
-                if p.not_cidr:
-                    space |= netaddr.IPSet([p.cidr]) - netaddr.IPSet(p.not_cidr)
-            self.cidr_spaces[key] = list(space.iter_cidrs())
+            self.cidr_spaces[key] = list(cidr_union(cidr_peers).iter_cidrs())
         return self.cidr_spaces[key]
 
     # -- sets -----------------------------------------------------------------------------------------------
@@ -433,6 +438,16 @@ class _Compiler:
             raise InvalidInput(
                 f"compiling policy: name {name} stands for both {self.owners[name]} and {owner} (hash collision)"
             )
+
+
+def cidr_union(cidr_peers):
+    """The addresses a rule's CIDR peers cover, minus each peer's notCIDR exceptions, as one netaddr.IPSet: one
+    IPSet from the plain CIDRs at once (unions in a loop are quadratic), then the few peers with exceptions."""
+    space = netaddr.IPSet([p.cidr for p in cidr_peers if not p.not_cidr])
+    for p in cidr_peers:
+        if p.not_cidr:
+            space |= netaddr.IPSet([p.cidr]) - netaddr.IPSet(p.not_cidr)
+    return space
 
 
 def log_prefix(policy_name):

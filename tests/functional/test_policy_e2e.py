@@ -29,6 +29,7 @@ from netplugin.datastore import keys
 from netplugin.datastore.client import Datastore
 from netplugin.datastore.watch import PrefixWatch
 from netplugin.ipam.allocator import IPAM
+from netplugin.kernel.conntrack import Conntrack
 from policy.applier import PolicyDataplane, written_state
 from policy.compiler import compile_ruleset, endpoint_chains, policy_chain
 from policy.loader import load_text
@@ -38,7 +39,7 @@ from netplugin.lab.console import console_script
 from netplugin.lab.netns import NamespaceSet, nsexec
 from netplugin.lab.bpflab import mounted_bpffs
 from netplugin.kernel.bpf import loader, records
-from tests.probes import assert_reachability, start_echo_server
+from tests.probes import Conversation, assert_reachability, start_echo_server
 
 pytestmark = [pytest.mark.functional, pytest.mark.timeout(180)]
 
@@ -757,3 +758,117 @@ def test_incremental_applies_plan_against_what_the_kernel_really_holds(caplog):
         assert dp.diff(rs2) == []
     finally:
         nss.close()
+
+
+# -- established flows across policy changes (both dataplanes) ----------------------------------------------------
+
+WEB_FROM_CLIENTS = """
+  selector: {{matchLabels: {{app: web}}}}
+  ingress:
+    - {{action: allow, protocol: tcp, ports: [80], from: [{{selector: {clients}}}]}}
+    - {{action: allow, protocol: udp, ports: [53], from: [{{selector: {clients}}}]}}"""
+
+
+@contextlib.contextmanager
+def conversations(lab, *flows):
+    """Open (src, kind, dst) flows to the echo servers (tcp 80, udp 53), each checked to work; closed on exit."""
+    with contextlib.ExitStack() as stack:
+        out = []
+        for src, kind, dst in flows:
+            c = Conversation(lab.ns[src], kind, lab.ip[dst], 80 if kind == "tcp" else 53)
+            stack.callback(c.close)
+            c.name = f"{src}->{dst} {kind}"
+            assert c.exchange(), f"{c.name} does not work to begin with"
+            out.append(c)
+        yield out
+
+
+def flowing(convs):
+    """Which conversations still get their echoes (each tried twice, so one lost datagram is not a verdict)."""
+    return {c.name: c.exchange() or c.exchange() for c in convs}
+
+
+def entries_of(lab, convs):
+    """(host, source port) -> conntrack entry id, for each conversation's entries in the hosts' tables (none
+    where a dataplane carries the flow without conntrack)."""
+    out = {}
+    for i, host in enumerate(lab.hosts, 1):
+        for e in Conntrack(f"/run/netns/{host}").entries():
+            if e.src_port in {c.port for c in convs} and e.src in lab.ip.values():
+                out[i, e.src, e.src_port] = e.id
+    return out
+
+
+def sweep_everywhere(lab):
+    """Every agent ran a full resync (which sweeps conntrack) after the last change."""
+    for agent in lab.agents:
+        lab.wait_full_sync(agent)
+
+
+def test_established_flows_keep_flowing_across_changes_that_allow_them(lab):
+    lab.apply(policy("web-in", WEB_FROM_CLIENTS.format(clients="{matchLabels: {role: client}}")))
+    flows = [("C1", "tcp", "W1"), ("C2", "tcp", "W1"), ("C2", "udp", "W1"), ("W1", "tcp", "D2")]
+    with conversations(lab, *flows) as convs:
+        before = entries_of(lab, convs)
+        # Unrelated: a policy for another endpoint. Then one that still allows them, by other rules and orders.
+        lab.apply(policy("db-in", "  selector: {matchLabels: {app: db}}\n  ingress: [{action: allow}]"))
+        sweep_everywhere(lab)
+        assert all(flowing(convs).values()), flowing(convs)
+        lab.apply(
+            policy("web-in", WEB_FROM_CLIENTS.format(clients="{matchExpressions: [{key: role, operator: Exists}]}"))
+            + policy("web-log", "  order: 10\n  selector: {matchLabels: {app: web}}\n  ingress: [{action: log}]")
+        )
+        sweep_everywhere(lab)
+        assert all(flowing(convs).values()), flowing(convs)
+        # Kept means the same connection, not one conntrack picked up again after a needless delete.
+        after = entries_of(lab, convs)
+        assert {k: v for k, v in after.items() if k in before} == before
+
+
+def test_established_flows_are_cut_when_a_change_denies_them(lab):
+    lab.apply(policy("web-in", WEB_FROM_CLIENTS.format(clients="{matchLabels: {role: client}}")))
+    flows = [("C1", "tcp", "W1"), ("C1", "udp", "W1"), ("C2", "tcp", "W1"), ("C2", "udp", "W1"), ("W1", "tcp", "D2")]
+    with conversations(lab, *flows) as convs:
+        # Only zone b clients now: C1's flows are cut (its packets dropped), C2's go on.
+        lab.apply(policy("web-in", WEB_FROM_CLIENTS.format(clients="{matchLabels: {zone: b}}")))
+        assert flowing(convs) == {
+            "C1->W1 tcp": False,
+            "C1->W1 udp": False,
+            "C2->W1 tcp": True,
+            "C2->W1 udp": True,
+            "W1->D2 tcp": True,
+        }
+        # Egress, judged by the sender's host; and then nobody.
+        lab.apply(
+            policy("web-in", "  selector: {matchLabels: {app: web}}\n  ingress: [{action: deny}]")
+            + policy(
+                "web-out",
+                "  selector: {matchLabels: {app: web}}\n  types: [Egress]\n"
+                "  egress: [{action: deny, to: [{selector: {matchLabels: {app: db}}}]}, {action: allow}]",
+            )
+        )
+        assert not any(flowing(convs).values()), flowing(convs)
+    cut = f"event=policy.flow_revoked proto=6 src={lab.ip['C1']} dst={lab.ip['W1']} dport=80 by=ingress of "
+    assert cut in lab.agents[0].log_text()
+    lab.delete_all_policies()
+    lab.expect("C2", ("tcp", "W1", 80, False))  # the default again: another network
+    lab.expect("W1", ("tcp", "D2", 80, True))
+
+
+def test_replies_of_an_allowed_connection_pass_whatever_the_reverse_policy_says(lab):
+    """W1's egress denies red, and red's default ingress refuses blue: W1 may open nothing towards C1 or C2, but
+    its replies on the connections they opened pass, across changes too (judged in the original direction)."""
+    both_ways = policy("web-in", WEB_FROM_CLIENTS.format(clients="{matchLabels: {role: client}}")) + policy(
+        "web-out",
+        "  selector: {matchLabels: {app: web}}\n  types: [Egress]\n  egress: [{action: deny, to: [{network: red}]}]",
+    )
+    lab.apply(both_ways)
+    lab.expect("W1", ("tcp", "C1", 80, False), ("tcp", "C2", 80, False), ("udp", "C2", 53, False))
+    with conversations(lab, ("C1", "tcp", "W1"), ("C2", "tcp", "W1"), ("C2", "udp", "W1")) as convs:
+        before = entries_of(lab, convs)
+        lab.apply(both_ways + policy("db-in", "  selector: {matchLabels: {app: db}}\n  ingress: [{action: allow}]"))
+        sweep_everywhere(lab)
+        assert all(flowing(convs).values()), flowing(convs)
+        after = entries_of(lab, convs)
+        assert {k: v for k, v in after.items() if k in before} == before
+    lab.expect("W1", ("tcp", "C1", 80, False))
