@@ -314,7 +314,7 @@ def idle_costs(lab, seconds):
     }
 
 
-def run_scenario(sc, containers, probe_timeout, budget, log, profile_dir=None, pin=True, idle_s=0.0):
+def run_scenario(sc, containers, probe_timeout, budget, log, profile_dir=None, pin=True, idle_s=0.0, pause=0.0):
     name = f"bench{sc['hosts']}"
     if Lab.exists(name):
         Lab.destroy(name)
@@ -345,6 +345,8 @@ def run_scenario(sc, containers, probe_timeout, budget, log, profile_dir=None, p
             if time.monotonic() > deadline:
                 raise ScenarioTimeout(f"scenario budget of {budget:.0f}s used up after {i} containers")
             host = hosts[i % len(hosts)]
+            if i and pause:
+                time.sleep(pause)
             t0 = time.monotonic()
             rec = lab.run_container(host, f"b{i}")
             t_add = time.monotonic() - t0
@@ -379,7 +381,7 @@ def run_scenario(sc, containers, probe_timeout, budget, log, profile_dir=None, p
         used_kib = free_before - mem_available_kib()
         db_bytes = [etcd_db_size(ep)[0] for ep in lab.endpoints]
         return {
-            "label": sc["label"],
+            "label": sc["label"] + (f", ADDs {pause:g} s apart" if pause else ""),
             "hosts": sc["hosts"],
             "containers": containers,
             "up_s": up_s,
@@ -522,6 +524,15 @@ def main(argv=None):
         metavar="SECONDS",
         help="After the containers, count etcd's requests this long with nothing happening (0: skip).",
     )
+    p.add_argument(
+        "--pause",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="Wait this long between one container answering everywhere and the next ADD, so the last one's work "
+        "on every other host (its record reaching each agent and BIRD) is over: on real hosts that work runs on "
+        "each host's own CPU, here all of it on this machine's.",
+    )
     p.add_argument("--profile", metavar="DIR", help="Write where CPU went during the container phase to DIR.")
     args = p.parse_args(argv)
     scenarios = args.scenario or [parse_scenario(s) for s in ("mesh:5", "mesh:20", "rr:50:2")]
@@ -552,6 +563,7 @@ def main(argv=None):
                         args.profile,
                         pin=not args.dynamic_neighbours,
                         idle_s=args.idle,
+                        pause=args.pause,
                     )
                 )
             except (NetpluginError, ScenarioTimeout, RuntimeError) as e:
