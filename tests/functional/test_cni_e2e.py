@@ -605,12 +605,12 @@ def test_200_adds_20_at_a_time_then_200_dels_leave_nothing(host, containers):
 
 def test_policy_covers_a_container_when_add_returns(host, containers):
     """ADD installs the new veth's policy before it returns (or waits, up to --policy-setup-timeout, for a sync
-    pass that knows it), so the very first packet passes: right after ADD, the host veth is already in our dispatch chains and one ping answers at once."""
+    pass that knows it), so the very first packet passes: right after ADD, the host veth is already in our dispatch set and one ping answers at once."""
     a, ra = containers.add()
     b, rb = containers.add()
     veth = host.endpoint(f"{host.cni.config['name']}.{b}.eth0")["host_ifname"]
-    rules = nsexec(host.ns, "iptables-save -t filter").stdout
-    assert veth in rules, f"{veth} not in our chains right after ADD"
+    sets = nsexec(host.ns, "ipset save").stdout  # the dispatch set of b's shape (policy/compiler.py)
+    assert f"{address(rb)},{veth}" in sets, f"{veth} not in our dispatch set right after ADD"
     assert pings(a, address(rb), count=1), "the first ping after ADD was lost"
 
 
