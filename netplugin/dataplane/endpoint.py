@@ -85,6 +85,8 @@ def add(host_netns, spec, addrs) -> EndpointState:
                 for addr in new_addrs:
                     undo.callback(quietly, _undo_address, cnl, cidx, addr)
             cnl.run(cb)
+            if fresh:
+                _wait_host_end_running(hnl, host_msg["index"], name, what)
 
             state = EndpointState(
                 endpoint_id=spec.endpoint_id,
@@ -106,6 +108,24 @@ def add(host_netns, spec, addrs) -> EndpointState:
         (time.monotonic() - started) * 1000,
     )
     return state
+
+
+def _wait_host_end_running(hnl, index, name, what, timeout=0.5):
+    """Until the kernel has attached the host end's queueing discipline (bounded). The host end comes up first,
+    without a carrier (its peer is still down), so the kernel attaches its qdisc only when its linkwatch worker
+    handles the carrier-on event, right after it marks the link operationally up; until then the host end drops
+    what it sends (ARP to the container, the first reply to the container's first packet, which then comes a
+    second late). That worker is a kernel thread, and on a busy host it runs milliseconds later; ADD must not
+    return before it did. The container end came up second, with its carrier, so it is ready at once."""
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = hnl.link(index=index)
+        if msg is None or msg.get("operstate") == "UP":
+            return
+        if time.monotonic() > deadline:
+            log.warning("%s: host veth %s not operationally up after %.1f s; going on", what, name, timeout)
+            return
+        time.sleep(0.0005)
 
 
 def _container_mac(cnl, cidx, cont_msg):
