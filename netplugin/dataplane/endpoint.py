@@ -139,6 +139,49 @@ def _undo_address(cnl, idx, addr):
     cnl.run(batch)
 
 
+def detach(host_netns, endpoint_id, netns=None, ifname="eth0") -> bool:
+    """DEL's first half, what must be gone before the addresses are released: the host routes to the container
+    (so nothing is routed into the old veth, and strict reverse-path filtering drops anything the old container
+    still sends from those addresses), then the container interface's global addresses when its namespace is
+    still there. Fast (route and address deletes). Deleting the pair (``remove``) is the slow half: the kernel
+    waits for RCU grace periods to unregister a device, 15-20 ms here, and the caller need not wait for it.
+    Returns False when there is no host veth (then ``remove`` has only the orphan case left)."""
+    name = host_ifname(endpoint_id)
+    what = f"DEL of endpoint {endpoint_id}"
+    with netlink(host_netns) as hnl:
+        host_msg = hnl.link(name=name)
+        if host_msg is None:
+            return False
+        idx = host_msg["index"]
+        batch = Batch()
+        host.plan_routes(batch, idx, name, [], host.read_routes(hnl, oif=idx)[0].get(idx, set()), what)
+        hnl.run(batch)
+        if netns is None:
+            return True
+        try:
+            fd = open_netns(netns)
+        except (NotFound, InvalidInput):  # the runtime removed it already: its addresses went with it
+            return True
+        try:
+            with netlink_fd(fd, netns) as cnl:
+                cont_msg = cnl.link(name=ifname)
+                if cont_msg is None or not paired(hnl, host_msg, cont_msg, fd):
+                    return True
+                batch = Batch()
+                for addr in sorted(container.global_addresses(cnl, cont_msg["index"]), key=str):
+                    batch.address(
+                        "del",
+                        cont_msg["index"],
+                        addr,
+                        f"delete {addr} from {ifname} in netns '{netns}' for {what}",
+                        ok=(errno.EADDRNOTAVAIL, errno.ENODEV),
+                    )
+                cnl.run(batch)
+        finally:
+            os.close(fd)
+    return True
+
+
 def remove(host_netns, endpoint_id, netns=None, ifname="eth0") -> bool:
     """Delete the pair; a missing link or namespace is success. Returns True if something was deleted."""
     name = host_ifname(endpoint_id)
