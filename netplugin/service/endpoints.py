@@ -183,10 +183,11 @@ class EndpointService:
         """Release, unwire, forget. Unknown endpoints are fine (DEL twice, or for a container never seen)."""
         clock = clock or PhaseClock()
         key = keys.endpoint(self.host, ep_id)
-        kv = self.ds.get(key)
-        if kv:
-            ep = Endpoint.from_dict(kv.value)
-            netns, ifname = netns or ep.netns, ep.ifname or ifname
+        if not netns:  # the record says where the container was (a runtime may DEL without CNI_NETNS)
+            kv = self.ds.get(key)
+            if kv:
+                ep = Endpoint.from_dict(kv.value)
+                netns, ifname = ep.netns, ep.ifname or ifname
         clock.mark("lookup")
         # The dataplane first: no route into the old veth and no address on it may outlive the release, or an
         # ADD given a released address at once would find it still routed here. The iptables backend returns
@@ -196,7 +197,9 @@ class EndpointService:
         # runtime's next DEL, which finds the veth gone and retries the release.
         self.dataplane.remove_endpoint(ep_id, netns, ifname)
         clock.mark("dataplane")
-        released = self.ipam.release_handle(ep_id, also=[delete_op(key)] if kv else ())
+        # The record's delete goes in unread: deleting a key that is not there is a no-op, and reading it first
+        # was a round trip of its own (the endpoint id already names the host veth, the ifname is the request's).
+        released = self.ipam.release_handle(ep_id, also=[delete_op(key)])
         clock.mark("ipam")
         LOG.info("endpoint deleted id=%s released=%s %s", ep_id, ",".join(released) or "-", clock)
         return released
