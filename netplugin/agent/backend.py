@@ -19,6 +19,7 @@ LOG = logging.getLogger(__name__)
 
 class IptablesBackend:
     name = "iptables"  # what health reports as the active dataplane
+    background_link_deletion = True  # DEL returns once the endpoint is detached (netplugin/dataplane/reaper.py)
 
     def __init__(self, endpoints: Dataplane, policy: PolicyDataplane, nat: NatOutgoing, flows: FlowRevoker = None):
         self.endpoints = endpoints  # veths, host routes, blackholes, host sysctls, anti-spoofing
@@ -41,7 +42,10 @@ class IptablesBackend:
         return self.endpoints.add_endpoint(spec)
 
     def remove_endpoint(self, endpoint_id, netns=None, ifname="eth0"):
-        return self.endpoints.remove_endpoint(endpoint_id, netns, ifname)
+        return self.endpoints.remove_endpoint(endpoint_id, netns, ifname, background=self.background_link_deletion)
+
+    def close(self):
+        self.endpoints.close()
 
     def add_docker_endpoint(self, spec) -> docker_link.DockerLink:
         return self.endpoints.add_docker_endpoint(spec)

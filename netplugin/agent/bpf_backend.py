@@ -54,6 +54,8 @@ def default_object_dir():
 class BpfBackend(IptablesBackend):
     """The iptables backend's writers for wiring, policy and NAT, plus the programs and their maps."""
 
+    background_link_deletion = False  # remove_endpoint prunes the maps of veths that are gone: wait for it
+
     def __init__(self, inner: IptablesBackend, pins: loader.Pins, staged: loader.Stage | None = None):
         super().__init__(inner.endpoints, inner.policy, inner.nat)
         self.pins = pins  # the generation this agent writes and attaches (select_backend fixes it: not "current")

@@ -31,7 +31,7 @@ from netplugin.datastore.watch import PrefixWatch
 from netplugin.ipam.allocator import IPAM
 from netplugin.kernel.conntrack import Conntrack
 from policy.applier import PolicyDataplane, written_state
-from policy.compiler import compile_ruleset, endpoint_chains, policy_chain
+from policy.compiler import compile_ruleset, policy_chain
 from policy.loader import load_text
 from policy.model import Endpoint
 from netplugin.lab.agents import AgentProcess, CniBinary, rmtree, tempdir
@@ -278,6 +278,18 @@ class Cluster:
     def expect(self, src, *checks, timeout=0.6):
         """checks: (kind, dst key, port, passes?); all probes run at once from ``src``'s namespace."""
         assert_reachability(self.ns[src], src, checks, self.ip, timeout)
+
+    def ingress_chain(self, key, host):
+        """The np-to-<h> chain our dispatch sends a container's incoming traffic to (its shape's), read from the
+        kernel: the set holding the container's "address,veth" and the np-to-disp rule matching that set."""
+        member = f"{self.ip[key]},{self.endpoint(key)['host_ifname']}"
+        saved = nsexec(self.hosts[host - 1], "ipset save").stdout.splitlines()
+        [name] = [line.split()[1] for line in saved if line.startswith("add np-ep-") and line.split()[2] == member]
+        for line in self.rules(host):
+            m = re.match(rf"-A np-to-disp .*--match-set {name} dst,dst .*-g (np-to-\S+)", line)
+            if m:
+                return m.group(1)
+        raise AssertionError(f"no np-to-disp rule for set {name} of {key}")
 
     def rules(self, host, family=4):
         """Our chains and hooks in a host's filter table, as iptables-save prints them (no counters)."""
@@ -610,7 +622,7 @@ def test_invalid_input_is_refused_and_etcd_unchanged(lab):
 
 
 def test_flushed_chain_is_repaired_by_the_next_resync(lab):
-    to_w1, _ = endpoint_chains(lab.endpoint("W1")["id"])
+    to_w1 = lab.ingress_chain("W1", host=1)
     lab.expect("C1", ("tcp", "W1", 80, False))
     wanted = lab.rules(1)
     # Right after a full resync (the next one is >= 0.8 * RESYNC away), flush one of our chains by hand.
@@ -745,8 +757,8 @@ def test_incremental_applies_plan_against_what_the_kernel_really_holds(caplog):
         rs2 = compile_ruleset([a, b], [a, b], [])
         assert dp.apply(rs2, trust_cache=True) and dp.diff(rs2) == []
         # Behind the applier's back: B's chain flushed and the set it used destroyed. The next incremental batch
-        # refills that set (a new red endpoint) by swapping, which fails; the applier reads back and converges.
-        to_b = endpoint_chains("ep-b")[0]
+        # adds a new red endpoint to that set by netlink, which fails; the applier reads back and converges.
+        to_b = rs2.endpoint_chains("ep-b")[0]
         red = next(s.name for s in rs2.ipsets if s.family == 4 and s.members == ("10.65.0.2/32",))
         nsexec(ns, ["iptables", "-F", to_b])
         nsexec(ns, ["ipset", "destroy", red])

@@ -200,8 +200,7 @@ def _rule_matches(args, pkt, sets):
                 return False
             i += 2
         elif a == "--match-set":
-            addr = pkt.src if args[i + 2] == "src" else pkt.dst
-            if not any(addr in ipaddress.ip_network(m) for m in sets[args[i + 1]].members):
+            if not _in_set(sets[args[i + 1]].members, args[i + 2], pkt):
                 return False
             i += 3
         elif a == "--dports":
@@ -215,6 +214,16 @@ def _rule_matches(args, pkt, sets):
         else:
             raise AssertionError(f"the interpreter does not know {a} in {args}")
     raise AssertionError(f"no target in {args}")
+
+
+def _in_set(members, flags, pkt):
+    """hash:net ("src"/"dst": the address) or hash:net,iface ("src,src": source and in-interface, "dst,dst":
+    destination and out-interface) membership."""
+    addr = pkt.src if flags.startswith("src") else pkt.dst
+    if "," not in flags:
+        return any(addr in ipaddress.ip_network(m) for m in members)
+    iface = pkt.in_if if flags.startswith("src") else pkt.out_if
+    return any(addr in ipaddress.ip_network(net) and iface == name for net, name in (m.split(",", 1) for m in members))
 
 
 def compiled_verdict(ruleset, pkt):
