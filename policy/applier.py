@@ -6,8 +6,10 @@ back, then writes only what differs: ipsets first (so rules never name a missing
 same Ruleset finds nothing to do, so a periodic resync is just ``apply`` (``diff`` alone reports drift without
 repairing it). Counters of unchanged chains survive, since those chains are not rewritten.
 
-An apply runs a process only for a kernel object that needs changing: a remote endpoint joining the cluster
-typically costs one ``ipset restore`` of the changed members and no ``iptables-restore`` at all.
+An apply runs a process only for a kernel object that needs changing. Members joining or leaving a set that
+exists go by netlink from this process (netplugin.kernel.ipset_members): a container starting here with a
+policy shape that exists, or a remote endpoint joining the cluster, costs a few netlink messages and no process
+at all (``last_processes`` stays empty). Only creating, rebuilding and destroying sets runs ``ipset restore``.
 
 Reading back costs three process spawns (``ipset save``, ``iptables-save``, ``ip6tables-save``), most of a small
 change's time. So the applier remembers what its last successful apply left in the kernel, and
@@ -23,7 +25,8 @@ from dataclasses import dataclass, field
 
 from netplugin.errors import DataplaneError
 from policy.compiler import FAMILIES
-from netplugin.kernel.ipset import SET_TYPE, IpsetPlan, Ipsets, KernelSet
+from netplugin.kernel.ipset import IpsetPlan, Ipsets, KernelSet
+from netplugin.kernel.ipset_members import IpsetMembers
 from netplugin.kernel.netfilter import NetfilterTable, TableState, hook_spec, hook_target, rule_hash, tagged
 from netplugin.kernel.netns import NamespaceCommand
 
@@ -42,6 +45,7 @@ class PolicyDataplane:
         ``backend``: None detects nf_tables or legacy from ``iptables -V``; a value forces it."""
         self.ns = NamespaceCommand(netns, allow_host_namespace=allow_host_namespace)
         self.ipsets = Ipsets(self.ns)
+        self.members = IpsetMembers(self.ns.path)
         self.tables = {family: NetfilterTable(self.ns, family, wait=wait, backend=backend) for family in FAMILIES}
         self.last_timings = {}
         self.last_processes = []  # the processes the last apply ran ("ipset", "IPv4 restore", ...)
@@ -91,12 +95,16 @@ class PolicyDataplane:
         }
         timings = {"read": time.monotonic() - started}
         processes = []
-        lines = self._set_lines(set_plan, state, delta=source == "cache")
+        lines, changes = self._set_changes(set_plan, state, delta=source == "cache")
         if lines:
             t0 = time.monotonic()
             self.ipsets.restore(lines, "ipset restore (update)")
             timings["ipset"] = time.monotonic() - t0
             processes.append("ipset")
+        if changes:
+            t0 = time.monotonic()
+            self.members.write(changes)
+            timings["ipset-members"] = time.monotonic() - t0
         self._restore_tables(plans, ruleset, timings, processes)
         lines = self.ipsets.destroy_lines(set_plan)
         if lines:
@@ -129,23 +137,24 @@ class PolicyDataplane:
             LOG.debug("policy sync netns=%s: %s", self.ns.netns, note)
         return notes
 
-    def _set_lines(self, plan, state, delta):
-        """The ipset batch making every desired set right. Planned against the cache (``delta``), a set whose
-        members changed gets only the ``del``/``add`` lines of the difference, not a rebuilt copy swapped in: an
-        endpoint joining a 1,000-member set costs one line. Each line is atomic on its own, and members are
-        independent addresses, so no packet sees a state that is wrong for it. If the kernel does not hold what
-        the cache says, a line fails and ``apply`` reads back and rebuilds."""
+    def _set_changes(self, plan, state, delta):
+        """(the ``ipset restore`` batch, the member changes for netlink) making every desired set right.
+        Planned against the cache (``delta``), a set whose members changed gets only the deletes and adds of the
+        difference, not a rebuilt copy swapped in: an endpoint joining a 1,000-member set costs one message.
+        Each is atomic on its own, and members are independent, so no packet sees a state that is wrong for it.
+        If the kernel does not hold what the cache says, one fails and ``apply`` reads back and rebuilds."""
         if not delta or not plan.refill:
-            return self.ipsets.update_lines(plan, state.ipsets)
+            return self.ipsets.update_lines(plan, state.ipsets), []
         lines = self.ipsets.update_lines(
             IpsetPlan(create=plan.create, replace=plan.replace, stale=plan.stale), state.ipsets
         )
+        changes = []
         for want in plan.refill:
             have = set(state.ipsets[want.name].members)
             wanted = set(want.members)
-            lines += [f"del {want.name} {m}" for m in state.ipsets[want.name].members if m not in wanted]
-            lines += [f"add {want.name} {m}" for m in want.members if m not in have]
-        return lines
+            changes += [("del", want.name, want.family, m) for m in state.ipsets[want.name].members if m not in wanted]
+            changes += [("add", want.name, want.family, m) for m in want.members if m not in have]
+        return lines, changes
 
     def _restore_tables(self, plans, ruleset, timings, processes):
         """IPv4 and IPv6 batches run side by side (each atomic on its own, as before): an ADD waits for the
@@ -174,7 +183,7 @@ class PolicyDataplane:
 
 def written_state(ruleset):
     """The KernelState a successful apply of ``ruleset`` leaves: what ``read_back`` would then return."""
-    ipsets = {s.name: KernelSet(s.name, SET_TYPE, s.family, s.members) for s in ruleset.ipsets}
+    ipsets = {s.name: KernelSet(s.name, s.set_type, s.family, s.members) for s in ruleset.ipsets}
     tables = {}
     for family in FAMILIES:
         chains = {name: tuple(rule_hash(spec) for spec in specs) for name, specs in ruleset.chains[family].items()}

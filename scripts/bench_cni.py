@@ -201,11 +201,15 @@ class Bench:
             direct.append((time.perf_counter() - started) * 1000)
             if "result" not in reply:
                 raise RuntimeError(f"agent ADD failed: {reply}")
-        phases = {}
+        phases, del_phases = {}, {}
         for line in self.agent.log_text()[log_mark:].splitlines():
-            if "endpoint added" in line:
+            if "endpoint added" in line or "event=policy.installed" in line:
                 for phase, ms in re.findall(r"(\w+)_ms=([\d.]+)", line):
                     phases.setdefault(phase, []).append(float(ms))
+        for line in self.agent.log_text()[:log_mark].splitlines():
+            if "endpoint deleted" in line:  # the recorded DELs of the run above
+                for phase, ms in re.findall(r"(\w+)_ms=([\d.]+)", line):
+                    del_phases.setdefault(phase, []).append(float(ms))
         add_p50 = percentile(netplugin.times["ADD"], 50)
         rows = [
             ("whole ADD through the binary (from the run above)", add_p50),
@@ -216,7 +220,9 @@ class Bench:
         rows += [(f"    of which {phase} (agent log)", median(v)) for phase, v in sorted(phases.items())]
         rest = add_p50 - median(startup) - median(direct)
         rows.append(("  rest: the plugin's request path (imports, connect, JSON, result shaping)", rest))
-        out = ["| netplugin ADD, medians | ms |", "|---|---:|"]
+        rows.append(("whole DEL through the binary (from the run above)", percentile(netplugin.times["DEL"], 50)))
+        rows += [(f"    of which {phase} (agent log)", median(v)) for phase, v in sorted(del_phases.items())]
+        out = ["| netplugin ADD and DEL, medians | ms |", "|---|---:|"]
         out += [f"| {what} | {ms:.1f} |" for what, ms in rows]
         return "\n".join(out)
 

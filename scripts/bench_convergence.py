@@ -10,9 +10,16 @@ Only the first container on a host claims a new address block, so only those ADD
 routes) to carry a new route; later containers fall inside a block every host already routes. The table reports
 both kinds separately, and how much of the time passed after the ADD had returned (the rest is the ADD itself).
 It also gives the resident memory of the agent and of BIRD per host, and, once the containers are up, the etcd
-requests per second per agent while nothing happens (--idle seconds; the liveness beat and the election). The hosts' neighbours on the fabric are pinned
-as permanent ARP entries first (``pin_neighbours``: the lab's hosts share one kernel's ARP table, which overflows
-at 50 hosts); ``--dynamic-neighbours`` measures without that.
+requests per second per agent while nothing happens (--idle seconds; the liveness beat and the election). A
+second table gives what one host costs: its agent's start-up (seconds from spawn to API socket, CPU seconds
+until the lab was up, etcd requests), agent and BIRD CPU at idle, the machine's memory per host (MemAvailable
+before the lab minus after the containers) and etcd's database size. The lab starts a few agents at a time
+(netplugin/lab/topology.py), at a pace the machine and etcd sustain.
+
+The hosts' neighbours on the fabric are pinned as permanent ARP entries before any agent starts
+(``pin_neighbours``: the lab's hosts share one kernel's ARP table, which overflows at 50 hosts with containers,
+and at 200 hosts with route reflectors from the BGP sessions alone); ``--dynamic-neighbours`` measures without
+that.
 
     sudo .venv/bin/python scripts/bench_convergence.py                       # mesh:5, mesh:20, rr:50:2
     sudo .venv/bin/python scripts/bench_convergence.py --scenario mesh:5 --containers 50
@@ -44,6 +51,7 @@ from netplugin.benchlib.reach import stop
 from netplugin.benchlib.stats import percentile
 from netplugin.errors import NetpluginError
 from netplugin.lab import Lab, LabSpec
+from netplugin.lab.etcd import db_size as etcd_db_size
 from netplugin.lab.etcd import requests_served
 from netplugin.lab import system
 
@@ -139,38 +147,14 @@ class Profile:
         "sync_failed": "event=sync.failed",
     }
 
-    def __init__(self, lab):
+    def __init__(self, lab, extra=None):
         self.lab = lab
+        self.extra = extra or {}  # {role: pid} of the benchmark's own processes (the probers)
         self.started = time.monotonic()
-        self.cpu = self._ticks()
+        self.cpu = cpu_ticks(lab, self.extra)
         self.total = self._machine()
         self.offsets = {h.name: _size(_agent_log(h)) for h in lab.live_hosts()}
         self.bird_offsets = {h.name: _size(_bird_log(h)) for h in lab.live_hosts()}
-
-    def _pids(self):
-        """{role: pid} of agents, BIRDs, etcd members and socat bridges (grouped by kind later)."""
-        out = {}
-        for p in self.lab.state.data["processes"]:
-            if system.alive(p["pid"], p["start"]):
-                out[p["role"]] = p["pid"]
-        for h in self.lab.live_hosts():
-            try:
-                with open(os.path.join(h.run_dir, "bird", "bird.pid")) as f:
-                    out[f"bird {h.name}"] = int(f.read().strip())
-            except (OSError, ValueError):
-                pass
-        return out
-
-    def _ticks(self):
-        out = {}
-        for role, pid in self._pids().items():
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                out[role] = (int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14]))
-            except (OSError, IndexError, ValueError):
-                pass
-        return out
 
     @staticmethod
     def _machine():
@@ -181,7 +165,7 @@ class Profile:
     def report(self, out_dir, label):
         wall = time.monotonic() - self.started
         hz = os.sysconf("SC_CLK_TCK")
-        now, busy = self._ticks(), self._machine()
+        now, busy = cpu_ticks(self.lab, self.extra), self._machine()
         kinds = {}
         for role, (own, children) in now.items():
             own0, children0 = self.cpu.get(role, (0, 0))
@@ -232,6 +216,70 @@ class Profile:
         return text
 
 
+def _pids(lab):
+    """{role: pid} of agents, BIRDs, etcd members and socat bridges (grouped by kind later)."""
+    out = {}
+    for p in lab.state.data["processes"]:
+        if system.alive(p["pid"], p["start"]):
+            out[p["role"]] = p["pid"]
+    for h in lab.live_hosts():
+        try:
+            with open(os.path.join(h.run_dir, "bird", "bird.pid")) as f:
+                out[f"bird {h.name}"] = int(f.read().strip())
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def cpu_ticks(lab, extra=None):
+    """{role: (own ticks, reaped children's ticks)} of the lab's processes (``_pids``) and ``extra`` {role: pid}."""
+    out = {}
+    for role, pid in {**_pids(lab), **(extra or {})}.items():
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out[role] = (int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14]))
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
+def cpu_seconds(ticks, kind, since=None):
+    """CPU seconds (own + children) per process of ``kind`` ("agent", "bird") in ``ticks``, minus ``since``."""
+    hz = os.sysconf("SC_CLK_TCK")
+    since = since or {}
+    out = []
+    for role, (own, children) in ticks.items():
+        if role.split()[0] == kind:
+            own0, children0 = since.get(role, (0, 0))
+            out.append((own - own0 + children - children0) / hz)
+    return out
+
+
+def mem_available_kib():
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1])
+    return 0
+
+
+def requests_total(lab):
+    return sum(sum(requests_served(ep).values()) for ep in lab.endpoints)
+
+
+def startup_costs(lab):
+    """What the agents cost to come up, read right after the lab is up: each agent's CPU seconds so far (its
+    imports, first sync, BIRD configs while the lab converged), the seconds from its spawn to its API socket
+    (the lab records them), and etcd requests per agent so far (the lab's few netctl calls included)."""
+    hosts = len(lab.live_hosts())
+    return {
+        "cpu_s": cpu_seconds(cpu_ticks(lab), "agent"),
+        "wall_s": list(lab.state.data.get("agent_start_s", {}).values()),
+        "etcd_requests": requests_total(lab) / hosts,
+    }
+
+
 def _agent_log(h):
     return os.path.join(h.run_dir, "agent.log")
 
@@ -251,42 +299,54 @@ def _slug(label):
     return "".join(c if c.isalnum() else "-" for c in label).strip("-")
 
 
-def idle_requests(lab, seconds):
-    """etcd requests per second per agent over ``seconds`` in which nobody starts anything (all members)."""
-
-    def total():
-        return sum(sum(requests_served(ep).values()) for ep in lab.endpoints)
-
-    before, t0 = total(), time.monotonic()
+def idle_costs(lab, seconds):
+    """Over ``seconds`` in which nobody starts anything: etcd requests per second per agent (all members), and
+    CPU milliseconds per minute of each agent and each BIRD."""
+    before, ticks, t0 = requests_total(lab), cpu_ticks(lab), time.monotonic()
     time.sleep(seconds)
-    return (total() - before) / (time.monotonic() - t0) / len(lab.live_hosts())
+    rps = (requests_total(lab) - before) / (time.monotonic() - t0) / len(lab.live_hosts())
+    per_min = 60000.0 / (time.monotonic() - t0)
+    after = cpu_ticks(lab)
+    return {
+        "rps": rps,
+        "agent_cpu_ms_min": [c * per_min for c in cpu_seconds(after, "agent", ticks)],
+        "bird_cpu_ms_min": [c * per_min for c in cpu_seconds(after, "bird", ticks)],
+    }
 
 
-def run_scenario(sc, containers, probe_timeout, budget, log, profile_dir=None, pin=True, idle_s=0.0):
+def run_scenario(sc, containers, probe_timeout, budget, log, profile_dir=None, pin=True, idle_s=0.0, pause=0.0):
     name = f"bench{sc['hosts']}"
     if Lab.exists(name):
         Lab.destroy(name)
+    free_before = mem_available_kib()
     started = time.monotonic()
     deadline = started + budget
     lab = Lab.up(
         LabSpec(name=name, hosts=sc["hosts"], route_reflectors=sc["route_reflectors"], routing=sc["routing"]),
         converge_timeout=max(60, 3 * sc["hosts"]),
+        after_fabric=pin_neighbours if pin else None,
     )
     probers = None
     try:
         up_s = time.monotonic() - started
-        if pin:
-            pin_neighbours(lab)
-        log(f"  lab up in {up_s:.1f}s; starting {containers} containers{'' if pin else ' (neighbour entries dynamic)'}")
+        start = startup_costs(lab)
+        log(
+            f"  lab up in {up_s:.1f}s; per agent: start-up {percentile(start['wall_s'], 50):.1f} s wall (p50), "
+            f"{percentile(start['cpu_s'], 50):.2f} CPU-s (p50) until the lab was up, "
+            f"{start['etcd_requests']:.0f} etcd requests; starting {containers} containers"
+            f"{'' if pin else ' (neighbour entries dynamic)'}"
+        )
         probers = Probers(lab)
         hosts = [h.name for h in lab.live_hosts()]
         adds, conv, after_add, conv_new, conv_old, failures = [], [], [], [], [], 0
         blocks = set()
-        profile = Profile(lab) if profile_dir else None
+        profile = Profile(lab, {f"prober {h}": p.pid for h, p in probers.procs.items()}) if profile_dir else None
         for i in range(containers):
             if time.monotonic() > deadline:
                 raise ScenarioTimeout(f"scenario budget of {budget:.0f}s used up after {i} containers")
             host = hosts[i % len(hosts)]
+            if i and pause:
+                time.sleep(pause)
             t0 = time.monotonic()
             rec = lab.run_container(host, f"b{i}")
             t_add = time.monotonic() - t0
@@ -316,10 +376,12 @@ def run_scenario(sc, containers, probe_timeout, budget, log, profile_dir=None, p
             (conv_new if new_block else conv_old).append(c)
         if profile:
             log(profile.report(profile_dir, sc["label"]))
-        idle = idle_requests(lab, idle_s) if idle_s > 0 else None
+        idle = idle_costs(lab, idle_s) if idle_s > 0 else None
         agent_kib, bird_kib = memory(lab)
+        used_kib = free_before - mem_available_kib()
+        db_bytes = [etcd_db_size(ep)[0] for ep in lab.endpoints]
         return {
-            "label": sc["label"],
+            "label": sc["label"] + (f", ADDs {pause:g} s apart" if pause else ""),
             "hosts": sc["hosts"],
             "containers": containers,
             "up_s": up_s,
@@ -332,7 +394,11 @@ def run_scenario(sc, containers, probe_timeout, budget, log, profile_dir=None, p
             "agent_kib": agent_kib,
             "bird_kib": bird_kib,
             "sessions": _sessions(lab),
-            "idle_rps": idle,
+            "idle_rps": idle and idle["rps"],
+            "idle": idle,
+            "start": start,
+            "machine_kib_per_host": used_kib / sc["hosts"],
+            "etcd_db_bytes": max((b for b in db_bytes if b), default=None),
         }
     finally:
         if probers:
@@ -398,6 +464,42 @@ def table(results):
     return "\n".join(lines)
 
 
+def cost_table(results):
+    """Per host: what an agent costs to start and at idle, and what the whole host takes of the machine."""
+    head = [
+        "scenario",
+        "agent start p50/max (s)",
+        "agent start CPU p50/max (CPU-s)",
+        "etcd requests per agent to start",
+        "agent idle CPU p50/max (ms/min)",
+        "BIRD idle CPU p50/max (ms/min)",
+        "machine memory per host (MiB)",
+        "etcd DB (MiB)",
+    ]
+    rows = []
+    for r in results:
+        st, idle = r["start"], r["idle"] or {}
+
+        def p50max(values, fmt):
+            return "-" if not values else f"{fmt.format(percentile(values, 50))} / {fmt.format(max(values))}"
+
+        rows.append(
+            [
+                r["label"],
+                p50max(st["wall_s"], "{:.1f}"),
+                p50max(st["cpu_s"], "{:.2f}"),
+                f"{st['etcd_requests']:.0f}",
+                p50max(idle.get("agent_cpu_ms_min"), "{:.0f}"),
+                p50max(idle.get("bird_cpu_ms_min"), "{:.0f}"),
+                f"{r['machine_kib_per_host'] / 1024:.0f}",
+                "-" if r["etcd_db_bytes"] is None else f"{r['etcd_db_bytes'] / 2**20:.1f}",
+            ]
+        )
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -421,6 +523,15 @@ def main(argv=None):
         default=30.0,
         metavar="SECONDS",
         help="After the containers, count etcd's requests this long with nothing happening (0: skip).",
+    )
+    p.add_argument(
+        "--pause",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="Wait this long between one container answering everywhere and the next ADD, so the last one's work "
+        "on every other host (its record reaching each agent and BIRD) is over: on real hosts that work runs on "
+        "each host's own CPU, here all of it on this machine's.",
     )
     p.add_argument("--profile", metavar="DIR", help="Write where CPU went during the container phase to DIR.")
     args = p.parse_args(argv)
@@ -452,6 +563,7 @@ def main(argv=None):
                         args.profile,
                         pin=not args.dynamic_neighbours,
                         idle_s=args.idle,
+                        pause=args.pause,
                     )
                 )
             except (NetpluginError, ScenarioTimeout, RuntimeError) as e:
@@ -460,6 +572,8 @@ def main(argv=None):
         log("interrupted; the lab was removed")
     if results:
         print(table(results))
+        print()
+        print(cost_table(results))
     return 0 if results and len(results) == len(scenarios) else 1
 
 

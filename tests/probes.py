@@ -1,7 +1,7 @@
 """Connectivity probes run inside a namespace: ``python -c PROBE JSON TIMEOUT`` with JSON a list of
 [kind, dst, port] (kind tcp, udp or icmp; IPv4 or IPv6); prints a JSON list of booleans. All probes run at once,
 each bounded by TIMEOUT seconds. ``python -c SERVER TCP_PORTS UDP_PORT [LIFETIME]`` echoes on those ports
-(IPv4 and IPv6) and prints "ready"."""
+(IPv4 and IPv6) and prints "ready". ``Conversation`` keeps one connection (or UDP flow) open across changes."""
 
 import json
 import re
@@ -16,16 +16,20 @@ from netplugin.lab.system import ns_argv
 
 SERVER = r"""
 import socket, sys, threading
+def echo(c):  # until the peer closes: a probe's one exchange, or a Conversation's many
+    c.settimeout(120)
+    try:
+        while data := c.recv(64):
+            c.sendall(data)
+    except OSError:
+        pass
+    c.close()
 def tcp(port):
     s = socket.socket(socket.AF_INET6); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0); s.bind(("::", port)); s.listen(64)
     while True:
-        c, _ = s.accept(); c.settimeout(2)
-        try:
-            c.sendall(c.recv(64))
-        except OSError:
-            pass
-        c.close()
+        c, _ = s.accept()
+        threading.Thread(target=echo, args=(c,), daemon=True).start()
 def udp(port):
     s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
     s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0); s.bind(("::", port))
@@ -160,3 +164,58 @@ def pings_during(netns, dst, action, count=400, interval=0.01, lead=0.5):
         time.sleep(lead)
         action()
     return result["transmitted"], result["received"], result["output"]
+
+
+CONVERSATION = r"""
+import signal, socket, sys
+kind, dst, port, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+signal.alarm(300)  # bounded: the test closes it sooner
+family = socket.AF_INET6 if ":" in dst else socket.AF_INET
+try:
+    if kind == "tcp":
+        s = socket.create_connection((dst, port), timeout=timeout)
+    else:
+        s = socket.socket(family, socket.SOCK_DGRAM); s.settimeout(timeout); s.connect((dst, port))
+except OSError as e:
+    print("failed", e, flush=True); sys.exit()
+print("open", s.getsockname()[1], flush=True)
+for n, _ in enumerate(sys.stdin):
+    token, got = b"%08d" % n, b""
+    try:
+        s.send(token)
+        while not got.endswith(token):  # echoes of exchanges that timed out may come first
+            got += s.recv(64)
+        print(1, flush=True)
+    except OSError:
+        print(0, flush=True)
+"""
+
+
+class Conversation:
+    """One TCP connection, or one UDP flow (a fixed source port), from ``netns`` to an echo server, kept open
+    while the test changes things; ``exchange()`` sends a token and says whether its echo came back within
+    ``timeout`` seconds. ``port`` is the client's source port (to find its conntrack entry)."""
+
+    def __init__(self, netns, kind, dst, port, timeout=1.0):
+        self.what = f"{kind} {dst}:{port}"
+        self.proc = subprocess.Popen(
+            ns_argv(netns, [sys.executable, "-c", CONVERSATION, kind, dst, str(port), str(timeout)]),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        first = self.proc.stdout.readline().split()
+        if first[:1] != ["open"]:
+            self.close()
+            raise AssertionError(f"{self.what} did not open: {' '.join(first) or 'no answer'}")
+        self.port = int(first[1])
+
+    def exchange(self):
+        self.proc.stdin.write("x\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip() == "1"
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()

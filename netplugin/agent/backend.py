@@ -4,19 +4,29 @@ agent (the composition root) builds it with ``iptables_backend`` and passes it t
 door, which see only the Backend methods.
 """
 
+import logging
+import time
+
 from netplugin.agent.nat import NatOutgoing
 from netplugin.dataplane import Dataplane, docker_link
+from netplugin.errors import DataplaneError
 from netplugin.kernel.netns import own_netns
 from policy.applier import PolicyDataplane
+from policy.revoke import FlowRevoker
+
+LOG = logging.getLogger(__name__)
 
 
 class IptablesBackend:
     name = "iptables"  # what health reports as the active dataplane
+    background_link_deletion = True  # DEL returns once the endpoint is detached (netplugin/dataplane/reaper.py)
 
-    def __init__(self, endpoints: Dataplane, policy: PolicyDataplane, nat: NatOutgoing):
+    def __init__(self, endpoints: Dataplane, policy: PolicyDataplane, nat: NatOutgoing, flows: FlowRevoker = None):
         self.endpoints = endpoints  # veths, host routes, blackholes, host sysctls, anti-spoofing
         self.policy = policy  # the filter table and ipsets
         self.nat = nat  # the nat table
+        # conntrack: established connections the policy now denies (in the policy's namespace by default)
+        self.flows = flows if flows is not None or policy is None else FlowRevoker(policy.ns.path)
 
     @property
     def host_netns(self):
@@ -32,7 +42,10 @@ class IptablesBackend:
         return self.endpoints.add_endpoint(spec)
 
     def remove_endpoint(self, endpoint_id, netns=None, ifname="eth0"):
-        return self.endpoints.remove_endpoint(endpoint_id, netns, ifname)
+        return self.endpoints.remove_endpoint(endpoint_id, netns, ifname, background=self.background_link_deletion)
+
+    def close(self):
+        self.endpoints.close()
 
     def add_docker_endpoint(self, spec) -> docker_link.DockerLink:
         return self.endpoints.add_docker_endpoint(spec)
@@ -49,7 +62,19 @@ class IptablesBackend:
     def apply_policy(self, ruleset, full=False) -> tuple:
         # Event-driven passes plan against what the applier last wrote; full ones read the kernel back.
         diffs = self.policy.apply(ruleset, trust_cache=not full)
-        return diffs, dict(self.policy.last_timings)
+        timings = dict(self.policy.last_timings)
+        if self.flows is not None and ruleset.inputs:
+            # Conntrack would let a connection the new rules deny go on for ever (policy.revoke); a full
+            # resync sweeps too, so a failed sweep is retried. A failure never undoes the rules just written.
+            needed = self.flows.needed(*ruleset.inputs)  # asked every time: it remembers what it was given
+            if full or diffs and needed:
+                started = time.monotonic()
+                try:
+                    self.flows.sweep(*ruleset.inputs)
+                except DataplaneError as err:
+                    LOG.warning("event=policy.revoke_failed error=%s (the next full resync tries again)", err.msg)
+                timings["revoke"] = time.monotonic() - started
+        return diffs, timings
 
     def set_nat_outgoing(self, pools, full=False) -> list:
         return self.nat.apply(pools, full=full)

@@ -7,6 +7,8 @@ fabric interfaces get ``to_container``. Map entries are written with the bpf() s
 filters attached by netlink with the pinned program's fd: no process per endpoint. Pins and filters outlive
 the agent, so traffic keeps flowing while it restarts; every reconcile recomputes the wanted map contents from
 the desired endpoints, diffs them against the maps and re-attaches missing filters (level-triggered).
+Docker endpoints get the same, from the veth pair at Join. A rebuilt object is staged as a new pin generation
+at start and committed by the first reconcile that has re-filled its maps (docs/bpf-design.md).
 
 Policy: every compiled ruleset is written twice, by the iptables writers (the filter table stays the slow path
 for what the programs hand to the stack: ARP, ND, fragments, endpoints the programs do not know) and as BPF
@@ -18,6 +20,7 @@ lists the program cannot hold keeps none, so its packets go to the stack and ipt
 the programs do not know meets iptables). NAT-outgoing stays with the nat table writer.
 """
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -36,6 +39,11 @@ from policy.bpf_render import render
 LOG = logging.getLogger(__name__)
 OBJECT = "netplugin.o"
 FROM_CONTAINER, TO_CONTAINER = "from_container", "to_container"
+# An upgrade's fresh (changed-layout) maps: these the endpoint reconcile re-fills before it commits; these may
+# start empty (counters restart, flows are evaluated again, the policy generation is rewritten by the next
+# policy pass). Any other fresh map delays the commit by one whole pass.
+REFILLED_BY_RECONCILE = frozenset({"np_endpoints", "np_locals"})
+MAY_START_EMPTY = frozenset({"np_counters", "np_flows", "np_config"})
 
 
 def default_object_dir():
@@ -46,9 +54,13 @@ def default_object_dir():
 class BpfBackend(IptablesBackend):
     """The iptables backend's writers for wiring, policy and NAT, plus the programs and their maps."""
 
-    def __init__(self, inner: IptablesBackend, pins: loader.Pins):
+    background_link_deletion = False  # remove_endpoint prunes the maps of veths that are gone: wait for it
+
+    def __init__(self, inner: IptablesBackend, pins: loader.Pins, staged: loader.Stage | None = None):
         super().__init__(inner.endpoints, inner.policy, inner.nat)
-        self.pins = pins
+        self.pins = pins  # the generation this agent writes and attaches (select_backend fixes it: not "current")
+        self.staged = staged if staged and staged.pending else None  # an upgrade, committed by _upgrade
+        self._passes_staged = 0
         self.name = "bpf"
         # np_endpoints' slot field is switched by the policy pass and rewritten by the endpoint pass
         self._ep_lock = threading.Lock()
@@ -78,12 +90,51 @@ class BpfBackend(IptablesBackend):
         """``to_container`` on every interface that is neither loopback nor an endpoint's veth; names attached."""
         with netlink(self.host_netns) as nl:
             links = self._fabric_links(nl)
+        running, ours = loader.programs(self.host_netns), self._our_ids()
         done = []
         for m in links:
-            if TO_CONTAINER not in loader.attached(m["index"], netns=self.host_netns):
+            if running.get(m["index"], {}).get(TO_CONTAINER) not in ours[TO_CONTAINER]:
                 loader.attach(self.pins.prog(TO_CONTAINER), m["index"], netns=self.host_netns)
                 done.append(m.get("ifname"))
         return done
+
+    def _our_ids(self) -> dict:
+        """Program name -> the ids a filter may run: ours, and while an upgrade is staged the old ones too (it
+        swaps them all at once); any other program on our hook (flushed and re-added, a stale generation) is
+        replaced by a reconcile."""
+        out = {name: {i} for name, i in self.pins.prog_ids().items()}
+        if self.staged:
+            for name, i in self.staged.old.prog_ids().items():
+                out.setdefault(name, set()).add(i)
+        return out
+
+    # --- upgrade --------------------------------------------------------------------------------------------------
+
+    def _upgrade(self) -> dict:
+        """Commit a staged generation once its fresh maps hold what they must: the endpoint maps this reconcile
+        has just written; maps only other passes fill (policy, fast destinations) after one more whole pass.
+        Until then the old programs run on the old veths with maps that are the same or still full."""
+        if self.staged is None:
+            return {}
+        self._passes_staged += 1
+        waiting = set(self.staged.fresh) - REFILLED_BY_RECONCILE - MAY_START_EMPTY
+        if waiting and self._passes_staged < 2:
+            return {"upgrade_waiting_for": sorted(waiting)}
+        st = self.staged
+        done = loader.commit(st, self.host_netns)
+        self.staged = None
+        LOG.info(
+            "event=bpf.upgraded generation=%s replaced=%s filters_swapped=%d commit_ms=%.1f maps_reused=%s "
+            "maps_copied=%s maps_refilled=%s",
+            done["generation"],
+            done["replaced"],
+            len(done["swapped"]),
+            done["ms"],
+            ",".join(st.reused) or "-",
+            ",".join(st.copied) or "-",
+            ",".join(st.fresh) or "-",
+        )
+        return {"upgraded": done["generation"], "filters_swapped": len(done["swapped"])}
 
     # --- endpoints ------------------------------------------------------------------------------------------------
 
@@ -96,6 +147,19 @@ class BpfBackend(IptablesBackend):
         super().remove_endpoint(endpoint_id, netns, ifname)
         self._prune_gone()
 
+    def add_docker_endpoint(self, spec):
+        """The host veth exists once libnetwork has our Join answer, the container end still beside it: its MAC
+        (the link's) is all np_locals needs, so the sandbox is never opened. Reconciled like CNI endpoints from
+        then on (the record keeps the MAC: EndpointService.spec_of)."""
+        link = super().add_docker_endpoint(spec)
+        self._converge([dataclasses.replace(spec, mac=link.mac or spec.mac)])
+        return link
+
+    def remove_docker_endpoint(self, endpoint_id) -> bool:
+        removed = super().remove_docker_endpoint(endpoint_id)
+        self._prune_gone()
+        return removed
+
     def reconcile(self, desired, blocks, deletable=frozenset()) -> dict:
         summary = super().reconcile(desired, blocks, deletable=deletable)
         summary = dict(summary) if isinstance(summary, dict) else {"endpoints": summary}
@@ -103,6 +167,7 @@ class BpfBackend(IptablesBackend):
         summary["bpf"]["fabric_attached"] = self._attach_fabric()
         self._blocks = tuple(blocks)
         summary["bpf"]["np_fast_dsts"] = self._sync_fast_dsts()
+        summary["bpf"].update(self._upgrade())
         return summary
 
     # --- policy ---------------------------------------------------------------------------------------------------
@@ -284,8 +349,9 @@ class BpfBackend(IptablesBackend):
                 "np_locals": self._sync_map("np_locals", locs, prune),
             }
         attached = []
+        running, ours = loader.programs(self.host_netns), self._our_ids()
         for idx, name in veths.items():
-            if FROM_CONTAINER not in loader.attached(idx, netns=self.host_netns):
+            if running.get(idx, {}).get(FROM_CONTAINER) not in ours[FROM_CONTAINER]:
                 loader.attach(self.pins.prog(FROM_CONTAINER), idx, netns=self.host_netns)
                 attached.append(name)
         with self.pins.map("np_counters") as m:
@@ -352,15 +418,20 @@ def select_backend(config):
     else:
         object_dir = config.bpf_objects or default_object_dir()
         why = _probe(config.bpffs, object_dir)
-        pins = None
+        staged = None
         if why is None:
             try:
-                pins = loader.load(os.path.join(object_dir, OBJECT), config.bpffs)  # the verifier's verdict
+                staged = loader.stage(os.path.join(object_dir, OBJECT), config.bpffs)  # the verifier's verdict
+                why = loader.probe_tc(staged.pins.prog(FROM_CONTAINER))  # clsact and cls_bpf, in our netns
             except (loader.LoadError, OSError) as e:
                 why = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+            if why is not None and staged is not None:
+                loader.discard(staged)
         if why is None:
-            name, backend = "bpf", BpfBackend(inner, pins)
-            reason = f"kernel offers BPF and BTF and verified the programs; pinned under {config.bpffs}"
+            name, backend = "bpf", BpfBackend(inner, staged.pins, staged)
+            reason = f"kernel offers BPF, BTF, clsact and cls_bpf, verified the programs; pinned under {config.bpffs}"
+            if staged.pending:
+                reason += f" as {staged.pins.generation}, upgrading {staged.old.generation}"
         else:
             name, backend = "iptables", inner
             reason = f"bpf requested but {why}: falling back"

@@ -191,7 +191,7 @@ class Agent:
             self.watch.stop()
         for t in self._threads:
             t.join(timeout=10)
-        for r in self.reconcilers:
+        for r in list(self.reconcilers) + [self.dataplane]:  # the dataplane: veth deletions DEL left running
             close = getattr(r, "close", None)
             if close:
                 close()

@@ -63,7 +63,7 @@ class Metrics:
         self.policy_sync_seconds = hist("netplugin_policy_sync_seconds", "Policy sync that wrote the kernel")
         self.policy_phase_seconds = hist(
             "netplugin_policy_sync_phase_seconds",
-            "Phase of a policy sync: compile, read, ipset, ipset_destroy, iptables_restore_ipv4/_ipv6",
+            "Phase of a policy sync: compile, read, ipset, ipset_destroy, iptables_restore_ipv4/_ipv6, revoke",
             ["phase"],
         )
         self.bird_seconds = hist(
@@ -161,6 +161,13 @@ class StateCollector:
         yield _counter_family(
             "netplugin_skipped_records_total", "Records skipped as undecodable, ever", a.cache.skipped.total
         )
+        revoked = getattr(getattr(a.dataplane, "flows", None), "revoked", None)
+        if revoked is not None:
+            yield _counter_family(
+                "netplugin_flows_revoked_total",
+                "Established connections deleted from conntrack because a policy change denies them",
+                revoked,
+            )
         members = _ipset_members(a)
         if members is not None:
             yield GaugeMetricFamily("netplugin_ipset_members", "Members of this host's policy ipsets", members)

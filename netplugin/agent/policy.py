@@ -7,8 +7,9 @@ most of a small change's cost, and drift is the full resync's job.
 
 ADD's fast path (``install``): the endpoint just recorded is compiled in with the last view this reconciler
 synced, and applied on the ADD thread, without waiting for the record to come back through the watch. The
-applier writes only what differs: the endpoint's set members, its two chains and the dispatch entries; every
-other chain is left alone. Until a view holds the record, each pass keeps compiling it in (``_fresh``), so the
+applier writes only what differs: for an endpoint whose policy shape exists already (policy/compiler.py), just
+set members (its addresses, its "address,veth" dispatch entry), by netlink and without a process, under 1 ms;
+a new shape adds its chains and dispatch rules too. Every other chain is left alone. Until a view holds the record, each pass keeps compiling it in (``_fresh``), so the
 watch-driven pass that brings it finds the ruleset unchanged and runs no process (``stats["applies"]``).
 Concurrent ADDs share one apply: whoever holds the lock installs every endpoint waiting.
 """

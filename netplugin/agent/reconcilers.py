@@ -116,13 +116,18 @@ class RoutingGate:
 
 def build_reconcilers(config, dataplane, service, host_lock, routing=None, metrics=None):
     """The agent's reconcilers in the order a pass runs them; ``routing`` (a RoutingReconciler) only in bgp or
-    direct mode. Each gets its collaborators, never the agent."""
+    direct mode. Each gets its collaborators, never the agent.
+
+    Routing first: it renders from the view alone (BIRD advertises our blocks from etcd, not from the kernel), so
+    a block this host just claimed is announced while the ADD that claimed it still holds the host lock, which
+    the dataplane's kernel pass waits for."""
     from netplugin.agent.nat import NatReconciler
     from netplugin.agent.policy import PolicyReconciler
 
-    parts = [DataplaneReconciler(config.hostname, dataplane, service, host_lock)]
+    parts = []
     if routing is not None:
         parts.append(RoutingGate(routing, config.hostname, config.routing))
+    parts.append(DataplaneReconciler(config.hostname, dataplane, service, host_lock))
     parts.append(PolicyReconciler(config.hostname, dataplane, metrics))
     parts.append(NatReconciler(dataplane))
     return parts

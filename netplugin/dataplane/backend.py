@@ -38,7 +38,8 @@ class Backend(Protocol):
         """Converge every endpoint and owned block of this host; a summary of what changed and what failed."""
 
     def apply_policy(self, ruleset, full: bool = False) -> tuple:
-        """Enforce a compiled policy ruleset (policy.compiler); (changes made, seconds per phase)."""
+        """Enforce a compiled policy ruleset (policy.compiler), cutting the established connections it now denies
+        (policy.revoke on iptables); (changes made, seconds per phase)."""
 
     def set_nat_outgoing(self, pools, full: bool = False) -> list:
         """Masquerade traffic leaving the pools marked nat_outgoing for outside all pools; the changes made."""

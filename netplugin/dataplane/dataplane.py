@@ -14,7 +14,8 @@ import threading
 from netplugin.errors import InvalidInput
 from netplugin.dataplane import docker_link, endpoint, host, reconcile as _reconcile, sysctl
 from netplugin.dataplane.antispoof import AntiSpoof
-from netplugin.dataplane.model import EndpointSpec, EndpointState, validate_spec
+from netplugin.dataplane.model import EndpointSpec, EndpointState, host_ifname, validate_spec
+from netplugin.dataplane.reaper import LinkReaper
 from netplugin.kernel.netlink import netlink
 from netplugin.kernel.netns import NamespaceCommand, own_netns
 
@@ -45,6 +46,7 @@ class Dataplane:
         self._lock = threading.RLock()
         self._ipv6_ready = False  # enable_ipv6 succeeded in this process
         self._antispoof_writer = None
+        self._reaper = LinkReaper()  # host veths DEL did not wait for (remove_endpoint(background=True))
 
     def _antispoof(self) -> AntiSpoof:
         """Made on first use: the host namespace must exist by then, not when the Dataplane is built."""
@@ -119,20 +121,35 @@ class Dataplane:
     def add_endpoint(self, spec: EndpointSpec) -> EndpointState:
         spec, addrs = self._spec(spec)
         with self._lock:
+            self._reaper.wait(host_ifname(spec.endpoint_id))  # a DEL of the same endpoint still finishing
             if any(a.version == 6 for a in addrs):
                 self.enable_ipv6()  # an ADD may come before the sync pass that saw the IPv6 pool
             return endpoint.add(self.host_netns, spec, addrs)
 
-    def remove_endpoint(self, endpoint_id: str, netns: str | None = None, ifname: str = "eth0") -> None:
+    def remove_endpoint(
+        self, endpoint_id: str, netns: str | None = None, ifname: str = "eth0", background: bool = False
+    ) -> None:
+        """Unwire an endpoint. ``background``: return once it is detached (no route to it, no address on it)
+        and let the worker delete the veth pair (see reaper.py); else return when the pair is gone."""
         if not endpoint_id:
             raise InvalidInput("endpoint id must be a non-empty string")
+        name = host_ifname(endpoint_id)
         with self._lock:
+            self._reaper.wait(name)
+            if background and endpoint.detach(self.host_netns, endpoint_id, netns, ifname):
+                self._reaper.submit(name, lambda: endpoint.remove(self.host_netns, endpoint_id, netns, ifname))
+                return
             endpoint.remove(self.host_netns, endpoint_id, netns, ifname)
+
+    def close(self) -> None:
+        """Let the veth deletions DEL did not wait for finish (agent stop)."""
+        self._reaper.wait()
 
     def add_docker_endpoint(self, spec: EndpointSpec) -> docker_link.DockerLink:
         """Both ends in the host namespace; libnetwork moves the container end into the sandbox (docker_link.py)."""
         spec, _ = self._spec(spec)
         with self._lock:
+            self._reaper.wait(host_ifname(spec.endpoint_id))
             return docker_link.create(self.host_netns, spec)
 
     def remove_docker_endpoint(self, endpoint_id: str) -> bool:
@@ -151,6 +168,7 @@ class Dataplane:
     def reconcile(self, desired: list, blocks: list, deletable=frozenset()) -> dict:
         """See reconcile.py: veths not in ``desired`` are deleted only when named in ``deletable``."""
         desired = [self._spec(s)[0] for s in desired]
+        self._reaper.wait()  # a veth DEL left to the worker is not a stray
         with self._lock:
             return _reconcile.reconcile(
                 self.host_netns,

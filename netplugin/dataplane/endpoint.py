@@ -85,6 +85,8 @@ def add(host_netns, spec, addrs) -> EndpointState:
                 for addr in new_addrs:
                     undo.callback(quietly, _undo_address, cnl, cidx, addr)
             cnl.run(cb)
+            if fresh:
+                _wait_host_end_running(hnl, host_msg["index"], name, what)
 
             state = EndpointState(
                 endpoint_id=spec.endpoint_id,
@@ -108,6 +110,24 @@ def add(host_netns, spec, addrs) -> EndpointState:
     return state
 
 
+def _wait_host_end_running(hnl, index, name, what, timeout=0.5):
+    """Until the kernel has attached the host end's queueing discipline (bounded). The host end comes up first,
+    without a carrier (its peer is still down), so the kernel attaches its qdisc only when its linkwatch worker
+    handles the carrier-on event, right after it marks the link operationally up; until then the host end drops
+    what it sends (ARP to the container, the first reply to the container's first packet, which then comes a
+    second late). That worker is a kernel thread, and on a busy host it runs milliseconds later; ADD must not
+    return before it did. The container end came up second, with its carrier, so it is ready at once."""
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = hnl.link(index=index)
+        if msg is None or msg.get("operstate") == "UP":
+            return
+        if time.monotonic() > deadline:
+            log.warning("%s: host veth %s not operationally up after %.1f s; going on", what, name, timeout)
+            return
+        time.sleep(0.0005)
+
+
 def _container_mac(cnl, cidx, cont_msg):
     msg = cont_msg if cont_msg is not None else cnl.link(index=cidx)
     return (msg.get("address") if msg is not None else "") or ""
@@ -117,6 +137,49 @@ def _undo_address(cnl, idx, addr):
     batch = Batch()
     batch.address("del", idx, addr, f"delete address {addr}", ok=(errno.EADDRNOTAVAIL, errno.ENODEV))
     cnl.run(batch)
+
+
+def detach(host_netns, endpoint_id, netns=None, ifname="eth0") -> bool:
+    """DEL's first half, what must be gone before the addresses are released: the host routes to the container
+    (so nothing is routed into the old veth, and strict reverse-path filtering drops anything the old container
+    still sends from those addresses), then the container interface's global addresses when its namespace is
+    still there. Fast (route and address deletes). Deleting the pair (``remove``) is the slow half: the kernel
+    waits for RCU grace periods to unregister a device, 15-20 ms here, and the caller need not wait for it.
+    Returns False when there is no host veth (then ``remove`` has only the orphan case left)."""
+    name = host_ifname(endpoint_id)
+    what = f"DEL of endpoint {endpoint_id}"
+    with netlink(host_netns) as hnl:
+        host_msg = hnl.link(name=name)
+        if host_msg is None:
+            return False
+        idx = host_msg["index"]
+        batch = Batch()
+        host.plan_routes(batch, idx, name, [], host.read_routes(hnl, oif=idx)[0].get(idx, set()), what)
+        hnl.run(batch)
+        if netns is None:
+            return True
+        try:
+            fd = open_netns(netns)
+        except (NotFound, InvalidInput):  # the runtime removed it already: its addresses went with it
+            return True
+        try:
+            with netlink_fd(fd, netns) as cnl:
+                cont_msg = cnl.link(name=ifname)
+                if cont_msg is None or not paired(hnl, host_msg, cont_msg, fd):
+                    return True
+                batch = Batch()
+                for addr in sorted(container.global_addresses(cnl, cont_msg["index"]), key=str):
+                    batch.address(
+                        "del",
+                        cont_msg["index"],
+                        addr,
+                        f"delete {addr} from {ifname} in netns '{netns}' for {what}",
+                        ok=(errno.EADDRNOTAVAIL, errno.ENODEV),
+                    )
+                cnl.run(batch)
+        finally:
+            os.close(fd)
+    return True
 
 
 def remove(host_netns, endpoint_id, netns=None, ifname="eth0") -> bool:

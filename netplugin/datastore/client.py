@@ -2,7 +2,8 @@
 
 etcd3gw gives us the HTTP session, TLS, API-path discovery and error classes; we speak the v3 JSON API through
 its ``post`` so every answer keeps the revisions (the header revision after a list is where a watch resumes).
-Values are JSON documents. Every error reaching etcd becomes ``DatastoreUnavailable`` naming the endpoints.
+Values are JSON documents. Every error reaching etcd becomes ``DatastoreUnavailable`` naming the endpoints, a
+broken or truncated answer too: callers retry those, none of them ends a process.
 """
 
 import base64
@@ -212,6 +213,10 @@ class Datastore:
                 return resp
             except (etcd_exc.ConnectionFailedError, etcd_exc.ConnectionTimeoutError) as e:
                 errors.append(f"{self.config.endpoints[idx]}: {_reason(e)}")
+            except (requests.exceptions.RequestException, ValueError) as e:
+                # The answer broke off or was not JSON (etcd, or a proxy before it, overloaded or restarting):
+                # as transient as a timeout, and the caller retries it the same way.
+                errors.append(f"{self.config.endpoints[idx]}: broken answer ({type(e).__name__})")
             except etcd_exc.Etcd3Exception as e:
                 detail = getattr(e, "detail_text", "") or str(e) or type(e).__name__  # never an empty reason
                 raise DatastoreUnavailable(

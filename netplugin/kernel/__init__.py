@@ -1,2 +1,3 @@
 """The one place that touches the kernel: entering namespaces (netns), rtnetlink (rtnl, netlink), netfilter
-tables (netfilter) and ipsets (ipset). Imports only the standard library, pyroute2 and netplugin.errors."""
+tables (netfilter), ipsets (ipset) and conntrack entries (conntrack). Imports only the standard library,
+pyroute2 and netplugin.errors."""

@@ -1,10 +1,12 @@
-"""Our ipsets (named ``np-*``, of type hash:net) in one namespace: read them back, plan the change, write it with ``ipset restore``.
+"""Our ipsets (named ``np-*``, of type hash:net or hash:net,iface) in one namespace: read them back, plan the change,
+build them with ``ipset restore``.
 
 A set whose members changed is rebuilt in a temporary set and swapped in (``swap`` is atomic per set, so a
 packet never sees a half-filled set); a new set is created filled; a set nobody references any more is destroyed
 only after iptables stopped using it (the caller orders that). Sets are ours when their names start ``np-``.
 ``ipset restore`` stops at the first bad line but keeps what came before: it is not a transaction, so every
-batch is written to be correct when replayed after a partial run (the next sync finishes the job).
+batch is written to be correct when replayed after a partial run (the next sync finishes the job). Members added
+to or deleted from a set that exists go by netlink instead (netplugin.kernel.ipset_members).
 """
 
 import ipaddress
@@ -20,6 +22,7 @@ from netplugin.kernel.netns import first_line
 LOG = logging.getLogger(__name__)
 SET_FAMILY = {4: "inet", 6: "inet6"}
 SET_TYPE = "hash:net"
+IFACE_SET = "hash:net,iface"  # members "10.0.0.5/32,np0123456789a"
 TEMP_SETS = {4: "np-tmp-4", 6: "np-tmp-6"}
 _FAMILY_OF = {v: k for k, v in SET_FAMILY.items()}
 _V4_NET = re.compile(r"^(25[0-5]|2[0-4]\d|1?\d?\d)(\.(25[0-5]|2[0-4]\d|1?\d?\d)){3}(/(3[0-2]|[12]?\d))?$")
@@ -63,10 +66,10 @@ class Ipsets:
             if have is None:
                 plan.create.append(want)
                 plan.notes.append(f"ipset {name}: missing")
-            elif (have.set_type, have.family) != (SET_TYPE, want.family):
+            elif (have.set_type, have.family) != (want.set_type, want.family):
                 plan.replace.append(want)
                 plan.notes.append(
-                    f"ipset {name}: is {have.set_type} family {have.family}, want {SET_TYPE} {want.set_family}"
+                    f"ipset {name}: is {have.set_type} family {have.family}, want {want.set_type} {want.set_family}"
                 )
             elif have.members != want.members:
                 plan.refill.append(want)
@@ -116,7 +119,7 @@ def _create(name, s):
     maxelem = 65536
     while maxelem < 2 * len(s.members):
         maxelem *= 2
-    return f"create {name} {SET_TYPE} family {s.set_family} maxelem {maxelem}"
+    return f"create {name} {s.set_type} family {s.set_family} maxelem {maxelem}"
 
 
 def parse_save(text):
@@ -141,12 +144,14 @@ def parse_save(text):
 
 
 def _canonical(tokens):
-    """'10.0.0.1' -> '10.0.0.1/32'; anything with options (nomatch, timeouts) stays visibly different."""
+    """'10.0.0.1' -> '10.0.0.1/32', '10.0.0.1,np0123456789a' -> '10.0.0.1/32,np0123456789a'; anything with
+    options (nomatch, timeouts) stays visibly different."""
     if len(tokens) == 1 and _V4_NET.match(tokens[0]):
         # ipset prints IPv4 networks canonically already; this path keeps reading 10,000 members cheap.
         return tokens[0] if "/" in tokens[0] else tokens[0] + "/32"
+    net, comma, iface = tokens[0].partition(",")
     try:
-        text = str(ipaddress.ip_network(tokens[0], strict=False))
+        text = str(ipaddress.ip_network(net, strict=False)) + comma + iface
     except ValueError:
         text = tokens[0]
     return " ".join([text] + tokens[1:])

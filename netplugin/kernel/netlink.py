@@ -15,16 +15,17 @@ from netplugin.kernel.netns import in_netns, netns_path, open_netns
 from netplugin.kernel.rtnl import Netlink
 
 NETLINK_ROUTE = 0
+NETLINK_NETFILTER = 12  # ctnetlink (netplugin.kernel.conntrack)
 
 
-def _new_socket():
-    return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+def _new_socket(protocol=NETLINK_ROUTE):
+    return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
 
 
 @contextmanager
-def netlink_fd(fd: int, path: str):
+def netlink_fd(fd: int, path: str, protocol=NETLINK_ROUTE):
     """A Netlink handle inside the namespace behind an already opened fd."""
-    nl = Netlink(in_netns(fd, path, _new_socket), f"netns '{path}'")
+    nl = Netlink(in_netns(fd, path, lambda: _new_socket(protocol)), f"netns '{path}'")
     try:
         yield nl
     finally:
@@ -32,11 +33,11 @@ def netlink_fd(fd: int, path: str):
 
 
 @contextmanager
-def netlink(netns: str | None):
+def netlink(netns: str | None, protocol=NETLINK_ROUTE):
     """A Netlink handle in ``netns`` (a path, or a bare name under /run/netns), or in this process's own
-    namespace when ``netns`` is None."""
+    namespace when ``netns`` is None; ``protocol`` NETLINK_ROUTE, or NETLINK_NETFILTER for conntrack."""
     if netns is None:
-        nl = Netlink(_new_socket(), "the host netns")
+        nl = Netlink(_new_socket(protocol), "the host netns")
         try:
             yield nl
         finally:
@@ -45,7 +46,7 @@ def netlink(netns: str | None):
     path = netns_path(netns)
     fd = open_netns(path)
     try:
-        with netlink_fd(fd, path) as nl:
+        with netlink_fd(fd, path, protocol) as nl:
             yield nl
     finally:
         os.close(fd)

@@ -286,20 +286,25 @@ def decode(data: bytes):
     return msg
 
 
+def attributes(data: bytes, pos: int, end: int):
+    """(kind without the nested/byte-order flags, payload start, payload end) of each attribute in data[pos:end]."""
+    while pos + 4 <= end:
+        size, kind = struct.unpack_from("=HH", data, pos)
+        if size < 4 or pos + size > end:
+            break
+        yield kind & 0x3FFF, pos + 4, pos + size
+        pos += (size + 3) & ~3
+
+
 def _ack_detail(data: bytes, off: int, length: int, flags: int) -> str:
     """The kernel's extended-ack message, if any."""
     if not flags & F_ACK_TLVS:
         return ""
     inner_len = _HDR.unpack_from(data, off + 20)[0]
     pos = off + 20 + (16 if flags & F_CAPPED else (inner_len + 3) & ~3)
-    end = off + length
-    while pos + 4 <= end:
-        size, kind = struct.unpack_from("=HH", data, pos)
-        if size < 4:
-            break
-        if kind & 0x3FFF == NLMSGERR_ATTR_MSG:
-            return data[pos + 4 : pos + size].split(b"\0", 1)[0].decode(errors="replace")
-        pos += (size + 3) & ~3
+    for kind, start, stop in attributes(data, pos, off + length):
+        if kind == NLMSGERR_ATTR_MSG:
+            return data[start:stop].split(b"\0", 1)[0].decode(errors="replace")
     return ""
 
 
@@ -375,8 +380,9 @@ class Netlink:
             raise failures[0].error()
         return echoes
 
-    def request(self, kind: int, body: bytes, action: str, dump=False, attempts=3) -> list:
-        """A get or a dump; dumps interrupted by a concurrent change are retried."""
+    def request(self, kind: int, body: bytes, action: str, dump=False, attempts=3, parse=decode) -> list:
+        """A get or a dump; dumps interrupted by a concurrent change are retried. ``parse`` turns one message's
+        bytes into what is returned (None: skipped); pyroute2's decoders by default."""
         for _ in range(attempts):
             seq = next(_seq) & 0xFFFFFFFF
             flags = F_REQUEST | (F_DUMP if dump else 0)
@@ -398,7 +404,7 @@ class Netlink:
                         done = True
                     else:
                         interrupted |= bool(mflags & F_DUMP_INTR)
-                        msg = decode(data[off : off + length])
+                        msg = parse(data[off : off + length])
                         if msg is not None:
                             out.append(msg)
                         if not dump:

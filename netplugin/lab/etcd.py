@@ -31,14 +31,27 @@ LAB_PROGRESS_INTERVAL = "3s"  # keeps a quiet watch from reaching the agents' re
 def requests_served(endpoint, timeout=5.0):
     """{method: count} of the requests one etcd member has answered (its /metrics ``grpc_server_handled_total``,
     every code), the long-lived Watch left out: each HTTP gateway call an agent makes counts once."""
-    with urllib.request.urlopen(endpoint + "/metrics", timeout=timeout) as r:
-        text = r.read().decode()
     by_method = {}
-    for line in text.splitlines():
+    for line in _metrics(endpoint, timeout).splitlines():
         if line.startswith("grpc_server_handled_total{") and 'grpc_method="Watch"' not in line:
             method = line.split('grpc_method="', 1)[1].split('"', 1)[0]
             by_method[method] = by_method.get(method, 0) + float(line.rsplit(" ", 1)[1])
     return by_method
+
+
+def db_size(endpoint, timeout=5.0):
+    """(bytes of the member's database file, bytes of it in use): etcd's ``etcd_mvcc_db_total_size_*``."""
+    sizes = {}
+    for line in _metrics(endpoint, timeout).splitlines():
+        for name in ("etcd_mvcc_db_total_size_in_bytes", "etcd_mvcc_db_total_size_in_use_in_bytes"):
+            if line.startswith(name + " "):
+                sizes[name] = int(float(line.rsplit(" ", 1)[1]))
+    return sizes.get("etcd_mvcc_db_total_size_in_bytes"), sizes.get("etcd_mvcc_db_total_size_in_use_in_bytes")
+
+
+def _metrics(endpoint, timeout):
+    with urllib.request.urlopen(endpoint + "/metrics", timeout=timeout) as r:
+        return r.read().decode()
 
 
 def free_port():

@@ -111,9 +111,11 @@ class Lab(Topology, BgpSessions, Containers, Reporting):
     # --- building ---------------------------------------------------------------------------------------------------
 
     @classmethod
-    def up(cls, spec, out=None, converge_timeout=None):
+    def up(cls, spec, out=None, converge_timeout=None, after_fabric=None):
         """Build the lab for ``spec`` and wait until its routing has converged; on any failure or interrupt,
-        remove everything made so far and re-raise."""
+        remove everything made so far and re-raise. ``after_fabric(lab)`` runs once the hosts are plugged in,
+        before any agent starts (a benchmark pins the fabric's neighbours there, so BGP's own ARP entries
+        never overflow the shared kernel's table at 200 hosts)."""
         plan = make_plan(spec)
         for tool in ("etcd", "socat", "bird", "birdc", "ip"):
             if shutil.which(tool) is None:
@@ -129,7 +131,7 @@ class Lab(Topology, BgpSessions, Containers, Reporting):
         state = LabState.create(plan.state_dir, spec.name)
         lab = cls(plan, state, out)
         try:
-            lab._build(converge_timeout)
+            lab._build(converge_timeout, after_fabric)
         except BaseException as e:
             lab.out(
                 f"lab {spec.name}: {'interrupted' if isinstance(e, KeyboardInterrupt) else 'failed'}; "
@@ -143,7 +145,7 @@ class Lab(Topology, BgpSessions, Containers, Reporting):
         lab.out(lab.summary())
         return lab
 
-    def _build(self, converge_timeout):
+    def _build(self, converge_timeout, after_fabric=None):
         spec, plan, state = self.plan.spec, self.plan, self.state
         started = time.monotonic()
         state.data["spec"] = spec.to_dict()
@@ -180,6 +182,8 @@ class Lab(Topology, BgpSessions, Containers, Reporting):
 
         t = time.monotonic()
         self._build_fabric()
+        if after_fabric:
+            after_fabric(self)
         self._timing("fabric", t)
         if plan.router:
             self._start_router()

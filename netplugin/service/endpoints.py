@@ -3,8 +3,9 @@
 ADD's critical path is one IPAM transaction, local netlink work and one endpoint put; nothing holds a host-wide
 lock across etcd round trips. Every step registers its undo first (STYLE.md #6), so a failure half-way leaves
 neither an allocation nor a veth nor a record behind; the undo covers only what that call made, so a failed
-repeated ADD leaves the working container it re-converged alone. DEL releases IPAM first and tolerates a missing
-link or namespace, so it is idempotent; it releases and forgets the record in one transaction.
+repeated ADD leaves the working container it re-converged alone. DEL tolerates a missing link or namespace, so
+it is idempotent; it unwires first (no released address is still routed here), then releases the addresses and
+forgets the record in one transaction.
 """
 
 import contextlib
@@ -182,17 +183,24 @@ class EndpointService:
         """Release, unwire, forget. Unknown endpoints are fine (DEL twice, or for a container never seen)."""
         clock = clock or PhaseClock()
         key = keys.endpoint(self.host, ep_id)
-        kv = self.ds.get(key)
-        if kv:
-            ep = Endpoint.from_dict(kv.value)
-            netns, ifname = netns or ep.netns, ep.ifname or ifname
+        if not netns:  # the record says where the container was (a runtime may DEL without CNI_NETNS)
+            kv = self.ds.get(key)
+            if kv:
+                ep = Endpoint.from_dict(kv.value)
+                netns, ifname = ep.netns, ep.ifname or ifname
         clock.mark("lookup")
-        # One transaction releases the addresses and forgets the record; then the veth (record first, as in
-        # leave_docker: a reconcile in between deletes a veth no record names, never the reverse).
-        released = self.ipam.release_handle(ep_id, also=[delete_op(key)] if kv else ())
-        clock.mark("ipam")
+        # The dataplane first: no route into the old veth and no address on it may outlive the release, or an
+        # ADD given a released address at once would find it still routed here. The iptables backend returns
+        # once the endpoint is detached and deletes the veth pair right after (netplugin/dataplane/reaper.py).
+        # Then one transaction releases the addresses and forgets the record. A reconcile cannot run in between
+        # inside the agent (DEL holds the shared host lock); a failed transaction leaves the record for the
+        # runtime's next DEL, which finds the veth gone and retries the release.
         self.dataplane.remove_endpoint(ep_id, netns, ifname)
         clock.mark("dataplane")
+        # The record's delete goes in unread: deleting a key that is not there is a no-op, and reading it first
+        # was a round trip of its own (the endpoint id already names the host veth, the ifname is the request's).
+        released = self.ipam.release_handle(ep_id, also=[delete_op(key)])
+        clock.mark("ipam")
         LOG.info("endpoint deleted id=%s released=%s %s", ep_id, ",".join(released) or "-", clock)
         return released
 
@@ -262,9 +270,15 @@ class EndpointService:
         return problems
 
     def spec_of(self, ep):
-        """What the kernel should hold for a recorded endpoint: its network's MTU when it asked for one."""
+        """What the kernel should hold for a recorded endpoint: its network's MTU when it asked for one; for a
+        Docker endpoint also its MAC, since its sandbox is dockerd's and not ours to open (bpf_backend.py)."""
         return EndpointSpec(
-            endpoint_id=ep.id, netns=ep.netns, ifname=ep.ifname, addresses=tuple(ep.addresses), mtu=ep.mtu or self.mtu
+            endpoint_id=ep.id,
+            netns=ep.netns,
+            ifname=ep.ifname,
+            addresses=tuple(ep.addresses),
+            mtu=ep.mtu or self.mtu,
+            mac=(ep.mac or None) if ep.orchestrator == "docker" else None,
         )
 
 

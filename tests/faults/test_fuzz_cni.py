@@ -36,6 +36,7 @@ from netplugin.lab.agents import rmtree, tempdir
 from netplugin.lab.console import console_script
 from tests.functional.test_cni_e2e import NETWORK, host  # noqa: F401 - the live agent of test_cni_e2e
 from netplugin.lab.netns import NamespaceSet, nsexec
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.functional, pytest.mark.timeout(3600)]
 
@@ -430,7 +431,8 @@ def sweep_and_check(lab):
         timeout=60,
     )
     assert check.returncode == 0 and "clean" in check.stdout, check.stdout + check.stderr
-    assert host.veths() == set() and host.container_routes() == []
+    assert host.container_routes() == []
+    wait_until("every veth deleted (the agent finishes that after DEL answers)", lambda: host.veths() == set(), 10)
     assert host.ds.list(keys.ENDPOINTS) == [] and host.ds.list(keys.HANDLES) == []
     links = nsexec(lab.netns, "ip -o link show").stdout
     assert links.count("\n") == 1, links  # only lo in the container

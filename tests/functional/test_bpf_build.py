@@ -41,7 +41,8 @@ def test_verifier_refusal_is_reported(tmp_path, bpffs):
     obj = build.compile_one(src, tmp_path / "out")
     with pytest.raises(loader.LoadError, match="invalid access to packet|bpftool rc="):
         loader.load(obj, bpffs)
-    assert not any((bpffs / "progs").iterdir())  # nothing half-loaded left behind
+    left = [p.name for p in bpffs.iterdir() if p.name.startswith((loader.GEN_PREFIX, loader.CURRENT))]
+    assert left == []  # nothing half-loaded left behind, no generation made current
 
 
 def test_compile_error_names_the_source(tmp_path):

@@ -26,6 +26,7 @@ from netplugin.service.endpoints import endpoint_id
 from netplugin.lab.agents import AgentProcess, CniBinary, rmtree, tempdir
 from netplugin.lab.console import console_script
 from netplugin.lab.netns import NamespaceSet, nsexec, run
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.functional
 
@@ -268,10 +269,13 @@ def test_del_removes_everything_and_a_second_del_succeeds(host, containers):
     for _ in range(2):
         rc, out, err = containers.delete(a)
         assert (rc, out) == (0, {}), (out, err)
-        assert veth not in host.veths()
+        # When DEL answers, nothing routes to the container and it holds no address; the agent deletes the veth
+        # pair right after (netplugin/dataplane/reaper.py).
         assert not any(veth in r for r in host.routes())
+        assert f"{ip}/" not in nsexec(a, "ip -o addr show").stdout
         assert host.endpoint(ep_id) is None and host.handle(ep_id) is None
         assert ip not in host.allocated()
+        wait_until(f"{veth} deleted", lambda: veth not in host.veths(), timeout=5)
         assert "eth0" not in nsexec(a, "ip -o link show").stdout
     after = host.state()
     # The block stays claimed by this host (its blackhole too), with a higher sequence number: that is all.
@@ -290,7 +294,8 @@ def test_del_of_a_container_never_added_and_without_netns_succeeds(host, contain
     rc, out, err = host.cni.call("DEL", a, "", "eth0")
     assert (rc, out) == (0, {}), (out, err)
     assert host.endpoint(endpoint_id(NETWORK, a, "eth0")) is None
-    assert host_ifname(endpoint_id(NETWORK, a, "eth0")) not in host.veths()
+    veth = host_ifname(endpoint_id(NETWORK, a, "eth0"))
+    wait_until(f"{veth} deleted", lambda: veth not in host.veths(), timeout=5)
 
 
 def test_del_after_the_container_namespace_is_gone(host, containers):
@@ -301,8 +306,9 @@ def test_del_after_the_container_namespace_is_gone(host, containers):
     rc, out, err = containers.delete(a)
     assert (rc, out) == (0, {}), (out, err)
     assert host.endpoint(ep_id) is None and host.handle(ep_id) is None
-    assert address(result) not in host.allocated() and host_ifname(ep_id) not in host.veths()
+    assert address(result) not in host.allocated()
     assert not any(r.startswith(address(result) + " ") for r in host.routes())
+    wait_until("the veth deleted", lambda: host_ifname(ep_id) not in host.veths(), timeout=5)
 
 
 def test_static_address_from_cni_args_and_from_runtime_config(host, containers):
@@ -444,7 +450,8 @@ def test_status_and_gc(host, containers):
     assert (rc, out) == (0, {}), (out, err)
     stale_id = endpoint_id(NETWORK, stale, "eth0")
     assert host.endpoint(stale_id) is None and host.handle(stale_id) is None
-    assert address(rs) not in host.allocated() and host_ifname(stale_id) not in host.veths()
+    assert address(rs) not in host.allocated()
+    wait_until("the stale veth deleted", lambda: host_ifname(stale_id) not in host.veths(), timeout=5)
     assert host.endpoint(endpoint_id(NETWORK, keep, "eth0")) and host.ifindex(keep_veth) == keep_index
     assert host.endpoint(endpoint_id("othernet", foreign, "eth0"))
     # GC without the list of valid attachments would mean "everything is stale": refused.
@@ -591,7 +598,7 @@ def test_200_adds_20_at_a_time_then_200_dels_leave_nothing(host, containers):
         timeout=60,
     )
     assert check.returncode == 0 and "clean" in check.stdout, check.stdout + check.stderr
-    assert host.links() == before_links
+    wait_until("every veth deleted", lambda: host.links() == before_links, timeout=10)
     assert host.container_routes() == []
     assert host.ds.list(keys.ENDPOINTS) == [] and host.ds.list(keys.HANDLES) == []
     assert not any(ip in host.allocated() for ip in ips)
@@ -605,12 +612,12 @@ def test_200_adds_20_at_a_time_then_200_dels_leave_nothing(host, containers):
 
 def test_policy_covers_a_container_when_add_returns(host, containers):
     """ADD installs the new veth's policy before it returns (or waits, up to --policy-setup-timeout, for a sync
-    pass that knows it), so the very first packet passes: right after ADD, the host veth is already in our dispatch chains and one ping answers at once."""
+    pass that knows it), so the very first packet passes: right after ADD, the host veth is already in our dispatch set and one ping answers at once."""
     a, ra = containers.add()
     b, rb = containers.add()
     veth = host.endpoint(f"{host.cni.config['name']}.{b}.eth0")["host_ifname"]
-    rules = nsexec(host.ns, "iptables-save -t filter").stdout
-    assert veth in rules, f"{veth} not in our chains right after ADD"
+    sets = nsexec(host.ns, "ipset save").stdout  # the dispatch set of b's shape (policy/compiler.py)
+    assert f"{address(rb)},{veth}" in sets, f"{veth} not in our dispatch set right after ADD"
     assert pings(a, address(rb), count=1), "the first ping after ADD was lost"
 
 

@@ -5,9 +5,11 @@ nothing touches the root namespace; the ``lab`` fixture also checks afterwards t
 there. Traffic goes only between the test's own namespaces.
 """
 
+import dataclasses
 import json
 import os
 import sys
+import threading
 import uuid
 
 import pytest
@@ -196,6 +198,42 @@ def test_remove_endpoint_is_idempotent(lab):
     lab.dp.remove_endpoint(spec.endpoint_id, spec.netns)  # twice
     lab.dp.remove_endpoint("never-added.eth0")  # unknown id
     lab.dp.remove_endpoint("never-added.eth0", "/run/netns/npt-does-not-exist")
+
+
+def test_background_remove_detaches_first_and_an_add_of_the_same_endpoint_waits_for_the_deletion(lab):
+    """DEL's fast path: remove_endpoint(background=True) returns once no route leads into the old veth and the
+    container holds none of its addresses; the veth pair is deleted by the worker after. The worker is held
+    busy here (a job queued before it), so the state between is observed, not raced."""
+    spec, ns, state = lab.add("10.0.3.7", "fd00::3:7")
+    peer_spec, peer, _ = lab.add("10.0.3.8")
+    busy, go = threading.Event(), threading.Event()
+    lab.dp._reaper.submit("npt-blocker", lambda: (busy.set(), go.wait(10)))
+    try:
+        assert busy.wait(5)
+        lab.dp.remove_endpoint(spec.endpoint_id, spec.netns, background=True)
+        assert state.host_ifname in links(lab.host), "the veth deletion was not left to the worker"
+        assert "10.0.3.7" not in routes(lab.host) and "fd00::3:7" not in routes(lab.host, v6=True)
+        assert "inet" not in nsexec(ns, "ip -4 addr show dev eth0").stdout
+        assert "fd00::3:7" not in nsexec(ns, "ip -6 addr show dev eth0").stdout
+        # The released address, handed at once to a new container, is routed to the new veth and reachable.
+        again_spec, again, again_state = lab.add("10.0.3.7")
+        assert f"10.0.3.7 dev {again_state.host_ifname} " in routes(lab.host)
+        assert reaches(peer, "10.0.3.7") and reaches(again, "10.0.3.8")
+        # An ADD of the endpoint being deleted (a runtime retrying) waits for the deletion, then makes a new pair.
+        readded, respec = [], dataclasses.replace(spec, addresses=("10.0.3.9",))
+        worker = threading.Thread(target=lambda: readded.append(lab.dp.add_endpoint(respec)))
+        worker.start()
+        worker.join(0.3)
+        assert worker.is_alive() and not readded, "an ADD went ahead while its veth was being deleted"
+    finally:
+        go.set()
+    worker.join(10)
+    assert readded and readded[0].created, "the re-ADD must build a fresh pair, not converge the dying one"
+    assert lab.dp._reaper.pending() == []
+    assert reaches(ns, "10.0.3.8")
+    lab.dp.remove_endpoint(peer_spec.endpoint_id, peer_spec.netns, background=True)
+    lab.dp.close()  # waits for the worker
+    assert host_ifname(peer_spec.endpoint_id) not in links(lab.host)
 
 
 def test_remove_endpoint_when_the_container_netns_is_already_gone(lab):

@@ -372,6 +372,47 @@ def test_fails_over_to_the_next_endpoint(etcd, etcd_server):
     assert etcd.get(A).value == "via failover"
 
 
+@pytest.fixture
+def broken_endpoint():
+    """An HTTP endpoint that answers every request with a body cut short, as an overloaded proxy or a member dying
+    mid-answer does."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 64\r\n\r\n{")
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        listener.close()
+        t.join(timeout=5)
+
+
+def test_a_broken_answer_is_datastore_unavailable_and_fails_over(etcd, etcd_server, broken_endpoint):
+    alone = Datastore(EtcdConfig(endpoints=[broken_endpoint], timeout=2))
+    with pytest.raises(DatastoreUnavailable) as err:
+        alone.get(A)
+    assert broken_endpoint in str(err.value) and "broken answer" in str(err.value)
+    ds = Datastore(EtcdConfig(endpoints=[broken_endpoint, etcd_server.endpoint], timeout=2))
+    ds.put(A, "past the broken member")
+    assert etcd.get(A).value == "past the broken member"
+
+
 def test_endpoints_must_be_urls():
     from netplugin.errors import InvalidInput
 

@@ -9,6 +9,7 @@ Traffic goes only between the test's own namespaces and containers.
 
 import json
 import subprocess
+import sys
 
 import netaddr
 import pytest
@@ -627,3 +628,54 @@ def test_docker_on_hosts_without_a_default_route(docker_hosts, namespaces):
         (b, "b0", a0["GlobalIPv6Address"]),
     ):
         assert poll(lambda: container_pings(host, src, dst, attempts=1), timeout=30), f"{src} cannot reach {dst}"
+
+
+# --- the BPF dataplane ----------------------------------------------------------------------------------------------
+
+
+def test_docker_endpoints_get_the_bpf_program_and_entries(bpffs, docker_hosts, namespaces):
+    """With --dataplane bpf a Docker container's host veth runs from_container, its addresses are in
+    np_endpoints (netctl bpf endpoints shows them), a forged source is dropped by the program, a flushed entry
+    comes back at the next resync, and leaving removes it."""
+    from netplugin.dataplane import host_ifname
+    from netplugin.kernel.bpf import loader, records
+    from tests.functional.test_bpf_agent import SPOOF, counter, netctl_bpf
+
+    ns = uplinked(namespaces)
+    h = docker_hosts(ns, agent_args=["--dataplane", "bpf", "--bpffs", str(bpffs / "np"), "--resync-interval", "1"])
+    h.pins = loader.Pins(bpffs / "np")
+    assert "event=dataplane.selected dataplane=bpf" in h.agent.log_text()
+    h.docker("network", "create", "-d", "netplugin", "--ipam-driver", "netplugin", "--subnet", "10.1.0.0/16", "n1")
+    h.docker("run", "-d", "--name", "ca", "--net", "n1", IMAGE, "sleep", "600")
+    h.docker("run", "-d", "--name", "cb", "--net", "n1", IMAGE, "sleep", "600")
+    a, b = attachment(h, "ca", "n1"), attachment(h, "cb", "n1")
+    veth = host_ifname(a["EndpointID"])
+    where = f"/run/netns/{ns}"
+    idx = int(nsexec(ns, f"cat /sys/class/net/{veth}/ifindex").stdout)
+    assert loader.attached(veth, netns=where) == ["from_container"]
+    rows = {r["interface"]: r for r in netctl_bpf(h, "endpoints")}
+    assert rows[veth]["addresses"] == a["IPAddress"] and rows[veth]["ifindex"] == idx, rows
+    with h.pins.map("np_locals") as m:
+        _, _, mac, _ = records.LOCAL.unpack(m.lookup(records.addr16(a["IPAddress"])))
+    assert mac.hex(":") == a["MacAddress"].lower()  # the container end's MAC, learnt without opening the sandbox
+    assert container_pings(h, "ca", b["IPAddress"])
+
+    # a forged source from inside the container (its network namespace, entered through its pid)
+    pid = h.docker("inspect", "-f", "{{.State.Pid}}", "ca").stdout.strip()
+    gw_mac = nsexec(ns, f"cat /sys/class/net/{veth}/address").stdout.strip()
+    before = counter(h, idx)
+    subprocess.run(
+        ["nsenter", f"--net=/proc/{pid}/ns/net", sys.executable, "-c", SPOOF, gw_mac, "10.1.250.250", b["IPAddress"]],
+        check=True,
+        timeout=60,
+    )
+    assert counter(h, idx) - before == 5
+
+    # flushed: the next resync writes it again from the endpoint record (the MAC included)
+    with h.pins.map("np_endpoints") as m, h.pins.map("np_locals") as loc:
+        m.delete(records.ifindex_key(idx))
+        loc.delete(records.addr16(a["IPAddress"]))
+    assert poll(lambda: veth in {r["interface"] for r in netctl_bpf(h, "endpoints")}, timeout=10, step=0.5)
+
+    h.docker("rm", "-f", "ca")
+    assert poll(lambda: veth not in {r["interface"] for r in netctl_bpf(h, "endpoints")}, timeout=10, step=0.5)

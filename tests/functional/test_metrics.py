@@ -136,7 +136,11 @@ def test_policy_sync_histogram_after_a_policy_apply(lab, prometheus):
         prometheus, 'sum by (instance) (netplugin_policy_sync_phase_seconds_count{phase="iptables_restore_ipv4"})'
     )
     assert len(restore) == 2 and all(n > 0 for n in restore.values()), restore
-    print(f"\npolicy syncs {before} -> {after}")
+    revoke = value(prometheus, 'sum by (instance) (netplugin_policy_sync_phase_seconds_count{phase="revoke"})')
+    assert len(revoke) == 2 and all(n > 0 for n in revoke.values()), revoke  # the conntrack sweep ran
+    revoked = value(prometheus, "netplugin_flows_revoked_total")
+    assert len(revoked) == 2, revoked
+    print(f"\npolicy syncs {before} -> {after}; connections revoked {revoked}")
 
 
 def test_bgp_sessions_established_on_a_3_host_mesh(lab, prometheus):

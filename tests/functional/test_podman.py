@@ -28,6 +28,7 @@ from netplugin.lab.agents import rmtree, tempdir
 from netplugin.lab.netns import nsexec, run
 from netplugin.service.endpoints import endpoint_id
 from tests.agents import netctl_install_cni
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.functional
 
@@ -199,8 +200,17 @@ def test_podman_runs_a_container_on_a_netplugin_network_with_the_address_it_aske
     # Removing the containers is CNI DEL: veths, routes, records and addresses go.
     podman("rm", "--force", "--time", "0", "web", "db")
     assert etcd.list(keys.ENDPOINTS) == [] and etcd.list(keys.HANDLES) == []
-    assert not [line for line in nsexec(agent.netns, "ip -o link show").stdout.splitlines() if ": np" in line]
+    no_veths(agent)
     assert nsexec(agent.netns, "ip -4 route show proto 80").stdout.strip().startswith("blackhole")
+
+
+def no_veths(agent):
+    """No veth of ours left: the agent deletes them right after DEL answers (netplugin/dataplane/reaper.py)."""
+    wait_until(
+        "the veths deleted",
+        lambda: not [line for line in nsexec(agent.netns, "ip -o link show").stdout.splitlines() if ": np" in line],
+        timeout=5,
+    )
 
 
 def test_podman_refuses_a_1_1_0_conflist_which_is_why_it_is_not_the_default(podman_host, etcd):
@@ -225,4 +235,4 @@ def test_podman_refuses_a_1_1_0_conflist_which_is_why_it_is_not_the_default(podm
     assert 'unsupported CNI result version "1.1.0"' in p.stderr, p.stderr
     # podman answers the failed ADD with DEL: nothing is left behind
     assert etcd.list(keys.ENDPOINTS) == [] and etcd.list(keys.HANDLES) == []
-    assert not [line for line in nsexec(agent.netns, "ip -o link show").stdout.splitlines() if ": np" in line]
+    no_veths(agent)

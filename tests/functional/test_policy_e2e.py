@@ -29,8 +29,9 @@ from netplugin.datastore import keys
 from netplugin.datastore.client import Datastore
 from netplugin.datastore.watch import PrefixWatch
 from netplugin.ipam.allocator import IPAM
+from netplugin.kernel.conntrack import Conntrack
 from policy.applier import PolicyDataplane, written_state
-from policy.compiler import compile_ruleset, endpoint_chains, policy_chain
+from policy.compiler import compile_ruleset, policy_chain
 from policy.loader import load_text
 from policy.model import Endpoint
 from netplugin.lab.agents import AgentProcess, CniBinary, rmtree, tempdir
@@ -38,7 +39,7 @@ from netplugin.lab.console import console_script
 from netplugin.lab.netns import NamespaceSet, nsexec
 from netplugin.lab.bpflab import mounted_bpffs
 from netplugin.kernel.bpf import loader, records
-from tests.probes import assert_reachability, start_echo_server
+from tests.probes import Conversation, assert_reachability, start_echo_server
 
 pytestmark = [pytest.mark.functional, pytest.mark.timeout(180)]
 
@@ -277,6 +278,18 @@ class Cluster:
     def expect(self, src, *checks, timeout=0.6):
         """checks: (kind, dst key, port, passes?); all probes run at once from ``src``'s namespace."""
         assert_reachability(self.ns[src], src, checks, self.ip, timeout)
+
+    def ingress_chain(self, key, host):
+        """The np-to-<h> chain our dispatch sends a container's incoming traffic to (its shape's), read from the
+        kernel: the set holding the container's "address,veth" and the np-to-disp rule matching that set."""
+        member = f"{self.ip[key]},{self.endpoint(key)['host_ifname']}"
+        saved = nsexec(self.hosts[host - 1], "ipset save").stdout.splitlines()
+        [name] = [line.split()[1] for line in saved if line.startswith("add np-ep-") and line.split()[2] == member]
+        for line in self.rules(host):
+            m = re.match(rf"-A np-to-disp .*--match-set {name} dst,dst .*-g (np-to-\S+)", line)
+            if m:
+                return m.group(1)
+        raise AssertionError(f"no np-to-disp rule for set {name} of {key}")
 
     def rules(self, host, family=4):
         """Our chains and hooks in a host's filter table, as iptables-save prints them (no counters)."""
@@ -609,7 +622,7 @@ def test_invalid_input_is_refused_and_etcd_unchanged(lab):
 
 
 def test_flushed_chain_is_repaired_by_the_next_resync(lab):
-    to_w1, _ = endpoint_chains(lab.endpoint("W1")["id"])
+    to_w1 = lab.ingress_chain("W1", host=1)
     lab.expect("C1", ("tcp", "W1", 80, False))
     wanted = lab.rules(1)
     # Right after a full resync (the next one is >= 0.8 * RESYNC away), flush one of our chains by hand.
@@ -744,8 +757,8 @@ def test_incremental_applies_plan_against_what_the_kernel_really_holds(caplog):
         rs2 = compile_ruleset([a, b], [a, b], [])
         assert dp.apply(rs2, trust_cache=True) and dp.diff(rs2) == []
         # Behind the applier's back: B's chain flushed and the set it used destroyed. The next incremental batch
-        # refills that set (a new red endpoint) by swapping, which fails; the applier reads back and converges.
-        to_b = endpoint_chains("ep-b")[0]
+        # adds a new red endpoint to that set by netlink, which fails; the applier reads back and converges.
+        to_b = rs2.endpoint_chains("ep-b")[0]
         red = next(s.name for s in rs2.ipsets if s.family == 4 and s.members == ("10.65.0.2/32",))
         nsexec(ns, ["iptables", "-F", to_b])
         nsexec(ns, ["ipset", "destroy", red])
@@ -757,3 +770,117 @@ def test_incremental_applies_plan_against_what_the_kernel_really_holds(caplog):
         assert dp.diff(rs2) == []
     finally:
         nss.close()
+
+
+# -- established flows across policy changes (both dataplanes) ----------------------------------------------------
+
+WEB_FROM_CLIENTS = """
+  selector: {{matchLabels: {{app: web}}}}
+  ingress:
+    - {{action: allow, protocol: tcp, ports: [80], from: [{{selector: {clients}}}]}}
+    - {{action: allow, protocol: udp, ports: [53], from: [{{selector: {clients}}}]}}"""
+
+
+@contextlib.contextmanager
+def conversations(lab, *flows):
+    """Open (src, kind, dst) flows to the echo servers (tcp 80, udp 53), each checked to work; closed on exit."""
+    with contextlib.ExitStack() as stack:
+        out = []
+        for src, kind, dst in flows:
+            c = Conversation(lab.ns[src], kind, lab.ip[dst], 80 if kind == "tcp" else 53)
+            stack.callback(c.close)
+            c.name = f"{src}->{dst} {kind}"
+            assert c.exchange(), f"{c.name} does not work to begin with"
+            out.append(c)
+        yield out
+
+
+def flowing(convs):
+    """Which conversations still get their echoes (each tried twice, so one lost datagram is not a verdict)."""
+    return {c.name: c.exchange() or c.exchange() for c in convs}
+
+
+def entries_of(lab, convs):
+    """(host, source port) -> conntrack entry id, for each conversation's entries in the hosts' tables (none
+    where a dataplane carries the flow without conntrack)."""
+    out = {}
+    for i, host in enumerate(lab.hosts, 1):
+        for e in Conntrack(f"/run/netns/{host}").entries():
+            if e.src_port in {c.port for c in convs} and e.src in lab.ip.values():
+                out[i, e.src, e.src_port] = e.id
+    return out
+
+
+def sweep_everywhere(lab):
+    """Every agent ran a full resync (which sweeps conntrack) after the last change."""
+    for agent in lab.agents:
+        lab.wait_full_sync(agent)
+
+
+def test_established_flows_keep_flowing_across_changes_that_allow_them(lab):
+    lab.apply(policy("web-in", WEB_FROM_CLIENTS.format(clients="{matchLabels: {role: client}}")))
+    flows = [("C1", "tcp", "W1"), ("C2", "tcp", "W1"), ("C2", "udp", "W1"), ("W1", "tcp", "D2")]
+    with conversations(lab, *flows) as convs:
+        before = entries_of(lab, convs)
+        # Unrelated: a policy for another endpoint. Then one that still allows them, by other rules and orders.
+        lab.apply(policy("db-in", "  selector: {matchLabels: {app: db}}\n  ingress: [{action: allow}]"))
+        sweep_everywhere(lab)
+        assert all(flowing(convs).values()), flowing(convs)
+        lab.apply(
+            policy("web-in", WEB_FROM_CLIENTS.format(clients="{matchExpressions: [{key: role, operator: Exists}]}"))
+            + policy("web-log", "  order: 10\n  selector: {matchLabels: {app: web}}\n  ingress: [{action: log}]")
+        )
+        sweep_everywhere(lab)
+        assert all(flowing(convs).values()), flowing(convs)
+        # Kept means the same connection, not one conntrack picked up again after a needless delete.
+        after = entries_of(lab, convs)
+        assert {k: v for k, v in after.items() if k in before} == before
+
+
+def test_established_flows_are_cut_when_a_change_denies_them(lab):
+    lab.apply(policy("web-in", WEB_FROM_CLIENTS.format(clients="{matchLabels: {role: client}}")))
+    flows = [("C1", "tcp", "W1"), ("C1", "udp", "W1"), ("C2", "tcp", "W1"), ("C2", "udp", "W1"), ("W1", "tcp", "D2")]
+    with conversations(lab, *flows) as convs:
+        # Only zone b clients now: C1's flows are cut (its packets dropped), C2's go on.
+        lab.apply(policy("web-in", WEB_FROM_CLIENTS.format(clients="{matchLabels: {zone: b}}")))
+        assert flowing(convs) == {
+            "C1->W1 tcp": False,
+            "C1->W1 udp": False,
+            "C2->W1 tcp": True,
+            "C2->W1 udp": True,
+            "W1->D2 tcp": True,
+        }
+        # Egress, judged by the sender's host; and then nobody.
+        lab.apply(
+            policy("web-in", "  selector: {matchLabels: {app: web}}\n  ingress: [{action: deny}]")
+            + policy(
+                "web-out",
+                "  selector: {matchLabels: {app: web}}\n  types: [Egress]\n"
+                "  egress: [{action: deny, to: [{selector: {matchLabels: {app: db}}}]}, {action: allow}]",
+            )
+        )
+        assert not any(flowing(convs).values()), flowing(convs)
+    cut = f"event=policy.flow_revoked proto=6 src={lab.ip['C1']} dst={lab.ip['W1']} dport=80 by=ingress of "
+    assert cut in lab.agents[0].log_text()
+    lab.delete_all_policies()
+    lab.expect("C2", ("tcp", "W1", 80, False))  # the default again: another network
+    lab.expect("W1", ("tcp", "D2", 80, True))
+
+
+def test_replies_of_an_allowed_connection_pass_whatever_the_reverse_policy_says(lab):
+    """W1's egress denies red, and red's default ingress refuses blue: W1 may open nothing towards C1 or C2, but
+    its replies on the connections they opened pass, across changes too (judged in the original direction)."""
+    both_ways = policy("web-in", WEB_FROM_CLIENTS.format(clients="{matchLabels: {role: client}}")) + policy(
+        "web-out",
+        "  selector: {matchLabels: {app: web}}\n  types: [Egress]\n  egress: [{action: deny, to: [{network: red}]}]",
+    )
+    lab.apply(both_ways)
+    lab.expect("W1", ("tcp", "C1", 80, False), ("tcp", "C2", 80, False), ("udp", "C2", 53, False))
+    with conversations(lab, ("C1", "tcp", "W1"), ("C2", "tcp", "W1"), ("C2", "udp", "W1")) as convs:
+        before = entries_of(lab, convs)
+        lab.apply(both_ways + policy("db-in", "  selector: {matchLabels: {app: db}}\n  ingress: [{action: allow}]"))
+        sweep_everywhere(lab)
+        assert all(flowing(convs).values()), flowing(convs)
+        after = entries_of(lab, convs)
+        assert {k: v for k, v in after.items() if k in before} == before
+    lab.expect("W1", ("tcp", "C1", 80, False))

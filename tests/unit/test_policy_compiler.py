@@ -8,7 +8,7 @@ import random
 import pytest
 
 from netplugin.errors import InvalidInput
-from policy.compiler import FROM_DISPATCH, TO_DISPATCH, compile_ruleset, endpoint_chains, policy_chain, set_name
+from policy.compiler import FROM_DISPATCH, TO_DISPATCH, compile_ruleset, policy_chain, set_name
 from policy.loader import load_text
 from policy.model import Endpoint
 from policy.selector import Selector
@@ -37,8 +37,9 @@ def sets_of(rs, kind, family=4):
 
 def test_default_ruleset_structure():
     rs = compile_ruleset([A, B], [C], [])
-    to_a, from_a = endpoint_chains("ep-a")
-    to_b, from_b = endpoint_chains("ep-b")
+    to_a, from_a = rs.endpoint_chains("ep-a")
+    # A and B have one shape (same network, no policy): they share their chains and one dispatch set.
+    assert rs.endpoint_chains("ep-b") == (to_a, from_a)
     for family in (4, 6):
         chains = rs.chains[family]
         assert rs.hooks[family] == {"FORWARD": "np-FORWARD", "INPUT": "np-INPUT"}
@@ -51,8 +52,6 @@ def test_default_ruleset_structure():
             TO_DISPATCH,
             to_a,
             from_a,
-            to_b,
-            from_b,
         }
         assert all(name.startswith("np-") and len(name) <= 28 for name in chains)
         # Connections our chains accepted skip them from their second packet on (the connmark bit).
@@ -63,8 +62,10 @@ def test_default_ruleset_structure():
         )
         assert chains["np-fw-ep"][0] == "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
         assert chains["np-fw-ep"][-2:] == ("-j CONNMARK --set-xmark 0x40000/0x40000", "-j ACCEPT")
-        assert chains[FROM_DISPATCH] == (f"-i np0000000000a -g {from_a}", f"-i np0000000000b -g {from_b}", "-j DROP")
-        assert chains[TO_DISPATCH] == (f"-o np0000000000a -g {to_a}", f"-o np0000000000b -g {to_b}", "-j DROP")
+        [veths] = [s for s in rs.ipsets if s.name.startswith("np-ep-") and s.family == family]
+        assert veths.set_type == "hash:net,iface"
+        assert chains[FROM_DISPATCH] == (f"-m set --match-set {veths.name} src,src -g {from_a}", "-j DROP")
+        assert chains[TO_DISPATCH] == (f"-m set --match-set {veths.name} dst,dst -g {to_a}", "-j DROP")
         # Default egress: everything; default ingress: own network yes, other endpoints no, the rest yes.
         assert chains[from_a] == ()
         net = set_name("net", family, "blue")
@@ -75,7 +76,30 @@ def test_default_ruleset_structure():
     assert rs.ipset_map()[set_name("all", 4, "")].members == ("10.65.0.1/32", "10.65.0.2/32", "10.65.1.3/32")
     assert rs.ipset_map()[set_name("net", 4, "blue")].members == ("10.65.0.1/32", "10.65.0.2/32")
     assert rs.ipset_map()[set_name("net", 6, "blue")].members == ("fd00::1/128",)
+    assert {s.family: s.members for s in rs.ipsets if s.name.startswith("np-ep-")} == {
+        4: ("10.65.0.1/32,np0000000000a", "10.65.0.2/32,np0000000000b"),
+        6: ("fd00::1/128,np0000000000a",),
+    }
     assert all(len(s.name) <= 31 for s in rs.ipsets)
+
+
+def test_endpoints_of_one_shape_share_chains_so_another_changes_only_set_members():
+    ps = policies(("web", "  selector: {matchLabels: {app: web}}\n  ingress: [{action: allow}]"))
+    before = compile_ruleset([A, B], [C], ps)
+    d = Endpoint("ep-d", "np0000000000d", ["10.65.0.4"], "blue", {"app": "web"})
+    after = compile_ruleset([A, B, d], [C], ps)
+    assert after.chains == before.chains
+    assert after.endpoint_chains("ep-d") == after.endpoint_chains("ep-a") != after.endpoint_chains("ep-b")
+    grown = {s.name for s in after.ipsets} - {s.name for s in before.ipsets}
+    assert not grown and len(after.ipsets) == len(before.ipsets)
+    [web] = [s for s in after.ipsets if s.family == 4 and "10.65.0.1/32,np0000000000a" in s.members]
+    assert web.members == ("10.65.0.1/32,np0000000000a", "10.65.0.4/32,np0000000000d")
+    # Another network is another default ingress: a new shape, with its own chain and dispatch rule.
+    e = Endpoint("ep-e", "np0000000000e", ["10.65.1.5"], "red", {})
+    third = compile_ruleset([A, B, e], [C], ps)
+    to_e, from_e = third.endpoint_chains("ep-e")
+    assert from_e == third.endpoint_chains("ep-b")[1] and to_e not in before.chains[4]
+    assert len(third.chains[4][FROM_DISPATCH]) == len(before.chains[4][FROM_DISPATCH]) + 1
 
 
 def test_policy_rules_order_marks_and_matches():
@@ -93,7 +117,7 @@ def test_policy_rules_order_marks_and_matches():
         )
     )
     rs = compile_ruleset([A, B], [C], ps)
-    to_a, _ = endpoint_chains("ep-a")
+    to_a, _ = rs.endpoint_chains("ep-a")
     pi = policy_chain("web", "Ingress")
     assert rs.chains[4][to_a] == (
         "-j MARK --set-xmark 0x0/0x30000",
@@ -120,7 +144,7 @@ def test_policy_rules_order_marks_and_matches():
     assert len(v6) == 4 and not any("icmp" in r for r in v6)
     assert rs.ipset_map()[set_name("sel", 6, Selector.of({"role": "client"}).key())].members == ()
     # B is not selected: default ingress.
-    to_b, _ = endpoint_chains("ep-b")
+    to_b, _ = rs.endpoint_chains("ep-b")
     assert rs.chains[4][to_b][0].endswith("src -j RETURN")
 
 
@@ -131,8 +155,8 @@ def test_groups_by_order_and_egress_uses_dst():
         ("p0", "  order: 20\n  selector: {}\n  types: [Egress]\n  egress: [{action: allow}]"),
     )
     rs = compile_ruleset([A, B], [], ps)
-    _, from_a = endpoint_chains("ep-a")
-    _, from_b = endpoint_chains("ep-b")
+    _, from_a = rs.endpoint_chains("ep-a")
+    _, from_b = rs.endpoint_chains("ep-b")
     po = {n: policy_chain(n, "Egress") for n in ("p0", "p1", "p2")}
     assert rs.chains[4][from_a] == (
         "-j MARK --set-xmark 0x0/0x30000",
@@ -150,7 +174,7 @@ def test_groups_by_order_and_egress_uses_dst():
     assert rs.chains[4][po["p1"]] == (f"-m set --match-set {cidr} dst -j MARK --set-xmark 0x10000/0x10000",)
     assert rs.chains[6][po["p1"]] == ()  # an IPv4-only rule must not become "any" in IPv6
     # Ingress keeps its default for both (types: Egress only).
-    to_a, _ = endpoint_chains("ep-a")
+    to_a, _ = rs.endpoint_chains("ep-a")
     assert rs.chains[4][to_a][0].endswith("src -j RETURN")
 
 

@@ -134,6 +134,34 @@ def test_ipset_read_back_and_plan():
     assert writer.destroy_lines(plan) == ["destroy np-old"]  # the temp set went in the update batch
 
 
+def test_ipset_read_back_of_address_and_veth_sets():
+    saved = "\n".join(
+        [
+            "create np-ep-1 hash:net,iface family inet hashsize 1024 maxelem 65536 bucketsize 12 initval 0x1",
+            "add np-ep-1 10.0.0.2,np0000000000b",
+            "add np-ep-1 10.0.0.1,np0000000000a",
+            "create np-ep-2 hash:net,iface family inet6 hashsize 1024 maxelem 65536",
+            "add np-ep-2 fd00::1,np0000000000a",
+            "create np-ep-3 hash:net family inet hashsize 1024 maxelem 65536",
+        ]
+    )
+    current = ipsets.parse_save(saved)
+    assert current["np-ep-1"].members == ("10.0.0.1/32,np0000000000a", "10.0.0.2/32,np0000000000b")
+    assert current["np-ep-2"].members == ("fd00::1/128,np0000000000a",)
+    desired = {
+        "np-ep-1": IpSet("np-ep-1", 4, ("10.0.0.1/32,np0000000000a", "10.0.0.2/32,np0000000000b"), ipsets.IFACE_SET),
+        "np-ep-2": IpSet("np-ep-2", 6, ("fd00::1/128,np0000000000a",), ipsets.IFACE_SET),
+        "np-ep-3": IpSet("np-ep-3", 4, (), ipsets.IFACE_SET),
+    }
+    writer = ipsets.Ipsets(ns=None)
+    plan = writer.plan(desired, current)
+    assert plan.notes == ["ipset np-ep-3: is hash:net family 4, want hash:net,iface inet"]
+    assert writer.update_lines(plan, current) == [
+        "destroy np-ep-3",
+        "create np-ep-3 hash:net,iface family inet maxelem 65536",
+    ]
+
+
 def test_big_sets_get_room():
     members = tuple(f"10.{i // 256}.{i % 256}.0/24" for i in range(40000))
     plan = ipsets.IpsetPlan(create=[IpSet("np-big", 4, members)])

@@ -107,6 +107,17 @@ def obj_get(path):
     return bpf(BPF_OBJ_GET, _Obj(ctypes.addressof(cbuf), 0, 0), f"opening pinned BPF object {path}")
 
 
+class _ProgInfo(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("tag", ctypes.c_uint8 * 8)]
+
+
+def prog_id(fd):
+    """The kernel's id of the program behind ``fd`` (what tc's filter dump and bpftool show)."""
+    info = _ProgInfo()
+    bpf(BPF_OBJ_GET_INFO_BY_FD, _Info(fd, ctypes.sizeof(info), ctypes.addressof(info)), f"reading info of program {fd}")
+    return info.id
+
+
 def obj_pin(fd, path):
     p = os.fsencode(path)
     cbuf = ctypes.create_string_buffer(p)
@@ -126,6 +137,7 @@ class Map:
         )
         self.type, self.id = info.type, info.id
         self.key_size, self.value_size, self.max_entries = info.key_size, info.value_size, info.max_entries
+        self.flags = info.map_flags
         self.name = name or info.name.decode()
         self.ncpus = possible_cpus() if self.type in _PERCPU else 0
 
