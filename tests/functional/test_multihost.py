@@ -15,6 +15,7 @@ import uuid
 import pytest
 
 from netplugin.errors import InvalidInput
+from netplugin.kernel.bpf import loader
 from netplugin.lab import Lab, LabError, LabSpec
 from netplugin.lab.console import console_script
 from netplugin.lab.netns import run
@@ -295,7 +296,7 @@ def test_bpf_lab_pins_under_its_own_bpffs_and_down_unmounts_it(labs):
     for h in lab.plan.hosts:
         with open(os.path.join(h.run_dir, "agent.log")) as f:
             assert "event=dataplane.selected dataplane=bpf" in f.read()
-        assert os.path.exists(os.path.join(lab.plan.host_bpffs(h), "maps", "np_endpoints"))
+        assert (loader.Pins(lab.plan.host_bpffs(h)).maps / "np_endpoints").exists()
     labs.close()  # asserts nothing of the lab is left
     assert bpf_mounts(lab.plan.bpffs) == []
 
