@@ -860,8 +860,11 @@ def test_established_flows_are_cut_when_a_change_denies_them(lab):
             )
         )
         assert not any(flowing(convs).values()), flowing(convs)
-    cut = f"event=policy.flow_revoked proto=6 src={lab.ip['C1']} dst={lab.ip['W1']} dport=80 by=ingress of "
-    assert cut in lab.agents[0].log_text()
+    if lab.dataplane == "iptables":  # conntrack entries deleted; with bpf the flows never met conntrack
+        cut = f"event=policy.flow_revoked proto=6 src={lab.ip['C1']} dst={lab.ip['W1']} dport=80 by=ingress of "
+        assert cut in lab.agents[0].log_text()
+    else:  # the programs re-judged the cached flows at the new policy generation and dropped them
+        assert _bpf_counters(lab, 1, "W1", "C1")["denied"] > 0
     lab.delete_all_policies()
     lab.expect("C2", ("tcp", "W1", 80, False))  # the default again: another network
     lab.expect("W1", ("tcp", "D2", 80, True))
