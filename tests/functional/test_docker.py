@@ -548,6 +548,24 @@ def default_routes(ns):
     return [r for v in ("-4", "-6") for r in nsexec(ns, f"ip {v} route show default").stdout.splitlines()]
 
 
+def create_dual_stack_network(host):
+    """The dual-stack netplugin network ``dc`` both hosts of the no-default-route test create."""
+    host.docker(
+        "network",
+        "create",
+        "-d",
+        "netplugin",
+        "--ipam-driver",
+        "netplugin",
+        "--ipv6",
+        "--subnet",
+        "10.11.0.0/16",
+        "--subnet",
+        "fd11::/64",
+        "dc",
+    )
+
+
 def test_docker_on_hosts_without_a_default_route(docker_hosts, namespaces):
     """Data-centre hosts carrying only specific routes. First one host with nothing but lo (its own address
     there) and the containers' veths: two containers of a dual-stack network reach each other and the host.
@@ -564,20 +582,7 @@ def test_docker_on_hosts_without_a_default_route(docker_hosts, namespaces):
         nsexec(ns, f"ip -6 addr add {v6}/128 dev lo")
         hosts[ns] = ["--routing", "bgp", "--node-address", fabric[0], "--node-address6", fabric[1]]
     a = docker_hosts(ha, agent_args=hosts[ha])
-    a.docker(
-        "network",
-        "create",
-        "-d",
-        "netplugin",
-        "--ipam-driver",
-        "netplugin",
-        "--ipv6",
-        "--subnet",
-        "10.11.0.0/16",
-        "--subnet",
-        "fd11::/64",
-        "dc",
-    )
+    create_dual_stack_network(a)
     for name in ("a0", "a1"):
         a.docker("run", "-d", "--name", name, "--net", "dc", IMAGE, "sleep", "600")
     a0, a1 = attachment(a, "a0", "dc"), attachment(a, "a1", "dc")
@@ -602,20 +607,7 @@ def test_docker_on_hosts_without_a_default_route(docker_hosts, namespaces):
     nsexec(ha, "ip -6 addr add fd96::1/64 dev eth0 nodad")
     nsexec(hb, "ip -6 addr add fd96::2/64 dev eth0 nodad")
     b = docker_hosts(hb, agent_args=hosts[hb])
-    b.docker(
-        "network",
-        "create",
-        "-d",
-        "netplugin",
-        "--ipam-driver",
-        "netplugin",
-        "--ipv6",
-        "--subnet",
-        "10.11.0.0/16",
-        "--subnet",
-        "fd11::/64",
-        "dc",
-    )
+    create_dual_stack_network(b)
     b.docker("run", "-d", "--name", "b0", "--net", "dc", IMAGE, "sleep", "600")
     b0 = attachment(b, "b0", "dc")
     assert default_routes(ha) == [] and default_routes(hb) == []
