@@ -36,7 +36,7 @@ from netplugin.lab.agents import rmtree, tempdir
 from netplugin.lab.console import console_script
 from tests.functional.test_cni_e2e import NETWORK, host  # noqa: F401 - the live agent of test_cni_e2e
 from netplugin.lab.netns import NamespaceSet, nsexec
-from tests.waiting import wait_until
+from tests.waiting import poll, wait_until
 
 pytestmark = [pytest.mark.functional, pytest.mark.timeout(3600)]
 
@@ -193,13 +193,22 @@ class Lab:
             "GC": [dict(base, **{"cni.dev/valid-attachments": [{"containerID": "fz-keep", "ifname": "eth0"}]})],
         }
 
-    def leftovers(self):
+    def leftovers(self, settle=5.0):
         """Kernel objects an invocation left: np* veths on the host, interfaces besides lo in the container.
         Asked over netlink sockets kept open in both namespaces: an ``ip`` exec per example would double the
-        cost of a run."""
-        host = [link.get_attr("IFLA_IFNAME") for link in self.rtnl_host.get_links()]
-        container = [link.get_attr("IFLA_IFNAME") for link in self.rtnl_container.get_links()]
-        return [n for n in host if n.startswith("np")] + [n for n in container if n != "lo"]
+        cost of a run. DEL answers before the agent's worker deletes the veth pair
+        (netplugin/dataplane/reaper.py), so a pair still there is asked again for up to ``settle`` s: a leak
+        stays, a deletion in flight goes."""
+        found = []
+
+        def nothing_left():
+            host = [link.get_attr("IFLA_IFNAME") for link in self.rtnl_host.get_links()]
+            container = [link.get_attr("IFLA_IFNAME") for link in self.rtnl_container.get_links()]
+            found[:] = [n for n in host if n.startswith("np")] + [n for n in container if n != "lo"]
+            return not found
+
+        poll(nothing_left, timeout=settle, step=0.01)
+        return found
 
     def close(self):
         self.rtnl_host.close()

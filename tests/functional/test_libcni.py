@@ -19,6 +19,7 @@ from netplugin.ipam.allocator import IPAM
 from netplugin.lab.agents import rmtree, tempdir
 from netplugin.lab.netns import nsexec, run
 from tests.agents import netctl_install_cni
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.functional
 
@@ -114,7 +115,8 @@ def test_libcni_adds_checks_and_deletes_a_dual_stack_container_with_the_default_
     deleted = call("del")
     assert deleted.returncode == 0, deleted.stderr
     assert etcd.list(keys.ENDPOINTS) == [] and etcd.list(keys.HANDLES) == []
-    assert "eth0" not in nsexec(container, "ip -o link show").stdout
+    # The agent deletes the veth pair right after DEL answers (netplugin/dataplane/reaper.py).
+    wait_until("eth0 deleted", lambda: "eth0" not in nsexec(container, "ip -o link show").stdout, timeout=5)
     assert call("del").returncode == 0  # DEL is idempotent through libcni too
 
 
