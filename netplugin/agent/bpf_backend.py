@@ -69,6 +69,8 @@ class BpfBackend(IptablesBackend):
         self._problems = {}  # endpoint id -> why its lists are not in the maps (logged once per reason)
         self._pools, self._blocks = None, ()
         self._rendered = {}  # policy.bpf_render's cache: lists rendered for the last ruleset
+        self._ruleset = None  # the last ruleset whose lists were written
+        self._lists_lock = threading.Lock()  # one writer of the lists: a policy pass or an ADD
 
     # --- host ---------------------------------------------------------------------------------------------------
 
@@ -141,6 +143,11 @@ class BpfBackend(IptablesBackend):
     def add_endpoint(self, spec):
         state = super().add_endpoint(spec)
         self._converge([spec])
+        # A new endpoint's record is written with its addresses, before its veth exists, so a policy pass may
+        # have compiled it already and skipped its lists (np_endpoints did not know it): write them now.
+        with self._lists_lock:
+            if self._ruleset is not None:
+                self._write_lists(render(self._ruleset, self._rendered), reread=self._held is None)
         return state
 
     def remove_endpoint(self, endpoint_id, netns=None, ifname="eth0"):
@@ -175,7 +182,9 @@ class BpfBackend(IptablesBackend):
     def apply_policy(self, ruleset, full=False) -> tuple:
         diffs, timings = super().apply_policy(ruleset, full=full)
         started = time.monotonic()
-        notes = self._write_lists(render(ruleset, self._rendered), reread=full or self._held is None)
+        with self._lists_lock:
+            notes = self._write_lists(render(ruleset, self._rendered), reread=full or self._held is None)
+            self._ruleset = ruleset
         return list(diffs) + notes, dict(timings, bpf=time.monotonic() - started)
 
     def _read_lists(self, rules_map, peers_map) -> dict:

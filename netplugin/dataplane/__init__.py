@@ -16,6 +16,7 @@ from netplugin.dataplane.model import (
     EndpointState,
     host_ifname,
     is_host_ifname,
+    random_mac,
 )
 from netplugin.dataplane.reconcile import changed
 
@@ -29,5 +30,6 @@ __all__ = [
     "HOST_VETH_MAC",
     "host_ifname",
     "is_host_ifname",
+    "random_mac",
     "changed",
 ]

@@ -5,6 +5,7 @@ Everything here is pure (no kernel calls) so it can be unit tested and shared by
 
 import hashlib
 import ipaddress
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ __all__ = [
     "is_host_ifname",
     "parse_addresses",
     "parse_blocks",
+    "random_mac",
     "validate_spec",
 ]
 
@@ -42,6 +44,17 @@ _HOST_IFNAME_RE = re.compile(r"^np[0-9a-f]{11}$")
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _IFNAME_BAD = re.compile(r"[\s/:]")
 IFNAMSIZ = 16
+
+
+def random_mac() -> str:
+    """A container interface MAC as the kernel would pick it (random, locally administered, unicast), chosen by
+    us so the endpoint's record can be written before the veth exists."""
+    while True:
+        octets = bytearray(os.urandom(6))
+        octets[0] = (octets[0] & 0xFE) | 0x02
+        mac = ":".join(f"{b:02x}" for b in octets)
+        if mac != HOST_VETH_MAC:
+            return mac
 
 
 @dataclass(frozen=True)

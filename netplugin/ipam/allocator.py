@@ -222,9 +222,13 @@ class IPAM:
         """
         return self.assign_new(handle_id, host, requests, attrs)[0]
 
-    def assign_new(self, handle_id, host, requests, attrs=None):
-        """``assign``, also saying what this call took: (addresses, {address: seq} newly allocated), so that a
-        caller undoing a failed retry releases only those, never what the handle held before."""
+    def assign_new(self, handle_id, host, requests, attrs=None, with_creation=None):
+        """``assign``, also saying what this call took: (addresses, {address: seq} newly allocated, revision), so
+        that a caller undoing a failed retry releases only those, never what the handle held before.
+
+        ``with_creation(addresses)``: etcd operations written in the transaction that creates the handle (ADD's
+        endpoint record rides with its addresses, one round trip instead of two); ``revision`` is that
+        transaction's when it created the handle, else None (the handle existed: nothing extra was written)."""
         hkey = keys.handle(handle_id)
         handle, handle_rev = None, 0
         rechecked = False
@@ -243,12 +247,15 @@ class IPAM:
                 handle, handle_rev = self.get_handle(handle_id)
                 continue
             if not plan.changed:
-                return addresses, {}
+                return addresses, {}, None
+            creating = handle is None
             rec = handle or Handle(handle=handle_id, host=host, attrs=dict(attrs or {}))
             for addr, (cidr, seq) in plan.new_addresses.items():
                 rec.addresses[addr] = {"block": cidr, "seq": seq}
             compare = [mod_is(hkey, handle_rev)]
             success = [put_op(hkey, rec.to_dict())]
+            if creating and with_creation is not None:
+                success += with_creation(addresses)
             failure = [get_op(hkey)]
             for cidr, (block, rev) in sorted(plan.blocks.items()):
                 bkey = keys.block(cidr)
@@ -267,7 +274,8 @@ class IPAM:
                 if plan.claims:
                     self._affine.setdefault(host, set()).update(plan.claims)
                     self.stats["claims"] += len(plan.claims)
-                return addresses, {addr: seq for addr, (_, seq) in plan.new_addresses.items()}
+                created = res.revision if creating and with_creation is not None else None
+                return addresses, {addr: seq for addr, (_, seq) in plan.new_addresses.items()}, created
             # Lost the race: take the current records from the failure branch and plan again.
             self.stats["cas_conflicts"] += 1
             current = res.kvs(0)

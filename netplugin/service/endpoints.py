@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import netaddr
 
 from netplugin.datastore import keys
-from netplugin.datastore.client import delete_op
+from netplugin.datastore.client import delete_op, put_op
 from netplugin.datastore.models import Endpoint, Network
-from netplugin.dataplane import EndpointSpec, GATEWAY_V4, GATEWAY_V6, host_ifname
+from netplugin.dataplane import EndpointSpec, GATEWAY_V4, GATEWAY_V6, host_ifname, random_mac
 from netplugin.dataplane.undo import quietly
 from netplugin.errors import InvalidInput, NotFound
 from netplugin.ipam.allocator import AssignRequest
@@ -100,12 +100,20 @@ class EndpointService:
         """IPAM only (Docker's RequestAddress, CNI's first step): the host routes of the new endpoint."""
         return self._allocate(req, attrs)[0]
 
-    def _allocate(self, req, attrs=None):
-        """(host routes, {address: seq} this call newly allocated)."""
+    def _allocate(self, req, attrs=None, record=None):
+        """(host routes, {address: seq} this call newly allocated, revision). ``record(host routes)``: the
+        Endpoint to write in the transaction that creates the handle; ``revision`` is that write's, or None
+        when the handle existed (a retry) and nothing was recorded."""
         ep_id = req.id()
         attrs = {"container_id": req.container_id, "network": req.network, "ifname": req.ifname, **(attrs or {})}
-        addrs, new = self.ipam.assign_new(ep_id, self.host, self._requests(req), attrs=attrs)
-        return [host_prefix(a) for a in addrs], new
+
+        def with_creation(addrs):
+            return [put_op(keys.endpoint(self.host, ep_id), record([host_prefix(a) for a in addrs]).to_dict())]
+
+        addrs, new, recorded = self.ipam.assign_new(
+            ep_id, self.host, self._requests(req), attrs=attrs, with_creation=with_creation if record else None
+        )
+        return [host_prefix(a) for a in addrs], new, recorded
 
     # --- whole workload -------------------------------------------------------------------------------------------
 
@@ -125,39 +133,52 @@ class EndpointService:
             raise InvalidInput("no network namespace given for the container")
         ep_id = req.id()
         clock = clock or PhaseClock()
-        with contextlib.ExitStack() as undo:
-            addresses, new = self._allocate(req)
-            clock.mark("ipam")
-            if new:
-                undo.callback(quietly, self._release_new, ep_id, new)
-            spec = EndpointSpec(
-                endpoint_id=ep_id,
-                netns=req.netns,
-                ifname=req.ifname,
-                addresses=tuple(addresses),
-                mtu=req.mtu or self.mtu,
-            )
-            state = self.dataplane.add_endpoint(spec)
-            clock.mark("dataplane")
-            if state.created:
-                undo.callback(quietly, self.dataplane.remove_endpoint, ep_id, req.netns, req.ifname)
-            ep = Endpoint(
+
+        def record(addresses, mac):
+            return Endpoint(
                 id=ep_id,
                 host=self.host,
                 network=req.network,
                 container_id=req.container_id,
                 netns=req.netns,
                 ifname=req.ifname,
-                host_ifname=state.host_ifname,
+                host_ifname=host_ifname(ep_id),
                 addresses=addresses,
-                mac=state.mac,
+                mac=mac,
                 labels={**req.labels, NETWORK_LABEL: req.network},
                 handle=ep_id,
                 orchestrator=req.orchestrator,
                 mtu=req.mtu,
             )
-            revision = self.ds.put(keys.endpoint(self.host, ep_id), ep.to_dict())
-            clock.mark("record")
+
+        # A new endpoint's record goes in the IPAM transaction, so its MAC is chosen here rather than by the
+        # kernel. The record may then be seen before the veth exists; nothing minds: the dataplane reconcile
+        # waits for ADD (host lock), policy names the veth before it exists, and an ADD that fails deletes the
+        # record with the addresses.
+        mac = random_mac()
+        with contextlib.ExitStack() as undo:
+            addresses, new, recorded = self._allocate(req, record=lambda addrs: record(addrs, mac))
+            clock.mark("ipam")
+            if new:
+                undo.callback(quietly, self._release_new, ep_id, new, recorded is not None)
+            spec = EndpointSpec(
+                endpoint_id=ep_id,
+                netns=req.netns,
+                ifname=req.ifname,
+                addresses=tuple(addresses),
+                mtu=req.mtu or self.mtu,
+                mac=mac if recorded is not None else None,  # a retry keeps the MAC the container has
+            )
+            state = self.dataplane.add_endpoint(spec)
+            clock.mark("dataplane")
+            if state.created:
+                undo.callback(quietly, self.dataplane.remove_endpoint, ep_id, req.netns, req.ifname)
+            if recorded is None:
+                ep = record(addresses, state.mac)
+                revision = self.ds.put(keys.endpoint(self.host, ep_id), ep.to_dict())
+                clock.mark("record")
+            else:
+                ep, revision = record(addresses, mac), recorded
             undo.pop_all()
         LOG.info(
             "endpoint added id=%s netns=%s addresses=%s host_if=%s %s",
@@ -169,12 +190,13 @@ class EndpointService:
         )
         return ep, revision
 
-    def _release_new(self, ep_id, new):
+    def _release_new(self, ep_id, new, recorded=False):
         """Undo of one ADD's allocation: the whole handle when it holds only what this call allocated (a fresh
-        ADD), else just the addresses this call added (guarded by their sequence numbers)."""
+        ADD; with the record, when this call wrote it), else just the addresses this call added (guarded by
+        their sequence numbers)."""
         handle, _ = self.ipam.get_handle(ep_id, cached=True)  # this call's own write: no round trip
         if handle is None or set(handle.addresses) <= set(new):
-            self.ipam.release_handle(ep_id)
+            self.ipam.release_handle(ep_id, also=[delete_op(keys.endpoint(self.host, ep_id))] if recorded else ())
             return
         for address, seq in sorted(new.items()):
             self.ipam.release_address(address, seq)

@@ -168,6 +168,28 @@ def test_failing_repeated_add_leaves_the_working_container_alone(dual_host, tmp_
     assert check.returncode == 0, check.stdout + check.stderr
 
 
+def test_a_fresh_add_failing_after_ipam_takes_its_record_back_with_its_addresses(dual_host):
+    """A new endpoint's record is written in the IPAM transaction, before its veth exists
+    (EndpointService.add_recorded): an ADD that fails later must delete the record with the addresses."""
+    h = dual_host
+    d = h.nss.add()
+    links = h.links()
+    rc, out, err = h.cni.call("ADD", d, f"/run/netns/{d}", config=dict(h.cni.config, mtu=1000))
+    assert rc == 1 and out.get("code") == 7 and "1280" in out["msg"], (out, err)
+    assert h.ds.get(keys.endpoint(h.agent.hostname, h.ep_id(d))) is None, "the failed ADD left its record"
+    assert h.held(d) == []
+    wait_until("the failed ADD's veth deleted", lambda: h.links() == links, 5)
+    check = netctl(h.agent.etcd_endpoint, "ipam", "check")
+    assert check.returncode == 0, check.stdout + check.stderr
+    # The same container added properly afterwards gets its record, with the MAC its interface has.
+    rc, out, err = h.cni.call("ADD", d, f"/run/netns/{d}")
+    assert rc == 0, (out, err)
+    h.containers.append(d)
+    record = h.ds.get(keys.endpoint(h.agent.hostname, h.ep_id(d))).value
+    mac = json.loads(nsexec(d, "ip -j link show eth0").stdout)[0]["address"]
+    assert record["mac"] == mac == out["interfaces"][0]["mac"]
+
+
 def test_cni_netns_that_is_not_a_namespace_is_refused_and_nothing_is_created(host, tmp_path):
     regular = tmp_path / "regular"
     regular.write_text("")

@@ -1,10 +1,11 @@
 """Endpoint specs, names and settings: pure logic, no kernel."""
 
 import ipaddress
+import re
 
 import pytest
 
-from netplugin.dataplane import EndpointSpec, host_ifname, is_host_ifname
+from netplugin.dataplane import EndpointSpec, host_ifname, is_host_ifname, random_mac
 from netplugin.dataplane import antispoof, sysctl
 from netplugin.kernel import netfilter
 from netplugin.dataplane.model import parse_blocks, validate_spec
@@ -128,3 +129,11 @@ def test_antispoof_batch_converges_and_is_empty_when_right():
         f"-D PREROUTING {hook}",
         f"-I PREROUTING 1 {netfilter.tagged(hook)}",
     ]
+
+
+def test_random_mac_is_unicast_locally_administered_and_varies():
+    macs = {random_mac() for _ in range(200)}
+    assert len(macs) == 200
+    for mac in macs:
+        first = int(mac[:2], 16)
+        assert re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", mac) and first & 0x01 == 0 and first & 0x02
