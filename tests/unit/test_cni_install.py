@@ -168,6 +168,6 @@ def test_installed_plugin_loads_no_heavy_module_and_compiles_nothing(dirs):
     assert json.loads(proc.stdout)["code"] == 11
     imported = {line.split("|")[-1].strip() for line in proc.stderr.decode().splitlines() if "|" in line}
     assert "_socket" in imported  # it did reach for the agent
-    assert not imported & {"json", "socket", "re", "enum", "http.client", "ipaddress"}
+    assert not imported & {"os", "json", "socket", "re", "enum", "http.client", "ipaddress"}
     with open(bin_path, "rb") as f:
         assert len(f.read().splitlines()) == 4  # shebang, comment, imports, the code object: no source to compile

@@ -769,3 +769,11 @@ def test_json_dumps_refuses_what_json_refuses():
             plugin.json_dumps(value)
         with pytest.raises(TypeError):
             json.dumps(value)
+
+
+def test_environment_is_what_os_environ_holds_undecodable_bytes_included():
+    code = "import os, sys; sys.path.insert(0, sys.argv[1]); from cni import plugin; print(plugin.environment() == dict(os.environ))"
+    env = {b"CNI_CONTAINERID": b"c\xff\xfe1", b"PATH": b"/usr/bin:/bin", b"X\xe9": b"caf\xc3\xa9"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-IS", "-c", code, root], env=env, capture_output=True, timeout=20)
+    assert proc.stdout == b"True\n", proc.stderr
