@@ -172,8 +172,8 @@ class PolicyReconciler:
                 touched.add(key)
                 if holds:
                     self._in_view[key] = e
-                elif self._in_view.get(key) is e:
-                    del self._in_view[key]
+                else:  # (the gone come first: a key in both stays, with its new record)
+                    self._in_view.pop(key, None)
             self._seen, self._view_compiled = list(view.endpoints), view
         fresh = self._with_fresh(view)
         touched.update(fresh)
