@@ -67,6 +67,13 @@ Address sets are ``hash:net`` per family: ``np-all-<h>`` (every endpoint address
 endpoints), ``np-sel-<h>`` (a selector's endpoints, named from its canonical form, so shared across policies),
 ``np-cidr-<h>`` (the union of one rule's CIDR peers minus their notCIDRs, computed exactly; named from its
 content). A rule costs a packet one set lookup per peer kind however many addresses it covers.
+
+Compiling one change at a time (``RulesetCompiler``; ``compile_ruleset`` is a fresh one given everything): only
+the all/net/sel sets depend on other hosts' endpoints, so those are kept per endpoint (policy/endpoint_sets.py)
+and the host's part (plan, chains, dispatch sets) is assembled again only when a local endpoint or a policy
+changed, from pieces kept per local endpoint and per policy. An agent compiled the whole cluster on every
+endpoint event anywhere, which made it CPU-bound: at 10,000 endpoints over 10 hosts an event cost about 2 s,
+now 2 ms for a remote endpoint and 4 ms for a local one (scripts/bench_policy_compile.py).
 """
 
 import functools
