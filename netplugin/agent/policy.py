@@ -157,9 +157,12 @@ class PolicyReconciler:
         last pass is handed to the compiler (policy.compiler.RulesetCompiler): records are told apart by
         identity, since the view model hands back the same record object until its key changes, so a pass costs
         O(records changed) besides one scan of identities, and returns the same Ruleset when nothing changed.
-        After an unexpected failure the next pass starts over from the whole view."""
+        InvalidInput (a record or policy that cannot be compiled) leaves the compiler consistent: it is raised
+        again each pass while its cause is there. After any other failure the next pass starts over."""
         try:
             return self._compile(view)
+        except InvalidInput:
+            raise
         except Exception:
             self._start_over()
             raise
