@@ -136,6 +136,14 @@ class IpSet:
     family: int
     members: tuple  # canonical network texts ("10.0.0.5/32"), sorted; "10.0.0.5/32,<veth>" for IFACE_SET
     set_type: str = SET_TYPE
+    _hash: int = field(default=None, init=False, repr=False, compare=False)
+
+    def __hash__(self):
+        # Computed once: the BPF renderer keys its cache by the sets each list names, for every local endpoint
+        # on every apply, and hashing a 10,000-member tuple each time was most of a render.
+        if self._hash is None:
+            object.__setattr__(self, "_hash", hash((self.name, self.family, self.members, self.set_type)))
+        return self._hash
 
     @property
     def set_family(self):
