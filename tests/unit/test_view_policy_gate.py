@@ -40,8 +40,8 @@ def _changed(*ks):
 @pytest.fixture
 def reconciler(monkeypatch):
     compiled = []
-    real = agent_policy.compile_ruleset
-    monkeypatch.setattr(agent_policy, "compile_ruleset", lambda *a: compiled.append(a) or real(*a))
+    real = agent_policy.RulesetCompiler.ruleset
+    monkeypatch.setattr(agent_policy.RulesetCompiler, "ruleset", lambda self: compiled.append(self) or real(self))
     converted = []
     real_convert = agent_policy.policy_endpoint
     monkeypatch.setattr(agent_policy, "policy_endpoint", lambda e: converted.append(e.id) or real_convert(e))
