@@ -23,7 +23,7 @@ from netplugin.errors import AlreadyExists, DataplaneError, InvalidInput, NotFou
 from netplugin.dataplane import container, host, veth
 from netplugin.dataplane.model import EndpointState, host_ifname
 from netplugin.dataplane.undo import quietly
-from netplugin.kernel.netlink import netlink, netlink_fd
+from netplugin.kernel.netlink import netlink, netlink_fd, netlink_fd_soon
 from netplugin.kernel.netns import open_netns
 from netplugin.kernel.rtnl import Batch
 
@@ -39,14 +39,15 @@ def paired(hnl, host_msg, cont_msg, cont_fd) -> bool:
     return nsid >= 0 and host_msg.get("link_netnsid") == nsid
 
 
-def _find_or_create(hnl, cnl, name, spec, cont_fd, what, undo):
-    """(host link, container link or None, fresh). Registers the undo of anything it creates."""
+def _find_or_create(hnl, container_nl, name, spec, cont_fd, what, undo):
+    """(host link, container link or None, fresh). Registers the undo of anything it creates. ``container_nl()``
+    is the container's netlink handle, asked for only when the pair may exist already."""
     msg = veth.create(hnl, name, spec.ifname, cont_fd, spec.mtu, spec.mac, what, undo)
     if msg is not None:
         return msg, None, True
     where = f"netns '{spec.netns}'"
     host_msg = hnl.link(name=name)
-    cont_msg = cnl.link(name=spec.ifname)
+    cont_msg = container_nl().link(name=spec.ifname)
     if cont_msg is not None:
         if host_msg is not None and paired(hnl, host_msg, cont_msg, cont_fd):
             return host_msg, cont_msg, False
@@ -65,11 +66,12 @@ def add(host_netns, spec, addrs) -> EndpointState:
     ipv6 = any(a.version == 6 for a in addrs)
     cont_fd = open_netns(spec.netns)
     try:
-        with netlink(host_netns) as hnl, netlink_fd(cont_fd, spec.netns) as cnl, ExitStack() as undo:
-            host_msg, cont_msg, fresh = _find_or_create(hnl, cnl, name, spec, cont_fd, what, undo)
+        # The container's netlink socket is made while the pair is created and, for IPv4, the host side wired.
+        with netlink(host_netns) as hnl, netlink_fd_soon(cont_fd, spec.netns) as container_nl, ExitStack() as undo:
+            host_msg, cont_msg, fresh = _find_or_create(hnl, container_nl, name, spec, cont_fd, what, undo)
             peer = host_msg.get("link")
             if cont_msg is None and ipv6:
-                cont_msg = cnl.link(index=peer)
+                cont_msg = container_nl().link(index=peer)
             if cont_msg is not None:
                 container.enable_ipv6_if_needed(cont_msg, spec, addrs)
 
@@ -77,6 +79,7 @@ def add(host_netns, spec, addrs) -> EndpointState:
             host.converge_endpoint(hnl, host_netns, host_msg, fresh, spec.mtu, addrs, what, undo)
 
             # Container side in one batch.
+            cnl = container_nl()
             cb = Batch()
             have_addrs = set() if fresh else container.global_addresses(cnl, cont_msg["index"])
             cidx = peer if fresh else cont_msg["index"]

@@ -190,6 +190,12 @@ def open_netns(path: str) -> int:
 def in_netns(fd: int, path: str, make):
     """``make()`` called on a short-lived thread inside the namespace behind ``fd``; returns its result (a
     socket: it stays in that namespace). setns only affects that thread, which exits right after."""
+    return start_in_netns(fd, path, make)()
+
+
+def start_in_netns(fd: int, path: str, make):
+    """``in_netns`` without waiting: the thread starts now; the function returned waits for it and returns
+    ``make()``'s result or raises. ``fd`` must stay open until then."""
     result = {}
 
     def enter_and_make():
@@ -203,9 +209,13 @@ def in_netns(fd: int, path: str, make):
 
     worker = threading.Thread(target=enter_and_make, name="netplugin-netns", daemon=True)
     worker.start()
-    worker.join()
-    if "value" not in result:
-        code = result.get("errno") or errno.EIO
-        hint = " (not a network namespace?)" if code == errno.EINVAL else ""
-        raise DataplaneError(f"failed to enter netns '{path}': {os.strerror(code)}{hint}")
-    return result["value"]
+
+    def wait():
+        worker.join()
+        if "value" not in result:
+            code = result.get("errno") or errno.EIO
+            hint = " (not a network namespace?)" if code == errno.EINVAL else ""
+            raise DataplaneError(f"failed to enter netns '{path}': {os.strerror(code)}{hint}")
+        return result["value"]
+
+    return wait
