@@ -1,5 +1,6 @@
 """The policy reconciler, handing its compiler only what changed between views, ends every pass holding what
-compile_ruleset gives from scratch for the view's endpoints (plus the installed records a view lacks).
+compile_ruleset gives from scratch for the view's endpoints (plus the installed records a view lacks); ADD's install,
+for the last view a pass compiled (a view the compiler refuses is not synced: neither its records nor its policies).
 
 Random sequences: endpoint records put (new objects: changed, or equal copies), deleted, ADD's ``install`` of a
 record no view holds yet and DEL's ``forget``, and stored policies replaced; views mostly in key order (as the
@@ -8,7 +9,8 @@ view model builds them), now and then shuffled.
 
 import random
 
-from hypothesis import HealthCheck, given, settings
+import pytest
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from netplugin.agent import policy as agent_policy
@@ -32,19 +34,29 @@ def _doc(name, selector, peer):
 DOCS = [_doc(f"p{i}", SELECTORS[i % 3], ("web", "db")[i % 2]) for i in range(4)]
 
 
-@st.composite
-def record(draw):
-    n = draw(st.integers(1, 6))
+def _record(n, host, app, network="blue", addresses=("10.0.0.1/32",)):
     return Endpoint(
         id=f"ep{n}",
-        host=draw(st.sampled_from(HOSTS)),
-        network=draw(st.sampled_from(["blue", "red"])),
+        host=host,
+        network=network,
         container_id=f"c{n}",
         netns="/x",
         ifname="eth0",
         host_ifname=f"np{n:011x}",
-        addresses=[f"10.0.0.{draw(st.integers(1, 4))}/32"] + draw(st.sampled_from([[], [f"fd00::{n}/128"]])),
-        labels={"app": draw(st.sampled_from(["web", "db", "x"]))},
+        addresses=list(addresses),
+        labels={"app": app},
+    )
+
+
+@st.composite
+def record(draw):
+    n = draw(st.integers(1, 6))
+    return _record(
+        n,
+        draw(st.sampled_from(HOSTS)),
+        draw(st.sampled_from(["web", "db", "x"])),
+        draw(st.sampled_from(["blue", "red"])),
+        [f"10.0.0.{draw(st.integers(1, 4))}/32"] + draw(st.sampled_from([[], [f"fd00::{n}/128"]])),
     )
 
 
@@ -61,12 +73,24 @@ step = st.one_of(
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(step, min_size=1, max_size=20))
+# Found by hypothesis: views refused (ep1 on two hosts with different labels), one with other policies, then an
+# install, which compiles with the last view synced, policies included.
+@example(
+    [
+        ("put", _record(1, "h1", "web")),
+        ("policies", [0]),
+        ("put", _record(1, "h2", "db")),
+        ("policies", []),
+        ("install", _record(2, "h1", "web")),
+    ]
+)
 def test_every_pass_holds_what_compiling_the_whole_view_gives(steps):
     r = agent_policy.PolicyReconciler("h1", _Recording())
     records, docs, fresh = {}, [], {}  # (host, id) -> record; stored policies; id -> (record, revision)
     revision = 1
     r.sync(ClusterView(revision=revision))
-    synced = ({}, revision)  # the records and revision of the last view a pass compiled: ADD installs on it
+    # The records, revision and policies of the last view a pass compiled: ADD installs on it.
+    synced = ({}, revision, [])
     for kind, arg in steps:
         order = sorted(records)
         if kind == "put":
@@ -80,7 +104,9 @@ def test_every_pass_holds_what_compiling_the_whole_view_gives(steps):
             ep = Endpoint.from_dict({**arg.to_dict(), "host": "h1"})
             if ("h1", ep.id) not in records:
                 fresh[ep.id] = (ep, revision + 1)
-                fresh, _ = _check(r, lambda: r.install(ep, revision + 1), *synced, fresh, docs)
+                synced_records, synced_revision, synced_docs = synced
+                install = lambda: r.install(ep, revision + 1)  # noqa: E731 - called at once, in _check
+                fresh, _ = _check(r, install, synced_records, synced_revision, fresh, synced_docs)
             continue
         elif kind == "forget":
             fresh.pop(f"ep{arg}", None)
@@ -94,7 +120,7 @@ def test_every_pass_holds_what_compiling_the_whole_view_gives(steps):
         revision += 1
         view = ClusterView(revision=revision, endpoints=[records[k] for k in order], policies=list(docs))
         fresh, ok = _check(r, lambda: r.sync(view), records, revision, fresh, docs)
-        synced = (dict(records), revision) if ok else synced
+        synced = (dict(records), revision, list(docs)) if ok else synced
 
 
 def _check(r, run, records, revision, fresh, docs):
@@ -116,3 +142,21 @@ def _check(r, run, records, revision, fresh, docs):
         return fresh, False
     assert r._last == want
     return fresh, True
+
+
+def test_an_install_after_refused_views_compiles_with_the_last_view_synced():
+    """A view the compiler refuses is not synced, so ADD compiles its endpoint in with the last view that was,
+    policies included (not with the policies of a refused view); the next view that compiles replaces it all."""
+    r = agent_policy.PolicyReconciler("h1", _Recording())
+    web, db_elsewhere = _record(1, "h1", "web"), _record(1, "h2", "db")  # one id, two hosts, other labels
+    r.sync(ClusterView(revision=2, endpoints=[web], policies=[DOCS[0]]))
+    for revision, docs in ((3, [DOCS[0]]), (4, [])):
+        with pytest.raises(InvalidInput, match="ep1 is given twice"):
+            r.sync(ClusterView(revision=revision, endpoints=[web, db_elsewhere], policies=docs))
+    new = _record(2, "h1", "web")
+    assert r.install(new, 5)
+    held = [agent_policy.policy_endpoint(e) for e in (web, new)]
+    assert r.dataplane.applied[-1][0] == compile_ruleset(held, held, [Policy.from_dict(DOCS[0])])
+
+    r.sync(ClusterView(revision=5, endpoints=[web, new]))
+    assert r.dataplane.applied[-1][0] == compile_ruleset(held, held, [])
