@@ -59,6 +59,9 @@ class IptablesBackend:
     def reconcile(self, desired, blocks, deletable=frozenset()) -> dict:
         return self.endpoints.reconcile(desired, blocks, deletable=deletable)
 
+    def converge_blocks(self, blocks) -> dict:
+        return self.endpoints.converge_blocks(blocks)
+
     def apply_policy(self, ruleset, full=False) -> tuple:
         # Event-driven passes plan against what the applier last wrote; full ones read the kernel back.
         diffs = self.policy.apply(ruleset, trust_cache=not full)

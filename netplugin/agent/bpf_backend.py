@@ -177,6 +177,12 @@ class BpfBackend(IptablesBackend):
         summary["bpf"].update(self._upgrade())
         return summary
 
+    def converge_blocks(self, blocks) -> dict:
+        summary = dict(super().converge_blocks(blocks))
+        self._blocks = tuple(blocks)
+        summary["bpf"] = {"np_fast_dsts": self._sync_fast_dsts()}
+        return summary
+
     # --- policy ---------------------------------------------------------------------------------------------------
 
     def apply_policy(self, ruleset, full=False) -> tuple:

@@ -37,6 +37,7 @@ from netplugin import loops
 from netplugin.agent.bpf_backend import log_selection, select_backend
 from netplugin.agent.locked import LockedService
 from netplugin.agent.metrics import Metrics, StateCollector, WatchLag
+from netplugin.agent.collector import Collector
 from netplugin.agent.rwlock import RWLock
 from netplugin.agent.view import EVERYTHING, ViewCache
 from netplugin.datastore import keys
@@ -73,6 +74,7 @@ class Agent:
             self.dataplane_name, self.dataplane_reason = getattr(dataplane, "name", "iptables"), "given by the caller"
         self.dataplane = dataplane
         self.host_lock = RWLock()
+        self.collector = Collector(self.host_lock)  # full garbage collections when no ADD/DEL runs (collector.py)
         self.metrics = Metrics()  # this agent's registry and instruments, handed to the parts that observe
         self.metrics.registry.register(StateCollector(self))
         self.watch_lag = WatchLag(self.metrics.watch_lag_seconds)
@@ -154,6 +156,8 @@ class Agent:
         self._loop("liveness", self._beat, beat, backoff=(beat, beat))
         self._loop("election", self._campaign, 0, backoff=(beat, beat))
         self._loop("reclaim", self._reclaim_round, c.reclaim_interval)
+        self.collector.start()
+        self._loop("gc", self.collector.step, 1.0)
 
     def _until_etcd_answers(self, what, fn):
         """``fn()``, retried with a jittered back-off while etcd is unreachable; None once the agent is stopped.

@@ -40,6 +40,11 @@ class RWLock:
             self._writer = False
             self._cond.notify_all()
 
+    def busy(self):
+        """Held by anyone (a snapshot: it may change right after)."""
+        with self._cond:
+            return bool(self._readers or self._writer)
+
     class _Ctx:
         def __init__(self, enter, leave):
             self.enter, self.leave = enter, leave

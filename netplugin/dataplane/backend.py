@@ -37,6 +37,9 @@ class Backend(Protocol):
     def reconcile(self, desired: list, blocks: list, deletable=frozenset()) -> dict:
         """Converge every endpoint and owned block of this host; a summary of what changed and what failed."""
 
+    def converge_blocks(self, blocks: list) -> dict:
+        """Converge what the owned blocks alone decide (their blackholes); no endpoint is read or touched."""
+
     def apply_policy(self, ruleset, full: bool = False) -> tuple:
         """Enforce a compiled policy ruleset (policy.compiler), cutting the established connections it now denies
         (policy.revoke on iptables); (changes made, seconds per phase)."""

@@ -165,6 +165,11 @@ class Dataplane:
             problems += self._antispoof().problems(6)
         return problems
 
+    def converge_blocks(self, blocks: list) -> dict:
+        """The blackholes of the owned blocks only (see reconcile.converge_blackholes)."""
+        with self._lock:
+            return _reconcile.converge_blackholes(self.host_netns, blocks)
+
     def reconcile(self, desired: list, blocks: list, deletable=frozenset()) -> dict:
         """See reconcile.py: veths not in ``desired`` are deleted only when named in ``deletable``."""
         desired = [self._spec(s)[0] for s in desired]

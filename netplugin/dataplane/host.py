@@ -90,6 +90,16 @@ def read_routes(nl, oif=None):
     return routes, blackholes
 
 
+def read_blackholes(nl) -> set:
+    """Our blackholes only (the kernel filters by protocol and route type): no host route is read."""
+    msgs = nl.routes(family=socket.AF_UNSPEC, table=MAIN_TABLE, proto=ROUTE_PROTO, kind=RTN_BLACKHOLE)
+    return {
+        route_prefix(m).network
+        for m in msgs
+        if m["family"] in (socket.AF_INET, socket.AF_INET6) and m["proto"] == ROUTE_PROTO and m["type"] == RTN_BLACKHOLE
+    }
+
+
 def read_proxy_delay(nl) -> dict:
     out = {}
     for msg in nl.neighbour_tables(socket.AF_INET):

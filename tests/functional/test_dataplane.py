@@ -276,6 +276,22 @@ def test_reconcile_converges_and_a_second_run_changes_nothing(lab):
     assert reaches(a, "10.1.0.6") and reaches(b, "10.1.0.5")
 
 
+def test_converge_blocks_changes_only_our_blackholes(lab):
+    a_spec, a, a_state = lab.add("10.1.0.5")
+    b_spec, b, b_state = lab.add("10.1.0.6")
+    nsexec(lab.host, f"ip route del 10.1.0.6/32 dev {b_state.host_ifname}")  # drift: left to the whole pass
+    nsexec(lab.host, f"ip route add blackhole 10.77.0.0/26 proto {ROUTE_PROTO}")  # a block no longer ours
+    nsexec(lab.host, "ip route add blackhole 10.78.0.0/26 proto static")  # someone else's
+    done = lab.dp.converge_blocks(["10.1.0.0/26", "fd10::/122"])
+    assert done["errors"] == [] and done["blackholes_added"] == ["10.1.0.0/26", "fd10::/122"]
+    assert done["blackholes_removed"] == ["10.77.0.0/26"] and not done["routes_added"] and not done["removed"]
+    assert "blackhole 10.78.0.0/26" in routes(lab.host) and "blackhole 10.1.0.0/26" in routes(lab.host)
+    assert "blackhole fd10::/122" in routes(lab.host, v6=True)
+    assert f"10.1.0.6 dev {b_state.host_ifname}" not in routes(lab.host)  # endpoints are not its job
+    assert lab.dp.check_endpoint(a_spec) == []  # the other endpoint untouched
+    assert not changed(lab.dp.converge_blocks(["10.1.0.0/26", "fd10::/122"]))
+
+
 def test_reconcile_keeps_every_veth_it_cannot_account_for(lab):
     """No desired endpoint at all (etcd holds no record for this host): nothing is deleted, all is reported."""
     a_spec, a, a_state = lab.add("10.1.3.5", "fd10:3::5")

@@ -24,6 +24,7 @@ def test_the_interface_names_the_jobs_the_agent_has():
         "remove_docker_endpoint",
         "check_endpoint",
         "reconcile",
+        "converge_blocks",
         "apply_policy",
         "set_nat_outgoing",
     }
