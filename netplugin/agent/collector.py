@@ -24,16 +24,24 @@ class Collector:
         self.host_lock = host_lock  # netplugin.agent.rwlock.RWLock: busy() while an ADD or DEL holds it
         self.clock = clock
         self._last = clock()
+        self._threshold = None  # Python's thresholds before start(), put back by stop()
         self.stats = {"collections": 0, "forced": 0, "last_ms": 0.0}
 
     def start(self):
         """Freeze what start-up left alive and take full collections over; call once, after start-up."""
         gc.collect()
         gc.freeze()
-        young, middle, _ = gc.get_threshold()
-        gc.set_threshold(young, middle, NEVER)
+        self._threshold = gc.get_threshold()
+        gc.set_threshold(self._threshold[0], self._threshold[1], NEVER)
         self._last = self.clock()
         LOG.info("event=gc.frozen objects=%d", gc.get_freeze_count())
+
+    def stop(self):
+        """Give full collections back to Python (an agent run inside another process, as some tests do)."""
+        if self._threshold is not None:
+            gc.set_threshold(*self._threshold)
+            gc.unfreeze()
+            self._threshold = None
 
     def step(self):
         """One round of the loop: a full collection when one is due and the host is quiet (or long overdue)."""

@@ -195,6 +195,7 @@ class Agent:
             self.watch.stop()
         for t in self._threads:
             t.join(timeout=10)
+        self.collector.stop()
         for r in list(self.reconcilers) + [self.dataplane]:  # the dataplane: veth deletions DEL left running
             close = getattr(r, "close", None)
             if close:

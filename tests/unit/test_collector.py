@@ -25,6 +25,15 @@ def restore_gc():
     gc.unfreeze()
 
 
+def test_stop_gives_full_collections_back(restore_gc):
+    before = gc.get_threshold()
+    c = Collector(RWLock(), Clock())
+    c.start()
+    c.stop()
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+    c.stop()  # twice is harmless
+
+
 def test_full_collections_wait_for_a_free_host_lock_unless_long_overdue(restore_gc):
     lock, clock = RWLock(), Clock()
     c = Collector(lock, clock)
