@@ -171,6 +171,8 @@ class BpfBackend(IptablesBackend):
         summary = super().reconcile(desired, blocks, deletable=deletable)
         summary = dict(summary) if isinstance(summary, dict) else {"endpoints": summary}
         summary["bpf"] = self._converge(desired, prune=True)
+        if summary["bpf"]["attached"]:  # ADD attaches its own: here only a filter someone removed or replaced
+            LOG.warning("event=bpf.reattached host_ifs=%s", ",".join(summary["bpf"]["attached"]))
         summary["bpf"]["fabric_attached"] = self._attach_fabric()
         self._blocks = tuple(blocks)
         summary["bpf"]["np_fast_dsts"] = self._sync_fast_dsts()

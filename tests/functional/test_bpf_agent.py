@@ -199,11 +199,16 @@ def _net_of(key):
 def test_a_detached_program_is_reattached_by_the_next_resync(bpf_host, containers):
     a, _ = containers.add()
     where = f"/run/netns/{bpf_host.ns}"
+    with open(bpf_host.agent.log_path) as f:
+        mark = len(f.read())
     loader.detach(veth_of(a), netns=where)
-    assert loader.attached(veth_of(a), netns=where) == []
+    # Resyncs run every second here, so one may put it back before we look: the agent's log says it did.
     wait_until(
         "the resync re-attaching from_container",
-        lambda: loader.attached(veth_of(a), netns=where) == ["from_container"],
+        lambda: (
+            loader.attached(veth_of(a), netns=where) == ["from_container"]
+            and f"event=bpf.reattached host_ifs={veth_of(a)}" in open(bpf_host.agent.log_path).read()[mark:]
+        ),
         timeout=10,
     )
 
